@@ -1,0 +1,212 @@
+"""The two data sources, both materialised into the NSynth layout so one loader serves them.
+
+- gm_render: notes rendered offline from a General-MIDI SoundFont (default, works with no network).
+- nsynth: the official jsonwav folders, or a Hugging Face hub dataset streamed into the same layout.
+Both only add what is missing: nothing already on disk is re-rendered, re-downloaded or deleted.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import random
+import tempfile
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+from tqdm import tqdm
+
+from data_prep import gm_render
+from data_prep.layout import (
+    FAMILIES, FAMILY_INDEX, NSYNTH_SAMPLE_RATE, NSYNTH_SECONDS, SPLITS, available_splits, make_example,
+    split_dir, wav_path, write_examples,
+)
+from data_prep.splits import WAV_BYTES_PER_SECOND, assign_groups, check_families, check_fractions, split_counts
+
+log = logging.getLogger(__name__)
+
+
+def write_wav(path: Path, audio: np.ndarray, sample_rate: int = NSYNTH_SAMPLE_RATE) -> None:
+    """16-bit PCM wav written via temp file + rename: an interrupted build leaves no half file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".wav")
+    os.close(fd)
+    try:
+        sf.write(tmp, audio, sample_rate, subtype="PCM_16")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def notes_per_family(per_family: int | None, max_total_size_mb: float | None, n_families: int) -> int:
+    size_cap = None
+    if max_total_size_mb is not None:
+        size_cap = int(max_total_size_mb * 2**20 / (NSYNTH_SECONDS * WAV_BYTES_PER_SECOND) / n_families)
+    caps = [c for c in (per_family, size_cap) if c is not None]
+    if not caps:
+        raise ValueError("Set data.per_family or data.max_total_size_mb: rendering needs a bound.")
+    return min(caps)
+
+
+def render_gm(root: Path, soundfont: str | None, families: Sequence[str], per_family: int | None,
+              max_total_size_mb: float | None, fractions: Mapping[str, float], seed: int,
+              workers: int = 2) -> dict[str, int]:
+    """Render the planned notes into <root>/nsynth-<split>/ (instrument-disjoint: one GM program per split)."""
+    families = check_families(families)
+    fractions = check_fractions(fractions)
+    sf_path = gm_render.resolve_soundfont(soundfont)
+    specs = gm_render.plan_notes(families, notes_per_family(per_family, max_total_size_mb, len(families)), seed)
+    rng = random.Random(seed)
+    program_split: dict[int, str] = {}
+    for family in families:
+        programs = {s.program for s in specs if s.family == family}
+        program_split.update(assign_groups(programs, fractions, rng))
+
+    rejected_path = root / "render_rejected.json"
+    rejected = set(json.loads(rejected_path.read_text())) if rejected_path.is_file() else set()
+    existing = {p.stem: p for s in SPLITS for p in (split_dir(root, s) / "audio").glob("*.wav")}
+    todo, stats = [], Counter()
+    for spec in specs:
+        target = wav_path(root, program_split[spec.program], spec.note_str)
+        if spec.note_str in rejected:
+            stats["silent (earlier run)"] += 1
+        elif target.is_file():
+            stats["reused"] += 1
+        elif spec.note_str in existing:  # rendered before into another split: move, don't re-render
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(existing[spec.note_str], target)
+            stats["reused"] += 1
+        else:
+            todo.append(spec)
+    if todo:
+        log.info("Rendering %d notes from %s with %d workers", len(todo), sf_path.name, workers)
+        for spec, audio in tqdm(gm_render.render_notes(sf_path, todo, workers=workers), total=len(todo),
+                                desc="render", unit="note"):
+            if audio is None:
+                rejected.add(spec.note_str)
+                stats["silent (rejected)"] += 1
+                continue
+            write_wav(wav_path(root, program_split[spec.program], spec.note_str), audio)
+            stats["rendered"] += 1
+        root.mkdir(parents=True, exist_ok=True)
+        rejected_path.write_text(json.dumps(sorted(rejected)))
+
+    examples: dict[str, dict[str, dict[str, Any]]] = {s: {} for s in SPLITS}
+    for i, spec in enumerate(specs):
+        split = program_split[spec.program]
+        if wav_path(root, split, spec.note_str).is_file():
+            examples[split][spec.note_str] = make_example(
+                spec.family, spec.source, spec.program, spec.instrument_str, spec.pitch, spec.velocity, note=i)
+    for split in SPLITS:
+        write_examples(root, split, examples[split])
+    log.info("Rendered dataset at %s: %s", root, dict(stats))
+    return dict(stats)
+
+
+def check_local_nsynth(root: Path) -> None:
+    if not available_splits(root):
+        raise FileNotFoundError(
+            f"data=nsynth found no NSynth folders under data.root={root}. Download and extract "
+            "nsynth-train.jsonwav.tar.gz / nsynth-valid / nsynth-test there (so that "
+            f"{root}/nsynth-train/examples.json exists), or set data.hf_id=<hub dataset> to stream a subset."
+        )
+
+
+def _example_from_hub(row: Mapping[str, Any]) -> dict[str, Any]:
+    """NSynth metadata from a hub row: official field names; *_str fields derived from ints if absent."""
+    family = row.get("instrument_family_str")
+    if family is None and "instrument_family" in row:
+        family = FAMILIES[int(row["instrument_family"])]
+    if family not in FAMILY_INDEX:
+        raise ValueError(f"hub row has no usable instrument family ({row.get('instrument_family')!r})")
+    source = row.get("instrument_source_str") or ("acoustic", "electronic", "synthetic")[int(row["instrument_source"])]
+    pitch, velocity = int(row["pitch"]), int(row["velocity"])
+    instrument_str = row.get("instrument_str") or f"{family}_{source}_{int(row['instrument']) % 1000:03d}"
+    qualities = tuple(row.get("qualities_str") or ())
+    return make_example(family, source, int(row["instrument"]), instrument_str, pitch, velocity,
+                        note=int(row.get("note", 0)), qualities_str=qualities)
+
+
+def _decode_hub_audio(audio: Mapping[str, Any]) -> tuple[np.ndarray, int]:
+    if audio.get("bytes"):
+        data, sr = sf.read(io.BytesIO(audio["bytes"]), dtype="float32", always_2d=True)
+    else:
+        data, sr = sf.read(audio["path"], dtype="float32", always_2d=True)
+    return data.mean(axis=1), sr
+
+
+def stream_hub_nsynth(root: Path, hf_id: str, hf_splits: Mapping[str, str], families: Sequence[str],
+                      per_family: int | None, max_total_size_mb: float | None, seed: int) -> dict[str, int]:
+    """Stream a hub dataset with NSynth's fields and materialise a capped subset into the layout.
+
+    Audio is read undecoded (`Audio(decode=False)`) and decoded with soundfile, so no extra audio
+    backend is needed. Notes already materialised are kept and count towards the caps.
+    """
+    import datasets  # heavy import, only on this path
+
+    families = check_families(families)
+    cap = notes_per_family(per_family, max_total_size_mb, len(families))
+    # Official NSynth splits are ~96/3/1 %; keep valid/test big enough to be useful.
+    per_split_cap = split_counts(cap, {"train": 0.7, "valid": 0.15, "test": 0.15})
+    stats = Counter()
+    for split in SPLITS:
+        if split not in hf_splits:
+            continue
+        examples = json.loads((split_dir(root, split) / "examples.json").read_text()) \
+            if (split_dir(root, split) / "examples.json").is_file() else {}
+        counts = Counter(ex["instrument_family_str"] for ex in examples.values())
+        want = {f: per_split_cap[split] for f in families}
+        if all(counts[f] >= want[f] for f in families):
+            stats[f"{split} reused"] += len(examples)
+            continue
+        stream = datasets.load_dataset(hf_id, split=hf_splits[split], streaming=True)
+        stream = stream.cast_column("audio", datasets.Audio(decode=False)).shuffle(seed=seed, buffer_size=1000)
+        progress = tqdm(total=sum(want.values()), initial=sum(min(counts[f], want[f]) for f in families),
+                        desc=f"hub {split}", unit="note")
+        for row in stream:
+            try:
+                ex = _example_from_hub(row)
+            except (KeyError, ValueError, IndexError) as err:
+                stats["bad rows"] += 1
+                log.debug("skipping hub row: %s", err)
+                continue
+            family = ex["instrument_family_str"]
+            if family not in want or counts[family] >= want[family] or ex["note_str"] in examples:
+                continue
+            audio, sr = _decode_hub_audio(row["audio"])
+            write_wav(wav_path(root, split, ex["note_str"]), audio, sr)
+            examples[ex["note_str"]] = ex | {"sample_rate": sr}
+            counts[family] += 1
+            stats[f"{split} streamed"] += 1
+            progress.update()
+            if all(counts[f] >= want[f] for f in families):
+                break
+        progress.close()
+        write_examples(root, split, examples)
+    return dict(stats)
+
+
+def materialize(data_cfg: Mapping[str, Any]) -> dict[str, int]:
+    """Make sure data.root holds NSynth-layout folders for the configured source."""
+    root = Path(data_cfg["root"])
+    source = data_cfg["source"]
+    if source == "gm_render":
+        return render_gm(root, data_cfg.get("soundfont"), data_cfg["families"], data_cfg["per_family"],
+                         data_cfg["max_total_size_mb"], data_cfg["split_fractions"], data_cfg["seed"],
+                         data_cfg.get("render_workers", 2))
+    if source == "nsynth":
+        stats = {}
+        if data_cfg.get("hf_id"):
+            stats = stream_hub_nsynth(root, data_cfg["hf_id"], data_cfg["hf_splits"], data_cfg["families"],
+                                      data_cfg["per_family"], data_cfg["max_total_size_mb"], data_cfg["seed"])
+        check_local_nsynth(root)
+        return stats
+    raise ValueError(f"Unknown data.source {source!r}; use data=gm_render or data=nsynth.")
+

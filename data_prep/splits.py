@@ -1,0 +1,137 @@
+"""Subset selection and train/valid/test splits over NSynth-layout records, deterministic under a seed."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+
+from data_prep.layout import FAMILIES, SPLITS, NoteRecord
+
+log = logging.getLogger(__name__)
+
+WAV_BYTES_PER_SECOND = 16000 * 2  # 16 kHz, 16-bit mono
+
+
+def check_families(families: Sequence[str]) -> list[str]:
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown:
+        raise ValueError(f"data.families has unknown families {unknown}; valid names are {list(FAMILIES)}.")
+    if not families:
+        raise ValueError("data.families is empty; list at least two of " + ", ".join(FAMILIES) + ".")
+    return list(dict.fromkeys(families))
+
+
+def check_fractions(fractions: Mapping[str, float]) -> dict[str, float]:
+    if set(fractions) != set(SPLITS) or any(v <= 0 for v in fractions.values()):
+        raise ValueError(f"data.split_fractions must give a positive fraction for each of {SPLITS}, got {dict(fractions)}.")
+    total = sum(fractions.values())
+    return {s: fractions[s] / total for s in SPLITS}
+
+
+def split_counts(n: int, fractions: Mapping[str, float]) -> dict[str, int]:
+    """Largest-remainder apportionment of n items; each split gets one item when n >= 3."""
+    raw = {s: n * fractions[s] for s in SPLITS}
+    counts = {s: int(math.floor(v)) for s, v in raw.items()}
+    for s in sorted(SPLITS, key=lambda s: raw[s] - counts[s], reverse=True)[: n - sum(counts.values())]:
+        counts[s] += 1
+    if n >= len(SPLITS):
+        for s in SPLITS:
+            if counts[s] == 0:
+                donor = max(SPLITS, key=lambda d: counts[d])
+                counts[donor] -= 1
+                counts[s] = 1
+    return counts
+
+
+def assign_groups(keys: Sequence, fractions: Mapping[str, float], rng: random.Random) -> dict:
+    """Shuffle keys (instruments or notes) and deal them to splits by fraction."""
+    keys = sorted(keys)
+    rng.shuffle(keys)
+    counts = split_counts(len(keys), fractions)
+    assignment, start = {}, 0
+    for split in SPLITS:
+        for key in keys[start:start + counts[split]]:
+            assignment[key] = split
+        start += counts[split]
+    return assignment
+
+
+def _resplit(records: list[NoteRecord], split_by: str, fractions: Mapping[str, float],
+             rng: random.Random) -> dict[str, list[NoteRecord]]:
+    by_family: dict[str, list[NoteRecord]] = defaultdict(list)
+    for r in records:
+        by_family[r.family].append(r)
+    out: dict[str, list[NoteRecord]] = {s: [] for s in SPLITS}
+    for family in sorted(by_family):
+        group = by_family[family]
+        key = (lambda r: r.instrument) if split_by == "instrument" else (lambda r: r.note_str)
+        assignment = assign_groups({key(r) for r in group}, fractions, rng)
+        for r in group:
+            out[assignment[key(r)]].append(r)
+    return out
+
+
+def _cap(records: list[NoteRecord], cap: int, rng: random.Random) -> list[NoteRecord]:
+    """Keep `cap` records, drawn proportionally from each split so split sizes keep their ratio."""
+    if len(records) <= cap:
+        return records
+    by_split: dict[str, list[NoteRecord]] = defaultdict(list)
+    for r in sorted(records, key=lambda r: r.note_str):
+        by_split[r.split].append(r)
+    kept = []
+    for split in SPLITS:
+        group = by_split.get(split, [])
+        rng.shuffle(group)
+        kept.extend(group[: max(1, round(cap * len(group) / len(records)))] if group else [])
+    return kept
+
+
+def select(records: Sequence[NoteRecord], families: Sequence[str], per_family: int | None,
+           max_total_size_mb: float | None, split_by: str, fractions: Mapping[str, float],
+           clip_file_seconds: float, seed: int) -> dict[str, list[NoteRecord]]:
+    """Filter to families, cap per family and total size, and split (instrument-disjoint by default).
+
+    With split_by=instrument and all three split folders present, the folders' own splits are kept
+    (NSynth's official splits, and the rendered source's, are instrument-disjoint by construction).
+    Otherwise records are pooled and re-split per family by instrument or by note.
+    """
+    families = check_families(families)
+    fractions = check_fractions(fractions)
+    if split_by not in ("instrument", "note"):
+        raise ValueError(f"data.split_by must be 'instrument' or 'note', got {split_by!r}.")
+    rng = random.Random(seed)
+    wanted = [r for r in records if r.family in families]
+    present = {r.family for r in wanted}
+    empty = [f for f in families if f not in present]
+    if empty:
+        raise ValueError(
+            f"Requested families {empty} have no clips in the data. Remove them from data.families "
+            f"(e.g. data.families=[{','.join(sorted(present))}]) or add their notes to the dataset."
+        )
+    if max_total_size_mb is not None:
+        size_cap = int(max_total_size_mb * 2**20 / (clip_file_seconds * WAV_BYTES_PER_SECOND) / len(families))
+        if per_family is None or size_cap < per_family:
+            log.warning("data.max_total_size_mb=%s limits each family to %d notes", max_total_size_mb, size_cap)
+            per_family = size_cap
+    if per_family is not None and per_family < len(SPLITS):
+        raise ValueError(f"data.per_family={per_family} is too small to fill train/valid/test; use at least 3.")
+    by_family: dict[str, list[NoteRecord]] = defaultdict(list)
+    for r in sorted(wanted, key=lambda r: (r.split, r.note_str)):
+        by_family[r.family].append(r)
+    capped = [r for f in families for r in (_cap(by_family[f], per_family, rng) if per_family else by_family[f])]
+    folder_splits = {r.split for r in capped}
+    if split_by == "instrument" and folder_splits == set(SPLITS):
+        out: dict[str, list[NoteRecord]] = {s: [r for r in capped if r.split == s] for s in SPLITS}
+        train_instruments = {r.instrument_str for r in out["train"]}
+        shared = {r.instrument_str for s in ("valid", "test") for r in out[s]} & train_instruments
+        if shared:
+            log.warning("%d instruments appear in train and valid/test folders: %s", len(shared), sorted(shared)[:5])
+    else:
+        out = _resplit(capped, split_by, fractions, rng)
+    for split, recs in out.items():
+        if not recs:
+            raise ValueError(f"The {split} split is empty after selection; add data or raise data.per_family.")
+    return out

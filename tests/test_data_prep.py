@@ -1,0 +1,168 @@
+"""Layout reading, selection/splits, waveform cache, bad input and the hub path (local data, no network)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from data_prep.dataset import prepare_data, summary_table
+from data_prep.layout import FAMILIES, NOTE_STR_RE, REQUIRED_FIELDS, read_layout, split_dir, wav_path
+from data_prep.splits import select, split_counts
+from data_prep.waveform_cache import build_waveform_cache
+from tests.nsynth_fixtures import SAMPLE_EXAMPLES, synth_note, write_official_layout
+
+FIVE = ["bass", "keyboard", "reed", "string", "vocal"]  # the families of the released sample
+
+
+def nsynth_cfg(root: Path, **over) -> dict:
+    cfg = {"source": "nsynth", "root": str(root), "hf_id": None, "families": FIVE, "per_family": None,
+           "max_total_size_mb": None, "split_by": "instrument",
+           "split_fractions": {"train": 0.7, "valid": 0.15, "test": 0.15}, "clip_seconds": 0.5,
+           "sample_rate": 16000, "seed": 0, "hf_splits": {"train": "train", "valid": "valid", "test": "test"}}
+    return cfg | over
+
+
+def test_sample_fixture_has_official_fields():
+    sample = json.loads(SAMPLE_EXAMPLES.read_text())
+    for key, ex in sample.items():
+        assert set(REQUIRED_FIELDS) <= set(ex)
+        assert NOTE_STR_RE.match(key) and ex["note_str"] == key
+        assert FAMILIES[ex["instrument_family"]] == ex["instrument_family_str"]
+
+
+def test_official_layout_loads_through_the_same_loader(official_root, tmp_path):
+    records = read_layout(official_root)
+    assert len(records) == 3 * 5 * 3
+    data = prepare_data(nsynth_cfg(official_root), tmp_path / "work")
+    assert data.classes == FIVE
+    for split in ("train", "valid", "test"):
+        part = data.splits[split]
+        assert part.waveforms.shape == (15, 8000) and part.waveforms.dtype == np.float32
+        assert sorted(np.bincount(part.labels).tolist()) == [3] * 5
+        assert all(NOTE_STR_RE.match(i) for i in part.ids)
+    # the official split folders are kept as they are: instrument-disjoint
+    train_instr = {i.rsplit("-", 2)[0] for i in data.splits["train"].ids}
+    assert not train_instr & {i.rsplit("-", 2)[0] for i in data.splits["test"].ids}
+    assert "bass" in summary_table(data)
+    assert json.loads((data.cache_dir / "classes.json").read_text()) == FIVE
+
+
+def test_clip_starts_at_onset(official_root, tmp_path):
+    path = next((split_dir(official_root, "train") / "audio").glob("*.wav"))
+    audio, sr = sf.read(path, dtype="float32")
+    sf.write(path, np.concatenate([np.zeros(4000, np.float32), audio[:-4000]]), sr, subtype="PCM_16")
+    data = prepare_data(nsynth_cfg(official_root), tmp_path / "work")
+    row = data.splits["train"].ids.index(path.stem)
+    assert abs(data.splits["train"].waveforms[row][0]) > 0 or np.abs(data.splits["train"].waveforms[row][:50]).max() > 1e-3
+
+
+def test_cache_fingerprint_reuse_and_invalidation(official_root, tmp_path):
+    work = tmp_path / "work"
+    first = prepare_data(nsynth_cfg(official_root), work)
+    stamp = (first.cache_dir / "meta.json").stat().st_mtime_ns
+    again = prepare_data(nsynth_cfg(official_root), work)
+    assert again.cache_dir == first.cache_dir and (again.cache_dir / "meta.json").stat().st_mtime_ns == stamp
+    longer = prepare_data(nsynth_cfg(official_root, clip_seconds=1.0), work)
+    assert longer.fingerprint != first.fingerprint and longer.splits["train"].waveforms.shape[1] == 16000
+    victim = wav_path(official_root, "valid", first.splits["valid"].ids[0])
+    sf.write(victim, synth_note(40, 100, timbre=2), 16000, subtype="PCM_16")  # content changed
+    changed = prepare_data(nsynth_cfg(official_root), work)
+    assert changed.fingerprint != first.fingerprint
+
+
+def test_bad_files_are_skipped_counted_and_repaired(official_root, tmp_path):
+    train = split_dir(official_root, "train") / "audio"
+    wavs = sorted(train.glob("*.wav"))
+    wavs[0].write_bytes(b"RIFF\x00\x00garbage")                            # corrupt
+    wavs[1].unlink()                                                       # missing
+    audio, _ = sf.read(wavs[2], dtype="float32")
+    sf.write(wavs[2], audio[::2], 8000, subtype="PCM_16")                  # wrong sample rate -> resampled
+    sf.write(wavs[3], np.stack([audio, audio], axis=1), 16000, subtype="PCM_16")  # stereo -> downmixed
+    sf.write(wavs[4], np.zeros(64000, np.float32), 16000, subtype="PCM_16")      # silent
+    data = prepare_data(nsynth_cfg(official_root), tmp_path / "work")
+    report = data.report
+    assert report["skipped"] == 3 and len(data.splits["train"]) == 12
+    reasons = " ".join(s["reason"] for s in report["skipped_files"])
+    assert "missing" in reasons and "unreadable" in reasons and "silent" in reasons
+    assert report["repaired"] == {"resampled": 1, "downmixed": 1}
+    assert json.loads((data.cache_dir / "prep_report.json").read_text())["skipped"] == 3
+
+
+def test_clear_errors(official_root, tmp_path):
+    with pytest.raises(ValueError, match="have no clips"):
+        prepare_data(nsynth_cfg(official_root, families=["bass", "flute"]), tmp_path / "w")
+    with pytest.raises(ValueError, match="unknown families"):
+        prepare_data(nsynth_cfg(official_root, families=["bass", "kazoo"]), tmp_path / "w")
+    with pytest.raises(FileNotFoundError, match="nsynth-train"):
+        prepare_data(nsynth_cfg(tmp_path / "empty"), tmp_path / "w")
+    for wav in (split_dir(official_root, "test") / "audio").glob("*.wav"):
+        wav.write_bytes(b"not audio")
+    with pytest.raises(ValueError, match="No usable clips in the test split"):
+        prepare_data(nsynth_cfg(official_root), tmp_path / "w")
+
+
+def test_resplit_by_instrument_and_by_note_is_disjoint_and_seeded(tmp_path):
+    root = tmp_path / "nsynth"
+    write_official_layout(root, copies_per_split=4)
+    # one pooled folder (3 instruments per family): must be re-split
+    pooled = [dataclasses.replace(r, split="train") for r in read_layout(root)]
+    for split_by in ("instrument", "note"):
+        out = select(pooled, FIVE, None, None, split_by, {"train": .6, "valid": .2, "test": .2}, 4.0, seed=3)
+        again = select(pooled, FIVE, None, None, split_by, {"train": .6, "valid": .2, "test": .2}, 4.0, seed=3)
+        assert {s: [r.note_str for r in v] for s, v in out.items()} == {s: [r.note_str for r in v] for s, v in again.items()}
+        assert sum(len(v) for v in out.values()) == len(pooled)
+        key = (lambda r: r.instrument) if split_by == "instrument" else (lambda r: r.note_str)
+        seen = [{key(r) for r in out[s]} for s in out]
+        assert not (seen[0] & seen[1]) and not (seen[0] & seen[2]) and not (seen[1] & seen[2])
+
+
+def test_per_family_cap_and_size_cap(official_root):
+    records = read_layout(official_root)
+    out = select(records, FIVE, 6, None, "instrument", {"train": .7, "valid": .15, "test": .15}, 4.0, 0)
+    per_family = {f: sum(r.family == f for v in out.values() for r in v) for f in FIVE}
+    assert set(per_family.values()) == {6}
+    tiny = select(records, FIVE, None, 5 * 3 * 128_000 / 2**20, "instrument",
+                  {"train": .7, "valid": .15, "test": .15}, 4.0, 0)
+    assert sum(len(v) for v in tiny.values()) == 15
+
+
+def test_split_counts():
+    assert split_counts(10, {"train": .7, "valid": .15, "test": .15}) == {"train": 7, "valid": 2, "test": 1}
+    assert split_counts(3, {"train": .9, "valid": .05, "test": .05}) == {"train": 1, "valid": 1, "test": 1}
+
+
+def test_hub_streaming_materialises_layout_from_local_dataset(tmp_path):
+    """The real hub code path, pointed at a local parquet dataset of the same form (no network)."""
+    datasets = pytest.importorskip("datasets")
+    import io
+
+    sample = list(json.loads(SAMPLE_EXAMPLES.read_text()).values())
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    for split in ("train", "validation", "test"):
+        rows = []
+        for k in range(4):
+            for ex in sample:
+                buf = io.BytesIO()
+                sf.write(buf, synth_note(ex["pitch"], ex["velocity"], seconds=1.0), 16000, format="WAV")
+                rows.append({**{f: ex[f] for f in REQUIRED_FIELDS if f != "note_str"},
+                             "instrument": ex["instrument"] + k + {"train": 0, "validation": 10, "test": 20}[split],
+                             "note_str": ex["note_str"], "audio": {"bytes": buf.getvalue(), "path": None}})
+        ds = datasets.Dataset.from_list(rows).cast_column("audio", datasets.Audio())
+        ds.to_parquet(str(hub / f"{split}-00000.parquet"))
+    root = tmp_path / "materialised"
+    cfg = nsynth_cfg(root, hf_id=str(hub), hf_splits={"train": "train", "valid": "validation", "test": "test"},
+                     per_family=4, families=["bass", "reed", "vocal"])
+    data = prepare_data(cfg, tmp_path / "work")
+    assert (split_dir(root, "train") / "examples.json").is_file()
+    examples = json.loads((split_dir(root, "train") / "examples.json").read_text())
+    assert all(set(REQUIRED_FIELDS) <= set(ex) for ex in examples.values())
+    assert data.classes == ["bass", "reed", "vocal"] and len(data.splits["train"]) >= 3
+    mtimes = {p: p.stat().st_mtime_ns for p in root.rglob("*.wav")}
+    prepare_data(cfg, tmp_path / "work")  # rerun: nothing re-downloaded or rewritten
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*.wav")} == mtimes
