@@ -1,0 +1,175 @@
+"""The KD teacher: trained in-project (or loaded from local checkpoints) and its train-split logits cached.
+
+`python trainable/teacher.py` trains it on the train split with its own features and prints its
+valid/test accuracy and macro-F1. Logits for every train clip (clean input, the teacher's features) are
+computed once and cached next to the teacher, keyed by dataset fingerprint + teacher config, so students
+with any n_mels or augmentation read them by clip index.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from data_prep.cli import entry_point, plain
+from data_prep.layout import atomic_write_text
+from data_prep.waveform_cache import WaveformData
+from trainable.features import FeatureConfig
+from trainable.models import TeacherEnsemble, create_teacher, freeze
+from trainable.run_config import pick_device
+from trainable.train import evaluate, load_checkpoint, make_pipeline, restore_model, train
+
+log = logging.getLogger(__name__)
+
+
+def teacher_features(config: dict[str, Any]) -> dict[str, Any]:
+    return {**config["features"], **(config["teacher"].get("features") or {})}
+
+
+def teacher_train_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The run config that trains the teacher: its own features, epochs and lr; no KD, no pruning."""
+    t = config["teacher"]
+    out = copy.deepcopy(config)
+    out["features"] = teacher_features(config)
+    out["train"] = {**config["train"], "epochs": t["epochs"], "lr": t["lr"], "batch_size": t["batch_size"]}
+    out["kd"] = {**config["kd"], "enabled": False}
+    out["pruning"] = {**config["pruning"], "mode": "none"}
+    return out
+
+
+def teacher_dir(config: dict[str, Any], data: WaveformData) -> Path:
+    """<workdir>/teachers/<name>-<hash of data fingerprint + everything that shapes the teacher>."""
+    t = config["teacher"]
+    checkpoints = t["checkpoint"] if isinstance(t["checkpoint"], list) else [t["checkpoint"]]
+    key = {"data": data.fingerprint, "name": t["name"], "epochs": t["epochs"], "lr": t["lr"],
+           "batch_size": t["batch_size"], "features": teacher_features(config), "seed": config["train"]["seed"],
+           "checkpoint": [str(Path(c).resolve()) for c in checkpoints if c]}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(config["workdir"]) / "teachers" / f"{t['name']}-{digest}"
+
+
+def _load_one(path: str, config: dict[str, Any], num_classes: int) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Our teacher checkpoint (architecture + its features inside) or a timm weights file."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"teacher.checkpoint {path} does not exist; give a local file or null to train one.")
+    try:
+        ckpt = load_checkpoint(path)
+    except Exception:  # not a torch pickle we wrote: try it as timm weights below
+        ckpt = None
+    if isinstance(ckpt, dict) and "model_spec" in ckpt:
+        return restore_model(ckpt), ckpt["config"]["features"]
+    return create_teacher(config["teacher"]["name"], num_classes, pretrained_file=path), teacher_features(config)
+
+
+def ensure_teacher(config: dict[str, Any], data: WaveformData) -> tuple[torch.nn.Module, FeatureConfig, Path]:
+    """The frozen teacher (an ensemble when several checkpoints are given), its features and its folder.
+
+    Without teacher.checkpoint the teacher is trained here once per dataset + teacher config, and
+    resumed from its last epoch if that training was interrupted.
+    """
+    if not config["teacher"].get("freeze", True):
+        raise ValueError("teacher.freeze=false is not supported: the teacher is a fixed KD target "
+                         "(its logits are cached); train or fine-tune it separately and pass teacher.checkpoint.")
+    out_dir = teacher_dir(config, data)
+    given = config["teacher"]["checkpoint"]
+    if given:
+        loaded = [_load_one(str(p), config, data.num_classes) for p in (given if isinstance(given, list) else [given])]
+        feats = [f for _, f in loaded]
+        if any(f != feats[0] for f in feats):
+            raise ValueError("teacher.checkpoint ensemble members use different features; ensemble teachers "
+                             "trained with the same features (n_mels, hop, ...).")
+        models = [m for m, _ in loaded]
+        model = freeze(models[0] if len(models) == 1 else TeacherEnsemble(models))
+        feat_cfg = FeatureConfig.from_mapping(feats[0])
+    else:
+        model, feat_cfg = _trained_teacher(config, data, out_dir)
+    if not (out_dir / "metrics.json").is_file():
+        write_teacher_metrics(model, feat_cfg, config, data, out_dir)
+    return model, feat_cfg, out_dir
+
+
+def _trained_teacher(config: dict[str, Any], data: WaveformData, out_dir: Path) -> tuple[torch.nn.Module, FeatureConfig]:
+    """Train the teacher once (resuming an interrupted training) and return it frozen."""
+    ckpt_path = out_dir / "checkpoint" / "checkpoint.pt"
+    tconfig = teacher_train_config(config)
+    done = ckpt_path.is_file() and load_checkpoint(ckpt_path)["epoch"] + 1 >= tconfig["train"]["epochs"]
+    if not done:
+        log.info("Training teacher %s for %d epochs into %s", config["teacher"]["name"],
+                 tconfig["train"]["epochs"], out_dir)
+        train(tconfig, data, out_dir, resume_from=ckpt_path if ckpt_path.is_file() else None,
+              model_spec={"role": "teacher", "name": config["teacher"]["name"]})
+    return freeze(restore_model(load_checkpoint(ckpt_path))), FeatureConfig.from_mapping(tconfig["features"])
+
+
+def write_teacher_metrics(model: torch.nn.Module, feats: FeatureConfig, config: dict[str, Any],
+                          data: WaveformData, out_dir: Path) -> dict[str, Any]:
+    device = pick_device(config.get("device", "auto"))
+    model = model.to(device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics = {}
+    for split in ("valid", "test"):
+        pipe = make_pipeline(data, split, feats, device, config["workdir"])
+        result = evaluate(model, pipe, 256, data.num_classes, (False, torch.float32))
+        metrics |= {f"{split}_acc": result["acc"], f"{split}_macro_f1": result["macro_f1"]}
+    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
+    return metrics
+
+
+def teacher_logits(config: dict[str, Any], data: WaveformData) -> torch.Tensor:
+    """(N_train, num_classes) logits of the frozen teacher on clean train clips, cached as .npy."""
+    model, feats, out_dir = ensure_teacher(config, data)
+    path = out_dir / "logits-train.npy"
+    if path.is_file():
+        log.info("Teacher logits cache hit: %s", path)
+        return torch.from_numpy(np.load(path))
+    device = pick_device(config.get("device", "auto"))
+    pipe = make_pipeline(data, "train", feats, device, config["workdir"])
+    model = model.to(device)
+    with torch.no_grad():
+        logits = torch.cat([model(b.features).float().cpu() for b in pipe.batches(256, train=False)])
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".logits.", suffix=".npy")
+    os.close(fd)
+    np.save(tmp, logits.numpy())
+    os.replace(tmp, path)
+    log.info("Cached teacher logits for %d train clips: %s", len(logits), path)
+    return logits
+
+
+def kd_inputs(config: dict[str, Any], data: WaveformData) -> dict[str, Any]:
+    """What `train` needs for KD: cached logits, or the teacher itself for kd.teacher_logits=online."""
+    if not config["kd"]["enabled"]:
+        return {}
+    if config["kd"]["teacher_logits"] == "online":
+        model, feats, _ = ensure_teacher(config, data)
+        return {"teacher": (model.to(pick_device(config.get("device", "auto"))), feats)}
+    return {"teacher_logits": teacher_logits(config, data)}
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+@entry_point
+def main(cfg: DictConfig) -> None:
+    from data_prep.dataset import prepare_data
+
+    config = plain(cfg)
+    data = prepare_data(config["data"], config["workdir"])
+    _, _, out_dir = ensure_teacher(config, data)
+    teacher_logits(config, data)
+    metrics = json.loads((out_dir / "metrics.json").read_text()) if (out_dir / "metrics.json").is_file() else {}
+    print(f"\nTeacher {config['teacher']['name']} in {out_dir}")
+    for key, value in metrics.items():
+        print(f"  {key:<16} {value:.4f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,297 @@
+"""The training run every sweep trial is: student (+KD) (+pruning) on cached log-mels, resumable per epoch.
+
+Runs without Ray: `python trainable/train.py scenario=kd_single`. The Ray Tune trainable
+(trainable/tune_trainable.py) calls the very same `train` with a `report` callback.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+
+from data_prep.cli import entry_point, plain
+from data_prep.layout import atomic_write_text
+from data_prep.waveform_cache import WaveformData
+from trainable.features import FeatureConfig, FeaturePipeline, LogMel
+from trainable.kd import kd_loss
+from trainable.metrics import accuracy, macro_f1
+from trainable.models import create_student, create_teacher
+from trainable.pruning import count_macs_params, load_model_state, model_state, prune_to_macs, unstructured_prune
+from trainable.run_config import apply_scenario, pick_device, pruning_plan, validate_config
+
+log = logging.getLogger(__name__)
+
+Report = Callable[[dict[str, Any], Path], None]
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+def build_model(spec: dict[str, Any], num_classes: int) -> torch.nn.Module:
+    """Student or teacher from the spec stored in its checkpoint (pruned shapes are restored afterwards)."""
+    if spec["role"] == "student":
+        return create_student(spec["arch"], spec["width_mult"], num_classes, spec.get("dropout", 0.2))
+    return create_teacher(spec["name"], num_classes)
+
+
+def make_pipeline(data: WaveformData, split: str, feats: FeatureConfig, device: torch.device,
+                  workdir: str | Path) -> FeaturePipeline:
+    """Batches of one split; its log-mel cache is shared by every run with the same data + feature config."""
+    part = data.splits[split]
+    return FeaturePipeline(part.waveforms, part.labels, f"{data.fingerprint}-{split}", feats, device,
+                           Path(workdir) / "cache" / "features")
+
+
+def student_spec(config: dict[str, Any]) -> dict[str, Any]:
+    return {"role": "student", **config["student"]}
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float) -> float:
+    """Linear warmup then cosine decay to zero (per optimizer step)."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def amp_settings(device: torch.device) -> tuple[bool, torch.dtype]:
+    """AMP on CUDA (bf16 where supported, else fp16 with a grad scaler); plain fp32 on CPU."""
+    if device.type != "cuda":
+        return False, torch.float32
+    return True, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, pipeline: FeaturePipeline, batch_size: int, num_classes: int,
+             amp: tuple[bool, torch.dtype]) -> dict[str, float]:
+    """Loss, accuracy and macro-F1 on a whole split (metrics on all predictions, not per-batch means)."""
+    model.eval()
+    losses, preds, labels = [], [], []
+    for batch in pipeline.batches(batch_size, train=False):
+        with torch.autocast(pipeline.device.type, dtype=amp[1], enabled=amp[0]):
+            logits = model(batch.features)
+        losses.append(F.cross_entropy(logits.float(), batch.labels, reduction="sum").item())
+        preds.append(logits.argmax(1).cpu())
+        labels.append(batch.labels.cpu())
+    y_pred, y_true = torch.cat(preds).numpy(), torch.cat(labels).numpy()
+    return {"loss": sum(losses) / len(y_true), "acc": accuracy(y_true, y_pred),
+            "macro_f1": macro_f1(y_true, y_pred, num_classes)}
+
+
+def rng_state(generator: torch.Generator) -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "loader": generator.get_state()}
+
+
+def set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    generator.set_state(state["loader"])
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """torch.save via temp file + rename: a kill mid-write never leaves a broken checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path | str) -> dict[str, Any]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"No checkpoint at {path}; pass the checkpoint.pt (or its folder) of an earlier run.")
+    # Pruned architectures are restored from Torch-Pruning's state dict; RNG states hold numpy objects.
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def restore_model(ckpt: dict[str, Any], device: torch.device | str = "cpu") -> torch.nn.Module:
+    """Rebuild a (possibly pruned) model from a checkpoint: fresh architecture, then pruned shapes + weights."""
+    model = build_model(ckpt["model_spec"], ckpt["num_classes"])
+    return load_model_state(model, ckpt["model_state"]).to(device)
+
+
+def train(config: dict[str, Any], data: WaveformData, run_dir: Path | str, *,
+          teacher_logits: torch.Tensor | None = None, teacher: tuple[torch.nn.Module, FeatureConfig] | None = None,
+          resume_from: Path | str | None = None, report: Report | None = None,
+          model_spec: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train one model for config["train"]["epochs"] epochs, checkpointing and reporting after each.
+
+    KD targets come from `teacher_logits` (cached, indexed by train clip) or `teacher` (a frozen model and
+    its feature config, run per batch). Returns the last epoch's metrics.
+    """
+    config = copy.deepcopy(config)
+    validate_config(config)
+    tcfg, kcfg, pcfg = config["train"], config["kd"], config["pruning"]
+    run_dir = Path(run_dir)
+    device = pick_device(config.get("device", "auto"))
+    torch.set_num_threads(tcfg.get("num_threads") or len(os.sched_getaffinity(0)))
+    amp = amp_settings(device)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp[0] and amp[1] == torch.float16)
+    random.seed(tcfg["seed"]), np.random.seed(tcfg["seed"]), torch.manual_seed(tcfg["seed"])
+    generator = torch.Generator().manual_seed(tcfg["seed"])
+
+    feat_cfg = FeatureConfig.from_mapping(config["features"])
+    pipelines = {split: make_pipeline(data, split, feat_cfg, device, config["workdir"]) for split in ("train", "valid")}
+    input_shape = (1, 1, feat_cfg.n_mels, feat_cfg.frames(data.clip_samples))
+    kd_on = kcfg["enabled"]
+    if kd_on and teacher_logits is None and teacher is None:
+        raise ValueError("kd.enabled=true needs teacher logits or a teacher model (see trainable/teacher.py).")
+    if kd_on and teacher is not None:
+        teacher_model, teacher_feats = teacher
+        teacher_frontend = LogMel(teacher_feats).to(device)
+        train_waves = torch.from_numpy(np.asarray(data.splits["train"].waveforms)).to(device)
+    if teacher_logits is not None:
+        teacher_logits = teacher_logits.to(device)
+
+    model_spec = model_spec or student_spec(config)
+    model = build_model(model_spec, data.num_classes).to(device)
+    base_macs, base_params = count_macs_params(model, input_shape)
+    plan = pruning_plan(pcfg, tcfg["epochs"])  # {epoch: keep ratio}, applied at the start of that epoch
+    target_macs = int(base_macs * min(plan.values())) if plan and pcfg["mode"] != "unstructured" else base_macs
+    batch_size = min(tcfg["batch_size"], len(pipelines["train"]))  # tiny datasets still get a step per epoch
+    steps_per_epoch = pipelines["train"].num_batches(batch_size, drop_last=True)
+    total_steps, warmup_steps = tcfg["epochs"] * steps_per_epoch, tcfg["warmup_epochs"] * steps_per_epoch
+
+    def make_optimizer() -> torch.optim.Optimizer:
+        # Rebuilt after each pruning step: parameter shapes change, so Adam moments start fresh.
+        return torch.optim.AdamW(model.parameters(), lr=tcfg["lr"], weight_decay=tcfg["weight_decay"])
+
+    optimizer, start_epoch, step, pruning_step, history, sparsity = make_optimizer(), 0, 0, 0, [], 0.0
+    if resume_from is not None:
+        ckpt = load_checkpoint(resume_from)
+        model = restore_model(ckpt, device)
+        optimizer = make_optimizer()
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, step, pruning_step = ckpt["epoch"] + 1, ckpt["step"], ckpt["pruning_step"]
+        history, sparsity = ckpt["history"], ckpt.get("sparsity", 0.0)
+        set_rng_state(ckpt["rng"], generator)
+        log.info("Resumed from %s at epoch %d", resume_from, start_epoch)
+    macs, params = count_macs_params(model, input_shape)
+
+    for epoch in range(start_epoch, tcfg["epochs"]):
+        t0 = time.perf_counter()
+        if epoch in plan:  # pruning step, then fine-tuning continues with KD as configured
+            pruning_step += 1
+            if pcfg["mode"] == "unstructured":
+                sparsity = unstructured_prune(model, 1.0 - plan[epoch])
+            else:
+                calib = next(pipelines["train"].batches(batch_size, train=False))
+                prune_to_macs(model, calib.features[:1], base_macs, plan[epoch], pcfg["importance"],
+                              pcfg.get("round_to"), lambda m: F.cross_entropy(m(calib.features), calib.labels))
+            optimizer = make_optimizer()
+            macs, params = count_macs_params(model, input_shape)
+            log.info("pruning step %d at epoch %d: MACs %.2fM (%.1f%% of %.2fM), params %d", pruning_step,
+                     epoch, macs / 1e6, 100 * macs / base_macs, base_macs / 1e6, params)
+
+        model.train()
+        sums = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "correct": 0, "n": 0}
+        for batch in pipelines["train"].batches(batch_size, train=True, generator=generator, drop_last=True):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, total_steps, warmup_steps, tcfg["lr"])
+            with torch.autocast(device.type, dtype=amp[1], enabled=amp[0]):
+                logits = model(batch.features)
+                if kd_on:
+                    if teacher_logits is not None:
+                        targets = teacher_logits[batch.indices]
+                    else:
+                        with torch.no_grad():
+                            targets = teacher_model(teacher_frontend(train_waves[batch.indices]))
+                    losses = kd_loss(logits.float(), targets.float(), batch.labels, kcfg["T"], kcfg["alpha"])
+                    loss, kd_part, ce_part = losses.total, losses.kd.item(), losses.ce.item()
+                else:
+                    loss = F.cross_entropy(logits.float(), batch.labels)
+                    kd_part, ce_part = 0.0, loss.item()
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"Non-finite loss ({loss.item()}) at epoch {epoch}, step {step}: "
+                                         "lower train.lr or check the data.")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg["grad_clip"])
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            n = len(batch.labels)
+            sums["loss"] += loss.item() * n
+            sums["kd"] += kd_part * n
+            sums["ce"] += ce_part * n
+            sums["correct"] += int((logits.argmax(1) == batch.labels).sum())
+            sums["n"] += n
+
+        val = evaluate(model, pipelines["valid"], batch_size, data.num_classes, amp)
+        metrics = {
+            "epoch": epoch + 1, "train_loss": sums["loss"] / sums["n"], "kd_loss": sums["kd"] / sums["n"],
+            "ce_loss": sums["ce"] / sums["n"], "train_acc": sums["correct"] / sums["n"],
+            "val_loss": val["loss"], "val_acc": val["acc"], "val_macro_f1": val["macro_f1"],
+            "macs": macs, "params": params, "base_macs": base_macs, "base_params": base_params,
+            "target_macs": target_macs, "pruning_step": pruning_step, "sparsity": sparsity,
+            "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": time.perf_counter() - t0,
+        }
+        history.append(metrics)
+        save_checkpoint(run_dir / "checkpoint" / CHECKPOINT_NAME, {
+            "model_spec": model_spec, "num_classes": data.num_classes, "classes": data.classes,
+            "model_state": model_state(model), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "epoch": epoch, "step": step, "pruning_step": pruning_step, "sparsity": sparsity,
+            "rng": rng_state(generator), "history": history, "config": config, "metrics": metrics,
+            "input_shape": input_shape, "data_fingerprint": data.fingerprint,
+        })
+        atomic_write_text(run_dir / "history.json", json.dumps(history, indent=1))
+        log.info("epoch %d/%d  train_loss %.3f  val_acc %.3f  val_f1 %.3f  MACs %.2fM  (%.1fs)", epoch + 1,
+                 tcfg["epochs"], metrics["train_loss"], val["acc"], val["macro_f1"], macs / 1e6,
+                 metrics["epoch_seconds"])
+        if report is not None:
+            report(metrics, run_dir / "checkpoint")
+    return history[-1] if history else {}
+
+
+def format_epoch_table(history: list[dict[str, Any]]) -> str:
+    cols = [("epoch", "d"), ("train_loss", ".3f"), ("kd_loss", ".3f"), ("ce_loss", ".3f"), ("val_loss", ".3f"),
+            ("val_acc", ".3f"), ("val_macro_f1", ".3f"), ("macs", ",d"), ("params", ",d"), ("pruning_step", "d")]
+    width = {name: max(len(name), 11) for name, _ in cols}
+    lines = [" ".join(f"{name:>{width[name]}}" for name, _ in cols)]
+    lines += [" ".join(f"{h[name]:>{width[name]}{fmt}}" for name, fmt in cols) for h in history]
+    return "\n".join(lines)
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+@entry_point
+def main(cfg: DictConfig) -> None:
+    from data_prep.dataset import prepare_data
+    from trainable.teacher import kd_inputs
+
+    config = apply_scenario(plain(cfg))
+    validate_config(config)
+    data = prepare_data(config["data"], config["workdir"])
+    label = config.get("scenario") or "run"
+    run_dir = Path(config["workdir"]) / "train" / f"{label}-{time.strftime('%Y%m%d-%H%M%S')}"
+    final = train(config, data, run_dir, resume_from=config.get("resume_from"), **kd_inputs(config, data))
+    history = json.loads((run_dir / "history.json").read_text())
+    print(f"\n{label}: KD {'on' if config['kd']['enabled'] else 'off'}, pruning {config['pruning']['mode']}")
+    print(format_epoch_table(history))
+    print(f"final: val_acc {final['val_acc']:.4f}  val_macro_f1 {final['val_macro_f1']:.4f}  "
+          f"params {final['params']:,}  MACs {final['macs']:,} ({final['macs'] / final['base_macs']:.1%} of unpruned)")
+    print(f"history: {run_dir / 'history.json'}\ncheckpoint: {run_dir / 'checkpoint' / CHECKPOINT_NAME}")
+
+
+if __name__ == "__main__":
+    main()
