@@ -1,0 +1,117 @@
+"""The training run on tiny rendered data: overfit sanity, pruning in the loop, exact resume, teacher cache."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from trainable import teacher as teacher_mod
+from trainable.run_config import apply_scenario, pruning_plan, validate_config
+from trainable.train import load_checkpoint, restore_model, train
+
+
+def with_(config: dict, **sections) -> dict:
+    out = copy.deepcopy(config)
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            out[section] = {**out[section], **values}
+        else:
+            out[section] = values
+    return out
+
+
+def test_overfits_tiny_three_family_set(tiny_config, tiny_data, tmp_path):
+    config = with_(tiny_config, train={"epochs": 8, "lr": 3e-3},
+                   features={"freq_masks": 0, "time_masks": 0}, student={"dropout": 0.0})
+    history = []
+    train(config, tiny_data, tmp_path / "run", report=lambda m, _: history.append(m))
+    assert [h["epoch"] for h in history] == list(range(1, 9))
+    assert history[-1]["train_acc"] >= 0.9
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+
+
+def test_single_pruning_in_the_loop_lowers_macs(tiny_config, tiny_data, tmp_path):
+    config = apply_scenario(with_(tiny_config, scenario="nokd_single", pruning={"target_macs_ratio": 0.5}))
+    history = []
+    train(config, tiny_data, tmp_path / "run", report=lambda m, _: history.append(m))
+    before, after = history[0], history[-1]
+    assert after["pruning_step"] == 1 and before["pruning_step"] == 0
+    assert after["macs"] == pytest.approx(0.5 * before["base_macs"], rel=0.05)
+    assert after["params"] < before["params"]
+    assert after["target_macs"] == pytest.approx(0.5 * before["base_macs"], rel=0.01)
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoint")
+    model = restore_model(ckpt)  # the pruned architecture loads back
+    assert model(torch.zeros(ckpt["input_shape"])).shape == (1, 3)
+
+
+def test_unstructured_reports_sparsity_and_unchanged_macs(tiny_config, tiny_data, tmp_path):
+    config = with_(tiny_config, pruning={"mode": "unstructured", "target_macs_ratio": 0.5})
+    history = []
+    train(config, tiny_data, tmp_path / "run", report=lambda m, _: history.append(m))
+    assert history[-1]["sparsity"] > 0.4 and history[-1]["macs"] == history[0]["base_macs"]
+
+
+def test_resume_across_a_pruning_step_matches_uninterrupted_run(tiny_config, tiny_data, tmp_path):
+    config = with_(tiny_config, train={"epochs": 4}, pruning={"mode": "progressive", "at_epoch": 1, "steps": 2,
+                                                               "step_epochs": 1, "target_macs_ratio": 0.5})
+    full = train(config, tiny_data, tmp_path / "full")
+    # interrupted after epoch 2 (after the first pruning step): a run whose report raises there
+    class Killed(Exception):
+        pass
+
+    def kill_after_two(metrics, _):
+        if metrics["epoch"] == 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(config, tiny_data, tmp_path / "part", report=kill_after_two)
+    assert load_checkpoint(tmp_path / "part" / "checkpoint")["pruning_step"] == 1
+    resumed_history = []
+    resumed = train(config, tiny_data, tmp_path / "part", resume_from=tmp_path / "part" / "checkpoint",
+                    report=lambda m, _: resumed_history.append(m))
+    assert [h["epoch"] for h in resumed_history] == [3, 4]  # continued, not restarted
+    for key in ("val_acc", "val_macro_f1", "val_loss", "train_loss", "macs", "params", "pruning_step"):
+        assert resumed[key] == pytest.approx(full[key], rel=1e-5, abs=1e-6), key
+    history = json.loads((tmp_path / "part" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+
+
+def test_kd_with_cached_teacher_logits_and_cache_reuse(tiny_config, tiny_data, tmp_path, monkeypatch):
+    config = with_(tiny_config, workdir=str(tmp_path), kd={"enabled": True})
+    logits = teacher_mod.teacher_logits(config, tiny_data)
+    assert logits.shape == (len(tiny_data.splits["train"]), 3)
+    out_dir = teacher_mod.teacher_dir(config, tiny_data)
+    assert json.loads((out_dir / "metrics.json").read_text())["valid_acc"] >= 0
+    # second run: neither the teacher nor its logits are recomputed
+    calls = []
+    monkeypatch.setattr(teacher_mod, "train", lambda *a, **k: calls.append("train"))
+    stamp = (out_dir / "logits-train.npy").stat().st_mtime_ns
+    again = teacher_mod.teacher_logits(config, tiny_data)
+    assert torch.equal(again, logits) and not calls
+    assert (out_dir / "logits-train.npy").stat().st_mtime_ns == stamp
+    # a different teacher config or dataset gets its own folder (cache invalidated)
+    other = with_(config, teacher={"lr": 1e-3})
+    assert teacher_mod.teacher_dir(other, tiny_data) != out_dir
+    moved = copy.copy(tiny_data)
+    moved.fingerprint = "different"
+    assert teacher_mod.teacher_dir(config, moved) != out_dir
+    history = []
+    train(config, tiny_data, tmp_path / "student", teacher_logits=logits, report=lambda m, _: history.append(m))
+    assert all(h["kd_loss"] > 0 for h in history) and all(h["ce_loss"] > 0 for h in history)
+
+
+def test_config_errors_are_clear(tiny_config):
+    with pytest.raises(ValueError, match="train.epochs"):
+        pruning_plan({"mode": "progressive", "target_macs_ratio": 0.5, "at_epoch": 2, "steps": 3, "step_epochs": 1,
+                      "schedule": "cubic"}, epochs=4)
+    with pytest.raises(ValueError, match="Unknown scenario"):
+        apply_scenario(with_(tiny_config, scenario="kd_everything"))
+    with pytest.raises(ValueError, match="n_mels"):
+        validate_config(with_(tiny_config, features={"n_mels": 1000}))
+    assert pruning_plan({"mode": "progressive", "target_macs_ratio": 0.3, "at_epoch": 1, "steps": 3,
+                         "step_epochs": 2, "schedule": "linear"}, epochs=8) == pytest.approx(
+        {1: 1 - 0.7 / 3, 3: 1 - 1.4 / 3, 5: 0.3})
