@@ -255,7 +255,8 @@ def train(config: dict[str, Any], data: WaveformData, run_dir: Path | str, *,
             "rng": rng_state(generator), "history": history, "config": config, "metrics": metrics,
             "input_shape": input_shape, "data_fingerprint": data.fingerprint,
         })
-        atomic_write_text(run_dir / "history.json", json.dumps(history, indent=1))
+        for folder in (run_dir, run_dir / "checkpoint"):  # the checkpoint's copy travels with Tune checkpoints
+            atomic_write_text(folder / "history.json", json.dumps(history, indent=1))
         log.info("epoch %d/%d  train_loss %.3f  val_acc %.3f  val_f1 %.3f  MACs %.2fM  (%.1fs)", epoch + 1,
                  tcfg["epochs"], metrics["train_loss"], val["acc"], val["macro_f1"], macs / 1e6,
                  metrics["epoch_seconds"])

@@ -1,0 +1,273 @@
+"""The sweep: `python sweeps/run.py space=kd_prune num_samples=50 [key=value ...]`.
+
+Ray Tune runs the trials (local Ray or a cluster), Optuna samples the space, ParetoASHA stops
+dominated trials early, MLflow records everything; `resume=true name=<sweep>` continues a killed sweep.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+# Tune writes its experiment state at most every TUNE_GLOBAL_CHECKPOINT_S seconds (default >= 10 s);
+# after a kill, trials restart from the checkpoint recorded there, so record it after every result.
+os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from data_prep.cli import entry_point, plain  # noqa: E402
+
+log = logging.getLogger("sweeps.run")
+
+SWEEP_KEYS = ("space", "num_samples", "name", "resume", "storage_path", "search", "scheduler", "resources",
+              "ray", "mlflow")
+STATE_FILE = "sweep_config.json"
+
+
+def check_workdir(workdir: Path) -> None:
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / ".write_probe"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise PermissionError(f"workdir={workdir} is not writable ({err.strerror}); pass workdir=<a writable dir>.")
+
+
+def accepted_values() -> dict[str, Any]:
+    """Categorical values the code accepts, taken from the code's own registries."""
+    from trainable.models import STUDENT_ARCHS, TEACHER_ARCHS
+    from trainable.pruning import IMPORTANCES, PRUNING_MODES, SCHEDULES
+    from trainable.run_config import available_scenarios
+
+    return {"student.arch": STUDENT_ARCHS, "teacher.name": TEACHER_ARCHS, "pruning.mode": PRUNING_MODES,
+            "pruning.schedule": SCHEDULES, "pruning.importance": tuple(IMPORTANCES),
+            "kd.teacher_logits": ("cached", "online"), "kd.enabled": (True, False),
+            "scenario": tuple(available_scenarios()), "features.normalize": ("per_band", "global", "none")}
+
+
+def may_use_kd(space, base_config: dict[str, Any]) -> bool:
+    """Whether any trial of the space can run with KD (then the teacher is prepared up front)."""
+    from trainable.tune_trainable import trial_config
+
+    if space.searcher == "grid":
+        return any(trial_config(base_config, {"grid_point": point})["kd"]["enabled"] for point in space.grid())
+    values = [space.fixed.get("kd.enabled", base_config["kd"]["enabled"])]
+    if "kd.enabled" in space.params:
+        values += list(getattr(space.params["kd.enabled"], "values", ()) or (True,))
+    return any(values)
+
+
+def check_space_configs(space, base_config: dict[str, Any], samples: int = 200) -> None:
+    """Validate the run configs the space can produce (grid points, or random draws) before Ray starts,
+    so impossible combinations (e.g. pruning steps beyond train.epochs) fail now, not in every trial."""
+    import optuna
+
+    from trainable.run_config import validate_config
+    from trainable.tune_trainable import trial_config
+
+    if space.searcher == "grid":
+        points = [{"grid_point": p} for p in space.grid()]
+    else:
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+        points = [space.define_by_run(study.ask()) for _ in range(samples)]
+    for point in points:
+        try:
+            validate_config(trial_config(base_config, point))
+        except ValueError as err:
+            raise ValueError(f"search space {space.path} can produce an invalid trial {point}: {err}") from err
+
+
+def resolve_gpus(requested: Any, address: str | None) -> float:
+    import torch
+
+    if requested in (None, "auto"):
+        return 0.25 if torch.cuda.is_available() else 0.0
+    gpus = float(requested)
+    if gpus > 0 and address is None and not torch.cuda.is_available():
+        raise ValueError(f"resources.gpus_per_trial={gpus} but this machine has no CUDA GPU (trials would wait "
+                         "forever); use resources.gpus_per_trial=0 or join a GPU cluster with ray.address.")
+    return gpus
+
+
+def start_ray(address: str | None, num_cpus: int | None, gpus: float) -> None:
+    import ray
+
+    try:
+        if address is None:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+        else:
+            ray.init(address=address, logging_level=logging.WARNING)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise ValueError(f"Could not connect to Ray at ray.address={address}: {err}. Start the cluster "
+                         "(`ray start --head`) or use ray.address=null for a local Ray.") from err
+    if gpus > 0 and ray.cluster_resources().get("GPU", 0) < gpus:
+        raise ValueError(f"resources.gpus_per_trial={gpus} but the Ray cluster has no GPUs; "
+                         "use resources.gpus_per_trial=0 or add GPU nodes.")
+
+
+def sweep_settings(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(base run config, sweep settings): the first is what every trial starts from."""
+    return ({k: v for k, v in config.items() if k not in SWEEP_KEYS}, {k: config[k] for k in SWEEP_KEYS})
+
+
+def summarize(results, base_config: dict[str, Any], space) -> str:
+    """Best trial, the Pareto set (val_acc up, MACs down) and the key hyperparameters of each trial."""
+    import numpy as np
+
+    from analysis.front import pareto_mask
+    from trainable.tune_trainable import trial_config
+
+    rows = []
+    for result in results:
+        metrics = result.metrics or {}
+        if "val_acc" not in metrics:
+            continue
+        cfg = trial_config(base_config, result.config)
+        rows.append({"trial": metrics.get("trial_id", "?"), "val_acc": metrics["val_acc"],
+                     "val_macro_f1": metrics["val_macro_f1"], "macs": metrics["macs"], "params": metrics["params"],
+                     "epochs": metrics["epoch"], "kd": cfg["kd"]["enabled"], "T": cfg["kd"]["T"],
+                     "alpha": cfg["kd"]["alpha"], "n_mels": cfg["features"]["n_mels"],
+                     "width": cfg["student"]["width_mult"], "pruning": cfg["pruning"]["mode"],
+                     "keep": cfg["pruning"]["target_macs_ratio"] if cfg["pruning"]["mode"] != "none" else 1.0})
+    if not rows:
+        return "No trial reported a result (see the errors above)."
+    points = np.array([[r["val_acc"], r["macs"]] for r in rows], dtype=float)
+    on_front = pareto_mask(points, [True, False])
+    header = (f"{'trial':<12}{'val_acc':>8}{'f1':>7}{'MACs(M)':>9}{'params':>9}{'ep':>4}  {'kd':<4}{'T':>5}"
+              f"{'alpha':>6}{'mels':>5}{'width':>6}  {'pruning':<12}{'keep':>5}")
+
+    def line(r: dict[str, Any]) -> str:
+        kd = "on" if r["kd"] else "off"
+        return (f"{r['trial']:<12}{r['val_acc']:>8.3f}{r['val_macro_f1']:>7.3f}{r['macs'] / 1e6:>9.2f}"
+                f"{r['params']:>9,}{r['epochs']:>4}  {kd:<4}{r['T']:>5.1f}{r['alpha']:>6.2f}{r['n_mels']:>5}"
+                f"{r['width']:>6.2f}  {r['pruning']:<12}{r['keep']:>5.2f}")
+
+    best = max(rows, key=lambda r: r["val_acc"])
+    front = sorted((r for r, f in zip(rows, on_front) if f), key=lambda r: r["macs"])
+    return "\n".join([f"Trials with results: {len(rows)}", "", "Best by val_acc:", header, line(best), "",
+                      f"Pareto set (val_acc up, MACs down), {len(front)} trials:", header,
+                      *[line(r) for r in front]])
+
+
+@hydra.main(config_path="../conf", config_name="sweep", version_base="1.3")
+@entry_point
+def main(cfg: DictConfig) -> None:
+    config = plain(cfg)
+    workdir = Path(config["workdir"]).resolve()
+    check_workdir(workdir)
+    storage = str(config["storage_path"])
+    local_storage = "://" not in storage
+    if local_storage:
+        storage = str(Path(storage).resolve())
+    name = config["name"] or f"{config['space']}-{time.strftime('%Y%m%d-%H%M%S')}"
+    exp_dir = Path(storage) / name
+
+    from ray import tune
+
+    if config["resume"]:
+        if not config["name"]:
+            raise ValueError("resume=true needs name=<sweep>; sweeps here: " + ", ".join(list_sweeps(storage)))
+        if not tune.Tuner.can_restore(str(exp_dir)):
+            raise FileNotFoundError(f"No sweep named {name!r} to resume under {storage}; sweeps here: "
+                                    + (", ".join(list_sweeps(storage)) or "none"))
+        saved = json.loads((exp_dir / STATE_FILE).read_text())
+        base_config, sweep = saved["base_config"], saved["sweep"]
+    else:
+        if exp_dir.exists():
+            raise FileExistsError(f"A sweep named {name!r} already exists in {storage}. Resume it with "
+                                  f"`python sweeps/run.py resume=true name={name}` or choose another name=.")
+        base_config, sweep = sweep_settings(config)
+    run_sweep(name, base_config, sweep, storage, resume=config["resume"])
+
+
+def max_epochs(base_config: dict[str, Any], space) -> int:
+    from trainable.tune_trainable import trial_config
+
+    return trial_config(base_config, dict(space.fixed))["train"]["epochs"]
+
+
+def list_sweeps(storage: str) -> list[str]:
+    path = Path(storage)
+    return sorted(p.name for p in path.iterdir() if (p / STATE_FILE).is_file()) if path.is_dir() else []
+
+
+def run_sweep(name: str, base_config: dict[str, Any], sweep: dict[str, Any], storage: str, resume: bool) -> None:
+    import ray
+    from ray import tune
+
+    from data_prep.dataset import prepare_data
+    from search_spaces.schema import load_space
+    from sweeps.mlflow_logging import SweepMLflowCallback, ensure_experiment, flatten
+    from sweeps.pareto_asha import ParetoASHA, ParetoASHAStateCallback
+    from sweeps.tuning import make_scheduler, make_searcher, param_space
+    from trainable.run_config import validate_config
+    from trainable.teacher import teacher_logits
+    from trainable.tune_trainable import run_trial, trial_config
+
+    space = load_space(sweep["space"], flatten(base_config), accepted_values())
+    check_space_configs(space, base_config)
+    gpus = resolve_gpus(sweep["resources"]["gpus_per_trial"], sweep["ray"]["address"])
+    workdir = Path(base_config["workdir"]).resolve()
+    exp_dir = Path(storage) / name
+
+    log.info("Preparing data (and the teacher, if KD is in the space) before any trial starts")
+    data = prepare_data(base_config["data"], workdir)
+    logits = teacher_logits(base_config, data) if may_use_kd(space, base_config) else None
+
+    start_ray(sweep["ray"]["address"], sweep["ray"]["num_cpus"], gpus)
+    cpus = sweep["resources"]["cpus_per_trial"]
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base_config={**base_config, "train": {**base_config["train"],
+                                                                            "num_threads": cpus}},
+                             data=data, teacher_logits=logits),
+        {"cpu": cpus, "gpu": gpus})
+    tracking_uri = sweep["mlflow"]["tracking_uri"]
+    ensure_experiment(tracking_uri, name, workdir / "mlflow-artifacts" / name)
+    objective = sweep["search"]["objective"]
+    scheduler = make_scheduler(sweep["scheduler"]["name"], objective, max_epochs(base_config, space),
+                               sweep["scheduler"]["grace_period"], sweep["scheduler"]["reduction_factor"])
+    callback = SweepMLflowCallback(tracking_uri, name, base_config, tags={
+        "space": sweep["space"], "sampler": sweep["search"]["sampler"],
+        "scheduler": sweep["scheduler"]["name"] or ("pareto_asha" if objective == "multi" else "asha")})
+    callbacks = [callback] + ([ParetoASHAStateCallback(scheduler)] if isinstance(scheduler, ParetoASHA) else [])
+    run_config = tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks, verbose=1,
+                                checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
+
+    if resume:
+        log.info("Resuming sweep %s from %s", name, exp_dir)
+        # scheduler, searcher and callbacks come back from the sweep's own pickled state (tuner.pkl)
+        tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space(space),
+            tune_config=tune.TuneConfig(  # no metric/mode here: it would make OptunaSearch single-objective
+                search_alg=make_searcher(space, sweep["search"]["sampler"], objective, base_config["seed"]),
+                scheduler=scheduler,
+                num_samples=sweep["num_samples"], max_concurrent_trials=sweep["resources"]["max_concurrent_trials"],
+                reuse_actors=True),
+            run_config=run_config,
+        )
+        exp_dir.mkdir(parents=True, exist_ok=True)
+        (exp_dir / STATE_FILE).write_text(json.dumps({"base_config": base_config, "sweep": sweep}, indent=2))
+    results = tuner.fit()
+    errors = [r for r in results if r.error]
+    print("\n" + summarize(results, base_config, space))
+    if errors:
+        print(f"\n{len(errors)} trial(s) errored; their messages are in MLflow (tag 'error') and {exp_dir}.")
+    print(f"\nRay results: {exp_dir}\nMLflow:      {tracking_uri} (experiment {name!r})\n"
+          f"Next: python analysis/pareto.py name={name}\n"
+          f"      mlflow ui --backend-store-uri {tracking_uri}")
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

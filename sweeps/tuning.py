@@ -1,0 +1,64 @@
+"""Ray Tune wiring: searcher, scheduler, resources and the Tuner (kept out of the pipeline code)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import optuna
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from search_spaces.schema import SearchSpace
+from sweeps.pareto_asha import ParetoASHA
+
+log = logging.getLogger(__name__)
+
+# MACs objective: `target_macs` is what the pruning schedule will reach, known from epoch 1, so trials
+# stopped early (or before their pruning step) are judged on their final MACs, not today's.
+OBJECTIVES = {"val_acc": "max", "target_macs": "min"}
+SAMPLERS = ("tpe", "nsga2", "random")
+SCHEDULERS = ("pareto_asha", "asha", "fifo")
+
+
+def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise ValueError(f"search.sampler={name!r}; choose one of {SAMPLERS}.")
+
+
+def make_searcher(space: SearchSpace, sampler: str, objective: str, seed: int) -> OptunaSearch | None:
+    """Multi-objective OptunaSearch by default (metric/mode live here, never in TuneConfig)."""
+    if space.searcher == "grid":
+        return None
+    if objective not in ("multi", "single"):
+        raise ValueError(f"search.objective={objective!r}; use multi or single.")
+    metric, mode = (list(OBJECTIVES), list(OBJECTIVES.values())) if objective == "multi" else ("val_acc", "max")
+    return OptunaSearch(space=space.define_by_run, metric=metric, mode=mode, sampler=make_sampler(sampler, seed))
+
+
+def make_scheduler(name: str | None, objective: str, max_epochs: int, grace_period: int,
+                   reduction_factor: float) -> TrialScheduler:
+    name = name or ("pareto_asha" if objective == "multi" else "asha")
+    grace_period = min(grace_period, max_epochs)
+    if name == "pareto_asha":
+        return ParetoASHA(objectives=OBJECTIVES if objective == "multi" else {"val_acc": "max"}, time_attr="epoch",
+                          max_t=max_epochs, grace_period=grace_period, reduction_factor=reduction_factor)
+    if name == "asha":
+        return ASHAScheduler(time_attr="epoch", metric="val_acc", mode="max", max_t=max_epochs,
+                             grace_period=grace_period, reduction_factor=reduction_factor)
+    if name == "fifo":
+        return FIFOScheduler()
+    raise ValueError(f"scheduler.name={name!r}; choose one of {SCHEDULERS}.")
+
+
+def param_space(space: SearchSpace) -> dict[str, Any] | None:
+    """Grid spaces go to Tune as grid_search over whole trial configs; searcher spaces sample in Optuna."""
+    if space.searcher != "grid":
+        return None
+    return {"grid_point": tune.grid_search(space.grid())}

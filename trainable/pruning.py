@@ -1,0 +1,246 @@
+"""Compression by pruning: structural channel pruning to a MACs target (Torch-Pruning), the mask-only baseline,
+and checkpoints for pruned architectures.
+
+Structural pruning goes through Torch-Pruning's dependency graph, which keeps coupled channels consistent
+(residual adds, depthwise convs, MobileNetV3's squeeze-excitation rescaling), so any torchvision/timm CNN works.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import thop
+import torch
+import torch.nn as nn
+import torch.nn.utils.prune as torch_prune
+import torch_pruning as tp
+
+logger = logging.getLogger(__name__)
+
+PRUNING_MODES: tuple[str, ...] = ("none", "single", "progressive", "unstructured")
+SCHEDULES: tuple[str, ...] = ("cubic", "linear")
+IMPORTANCES: dict[str, Callable[[], tp.importance.Importance]] = {
+    "l1": lambda: tp.importance.GroupMagnitudeImportance(p=1),
+    "l2": lambda: tp.importance.GroupMagnitudeImportance(p=2),
+    "taylor": lambda: tp.importance.GroupTaylorImportance(),
+    "random": lambda: tp.importance.RandomImportance(),
+}
+MACS_TOLERANCE = 0.05  # a pruned model must land within this relative error of its MACs target
+# Stop searching the pruning ratio once this close: whole channels make MACs move in ~0.5 % steps.
+_SEARCH_TOLERANCE = 0.01
+_MAX_SEARCH_EVALS = 12
+# Above ~0.9 per-layer channel ratio the narrowest layers would hit 0 channels, which Torch-Pruning refuses,
+# so MACs stop falling monotonically; targets needing more are reported as unreachable.
+_MAX_CHANNEL_PRUNING_RATIO = 0.9
+
+
+@dataclass(frozen=True)
+class PruneStep:
+    """Outcome of one structural pruning call; ratios are relative to the unpruned model's MACs."""
+
+    macs: int
+    params: int
+    keep_ratio_reached: float
+    target_keep_ratio: float
+
+
+def count_macs_params(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, int]:
+    """(MACs, params) by thop for one input of `input_shape`, measured on a copy: thop leaves buffers behind."""
+    device = next(model.parameters()).device
+    return _profile(copy.deepcopy(model), torch.zeros(input_shape, device=device))
+
+
+def _profile(disposable_model: nn.Module, example_input: torch.Tensor) -> tuple[int, int]:
+    disposable_model.eval()
+    with torch.no_grad():
+        macs, params = thop.profile(disposable_model, inputs=(example_input,), verbose=False)
+    return int(macs), int(params)
+
+
+def pruning_schedule(mode: str, target_macs_ratio: float, steps: int = 1, schedule: str = "cubic") -> list[float]:
+    """Fractions of the unpruned MACs to keep after each pruning step (fine-tuning goes between steps).
+
+    `progressive` follows AGP (Zhu & Gupta 2017): cut hard early while the network has redundancy to spare, gently
+    near the target. `unstructured` returns [target]: there it is the fraction of weights kept, since masks
+    do not reduce dense MACs.
+    """
+    if mode not in PRUNING_MODES:
+        raise ValueError(f"unknown pruning mode {mode!r}; choose one of {list(PRUNING_MODES)}")
+    if not 0.0 < target_macs_ratio <= 1.0:
+        raise ValueError(f"target_macs_ratio must be in (0, 1], got {target_macs_ratio}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; choose one of {list(SCHEDULES)}")
+    if mode == "none":
+        return []
+    if mode in ("single", "unstructured"):
+        return [target_macs_ratio]
+    power = 3 if schedule == "cubic" else 1
+    keeps = [target_macs_ratio + (1.0 - target_macs_ratio) * (1.0 - k / steps) ** power for k in range(1, steps)]
+    return keeps + [target_macs_ratio]
+
+
+def prune_to_macs(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    base_macs: int,
+    keep_ratio: float,
+    importance: str = "l1",
+    round_to: int | None = None,
+    calibration: Callable[[nn.Module], torch.Tensor] | None = None,
+) -> PruneStep:
+    """Channel-prune `model` in place until its MACs are `keep_ratio * base_macs` (within MACS_TOLERANCE).
+
+    Torch-Pruning takes a per-layer channel ratio, not a MACs target, so the ratio is searched on deep copies
+    (false position, since sqrt(MACs) is nearly linear in it) and the best one is then applied to `model`.
+    Calling again on an already pruned model with a smaller `keep_ratio` (same `base_macs`) prunes further:
+    that is a progressive step. The final Linear (the classifier) keeps its outputs. `calibration(model)`
+    must return a loss; it is required for `taylor`, whose scores come from its gradients. Optimizers holding
+    the old parameters must be rebuilt afterwards.
+    """
+    if importance not in IMPORTANCES:
+        raise ValueError(f"unknown importance {importance!r}; choose one of {list(IMPORTANCES)}")
+    if importance == "taylor" and calibration is None:
+        raise ValueError("importance='taylor' needs calibration: a callable returning a loss on a batch")
+    if not 0.0 < keep_ratio <= 1.0:
+        raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
+    if base_macs <= 0:
+        raise ValueError(f"base_macs must be > 0 (the unpruned model's MACs), got {base_macs}")
+    if round_to is not None and round_to < 1:
+        raise ValueError(f"round_to must be None or >= 1, got {round_to}")
+
+    target_macs = keep_ratio * base_macs
+    current_macs, current_params = count_macs_params(model, tuple(example_input.shape))
+    if current_macs <= target_macs * (1.0 + _SEARCH_TOLERANCE):
+        logger.info("model already at %d MACs, target %.0f; nothing to prune", current_macs, target_macs)
+        return PruneStep(current_macs, current_params, current_macs / base_macs, keep_ratio)
+
+    if importance == "taylor":
+        model.zero_grad(set_to_none=True)
+        calibration(model).backward()
+    rng_state = torch.get_rng_state()  # random importance must draw the same scores in every trial
+
+    def pruned_copy_macs(ratio: float) -> int:
+        trial = copy.deepcopy(model)  # deepcopy drops .grad, which taylor scores need
+        for trial_param, param in zip(trial.parameters(), model.parameters()):
+            trial_param.grad = None if param.grad is None else param.grad.clone()
+        torch.set_rng_state(rng_state)
+        _prune_channels(trial, example_input, ratio, importance, round_to)
+        return _profile(trial, example_input)[0]
+
+    ratio = _search_channel_ratio(pruned_copy_macs, current_macs, target_macs)
+    torch.set_rng_state(rng_state)
+    _prune_channels(model, example_input, ratio, importance, round_to)
+    model.zero_grad(set_to_none=True)
+    macs, params = count_macs_params(model, tuple(example_input.shape))
+    reached = macs / base_macs
+    logger.info("pruned %.4f of channels per layer: %d -> %d MACs (keep %.4f of base, target %.4f)",
+                ratio, current_macs, macs, reached, keep_ratio)
+    return PruneStep(macs=macs, params=params, keep_ratio_reached=reached, target_keep_ratio=keep_ratio)
+
+
+def _prune_channels(
+    model: nn.Module, example_input: torch.Tensor, ratio: float, importance: str, round_to: int | None
+) -> None:
+    """Remove `ratio` of the channels of every prunable layer group (local, uniform pruning)."""
+    linears = [module for module in model.modules() if isinstance(module, nn.Linear)]
+    if not linears:
+        raise ValueError("model has no nn.Linear classifier to protect from pruning")
+    was_training = model.training
+    model.eval()  # tracing must not update BN running statistics
+    pruner = tp.pruner.BasePruner(
+        model,
+        example_input,
+        importance=IMPORTANCES[importance](),
+        pruning_ratio=ratio,
+        ignored_layers=[linears[-1]],
+        round_to=round_to,
+    )
+    pruner.step()
+    model.train(was_training)
+
+
+def _search_channel_ratio(macs_at: Callable[[float], int], current_macs: int, target_macs: float) -> float:
+    """The channel pruning ratio whose MACs come closest to `target_macs`; raises if none is within tolerance."""
+
+    def error(macs: float) -> float:  # > 0 while too big; roughly linear in the ratio
+        return math.sqrt(macs / target_macs) - 1.0
+
+    low, err_low = 0.0, error(current_macs)
+    high, err_high = _MAX_CHANNEL_PRUNING_RATIO, error(current_macs * (1.0 - _MAX_CHANNEL_PRUNING_RATIO) ** 2)
+    ratio = min(1.0 - math.sqrt(target_macs / current_macs), _MAX_CHANNEL_PRUNING_RATIO)
+    best_ratio, best_macs = 0.0, current_macs
+    for _ in range(_MAX_SEARCH_EVALS):
+        macs = macs_at(ratio)
+        if abs(macs / target_macs - 1.0) < abs(best_macs / target_macs - 1.0):
+            best_ratio, best_macs = ratio, macs
+        if abs(macs / target_macs - 1.0) <= _SEARCH_TOLERANCE:
+            break
+        if error(macs) > 0:
+            low, err_low = ratio, error(macs)
+        else:
+            high, err_high = ratio, error(macs)
+        if high - low < 1e-4:
+            break
+        interpolated = low + (high - low) * err_low / (err_low - err_high)
+        margin = 0.05 * (high - low)  # keep false position from creeping along one stale bracket end
+        ratio = min(max(interpolated, low + margin), high - margin)
+    if abs(best_macs / target_macs - 1.0) > MACS_TOLERANCE:
+        raise ValueError(
+            f"cannot prune to {target_macs:.0f} MACs: the closest reachable is {best_macs} "
+            f"(channel pruning ratio {best_ratio:.3f}, round_to and the narrowest layers limit it); "
+            f"use a larger keep ratio or a smaller round_to"
+        )
+    return best_ratio
+
+
+def unstructured_prune(model: nn.Module, amount: float) -> float:
+    """Zero the globally smallest-|w| `amount` of conv/linear weights; returns the achieved weight sparsity.
+
+    A baseline only: the zeros stay in dense tensors, so MACs (and latency) do not change.
+    """
+    if not 0.0 <= amount < 1.0:
+        raise ValueError(f"amount (fraction of weights to zero) must be in [0, 1), got {amount}")
+    weights = [(module, "weight") for module in model.modules() if isinstance(module, (nn.Conv2d, nn.Linear))]
+    if not weights:
+        raise ValueError("model has no Conv2d/Linear weights to prune")
+    torch_prune.global_unstructured(weights, pruning_method=torch_prune.L1Unstructured, amount=amount)
+    for module, name in weights:
+        torch_prune.remove(module, name)
+    zeros = sum(int((module.weight == 0).sum()) for module, _ in weights)
+    total = sum(module.weight.numel() for module, _ in weights)
+    return zeros / total
+
+
+
+
+def model_state(model: nn.Module) -> dict:
+    """Weights plus pruned layer shapes (tp.state_dict), restricted to types torch.load(weights_only=True) accepts."""
+    state = tp.state_dict(model)
+    for module_dict in state["full_state_dict"].values():
+        for key in [key for key in module_dict if _is_runtime_only(key)]:
+            del module_dict[key]
+    return state
+
+
+def _is_runtime_only(module_attribute: str) -> bool:
+    """Child modules come from the fresh model (pickling them is what breaks torch.load(weights_only=True)),
+    and hooks belong to whoever registered them; everything else in a module's __dict__ is weights or shapes."""
+    return module_attribute == "_modules" or "hook" in module_attribute
+
+
+def load_model_state(fresh_model: nn.Module, state: dict) -> nn.Module:
+    """Reshape a freshly created (unpruned) model of the same arch into the saved pruned one; returns it."""
+    saved_names = set(state["full_state_dict"])
+    fresh_names = {name for name, _ in fresh_model.named_modules()}
+    if saved_names != fresh_names:
+        raise ValueError(
+            f"state does not fit this model ({len(saved_names ^ fresh_names)} module names differ, "
+            f"e.g. {sorted(saved_names ^ fresh_names)[:3]}); create the same arch/width that was saved"
+        )
+    return tp.load_state_dict(fresh_model, state)
