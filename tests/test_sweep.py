@@ -1,0 +1,94 @@
+"""The real sweep entry point on tiny rendered data: end to end with MLflow, and kill + resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["data.per_family=12", "data.families=[bass,keyboard,organ]", "data.clip_seconds=0.5",
+        "teacher.epochs=2", "teacher.features.n_mels=32", "ray.num_cpus=2", "scheduler.grace_period=1",
+        "train.batch_size=16"]
+
+
+def sweep_cmd(workdir: Path, *args: str) -> list[str]:
+    return [sys.executable, str(ROOT / "sweeps" / "run.py"), f"workdir={workdir}", *TINY, *args]
+
+
+def mlflow_runs(workdir: Path, experiment: str) -> list[tuple[str, str]]:
+    with sqlite3.connect(workdir / "mlflow.db") as db:
+        return db.execute("SELECT r.run_uuid, r.status FROM runs r JOIN experiments e "
+                          "ON r.experiment_id = e.experiment_id WHERE e.name = ?", (experiment,)).fetchall()
+
+
+def trial_epochs(exp_dir: Path) -> dict[str, list[int]]:
+    """Epochs each trial reported, in order, from Tune's own result logs."""
+    out = {}
+    for result in exp_dir.glob("*/result.json"):
+        lines = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
+        out[result.parent.name] = [line["epoch"] for line in lines]
+    return out
+
+
+def test_quick_sweep_end_to_end_logs_every_trial_to_mlflow(tmp_path):
+    out = subprocess.run(sweep_cmd(tmp_path, "space=quick", "num_samples=3", "name=e2e"),
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Pareto set" in out.stdout and "Best by val_acc" in out.stdout
+    runs = mlflow_runs(tmp_path, "e2e")
+    assert len(runs) == 3 and all(status == "FINISHED" for _, status in runs)
+    with sqlite3.connect(tmp_path / "mlflow.db") as db:
+        run_id = runs[0][0]
+        params = dict(db.execute("SELECT key, value FROM params WHERE run_uuid = ?", (run_id,)).fetchall())
+        metric_keys = {k for (k,) in db.execute("SELECT DISTINCT key FROM metrics WHERE run_uuid = ?", (run_id,))}
+        tags = dict(db.execute("SELECT key, value FROM tags WHERE run_uuid = ?", (run_id,)).fetchall())
+    assert params["kd.enabled"] == "True" and "features.n_mels" in params and "pruning.mode" in params
+    assert {"val_acc", "val_macro_f1", "val_loss", "train_loss", "kd_loss", "ce_loss", "macs", "params",
+            "epoch", "pruning_step", "target_macs"} <= metric_keys
+    assert tags["space"] == "quick" and tags["kd"] == "on" and tags["scheduler"] == "pareto_asha"
+    artifacts = list((tmp_path / "mlflow-artifacts" / "e2e").rglob("*"))
+    names = {p.name for p in artifacts}
+    assert {"config.json", "history.json", "checkpoint.pt"} <= names
+    # reusing the name without resume=true is refused
+    again = subprocess.run(sweep_cmd(tmp_path, "space=quick", "num_samples=3", "name=e2e"),
+                           capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def test_killed_sweep_resumes_from_checkpoints_without_duplicate_runs(tmp_path):
+    exp_dir = tmp_path / "ray_results" / "kr"
+    driver = subprocess.Popen(sweep_cmd(tmp_path, "space=quick", "num_samples=4", "name=kr",
+                                        "resources.max_concurrent_trials=2", "train.epochs=4",
+                                        "scheduler.name=fifo"),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT, start_new_session=True)
+    deadline = time.time() + 400
+    try:
+        while time.time() < deadline:  # kill once some trial has a checkpoint but is not finished
+            epochs = trial_epochs(exp_dir) if exp_dir.is_dir() else {}
+            if any(0 < len(e) < 3 for e in epochs.values()):
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail("no trial checkpointed in time")
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    interrupted = {k for k, e in trial_epochs(exp_dir).items() if 0 < len(e) < 3}
+    assert interrupted
+    out = subprocess.run(sweep_cmd(tmp_path, "resume=true", "name=kr"), capture_output=True, text=True,
+                         timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    epochs = trial_epochs(exp_dir)
+    assert len(epochs) == 4 and all(e == [1, 2, 3] for e in epochs.values()), epochs  # quick: 3 epochs
+    # the interrupted trials continued from their checkpoints: no epoch was reported twice
+    assert all(sorted(set(epochs[k])) == epochs[k] for k in interrupted)
+    runs = mlflow_runs(tmp_path, "kr")
+    assert len(runs) == 4 and all(status == "FINISHED" for _, status in runs)
