@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(PY) data_prep/build.py
+	$(PY) sweeps/run.py space=kd_prune num_samples=50
 
 data: $(STAMP)
 	$(PY) data_prep/build.py
