@@ -76,6 +76,7 @@ def check_space_configs(space, base_config: dict[str, Any], samples: int = 200) 
     if space.searcher == "grid":
         points = [{"grid_point": p} for p in space.grid()]
     else:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
         study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
         points = [space.define_by_run(study.ask()) for _ in range(samples)]
     for point in points:
@@ -97,9 +98,25 @@ def resolve_gpus(requested: Any, address: str | None) -> float:
     return gpus
 
 
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Ray retries an unreachable GCS for minutes; a plain TCP connect answers in seconds."""
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"ray.address={address!r} is not host:port, ray://host:port, auto or null.")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        raise ValueError(f"ray.address={address} is unreachable ({err}). Start the cluster (`ray start --head`) "
+                         "or use ray.address=null for a local Ray.") from err
+
+
 def start_ray(address: str | None, num_cpus: int | None, gpus: float) -> None:
     import ray
 
+    if address not in (None, "auto"):
+        check_reachable(address)
     try:
         if address is None:
             ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
@@ -218,11 +235,10 @@ def run_sweep(name: str, base_config: dict[str, Any], sweep: dict[str, Any], sto
     workdir = Path(base_config["workdir"]).resolve()
     exp_dir = Path(storage) / name
 
+    start_ray(sweep["ray"]["address"], sweep["ray"]["num_cpus"], gpus)
     log.info("Preparing data (and the teacher, if KD is in the space) before any trial starts")
     data = prepare_data(base_config["data"], workdir)
     logits = teacher_logits(base_config, data) if may_use_kd(space, base_config) else None
-
-    start_ray(sweep["ray"]["address"], sweep["ray"]["num_cpus"], gpus)
     cpus = sweep["resources"]["cpus_per_trial"]
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base_config={**base_config, "train": {**base_config["train"],

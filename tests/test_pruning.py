@@ -105,11 +105,12 @@ def test_every_importance_prunes_and_ranks_channels_differently():
     calibration_x, calibration_y = torch.randn(4, *SMALL_INPUT[1:]), torch.tensor([0, 1, 2, 3])
     pruned_stems = {}
     for importance in ("l1", "l2", "taylor", "random"):
-        model = _student()
+        model = _student().train()  # as in a fine-tuning loop
         base_macs, _ = count_macs_params(model, SMALL_INPUT)
         step = prune_to_macs(model, example, base_macs, 0.5, importance=importance,
                              calibration=lambda m: F.cross_entropy(m(calibration_x), calibration_y))
-        _assert_on_target(model, step, base_macs, SMALL_INPUT)
+        assert model.training
+        _assert_on_target(model.eval(), step, base_macs, SMALL_INPUT)
         assert all(p.grad is None for p in model.parameters())  # taylor's calibration gradients are cleared
         pruned_stems[importance] = model.features[0][0].weight.detach()
     assert len({stem.shape for stem in pruned_stems.values()}) == 1

@@ -92,3 +92,42 @@ def test_killed_sweep_resumes_from_checkpoints_without_duplicate_runs(tmp_path):
     assert all(sorted(set(epochs[k])) == epochs[k] for k in interrupted)
     runs = mlflow_runs(tmp_path, "kr")
     assert len(runs) == 4 and all(status == "FINISHED" for _, status in runs)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["space=nosuchspace"], "kd_prune"),                       # unknown space lists the available ones
+    (["resume=true", "name=never-ran"], "No sweep named 'never-ran'"),
+    (["space=quick", "resources.gpus_per_trial=1"], "no CUDA GPU"),
+    (["space=quick", "ray.address=127.0.0.1:1"], "unreachable"),
+])
+def test_cli_errors_are_one_clear_line_before_work_starts(tmp_path, args, message):
+    out = subprocess.run(sweep_cmd(tmp_path, *args), capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 2
+    assert message in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "data").exists()  # failed before any data work
+
+
+def test_invalid_space_and_unwritable_workdir(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from data_prep.cli import plain
+    from search_spaces.schema import load_space
+    from sweeps.mlflow_logging import flatten
+    from sweeps.run import accepted_values, check_space_configs, check_workdir
+    from tests.conftest import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        base = plain(compose("config"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("params:\n  pruning.mode: {type: fixed, value: progressive}\n"
+                   "  pruning.steps: {type: int, low: 6, high: 8}\n")
+    space = load_space(str(bad), flatten(base), accepted_values())
+    with pytest.raises(ValueError, match="can produce an invalid trial"):
+        check_space_configs(space, base)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    if os.access(locked, os.W_OK):  # root ignores permissions
+        locked = Path("/proc/akds-not-writable")
+    with pytest.raises(PermissionError, match="not writable"):
+        check_workdir(locked)

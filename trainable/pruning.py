@@ -120,9 +120,11 @@ def prune_to_macs(
         logger.info("model already at %d MACs, target %.0f; nothing to prune", current_macs, target_macs)
         return PruneStep(current_macs, current_params, current_macs / base_macs, keep_ratio)
 
-    if importance == "taylor":
-        model.zero_grad(set_to_none=True)
+    if importance == "taylor":  # in eval mode, so calibration leaves the BN running statistics alone
+        was_training = model.training
+        model.eval().zero_grad(set_to_none=True)
         calibration(model).backward()
+        model.train(was_training)
     rng_state = torch.get_rng_state()  # random importance must draw the same scores in every trial
 
     def pruned_copy_macs(ratio: float) -> int:

@@ -158,7 +158,7 @@ def train(config: dict[str, Any], data: WaveformData, run_dir: Path | str, *,
     if kd_on and teacher is not None:
         teacher_model, teacher_feats = teacher
         teacher_frontend = LogMel(teacher_feats).to(device)
-        train_waves = torch.from_numpy(np.asarray(data.splits["train"].waveforms)).to(device)
+        train_waves = torch.tensor(np.asarray(data.splits["train"].waveforms), device=device)
     if teacher_logits is not None:
         teacher_logits = teacher_logits.to(device)
 
