@@ -38,7 +38,9 @@ def kd_loss(
             f"and {tuple(teacher_logits.shape)} (do the teacher and student have the same num_classes?)"
         )
     if targets.shape != student_logits.shape[:1]:
-        raise ValueError(f"targets must be class indices shaped ({student_logits.shape[0]},), got {tuple(targets.shape)}")
+        raise ValueError(
+            f"targets must be class indices shaped ({student_logits.shape[0]},), got {tuple(targets.shape)}"
+        )
     kl = F.kl_div(
         F.log_softmax(student_logits / T, dim=1),
         F.log_softmax(teacher_logits.detach() / T, dim=1),

@@ -2,7 +2,7 @@
 and checkpoints for pruned architectures.
 
 Structural pruning goes through Torch-Pruning's dependency graph, which keeps coupled channels consistent
-(residual adds, depthwise convs, MobileNetV3's squeeze-excitation rescaling), so any torchvision/timm CNN works.
+(residual adds, depthwise convs, MobileNetV3's squeeze-excitation rescaling) without per-architecture code.
 """
 
 from __future__ import annotations
@@ -120,26 +120,24 @@ def prune_to_macs(
         logger.info("model already at %d MACs, target %.0f; nothing to prune", current_macs, target_macs)
         return PruneStep(current_macs, current_params, current_macs / base_macs, keep_ratio)
 
+    def pruned_copy_macs(ratio: float) -> int:
+        trial = copy.deepcopy(model)
+        # How many channels each layer loses depends on the ratio alone, not on the criterion (which only picks
+        # them), so trials use cheap L1 scores: no gradients, no random draws.
+        _prune_channels(trial, example_input, ratio, "l1", round_to)
+        return _profile(trial, example_input)[0]
+
+    ratio, expected_macs = _search_channel_ratio(pruned_copy_macs, current_macs, target_macs)
     if importance == "taylor":  # in eval mode, so calibration leaves the BN running statistics alone
         was_training = model.training
         model.eval().zero_grad(set_to_none=True)
         calibration(model).backward()
         model.train(was_training)
-    rng_state = torch.get_rng_state()  # random importance must draw the same scores in every trial
-
-    def pruned_copy_macs(ratio: float) -> int:
-        trial = copy.deepcopy(model)  # deepcopy drops .grad, which taylor scores need
-        for trial_param, param in zip(trial.parameters(), model.parameters()):
-            trial_param.grad = None if param.grad is None else param.grad.clone()
-        torch.set_rng_state(rng_state)
-        _prune_channels(trial, example_input, ratio, importance, round_to)
-        return _profile(trial, example_input)[0]
-
-    ratio = _search_channel_ratio(pruned_copy_macs, current_macs, target_macs)
-    torch.set_rng_state(rng_state)
     _prune_channels(model, example_input, ratio, importance, round_to)
     model.zero_grad(set_to_none=True)
     macs, params = count_macs_params(model, tuple(example_input.shape))
+    if macs != expected_macs:
+        logger.warning("%s pruning gave %d MACs where the search predicted %d", importance, macs, expected_macs)
     reached = macs / base_macs
     logger.info("pruned %.4f of channels per layer: %d -> %d MACs (keep %.4f of base, target %.4f)",
                 ratio, current_macs, macs, reached, keep_ratio)
@@ -167,8 +165,10 @@ def _prune_channels(
     model.train(was_training)
 
 
-def _search_channel_ratio(macs_at: Callable[[float], int], current_macs: int, target_macs: float) -> float:
-    """The channel pruning ratio whose MACs come closest to `target_macs`; raises if none is within tolerance."""
+def _search_channel_ratio(
+    macs_at: Callable[[float], int], current_macs: int, target_macs: float
+) -> tuple[float, int]:
+    """(ratio, MACs) for the channel pruning ratio closest to `target_macs`; raises if none is within tolerance."""
 
     def error(macs: float) -> float:  # > 0 while too big; roughly linear in the ratio
         return math.sqrt(macs / target_macs) - 1.0
@@ -198,7 +198,7 @@ def _search_channel_ratio(macs_at: Callable[[float], int], current_macs: int, ta
             f"(channel pruning ratio {best_ratio:.3f}, round_to and the narrowest layers limit it); "
             f"use a larger keep ratio or a smaller round_to"
         )
-    return best_ratio
+    return best_ratio, best_macs
 
 
 def unstructured_prune(model: nn.Module, amount: float) -> float:
