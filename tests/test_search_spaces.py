@@ -90,7 +90,7 @@ def test_define_by_run_samples_conditional_params_only_when_their_condition_hold
         assert ("pruning.target_macs_ratio" in config) == (mode in ("single", "progressive"))
         assert ("pruning.steps" in config) == (mode == "progressive")
         assert ("pruning.step_epochs" in config) == (mode == "progressive")
-        assert config["kd.enabled"] is True and config["train.epochs"] == 6
+        assert config["kd.enabled"] is True and config["train.epochs"] == 10
         assert 1.0 <= config["kd.T"] <= 8.0
         # Optuna saw exactly the sampled keys (fixed ones are constants, not distributions).
         sampled = {k for k in config if space.params.get(k) is not None and space.params[k].type != "fixed"}
@@ -111,7 +111,7 @@ def test_define_by_run_through_rays_optuna_search_yields_sampled_and_fixed_keys(
     )
     configs = [searcher.suggest(f"trial_{i}") for i in range(15)]
     for config in configs:
-        assert config["train.epochs"] == 2 and config["kd.enabled"] is True
+        assert config["train.epochs"] == 3 and config["kd.enabled"] is True
         assert "kd.T" in config and "features.n_mels" in config
         assert ("pruning.steps" in config) == (config["pruning.mode"] == "progressive")
     assert {config["pruning.mode"] for config in configs} == {"none", "single", "progressive"}
