@@ -60,25 +60,10 @@ import soundfile
 import torch
 import torchaudio.functional
 
+from data_prep.layout import FAMILIES as NSYNTH_FAMILIES
+from data_prep.layout import SOURCES as NSYNTH_SOURCES
+
 logger = logging.getLogger(__name__)
-
-NSYNTH_FAMILIES: tuple[str, ...] = (
-    "bass",
-    "brass",
-    "flute",
-    "guitar",
-    "keyboard",
-    "mallet",
-    "organ",
-    "reed",
-    "string",
-    "synth_lead",
-    "vocal",
-)
-"""NSynth instrument families, in NSynth's index order (``instrument_family``)."""
-
-NSYNTH_SOURCES: tuple[str, ...] = ("acoustic", "electronic", "synthetic")
-"""NSynth instrument sources, in NSynth's index order (``instrument_source``)."""
 
 NSYNTH_VELOCITIES: tuple[int, ...] = (25, 50, 75, 100, 127)
 

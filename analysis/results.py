@@ -1,0 +1,138 @@
+"""A sweep's trials as Ray Tune left them on disk, read the same way by every analysis script.
+
+`<storage_path>/<sweep>/` holds `sweep_config.json` (base config + sweep settings, written by
+sweeps/run.py) and one folder per trial with `result.json` (one JSON line per reported epoch) and the
+last kept `checkpoint_NNNNNN/`. Reading the files (not Tune's pickled experiment state) keeps the
+analysis independent of the Ray version that ran the sweep and lets it run while a sweep is going on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from data_prep.layout import atomic_write_text
+from sweeps.run import STATE_FILE, list_sweeps
+from trainable.train import CHECKPOINT_NAME
+from trainable.tune_trainable import trial_config
+
+log = logging.getLogger(__name__)
+
+# Per-trial test-set (and extra-folder) metrics written by analysis/evaluate.py, merged into every table.
+EVALUATION_FILE = "evaluation.json"
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One trial that reported at least one epoch."""
+
+    sweep: str
+    trial_id: str
+    trial_dir: Path
+    config: dict[str, Any]   # the effective run config: trial_config(base_config, sampled keys)
+    metrics: dict[str, Any]  # its last reported result
+    checkpoint: Path | None  # checkpoint.pt of the last checkpoint Tune kept
+    status: str              # completed | stopped (early, or still running) | errored
+
+
+@dataclass(frozen=True)
+class Sweep:
+    name: str
+    path: Path
+    base_config: dict[str, Any]
+    settings: dict[str, Any]
+    trials: list[Trial]
+
+
+def _as_list(value: str | list[str] | None) -> list[str]:
+    if value is None:
+        return []
+    return [str(value)] if isinstance(value, (str, Path)) else [str(v) for v in value]
+
+
+def sweep_dirs(names: str | list[str] | None, paths: str | list[str] | None, storage_path: str | Path) -> list[Path]:
+    """Folders of the requested sweeps: `name=` looks under storage_path, `path=` points at the folder itself."""
+    storage = Path(storage_path)
+    available = ", ".join(list_sweeps(str(storage))) or "none"
+    names, paths = _as_list(names), _as_list(paths)
+    if not names and not paths:
+        raise ValueError(f"Pass name=<sweep> (sweeps under {storage}: {available}) or path=<sweep folder>; "
+                         "name=[a,b] overlays several sweeps.")
+    folders = [storage / name for name in names] + [Path(p) for p in paths]
+    for folder, given in zip(folders, [f"name={n}" for n in names] + [f"path={p}" for p in paths]):
+        if not (folder / STATE_FILE).is_file():
+            raise FileNotFoundError(f"No sweep at {folder} ({given}): it has no {STATE_FILE}. "
+                                    f"Sweeps under storage_path={storage}: {available}.")
+    return folders
+
+
+def read_results(result_file: Path) -> list[dict[str, Any]]:
+    """Reported results in order; a line cut off by a running or killed trial is skipped."""
+    results = []
+    for line in result_file.read_text().splitlines():
+        try:
+            result = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "val_acc" in result:
+            results.append(result)
+    return results
+
+
+def last_checkpoint(trial_dir: Path, last_result: dict[str, Any]) -> Path | None:
+    """The checkpoint of the last result when Tune kept it, else the newest one in the folder."""
+    named = trial_dir / str(last_result.get("checkpoint_dir_name")) / CHECKPOINT_NAME
+    if named.is_file():
+        return named
+    found = sorted(trial_dir.glob(f"checkpoint_*/{CHECKPOINT_NAME}"))
+    return found[-1] if found else None
+
+
+def load_trial(sweep: str, trial_dir: Path, base_config: dict[str, Any]) -> Trial | None:
+    results = read_results(trial_dir / "result.json")
+    if not results:
+        return None
+    last = results[-1]
+    config = trial_config(base_config, last.get("config", {}))
+    if (trial_dir / "error.txt").is_file():
+        status = "errored"
+    elif last["epoch"] >= config["train"]["epochs"]:
+        status = "completed"
+    else:
+        status = "stopped"
+    return Trial(sweep=sweep, trial_id=str(last["trial_id"]), trial_dir=trial_dir, config=config, metrics=last,
+                 checkpoint=last_checkpoint(trial_dir, last), status=status)
+
+
+def load_sweep(path: Path) -> Sweep:
+    """The sweep's settings and every trial that reported a result; none reported is an error."""
+    path = Path(path)
+    state = json.loads((path / STATE_FILE).read_text())
+    base_config = state["base_config"]
+    trials = [t for d in sorted(path.iterdir()) if (d / "result.json").is_file()
+              if (t := load_trial(path.name, d, base_config)) is not None]
+    if not trials:
+        raise ValueError(f"Sweep {path.name!r} ({path}) has no finished trials: no trial folder has a result.json "
+                         "with val_acc yet. Wait for its trials to report an epoch, or check their error.txt.")
+    log.info("Sweep %s: %d trials with results", path.name, len(trials))
+    return Sweep(name=path.name, path=path, base_config=base_config, settings=state["sweep"], trials=trials)
+
+
+def load_sweeps(config: dict[str, Any]) -> list[Sweep]:
+    """The sweeps an analysis config names (`name=` and/or `path=`, under `storage_path`)."""
+    return [load_sweep(d) for d in sweep_dirs(config.get("name"), config.get("path"), config["storage_path"])]
+
+
+def read_evaluations(sweep_dir: Path) -> dict[str, dict[str, Any]]:
+    """trial_id -> what analysis/evaluate.py measured for it ({} before any evaluation)."""
+    path = Path(sweep_dir) / EVALUATION_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def write_evaluations(sweep_dir: Path, evaluations: dict[str, dict[str, Any]]) -> None:
+    """Merge into the sweep's evaluation file: trials evaluated earlier and not now keep their entries."""
+    merged = read_evaluations(sweep_dir) | evaluations
+    atomic_write_text(Path(sweep_dir) / EVALUATION_FILE, json.dumps(merged, indent=2, sort_keys=True))
