@@ -124,12 +124,16 @@ def build_rows(sweeps: Sequence[Sweep], third_objective: str | None = None) -> l
 
 def table_columns(rows: Sequence[dict[str, Any]], several_sweeps: bool) -> list[tuple[str, str]]:
     """Front-table columns present in the rows: evaluation columns go right after the validation metrics."""
-    seen = list(dict.fromkeys(key for row in rows for key in row))
-    evaluation = [(key, key.replace("_macro_f1", " F1").replace("_acc", " acc"))
-                  for key in seen if key not in dict(FRONT_COLUMNS) and key != "on_front"]
     columns = [c for c in FRONT_COLUMNS if several_sweeps or c[0] != "sweep"]
     at = [key for key, _ in columns].index("val_macro_f1") + 1
-    return columns[:at] + evaluation + columns[at:]
+    return columns[:at] + evaluation_headers(rows) + columns[at:]
+
+
+def evaluation_headers(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(column, header) of the evaluation columns present in the rows (test split, extra folders, errors)."""
+    seen = dict.fromkeys(key for row in rows for key in row)
+    return [(key, key.replace("_macro_f1", " F1").replace("_acc", " acc")) for key in seen
+            if key not in dict(FRONT_COLUMNS) and key != "on_front"]
 
 
 def format_value(key: str, value: Any) -> str:
@@ -424,7 +428,6 @@ def analyse(sweeps: Sequence[Sweep], third_objective: str | None, tracking_uri: 
     run_id = log_to_mlflow(tracking_uri, sweeps[0], files, {
         "hypervolume": hypervolumes.by_sweep.get("all sweeps", hypervolumes.by_sweep[sweeps[0].name]),
         "front_size": float(sum(r["on_front"] for r in rows)), "trials": float(len(rows))})
-    log.info("Wrote %s", ", ".join(str(f) for f in files))
     return Analysis(rows=rows, files=files, hypervolumes=hypervolumes, mlflow_run_id=run_id)
 
 

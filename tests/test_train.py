@@ -115,3 +115,23 @@ def test_config_errors_are_clear(tiny_config):
     assert pruning_plan({"mode": "progressive", "target_macs_ratio": 0.3, "at_epoch": 1, "steps": 3,
                          "step_epochs": 2, "schedule": "linear"}, epochs=8) == pytest.approx(
         {1: 1 - 0.7 / 3, 3: 1 - 1.4 / 3, 5: 0.3})
+
+
+def test_teacher_checkpoints_load_as_single_or_ensemble(tiny_config, tiny_data, tmp_path):
+    from trainable.models import TeacherEnsemble
+
+    trained = with_(tiny_config, workdir=str(tmp_path / "a"), kd={"enabled": True})
+    teacher_mod.teacher_logits(trained, tiny_data)
+    ckpt = teacher_mod.teacher_dir(trained, tiny_data) / "checkpoint" / "checkpoint.pt"
+    single = with_(trained, workdir=str(tmp_path / "b"), teacher={"checkpoint": str(ckpt)})
+    model, feats, _ = teacher_mod.ensure_teacher(single, tiny_data)
+    assert not isinstance(model, TeacherEnsemble) and feats.n_mels == 32
+    assert not any(p.requires_grad for p in model.parameters())  # frozen
+    pair = with_(single, teacher={"checkpoint": [str(ckpt), str(ckpt)]})
+    ensemble, _, _ = teacher_mod.ensure_teacher(pair, tiny_data)
+    assert isinstance(ensemble, TeacherEnsemble)
+    # averaging two copies of one teacher gives that teacher's logits
+    assert torch.allclose(teacher_mod.teacher_logits(pair, tiny_data), teacher_mod.teacher_logits(trained, tiny_data),
+                          atol=1e-5)
+    with pytest.raises(FileNotFoundError, match="teacher.checkpoint"):
+        teacher_mod.ensure_teacher(with_(single, teacher={"checkpoint": str(tmp_path / "nope.pt")}), tiny_data)
