@@ -91,7 +91,7 @@ def evaluation_columns(evaluation: dict[str, Any] | None) -> dict[str, Any]:
     for label, extra in evaluation.get("extra", {}).items():
         columns |= {f"{label}_acc": extra.get("acc"), f"{label}_macro_f1": extra.get("macro_f1"),
                     f"{label}_n": extra.get("n")}
-    return columns | {"eval_error": evaluation.get("error")}
+    return columns | ({"eval_error": evaluation["error"]} if evaluation.get("error") else {})
 
 
 def trial_row(trial: Trial, evaluation: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -141,7 +141,7 @@ def format_value(key: str, value: Any) -> str:
         return "-"
     if key == "macs":
         return f"{value / 1e6:.2f}M"
-    if key == "lr":
+    if key == "lr" or "diff" in key:
         return f"{value:.1e}"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return str(value)
@@ -265,9 +265,12 @@ def plot_front(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
             if chosen.size:
                 ax.scatter(macs[chosen], acc[chosen], s=size, c=KD_COLOURS[kd], marker=PRUNING_MARKERS[mode],
                            edgecolors=edge, linewidths=1.2, alpha=0.95 if on else 0.6, zorder=3 if on else 2)
-    for i, j in enumerate(np.flatnonzero(front)[np.argsort(macs[front])]):
-        ax.annotate(rows[j]["trial_id"], (macs[j], acc[j]), xytext=(6, 8 if i % 2 == 0 else -14),
-                    textcoords="offset points", fontsize=8, zorder=4)
+    labels: dict[tuple[float, float], list[str]] = {}  # trials at the same point share one label
+    for j in np.flatnonzero(front)[np.argsort(macs[front], kind="stable")]:
+        labels.setdefault((macs[j], acc[j]), []).append(rows[j]["trial_id"])
+    for (x, y), ids in labels.items():  # up-left of a front point nothing dominates it, so that area is free
+        ax.annotate("\n".join(ids), (x, y), xytext=(-5, 5), textcoords="offset points", ha="right", va="bottom",
+                    fontsize=8, zorder=4, bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.7})
     ax.set_xscale("log")
     ax.set_xlim(macs.min() / 1.15, right)
     pad = max(0.02, 0.05 * (acc.max() - acc.min()))

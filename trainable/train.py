@@ -146,7 +146,9 @@ def train(config: dict[str, Any], data: WaveformData, run_dir: Path | str, *,
     torch.set_num_threads(tcfg.get("num_threads") or len(os.sched_getaffinity(0)))
     amp = amp_settings(device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp[0] and amp[1] == torch.float16)
-    random.seed(tcfg["seed"]), np.random.seed(tcfg["seed"]), torch.manual_seed(tcfg["seed"])
+    random.seed(tcfg["seed"])
+    np.random.seed(tcfg["seed"])
+    torch.manual_seed(tcfg["seed"])
     generator = torch.Generator().manual_seed(tcfg["seed"])
 
     feat_cfg = FeatureConfig.from_mapping(config["features"])
