@@ -147,6 +147,20 @@ def evaluate_trial(trial: Trial, data: WaveformData, extras: Sequence[ExtraSet],
             "error": None}
 
 
+def evaluate_trials(trials: Sequence[Trial], data: WaveformData, extras: Sequence[ExtraSet], device: torch.device,
+                    batch_size: int) -> dict[str, dict[str, Any]]:
+    """trial_id -> its metrics, or {"error": ...} for a trial whose checkpoint cannot be loaded or scored."""
+    results = {}
+    for trial in trials:
+        log.info("Evaluating trial %s (%s)", trial.trial_id, trial.checkpoint)
+        try:
+            results[trial.trial_id] = evaluate_trial(trial, data, extras, device, batch_size)
+        except Exception as err:  # one unreadable checkpoint must not stop the other models' evaluation
+            log.error("trial %s could not be evaluated: %s", trial.trial_id, err)
+            results[trial.trial_id] = {"checkpoint": str(trial.checkpoint), "error": f"{type(err).__name__}: {err}"}
+    return results
+
+
 def skipped_report(evaluations: dict[str, dict[str, Any]]) -> list[str]:
     """One line per extra folder and distinct set of skipped families (the same for models with equal classes)."""
     lines = {}
@@ -177,14 +191,7 @@ def main(cfg: DictConfig) -> None:
             continue
         data = prepare_data(sweep.base_config["data"], sweep.base_config["workdir"])
         extras = [load_extra_folder(f, data.sample_rate, data.clip_samples) for f in extra_folders]
-        results = {}
-        for trial in trials:
-            log.info("Evaluating trial %s (%s)", trial.trial_id, trial.checkpoint)
-            try:
-                results[trial.trial_id] = evaluate_trial(trial, data, extras, device, batch_size)
-            except Exception as err:  # one unreadable checkpoint must not stop the other models' evaluation
-                log.error("trial %s could not be evaluated: %s", trial.trial_id, err)
-                results[trial.trial_id] = {"checkpoint": str(trial.checkpoint), "error": f"{type(err).__name__}: {err}"}
+        results = evaluate_trials(trials, data, extras, device, batch_size)
         write_evaluations(sweep.path, results)
         evaluations |= results
 

@@ -214,9 +214,9 @@ def matched_macs_comparison(rows: Sequence[dict[str, Any]], key: str, groups: tu
     """
     members = [r for r in rows if r[key] in groups]
     bins: dict[int, list[dict[str, Any]]] = {}
-    for row in members:
-        bins.setdefault(math.floor(math.log2(max(row["macs"], 1))), []).append(row)
-    comparisons = [_compare(f"{2 ** k / 1e6:.3g}-{2 ** (k + 1) / 1e6:.3g}M", bins[k], key, groups) for k in sorted(bins)]
+    for row in members:  # bin k holds [2^k, 2^(k+1)) million MACs
+        bins.setdefault(math.floor(math.log2(max(row["macs"], 1) / 1e6)), []).append(row)
+    comparisons = [_compare(f"{2.0 ** k:g}-{2.0 ** (k + 1):g}M", bins[k], key, groups) for k in sorted(bins)]
     return comparisons + [_compare("all MACs (not matched)", members, key, groups)]
 
 
@@ -268,13 +268,11 @@ def plot_front(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
     labels: dict[tuple[float, float], list[str]] = {}  # trials at the same point share one label
     for j in np.flatnonzero(front)[np.argsort(macs[front], kind="stable")]:
         labels.setdefault((macs[j], acc[j]), []).append(rows[j]["trial_id"])
-    for (x, y), ids in labels.items():  # up-left of a front point nothing dominates it, so that area is free
-        ax.annotate("\n".join(ids), (x, y), xytext=(-5, 5), textcoords="offset points", ha="right", va="bottom",
-                    fontsize=8, zorder=4, bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.7})
     ax.set_xscale("log")
     ax.set_xlim(macs.min() / 1.15, right)
     pad = max(0.02, 0.05 * (acc.max() - acc.min()))
     ax.set_ylim(max(0.0, acc.min() - pad), min(1.0, acc.max() + pad) + pad)
+    _label_points(ax, labels)
     for axis in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
         axis(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
     ax.set_xlabel("MACs per clip (millions, log scale)")
@@ -292,6 +290,26 @@ def plot_front(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def _label_points(ax: Any, labels: dict[tuple[float, float], list[str]]) -> None:
+    """Label each point up-left (nothing dominates a front point, so that area is empty), moving a label up
+    until it overlaps no earlier one; a moved label gets a leader line."""
+    renderer = ax.figure.canvas.get_renderer()
+    style = {"textcoords": "offset points", "ha": "right", "va": "bottom", "fontsize": 8, "zorder": 4,
+             "bbox": {"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.75}}
+    placed = []
+    for (x, y), ids in labels.items():
+        text = "\n".join(ids)
+        for lift in range(0, 400, 8):  # measured without the leader line, whose extent would count as overlap
+            label = ax.annotate(text, (x, y), xytext=(-5, 5 + lift), **style)
+            box = label.get_window_extent(renderer)
+            label.remove()
+            if not any(box.overlaps(other) for other in placed):
+                break
+        ax.annotate(text, (x, y), xytext=(-5, 5 + lift), **style,
+                    arrowprops={"arrowstyle": "-", "color": "gray", "lw": 0.6} if lift else None)
+        placed.append(box)
 
 
 def _groups(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, str], list[int]]:
@@ -342,9 +360,10 @@ def render_report(rows: Sequence[dict[str, Any]], hypervolumes: Hypervolumes, pn
     hv_rows = "".join(f"<tr><td>{html.escape(name)}</td><td>{value:.4f}</td></tr>"
                       for name, value in hypervolumes.by_sweep.items())
     evaluated = any("test_acc" in r for r in rows)
+    names = sweeps[0] if len(sweeps) == 1 else f"[{','.join(sweeps)}]"
     test_note = ("Test columns come from <code>analysis/evaluate.py</code> (held-out test split, the model's own "
                  "feature config)." if evaluated else
-                 f"No test-set numbers yet: run <code>python analysis/evaluate.py name={html.escape(sweeps[0])}</code>.")
+                 f"No test-set numbers yet: run <code>python analysis/evaluate.py name={html.escape(names)}</code>.")
     title = f"Accuracy vs MACs: {', '.join(sweeps)}"
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>

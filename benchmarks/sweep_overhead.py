@@ -95,15 +95,21 @@ def main() -> None:
     parser.add_argument("--per-family", type=int, default=12, help="notes per family; more = longer trials")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="sweep workdir, without a sweep named 'overhead' yet (default: a temp dir, removed after)")
+    parser.add_argument("--existing", type=Path, default=None,
+                        help="measure a finished sweep's folder (e.g. runs/ray_results/<name>) instead of running one")
     args = parser.parse_args()
     if args.num_samples < 1 or args.concurrency < 1:
         parser.error("--num-samples and --concurrency must be >= 1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
+    command_seconds = None
     with ExitStack() as stack:
-        workdir = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sweep_overhead-")))
-        command_seconds = run_sweep(workdir.resolve(), args.num_samples, args.concurrency, args.per_family)
-        exp_dir = workdir.resolve() / "ray_results" / SWEEP_NAME
+        if args.existing:
+            exp_dir = args.existing.resolve()
+        else:
+            workdir = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sweep_overhead-")))
+            command_seconds = run_sweep(workdir.resolve(), args.num_samples, args.concurrency, args.per_family)
+            exp_dir = workdir.resolve() / "ray_results" / SWEEP_NAME
         timings, tune_start = trial_timings(exp_dir), experiment_start(exp_dir)
     if not timings:
         sys.exit("the sweep finished but no trial wrote a result.json; see the sweep's output")
@@ -112,15 +118,17 @@ def main() -> None:
     first_start = min(t.start for t in timings)
     tune_phase = max(t.end for t in timings) - first_start
     ideal = training / args.concurrency
-    print(f"\ntrials={len(timings)} concurrency={args.concurrency} (space=quick, 3 epochs, fifo)")
+    what = exp_dir.name if args.existing else "space=quick, 3 epochs, fifo"
+    print(f"\ntrials={len(timings)} concurrency={args.concurrency} ({what})")
     print(f"{'sum of trial training (epoch_seconds)':<40}{training:>9.1f} s")
     print(f"{'sum of time in Tune steps (time_total_s)':<40}{sum(t.stepped_seconds for t in timings):>9.1f} s")
     print(f"{'ideal Tune phase (training sum / C)':<40}{ideal:>9.1f} s")
     print(f"{'Tune phase (first start..last end)':<40}{tune_phase:>9.1f} s  (+-1 s: whole-second timestamps)")
     if tune_start is not None:
         print(f"{'Tune start to first trial step':<40}{first_start - tune_start:>9.1f} s  (trial actors starting)")
-    print(f"{'whole command':<40}{command_seconds:>9.1f} s  (incl. data, teacher, Ray start-up)")
-    print(f"{'whole command / ideal':<40}{command_seconds / ideal:>9.2f}")
+    if command_seconds is not None:
+        print(f"{'whole command':<40}{command_seconds:>9.1f} s  (incl. data, teacher, Ray start-up)")
+        print(f"{'whole command / ideal':<40}{command_seconds / ideal:>9.2f}")
     print(f"ratio={tune_phase / ideal:.2f}")
 
 

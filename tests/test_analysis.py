@@ -1,0 +1,202 @@
+"""The analysis scripts on a real tiny sweep: Pareto files + MLflow run, test-set evaluation, ONNX export."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from analysis.front import hypervolume, pareto_mask
+from data_prep.layout import make_example
+from tests.nsynth_fixtures import synth_note
+from tests.test_sweep import ROOT, sweep_cmd
+
+SWEEP = "ana"
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """A finished 3-trial quick sweep (KD + pruning, 3 families); fifo so every trial runs all epochs."""
+    workdir = tmp_path_factory.mktemp("analysis")
+    out = subprocess.run(sweep_cmd(workdir, "space=quick", "num_samples=3", f"name={SWEEP}", "scheduler.name=fifo"),
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return workdir
+
+
+def analysis_cmd(script: str, workdir: Path, *args: str) -> list[str]:
+    return [sys.executable, str(ROOT / "analysis" / script), f"workdir={workdir}", *args]
+
+
+def run(script: str, workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(analysis_cmd(script, workdir, *args), capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def analysis_runs(workdir: Path, experiment: str) -> tuple:
+    """(MLflow client, the experiment's runs tagged analysis=true)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    return client, client.search_runs([experiment_id], "tags.analysis = 'true'")
+
+
+def test_pareto_writes_csv_plot_report_and_mlflow_run(workdir):
+    out = run("pareto.py", workdir, f"name={SWEEP}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Pareto front" in out.stdout and "Hypervolume" in out.stdout
+    sweep_dir = workdir / "ray_results" / SWEEP
+    rows = read_csv(sweep_dir / "pareto.csv")
+    assert len(rows) == 3 and {r["status"] for r in rows} == {"completed"}
+    assert {"trial_id", "sweep", "val_acc", "val_macro_f1", "macs", "params", "epochs", "kd", "T", "alpha", "n_mels",
+            "width", "pruning", "target_ratio", "steps", "step_epochs", "lr", "on_front"} <= set(rows[0])
+    points = np.array([[float(r["val_acc"]), float(r["macs"])] for r in rows])
+    assert [r["on_front"] == "True" for r in rows] == pareto_mask(points, [True, False]).tolist()
+    png = (sweep_dir / "pareto.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    report = (sweep_dir / "report.html").read_text()
+    assert '<img src="data:image/png;base64,' in report
+    reference = 1.1 * points[:, 1].max()
+    expected_hv = hypervolume(points / [1.0, reference], [0.0, 1.0], [True, False])
+    assert f"{expected_hv:.4f}" in report and f"{reference:,.0f}" in report
+    assert "KD vs no KD" in report and "n too small" in report  # the quick space has no KD-off trial
+    client, runs = analysis_runs(workdir, SWEEP)
+    assert len(runs) == 1
+    assert {a.path for a in client.list_artifacts(runs[0].info.run_id)} == {"pareto.csv", "pareto.png", "report.html"}
+
+
+def write_extra_folder(folder: Path) -> None:
+    """NSynth split folder: bass and keyboard notes (known), brass notes (unknown), one entry without its wav."""
+    examples = {}
+    for family, instrument in (("bass", 900), ("keyboard", 901), ("brass", 902)):
+        for pitch in (48, 55):
+            ex = make_example(family, "acoustic", instrument, f"{family}_acoustic_{instrument}", pitch, 100)
+            examples[ex["note_str"]] = ex
+            path = folder / "audio" / f"{ex['note_str']}.wav"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            sf.write(path, synth_note(pitch, 100, seconds=1.0, timbre=instrument % 3), 16000)
+    missing = make_example("keyboard", "acoustic", 901, "keyboard_acoustic_901", 60, 100)
+    examples[missing["note_str"]] = missing
+    (folder / "examples.json").write_text(json.dumps(examples))
+
+
+def test_evaluate_adds_test_and_extra_columns_and_reports_unknown_families(workdir, tmp_path):
+    extra = tmp_path / "nsynth-extra"
+    write_extra_folder(extra)
+    out = run("evaluate.py", workdir, f"name={SWEEP}", f"eval.extra=[{extra}]")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "nsynth_extra: 4 notes scored; skipped (family unknown to the model): brass 2; unreadable: 1" in out.stdout
+    sweep_dir = workdir / "ray_results" / SWEEP
+    rows = read_csv(sweep_dir / "pareto.csv")
+    front = [r for r in rows if r["on_front"] == "True"]
+    assert front and all(0.0 <= float(r["test_acc"]) <= 1.0 and r["test_macro_f1"] for r in front)
+    assert all(r["nsynth_extra_n"] == "4" and 0.0 <= float(r["nsynth_extra_acc"]) <= 1.0 for r in front)
+    assert all(r["test_acc"] == "" for r in rows if r["on_front"] == "False")
+    evaluations = json.loads((sweep_dir / "evaluation.json").read_text())
+    assert set(evaluations) == {r["trial_id"] for r in front}
+    assert all(e["extra"]["nsynth_extra"]["skipped_families"] == {"brass": 2} for e in evaluations.values())
+    assert "test acc" in (sweep_dir / "report.html").read_text()
+    _, runs = analysis_runs(workdir, SWEEP)
+    assert len(runs) == 1  # the report is re-logged into the same analysis run
+
+
+def test_unloadable_checkpoint_is_reported_and_the_others_are_evaluated(workdir, tmp_path):
+    import torch
+
+    from analysis.evaluate import evaluate_trials
+    from analysis.results import load_sweep
+    from data_prep.dataset import prepare_data
+
+    torch.set_num_threads(1)
+    sweep = load_sweep(workdir / "ray_results" / SWEEP)
+    broken_file = tmp_path / "checkpoint.pt"
+    broken_file.write_bytes(b"not a checkpoint")
+    good, other = sweep.trials[:2]
+    broken = dataclasses.replace(other, checkpoint=broken_file)
+    data = prepare_data(sweep.base_config["data"], sweep.base_config["workdir"])
+    results = evaluate_trials([broken, good], data, [], torch.device("cpu"), 16)
+    assert results[broken.trial_id]["error"] and "test_acc" not in results[broken.trial_id]
+    n = len(data.splits["test"])
+    assert results[good.trial_id]["error"] is None and results[good.trial_id]["test_n"] == n
+    assert results[good.trial_id]["test_acc"] * n == pytest.approx(round(results[good.trial_id]["test_acc"] * n))
+
+
+def test_export_front_to_onnx_matches_pytorch(workdir):
+    import onnxruntime
+    import torch
+
+    from analysis.results import load_sweep
+    from trainable.train import load_checkpoint, restore_model
+
+    out = run("export.py", workdir, f"name={SWEEP}", "trial=front")
+    assert out.returncode == 0, out.stderr[-3000:]
+    sweep_dir = workdir / "ray_results" / SWEEP
+    manifest = json.loads((sweep_dir / "export" / "export.json").read_text())
+    checkpoints = {t.trial_id: t.checkpoint for t in load_sweep(sweep_dir).trials}
+    assert manifest
+    for trial_id, entry in manifest.items():
+        path = Path(entry["onnx"])
+        assert path.name == f"{trial_id}.onnx" and entry["bytes"] == path.stat().st_size > 0
+        assert f"{entry['bytes']} bytes" in out.stdout
+        assert max(entry["max_abs_diff_random"], entry["max_abs_diff_real"]) < 1e-3
+        ckpt = load_checkpoint(checkpoints[trial_id])
+        model = restore_model(ckpt).eval()
+        inputs = torch.randn(5, *ckpt["input_shape"][1:])  # a batch size the export never saw
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        (onnx_logits,) = session.run(None, {"features": inputs.numpy()})
+        with torch.no_grad():
+            torch_logits = model(inputs).numpy()
+        assert onnx_logits.shape == (5, ckpt["num_classes"])
+        assert np.abs(onnx_logits - torch_logits).max() < 1e-3
+
+
+def test_unknown_sweep_name_lists_the_sweeps_found(workdir):
+    out = run("pareto.py", workdir, "name=no-such-sweep")
+    assert out.returncode == 2
+    assert "no-such-sweep" in out.stderr and SWEEP in out.stderr and "Traceback" not in out.stderr
+
+
+def test_sweep_without_results_is_a_clear_error(tmp_path):
+    from analysis.results import load_sweeps
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "sweep_config.json").write_text(json.dumps({"base_config": {}, "sweep": {}}))
+    with pytest.raises(ValueError, match="no finished trials"):
+        load_sweeps({"name": "empty", "path": None, "storage_path": str(tmp_path)})
+
+
+def test_matched_macs_comparison_bins_by_factor_two_and_flags_small_groups():
+    from analysis.pareto import matched_difference, matched_macs_comparison
+
+    rows = [{"kd": kd, "macs": macs, "val_acc": acc} for kd, macs, acc in [
+        ("on", 1.1e6, 0.60), ("on", 1.5e6, 0.70), ("off", 1.2e6, 0.50), ("off", 1.9e6, 0.60),  # bin 1-2M
+        ("on", 5e6, 0.90), ("off", 6e6, 0.20)]]                                                # bin 4-8M, n = 1 each
+    comparisons = matched_macs_comparison(rows, "kd", ("on", "off"))
+    assert [c.label for c in comparisons] == ["1-2M", "4-8M", "all MACs (not matched)"]
+    assert comparisons[0].difference == pytest.approx(0.10)
+    assert comparisons[1].difference is None and [g.n for g in comparisons[1].groups] == [1, 1]
+    assert matched_difference(comparisons) == (pytest.approx(0.10), 1)
+
+
+def test_overlaid_sweeps_share_one_hypervolume_reference():
+    from analysis.pareto import normalised_hypervolumes
+
+    rows = [{"sweep": "a", "val_acc": 0.5, "macs": 1e6, "params": 10},
+            {"sweep": "b", "val_acc": 0.8, "macs": 2e6, "params": 20}]
+    hv = normalised_hypervolumes(rows)
+    assert hv.reference == {"val_acc": 0.0, "macs": pytest.approx(2.2e6)}
+    assert hv.by_sweep["a"] == pytest.approx(0.5 * (1 - 1 / 2.2))
+    assert hv.by_sweep["b"] == pytest.approx(0.8 * (1 - 2 / 2.2))
+    assert hv.by_sweep["all sweeps"] == pytest.approx(0.5 * (1 - 1 / 2.2) + 0.3 * (1 - 2 / 2.2))
