@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import csv
 import html
-import logging
 import math
 import time
 from collections import Counter
@@ -30,8 +29,6 @@ from omegaconf import DictConfig
 from analysis.front import hypervolume, pareto_mask
 from analysis.results import Sweep, Trial, load_sweeps, read_evaluations
 from data_prep.cli import entry_point, plain
-
-log = logging.getLogger("analysis.pareto")
 
 THIRD_OBJECTIVES = (None, "params")
 # Reference point of the hypervolume: accuracy 0 and this multiple of the largest MACs (params) seen.
@@ -256,10 +253,8 @@ def plot_front(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
                     linestyle="--", linewidth=1.2, label=f"front of {name}")
     ax.step(*_attainment(macs[front], acc[front], right), where="post", color="black", linewidth=1.6,
             label="Pareto front", zorder=2)
-    kd_values, modes = [], []
     for (kd, mode), members in _groups(rows).items():
         index = np.array(members)
-        kd_values.append(kd), modes.append(mode)
         for on, size, edge in ((False, 45, "none"), (True, 110, "black")):
             chosen = index[front[index] == on]
             if chosen.size:
@@ -279,6 +274,7 @@ def plot_front(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
     ax.set_ylabel("validation accuracy")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
+    kd_values, modes = {r["kd"] for r in rows}, {r["pruning"] for r in rows}
     handles = ax.get_legend_handles_labels()[0]
     handles += [Line2D([], [], linestyle="", marker="o", color=KD_COLOURS[kd], label=f"KD {kd}")
                 for kd in KD_COLOURS if kd in kd_values]
@@ -364,6 +360,11 @@ def render_report(rows: Sequence[dict[str, Any]], hypervolumes: Hypervolumes, pn
     test_note = ("Test columns come from <code>analysis/evaluate.py</code> (held-out test split, the model's own "
                  "feature config)." if evaluated else
                  f"No test-set numbers yet: run <code>python analysis/evaluate.py name={html.escape(names)}</code>.")
+    kd_section = _comparison_html("KD vs no KD at matched MACs", matched_macs_comparison(rows, "kd", ("on", "off")),
+                                  ("KD on", "KD off"))
+    pruning_section = _comparison_html("Single-shot vs progressive pruning at matched MACs",
+                                       matched_macs_comparison(rows, "pruning", ("single", "progressive")),
+                                       ("single", "progressive"))
     title = f"Accuracy vs MACs: {', '.join(sweeps)}"
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
@@ -388,9 +389,8 @@ compare.</p>
 <h2>Pareto front ({len(front)} trials, by MACs)</h2>
 <p>Selected on the validation split, so its validation accuracy is optimistic. {test_note}</p>
 {_html_table(front, table_columns(rows, len(sweeps) > 1))}
-{_comparison_html("KD vs no KD at matched MACs", matched_macs_comparison(rows, "kd", ("on", "off")), ("KD on", "KD off"))}
-{_comparison_html("Single-shot vs progressive pruning at matched MACs",
-                  matched_macs_comparison(rows, "pruning", ("single", "progressive")), ("single", "progressive"))}
+{kd_section}
+{pruning_section}
 <p>Bins span a factor of 2 in MACs; accuracies are validation accuracies of every trial in the group (trials
 stopped early by the scheduler included). A difference needs at least {MIN_GROUP_SIZE} trials per group in a bin;
 with a handful of trials per bin, differences of a few points are within seed noise.</p>

@@ -112,8 +112,11 @@ def load_sweep(path: Path) -> Sweep:
     path = Path(path)
     state = json.loads((path / STATE_FILE).read_text())
     base_config = state["base_config"]
-    trials = [t for d in sorted(path.iterdir()) if (d / "result.json").is_file()
-              if (t := load_trial(path.name, d, base_config)) is not None]
+    trials = []
+    for trial_dir in sorted(path.iterdir()):
+        trial = load_trial(path.name, trial_dir, base_config) if (trial_dir / "result.json").is_file() else None
+        if trial is not None:
+            trials.append(trial)
     if not trials:
         raise ValueError(f"Sweep {path.name!r} ({path}) has no finished trials: no trial folder has a result.json "
                          "with val_acc yet. Wait for its trials to report an epoch, or check their error.txt.")

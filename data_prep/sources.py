@@ -39,6 +39,7 @@ def write_wav(path: Path, audio: np.ndarray, sample_rate: int = NSYNTH_SAMPLE_RA
     os.close(fd)
     try:
         sf.write(tmp, audio, sample_rate, subtype="PCM_16")
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
