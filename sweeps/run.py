@@ -224,7 +224,7 @@ def run_sweep(name: str, base_config: dict[str, Any], sweep: dict[str, Any], sto
     from search_spaces.schema import load_space
     from sweeps.mlflow_logging import SweepMLflowCallback, ensure_experiment, flatten
     from sweeps.pareto_asha import ParetoASHA, ParetoASHAStateCallback
-    from sweeps.tuning import make_scheduler, make_searcher, param_space
+    from sweeps.tuning import default_scheduler, make_scheduler, make_searcher, num_samples, param_space
     from trainable.run_config import validate_config
     from trainable.teacher import teacher_logits
     from trainable.tune_trainable import run_trial, trial_config
@@ -248,11 +248,12 @@ def run_sweep(name: str, base_config: dict[str, Any], sweep: dict[str, Any], sto
     tracking_uri = sweep["mlflow"]["tracking_uri"]
     ensure_experiment(tracking_uri, name, workdir / "mlflow-artifacts" / name)
     objective = sweep["search"]["objective"]
-    scheduler = make_scheduler(sweep["scheduler"]["name"], objective, max_epochs(base_config, space),
+    scheduler_name = sweep["scheduler"]["name"] or default_scheduler(space, objective)
+    scheduler = make_scheduler(scheduler_name, objective, max_epochs(base_config, space),
                                sweep["scheduler"]["grace_period"], sweep["scheduler"]["reduction_factor"])
     callback = SweepMLflowCallback(tracking_uri, name, base_config, tags={
         "space": sweep["space"], "sampler": sweep["search"]["sampler"],
-        "scheduler": sweep["scheduler"]["name"] or ("pareto_asha" if objective == "multi" else "asha")})
+        "scheduler": scheduler_name})
     callbacks = [callback] + ([ParetoASHAStateCallback(scheduler)] if isinstance(scheduler, ParetoASHA) else [])
     run_config = tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks, verbose=1,
                                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
@@ -268,7 +269,8 @@ def run_sweep(name: str, base_config: dict[str, Any], sweep: dict[str, Any], sto
             tune_config=tune.TuneConfig(  # no metric/mode here: it would make OptunaSearch single-objective
                 search_alg=make_searcher(space, sweep["search"]["sampler"], objective, base_config["seed"]),
                 scheduler=scheduler,
-                num_samples=sweep["num_samples"], max_concurrent_trials=sweep["resources"]["max_concurrent_trials"],
+                num_samples=num_samples(space, sweep["num_samples"]),
+                max_concurrent_trials=sweep["resources"]["max_concurrent_trials"],
                 reuse_actors=True),
             run_config=run_config,
         )

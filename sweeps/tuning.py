@@ -42,9 +42,27 @@ def make_searcher(space: SearchSpace, sampler: str, objective: str, seed: int) -
     return OptunaSearch(space=space.define_by_run, metric=metric, mode=mode, sampler=make_sampler(sampler, seed))
 
 
-def make_scheduler(name: str | None, objective: str, max_epochs: int, grace_period: int,
+DEFAULT_NUM_SAMPLES = 50
+
+
+def default_scheduler(space: SearchSpace, objective: str) -> str:
+    """A grid is an ablation: every point runs to the end. Searches stop dominated trials early."""
+    if space.searcher == "grid":
+        return "fifo"
+    return "pareto_asha" if objective == "multi" else "asha"
+
+
+def num_samples(space: SearchSpace, requested: int | None) -> int:
+    """Trials for searcher spaces; passes over the whole grid for grid spaces."""
+    if requested is None:
+        return 1 if space.searcher == "grid" else DEFAULT_NUM_SAMPLES
+    if requested < 1:
+        raise ValueError(f"num_samples={requested} must be >= 1.")
+    return requested
+
+
+def make_scheduler(name: str, objective: str, max_epochs: int, grace_period: int,
                    reduction_factor: float) -> TrialScheduler:
-    name = name or ("pareto_asha" if objective == "multi" else "asha")
     grace_period = min(grace_period, max_epochs)
     if name == "pareto_asha":
         return ParetoASHA(objectives=OBJECTIVES if objective == "multi" else {"val_acc": "max"}, time_attr="epoch",
