@@ -131,3 +131,20 @@ def test_invalid_space_and_unwritable_workdir(tmp_path):
         locked = Path("/proc/akds-not-writable")
     with pytest.raises(PermissionError, match="not writable"):
         check_workdir(locked)
+
+
+def test_grid_spaces_default_to_one_fifo_pass_and_searches_to_pareto_asha():
+    from search_spaces.schema import SearchSpace
+    from sweeps.pareto_asha import ParetoASHA
+    from sweeps.tuning import default_scheduler, make_scheduler, num_samples
+
+    grid = SearchSpace("g", Path("g.yaml"), "grid", "", {}, {})
+    search = SearchSpace("s", Path("s.yaml"), "optuna", "", {}, {})
+    assert num_samples(grid, None) == 1 and num_samples(search, None) == 50 and num_samples(grid, 3) == 3
+    assert default_scheduler(grid, "multi") == "fifo"
+    assert default_scheduler(search, "multi") == "pareto_asha" and default_scheduler(search, "single") == "asha"
+    assert isinstance(make_scheduler("pareto_asha", "multi", 10, 2, 3), ParetoASHA)
+    with pytest.raises(ValueError, match="scheduler.name"):
+        make_scheduler("hyperband", "multi", 10, 2, 3)
+    with pytest.raises(ValueError, match="num_samples"):
+        num_samples(search, 0)
