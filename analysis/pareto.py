@@ -360,10 +360,12 @@ def render_report(rows: Sequence[dict[str, Any]], hypervolumes: Hypervolumes, pn
     test_note = ("Test columns come from <code>analysis/evaluate.py</code> (held-out test split, the model's own "
                  "feature config)." if evaluated else
                  f"No test-set numbers yet: run <code>python analysis/evaluate.py name={html.escape(names)}</code>.")
-    kd_section = _comparison_html("KD vs no KD at matched MACs", matched_macs_comparison(rows, "kd", ("on", "off")),
+    # Trials the scheduler stopped after 2 epochs would compare an undertrained model with a trained one.
+    completed = [r for r in rows if r["status"] == "completed"]
+    kd_section = _comparison_html("KD vs no KD at matched MACs", matched_macs_comparison(completed, "kd", ("on", "off")),
                                   ("KD on", "KD off"))
     pruning_section = _comparison_html("Single-shot vs progressive pruning at matched MACs",
-                                       matched_macs_comparison(rows, "pruning", ("single", "progressive")),
+                                       matched_macs_comparison(completed, "pruning", ("single", "progressive")),
                                        ("single", "progressive"))
     title = f"Accuracy vs MACs: {', '.join(sweeps)}"
     return f"""<!doctype html>
@@ -391,8 +393,8 @@ compare.</p>
 {_html_table(front, table_columns(rows, len(sweeps) > 1))}
 {kd_section}
 {pruning_section}
-<p>Bins span a factor of 2 in MACs; accuracies are validation accuracies of every trial in the group (trials
-stopped early by the scheduler included). A difference needs at least {MIN_GROUP_SIZE} trials per group in a bin;
+<p>Bins span a factor of 2 in MACs; accuracies are validation accuracies of the trials that ran all their epochs
+({len(completed)} of {len(rows)}; trials stopped early by the scheduler are left out of the comparisons). A difference needs at least {MIN_GROUP_SIZE} trials per group in a bin;
 with a handful of trials per bin, differences of a few points are within seed noise.</p>
 <p>All trials: <code>pareto.csv</code> next to this report.</p>
 </body></html>
