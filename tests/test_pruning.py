@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from trainable.models import create_student
 from trainable.pruning import (
     MACS_TOLERANCE, PruneStep, count_macs_params, load_model_state, model_state, prune_to_macs,
-    pruning_schedule, unstructured_prune,
+    pruning_schedule, unstructured_prune, weight_sparsity, apply_masks,
 )
 
 torch.set_num_threads(1)
@@ -156,14 +156,23 @@ def test_target_already_met_changes_nothing():
 def test_unstructured_zeroes_weights_but_not_macs():
     model = _student()
     base_macs, base_params = count_macs_params(model, SMALL_INPUT)
-    sparsity = unstructured_prune(model, 0.6)
-    assert sparsity == pytest.approx(0.6, abs=0.01)
+    masks = unstructured_prune(model, 0.6)
+    assert weight_sparsity(model) == pytest.approx(0.6, abs=0.01)
     conv_weights = torch.cat([m.weight.flatten() for m in model.modules() if isinstance(m, nn.Conv2d)])
     assert (conv_weights == 0).float().mean() > 0.3
     assert not any(hasattr(m, "weight_mask") for m in model.modules())  # masks folded in by prune.remove
     assert count_macs_params(model, SMALL_INPUT) == (base_macs, base_params)  # dense MACs: no saving at all
     with pytest.raises(ValueError, match="amount"):
         unstructured_prune(model, 1.0)
+    # fine-tuning regrows zeroed weights unless the masks are re-applied after each step
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(torch.randn(SMALL_INPUT)).sum().backward()
+        optimizer.step()
+    assert weight_sparsity(model) < 0.58  # pruned weights regrew
+    apply_masks(model, masks)
+    assert weight_sparsity(model) == pytest.approx(0.6, abs=0.01)
 
 
 # --- checkpoints -----------------------------------------------------------------------------------------------

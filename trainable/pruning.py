@@ -201,24 +201,45 @@ def _search_channel_ratio(
     return best_ratio, best_macs
 
 
-def unstructured_prune(model: nn.Module, amount: float) -> float:
-    """Zero the globally smallest-|w| `amount` of conv/linear weights; returns the achieved weight sparsity.
+def _prunable_weights(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    return [(module, "weight") for module in model.modules() if isinstance(module, (nn.Conv2d, nn.Linear))]
 
-    A baseline only: the zeros stay in dense tensors, so MACs (and latency) do not change.
+
+def weight_sparsity(model: nn.Module) -> float:
+    """Fraction of conv/linear weights that are exactly zero."""
+    weights = _prunable_weights(model)
+    zeros = sum(int((module.weight == 0).sum()) for module, _ in weights)
+    return zeros / sum(module.weight.numel() for module, _ in weights)
+
+
+def unstructured_prune(model: nn.Module, amount: float) -> dict[str, torch.Tensor]:
+    """Zero the globally smallest-|w| `amount` of conv/linear weights; returns the masks (1 = kept).
+
+    A baseline only: the zeros stay in dense tensors, so MACs (and latency) do not change. The masks must be
+    re-applied after every optimizer step (`apply_masks`), or fine-tuning regrows the pruned weights.
     """
     if not 0.0 <= amount < 1.0:
         raise ValueError(f"amount (fraction of weights to zero) must be in [0, 1), got {amount}")
-    weights = [(module, "weight") for module in model.modules() if isinstance(module, (nn.Conv2d, nn.Linear))]
+    weights = _prunable_weights(model)
     if not weights:
         raise ValueError("model has no Conv2d/Linear weights to prune")
     torch_prune.global_unstructured(weights, pruning_method=torch_prune.L1Unstructured, amount=amount)
     for module, name in weights:
         torch_prune.remove(module, name)
-    zeros = sum(int((module.weight == 0).sum()) for module, _ in weights)
-    total = sum(module.weight.numel() for module, _ in weights)
-    return zeros / total
+    return zero_masks(model)
 
 
+def zero_masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Masks of the non-zero conv/linear weights (how a resumed run recovers its unstructured masks)."""
+    return {name: (module.weight != 0) for name, module in model.named_modules()
+            if isinstance(module, (nn.Conv2d, nn.Linear))}
+
+
+@torch.no_grad()
+def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    for name, module in model.named_modules():
+        if name in masks:
+            module.weight.mul_(masks[name])
 
 
 def model_state(model: nn.Module) -> dict:

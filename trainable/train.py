@@ -30,7 +30,10 @@ from trainable.features import FeatureConfig, FeaturePipeline, LogMel
 from trainable.kd import kd_loss
 from trainable.metrics import accuracy, macro_f1
 from trainable.models import create_student, create_teacher
-from trainable.pruning import count_macs_params, load_model_state, model_state, prune_to_macs, unstructured_prune
+from trainable.pruning import (
+    apply_masks, count_macs_params, load_model_state, model_state, prune_to_macs, unstructured_prune, weight_sparsity,
+    zero_masks,
+)
 from trainable.run_config import apply_scenario, pick_device, pruning_plan, validate_config
 
 log = logging.getLogger(__name__)
@@ -177,15 +180,19 @@ def train(config: dict[str, Any], data: WaveformData, run_dir: Path | str, *,
         # Rebuilt after each pruning step: parameter shapes change, so Adam moments start fresh.
         return torch.optim.AdamW(model.parameters(), lr=tcfg["lr"], weight_decay=tcfg["weight_decay"])
 
-    optimizer, start_epoch, step, pruning_step, history, sparsity = make_optimizer(), 0, 0, 0, [], 0.0
+    optimizer, start_epoch, step, pruning_step, history = make_optimizer(), 0, 0, 0, []
+    masks: dict[str, torch.Tensor] = {}  # unstructured mode: zeroed weights stay zero during fine-tuning
     if resume_from is not None:
         ckpt = load_checkpoint(resume_from)
         model = restore_model(ckpt, device)
         optimizer = make_optimizer()
         optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+        if ckpt["scaler"]:  # empty when written without fp16 AMP (CPU, bf16)
+            scaler.load_state_dict(ckpt["scaler"])
         start_epoch, step, pruning_step = ckpt["epoch"] + 1, ckpt["step"], ckpt["pruning_step"]
-        history, sparsity = ckpt["history"], ckpt.get("sparsity", 0.0)
+        history = ckpt["history"]
+        if pcfg["mode"] == "unstructured" and pruning_step:
+            masks = zero_masks(model)
         set_rng_state(ckpt["rng"], generator)
         log.info("Resumed from %s at epoch %d", resume_from, start_epoch)
     macs, params = count_macs_params(model, input_shape)
@@ -195,7 +202,7 @@ def train(config: dict[str, Any], data: WaveformData, run_dir: Path | str, *,
         if epoch in plan:  # pruning step, then fine-tuning continues with KD as configured
             pruning_step += 1
             if pcfg["mode"] == "unstructured":
-                sparsity = unstructured_prune(model, 1.0 - plan[epoch])
+                masks = unstructured_prune(model, 1.0 - plan[epoch])
             else:
                 calib = next(pipelines["train"].batches(batch_size, train=False))
                 prune_to_macs(model, calib.features[:1], base_macs, plan[epoch], pcfg["importance"],
@@ -232,6 +239,8 @@ def train(config: dict[str, Any], data: WaveformData, run_dir: Path | str, *,
             torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg["grad_clip"])
             scaler.step(optimizer)
             scaler.update()
+            if masks:
+                apply_masks(model, masks)
             step += 1
             n = len(batch.labels)
             sums["loss"] += loss.item() * n
@@ -246,14 +255,14 @@ def train(config: dict[str, Any], data: WaveformData, run_dir: Path | str, *,
             "ce_loss": sums["ce"] / sums["n"], "train_acc": sums["correct"] / sums["n"],
             "val_loss": val["loss"], "val_acc": val["acc"], "val_macro_f1": val["macro_f1"],
             "macs": macs, "params": params, "base_macs": base_macs, "base_params": base_params,
-            "target_macs": target_macs, "pruning_step": pruning_step, "sparsity": sparsity,
+            "target_macs": target_macs, "pruning_step": pruning_step, "sparsity": weight_sparsity(model),
             "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": time.perf_counter() - t0,
         }
         history.append(metrics)
         save_checkpoint(run_dir / "checkpoint" / CHECKPOINT_NAME, {
             "model_spec": model_spec, "num_classes": data.num_classes, "classes": data.classes,
             "model_state": model_state(model), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "epoch": epoch, "step": step, "pruning_step": pruning_step, "sparsity": sparsity,
+            "epoch": epoch, "step": step, "pruning_step": pruning_step,
             "rng": rng_state(generator), "history": history, "config": config, "metrics": metrics,
             "input_shape": input_shape, "data_fingerprint": data.fingerprint,
         })
