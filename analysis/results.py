@@ -17,7 +17,7 @@ from typing import Any
 from data_prep.layout import atomic_write_text
 from sweeps.run import STATE_FILE, list_sweeps
 from trainable.train import CHECKPOINT_NAME
-from trainable.tune_trainable import trial_config
+from trainable.run_config import trial_config
 
 log = logging.getLogger(__name__)
 

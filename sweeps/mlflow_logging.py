@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 from ray.air.integrations.mlflow import MLflowLoggerCallback
 from ray.tune.experiment import Trial
 
-from trainable.tune_trainable import trial_config
+from trainable.run_config import trial_config
 
 log = logging.getLogger(__name__)
 

@@ -55,7 +55,7 @@ def accepted_values() -> dict[str, Any]:
 
 def may_use_kd(space, base_config: dict[str, Any]) -> bool:
     """Whether any trial of the space can run with KD (then the teacher is prepared up front)."""
-    from trainable.tune_trainable import trial_config
+    from trainable.run_config import trial_config
 
     if space.searcher == "grid":
         return any(trial_config(base_config, {"grid_point": point})["kd"]["enabled"] for point in space.grid())
@@ -71,7 +71,7 @@ def check_space_configs(space, base_config: dict[str, Any], samples: int = 200) 
     import optuna
 
     from trainable.run_config import validate_config
-    from trainable.tune_trainable import trial_config
+    from trainable.run_config import trial_config
 
     if space.searcher == "grid":
         points = [{"grid_point": p} for p in space.grid()]
@@ -140,7 +140,7 @@ def summarize(results, base_config: dict[str, Any], space) -> str:
     import numpy as np
 
     from analysis.front import pareto_mask
-    from trainable.tune_trainable import trial_config
+    from trainable.run_config import trial_config
 
     rows = []
     for result in results:
@@ -206,7 +206,7 @@ def main(cfg: DictConfig) -> None:
 
 
 def max_epochs(base_config: dict[str, Any], space) -> int:
-    from trainable.tune_trainable import trial_config
+    from trainable.run_config import trial_config
 
     return trial_config(base_config, dict(space.fixed))["train"]["epochs"]
 
@@ -226,8 +226,9 @@ def run_sweep(name: str, base_config: dict[str, Any], sweep: dict[str, Any], sto
     from sweeps.pareto_asha import ParetoASHA, ParetoASHAStateCallback
     from sweeps.tuning import default_scheduler, make_scheduler, make_searcher, num_samples, param_space
     from trainable.run_config import validate_config
-    from trainable.teacher import teacher_logits
-    from trainable.tune_trainable import run_trial, trial_config
+    from trainable.teacher import teacher_inputs
+    from trainable.run_config import trial_config
+    from trainable.tune_trainable import run_trial
 
     space = load_space(sweep["space"], flatten(base_config), accepted_values())
     check_space_configs(space, base_config)
@@ -238,12 +239,12 @@ def run_sweep(name: str, base_config: dict[str, Any], sweep: dict[str, Any], sto
     start_ray(sweep["ray"]["address"], sweep["ray"]["num_cpus"], gpus)
     log.info("Preparing data (and the teacher, if KD is in the space) before any trial starts")
     data = prepare_data(base_config["data"], workdir)
-    logits = teacher_logits(base_config, data) if may_use_kd(space, base_config) else None
+    kd_inputs = teacher_inputs(base_config, data) if may_use_kd(space, base_config) else {}
     cpus = sweep["resources"]["cpus_per_trial"]
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base_config={**base_config, "train": {**base_config["train"],
                                                                             "num_threads": cpus}},
-                             data=data, teacher_logits=logits),
+                             data=data, **kd_inputs),
         {"cpu": cpus, "gpu": gpus})
     tracking_uri = sweep["mlflow"]["tracking_uri"]
     ensure_experiment(tracking_uri, name, workdir / "mlflow-artifacts" / name)

@@ -135,3 +135,15 @@ def test_teacher_checkpoints_load_as_single_or_ensemble(tiny_config, tiny_data, 
                           atol=1e-5)
     with pytest.raises(FileNotFoundError, match="teacher.checkpoint"):
         teacher_mod.ensure_teacher(with_(single, teacher={"checkpoint": str(tmp_path / "nope.pt")}), tiny_data)
+
+
+def test_trial_config_sampled_keys_override_the_scenario_preset(tiny_config):
+    from trainable.run_config import trial_config
+
+    base = with_(tiny_config, scenario="nokd_noprune")
+    config = trial_config(base, {"kd.enabled": True, "pruning.mode": "single", "kd.T": 5.0})
+    assert config["kd"]["enabled"] is True and config["pruning"]["mode"] == "single" and config["kd"]["T"] == 5.0
+    grid = trial_config(tiny_config, {"grid_point": {"scenario": "kd_progressive", "train.seed": 1}})
+    assert grid["kd"]["enabled"] is True and grid["pruning"]["mode"] == "progressive" and grid["train"]["seed"] == 1
+    with pytest.raises(KeyError, match="not a config key"):
+        trial_config(tiny_config, {"nosuch.key": 1})

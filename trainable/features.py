@@ -10,6 +10,7 @@ log-mel per batch from the waveforms instead.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import logging
@@ -282,7 +283,16 @@ def cached_logmel(
     if path.exists():
         log.info("log-mel cache hit: %s", path)
     else:
-        _build_logmel_cache(waveforms, cfg, path, expected_shape, device, batch_size)
+        # Trials sharing a feature config start together: one builds, the others wait for it and read.
+        # The lock file goes once the cache is in place: late arrivals see the cache before they look for it.
+        lock_path = path.with_suffix(".lock")
+        with open(lock_path, "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                if not path.exists():
+                    _build_logmel_cache(waveforms, cfg, path, expected_shape, device, batch_size)
+            finally:
+                lock_path.unlink(missing_ok=True)
     # Copy-on-write mapping: shared page cache across trials, and a writable array torch accepts without warnings.
     features = np.load(path, mmap_mode="c")
     if features.shape != expected_shape:

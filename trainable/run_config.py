@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -78,3 +79,28 @@ def validate_config(config: Mapping[str, Any]) -> None:
         if kcfg["teacher_logits"] not in ("cached", "online"):
             raise ValueError(f"kd.teacher_logits={kcfg['teacher_logits']!r}; use cached or online.")
     pruning_plan(config["pruning"], tcfg["epochs"])
+
+
+def merge_dotted(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """{'kd.T': 3} over a nested config -> nested config with kd.T = 3 (unknown sections are an error)."""
+    config = copy.deepcopy(base)
+    for key, value in overrides.items():
+        node, *path = key.split(".")
+        target = config
+        for part in [node, *path][:-1]:
+            if not isinstance(target.get(part), dict):
+                raise KeyError(f"trial key {key!r} is not a config key")
+            target = target[part]
+        target[[node, *path][-1]] = value
+    return config
+
+
+def trial_config(base_config: dict[str, Any], trial_params: dict[str, Any]) -> dict[str, Any]:
+    """The effective run config of one trial (scenario presets applied).
+
+    Grid spaces hand each trial its whole grid point under "grid_point" (see sweeps/tuning.py).
+    """
+    params = {k: v for k, v in trial_params.items() if k != "grid_point"} | trial_params.get("grid_point", {})
+    # The scenario preset goes first so that sampled keys override it, never the other way round.
+    config = apply_scenario(merge_dotted(base_config, {"scenario": params.pop("scenario")} if "scenario" in params else {}))
+    return merge_dotted(config, params)

@@ -42,7 +42,9 @@ def teacher_train_config(config: dict[str, Any]) -> dict[str, Any]:
     t = config["teacher"]
     out = copy.deepcopy(config)
     out["features"] = teacher_features(config)
-    out["train"] = {**config["train"], "epochs": t["epochs"], "lr": t["lr"], "batch_size": t["batch_size"]}
+    # The teacher's own seed is the global one: students sweeping train.seed share one teacher.
+    out["train"] = {**config["train"], "epochs": t["epochs"], "lr": t["lr"], "batch_size": t["batch_size"],
+                    "seed": config["seed"]}
     out["kd"] = {**config["kd"], "enabled": False}
     out["pruning"] = {**config["pruning"], "mode": "none"}
     return out
@@ -53,7 +55,7 @@ def teacher_dir(config: dict[str, Any], data: WaveformData) -> Path:
     t = config["teacher"]
     checkpoints = t["checkpoint"] if isinstance(t["checkpoint"], list) else [t["checkpoint"]]
     key = {"data": data.fingerprint, "name": t["name"], "epochs": t["epochs"], "lr": t["lr"],
-           "batch_size": t["batch_size"], "features": teacher_features(config), "seed": config["train"]["seed"],
+           "batch_size": t["batch_size"], "features": teacher_features(config), "seed": config["seed"],
            "checkpoint": [str(Path(c).resolve()) for c in checkpoints if c]}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return Path(config["workdir"]) / "teachers" / f"{t['name']}-{digest}"
@@ -146,14 +148,18 @@ def teacher_logits(config: dict[str, Any], data: WaveformData) -> torch.Tensor:
     return logits
 
 
-def kd_inputs(config: dict[str, Any], data: WaveformData) -> dict[str, Any]:
-    """What `train` needs for KD: cached logits, or the teacher itself for kd.teacher_logits=online."""
-    if not config["kd"]["enabled"]:
-        return {}
+def teacher_inputs(config: dict[str, Any], data: WaveformData) -> dict[str, Any]:
+    """What `train` needs for KD, prepared once: cached logits, or the frozen teacher and its features
+    (kd.teacher_logits=online). The sweep hands this to every trial through Ray's object store."""
     if config["kd"]["teacher_logits"] == "online":
         model, feats, _ = ensure_teacher(config, data)
-        return {"teacher": (model.to(pick_device(config.get("device", "auto"))), feats)}
+        return {"teacher": (model, feats)}
     return {"teacher_logits": teacher_logits(config, data)}
+
+
+def kd_inputs(config: dict[str, Any], data: WaveformData) -> dict[str, Any]:
+    """`teacher_inputs` when KD is on, nothing otherwise."""
+    return teacher_inputs(config, data) if config["kd"]["enabled"] else {}
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")

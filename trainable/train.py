@@ -297,7 +297,10 @@ def main(cfg: DictConfig) -> None:
     label = config.get("scenario") or "run"
     run_dir = Path(config["workdir"]) / "train" / f"{label}-{time.strftime('%Y%m%d-%H%M%S')}"
     final = train(config, data, run_dir, resume_from=config.get("resume_from"), **kd_inputs(config, data))
-    history = json.loads((run_dir / "history.json").read_text())
+    # A resume_from that had already finished trains no epoch here: its history is in its checkpoint.
+    history_file = run_dir / "history.json"
+    history = json.loads(history_file.read_text()) if history_file.is_file() else load_checkpoint(
+        config["resume_from"])["history"]
     print(f"\n{label}: KD {'on' if config['kd']['enabled'] else 'off'}, pruning {config['pruning']['mode']}")
     print(format_epoch_table(history))
     print(f"final: val_acc {final['val_acc']:.4f}  val_macro_f1 {final['val_macro_f1']:.4f}  "
