@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from data_prep.layout import atomic_write_text
-from sweeps.run import STATE_FILE, list_sweeps
-from trainable.train import CHECKPOINT_NAME
-from trainable.run_config import trial_config
+from sweeps.state import STATE_FILE, list_sweeps
+from trainable.run_config import CHECKPOINT_NAME, trial_config
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +96,10 @@ def load_trial(sweep: str, trial_dir: Path, base_config: dict[str, Any]) -> Tria
         return None
     last = results[-1]
     config = trial_config(base_config, last.get("config", {}))
-    if (trial_dir / "error.txt").is_file():
-        status = "errored"
-    elif last["epoch"] >= config["train"]["epochs"]:
+    if last["epoch"] >= config["train"]["epochs"]:  # a resumed trial keeps its old error.txt
         status = "completed"
+    elif (trial_dir / "error.txt").is_file():
+        status = "errored"
     else:
         status = "stopped"
     return Trial(sweep=sweep, trial_id=str(last["trial_id"]), trial_dir=trial_dir, config=config, metrics=last,

@@ -23,12 +23,12 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from data_prep.cli import entry_point, plain  # noqa: E402
+from sweeps.state import STATE_FILE, list_sweeps  # noqa: E402
 
 log = logging.getLogger("sweeps.run")
 
 SWEEP_KEYS = ("space", "num_samples", "name", "resume", "storage_path", "search", "scheduler", "resources",
               "ray", "mlflow")
-STATE_FILE = "sweep_config.json"
 
 
 def check_workdir(workdir: Path) -> None:
@@ -209,11 +209,6 @@ def max_epochs(base_config: dict[str, Any], space) -> int:
     from trainable.run_config import trial_config
 
     return trial_config(base_config, dict(space.fixed))["train"]["epochs"]
-
-
-def list_sweeps(storage: str) -> list[str]:
-    path = Path(storage)
-    return sorted(p.name for p in path.iterdir() if (p / STATE_FILE).is_file()) if path.is_dir() else []
 
 
 def run_sweep(name: str, base_config: dict[str, Any], sweep: dict[str, Any], storage: str, resume: bool) -> None:

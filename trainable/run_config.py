@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from trainable.features import FeatureConfig
 from trainable.pruning import PRUNING_MODES, pruning_schedule
 
+CHECKPOINT_NAME = "checkpoint.pt"  # one per run folder: <run_dir>/checkpoint/checkpoint.pt
 SCENARIO_DIR = Path(__file__).resolve().parent.parent / "conf" / "scenarios"
 
 

@@ -34,12 +34,11 @@ from trainable.pruning import (
     apply_masks, count_macs_params, load_model_state, model_state, prune_to_macs, unstructured_prune, weight_sparsity,
     zero_masks,
 )
-from trainable.run_config import apply_scenario, pick_device, pruning_plan, validate_config
+from trainable.run_config import CHECKPOINT_NAME, apply_scenario, pick_device, pruning_plan, validate_config
 
 log = logging.getLogger(__name__)
 
 Report = Callable[[dict[str, Any], Path], None]
-CHECKPOINT_NAME = "checkpoint.pt"
 
 
 def build_model(spec: dict[str, Any], num_classes: int) -> torch.nn.Module:

@@ -15,8 +15,8 @@ from ray import tune
 
 from data_prep.waveform_cache import WaveformData
 from trainable.features import FeatureConfig
-from trainable.run_config import trial_config
-from trainable.train import CHECKPOINT_NAME, train
+from trainable.run_config import CHECKPOINT_NAME, trial_config
+from trainable.train import train
 
 
 def run_trial(trial_params: dict[str, Any], base_config: dict[str, Any], data: WaveformData,
