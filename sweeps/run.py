@@ -6,7 +6,6 @@ dominated trials early, MLflow records everything; `resume=true name=<sweep>` co
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -23,7 +22,7 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from data_prep.cli import entry_point, plain  # noqa: E402
-from sweeps.state import STATE_FILE, list_sweeps  # noqa: E402
+from sweeps.state import list_sweeps, normalize_storage, read_state, sweep_exists, sweep_uri, write_state  # noqa: E402
 
 log = logging.getLogger("sweeps.run")
 
@@ -180,25 +179,21 @@ def main(cfg: DictConfig) -> None:
     config = plain(cfg)
     workdir = Path(config["workdir"]).resolve()
     check_workdir(workdir)
-    storage = str(config["storage_path"])
-    local_storage = "://" not in storage
-    if local_storage:
-        storage = str(Path(storage).resolve())
+    storage = normalize_storage(config["storage_path"])
     name = config["name"] or f"{config['space']}-{time.strftime('%Y%m%d-%H%M%S')}"
-    exp_dir = Path(storage) / name
 
     from ray import tune
 
     if config["resume"]:
         if not config["name"]:
             raise ValueError("resume=true needs name=<sweep>; sweeps here: " + ", ".join(list_sweeps(storage)))
-        if not tune.Tuner.can_restore(str(exp_dir)):
+        if not tune.Tuner.can_restore(sweep_uri(storage, name)):
             raise FileNotFoundError(f"No sweep named {name!r} to resume under {storage}; sweeps here: "
                                     + (", ".join(list_sweeps(storage)) or "none"))
-        saved = json.loads((exp_dir / STATE_FILE).read_text())
+        saved = read_state(storage, name)
         base_config, sweep = saved["base_config"], saved["sweep"]
     else:
-        if exp_dir.exists():
+        if sweep_exists(storage, name):
             raise FileExistsError(f"A sweep named {name!r} already exists in {storage}. Resume it with "
                                   f"`python sweeps/run.py resume=true name={name}` or choose another name=.")
         base_config, sweep = sweep_settings(config)
@@ -229,7 +224,7 @@ def run_sweep(name: str, base_config: dict[str, Any], sweep: dict[str, Any], sto
     check_space_configs(space, base_config)
     gpus = resolve_gpus(sweep["resources"]["gpus_per_trial"], sweep["ray"]["address"])
     workdir = Path(base_config["workdir"]).resolve()
-    exp_dir = Path(storage) / name
+    exp_dir = sweep_uri(storage, name)
 
     start_ray(sweep["ray"]["address"], sweep["ray"]["num_cpus"], gpus)
     log.info("Preparing data (and the teacher, if KD is in the space) before any trial starts")
@@ -257,7 +252,7 @@ def run_sweep(name: str, base_config: dict[str, Any], sweep: dict[str, Any], sto
     if resume:
         log.info("Resuming sweep %s from %s", name, exp_dir)
         # scheduler, searcher and callbacks come back from the sweep's own pickled state (tuner.pkl)
-        tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=True)
+        tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_errored=True)
     else:
         tuner = tune.Tuner(
             trainable,
@@ -270,8 +265,7 @@ def run_sweep(name: str, base_config: dict[str, Any], sweep: dict[str, Any], sto
                 reuse_actors=True),
             run_config=run_config,
         )
-        exp_dir.mkdir(parents=True, exist_ok=True)
-        (exp_dir / STATE_FILE).write_text(json.dumps({"base_config": base_config, "sweep": sweep}, indent=2))
+        write_state(storage, name, {"base_config": base_config, "sweep": sweep})
     results = tuner.fit()
     errors = [r for r in results if r.error]
     print("\n" + summarize(results, base_config, space))

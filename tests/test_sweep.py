@@ -148,3 +148,14 @@ def test_grid_spaces_default_to_one_fifo_pass_and_searches_to_pareto_asha():
         make_scheduler("hyperband", "multi", 10, 2, 3)
     with pytest.raises(ValueError, match="num_samples"):
         num_samples(search, 0)
+
+
+def test_sweep_state_goes_through_pyarrow_filesystems(tmp_path):
+    from sweeps.state import list_sweeps, read_state, sweep_exists, sweep_uri, write_state
+
+    assert sweep_uri("s3://bucket/sweeps/", "kd") == "s3://bucket/sweeps/kd"  # URIs are not mangled by pathlib
+    storage = f"file://{tmp_path}"
+    assert list_sweeps(storage) == [] and not sweep_exists(storage, "kd")
+    write_state(storage, "kd", {"sweep": {"space": "kd"}})
+    assert sweep_exists(tmp_path, "kd") and read_state(tmp_path, "kd") == {"sweep": {"space": "kd"}}
+    assert list_sweeps(storage) == list_sweeps(tmp_path) == ["kd"]
