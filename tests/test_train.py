@@ -147,3 +147,10 @@ def test_trial_config_sampled_keys_override_the_scenario_preset(tiny_config):
     assert grid["kd"]["enabled"] is True and grid["pruning"]["mode"] == "progressive" and grid["train"]["seed"] == 1
     with pytest.raises(KeyError, match="not a config key"):
         trial_config(tiny_config, {"nosuch.key": 1})
+
+
+def test_non_finite_loss_stops_the_run_with_a_clear_error(tiny_config, tiny_data, tmp_path):
+    config = with_(tiny_config, kd={"enabled": True}, train={"epochs": 1})
+    nan_logits = torch.full((len(tiny_data.splits["train"]), 3), float("nan"))
+    with pytest.raises(FloatingPointError, match="Non-finite training loss in epoch 1"):
+        train(config, tiny_data, tmp_path / "run", teacher_logits=nan_logits)

@@ -212,7 +212,8 @@ def train(config: dict[str, Any], data: WaveformData, run_dir: Path | str, *,
                      epoch, macs / 1e6, 100 * macs / base_macs, base_macs / 1e6, params)
 
         model.train()
-        sums = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "correct": 0, "n": 0}
+        # Running sums stay on the device (loss, kd, ce, correct): one host sync per epoch, not per step.
+        sums, seen = torch.zeros(4, device=device), 0
         for batch in pipelines["train"].batches(batch_size, train=True, generator=generator, drop_last=True):
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total_steps, warmup_steps, tcfg["lr"])
@@ -224,14 +225,11 @@ def train(config: dict[str, Any], data: WaveformData, run_dir: Path | str, *,
                     else:
                         with torch.no_grad():
                             targets = teacher_model(teacher_frontend(train_waves[batch.indices]))
-                    losses = kd_loss(logits.float(), targets.float(), batch.labels, kcfg["T"], kcfg["alpha"])
-                    loss, kd_part, ce_part = losses.total, losses.kd.item(), losses.ce.item()
+                    loss, kd_part, ce_part = kd_loss(logits.float(), targets.float(), batch.labels, kcfg["T"],
+                                                     kcfg["alpha"])
                 else:
-                    loss = F.cross_entropy(logits.float(), batch.labels)
-                    kd_part, ce_part = 0.0, loss.item()
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"Non-finite loss ({loss.item()}) at epoch {epoch}, step {step}: "
-                                         "lower train.lr or check the data.")
+                    loss = ce_part = F.cross_entropy(logits.float(), batch.labels)
+                    kd_part = torch.zeros_like(loss)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
@@ -242,16 +240,17 @@ def train(config: dict[str, Any], data: WaveformData, run_dir: Path | str, *,
                 apply_masks(model, masks)
             step += 1
             n = len(batch.labels)
-            sums["loss"] += loss.item() * n
-            sums["kd"] += kd_part * n
-            sums["ce"] += ce_part * n
-            sums["correct"] += int((logits.argmax(1) == batch.labels).sum())
-            sums["n"] += n
+            correct = (logits.argmax(1) == batch.labels).sum().float()
+            sums += torch.stack([loss.detach() * n, kd_part.detach() * n, ce_part.detach() * n, correct])
+            seen += n
+        loss_sum, kd_sum, ce_sum, correct_sum = sums.tolist()
+        if not math.isfinite(loss_sum):
+            raise FloatingPointError(f"Non-finite training loss in epoch {epoch + 1}: lower train.lr or check the data.")
 
         val = evaluate(model, pipelines["valid"], batch_size, data.num_classes, amp)
         metrics = {
-            "epoch": epoch + 1, "train_loss": sums["loss"] / sums["n"], "kd_loss": sums["kd"] / sums["n"],
-            "ce_loss": sums["ce"] / sums["n"], "train_acc": sums["correct"] / sums["n"],
+            "epoch": epoch + 1, "train_loss": loss_sum / seen, "kd_loss": kd_sum / seen,
+            "ce_loss": ce_sum / seen, "train_acc": correct_sum / seen,
             "val_loss": val["loss"], "val_acc": val["acc"], "val_macro_f1": val["macro_f1"],
             "macs": macs, "params": params, "base_macs": base_macs, "base_params": base_params,
             "target_macs": target_macs, "pruning_step": pruning_step, "sparsity": weight_sparsity(model),
