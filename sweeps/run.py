@@ -11,7 +11,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 # Tune writes its experiment state at most every TUNE_GLOBAL_CHECKPOINT_S seconds (default >= 10 s);
 # after a kill, trials restart from the checkpoint recorded there, so record it after every result.
@@ -23,6 +23,9 @@ from omegaconf import DictConfig  # noqa: E402
 
 from data_prep.cli import entry_point, plain  # noqa: E402
 from sweeps.state import list_sweeps, normalize_storage, read_state, sweep_exists, sweep_uri, write_state  # noqa: E402
+
+if TYPE_CHECKING:
+    from search_spaces.schema import SearchSpace
 
 log = logging.getLogger("sweeps.run")
 
@@ -52,7 +55,7 @@ def accepted_values() -> dict[str, Any]:
             "scenario": tuple(available_scenarios()), "features.normalize": ("per_band", "global", "none")}
 
 
-def may_use_kd(space, base_config: dict[str, Any]) -> bool:
+def may_use_kd(space: SearchSpace, base_config: dict[str, Any]) -> bool:
     """Whether any trial of the space can run with KD (then the teacher is prepared up front)."""
     from trainable.run_config import trial_config
 
@@ -64,7 +67,7 @@ def may_use_kd(space, base_config: dict[str, Any]) -> bool:
     return any(values)
 
 
-def check_space_configs(space, base_config: dict[str, Any], samples: int = 200) -> None:
+def check_space_configs(space: SearchSpace, base_config: dict[str, Any], samples: int = 200) -> None:
     """Validate the run configs the space can produce (grid points, or random draws) before Ray starts,
     so impossible combinations (e.g. pruning steps beyond train.epochs) fail now, not in every trial."""
     import optuna
@@ -134,43 +137,30 @@ def sweep_settings(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, An
     return ({k: v for k, v in config.items() if k not in SWEEP_KEYS}, {k: config[k] for k in SWEEP_KEYS})
 
 
-def summarize(results, base_config: dict[str, Any], space) -> str:
-    """Best trial, the Pareto set (val_acc up, MACs down) and the key hyperparameters of each trial."""
-    import numpy as np
-
-    from analysis.front import pareto_mask
+def summarize(results: Any, name: str, base_config: dict[str, Any]) -> str:
+    """Best trial by val_acc and the Pareto set (val_acc up, MACs down), in the analysis scripts' table format."""
+    from analysis.pareto import format_table, front_mask, table_columns, trial_row
+    from analysis.results import Trial
     from trainable.run_config import trial_config
 
-    rows = []
+    trials = []
     for result in results:
         metrics = result.metrics or {}
         if "val_acc" not in metrics:
             continue
-        cfg = trial_config(base_config, result.config)
-        rows.append({"trial": metrics.get("trial_id", "?"), "val_acc": metrics["val_acc"],
-                     "val_macro_f1": metrics["val_macro_f1"], "macs": metrics["macs"], "params": metrics["params"],
-                     "epochs": metrics["epoch"], "kd": cfg["kd"]["enabled"], "T": cfg["kd"]["T"],
-                     "alpha": cfg["kd"]["alpha"], "n_mels": cfg["features"]["n_mels"],
-                     "width": cfg["student"]["width_mult"], "pruning": cfg["pruning"]["mode"],
-                     "keep": cfg["pruning"]["target_macs_ratio"] if cfg["pruning"]["mode"] != "none" else 1.0})
-    if not rows:
+        config = trial_config(base_config, result.config)
+        status = "errored" if result.error else (
+            "completed" if metrics["epoch"] >= config["train"]["epochs"] else "stopped")
+        trials.append(Trial(sweep=name, trial_id=str(metrics.get("trial_id", "?")), trial_dir=Path(result.path),
+                            config=config, metrics=metrics, checkpoint=None, status=status))
+    if not trials:
         return "No trial reported a result (see the errors above)."
-    points = np.array([[r["val_acc"], r["macs"]] for r in rows], dtype=float)
-    on_front = pareto_mask(points, [True, False])
-    header = (f"{'trial':<12}{'val_acc':>8}{'f1':>7}{'MACs(M)':>9}{'params':>9}{'ep':>4}  {'kd':<4}{'T':>5}"
-              f"{'alpha':>6}{'mels':>5}{'width':>6}  {'pruning':<12}{'keep':>5}")
-
-    def line(r: dict[str, Any]) -> str:
-        kd = "on" if r["kd"] else "off"
-        return (f"{r['trial']:<12}{r['val_acc']:>8.3f}{r['val_macro_f1']:>7.3f}{r['macs'] / 1e6:>9.2f}"
-                f"{r['params']:>9,}{r['epochs']:>4}  {kd:<4}{r['T']:>5.1f}{r['alpha']:>6.2f}{r['n_mels']:>5}"
-                f"{r['width']:>6.2f}  {r['pruning']:<12}{r['keep']:>5.2f}")
-
+    rows = [trial_row(t) for t in trials]
+    columns = table_columns(rows, several_sweeps=False)
+    front = sorted((r for r, on in zip(rows, front_mask(trials)) if on), key=lambda r: r["macs"])
     best = max(rows, key=lambda r: r["val_acc"])
-    front = sorted((r for r, f in zip(rows, on_front) if f), key=lambda r: r["macs"])
-    return "\n".join([f"Trials with results: {len(rows)}", "", "Best by val_acc:", header, line(best), "",
-                      f"Pareto set (val_acc up, MACs down), {len(front)} trials:", header,
-                      *[line(r) for r in front]])
+    return "\n".join([f"Trials with results: {len(rows)}", "", "Best by val_acc:", format_table([best], columns), "",
+                      f"Pareto set (val_acc up, MACs down), {len(front)} trials:", format_table(front, columns)])
 
 
 @hydra.main(config_path="../conf", config_name="sweep", version_base="1.3")
@@ -200,7 +190,7 @@ def main(cfg: DictConfig) -> None:
     run_sweep(name, base_config, sweep, storage, resume=config["resume"])
 
 
-def max_epochs(base_config: dict[str, Any], space) -> int:
+def max_epochs(base_config: dict[str, Any], space: SearchSpace) -> int:
     from trainable.run_config import trial_config
 
     return trial_config(base_config, dict(space.fixed))["train"]["epochs"]
@@ -268,7 +258,7 @@ def run_sweep(name: str, base_config: dict[str, Any], sweep: dict[str, Any], sto
         write_state(storage, name, {"base_config": base_config, "sweep": sweep})
     results = tuner.fit()
     errors = [r for r in results if r.error]
-    print("\n" + summarize(results, base_config, space))
+    print("\n" + summarize(results, name, base_config))
     if errors:
         print(f"\n{len(errors)} trial(s) errored; their messages are in MLflow (tag 'error') and {exp_dir}.")
     print(f"\nRay results: {exp_dir}\nMLflow:      {tracking_uri} (experiment {name!r})\n"
