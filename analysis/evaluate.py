@@ -29,9 +29,8 @@ import torch
 from omegaconf import DictConfig
 
 from analysis.pareto import analyse, evaluation_headers, format_table, select_trials, summary
-from analysis.results import Trial, load_sweeps, write_evaluations
+from analysis.results import Trial, load_sweeps, sweep_data, write_evaluations
 from data_prep.cli import entry_point, plain
-from data_prep.dataset import prepare_data
 from data_prep.waveform_cache import WaveformData, load_clip
 from trainable.features import FeatureConfig, FeaturePipeline
 from trainable.run_config import pick_device
@@ -189,7 +188,7 @@ def main(cfg: DictConfig) -> None:
         trials = [t for t in chosen if t.sweep == sweep.name]
         if not trials:
             continue
-        data = prepare_data(sweep.base_config["data"], sweep.base_config["workdir"])
+        data = sweep_data(sweep, trials)
         extras = [load_extra_folder(f, data.sample_rate, data.clip_samples) for f in extra_folders]
         results = evaluate_trials(trials, data, extras, device, batch_size)
         write_evaluations(sweep.path, results)

@@ -26,9 +26,8 @@ import torch
 from omegaconf import DictConfig
 
 from analysis.pareto import format_table, select_trials
-from analysis.results import Trial, load_sweeps
+from analysis.results import Trial, load_sweeps, sweep_data
 from data_prep.cli import entry_point, plain
-from data_prep.dataset import prepare_data
 from data_prep.layout import atomic_write_text
 from data_prep.waveform_cache import WaveformData
 from trainable.features import FeatureConfig
@@ -118,7 +117,7 @@ def main(cfg: DictConfig) -> None:
         trials = [t for t in chosen if t.sweep == sweep.name]
         if not trials:
             continue
-        data = prepare_data(sweep.base_config["data"], sweep.base_config["workdir"])
+        data = sweep_data(sweep, trials)
         out_dir = sweep.path / EXPORT_DIR
         exports = {}
         for trial in trials:

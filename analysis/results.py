@@ -12,9 +12,12 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
+from data_prep.dataset import prepare_data
 from data_prep.layout import atomic_write_text
+from data_prep.waveform_cache import WaveformData, load_waveform_cache
 from sweeps.state import STATE_FILE, list_sweeps
 from trainable.run_config import CHECKPOINT_NAME, trial_config
 
@@ -138,3 +141,20 @@ def write_evaluations(sweep_dir: Path, evaluations: dict[str, dict[str, Any]]) -
     """Merge into the sweep's evaluation file: trials evaluated earlier and not now keep their entries."""
     merged = read_evaluations(sweep_dir) | evaluations
     atomic_write_text(Path(sweep_dir) / EVALUATION_FILE, json.dumps(merged, indent=2, sort_keys=True))
+
+
+def sweep_data(sweep: Sweep, trials: Sequence[Trial]) -> WaveformData:
+    """The waveform cache the trials were trained on (by the fingerprint in their checkpoints), without
+    re-materialising the dataset; rebuilt through prepare_data only if that cache is gone."""
+    import torch
+
+    workdir = Path(sweep.base_config["workdir"])
+    for trial in trials:
+        if trial.checkpoint is not None:
+            ckpt = torch.load(trial.checkpoint, map_location="cpu", weights_only=False)
+            cache_dir = workdir / "cache" / "waveforms" / ckpt.get("data_fingerprint", "")
+            if (cache_dir / "meta.json").is_file():
+                return load_waveform_cache(cache_dir)
+            break
+    log.warning("Waveform cache of sweep %s not found; preparing the data again", sweep.name)
+    return prepare_data(sweep.base_config["data"], workdir)
