@@ -144,7 +144,8 @@ def _decode_hub_audio(audio: Mapping[str, Any]) -> tuple[np.ndarray, int]:
 
 
 def stream_hub_nsynth(root: Path, hf_id: str, hf_splits: Mapping[str, str], families: Sequence[str],
-                      per_family: int | None, max_total_size_mb: float | None, seed: int) -> dict[str, int]:
+                      per_family: int | None, max_total_size_mb: float | None, seed: int,
+                      fractions: Mapping[str, float]) -> dict[str, int]:
     """Stream a hub dataset with NSynth's fields and materialise a capped subset into the layout.
 
     Audio is read undecoded (`Audio(decode=False)`) and decoded with soundfile, so no extra audio
@@ -154,8 +155,8 @@ def stream_hub_nsynth(root: Path, hf_id: str, hf_splits: Mapping[str, str], fami
 
     families = check_families(families)
     cap = notes_per_family(per_family, max_total_size_mb, len(families))
-    # Official NSynth splits are ~96/3/1 %; keep valid/test big enough to be useful.
-    per_split_cap = split_counts(cap, {"train": 0.7, "valid": 0.15, "test": 0.15})
+    # Official NSynth splits are ~96/3/1 %; data.split_fractions keeps valid/test big enough to be useful.
+    per_split_cap = split_counts(cap, check_fractions(fractions))
     stats = Counter()
     for split in SPLITS:
         if split not in hf_splits:
@@ -206,7 +207,8 @@ def materialize(data_cfg: Mapping[str, Any]) -> dict[str, int]:
         stats = {}
         if data_cfg.get("hf_id"):
             stats = stream_hub_nsynth(root, data_cfg["hf_id"], data_cfg["hf_splits"], data_cfg["families"],
-                                      data_cfg["per_family"], data_cfg["max_total_size_mb"], data_cfg["seed"])
+                                      data_cfg["per_family"], data_cfg["max_total_size_mb"], data_cfg["seed"],
+                                      data_cfg["split_fractions"])
         check_local_nsynth(root)
         return stats
     raise ValueError(f"Unknown data.source {source!r}; use data=gm_render or data=nsynth.")

@@ -63,9 +63,16 @@ def pruning_plan(pcfg: Mapping[str, Any], epochs: int) -> dict[int, float]:
     return dict(zip(epochs_at, ratios))
 
 
+def teacher_features(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The teacher's own features: teacher.features merged over the run's features."""
+    return {**config["features"], **(config["teacher"].get("features") or {})}
+
+
 def validate_config(config: Mapping[str, Any]) -> None:
     """Fail before any work for settings the run cannot honour; messages name the key and the fix."""
-    FeatureConfig.from_mapping(config["features"]).validate()
+    FeatureConfig.from_mapping(config["features"])  # validates on construction
+    if config["kd"]["enabled"] and config.get("teacher"):
+        FeatureConfig.from_mapping(teacher_features(config))
     tcfg, kcfg = config["train"], config["kd"]
     for key in ("epochs", "batch_size"):
         if int(tcfg[key]) < 1:

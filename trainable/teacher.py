@@ -27,14 +27,10 @@ from data_prep.layout import atomic_write_text
 from data_prep.waveform_cache import WaveformData
 from trainable.features import FeatureConfig
 from trainable.models import TeacherEnsemble, create_teacher, freeze
-from trainable.run_config import pick_device
+from trainable.run_config import pick_device, teacher_features
 from trainable.train import evaluate, load_checkpoint, make_pipeline, restore_model, train
 
 log = logging.getLogger(__name__)
-
-
-def teacher_features(config: dict[str, Any]) -> dict[str, Any]:
-    return {**config["features"], **(config["teacher"].get("features") or {})}
 
 
 def teacher_train_config(config: dict[str, Any]) -> dict[str, Any]:
