@@ -61,7 +61,6 @@ import torch
 import torchaudio.functional
 
 from data_prep.layout import FAMILIES as NSYNTH_FAMILIES
-from data_prep.layout import SOURCES as NSYNTH_SOURCES
 
 logger = logging.getLogger(__name__)
 

@@ -10,6 +10,8 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,18 +84,27 @@ class NoteRecord:
     path: Path
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via temp file + rename so a reader never sees a half-written file."""
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temp path next to `path` that replaces it once the block succeeds (removed if it fails).
+
+    Readers never see a half-written file, and concurrent writers (trials sharing a cache) each rename a
+    complete file into place. The temp name keeps the suffix, so np.save/sf.write/torch.save behave as usual.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        yield Path(tmp)
         os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; results should be readable like any other
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def write_examples(root: Path | str, split: str, examples: dict[str, dict[str, Any]]) -> Path:

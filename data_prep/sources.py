@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import random
-import tempfile
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -25,7 +24,7 @@ from tqdm import tqdm
 from data_prep import gm_render
 from data_prep.layout import (
     FAMILIES, FAMILY_INDEX, NSYNTH_SAMPLE_RATE, NSYNTH_SECONDS, SPLITS, available_splits, make_example,
-    split_dir, wav_path, write_examples,
+    atomic_path, split_dir, wav_path, write_examples,
 )
 from data_prep.splits import WAV_BYTES_PER_SECOND, assign_groups, check_families, check_fractions, split_counts
 
@@ -33,17 +32,9 @@ log = logging.getLogger(__name__)
 
 
 def write_wav(path: Path, audio: np.ndarray, sample_rate: int = NSYNTH_SAMPLE_RATE) -> None:
-    """16-bit PCM wav written via temp file + rename: an interrupted build leaves no half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".wav")
-    os.close(fd)
-    try:
+    """16-bit PCM wav written atomically: an interrupted build leaves no half file."""
+    with atomic_path(path) as tmp:
         sf.write(tmp, audio, sample_rate, subtype="PCM_16")
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def notes_per_family(per_family: int | None, max_total_size_mb: float | None, n_families: int) -> int:

@@ -205,9 +205,7 @@ def run_sweep(name: str, base_config: dict[str, Any], sweep: dict[str, Any], sto
     from sweeps.mlflow_logging import SweepMLflowCallback, ensure_experiment, flatten
     from sweeps.pareto_asha import ParetoASHA, ParetoASHAStateCallback
     from sweeps.tuning import default_scheduler, make_scheduler, make_searcher, num_samples, param_space
-    from trainable.run_config import validate_config
     from trainable.teacher import teacher_inputs
-    from trainable.run_config import trial_config
     from trainable.tune_trainable import run_trial
 
     space = load_space(sweep["space"], flatten(base_config), accepted_values())

@@ -13,7 +13,6 @@ import soundfile as sf
 from data_prep.dataset import prepare_data, summary_table
 from data_prep.layout import FAMILIES, NOTE_STR_RE, REQUIRED_FIELDS, read_layout, split_dir, wav_path
 from data_prep.splits import select, split_counts
-from data_prep.waveform_cache import build_waveform_cache
 from tests.nsynth_fixtures import SAMPLE_EXAMPLES, synth_note, write_official_layout
 
 FIVE = ["bass", "keyboard", "reed", "string", "vocal"]  # the families of the released sample

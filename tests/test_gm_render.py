@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from data_prep import gm_render
+from data_prep.layout import FAMILIES as NSYNTH_FAMILIES
+from data_prep.layout import SOURCES as NSYNTH_SOURCES
 from data_prep.gm_render import (
     GM_PROGRAM_FAMILIES,
-    NSYNTH_FAMILIES,
-    NSYNTH_SOURCES,
     NSYNTH_VELOCITIES,
     PROGRAM_PITCH_RANGE,
     SKIPPED_PROGRAMS,

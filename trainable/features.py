@@ -15,8 +15,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import tempfile
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -27,6 +25,8 @@ import torch
 import torchaudio
 from torch import nn
 from tqdm import tqdm
+
+from data_prep.layout import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -312,9 +312,7 @@ def _build_logmel_cache(
     batch_size: int,
 ) -> None:
     log.info("building log-mel cache %s for %d clips on %s", path, shape[0], device)
-    fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f"{path.stem}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as temp_name:
         # Written batch by batch into a memory map, so a large split never needs two copies in RAM.
         out = np.lib.format.open_memmap(temp_name, mode="w+", dtype=np.float32, shape=shape)
         logmel = LogMel(cfg).to(device).eval()
@@ -325,10 +323,6 @@ def _build_logmel_cache(
                 progress.update(len(batch))
         out.flush()
         del out
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
 
 
 class FeatureBatch(NamedTuple):

@@ -12,8 +12,6 @@ import copy
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +21,7 @@ import torch
 from omegaconf import DictConfig
 
 from data_prep.cli import entry_point, plain
-from data_prep.layout import atomic_write_text
+from data_prep.layout import atomic_path, atomic_write_text
 from data_prep.waveform_cache import WaveformData
 from trainable.features import FeatureConfig
 from trainable.models import TeacherEnsemble, create_teacher, freeze
@@ -136,10 +134,8 @@ def teacher_logits(config: dict[str, Any], data: WaveformData) -> torch.Tensor:
     model = model.to(device)
     with torch.no_grad():
         logits = torch.cat([model(b.features).float().cpu() for b in pipe.batches(256, train=False)])
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".logits.", suffix=".npy")
-    os.close(fd)
-    np.save(tmp, logits.numpy())
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        np.save(tmp, logits.numpy())
     log.info("Cached teacher logits for %d train clips: %s", len(logits), path)
     return logits
 

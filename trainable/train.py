@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from data_prep.cli import entry_point, plain
-from data_prep.layout import atomic_write_text
+from data_prep.layout import atomic_path, atomic_write_text
 from data_prep.waveform_cache import WaveformData
 from trainable.features import FeatureConfig, FeaturePipeline, LogMel
 from trainable.kd import kd_loss
@@ -108,11 +108,9 @@ def set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """torch.save via temp file + rename: a kill mid-write never leaves a broken checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """Atomic torch.save: a kill mid-write never leaves a broken checkpoint."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load_checkpoint(path: Path | str) -> dict[str, Any]:
