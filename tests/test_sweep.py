@@ -20,7 +20,10 @@ TINY = ["data.per_family=12", "data.families=[bass,keyboard,organ]", "data.clip_
 
 
 def sweep_cmd(workdir: Path, *args: str) -> list[str]:
-    return [sys.executable, str(ROOT / "sweeps" / "run.py"), f"workdir={workdir}", *TINY, *args]
+    """The real CLI on tiny data; keys given in args replace TINY's."""
+    given = {a.split("=", 1)[0] for a in args}
+    tiny = [t for t in TINY if t.split("=", 1)[0] not in given]
+    return [sys.executable, str(ROOT / "sweeps" / "run.py"), f"workdir={workdir}", *tiny, *args]
 
 
 def mlflow_runs(workdir: Path, experiment: str) -> list[tuple[str, str]]:
@@ -66,14 +69,15 @@ def test_quick_sweep_end_to_end_logs_every_trial_to_mlflow(tmp_path):
 def test_killed_sweep_resumes_from_checkpoints_without_duplicate_runs(tmp_path):
     exp_dir = tmp_path / "ray_results" / "kr"
     driver = subprocess.Popen(sweep_cmd(tmp_path, "space=quick", "num_samples=4", "name=kr",
-                                        "resources.max_concurrent_trials=2", "train.epochs=4",
-                                        "scheduler.name=fifo"),
+                                        "resources.max_concurrent_trials=2", "scheduler.name=fifo",
+                                        "train.batch_size=4"),  # slower epochs: room to kill mid-trial
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT, start_new_session=True)
     deadline = time.time() + 400
     try:
         while time.time() < deadline:  # kill once some trial has a checkpoint but is not finished
             epochs = trial_epochs(exp_dir) if exp_dir.is_dir() else {}
-            if any(0 < len(e) < 3 for e in epochs.values()):
+            if any(len(e) == 1 for e in epochs.values()):  # two epochs of margin before it could finish
+                time.sleep(0.5)  # let Tune record the epoch-1 checkpoint in its experiment state
                 break
             time.sleep(0.5)
         else:
@@ -87,9 +91,10 @@ def test_killed_sweep_resumes_from_checkpoints_without_duplicate_runs(tmp_path):
                          timeout=600, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     epochs = trial_epochs(exp_dir)
-    assert len(epochs) == 4 and all(e == [1, 2, 3] for e in epochs.values()), epochs  # quick: 3 epochs
-    # the interrupted trials continued from their checkpoints: no epoch was reported twice
-    assert all(sorted(set(epochs[k])) == epochs[k] for k in interrupted)
+    assert len(epochs) == 4 and all(e[-1] == 3 and sorted(set(e)) == [1, 2, 3] for e in epochs.values()), epochs
+    # the interrupted trials continued from a checkpoint instead of restarting at epoch 1 (Tune may replay
+    # the one epoch whose result arrived between its last state snapshot and the kill)
+    assert all(epochs[k].count(1) == 1 for k in interrupted), epochs
     runs = mlflow_runs(tmp_path, "kr")
     assert len(runs) == 4 and all(status == "FINISHED" for _, status in runs)
 
