@@ -61,6 +61,7 @@ import torch
 import torchaudio.functional
 
 from data_prep.layout import FAMILIES as NSYNTH_FAMILIES
+from data_prep.layout import make_note_str
 
 logger = logging.getLogger(__name__)
 
@@ -282,7 +283,7 @@ class NoteSpec:
         object.__setattr__(self, "family", family)
         object.__setattr__(self, "source", source)
         object.__setattr__(self, "instrument_str", instrument_str)
-        object.__setattr__(self, "note_str", f"{instrument_str}-{self.pitch:03d}-{self.velocity:03d}")
+        object.__setattr__(self, "note_str", make_note_str(instrument_str, self.pitch, self.velocity))
 
 
 def _allocate_evenly(capacities: dict[int, int], total: int, rng: np.random.Generator) -> dict[int, int]:

@@ -23,10 +23,10 @@ from tqdm import tqdm
 
 from data_prep import gm_render
 from data_prep.layout import (
-    FAMILIES, FAMILY_INDEX, NSYNTH_SAMPLE_RATE, NSYNTH_SECONDS, SPLITS, available_splits, make_example,
+    FAMILIES, FAMILY_INDEX, NSYNTH_SAMPLE_RATE, NSYNTH_SECONDS, SOURCES, SPLITS, available_splits, make_example,
     atomic_path, split_dir, wav_path, write_examples,
 )
-from data_prep.splits import WAV_BYTES_PER_SECOND, assign_groups, check_families, check_fractions, split_counts
+from data_prep.splits import assign_groups, check_families, check_fractions, size_cap_per_family, split_counts
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def write_wav(path: Path, audio: np.ndarray, sample_rate: int = NSYNTH_SAMPLE_RA
 def notes_per_family(per_family: int | None, max_total_size_mb: float | None, n_families: int) -> int:
     size_cap = None
     if max_total_size_mb is not None:
-        size_cap = int(max_total_size_mb * 2**20 / (NSYNTH_SECONDS * WAV_BYTES_PER_SECOND) / n_families)
+        size_cap = size_cap_per_family(max_total_size_mb, n_families, NSYNTH_SECONDS)
     caps = [c for c in (per_family, size_cap) if c is not None]
     if not caps:
         raise ValueError("Set data.per_family or data.max_total_size_mb: rendering needs a bound.")
@@ -118,7 +118,7 @@ def _example_from_hub(row: Mapping[str, Any]) -> dict[str, Any]:
         family = FAMILIES[int(row["instrument_family"])]
     if family not in FAMILY_INDEX:
         raise ValueError(f"hub row has no usable instrument family ({row.get('instrument_family')!r})")
-    source = row.get("instrument_source_str") or ("acoustic", "electronic", "synthetic")[int(row["instrument_source"])]
+    source = row.get("instrument_source_str") or SOURCES[int(row["instrument_source"])]
     pitch, velocity = int(row["pitch"]), int(row["velocity"])
     instrument_str = row.get("instrument_str") or f"{family}_{source}_{int(row['instrument']) % 1000:03d}"
     qualities = tuple(row.get("qualities_str") or ())

@@ -15,6 +15,11 @@ log = logging.getLogger(__name__)
 WAV_BYTES_PER_SECOND = 16000 * 2  # 16 kHz, 16-bit mono
 
 
+def size_cap_per_family(max_total_size_mb: float, n_families: int, file_seconds: float) -> int:
+    """Notes per family that fit data.max_total_size_mb as 16-bit wavs of file_seconds each."""
+    return int(max_total_size_mb * 2**20 / (file_seconds * WAV_BYTES_PER_SECOND) / n_families)
+
+
 def check_families(families: Sequence[str]) -> list[str]:
     unknown = [f for f in families if f not in FAMILIES]
     if unknown:
@@ -112,7 +117,7 @@ def select(records: Sequence[NoteRecord], families: Sequence[str], per_family: i
             f"(e.g. data.families=[{','.join(sorted(present))}]) or add their notes to the dataset."
         )
     if max_total_size_mb is not None:
-        size_cap = int(max_total_size_mb * 2**20 / (clip_file_seconds * WAV_BYTES_PER_SECOND) / len(families))
+        size_cap = size_cap_per_family(max_total_size_mb, len(families), clip_file_seconds)
         if per_family is None or size_cap < per_family:
             log.warning("data.max_total_size_mb=%s limits each family to %d notes", max_total_size_mb, size_cap)
             per_family = size_cap

@@ -227,21 +227,19 @@ def run_sweep(name: str, base_config: dict[str, Any], sweep: dict[str, Any], sto
     tracking_uri = sweep["mlflow"]["tracking_uri"]
     ensure_experiment(tracking_uri, name, workdir / "mlflow-artifacts" / name)
     objective = sweep["search"]["objective"]
-    scheduler_name = sweep["scheduler"]["name"] or default_scheduler(space, objective)
-    scheduler = make_scheduler(scheduler_name, objective, max_epochs(base_config, space),
-                               sweep["scheduler"]["grace_period"], sweep["scheduler"]["reduction_factor"])
-    callback = SweepMLflowCallback(tracking_uri, name, base_config, tags={
-        "space": sweep["space"], "sampler": sweep["search"]["sampler"],
-        "scheduler": scheduler_name})
-    callbacks = [callback] + ([ParetoASHAStateCallback(scheduler)] if isinstance(scheduler, ParetoASHA) else [])
-    run_config = tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks, verbose=1,
-                                checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
-
     if resume:
         log.info("Resuming sweep %s from %s", name, exp_dir)
         # scheduler, searcher and callbacks come back from the sweep's own pickled state (tuner.pkl)
         tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_errored=True)
     else:
+        scheduler_name = sweep["scheduler"]["name"] or default_scheduler(space, objective)
+        scheduler = make_scheduler(scheduler_name, objective, max_epochs(base_config, space),
+                                   sweep["scheduler"]["grace_period"], sweep["scheduler"]["reduction_factor"])
+        callback = SweepMLflowCallback(tracking_uri, name, base_config, tags={
+            "space": sweep["space"], "sampler": sweep["search"]["sampler"], "scheduler": scheduler_name})
+        callbacks = [callback] + ([ParetoASHAStateCallback(scheduler)] if isinstance(scheduler, ParetoASHA) else [])
+        run_config = tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks, verbose=1,
+                                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
         tuner = tune.Tuner(
             trainable,
             param_space=param_space(space),

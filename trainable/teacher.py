@@ -99,13 +99,14 @@ def _trained_teacher(config: dict[str, Any], data: WaveformData, out_dir: Path) 
     """Train the teacher once (resuming an interrupted training) and return it frozen."""
     ckpt_path = out_dir / "checkpoint" / "checkpoint.pt"
     tconfig = teacher_train_config(config)
-    done = ckpt_path.is_file() and load_checkpoint(ckpt_path)["epoch"] + 1 >= tconfig["train"]["epochs"]
-    if not done:
+    ckpt = load_checkpoint(ckpt_path) if ckpt_path.is_file() else None
+    if ckpt is None or ckpt["epoch"] + 1 < tconfig["train"]["epochs"]:
         log.info("Training teacher %s for %d epochs into %s", config["teacher"]["name"],
                  tconfig["train"]["epochs"], out_dir)
-        train(tconfig, data, out_dir, resume_from=ckpt_path if ckpt_path.is_file() else None,
+        train(tconfig, data, out_dir, resume_from=ckpt_path if ckpt is not None else None,
               model_spec={"role": "teacher", "name": config["teacher"]["name"]})
-    return freeze(restore_model(load_checkpoint(ckpt_path))), FeatureConfig.from_mapping(tconfig["features"])
+        ckpt = load_checkpoint(ckpt_path)
+    return freeze(restore_model(ckpt)), FeatureConfig.from_mapping(tconfig["features"])
 
 
 def write_teacher_metrics(model: torch.nn.Module, feats: FeatureConfig, config: dict[str, Any],
@@ -161,8 +162,8 @@ def main(cfg: DictConfig) -> None:
 
     config = plain(cfg)
     data = prepare_data(config["data"], config["workdir"])
-    _, _, out_dir = ensure_teacher(config, data)
-    teacher_logits(config, data)
+    teacher_logits(config, data)  # trains or loads the teacher, writes metrics.json, caches the logits
+    out_dir = teacher_dir(config, data)
     metrics = json.loads((out_dir / "metrics.json").read_text()) if (out_dir / "metrics.json").is_file() else {}
     print(f"\nTeacher {config['teacher']['name']} in {out_dir}")
     for key, value in metrics.items():
