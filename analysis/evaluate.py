@@ -30,7 +30,7 @@ from omegaconf import DictConfig
 
 from analysis.pareto import analyse, evaluation_headers, format_table, select_trials, summary
 from analysis.results import Trial, load_sweeps, sweep_data, write_evaluations
-from data_prep.cli import entry_point, plain
+from common.cli import entry_point, plain
 from data_prep.waveform_cache import WaveformData, load_clip
 from trainable.features import FeatureConfig, FeaturePipeline
 from trainable.run_config import pick_device

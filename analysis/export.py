@@ -27,8 +27,8 @@ from omegaconf import DictConfig
 
 from analysis.pareto import format_table, select_trials
 from analysis.results import Trial, load_sweeps, sweep_data
-from data_prep.cli import entry_point, plain
-from data_prep.layout import atomic_write_text
+from common.cli import entry_point, plain
+from common.io import atomic_write_text
 from data_prep.waveform_cache import WaveformData
 from trainable.features import FeatureConfig
 from trainable.train import load_checkpoint, make_pipeline, restore_model

@@ -26,9 +26,9 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from analysis.front import hypervolume, pareto_mask
+from common.front import hypervolume, pareto_mask
 from analysis.results import Sweep, Trial, load_sweeps, read_evaluations
-from data_prep.cli import entry_point, plain
+from common.cli import entry_point, plain
 
 THIRD_OBJECTIVES = (None, "params")
 # Reference point of the hypervolume: accuracy 0 and this multiple of the largest MACs (params) seen.

@@ -16,9 +16,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from data_prep.dataset import prepare_data
-from data_prep.layout import atomic_write_text
+from common.io import atomic_write_text
 from data_prep.waveform_cache import WaveformData, load_waveform_cache
-from sweeps.state import STATE_FILE, list_sweeps
+from common.sweep_layout import STATE_FILE, list_sweeps
 from trainable.run_config import CHECKPOINT_NAME, trial_config
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 
-from data_prep.cli import plain
+from common.cli import plain
 from data_prep.dataset import prepare_data
 from data_prep.waveform_cache import WaveformData
 from trainable.features import FeatureConfig

@@ -7,7 +7,7 @@ import json
 import hydra
 from omegaconf import DictConfig
 
-from data_prep.cli import entry_point, plain
+from common.cli import entry_point, plain
 from data_prep.dataset import prepare_data, summary_table
 
 

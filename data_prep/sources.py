@@ -21,10 +21,11 @@ import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
+from common.io import atomic_path
 from data_prep import gm_render
 from data_prep.layout import (
     FAMILIES, FAMILY_INDEX, NSYNTH_SAMPLE_RATE, NSYNTH_SECONDS, SOURCES, SPLITS, available_splits, make_example,
-    atomic_path, split_dir, wav_path, write_examples,
+    split_dir, wav_path, write_examples,
 )
 from data_prep.splits import assign_groups, check_families, check_fractions, size_cap_per_family, split_counts
 

@@ -23,7 +23,8 @@ import torch
 import torchaudio.functional as AF
 from tqdm import tqdm
 
-from data_prep.layout import SPLITS, NoteRecord, atomic_write_text
+from common.io import atomic_write_text
+from data_prep.layout import SPLITS, NoteRecord
 
 log = logging.getLogger(__name__)
 

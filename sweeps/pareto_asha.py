@@ -33,7 +33,7 @@ from ray.tune import Callback
 from ray.tune.experiment import Trial
 from ray.tune.schedulers.trial_scheduler import FIFOScheduler, TrialScheduler
 
-from analysis.front import crowding_distance, non_dominated_sort
+from common.front import crowding_distance, non_dominated_sort
 
 if TYPE_CHECKING:
     from ray.tune.execution.tune_controller import TuneController

@@ -21,8 +21,8 @@ os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from data_prep.cli import entry_point, plain  # noqa: E402
-from sweeps.state import list_sweeps, normalize_storage, read_state, sweep_exists, sweep_uri, write_state  # noqa: E402
+from common.cli import entry_point, plain  # noqa: E402
+from common.sweep_layout import list_sweeps, normalize_storage, read_state, sweep_exists, sweep_uri, write_state  # noqa: E402
 
 if TYPE_CHECKING:
     from search_spaces.schema import SearchSpace

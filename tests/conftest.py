@@ -23,7 +23,7 @@ def tiny_config(tmp_path_factory) -> dict:
     """The real composed Hydra config, shrunk: 3 families rendered from the GM SoundFont, 0.5 s clips."""
     from hydra import compose, initialize_config_dir
 
-    from data_prep.cli import plain
+    from common.cli import plain
 
     workdir = tmp_path_factory.mktemp("work")
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from analysis.front import hypervolume, pareto_mask
+from common.front import hypervolume, pareto_mask
 from data_prep.layout import make_example
 from tests.nsynth_fixtures import synth_note
 from tests.test_sweep import ROOT, sweep_cmd

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from analysis.front import crowding_distance, hypervolume, non_dominated_sort, pareto_mask
+from common.front import crowding_distance, hypervolume, non_dominated_sort, pareto_mask
 
 ACC_VS_MACS = [True, False]  # maximise accuracy, minimise MACs
 

@@ -115,7 +115,7 @@ def test_cli_errors_are_one_clear_line_before_work_starts(tmp_path, args, messag
 def test_invalid_space_and_unwritable_workdir(tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from data_prep.cli import plain
+    from common.cli import plain
     from search_spaces.schema import load_space
     from sweeps.mlflow_logging import flatten
     from sweeps.run import accepted_values, check_space_configs, check_workdir
@@ -156,7 +156,7 @@ def test_grid_spaces_default_to_one_fifo_pass_and_searches_to_pareto_asha():
 
 
 def test_sweep_state_goes_through_pyarrow_filesystems(tmp_path):
-    from sweeps.state import list_sweeps, read_state, sweep_exists, sweep_uri, write_state
+    from common.sweep_layout import list_sweeps, read_state, sweep_exists, sweep_uri, write_state
 
     assert sweep_uri("s3://bucket/sweeps/", "kd") == "s3://bucket/sweeps/kd"  # URIs are not mangled by pathlib
     storage = f"file://{tmp_path}"

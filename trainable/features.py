@@ -26,7 +26,7 @@ import torchaudio
 from torch import nn
 from tqdm import tqdm
 
-from data_prep.layout import atomic_path
+from common.io import atomic_path
 
 log = logging.getLogger(__name__)
 

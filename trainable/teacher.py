@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from data_prep.cli import entry_point, plain
-from data_prep.layout import atomic_path, atomic_write_text
+from common.cli import entry_point, plain
+from common.io import atomic_path, atomic_write_text
 from data_prep.waveform_cache import WaveformData
 from trainable.features import FeatureConfig
 from trainable.models import TeacherEnsemble, create_teacher, freeze

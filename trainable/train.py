@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from data_prep.cli import entry_point, plain
-from data_prep.layout import atomic_path, atomic_write_text
+from common.cli import entry_point, plain
+from common.io import atomic_path, atomic_write_text
 from data_prep.waveform_cache import WaveformData
 from trainable.features import FeatureConfig, FeaturePipeline, LogMel
 from trainable.kd import kd_loss

@@ -1,0 +1,51 @@
+"""The sweep's objectives, defined once: the searcher, ParetoASHA, the end-of-sweep summary and every
+analysis script rank trials on exactly these result keys.
+
+MACs are `target_macs`, the MACs the trial's pruning schedule reaches at its end. It is known from epoch 1,
+so a trial stopped early (or before its pruning step) is ranked on the model it was going to become, in
+the search and in the report alike; a finished trial's `target_macs` equals its measured `macs`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from common.front import pareto_mask
+
+ACCURACY = "val_acc"
+MACS = "target_macs"
+# result key -> "max" | "min", in the order the searcher and the scheduler receive them.
+OBJECTIVES: dict[str, str] = {ACCURACY: "max", MACS: "min"}
+SINGLE_OBJECTIVE: dict[str, str] = {ACCURACY: "max"}
+# Optional third objective of the analysis front (lower is better).
+THIRD_OBJECTIVES: dict[str, str] = {"params": "min"}
+# Axis labels and table headers that say which quantity is meant.
+LABELS: dict[str, str] = {ACCURACY: "validation accuracy", MACS: "MACs at the end of the pruning schedule",
+                          "params": "parameters"}
+
+
+def objectives(search_objective: str = "multi", third_objective: str | None = None) -> dict[str, str]:
+    """The objectives of a sweep (`search.objective` multi|single) or of a front (plus an optional third)."""
+    if search_objective not in ("multi", "single"):
+        raise ValueError(f"search.objective={search_objective!r}; use multi or single.")
+    if third_objective is not None and third_objective not in THIRD_OBJECTIVES:
+        raise ValueError(f"objectives.third_objective={third_objective!r} is not supported; "
+                         f"use one of {[None, *THIRD_OBJECTIVES]} (null = accuracy vs MACs only).")
+    chosen = dict(OBJECTIVES if search_objective == "multi" else SINGLE_OBJECTIVE)
+    if third_objective:
+        chosen[third_objective] = THIRD_OBJECTIVES[third_objective]
+    return chosen
+
+
+def objective_points(results: Sequence[Mapping[str, Any]], chosen: Mapping[str, str]) -> np.ndarray:
+    """(n_results, n_objectives) array of the chosen result keys (NaN where a result lacks one)."""
+    rows = [[float(result.get(key, np.nan)) for key in chosen] for result in results]
+    return np.array(rows, dtype=float).reshape(-1, len(chosen))
+
+
+def front_mask(results: Sequence[Mapping[str, Any]], chosen: Mapping[str, str] = OBJECTIVES) -> np.ndarray:
+    """Which results are non-dominated under the chosen objectives."""
+    return pareto_mask(objective_points(results, chosen), [mode == "max" for mode in chosen.values()])
