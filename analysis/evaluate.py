@@ -32,9 +32,11 @@ from analysis.pareto import analyse, evaluation_headers, format_table, select_tr
 from analysis.results import Trial, load_sweeps, sweep_data, write_evaluations
 from common.cli import entry_point, plain
 from data_prep.waveform_cache import WaveformData, load_clip
-from trainable.features import FeatureConfig, FeaturePipeline
+from common.config import FeatureConfig
+from trainable.features.pipeline import FeaturePipeline
 from trainable.run_config import pick_device
-from trainable.train import amp_settings, evaluate, load_checkpoint, make_pipeline, restore_model
+from trainable.checkpoints import load_checkpoint, restore_model
+from trainable.evaluation import amp_settings, evaluate, make_pipeline
 
 log = logging.getLogger("analysis.evaluate")
 
@@ -139,7 +141,7 @@ def evaluate_trial(trial: Trial, data: WaveformData, extras: Sequence[ExtraSet],
     if data_changed:
         log.warning("trial %s was trained on waveform cache %s, the data is now %s: files changed since the sweep",
                     trial.trial_id, ckpt.get("data_fingerprint"), data.fingerprint)
-    return {"checkpoint": str(trial.checkpoint), "epoch": ckpt["epoch"] + 1, "test_acc": test["acc"],
+    return {"checkpoint": str(trial.checkpoint), "epoch": ckpt["epoch"], "test_acc": test["acc"],
             "test_macro_f1": test["macro_f1"], "test_n": len(data.splits["test"]), "data_changed": data_changed,
             "extra": {e.label: score_extra(model, e, ckpt["classes"], feats, device, batch_size, workdir)
                       for e in extras},

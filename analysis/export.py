@@ -30,8 +30,9 @@ from analysis.results import Trial, load_sweeps, sweep_data
 from common.cli import entry_point, plain
 from common.io import atomic_write_text
 from data_prep.waveform_cache import WaveformData
-from trainable.features import FeatureConfig
-from trainable.train import load_checkpoint, make_pipeline, restore_model
+from common.config import FeatureConfig
+from trainable.checkpoints import load_checkpoint, restore_model
+from trainable.evaluation import make_pipeline
 
 log = logging.getLogger("analysis.export")
 

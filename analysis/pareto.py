@@ -413,7 +413,7 @@ def log_to_mlflow(tracking_uri: str, sweep: Sweep, files: Sequence[Path], metric
     """Log the files into the sweep's experiment, in one `analysis` run reused by later analyses."""
     from mlflow.tracking import MlflowClient
 
-    from sweeps.mlflow_logging import ensure_experiment
+    from common.tracking import ensure_experiment
 
     artifact_root = Path(sweep.base_config["workdir"]).resolve() / "mlflow-artifacts" / sweep.name
     experiment_id = ensure_experiment(tracking_uri, sweep.name, artifact_root)

@@ -19,7 +19,8 @@ from data_prep.dataset import prepare_data
 from common.io import atomic_write_text
 from data_prep.waveform_cache import WaveformData, load_waveform_cache
 from common.sweep_layout import STATE_FILE, list_sweeps
-from trainable.run_config import CHECKPOINT_NAME, trial_config
+from trainable.checkpoints import CHECKPOINT_NAME
+from trainable.run_config import trial_config
 
 log = logging.getLogger(__name__)
 

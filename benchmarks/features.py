@@ -2,7 +2,7 @@
 
 Baseline (seed style): a Dataset that reads one wav per item with soundfile, trims it to the
 clip length and runs torchaudio's MelSpectrogram + log, in DataLoader workers.
-Pipeline: trainable.features.FeaturePipeline over a waveform array (what data_prep caches),
+Pipeline: trainable.features.pipeline.FeaturePipeline over a waveform array (what data_prep caches),
 first epoch building the log-mel cache, later epochs slicing it and applying SpecAugment on
 the device. Both use the same synthetic clips on the same machine in one run.
 
@@ -25,7 +25,8 @@ import torch
 import torchaudio
 from torch.utils.data import DataLoader, Dataset
 
-from trainable.features import FeatureConfig, FeaturePipeline
+from common.config import FeatureConfig
+from trainable.features.pipeline import FeaturePipeline
 
 NUM_CLASSES = 11
 

@@ -1,4 +1,4 @@
-"""What every Hydra entry point shares: plain-dict config, logging, one-line user errors."""
+"""What every Hydra entry point shares: the typed config registered, plain-dict config, logging, one-line user errors."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+import common.config  # noqa: F401  (registers the structured configs before Hydra composes)
+
 log = logging.getLogger(__name__)
 
 # Mistakes a user can fix from the message alone: no traceback, exit code 2.
@@ -18,7 +20,7 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, 
 
 def plain(cfg: DictConfig) -> dict[str, Any]:
     """Resolved plain-dict config: picklable for Ray, loggable to MLflow, no OmegaConf in library code."""
-    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True, enum_to_str=True)
 
 
 def entry_point(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:

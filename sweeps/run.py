@@ -22,16 +22,13 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from common.cli import entry_point, plain  # noqa: E402
+from common.config import accepted_values, run_section  # noqa: E402
 from common.sweep_layout import list_sweeps, normalize_storage, read_state, sweep_exists, sweep_uri, write_state  # noqa: E402
 
 if TYPE_CHECKING:
     from search_spaces.schema import SearchSpace
 
 log = logging.getLogger("sweeps.run")
-
-SWEEP_KEYS = ("space", "num_samples", "name", "resume", "storage_path", "search", "scheduler", "resources",
-              "ray", "mlflow")
-
 
 def check_workdir(workdir: Path) -> None:
     try:
@@ -43,28 +40,14 @@ def check_workdir(workdir: Path) -> None:
         raise PermissionError(f"workdir={workdir} is not writable ({err.strerror}); pass workdir=<a writable dir>.")
 
 
-def accepted_values() -> dict[str, Any]:
-    """Categorical values the code accepts, taken from the code's own registries."""
-    from trainable.models import STUDENT_ARCHS, TEACHER_ARCHS
-    from trainable.pruning import IMPORTANCES, PRUNING_MODES, SCHEDULES
-    from trainable.run_config import available_scenarios
-
-    return {"student.arch": STUDENT_ARCHS, "teacher.name": TEACHER_ARCHS, "pruning.mode": PRUNING_MODES,
-            "pruning.schedule": SCHEDULES, "pruning.importance": tuple(IMPORTANCES),
-            "kd.teacher_logits": ("cached", "online"), "kd.enabled": (True, False),
-            "scenario": tuple(available_scenarios()), "features.normalize": ("per_band", "global", "none")}
-
-
 def may_use_kd(space: SearchSpace, base_config: dict[str, Any]) -> bool:
     """Whether any trial of the space can run with KD (then the teacher is prepared up front)."""
     from trainable.run_config import trial_config
 
     if space.searcher == "grid":
         return any(trial_config(base_config, {"grid_point": point})["kd"]["enabled"] for point in space.grid())
-    values = [space.fixed.get("kd.enabled", base_config["kd"]["enabled"])]
-    if "kd.enabled" in space.params:
-        values += list(getattr(space.params["kd.enabled"], "values", ()) or (True,))
-    return any(values)
+    possible = space.possible_values("kd.enabled")
+    return any(possible) if possible is not None else bool(base_config["kd"]["enabled"])
 
 
 def check_space_configs(space: SearchSpace, base_config: dict[str, Any], samples: int = 200) -> None:
@@ -72,8 +55,7 @@ def check_space_configs(space: SearchSpace, base_config: dict[str, Any], samples
     so impossible combinations (e.g. pruning steps beyond train.epochs) fail now, not in every trial."""
     import optuna
 
-    from trainable.run_config import validate_config
-    from trainable.run_config import trial_config
+    from trainable.run_config import trial_config, validate_config
 
     if space.searcher == "grid":
         points = [{"grid_point": p} for p in space.grid()]
@@ -133,8 +115,10 @@ def start_ray(address: str | None, num_cpus: int | None, gpus: float) -> None:
 
 
 def sweep_settings(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(base run config, sweep settings): the first is what every trial starts from."""
-    return ({k: v for k, v in config.items() if k not in SWEEP_KEYS}, {k: config[k] for k in SWEEP_KEYS})
+    """(base run config, sweep settings): the RunConfig fields are what every trial starts from; the rest
+    (SweepConfig's own fields) stays with the driver and never reaches trials or MLflow params."""
+    base = run_section(config)
+    return base, {k: v for k, v in config.items() if k not in base}
 
 
 def summarize(results: Any, name: str, base_config: dict[str, Any]) -> str:
@@ -193,7 +177,7 @@ def main(cfg: DictConfig) -> None:
 def max_epochs(base_config: dict[str, Any], space: SearchSpace) -> int:
     from trainable.run_config import trial_config
 
-    return trial_config(base_config, dict(space.fixed))["train"]["epochs"]
+    return trial_config(base_config, dict(space.pinned))["train"]["epochs"]
 
 
 def run_sweep(name: str, base_config: dict[str, Any], sweep: dict[str, Any], storage: str, resume: bool) -> None:
@@ -202,7 +186,8 @@ def run_sweep(name: str, base_config: dict[str, Any], sweep: dict[str, Any], sto
 
     from data_prep.dataset import prepare_data
     from search_spaces.schema import load_space
-    from sweeps.mlflow_logging import SweepMLflowCallback, ensure_experiment, flatten
+    from common.tracking import ensure_experiment, flatten
+    from sweeps.mlflow_logging import SweepMLflowCallback
     from sweeps.pareto_asha import ParetoASHA, ParetoASHAStateCallback
     from sweeps.tuning import default_scheduler, make_scheduler, make_searcher, num_samples, param_space
     from trainable.teacher import teacher_inputs

@@ -138,7 +138,7 @@ def test_export_front_to_onnx_matches_pytorch(workdir):
     import torch
 
     from analysis.results import load_sweep
-    from trainable.train import load_checkpoint, restore_model
+    from trainable.checkpoints import load_checkpoint, restore_model
 
     out = run("export.py", workdir, f"name={SWEEP}", "trial=front")
     assert out.returncode == 0, out.stderr[-3000:]

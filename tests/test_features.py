@@ -7,15 +7,10 @@ import torch
 import torchaudio
 from omegaconf import OmegaConf
 
-from trainable.features import (
-    FeatureConfig,
-    FeaturePipeline,
-    LogMel,
-    SpecAugment,
-    WaveformAugment,
-    cached_logmel,
-    feature_fingerprint,
-)
+from common.config import FeatureConfig
+from trainable.features.cache import cached_logmel, feature_fingerprint
+from trainable.features.pipeline import FeaturePipeline
+from trainable.features.transforms import LogMel, SpecAugment, WaveformAugment
 
 SAMPLE_RATE = 16000
 

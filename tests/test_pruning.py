@@ -27,8 +27,8 @@ def _n_params(model: nn.Module) -> int:
 def _assert_on_target(model: nn.Module, step: PruneStep, base_macs: int, input_shape: tuple[int, ...]) -> None:
     macs, params = count_macs_params(model, input_shape)  # measured independently of what prune_to_macs says
     assert (macs, params) == (step.macs, step.params)
-    assert macs / base_macs == pytest.approx(step.target_keep_ratio, rel=MACS_TOLERANCE)
-    assert step.keep_ratio_reached == pytest.approx(macs / base_macs)
+    assert macs / base_macs == pytest.approx(step.target_macs_ratio, rel=MACS_TOLERANCE)
+    assert step.macs_ratio_reached == pytest.approx(macs / base_macs)
     with torch.no_grad():
         assert model(torch.randn(2, *input_shape[1:])).shape == (2, 11)
 
@@ -139,7 +139,7 @@ def test_unreachable_target_and_bad_arguments_raise():
         prune_to_macs(model, example, base_macs, 0.5, importance="l3")
     with pytest.raises(ValueError, match="calibration"):
         prune_to_macs(model, example, base_macs, 0.5, importance="taylor")
-    with pytest.raises(ValueError, match="keep_ratio"):
+    with pytest.raises(ValueError, match="target_macs_ratio"):
         prune_to_macs(model, example, base_macs, 0.0)
     assert count_macs_params(model, SMALL_INPUT)[0] == base_macs  # failed calls left the model alone
 
@@ -148,7 +148,7 @@ def test_target_already_met_changes_nothing():
     model = _student()
     base_macs, base_params = count_macs_params(model, SMALL_INPUT)
     step = prune_to_macs(model, torch.randn(SMALL_INPUT), base_macs, 1.0)
-    assert (step.macs, step.params, step.keep_ratio_reached) == (base_macs, base_params, 1.0)
+    assert (step.macs, step.params, step.macs_ratio_reached) == (base_macs, base_params, 1.0)
 
 
 # --- unstructured baseline -------------------------------------------------------------------------------------

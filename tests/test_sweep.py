@@ -117,7 +117,7 @@ def test_invalid_space_and_unwritable_workdir(tmp_path):
 
     from common.cli import plain
     from search_spaces.schema import load_space
-    from sweeps.mlflow_logging import flatten
+    from common.tracking import flatten
     from sweeps.run import accepted_values, check_space_configs, check_workdir
     from tests.conftest import CONF_DIR
 

@@ -10,7 +10,8 @@ import torch
 
 from trainable import teacher as teacher_mod
 from trainable.run_config import apply_scenario, pruning_plan, validate_config
-from trainable.train import load_checkpoint, restore_model, train
+from trainable.checkpoints import load_checkpoint, restore_model
+from trainable.train import train
 
 
 def with_(config: dict, **sections) -> dict:
@@ -48,14 +49,14 @@ def test_single_pruning_in_the_loop_lowers_macs(tiny_config, tiny_data, tmp_path
 
 
 def test_unstructured_reports_sparsity_and_unchanged_macs(tiny_config, tiny_data, tmp_path):
-    config = with_(tiny_config, pruning={"mode": "unstructured", "target_macs_ratio": 0.5})
+    config = with_(tiny_config, pruning={"mode": "unstructured", "weight_keep_ratio": 0.5})
     history = []
     train(config, tiny_data, tmp_path / "run", report=lambda m, _: history.append(m))
     assert history[-1]["sparsity"] > 0.4 and history[-1]["macs"] == history[0]["base_macs"]
 
 
 def test_resume_across_a_pruning_step_matches_uninterrupted_run(tiny_config, tiny_data, tmp_path):
-    config = with_(tiny_config, train={"epochs": 4}, pruning={"mode": "progressive", "at_epoch": 1, "steps": 2,
+    config = with_(tiny_config, train={"epochs": 4}, pruning={"mode": "progressive", "at_epoch": 2, "steps": 2,
                                                                "step_epochs": 1, "target_macs_ratio": 0.5})
     full = train(config, tiny_data, tmp_path / "full")
     # interrupted after epoch 2 (after the first pruning step): a run whose report raises there
@@ -84,7 +85,10 @@ def test_kd_with_cached_teacher_logits_and_cache_reuse(tiny_config, tiny_data, t
     logits = teacher_mod.teacher_logits(config, tiny_data)
     assert logits.shape == (len(tiny_data.splits["train"]), 3)
     out_dir = teacher_mod.teacher_dir(config, tiny_data)
-    assert json.loads((out_dir / "metrics.json").read_text())["valid_acc"] >= 0
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    assert set(metrics) == {"valid_acc", "valid_macro_f1", "test_acc", "test_macro_f1"}
+    # metrics.json scores the trained teacher itself: its valid accuracy is its last training epoch's
+    assert metrics["valid_acc"] == pytest.approx(load_checkpoint(out_dir / "checkpoint")["history"][-1]["val_acc"])
     # second run: neither the teacher nor its logits are recomputed
     calls = []
     monkeypatch.setattr(teacher_mod, "train", lambda *a, **k: calls.append("train"))
@@ -105,15 +109,15 @@ def test_kd_with_cached_teacher_logits_and_cache_reuse(tiny_config, tiny_data, t
 
 def test_config_errors_are_clear(tiny_config):
     with pytest.raises(ValueError, match="train.epochs"):
-        pruning_plan({"mode": "progressive", "target_macs_ratio": 0.5, "at_epoch": 2, "steps": 3, "step_epochs": 1,
+        pruning_plan({"mode": "progressive", "target_macs_ratio": 0.5, "at_epoch": 3, "steps": 3, "step_epochs": 1,
                       "schedule": "cubic"}, epochs=4)
     with pytest.raises(ValueError, match="Unknown scenario"):
         apply_scenario(with_(tiny_config, scenario="kd_everything"))
     with pytest.raises(ValueError, match="n_mels"):
         validate_config(with_(tiny_config, features={"n_mels": 1000}))
-    assert pruning_plan({"mode": "progressive", "target_macs_ratio": 0.3, "at_epoch": 1, "steps": 3,
+    assert pruning_plan({"mode": "progressive", "target_macs_ratio": 0.3, "at_epoch": 2, "steps": 3,
                          "step_epochs": 2, "schedule": "linear"}, epochs=8) == pytest.approx(
-        {1: 1 - 0.7 / 3, 3: 1 - 1.4 / 3, 5: 0.3})
+        {2: 1 - 0.7 / 3, 4: 1 - 1.4 / 3, 6: 0.3})
 
 
 def test_teacher_checkpoints_load_as_single_or_ensemble(tiny_config, tiny_data, tmp_path):

@@ -14,24 +14,18 @@ import torch
 import torch.nn as nn
 from torchvision import models as tv_models
 
+from common.config import StudentArch, TeacherArch, values
+
 logger = logging.getLogger(__name__)
 
 _STUDENT_FACTORIES: dict[str, Callable[..., nn.Module]] = {
-    "mobilenet_v2": tv_models.mobilenet_v2,
-    "mobilenet_v3_small": tv_models.mobilenet_v3_small,
-    "mobilenet_v3_large": tv_models.mobilenet_v3_large,
+    StudentArch.mobilenet_v2.value: tv_models.mobilenet_v2,
+    StudentArch.mobilenet_v3_small.value: tv_models.mobilenet_v3_small,
+    StudentArch.mobilenet_v3_large.value: tv_models.mobilenet_v3_large,
 }
-STUDENT_ARCHS: tuple[str, ...] = tuple(_STUDENT_FACTORIES)
-
-# timm CNNs measured as teachers. MACs at 1 x 128 mels x 101 frames (thop), and seconds per uncontended CPU training
-# step (batch 32, 2 threads, AdamW): depthwise nets are cheap in MACs but not in CPU time.
-TEACHER_ARCHS: tuple[str, ...] = (
-    "mobilenetv3_large_100",  # 0.063 GMACs, 4.2 M params, 0.40 s
-    "efficientnet_b0",  # 0.11 GMACs, 4.0 M params, 0.68 s
-    "resnet10t",  # 0.31 GMACs, 4.9 M params, 0.36 s
-    "resnet14t",  # 0.47 GMACs, 8.1 M params, 0.71 s
-    "resnet18",  # 0.50 GMACs, 11.2 M params, 0.51 s
-)
+STUDENT_ARCHS: tuple[str, ...] = values(StudentArch)
+# timm CNNs measured as teachers (costs next to common.config.TeacherArch).
+TEACHER_ARCHS: tuple[str, ...] = values(TeacherArch)
 DEFAULT_TEACHER = "resnet10t"  # the fastest CPU training step of the set
 BN_MOMENTUM = 0.1
 

@@ -19,11 +19,13 @@ import torch.nn as nn
 import torch.nn.utils.prune as torch_prune
 import torch_pruning as tp
 
+from common.config import PruningMode, PruningSchedule, values
+
 logger = logging.getLogger(__name__)
 
-PRUNING_MODES: tuple[str, ...] = ("none", "single", "progressive", "unstructured")
-SCHEDULES: tuple[str, ...] = ("cubic", "linear")
-IMPORTANCES: dict[str, Callable[[], tp.importance.Importance]] = {
+PRUNING_MODES: tuple[str, ...] = values(PruningMode)
+SCHEDULES: tuple[str, ...] = values(PruningSchedule)
+IMPORTANCES: dict[str, Callable[[], tp.importance.Importance]] = {  # keys: common.config.Importance
     "l1": lambda: tp.importance.GroupMagnitudeImportance(p=1),
     "l2": lambda: tp.importance.GroupMagnitudeImportance(p=2),
     "taylor": lambda: tp.importance.GroupTaylorImportance(),
@@ -44,8 +46,8 @@ class PruneStep:
 
     macs: int
     params: int
-    keep_ratio_reached: float
-    target_keep_ratio: float
+    macs_ratio_reached: float
+    target_macs_ratio: float
 
 
 def count_macs_params(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, int]:
@@ -61,17 +63,18 @@ def _profile(disposable_model: nn.Module, example_input: torch.Tensor) -> tuple[
     return int(macs), int(params)
 
 
-def pruning_schedule(mode: str, target_macs_ratio: float, steps: int = 1, schedule: str = "cubic") -> list[float]:
-    """Fractions of the unpruned MACs to keep after each pruning step (fine-tuning goes between steps).
+def pruning_schedule(mode: str, ratio: float, steps: int = 1, schedule: str = "cubic") -> list[float]:
+    """Fractions to keep after each pruning step (fine-tuning goes between steps): of the unpruned MACs, with
+    `ratio` = pruning.target_macs_ratio, or of the weights in `unstructured` mode (ratio = pruning.weight_keep_ratio).
 
     `progressive` follows AGP (Zhu & Gupta 2017): cut hard early while the network has redundancy to spare, gently
-    near the target. `unstructured` returns [target]: there it is the fraction of weights kept, since masks
-    do not reduce dense MACs.
+    near the target. `unstructured` returns [ratio] (one step): masks do not reduce dense MACs.
     """
     if mode not in PRUNING_MODES:
         raise ValueError(f"unknown pruning mode {mode!r}; choose one of {list(PRUNING_MODES)}")
-    if not 0.0 < target_macs_ratio <= 1.0:
-        raise ValueError(f"target_macs_ratio must be in (0, 1], got {target_macs_ratio}")
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"pruning ratio (pruning.target_macs_ratio or pruning.weight_keep_ratio) must be in (0, 1], "
+                         f"got {ratio}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if schedule not in SCHEDULES:
@@ -79,26 +82,26 @@ def pruning_schedule(mode: str, target_macs_ratio: float, steps: int = 1, schedu
     if mode == "none":
         return []
     if mode in ("single", "unstructured"):
-        return [target_macs_ratio]
+        return [ratio]
     power = 3 if schedule == "cubic" else 1
-    keeps = [target_macs_ratio + (1.0 - target_macs_ratio) * (1.0 - k / steps) ** power for k in range(1, steps)]
-    return keeps + [target_macs_ratio]
+    keeps = [ratio + (1.0 - ratio) * (1.0 - k / steps) ** power for k in range(1, steps)]
+    return keeps + [ratio]
 
 
 def prune_to_macs(
     model: nn.Module,
     example_input: torch.Tensor,
     base_macs: int,
-    keep_ratio: float,
+    target_macs_ratio: float,
     importance: str = "l1",
     round_to: int | None = None,
     calibration: Callable[[nn.Module], torch.Tensor] | None = None,
 ) -> PruneStep:
-    """Channel-prune `model` in place until its MACs are `keep_ratio * base_macs` (within MACS_TOLERANCE).
+    """Channel-prune `model` in place until its MACs are `target_macs_ratio * base_macs` (within MACS_TOLERANCE).
 
     Torch-Pruning takes a per-layer channel ratio, not a MACs target, so the ratio is searched on deep copies
     (false position, since sqrt(MACs) is nearly linear in it) and the best one is then applied to `model`.
-    Calling again on an already pruned model with a smaller `keep_ratio` (same `base_macs`) prunes further:
+    Calling again on an already pruned model with a smaller `target_macs_ratio` (same `base_macs`) prunes further:
     that is a progressive step. The final Linear (the classifier) keeps its outputs. `calibration(model)`
     must return a loss; it is required for `taylor`, whose scores come from its gradients. Optimizers holding
     the old parameters must be rebuilt afterwards.
@@ -107,18 +110,18 @@ def prune_to_macs(
         raise ValueError(f"unknown importance {importance!r}; choose one of {list(IMPORTANCES)}")
     if importance == "taylor" and calibration is None:
         raise ValueError("importance='taylor' needs calibration: a callable returning a loss on a batch")
-    if not 0.0 < keep_ratio <= 1.0:
-        raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
+    if not 0.0 < target_macs_ratio <= 1.0:
+        raise ValueError(f"target_macs_ratio must be in (0, 1], got {target_macs_ratio}")
     if base_macs <= 0:
         raise ValueError(f"base_macs must be > 0 (the unpruned model's MACs), got {base_macs}")
     if round_to is not None and round_to < 1:
         raise ValueError(f"round_to must be None or >= 1, got {round_to}")
 
-    target_macs = keep_ratio * base_macs
+    target_macs = target_macs_ratio * base_macs
     current_macs, current_params = count_macs_params(model, tuple(example_input.shape))
     if current_macs <= target_macs * (1.0 + _SEARCH_TOLERANCE):
         logger.info("model already at %d MACs, target %.0f; nothing to prune", current_macs, target_macs)
-        return PruneStep(current_macs, current_params, current_macs / base_macs, keep_ratio)
+        return PruneStep(current_macs, current_params, current_macs / base_macs, target_macs_ratio)
 
     def pruned_copy_macs(ratio: float) -> int:
         trial = copy.deepcopy(model)
@@ -140,8 +143,8 @@ def prune_to_macs(
         logger.warning("%s pruning gave %d MACs where the search predicted %d", importance, macs, expected_macs)
     reached = macs / base_macs
     logger.info("pruned %.4f of channels per layer: %d -> %d MACs (keep %.4f of base, target %.4f)",
-                ratio, current_macs, macs, reached, keep_ratio)
-    return PruneStep(macs=macs, params=params, keep_ratio_reached=reached, target_keep_ratio=keep_ratio)
+                ratio, current_macs, macs, reached, target_macs_ratio)
+    return PruneStep(macs=macs, params=params, macs_ratio_reached=reached, target_macs_ratio=target_macs_ratio)
 
 
 def _prune_channels(

@@ -1,20 +1,22 @@
-"""Config checks and derived settings shared by the training run, the teacher and the sweep."""
+"""Config checks and derived settings shared by the training run, the teacher and the sweep.
+
+Keys, types and defaults live in common/config.py; here are the checks that need more than a type
+(cross-key rules, the pruning plan) and the trial config: the base run config with a trial's sampled
+keys applied through OmegaConf over the typed schema, so an unknown key or a wrong type fails there.
+"""
 
 from __future__ import annotations
 
-import copy
+import functools
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from trainable.features import FeatureConfig
-from trainable.pruning import PRUNING_MODES, pruning_schedule
-
-CHECKPOINT_NAME = "checkpoint.pt"  # one per run folder: <run_dir>/checkpoint/checkpoint.pt
-SCENARIO_DIR = Path(__file__).resolve().parent.parent / "conf" / "scenarios"
+from common.config import CONF_DIR, FeatureConfig, PruningMode, RunConfig, available_scenarios, values
+from trainable.pruning import pruning_schedule
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -27,16 +29,15 @@ def pick_device(name: str = "auto") -> torch.device:
     return device
 
 
-def available_scenarios() -> list[str]:
-    return sorted(p.stem for p in SCENARIO_DIR.glob("*.yaml"))
-
-
 def apply_scenario(config: dict[str, Any]) -> dict[str, Any]:
-    """Merge conf/scenarios/<config['scenario']>.yaml over the config (no-op when scenario is null)."""
+    """Merge the scenario group's file (conf/scenario/<config['scenario']>.yaml) over a plain config.
+
+    On the command line `scenario=<name>` is a Hydra group; grid trials that sweep `scenario` get the same file.
+    """
     name = config.get("scenario")
     if not name:
         return config
-    path = SCENARIO_DIR / f"{name}.yaml"
+    path = CONF_DIR / "scenario" / f"{name}.yaml"
     if not path.is_file():
         raise ValueError(f"Unknown scenario {name!r}; choose one of {available_scenarios()}.")
     merged = OmegaConf.merge(OmegaConf.create(config), OmegaConf.load(path))
@@ -44,22 +45,24 @@ def apply_scenario(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def pruning_plan(pcfg: Mapping[str, Any], epochs: int) -> dict[int, float]:
-    """{epoch index: fraction of unpruned MACs to keep after the step taken at the start of that epoch}."""
+    """{epoch (1-based): the fraction of unpruned MACs (unstructured: of weights) kept after the step taken at the
+    start of that epoch}."""
     mode = pcfg["mode"]
-    if mode not in PRUNING_MODES:
-        raise ValueError(f"pruning.mode={mode!r}; choose one of {list(PRUNING_MODES)}.")
+    if mode not in values(PruningMode):
+        raise ValueError(f"pruning.mode={mode!r}; choose one of {list(values(PruningMode))}.")
     if mode == "none":
         return {}
+    ratio = pcfg["weight_keep_ratio"] if mode == "unstructured" else pcfg["target_macs_ratio"]
     steps = pcfg["steps"] if mode == "progressive" else 1
-    ratios = pruning_schedule(mode, pcfg["target_macs_ratio"], steps, pcfg.get("schedule", "cubic"))
-    step_epochs = pcfg.get("step_epochs", 1) if mode == "progressive" else 0
+    ratios = pruning_schedule(mode, ratio, steps, pcfg["schedule"])
+    step_epochs = pcfg["step_epochs"] if mode == "progressive" else 0
     if mode == "progressive" and step_epochs < 1:
         raise ValueError(f"pruning.step_epochs={step_epochs} must be >= 1.")
     epochs_at = [pcfg["at_epoch"] + k * step_epochs for k in range(steps)]
-    if pcfg["at_epoch"] < 0 or epochs_at[-1] >= epochs:
+    if pcfg["at_epoch"] < 1 or epochs_at[-1] > epochs:
         raise ValueError(
-            f"pruning.{mode} needs its steps at epochs {epochs_at}, but train.epochs={epochs} (epochs 0..{epochs - 1}): "
-            "lower pruning.at_epoch/steps/step_epochs or raise train.epochs.")
+            f"pruning.{mode} needs its steps at the start of epochs {epochs_at}, but train.epochs={epochs} "
+            f"(epochs 1..{epochs}): lower pruning.at_epoch/steps/step_epochs or raise train.epochs.")
     return dict(zip(epochs_at, ratios))
 
 
@@ -81,34 +84,33 @@ def validate_config(config: Mapping[str, Any]) -> None:
         raise ValueError(f"train.lr={tcfg['lr']} must be > 0.")
     if not 0 <= tcfg["warmup_epochs"] < tcfg["epochs"]:
         raise ValueError(f"train.warmup_epochs={tcfg['warmup_epochs']} must be in [0, train.epochs).")
-    if kcfg["enabled"]:
-        if kcfg["T"] <= 0 or not 0 <= kcfg["alpha"] <= 1:
-            raise ValueError(f"kd.T={kcfg['T']} must be > 0 and kd.alpha={kcfg['alpha']} in [0, 1].")
-        if kcfg["teacher_logits"] not in ("cached", "online"):
-            raise ValueError(f"kd.teacher_logits={kcfg['teacher_logits']!r}; use cached or online.")
+    if kcfg["enabled"] and (kcfg["T"] <= 0 or not 0 <= kcfg["alpha"] <= 1):
+        raise ValueError(f"kd.T={kcfg['T']} must be > 0 and kd.alpha={kcfg['alpha']} in [0, 1].")
     pruning_plan(config["pruning"], tcfg["epochs"])
 
 
-def merge_dotted(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """{'kd.T': 3} over a nested config -> nested config with kd.T = 3 (unknown sections are an error)."""
-    config = copy.deepcopy(base)
-    for key, value in overrides.items():
-        node, *path = key.split(".")
-        target = config
-        for part in [node, *path][:-1]:
-            if not isinstance(target.get(part), dict):
-                raise KeyError(f"trial key {key!r} is not a config key")
-            target = target[part]
-        target[[node, *path][-1]] = value
-    return config
+@functools.cache
+def _schema() -> DictConfig:
+    """The typed RunConfig with its defaults, built once (merging copies it)."""
+    return OmegaConf.structured(RunConfig)
 
 
-def trial_config(base_config: dict[str, Any], trial_params: dict[str, Any]) -> dict[str, Any]:
-    """The effective run config of one trial (scenario presets applied).
+def trial_config(base_config: Mapping[str, Any], trial_params: Mapping[str, Any]) -> dict[str, Any]:
+    """The effective run config of one trial: base config, then its scenario preset, then its sampled keys.
 
-    Grid spaces hand each trial its whole grid point under "grid_point" (see sweeps/tuning.py).
+    Grid spaces hand each trial its whole grid point under "grid_point" (see sweeps/tuning.py). Keys are set
+    with OmegaConf over the typed RunConfig, so an unknown key or a value of the wrong type is an error.
     """
-    params = {k: v for k, v in trial_params.items() if k != "grid_point"} | trial_params.get("grid_point", {})
-    # The scenario preset goes first so that sampled keys override it, never the other way round.
-    config = apply_scenario(merge_dotted(base_config, {"scenario": params.pop("scenario")} if "scenario" in params else {}))
-    return merge_dotted(config, params)
+    params = {k: v for k, v in trial_params.items() if k != "grid_point"} | dict(trial_params.get("grid_point", {}))
+    base = dict(base_config)
+    if "scenario" in params:  # the preset goes first so that sampled keys override it, never the other way round
+        base["scenario"] = params.pop("scenario")
+    config = OmegaConf.merge(_schema(), apply_scenario(base))
+    for key, value in params.items():
+        try:
+            OmegaConf.update(config, key, value, merge=False)
+        except (ConfigAttributeError, ConfigKeyError):
+            raise KeyError(f"trial key {key!r} is not a config key") from None
+        except OmegaConfBaseException as err:
+            raise KeyError(f"trial key {key}={value!r}: {err.msg.splitlines()[0]}") from None
+    return OmegaConf.to_container(config, resolve=True, enum_to_str=True)

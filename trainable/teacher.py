@@ -23,10 +23,12 @@ from omegaconf import DictConfig
 from common.cli import entry_point, plain
 from common.io import atomic_path, atomic_write_text
 from data_prep.waveform_cache import WaveformData
-from trainable.features import FeatureConfig
+from common.config import FeatureConfig
 from trainable.models import TeacherEnsemble, create_teacher, freeze
 from trainable.run_config import pick_device, teacher_features
-from trainable.train import evaluate, load_checkpoint, make_pipeline, restore_model, train
+from trainable.checkpoints import load_checkpoint, restore_model
+from trainable.evaluation import evaluate, make_pipeline
+from trainable.train import train
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +102,7 @@ def _trained_teacher(config: dict[str, Any], data: WaveformData, out_dir: Path) 
     ckpt_path = out_dir / "checkpoint" / "checkpoint.pt"
     tconfig = teacher_train_config(config)
     ckpt = load_checkpoint(ckpt_path) if ckpt_path.is_file() else None
-    if ckpt is None or ckpt["epoch"] + 1 < tconfig["train"]["epochs"]:
+    if ckpt is None or ckpt["epoch"] < tconfig["train"]["epochs"]:
         log.info("Training teacher %s for %d epochs into %s", config["teacher"]["name"],
                  tconfig["train"]["epochs"], out_dir)
         train(tconfig, data, out_dir, resume_from=ckpt_path if ckpt is not None else None,

@@ -24,36 +24,22 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from common.cli import entry_point, plain
-from common.io import atomic_path, atomic_write_text
+from common.io import atomic_write_text
 from data_prep.waveform_cache import WaveformData
-from trainable.features import FeatureConfig, FeaturePipeline, LogMel
+from common.config import FeatureConfig
+from trainable.features.transforms import LogMel
 from trainable.kd import kd_loss
-from trainable.metrics import accuracy, macro_f1
-from trainable.models import create_student, create_teacher
 from trainable.pruning import (
-    apply_masks, count_macs_params, load_model_state, model_state, prune_to_macs, unstructured_prune, weight_sparsity,
+    apply_masks, count_macs_params, model_state, prune_to_macs, unstructured_prune, weight_sparsity,
     zero_masks,
 )
-from trainable.run_config import CHECKPOINT_NAME, apply_scenario, pick_device, pruning_plan, validate_config
+from trainable.checkpoints import CHECKPOINT_NAME, build_model, load_checkpoint, restore_model, save_checkpoint
+from trainable.evaluation import amp_settings, evaluate, make_pipeline
+from trainable.run_config import pick_device, pruning_plan, validate_config
 
 log = logging.getLogger(__name__)
 
 Report = Callable[[dict[str, Any], Path], None]
-
-
-def build_model(spec: dict[str, Any], num_classes: int) -> torch.nn.Module:
-    """Student or teacher from the spec stored in its checkpoint (pruned shapes are restored afterwards)."""
-    if spec["role"] == "student":
-        return create_student(spec["arch"], spec["width_mult"], num_classes, spec.get("dropout", 0.2))
-    return create_teacher(spec["name"], num_classes)
-
-
-def make_pipeline(data: WaveformData, split: str, feats: FeatureConfig, device: torch.device,
-                  workdir: str | Path) -> FeaturePipeline:
-    """Batches of one split; its log-mel cache is shared by every run with the same data + feature config."""
-    part = data.splits[split]
-    return FeaturePipeline(part.waveforms, part.labels, f"{data.fingerprint}-{split}", feats, device,
-                           Path(workdir) / "cache" / "features")
 
 
 def student_spec(config: dict[str, Any]) -> dict[str, Any]:
@@ -66,30 +52,6 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float) -> flo
         return base_lr * (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def amp_settings(device: torch.device) -> tuple[bool, torch.dtype]:
-    """AMP on CUDA (bf16 where supported, else fp16 with a grad scaler); plain fp32 on CPU."""
-    if device.type != "cuda":
-        return False, torch.float32
-    return True, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, pipeline: FeaturePipeline, batch_size: int, num_classes: int,
-             amp: tuple[bool, torch.dtype]) -> dict[str, float]:
-    """Loss, accuracy and macro-F1 on a whole split (metrics on all predictions, not per-batch means)."""
-    model.eval()
-    losses, preds, labels = [], [], []
-    for batch in pipeline.batches(batch_size, train=False):
-        with torch.autocast(pipeline.device.type, dtype=amp[1], enabled=amp[0]):
-            logits = model(batch.features)
-        losses.append(F.cross_entropy(logits.float(), batch.labels, reduction="sum").item())
-        preds.append(logits.argmax(1).cpu())
-        labels.append(batch.labels.cpu())
-    y_pred, y_true = torch.cat(preds).numpy(), torch.cat(labels).numpy()
-    return {"loss": sum(losses) / len(y_true), "acc": accuracy(y_true, y_pred),
-            "macro_f1": macro_f1(y_true, y_pred, num_classes)}
 
 
 def rng_state(generator: torch.Generator) -> dict[str, Any]:
@@ -105,28 +67,6 @@ def set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     generator.set_state(state["loader"])
-
-
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Atomic torch.save: a kill mid-write never leaves a broken checkpoint."""
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-
-
-def load_checkpoint(path: Path | str) -> dict[str, Any]:
-    path = Path(path)
-    if path.is_dir():
-        path = path / CHECKPOINT_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"No checkpoint at {path}; pass the checkpoint.pt (or its folder) of an earlier run.")
-    # Pruned architectures are restored from Torch-Pruning's state dict; RNG states hold numpy objects.
-    return torch.load(path, map_location="cpu", weights_only=False)
-
-
-def restore_model(ckpt: dict[str, Any], device: torch.device | str = "cpu") -> torch.nn.Module:
-    """Rebuild a (possibly pruned) model from a checkpoint: fresh architecture, then pruned shapes + weights."""
-    model = build_model(ckpt["model_spec"], ckpt["num_classes"])
-    return load_model_state(model, ckpt["model_state"]).to(device)
 
 
 def train(config: dict[str, Any], data: WaveformData, run_dir: Path | str, *,
@@ -167,7 +107,7 @@ def train(config: dict[str, Any], data: WaveformData, run_dir: Path | str, *,
     model_spec = model_spec or student_spec(config)
     model = build_model(model_spec, data.num_classes).to(device)
     base_macs, base_params = count_macs_params(model, input_shape)
-    plan = pruning_plan(pcfg, tcfg["epochs"])  # {epoch: keep ratio}, applied at the start of that epoch
+    plan = pruning_plan(pcfg, tcfg["epochs"])  # {epoch (1-based): keep ratio}, applied at the start of that epoch
     target_macs = int(base_macs * min(plan.values())) if plan and pcfg["mode"] != "unstructured" else base_macs
     batch_size = min(tcfg["batch_size"], len(pipelines["train"]))  # tiny datasets still get a step per epoch
     steps_per_epoch = pipelines["train"].num_batches(batch_size, drop_last=True)
@@ -177,7 +117,7 @@ def train(config: dict[str, Any], data: WaveformData, run_dir: Path | str, *,
         # Rebuilt after each pruning step: parameter shapes change, so Adam moments start fresh.
         return torch.optim.AdamW(model.parameters(), lr=tcfg["lr"], weight_decay=tcfg["weight_decay"])
 
-    optimizer, start_epoch, step, pruning_step, history = make_optimizer(), 0, 0, 0, []
+    optimizer, start_epoch, step, pruning_step, history = make_optimizer(), 1, 0, 0, []
     masks: dict[str, torch.Tensor] = {}  # unstructured mode: zeroed weights stay zero during fine-tuning
     if resume_from is not None:
         ckpt = load_checkpoint(resume_from)
@@ -194,7 +134,7 @@ def train(config: dict[str, Any], data: WaveformData, run_dir: Path | str, *,
         log.info("Resumed from %s at epoch %d", resume_from, start_epoch)
     macs, params = count_macs_params(model, input_shape)
 
-    for epoch in range(start_epoch, tcfg["epochs"]):
+    for epoch in range(start_epoch, tcfg["epochs"] + 1):  # 1-based, like every reported epoch
         t0 = time.perf_counter()
         if epoch in plan:  # pruning step, then fine-tuning continues with KD as configured
             pruning_step += 1
@@ -243,11 +183,11 @@ def train(config: dict[str, Any], data: WaveformData, run_dir: Path | str, *,
             seen += n
         loss_sum, kd_sum, ce_sum, correct_sum = sums.tolist()
         if not math.isfinite(loss_sum):
-            raise FloatingPointError(f"Non-finite training loss in epoch {epoch + 1}: lower train.lr or check the data.")
+            raise FloatingPointError(f"Non-finite training loss in epoch {epoch}: lower train.lr or check the data.")
 
         val = evaluate(model, pipelines["valid"], batch_size, data.num_classes, amp)
         metrics = {
-            "epoch": epoch + 1, "train_loss": loss_sum / seen, "kd_loss": kd_sum / seen,
+            "epoch": epoch, "train_loss": loss_sum / seen, "kd_loss": kd_sum / seen,
             "ce_loss": ce_sum / seen, "train_acc": correct_sum / seen,
             "val_loss": val["loss"], "val_acc": val["acc"], "val_macro_f1": val["macro_f1"],
             "macs": macs, "params": params, "base_macs": base_macs, "base_params": base_params,
@@ -264,7 +204,7 @@ def train(config: dict[str, Any], data: WaveformData, run_dir: Path | str, *,
         })
         for folder in (run_dir, run_dir / "checkpoint"):  # the checkpoint's copy travels with Tune checkpoints
             atomic_write_text(folder / "history.json", json.dumps(history, indent=1))
-        log.info("epoch %d/%d  train_loss %.3f  val_acc %.3f  val_f1 %.3f  MACs %.2fM  (%.1fs)", epoch + 1,
+        log.info("epoch %d/%d  train_loss %.3f  val_acc %.3f  val_f1 %.3f  MACs %.2fM  (%.1fs)", epoch,
                  tcfg["epochs"], metrics["train_loss"], val["acc"], val["macro_f1"], macs / 1e6,
                  metrics["epoch_seconds"])
         if report is not None:
@@ -287,7 +227,7 @@ def main(cfg: DictConfig) -> None:
     from data_prep.dataset import prepare_data
     from trainable.teacher import kd_inputs
 
-    config = apply_scenario(plain(cfg))
+    config = plain(cfg)
     validate_config(config)
     data = prepare_data(config["data"], config["workdir"])
     label = config.get("scenario") or "run"

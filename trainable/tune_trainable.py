@@ -14,8 +14,9 @@ import torch
 from ray import tune
 
 from data_prep.waveform_cache import WaveformData
-from trainable.features import FeatureConfig
-from trainable.run_config import CHECKPOINT_NAME, trial_config
+from common.config import FeatureConfig
+from trainable.checkpoints import CHECKPOINT_NAME
+from trainable.run_config import trial_config
 from trainable.train import train
 
 

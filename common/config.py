@@ -1,0 +1,447 @@
+"""The one typed config: every key, its type, default and allowed values, for every entry point.
+
+Hydra composes `conf/*.yaml` over these dataclasses (registered in its ConfigStore by `register()`), so a
+wrong type or an unknown key fails at compose time. The pipeline's own config objects are the same
+classes: `FeatureConfig(**config["features"])` is what the feature code runs on. Library code receives
+the composed config as a plain nested dict (`common.cli.plain`): picklable for Ray, loggable to MLflow.
+
+Sections: `RunConfig` is what one training run (and every sweep trial) needs; `SweepConfig` and
+`AnalysisConfig` extend it with their own top-level keys, and `run_section()` keeps only the
+`RunConfig` fields, so sweep-only keys never reach trials or MLflow params.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+class DataSource(str, enum.Enum):
+    gm_render = "gm_render"
+    nsynth = "nsynth"
+
+
+class SplitBy(str, enum.Enum):
+    instrument = "instrument"
+    note = "note"
+
+
+class Normalize(str, enum.Enum):
+    per_band = "per_band"
+    global_ = "global"
+    none = "none"
+
+
+class StudentArch(str, enum.Enum):
+    mobilenet_v2 = "mobilenet_v2"
+    mobilenet_v3_small = "mobilenet_v3_small"
+    mobilenet_v3_large = "mobilenet_v3_large"
+
+
+class TeacherArch(str, enum.Enum):
+    """timm CNNs measured as teachers. MACs at 1 x 128 mels x 101 frames (thop), and seconds per uncontended CPU
+    training step (batch 32, 2 threads, AdamW): depthwise nets are cheap in MACs but not in CPU time."""
+
+    mobilenetv3_large_100 = "mobilenetv3_large_100"  # 0.063 GMACs, 4.2 M params, 0.40 s
+    efficientnet_b0 = "efficientnet_b0"  # 0.11 GMACs, 4.0 M params, 0.68 s
+    resnet10t = "resnet10t"  # 0.31 GMACs, 4.9 M params, 0.36 s (default: the fastest CPU training step)
+    resnet14t = "resnet14t"  # 0.47 GMACs, 8.1 M params, 0.71 s
+    resnet18 = "resnet18"  # 0.50 GMACs, 11.2 M params, 0.51 s
+
+
+class TeacherLogits(str, enum.Enum):
+    cached = "cached"
+    online = "online"
+
+
+class PruningMode(str, enum.Enum):
+    none = "none"
+    single = "single"
+    progressive = "progressive"
+    unstructured = "unstructured"
+
+
+class PruningSchedule(str, enum.Enum):
+    cubic = "cubic"
+    linear = "linear"
+
+
+class Importance(str, enum.Enum):
+    l1 = "l1"
+    l2 = "l2"
+    taylor = "taylor"
+    random = "random"
+
+
+class Sampler(str, enum.Enum):
+    tpe = "tpe"
+    nsga2 = "nsga2"
+    random = "random"
+
+
+class SearchObjective(str, enum.Enum):
+    multi = "multi"
+    single = "single"
+
+
+class SchedulerName(str, enum.Enum):
+    pareto_asha = "pareto_asha"
+    asha = "asha"
+    fifo = "fifo"
+
+
+def values(choices: type[enum.Enum]) -> tuple[str, ...]:
+    """The accepted strings of an enum, as users write them."""
+    return tuple(member.value for member in choices)
+
+
+FAMILIES = ["bass", "brass", "flute", "guitar", "keyboard", "mallet", "organ", "reed", "string", "synth_lead", "vocal"]
+
+
+@dataclass
+class DataConfig:
+    """Dataset selection and waveform cache (data_prep/). `data=gm_render|nsynth` sets source and root."""
+
+    source: DataSource = DataSource.gm_render
+    root: str = "./runs/data/gm_render"      # NSynth-layout folder: <root>/nsynth-<split>/{examples.json,audio/}
+    families: list[str] = field(default_factory=lambda: list(FAMILIES))
+    per_family: Optional[int] = 180          # cap on notes per family (all splits together); null = no cap
+    max_total_size_mb: float = 1000          # cap on the selected audio on disk (16-bit wav)
+    split_by: SplitBy = SplitBy.instrument   # instrument (no instrument in two splits) | note
+    split_fractions: dict[str, float] = field(default_factory=lambda: {"train": 0.7, "valid": 0.15, "test": 0.15})
+    clip_seconds: float = 1.0                # the waveform cache keeps this much from the onset
+    sample_rate: int = 16000
+    seed: int = 0
+    soundfont: Optional[str] = None          # gm_render: null = TimGM6mb.sf2 inside pretty_midi; any .sf2/.sf3
+    render_workers: int = 2                  # gm_render: rendering processes
+    hf_id: Optional[str] = None              # nsynth: stream a capped subset from this hub dataset
+    hf_splits: dict[str, str] = field(default_factory=lambda: {"train": "train", "valid": "validation",
+                                                                "test": "test"})
+
+
+# Added to the standard deviation so silent clips (std 0) normalise to 0 instead of NaN (used by the features).
+NORMALIZE_EPS = 1e-5
+
+
+@dataclass(unsafe_hash=True)
+class FeatureConfig:
+    """Log-mel and augmentation parameters; validated on construction so bad sweeps fail before training.
+
+    Immutable once built (a cache key depends on it), but not a frozen dataclass: OmegaConf would make the
+    `features` node of the composed config read-only, and Hydra could not override it.
+    """
+
+    sample_rate: int = 16000
+    n_fft: int = 1024
+    hop_length: int = 160
+    n_mels: int = 64
+    f_min: float = 20.0
+    f_max: float = 8000.0
+    normalize: str = "per_band"              # per_band | global | none (per-clip standardisation)
+    log_floor: float = 1e-6
+    freq_masks: int = 2                      # SpecAugment, train mode only; 0 disables
+    freq_mask_param: int = 8
+    time_masks: int = 2
+    time_mask_param: int = 10
+    gain_db: float = 0.0                     # waveform augmentation (off): random gain +-gain_db
+    noise_snr_db: Optional[float] = None     # waveform augmentation (off): white noise at this SNR
+
+    def __post_init__(self) -> None:
+        self.validate()
+        object.__setattr__(self, "_built", True)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if getattr(self, "_built", False):
+            raise dataclasses.FrozenInstanceError(f"cannot assign to field {name!r}: FeatureConfig is immutable")
+        super().__setattr__(name, value)
+
+    @property
+    def waveform_augmentation(self) -> bool:
+        """Whether train batches need the log-mel recomputed from augmented waveforms."""
+        return self.gain_db > 0 or self.noise_snr_db is not None
+
+    def frames(self, num_samples: int) -> int:
+        """Frames per clip: the centred STFT starts a frame at every hop, including sample 0."""
+        return num_samples // self.hop_length + 1
+
+    def validate(self) -> None:
+        """Raise ValueError naming the key and the fix for any parameter that would crash or degrade features."""
+        for key in ("sample_rate", "n_fft", "hop_length", "n_mels"):
+            value = getattr(self, key)
+            _require(_is_int(value) and value > 0, key, value, "must be a positive integer")
+        for key in ("freq_masks", "freq_mask_param", "time_masks", "time_mask_param"):
+            value = getattr(self, key)
+            _require(_is_int(value) and value >= 0, key, value, "must be a non-negative integer (0 disables it)")
+        for key in ("f_min", "f_max", "log_floor", "gain_db"):
+            value = getattr(self, key)
+            _require(_is_real(value), key, value, "must be a finite number")
+        nyquist = self.sample_rate / 2
+        _require(self.f_min >= 0, "f_min", self.f_min, "must be >= 0 Hz")
+        _require(self.f_max <= nyquist, "f_max", self.f_max,
+                 f"exceeds the Nyquist frequency sample_rate/2={nyquist:g}; set f_max <= {nyquist:g}")
+        _require(self.f_min < self.f_max, "f_min", self.f_min,
+                 f"must be below f_max={self.f_max}; lower f_min or raise f_max")
+        _require(self.normalize in values(Normalize), "normalize", self.normalize,
+                 f"must be one of {values(Normalize)}")
+        _require(self.log_floor > 0, "log_floor", self.log_floor, "must be > 0 (log(0) is -inf); e.g. 1e-6")
+        _require(self.freq_mask_param <= self.n_mels, "freq_mask_param", self.freq_mask_param,
+                 f"is wider than the mel axis (n_mels={self.n_mels}); lower freq_mask_param")
+        _require(self.gain_db >= 0, "gain_db", self.gain_db, "is the half-width of the random gain; use 0 to disable")
+        _require(self.gain_db == 0 or self.normalize == "none", "gain_db", self.gain_db,
+                 f"has no effect with normalize={self.normalize!r} (per-clip standardisation removes any gain) "
+                 "but forces a per-batch STFT; set gain_db=0 or normalize='none'")
+        _require(self.noise_snr_db is None or _is_real(self.noise_snr_db), "noise_snr_db", self.noise_snr_db,
+                 "must be a finite SNR in dB, or None to disable added noise")
+        empty_filters = _empty_mel_filters(self)
+        if empty_filters:
+            raise ValueError(
+                f"feature config n_mels={self.n_mels} is too high for n_fft={self.n_fft} between "
+                f"f_min={self.f_min} and f_max={self.f_max} Hz: mel filter(s) {empty_filters} cover no FFT bin "
+                "and would output constant features; lower n_mels or raise n_fft")
+
+    @classmethod
+    def from_mapping(cls, cfg: Mapping[str, Any]) -> FeatureConfig:
+        """Build from a dict; unknown keys are errors so typos don't silently use defaults."""
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(cfg) - set(known))
+        if unknown:
+            raise ValueError(f"unknown feature config key(s) {unknown}; valid keys are {known}")
+        return cls(**cfg)
+
+
+def _require(condition: bool, key: str, value: Any, problem: str) -> None:
+    if not condition:
+        raise ValueError(f"feature config {key}={value!r} {problem}")
+
+
+def _is_int(value: Any) -> bool:
+    import numpy as np
+
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    import numpy as np
+
+    is_number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    return is_number and math.isfinite(value)
+
+
+def _empty_mel_filters(cfg: FeatureConfig) -> list[int]:
+    """Indices of mel filters that no FFT bin falls into (torchaudio only warns about them)."""
+    import torch
+    import torchaudio
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        filterbank = torchaudio.functional.melscale_fbanks(
+            cfg.n_fft // 2 + 1, float(cfg.f_min), float(cfg.f_max), cfg.n_mels, cfg.sample_rate)
+    return torch.nonzero(filterbank.amax(dim=0) == 0).flatten().tolist()
+
+
+@dataclass
+class StudentConfig:
+    arch: StudentArch = StudentArch.mobilenet_v3_small
+    width_mult: float = 0.75
+    dropout: float = 0.2
+
+
+@dataclass
+class TeacherConfig:
+    name: TeacherArch = TeacherArch.resnet10t  # a timm CNN (trainable/models.py)
+    # null = train in-project; a path or a list of paths (ensemble) to our teacher checkpoint.pt files or to
+    # timm weights files (loaded with in_chans=1)
+    checkpoint: Any = None
+    freeze: bool = True                       # the teacher is a fixed KD target
+    epochs: int = 15
+    lr: float = 3.0e-3
+    batch_size: int = 64
+    # The teacher's own features, merged over features.* (the student's may differ).
+    features: dict[str, Any] = field(default_factory=lambda: {"n_mels": 128})
+
+
+@dataclass
+class KDConfig:
+    enabled: bool = False
+    T: float = 3.0
+    alpha: float = 0.7
+    teacher_logits: TeacherLogits = TeacherLogits.cached  # cached (once per dataset+teacher) | online (per batch)
+
+
+@dataclass
+class PruningConfig:
+    mode: PruningMode = PruningMode.none
+    target_macs_ratio: float = 0.5           # single/progressive: fraction of the unpruned MACs to keep
+    weight_keep_ratio: float = 0.5           # unstructured: fraction of conv/linear weights kept (MACs unchanged)
+    at_epoch: int = 3                        # epoch (1-based) at whose start the first pruning step happens
+    steps: int = 3                           # progressive: number of steps
+    step_epochs: int = 1                     # progressive: fine-tune epochs between steps
+    schedule: PruningSchedule = PruningSchedule.cubic  # progressive: cubic (AGP) | linear
+    importance: Importance = Importance.l1
+    round_to: Optional[int] = None           # keep channel counts multiples of this (e.g. 8 for fast kernels)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 8
+    batch_size: int = 64
+    lr: float = 3.0e-3
+    weight_decay: float = 1.0e-2
+    warmup_epochs: int = 1
+    grad_clip: float = 5.0
+    seed: int = 0
+    num_threads: Optional[int] = None        # CPU threads; null = the CPUs this process may use
+
+
+@dataclass
+class RunConfig:
+    """What one training run needs: every trial of a sweep gets exactly this (with its sampled keys)."""
+
+    workdir: str = "./runs"                  # every generated artefact: dataset, caches, teacher, results, MLflow
+    seed: int = 0                            # global seed: data subset/splits and training
+    device: str = "auto"                     # auto = CUDA when available, else CPU; or cpu, cuda, cuda:1, ...
+    log_level: str = "INFO"
+    scenario: Optional[str] = None           # set by the scenario group (conf/scenario/<name>.yaml)
+    resume_from: Optional[str] = None        # trainable/train.py: continue from this checkpoint.pt (or its folder)
+    data: DataConfig = field(default_factory=DataConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    kd: KDConfig = field(default_factory=KDConfig)
+    pruning: PruningConfig = field(default_factory=PruningConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class SearchConfig:
+    sampler: Sampler = Sampler.tpe
+    objective: SearchObjective = SearchObjective.multi  # multi (max val_acc, min MACs) | single (max val_acc)
+
+
+@dataclass
+class SchedulerConfig:
+    name: Optional[SchedulerName] = None     # null = pareto_asha (multi), asha (single), fifo (grid spaces)
+    grace_period: int = 2                    # epochs before the first rung
+    reduction_factor: float = 3
+
+
+@dataclass
+class ResourcesConfig:
+    cpus_per_trial: float = 1
+    gpus_per_trial: Any = "auto"             # auto = 0.25 when CUDA is available (4 trials share a card), else 0
+    max_concurrent_trials: Optional[int] = None  # null = as many as the resources allow
+
+
+@dataclass
+class RayConfig:
+    address: Optional[str] = None            # null = start a local Ray; auto or ray://host:port joins a cluster
+    num_cpus: Optional[int] = None           # local Ray only: CPUs to use (null = all)
+
+
+@dataclass
+class MlflowConfig:
+    tracking_uri: str = "sqlite:///./runs/mlflow.db"
+
+
+@dataclass
+class SweepConfig(RunConfig):
+    """sweeps/run.py: the run config plus the sweep's own keys (never passed to trials)."""
+
+    space: str = "kd_prune"                  # search_spaces/<space>.yaml or a path
+    num_samples: Optional[int] = None        # trials; null = 50 (searcher spaces) or 1 pass over the grid
+    name: Optional[str] = None               # sweep name; null = <space>-<timestamp>
+    resume: bool = False                     # true + name=<sweep>: continue an interrupted sweep
+    storage_path: str = "./runs/ray_results"  # local dir or any pyarrow filesystem URI Ray accepts
+    search: SearchConfig = field(default_factory=SearchConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+
+
+@dataclass
+class ObjectivesConfig:
+    third_objective: Optional[str] = None    # null (accuracy vs MACs) | params (a third objective, lower is better)
+
+
+@dataclass
+class EvalConfig:
+    extra: list[str] = field(default_factory=list)  # evaluate.py: extra NSynth-layout split folders to score
+    batch_size: int = 64
+
+
+@dataclass
+class ExportConfig:
+    opset: int = 17                          # ONNX opset (>= 17)
+    tolerance: float = 1.0e-3                # max |ONNX Runtime - PyTorch| allowed on the parity check
+
+
+@dataclass
+class AnalysisConfig(RunConfig):
+    """analysis/*.py: the run config plus the analysis keys."""
+
+    name: Any = None                         # sweep under storage_path; a list [a,b] overlays sweeps
+    path: Any = None                         # or the sweep folder itself; a list overlays
+    storage_path: str = "./runs/ray_results"
+    objectives: ObjectivesConfig = field(default_factory=ObjectivesConfig)
+    trial: Any = "front"                     # evaluate.py / export.py: front | <trial_id> | [<trial_id>, ...]
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+
+
+RUN_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(RunConfig))
+
+
+def run_section(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The RunConfig part of a composed sweep/analysis config: what trials, MLflow params and checkpoints see."""
+    return {key: config[key] for key in RUN_KEYS if key in config}
+
+
+def register() -> None:
+    """Put the schemas into Hydra's ConfigStore; conf/*.yaml name them first in their defaults lists."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    store.store(name="run_schema", node=RunConfig)
+    store.store(name="sweep_schema", node=SweepConfig)
+    store.store(name="analysis_schema", node=AnalysisConfig)
+
+
+def available_scenarios() -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / "scenario").glob("*.yaml"))
+
+
+def accepted_values() -> dict[str, tuple[Any, ...]]:
+    """Dotted key -> the values the code accepts, read off the schema's enum and bool fields (+ scenarios)."""
+    import typing
+
+    out: dict[str, tuple[Any, ...]] = {"scenario": tuple(available_scenarios())}
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            hint = hints[f.name]
+            inner = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+            kind = inner[0]
+            if dataclasses.is_dataclass(kind):
+                walk(kind, f"{prefix}{f.name}.")
+            elif isinstance(kind, type) and issubclass(kind, enum.Enum):
+                out[f"{prefix}{f.name}"] = values(kind)
+            elif kind is bool:
+                out[f"{prefix}{f.name}"] = (True, False)
+
+    walk(RunConfig, "")
+    out["features.normalize"] = values(Normalize)
+    return out
+
+
+register()

@@ -1,0 +1,134 @@
+"""Per-epoch batches of one split's features on the training device, from the log-mel cache or recomputed."""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from common.config import FeatureConfig
+from trainable.features.cache import cached_logmel
+from trainable.features.transforms import LogMel, SpecAugment, WaveformAugment
+
+log = logging.getLogger(__name__)
+
+# Share of free GPU memory a split's features may take; the rest is left for the model.
+_DEVICE_MEMORY_SHARE = 0.5
+
+
+class FeatureBatch(NamedTuple):
+    features: torch.Tensor  # (B, 1, n_mels, frames) float32 on the pipeline's device
+    labels: torch.Tensor  # (B,) int64 on the device
+    indices: torch.Tensor  # (B,) int64 clip indices into the split (e.g. to look up cached teacher logits)
+
+
+class FeaturePipeline:
+    """Batches of one split's features, produced on the training device.
+
+    Eval batches, and train batches without waveform augmentation, are slices of the cached
+    log-mel; with waveform augmentation, train batches are recomputed from augmented
+    waveforms. SpecAugment is applied to train batches. Data is moved to the device once
+    when it fits, so batches cost no host-to-device copies.
+    """
+
+    def __init__(
+        self,
+        waveforms: np.ndarray,
+        labels: np.ndarray,
+        wave_fingerprint: str,
+        cfg: FeatureConfig,
+        device: torch.device | str,
+        cache_dir: Path | str,
+        cache_batch_size: int | None = None,
+    ) -> None:
+        if waveforms.ndim != 2:
+            raise ValueError(f"waveforms must be (clips, samples), got shape {waveforms.shape}")
+        if len(labels) != len(waveforms):
+            raise ValueError(f"got {len(labels)} labels for {len(waveforms)} waveforms; they must pair up one to one")
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.waveforms = waveforms
+        self.wave_fingerprint = wave_fingerprint
+        self.cache_dir = Path(cache_dir)
+        self.cache_batch_size = cache_batch_size
+        self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64).to(self.device)
+        self.logmel = LogMel(cfg).to(self.device)
+        self.waveform_augment = WaveformAugment(cfg)
+        self.spec_augment = SpecAugment(cfg)
+        self._features: torch.Tensor | None = None
+        self._device_waveforms: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.waveforms)
+
+    def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
+        if batch_size <= 0:
+            raise ValueError(f"batch_size={batch_size} must be a positive integer")
+        return len(self) // batch_size if drop_last else math.ceil(len(self) / batch_size)
+
+    def batches(
+        self,
+        batch_size: int,
+        train: bool,
+        generator: torch.Generator | None = None,
+        drop_last: bool = False,
+    ) -> Iterator[FeatureBatch]:
+        """One epoch: shuffled with `generator` (a CPU torch.Generator) and augmented when `train`, else in clip order.
+
+        `drop_last` skips a final partial batch (a batch of one breaks BatchNorm in train mode).
+        """
+        num_batches = self.num_batches(batch_size, drop_last)
+        host_order = torch.randperm(len(self), generator=generator) if train else torch.arange(len(self))
+        device_order = host_order.to(self.device)
+        recompute = train and self.cfg.waveform_augmentation
+        source = self._waveforms_source() if recompute else self._features_source()
+        source_on_device = source.device.type == self.device.type
+        self.waveform_augment.train(train)
+        self.spec_augment.train(train)
+        for start in range(0, num_batches * batch_size, batch_size):
+            indices = device_order[start : start + batch_size]
+            if source_on_device:
+                rows = source.index_select(0, indices)
+            else:
+                rows = source.index_select(0, host_order[start : start + batch_size])
+                rows = rows.to(self.device, non_blocking=True)
+            with torch.no_grad():
+                features = self.logmel(self.waveform_augment(rows)) if recompute else rows
+                features = self.spec_augment(features)
+            yield FeatureBatch(features, self.labels[indices], indices)
+
+    def _features_source(self) -> torch.Tensor:
+        if self._features is None:
+            features = cached_logmel(
+                self.waveforms, self.wave_fingerprint, self.cfg, self.cache_dir, self.device, self.cache_batch_size
+            )
+            self._features = _to_device_if_it_fits(features, self.device)
+        return self._features
+
+    def _waveforms_source(self) -> torch.Tensor:
+        if self._device_waveforms is None:
+            with warnings.catch_warnings():
+                # Read-only memmaps are fine: every augmentation is out of place, nothing writes to them.
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                waveforms = torch.from_numpy(np.asarray(self.waveforms, dtype=np.float32))
+            self._device_waveforms = _to_device_if_it_fits(waveforms, self.device)
+        return self._device_waveforms
+
+
+def _to_device_if_it_fits(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Move a whole split to the device once, unless it would crowd out the model; then batches are copied."""
+    if device.type == "cuda":
+        free_bytes, _ = torch.cuda.mem_get_info(device)
+        if tensor.nbytes > free_bytes * _DEVICE_MEMORY_SHARE:
+            log.warning(
+                "split data (%.1f GiB) kept on the host: more than %d%% of free GPU memory; batches are copied",
+                tensor.nbytes / 2**30, _DEVICE_MEMORY_SHARE * 100,
+            )
+            return tensor
+    return tensor.to(device)
