@@ -28,11 +28,12 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from analysis.pareto import analyse, evaluation_headers, format_table, select_trials, summary
-from analysis.results import Trial, load_sweeps, sweep_data, write_evaluations
+from analysis.pareto import analyse, select_trials, summary
+from analysis.results import load_sweeps, sweep_data, write_evaluations
 from common.cli import entry_point, plain
 from data_prep.waveform_cache import WaveformData, load_clip
 from common.config import FeatureConfig
+from common.trial_table import Trial, evaluation_headers, format_table
 from trainable.features.pipeline import FeaturePipeline
 from trainable.run_config import pick_device
 from trainable.checkpoints import load_checkpoint, restore_model

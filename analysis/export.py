@@ -25,12 +25,13 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from analysis.pareto import format_table, select_trials
-from analysis.results import Trial, load_sweeps, sweep_data
+from analysis.pareto import select_trials
+from analysis.results import load_sweeps, sweep_data
 from common.cli import entry_point, plain
 from common.io import atomic_write_text
 from data_prep.waveform_cache import WaveformData
 from common.config import FeatureConfig
+from common.trial_table import Trial, format_table
 from trainable.checkpoints import load_checkpoint, restore_model
 from trainable.evaluation import make_pipeline
 
@@ -132,7 +133,7 @@ def main(cfg: DictConfig) -> None:
             rows.append({"trial_id": trial.trial_id, "sweep": sweep.name, "val_acc": trial.metrics["val_acc"],
                          "macs": trial.metrics["macs"], **exports[trial.trial_id]})
         write_manifest(out_dir, exports)
-    columns = [("trial_id", "trial"), ("sweep", "sweep"), ("val_acc", "val acc"), ("macs", "MACs"),
+    columns = [("trial_id", "trial"), ("sweep", "sweep"), ("val_acc", "val acc"), ("macs", "measured MACs"),
                ("bytes", "ONNX bytes"), ("max_abs_diff_random", "diff random"), ("max_abs_diff_real", "diff real"),
                ("onnx", "file")]
     print(f"\nONNX export (opset {opset}, tolerance {tolerance:g}), {len(rows)} model(s):")

@@ -19,6 +19,7 @@ from data_prep.dataset import prepare_data
 from common.io import atomic_write_text
 from data_prep.waveform_cache import WaveformData, load_waveform_cache
 from common.sweep_layout import STATE_FILE, list_sweeps
+from common.trial_table import Trial
 from trainable.checkpoints import CHECKPOINT_NAME
 from trainable.run_config import trial_config
 
@@ -26,19 +27,6 @@ log = logging.getLogger(__name__)
 
 # Per-trial test-set (and extra-folder) metrics written by analysis/evaluate.py, merged into every table.
 EVALUATION_FILE = "evaluation.json"
-
-
-@dataclass(frozen=True)
-class Trial:
-    """One trial that reported at least one epoch."""
-
-    sweep: str
-    trial_id: str
-    trial_dir: Path
-    config: dict[str, Any]   # the effective run config: trial_config(base_config, sampled keys)
-    metrics: dict[str, Any]  # its last reported result
-    checkpoint: Path | None  # checkpoint.pt of the last checkpoint Tune kept
-    status: str              # completed | stopped (early, or still running) | errored
 
 
 @dataclass(frozen=True)

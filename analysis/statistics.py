@@ -36,7 +36,7 @@ def normalised_hypervolumes(rows: Sequence[dict[str, Any]], third_objective: str
     """
     chosen = objectives(third_objective=third_objective)
     maximize = [mode == "max" for mode in chosen.values()]
-    reference = {key: (0.0 if up else REFERENCE_MARGIN * max(r[key] for r in rows)) for key, up in zip(chosen, maximize)}
+    reference = {key: 0.0 if up else REFERENCE_MARGIN * max(r[key] for r in rows) for key, up in zip(chosen, maximize)}
     scale = np.array([1.0 if up else reference[key] for key, up in zip(chosen, maximize)])
     ref_point = [0.0 if up else 1.0 for up in maximize]
     groups = {name: [r for r in rows if r["sweep"] == name] for name in dict.fromkeys(r["sweep"] for r in rows)}

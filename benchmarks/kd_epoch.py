@@ -34,7 +34,7 @@ from trainable.pruning import count_macs_params, prune_to_macs
 from trainable.run_config import pick_device
 from trainable.teacher import ensure_teacher, kd_inputs
 from trainable.evaluation import make_pipeline
-from trainable.train import train
+from trainable.loop import train
 
 log = logging.getLogger("benchmarks.kd_epoch")
 

@@ -34,13 +34,13 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers.trial_scheduler import FIFOScheduler, TrialScheduler
 
 from common.front import crowding_distance, non_dominated_sort
+from common.objectives import OBJECTIVES
 
 if TYPE_CHECKING:
     from ray.tune.execution.tune_controller import TuneController
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_OBJECTIVES: Mapping[str, str] = {"val_acc": "max", "target_macs": "min"}
 
 
 @dataclass
@@ -74,7 +74,7 @@ class ParetoASHA(FIFOScheduler):
         reduction_factor: float = 3,
     ):
         super().__init__()
-        objectives = dict(DEFAULT_OBJECTIVES if objectives is None else objectives)
+        objectives = dict(OBJECTIVES if objectives is None else objectives)
         if not objectives:
             raise ValueError("ParetoASHA needs at least one objective, e.g. {'val_acc': 'max'}")
         bad_modes = {name: mode for name, mode in objectives.items() if mode not in ("max", "min")}

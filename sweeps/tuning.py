@@ -10,16 +10,15 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from common.config import Sampler, SchedulerName, values
+from common.objectives import ACCURACY, objectives
 from search_spaces.schema import SearchSpace
 from sweeps.pareto_asha import ParetoASHA
 
 log = logging.getLogger(__name__)
 
-# MACs objective: `target_macs` is what the pruning schedule will reach, known from epoch 1, so trials
-# stopped early (or before their pruning step) are judged on their final MACs, not today's.
-OBJECTIVES = {"val_acc": "max", "target_macs": "min"}
-SAMPLERS = ("tpe", "nsga2", "random")
-SCHEDULERS = ("pareto_asha", "asha", "fifo")
+SAMPLERS = values(Sampler)
+SCHEDULERS = values(SchedulerName)
 
 
 def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
@@ -36,9 +35,8 @@ def make_searcher(space: SearchSpace, sampler: str, objective: str, seed: int) -
     """Multi-objective OptunaSearch by default (metric/mode live here, never in TuneConfig)."""
     if space.searcher == "grid":
         return None
-    if objective not in ("multi", "single"):
-        raise ValueError(f"search.objective={objective!r}; use multi or single.")
-    metric, mode = (list(OBJECTIVES), list(OBJECTIVES.values())) if objective == "multi" else ("val_acc", "max")
+    chosen = objectives(objective)
+    metric, mode = (list(chosen), list(chosen.values())) if len(chosen) > 1 else (ACCURACY, chosen[ACCURACY])
     return OptunaSearch(space=space.define_by_run, metric=metric, mode=mode, sampler=make_sampler(sampler, seed))
 
 
@@ -65,10 +63,10 @@ def make_scheduler(name: str, objective: str, max_epochs: int, grace_period: int
                    reduction_factor: float) -> TrialScheduler:
     grace_period = min(grace_period, max_epochs)
     if name == "pareto_asha":
-        return ParetoASHA(objectives=OBJECTIVES if objective == "multi" else {"val_acc": "max"}, time_attr="epoch",
+        return ParetoASHA(objectives=objectives(objective), time_attr="epoch",
                           max_t=max_epochs, grace_period=grace_period, reduction_factor=reduction_factor)
     if name == "asha":
-        return ASHAScheduler(time_attr="epoch", metric="val_acc", mode="max", max_t=max_epochs,
+        return ASHAScheduler(time_attr="epoch", metric=ACCURACY, mode="max", max_t=max_epochs,
                              grace_period=grace_period, reduction_factor=reduction_factor)
     if name == "fifo":
         return FIFOScheduler()

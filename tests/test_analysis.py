@@ -14,6 +14,7 @@ import pytest
 import soundfile as sf
 
 from common.front import hypervolume, pareto_mask
+from common.objectives import LABELS
 from data_prep.layout import make_example
 from tests.nsynth_fixtures import synth_note
 from tests.test_sweep import ROOT, sweep_cmd
@@ -60,14 +61,18 @@ def test_pareto_writes_csv_plot_report_and_mlflow_run(workdir):
     sweep_dir = workdir / "ray_results" / SWEEP
     rows = read_csv(sweep_dir / "pareto.csv")
     assert len(rows) == 3 and {r["status"] for r in rows} == {"completed"}
-    assert {"trial_id", "sweep", "val_acc", "val_macro_f1", "macs", "params", "epochs", "kd", "T", "alpha", "n_mels",
-            "width", "pruning", "target_ratio", "steps", "step_epochs", "lr", "on_front"} <= set(rows[0])
-    points = np.array([[float(r["val_acc"]), float(r["macs"])] for r in rows])
+    assert {"trial_id", "sweep", "val_acc", "val_macro_f1", "target_macs", "macs", "params", "epochs", "kd", "T",
+            "alpha", "n_mels", "width", "pruning", "target_macs_ratio", "steps", "step_epochs", "lr",
+            "on_front"} <= set(rows[0])
+    # the front, the hypervolume and the plot use the searched objective: MACs at the end of the pruning schedule
+    points = np.array([[float(r["val_acc"]), float(r["target_macs"])] for r in rows])
     assert [r["on_front"] == "True" for r in rows] == pareto_mask(points, [True, False]).tolist()
+    assert "Pareto front (val_acc, target_macs)" in out.stdout
     png = (sweep_dir / "pareto.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
     report = (sweep_dir / "report.html").read_text()
     assert '<img src="data:image/png;base64,' in report
+    assert LABELS["target_macs"] in report and "measured MACs" in report
     reference = 1.1 * points[:, 1].max()
     expected_hv = hypervolume(points / [1.0, reference], [0.0, 1.0], [True, False])
     assert f"{expected_hv:.4f}" in report and f"{reference:,.0f}" in report
@@ -178,9 +183,10 @@ def test_sweep_without_results_is_a_clear_error(tmp_path):
 
 
 def test_matched_macs_comparison_bins_by_factor_two_and_flags_small_groups():
-    from analysis.pareto import matched_difference, matched_macs_comparison
+    from analysis.statistics import matched_difference, matched_macs_comparison
 
-    rows = [{"kd": kd, "macs": macs, "val_acc": acc} for kd, macs, acc in [
+    # binned on target_macs (the objective); the measured macs of these trials (all 9M) must not matter
+    rows = [{"kd": kd, "target_macs": macs, "macs": 9e6, "val_acc": acc} for kd, macs, acc in [
         ("on", 1.1e6, 0.60), ("on", 1.5e6, 0.70), ("off", 1.2e6, 0.50), ("off", 1.9e6, 0.60),  # bin 1-2M
         ("on", 5e6, 0.90), ("off", 6e6, 0.20)]]                                                # bin 4-8M, n = 1 each
     comparisons = matched_macs_comparison(rows, "kd", ("on", "off"))
@@ -191,12 +197,79 @@ def test_matched_macs_comparison_bins_by_factor_two_and_flags_small_groups():
 
 
 def test_overlaid_sweeps_share_one_hypervolume_reference():
-    from analysis.pareto import normalised_hypervolumes
+    from analysis.statistics import normalised_hypervolumes
 
-    rows = [{"sweep": "a", "val_acc": 0.5, "macs": 1e6, "params": 10},
-            {"sweep": "b", "val_acc": 0.8, "macs": 2e6, "params": 20}]
+    rows = [{"sweep": "a", "val_acc": 0.5, "target_macs": 1e6, "macs": 5e6, "params": 10},
+            {"sweep": "b", "val_acc": 0.8, "target_macs": 2e6, "macs": 2e6, "params": 20}]
     hv = normalised_hypervolumes(rows)
-    assert hv.reference == {"val_acc": 0.0, "macs": pytest.approx(2.2e6)}
+    assert hv.reference == {"val_acc": 0.0, "target_macs": pytest.approx(2.2e6)}
     assert hv.by_sweep["a"] == pytest.approx(0.5 * (1 - 1 / 2.2))
     assert hv.by_sweep["b"] == pytest.approx(0.8 * (1 - 2 / 2.2))
     assert hv.by_sweep["all sweeps"] == pytest.approx(0.5 * (1 - 1 / 2.2) + 0.3 * (1 - 2 / 2.2))
+    with_params = normalised_hypervolumes(rows, third_objective="params")
+    assert with_params.reference == {"val_acc": 0.0, "target_macs": pytest.approx(2.2e6), "params": pytest.approx(22)}
+
+
+def synthetic_trial(trial_id: str, val_acc: float, target_macs: float, macs: float, mode: str = "single"):
+    """A trial as analysis/results.py loads it; `macs` is what it measured at its last epoch."""
+    from common.trial_table import Trial
+
+    config = {"kd": {"enabled": True, "T": 3.0, "alpha": 0.5}, "features": {"n_mels": 64},
+              "student": {"width_mult": 1.0}, "train": {"lr": 1e-3, "epochs": 8},
+              "pruning": {"mode": mode, "target_macs_ratio": 0.5, "weight_keep_ratio": 0.3, "steps": 3,
+                          "step_epochs": 1}}
+    metrics = {"val_acc": val_acc, "val_macro_f1": val_acc, "target_macs": target_macs, "macs": macs,
+               "params": 1000, "epoch": 2}
+    return Trial(sweep="s", trial_id=trial_id, trial_dir=Path(trial_id), config=config, metrics=metrics,
+                 checkpoint=None, status="stopped")
+
+
+# Stopped before their pruning step, a and d still measure their unpruned MACs: ranked on measured MACs the
+# front would be a, b, c; ranked on target_macs (as the search did) it is d, a.
+DISAGREEING = [("a", 0.8, 1e6, 4e6), ("b", 0.7, 2e6, 2e6), ("c", 0.6, 3e6, 1e6), ("d", 0.5, 0.5e6, 5e6)]
+
+
+def test_front_is_chosen_on_target_macs_not_on_measured_macs(tmp_path):
+    from analysis.pareto import build_rows, select_trials
+    from analysis.results import Sweep
+    from common.objectives import front_mask
+    from common.trial_table import front_rows, table_columns, trial_row
+
+    trials = [synthetic_trial(*t) for t in DISAGREEING]
+    sweep = Sweep(name="s", path=tmp_path, base_config={}, settings={}, trials=trials)
+    assert [t.trial_id for t in select_trials([sweep], "front")] == ["d", "a"]
+    rows = build_rows([sweep])
+    assert {r["trial_id"] for r in rows if r["on_front"]} == {"d", "a"}
+    assert [r["trial_id"] for r in front_rows(rows)] == ["d", "a"]
+    assert [r["macs"] for r in rows] == [4e6, 2e6, 1e6, 5e6]  # the measured MACs stay a column
+    # the sweep CLI's summary ranks the same rows the same way
+    assert front_mask([trial_row(t) for t in trials]).tolist() == [True, False, False, True]
+    headers = dict(table_columns(rows, several_sweeps=False))
+    assert headers["target_macs"] == "target MACs" and headers["macs"] == "measured MACs"
+
+
+def test_target_macs_ratio_column_only_where_the_mode_uses_it():
+    from common.trial_table import trial_row
+
+    ratios = {mode: trial_row(synthetic_trial("t", 0.5, 1e6, 1e6, mode))["target_macs_ratio"]
+              for mode in ("none", "single", "progressive", "unstructured")}
+    assert ratios == {"none": None, "single": 0.5, "progressive": 0.5, "unstructured": None}
+
+
+def test_plot_x_axis_is_target_macs_and_its_label_says_so(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from analysis.pareto import build_rows
+    from analysis.plot import front_figure
+    from analysis.results import Sweep
+
+    sweep = Sweep(name="s", path=tmp_path, base_config={}, settings={},
+                  trials=[synthetic_trial(*t) for t in DISAGREEING])
+    fig = front_figure(build_rows([sweep]), "title")
+    try:
+        ax = fig.axes[0]
+        assert LABELS["target_macs"] in ax.get_xlabel() and "millions" in ax.get_xlabel()
+        plotted = sorted(x for c in ax.collections for x, _ in c.get_offsets())
+        assert plotted == pytest.approx(sorted(m / 1e6 for _, _, m, _ in DISAGREEING))
+    finally:
+        plt.close(fig)

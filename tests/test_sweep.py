@@ -124,7 +124,7 @@ def test_invalid_space_and_unwritable_workdir(tmp_path):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         base = plain(compose("config"))
     bad = tmp_path / "bad.yaml"
-    bad.write_text("params:\n  pruning.mode: {type: fixed, value: progressive}\n"
+    bad.write_text("params:\n  pruning.mode: progressive\n"
                    "  pruning.steps: {type: int, low: 6, high: 8}\n")
     space = load_space(str(bad), flatten(base), accepted_values())
     with pytest.raises(ValueError, match="can produce an invalid trial"):

@@ -11,7 +11,7 @@ import torch
 from trainable import teacher as teacher_mod
 from trainable.run_config import apply_scenario, pruning_plan, validate_config
 from trainable.checkpoints import load_checkpoint, restore_model
-from trainable.train import train
+from trainable.loop import train
 
 
 def with_(config: dict, **sections) -> dict:

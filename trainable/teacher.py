@@ -28,7 +28,7 @@ from trainable.models import TeacherEnsemble, create_teacher, freeze
 from trainable.run_config import pick_device, teacher_features
 from trainable.checkpoints import load_checkpoint, restore_model
 from trainable.evaluation import evaluate, make_pipeline
-from trainable.train import train
+from trainable.loop import train
 
 log = logging.getLogger(__name__)
 

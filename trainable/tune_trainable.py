@@ -17,7 +17,7 @@ from data_prep.waveform_cache import WaveformData
 from common.config import FeatureConfig
 from trainable.checkpoints import CHECKPOINT_NAME
 from trainable.run_config import trial_config
-from trainable.train import train
+from trainable.loop import train
 
 
 def run_trial(trial_params: dict[str, Any], base_config: dict[str, Any], data: WaveformData,

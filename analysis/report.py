@@ -1,0 +1,104 @@
+"""The self-contained `report.html`: the plot (embedded), hypervolume, the front table and the matched-MACs
+comparisons."""
+
+from __future__ import annotations
+
+import base64
+import html
+import time
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+from analysis.statistics import (MIN_GROUP_SIZE, REFERENCE_MARGIN, BinComparison, Hypervolumes, matched_difference,
+                                 matched_macs_comparison)
+from common.objectives import ACCURACY, LABELS, MACS, objectives
+from common.trial_table import format_value, front_rows, table_columns
+
+
+def _html_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for _, h in columns)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(format_value(k, row.get(k)))}</td>" for k, _ in columns)
+                   + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _comparison_html(title: str, comparisons: Sequence[BinComparison], names: tuple[str, str]) -> str:
+    def stat(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    head = ("<tr><th>MACs bin</th>" + "".join(f"<th>{html.escape(n)}: n</th><th>mean acc</th><th>best acc</th>"
+                                             for n in names) + f"<th>mean difference ({html.escape(names[0])} "
+            f"minus {html.escape(names[1])})</th></tr>")
+    body = ""
+    for c in comparisons:
+        cells = "".join(f"<td>{g.n}</td><td>{stat(g.mean_acc)}</td><td>{stat(g.best_acc)}</td>" for g in c.groups)
+        diff = f"{c.difference:+.3f}" if c.difference is not None else f"n too small (&lt; {MIN_GROUP_SIZE})"
+        body += f"<tr><td>{html.escape(c.label)}</td>{cells}<td>{diff}</td></tr>"
+    mean, bins = matched_difference(comparisons)
+    verdict = (f"Mean difference over the {bins} MACs bin(s) where both groups have at least {MIN_GROUP_SIZE} trials: "
+               f"<b>{mean:+.3f}</b> validation accuracy." if mean is not None else
+               f"No MACs bin has at least {MIN_GROUP_SIZE} trials in both groups: n too small to compare at matched "
+               "MACs.")
+    return f"<h2>{html.escape(title)}</h2><table><thead>{head}</thead><tbody>{body}</tbody></table><p>{verdict}</p>"
+
+
+def render_report(rows: Sequence[dict[str, Any]], hypervolumes: Hypervolumes, png: bytes,
+                  third_objective: str | None = None) -> str:
+    """Self-contained HTML: the plot (embedded), hypervolume, the front table and the matched-MACs comparisons."""
+    sweeps = list(dict.fromkeys(r["sweep"] for r in rows))
+    front = front_rows(rows)
+    statuses = ", ".join(f"{n} {s}" for s, n in sorted(Counter(r["status"] for r in rows).items()))
+    objective_text = ", ".join(f"{LABELS[key]} (<code>{key}</code>, {'higher' if mode == 'max' else 'lower'} is better)"
+                               for key, mode in objectives(third_objective=third_objective).items())
+    cost_refs = ", ".join(f"{key} = {REFERENCE_MARGIN} &times; the largest {key} seen = {value:,.0f}"
+                          for key, value in hypervolumes.reference.items() if key != ACCURACY)
+    hv_rows = "".join(f"<tr><td>{html.escape(name)}</td><td>{value:.4f}</td></tr>"
+                      for name, value in hypervolumes.by_sweep.items())
+    evaluated = any("test_acc" in r for r in rows)
+    names = sweeps[0] if len(sweeps) == 1 else f"[{','.join(sweeps)}]"
+    test_note = ("Test columns come from <code>analysis/evaluate.py</code> (held-out test split, the model's own "
+                 "feature config)." if evaluated else
+                 f"No test-set numbers yet: run <code>python analysis/evaluate.py name={html.escape(names)}</code>.")
+    # Trials the scheduler stopped after 2 epochs would compare an undertrained model with a trained one.
+    completed = [r for r in rows if r["status"] == "completed"]
+    kd_section = _comparison_html("KD vs no KD at matched MACs",
+                                  matched_macs_comparison(completed, "kd", ("on", "off")), ("KD on", "KD off"))
+    pruning_section = _comparison_html("Single-shot vs progressive pruning at matched MACs",
+                                       matched_macs_comparison(completed, "pruning", ("single", "progressive")),
+                                       ("single", "progressive"))
+    title = f"Accuracy vs MACs: {', '.join(sweeps)}"
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; max-width: 1200px; }}
+table {{ border-collapse: collapse; margin: 0.5em 0 1em; font-size: 0.9em; }}
+th, td {{ border: 1px solid #bbb; padding: 3px 7px; text-align: right; }}
+th {{ background: #eee; }}
+img {{ max-width: 100%; }}
+</style></head><body>
+<h1>{html.escape(title)}</h1>
+<p>{len(rows)} trials with results ({html.escape(statuses)}); {len(front)} on the Pareto front.
+Objectives: {objective_text}, from each trial's last reported epoch; the search ranked trials on the same ones.
+MACs are therefore those of the model each trial's pruning schedule ends with, also for a trial stopped before its
+pruning step; the table's <i>measured MACs</i> are those of the model as it was at that epoch.
+Generated {time.strftime('%Y-%m-%d %H:%M:%S')}.</p>
+<img src="data:image/png;base64,{base64.b64encode(png).decode()}" alt="accuracy vs MACs">
+<h2>Hypervolume</h2>
+<p>Reference point: accuracy 0, {cost_refs}. Costs are divided by their reference value before measuring, so the
+hypervolume is the fraction of the box [0, 1] (accuracy) &times; [0, 1] (cost / reference) that the trials
+dominate: 1 would be 100&nbsp;% accuracy at no cost. Overlaid sweeps share one reference point, so their values
+compare.</p>
+<table><thead><tr><th>sweep</th><th>hypervolume</th></tr></thead><tbody>{hv_rows}</tbody></table>
+<h2>Pareto front ({len(front)} trials, by target MACs)</h2>
+<p>Selected on the validation split, so its validation accuracy is optimistic. {test_note}</p>
+{_html_table(front, table_columns(rows, len(sweeps) > 1))}
+{kd_section}
+{pruning_section}
+<p>Bins span a factor of 2 in <code>{MACS}</code>; accuracies are validation accuracies of the trials that ran all
+their epochs ({len(completed)} of {len(rows)}; trials stopped early by the scheduler are left out of the comparisons).
+A difference needs at least {MIN_GROUP_SIZE} trials per group in a bin; with a handful of trials per bin, differences
+of a few points are within seed noise.</p>
+<p>All trials: <code>pareto.csv</code> next to this report.</p>
+</body></html>
+"""
