@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 from analysis.plot import plot_front
 from analysis.report import render_report
 from analysis.results import Sweep, load_sweeps, read_evaluations
-from analysis.statistics import Hypervolumes, normalised_hypervolumes
+from analysis.sweep_stats import Hypervolumes, normalised_hypervolumes
 from common.cli import entry_point, plain
 from common.objectives import ACCURACY, MACS, front_mask, objectives
 from common.trial_table import Trial, format_table, front_rows, table_columns, trial_row

@@ -10,7 +10,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from analysis.statistics import (MIN_GROUP_SIZE, REFERENCE_MARGIN, BinComparison, Hypervolumes, matched_difference,
+from analysis.sweep_stats import (MIN_GROUP_SIZE, REFERENCE_MARGIN, BinComparison, Hypervolumes, matched_difference,
                                  matched_macs_comparison)
 from common.objectives import ACCURACY, LABELS, MACS, objectives
 from common.trial_table import format_value, front_rows, table_columns

@@ -18,11 +18,19 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# MLflow 3.x opens an experiment on the view this tag names; without it the UI guesses "GenAI" (traces) and the
+# sweep's runs hide behind a "Model training" switch.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def ensure_experiment(tracking_uri: str, name: str, artifact_root: Path) -> str:
-    """Create the sweep's experiment with its artifacts under workdir (not the driver's cwd)."""
+    """Create the sweep's experiment with its artifacts under workdir (not the driver's cwd), opening on its runs."""
     mlflow.set_tracking_uri(tracking_uri)
     experiment = mlflow.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    artifact_root.mkdir(parents=True, exist_ok=True)
-    return mlflow.create_experiment(name, artifact_location=artifact_root.resolve().as_uri())
+    if experiment is None:
+        artifact_root.mkdir(parents=True, exist_ok=True)
+        return mlflow.create_experiment(name, artifact_location=artifact_root.resolve().as_uri(), tags=EXPERIMENT_KIND)
+    if not EXPERIMENT_KIND.items() <= experiment.tags.items():  # experiments made before the tag existed
+        for key, value in EXPERIMENT_KIND.items():
+            mlflow.MlflowClient(tracking_uri).set_experiment_tag(experiment.experiment_id, key, value)
+    return experiment.experiment_id

@@ -16,6 +16,10 @@ from typing import TYPE_CHECKING, Any
 # Tune writes its experiment state at most every TUNE_GLOBAL_CHECKPOINT_S seconds (default >= 10 s);
 # after a kill, trials restart from the checkpoint recorded there, so record it after every result.
 os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
+# Ray's documented switch for its "snapshotting has been triggered multiple times" warning: with the
+# snapshot after every result above, that is the intended behaviour, not a bottleneck worth a warning.
+os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+# The classic table reporter, whose columns we choose (progress_reporter below).
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
 import hydra  # noqa: E402
@@ -70,50 +74,6 @@ def check_space_configs(space: SearchSpace, base_config: dict[str, Any], samples
             raise ValueError(f"search space {space.path} can produce an invalid trial {point}: {err}") from err
 
 
-def resolve_gpus(requested: Any, address: str | None) -> float:
-    import torch
-
-    if requested in (None, "auto"):
-        return 0.25 if torch.cuda.is_available() else 0.0
-    gpus = float(requested)
-    if gpus > 0 and address is None and not torch.cuda.is_available():
-        raise ValueError(f"resources.gpus_per_trial={gpus} but this machine has no CUDA GPU (trials would wait "
-                         "forever); use resources.gpus_per_trial=0 or join a GPU cluster with ray.address.")
-    return gpus
-
-
-def check_reachable(address: str, timeout_s: float = 5.0) -> None:
-    """Ray retries an unreachable GCS for minutes; a plain TCP connect answers in seconds."""
-    import socket
-
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"ray.address={address!r} is not host:port, ray://host:port, auto or null.")
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout_s).close()
-    except OSError as err:
-        raise ValueError(f"ray.address={address} is unreachable ({err}). Start the cluster (`ray start --head`) "
-                         "or use ray.address=null for a local Ray.") from err
-
-
-def start_ray(address: str | None, num_cpus: int | None, gpus: float) -> None:
-    import ray
-
-    if address not in (None, "auto"):
-        check_reachable(address)
-    try:
-        if address is None:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
-        else:
-            ray.init(address=address, logging_level=logging.WARNING)
-    except (ConnectionError, RuntimeError, ValueError) as err:
-        raise ValueError(f"Could not connect to Ray at ray.address={address}: {err}. Start the cluster "
-                         "(`ray start --head`) or use ray.address=null for a local Ray.") from err
-    if gpus > 0 and ray.cluster_resources().get("GPU", 0) < gpus:
-        raise ValueError(f"resources.gpus_per_trial={gpus} but the Ray cluster has no GPUs; "
-                         "use resources.gpus_per_trial=0 or add GPU nodes.")
-
-
 def sweep_settings(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(base run config, sweep settings): the RunConfig fields are what every trial starts from; the rest
     (SweepConfig's own fields) stays with the driver and never reaches trials or MLflow params."""
@@ -122,9 +82,10 @@ def sweep_settings(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, An
 
 
 def summarize(results: Any, name: str, base_config: dict[str, Any]) -> str:
-    """Best trial by val_acc and the Pareto set (val_acc up, MACs down), in the analysis scripts' table format."""
-    from analysis.pareto import format_table, front_mask, table_columns, trial_row
-    from analysis.results import Trial
+    """Best trial by val_acc and the Pareto set, ranked on the objectives the search used (common.objectives),
+    in the analysis scripts' table format."""
+    from common.objectives import front_mask
+    from common.trial_table import Trial, format_table, front_rows, table_columns, trial_row
     from trainable.run_config import trial_config
 
     trials = []
@@ -140,11 +101,46 @@ def summarize(results: Any, name: str, base_config: dict[str, Any]) -> str:
     if not trials:
         return "No trial reported a result (see the errors above)."
     rows = [trial_row(t) for t in trials]
+    for row, on_front in zip(rows, front_mask(rows)):
+        row["on_front"] = bool(on_front)
     columns = table_columns(rows, several_sweeps=False)
-    front = sorted((r for r, on in zip(rows, front_mask(trials)) if on), key=lambda r: r["macs"])
+    front = front_rows(rows)
     best = max(rows, key=lambda r: r["val_acc"])
     return "\n".join([f"Trials with results: {len(rows)}", "", "Best by val_acc:", format_table([best], columns), "",
-                      f"Pareto set (val_acc up, MACs down), {len(front)} trials:", format_table(front, columns)])
+                      f"Pareto set (val_acc up, target MACs down), {len(front)} trials:",
+                      format_table(front, columns)])
+
+
+def check_tracking_uri(uri: str, timeout_s: float = 3.0) -> None:
+    """An MLflow server that does not answer would retry for minutes after the data and teacher work; ask now."""
+    import urllib.error
+    import urllib.request
+
+    if not uri.startswith(("http://", "https://")):
+        return  # sqlite:/// and file: stores live under a path the workdir check already covers
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        return  # something answers there (a proxy may not route /health): the server is up
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise ValueError(f"mlflow.tracking_uri={uri} is unreachable ({reason}). Start a server there (e.g. `mlflow "
+                         "server --host 127.0.0.1 --port 5000`) or leave mlflow.tracking_uri unset for the SQLite "
+                         "default sqlite:///<workdir>/mlflow.db.") from None
+
+
+def check_sweep_settings(sweep: dict[str, Any]) -> None:
+    """Sweep settings that the schema's types cannot check, refused before any data or teacher work."""
+    resources = sweep["resources"]
+    if resources["cpus_per_trial"] <= 0:
+        raise ValueError(f"resources.cpus_per_trial={resources['cpus_per_trial']} must be > 0.")
+    if resources["max_concurrent_trials"] is not None and resources["max_concurrent_trials"] < 1:
+        raise ValueError(f"resources.max_concurrent_trials={resources['max_concurrent_trials']} must be >= 1 "
+                         "(or null for as many as the resources allow).")
+    if sweep["scheduler"]["grace_period"] < 1 or sweep["scheduler"]["reduction_factor"] <= 1:
+        raise ValueError(f"scheduler.grace_period={sweep['scheduler']['grace_period']} must be >= 1 and "
+                         f"scheduler.reduction_factor={sweep['scheduler']['reduction_factor']} > 1.")
+    check_tracking_uri(sweep["mlflow"]["tracking_uri"])
 
 
 @hydra.main(config_path="../conf", config_name="sweep", version_base="1.3")
@@ -156,12 +152,10 @@ def main(cfg: DictConfig) -> None:
     storage = normalize_storage(config["storage_path"])
     name = config["name"] or f"{config['space']}-{time.strftime('%Y%m%d-%H%M%S')}"
 
-    from ray import tune
-
     if config["resume"]:
         if not config["name"]:
             raise ValueError("resume=true needs name=<sweep>; sweeps here: " + ", ".join(list_sweeps(storage)))
-        if not tune.Tuner.can_restore(sweep_uri(storage, name)):
+        if name not in list_sweeps(storage):
             raise FileNotFoundError(f"No sweep named {name!r} to resume under {storage}; sweeps here: "
                                     + (", ".join(list_sweeps(storage)) or "none"))
         saved = read_state(storage, name)
@@ -180,63 +174,94 @@ def max_epochs(base_config: dict[str, Any], space: SearchSpace) -> int:
     return trial_config(base_config, dict(space.pinned))["train"]["epochs"]
 
 
+def progress_reporter(space: SearchSpace) -> Any:
+    """Ray's table with the columns that matter: epoch, val_acc, MACs, and the KD/pruning/T/n_mels of each trial."""
+    from ray.tune import CLIReporter
+
+    from common.objectives import ACCURACY, MACS
+
+    wanted = {"kd.enabled": "KD", "pruning.mode": "pruning", "kd.T": "T", "features.n_mels": "n_mels",
+              "scenario": "scenario", "train.seed": "seed"}
+    if space.searcher == "grid":  # grid trials carry their whole point under grid_point (sweeps/tuning.py)
+        params = {f"grid_point/{key}": label for key, label in wanted.items() if key in space.keys()}
+    else:
+        params = {key: label for key, label in wanted.items() if key in space.keys()}
+    return CLIReporter(metric_columns={"epoch": "epoch", ACCURACY: ACCURACY, MACS: "MACs"}, parameter_columns=params,
+                       max_report_frequency=30, sort_by_metric=False)
+
+
 def run_sweep(name: str, base_config: dict[str, Any], sweep: dict[str, Any], storage: str, resume: bool) -> None:
     import ray
     from ray import tune
 
+    from common.tracking import ensure_experiment, flatten
     from data_prep.dataset import prepare_data
     from search_spaces.schema import load_space
-    from common.tracking import ensure_experiment, flatten
+    from sweeps.cluster import resolve_gpus, start_ray
     from sweeps.mlflow_logging import SweepMLflowCallback
     from sweeps.pareto_asha import ParetoASHA, ParetoASHAStateCallback
     from sweeps.tuning import default_scheduler, make_scheduler, make_searcher, num_samples, param_space
     from trainable.teacher import teacher_inputs
     from trainable.tune_trainable import run_trial
 
+    # Everything that can be refused is refused here, before data, teacher or Ray work.
     space = load_space(sweep["space"], flatten(base_config), accepted_values())
     check_space_configs(space, base_config)
+    trials = num_samples(space, sweep["num_samples"])
+    check_sweep_settings(sweep)
     gpus = resolve_gpus(sweep["resources"]["gpus_per_trial"], sweep["ray"]["address"])
     workdir = Path(base_config["workdir"]).resolve()
     exp_dir = sweep_uri(storage, name)
+    if not resume:  # recorded before any work, so a kill at any moment can be resumed
+        write_state(storage, name, {"base_config": base_config, "sweep": sweep})
+    print(f"Sweep {name} ({trials} trials of space {sweep['space']}); if interrupted, continue it with:\n"
+          f"  python sweeps/run.py resume=true name={name}", flush=True)
 
     start_ray(sweep["ray"]["address"], sweep["ray"]["num_cpus"], gpus)
-    log.info("Preparing data (and the teacher, if KD is in the space) before any trial starts")
+    print("[1/3] data: preparing the dataset and its waveform cache", flush=True)
     data = prepare_data(base_config["data"], workdir)
-    kd_inputs = teacher_inputs(base_config, data) if may_use_kd(space, base_config) else {}
+    kd_inputs = {}
+    if may_use_kd(space, base_config):
+        print("[2/3] teacher: training or loading it and caching its logits", flush=True)
+        kd_inputs = teacher_inputs(base_config, data)
     cpus = sweep["resources"]["cpus_per_trial"]
+    threads = max(1, int(cpus))  # torch threads per trial follow its CPU share (at least one)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base_config={**base_config, "train": {**base_config["train"],
-                                                                            "num_threads": cpus}},
+                                                                            "num_threads": threads}},
                              data=data, **kd_inputs),
         {"cpu": cpus, "gpu": gpus})
     tracking_uri = sweep["mlflow"]["tracking_uri"]
     ensure_experiment(tracking_uri, name, workdir / "mlflow-artifacts" / name)
     objective = sweep["search"]["objective"]
-    if resume:
+    print(f"[3/3] search: {trials} trials; progress table every 30 s", flush=True)
+    if resume and tune.Tuner.can_restore(exp_dir):
         log.info("Resuming sweep %s from %s", name, exp_dir)
         # scheduler, searcher and callbacks come back from the sweep's own pickled state (tuner.pkl)
         tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_errored=True)
-    else:
+    else:  # a new sweep, or one killed before its first trial started: data and teacher come from their caches
         scheduler_name = sweep["scheduler"]["name"] or default_scheduler(space, objective)
         scheduler = make_scheduler(scheduler_name, objective, max_epochs(base_config, space),
                                    sweep["scheduler"]["grace_period"], sweep["scheduler"]["reduction_factor"])
         callback = SweepMLflowCallback(tracking_uri, name, base_config, tags={
             "space": sweep["space"], "sampler": sweep["search"]["sampler"], "scheduler": scheduler_name})
         callbacks = [callback] + ([ParetoASHAStateCallback(scheduler)] if isinstance(scheduler, ParetoASHA) else [])
+        # Two checkpoints kept per trial: Tune forces an experiment snapshot whenever a trial has checkpointed
+        # num_to_keep times since the last one, and TUNE_GLOBAL_CHECKPOINT_S=0 already snapshots after results.
         run_config = tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks, verbose=1,
-                                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
+                                    progress_reporter=progress_reporter(space),
+                                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2))
         tuner = tune.Tuner(
             trainable,
             param_space=param_space(space),
             tune_config=tune.TuneConfig(  # no metric/mode here: it would make OptunaSearch single-objective
                 search_alg=make_searcher(space, sweep["search"]["sampler"], objective, base_config["seed"]),
                 scheduler=scheduler,
-                num_samples=num_samples(space, sweep["num_samples"]),
+                num_samples=trials,
                 max_concurrent_trials=sweep["resources"]["max_concurrent_trials"],
                 reuse_actors=True),
             run_config=run_config,
         )
-        write_state(storage, name, {"base_config": base_config, "sweep": sweep})
     results = tuner.fit()
     errors = [r for r in results if r.error]
     print("\n" + summarize(results, name, base_config))

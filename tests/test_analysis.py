@@ -183,7 +183,7 @@ def test_sweep_without_results_is_a_clear_error(tmp_path):
 
 
 def test_matched_macs_comparison_bins_by_factor_two_and_flags_small_groups():
-    from analysis.statistics import matched_difference, matched_macs_comparison
+    from analysis.sweep_stats import matched_difference, matched_macs_comparison
 
     # binned on target_macs (the objective); the measured macs of these trials (all 9M) must not matter
     rows = [{"kd": kd, "target_macs": macs, "macs": 9e6, "val_acc": acc} for kd, macs, acc in [
@@ -197,7 +197,7 @@ def test_matched_macs_comparison_bins_by_factor_two_and_flags_small_groups():
 
 
 def test_overlaid_sweeps_share_one_hypervolume_reference():
-    from analysis.statistics import normalised_hypervolumes
+    from analysis.sweep_stats import normalised_hypervolumes
 
     rows = [{"sweep": "a", "val_acc": 0.5, "target_macs": 1e6, "macs": 5e6, "params": 10},
             {"sweep": "b", "val_acc": 0.8, "target_macs": 2e6, "macs": 2e6, "params": 20}]

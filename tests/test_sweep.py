@@ -8,6 +8,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -46,6 +47,10 @@ def test_quick_sweep_end_to_end_logs_every_trial_to_mlflow(tmp_path):
                          capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Pareto set" in out.stdout and "Best by val_acc" in out.stdout
+    # the name and the resume command come first, and Ray's repeated warnings are gone from the console
+    assert out.stdout.startswith("Sweep e2e ") and "resume=true name=e2e" in out.stdout.splitlines()[1]
+    console = out.stdout + out.stderr
+    assert "snapshotting has been triggered" not in console and "Checkpoint successfully created" not in console
     runs = mlflow_runs(tmp_path, "e2e")
     assert len(runs) == 3 and all(status == "FINISHED" for _, status in runs)
     with sqlite3.connect(tmp_path / "mlflow.db") as db:
@@ -57,6 +62,10 @@ def test_quick_sweep_end_to_end_logs_every_trial_to_mlflow(tmp_path):
     assert {"val_acc", "val_macro_f1", "val_loss", "train_loss", "kd_loss", "ce_loss", "macs", "params",
             "epoch", "pruning_step", "target_macs"} <= metric_keys
     assert tags["space"] == "quick" and tags["kd"] == "on" and tags["scheduler"] == "pareto_asha"
+    with sqlite3.connect(tmp_path / "mlflow.db") as db:  # the MLflow UI opens the experiment on its runs table
+        experiment_tags = dict(db.execute("SELECT t.key, t.value FROM experiment_tags t JOIN experiments e ON "
+                                          "t.experiment_id = e.experiment_id WHERE e.name = 'e2e'").fetchall())
+    assert experiment_tags["mlflow.experimentKind"] == "custom_model_development"
     artifacts = list((tmp_path / "mlflow-artifacts" / "e2e").rglob("*"))
     names = {p.name for p in artifacts}
     assert {"config.json", "history.json", "checkpoint.pt"} <= names
@@ -96,6 +105,64 @@ def test_killed_sweep_resumes_from_checkpoints_without_duplicate_runs(tmp_path):
     # the one epoch whose result arrived between its last state snapshot and the kill)
     assert all(epochs[k].count(1) == 1 for k in interrupted), epochs
     runs = mlflow_runs(tmp_path, "kr")
+    assert len(runs) == 4 and all(status == "FINISHED" for _, status in runs)
+
+
+class Driver:
+    """The real CLI in its own process group, its stdout read line by line (to kill it at a given stage)."""
+
+    def __init__(self, *args: str):
+        self.lines: list[str] = []
+        self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT,
+                                        start_new_session=True)
+        threading.Thread(target=lambda: self.lines.extend(self.process.stdout), daemon=True).start()
+
+    def kill_when(self, ready, timeout_s: float = 400) -> None:
+        deadline = time.time() + timeout_s
+        try:
+            while not ready(self):
+                if time.time() > deadline or self.process.poll() is not None:
+                    pytest.fail(f"stage not reached; output so far: {self.lines[-20:]}")
+                time.sleep(0.2)
+        finally:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+def rung_records(exp_dir: Path) -> dict[float, dict]:
+    """ParetoASHA's rung records as Tune last saved them (callback-states-*.pkl, see sweeps/pareto_asha.py)."""
+    import ray.cloudpickle as cloudpickle
+
+    newest = max(exp_dir.glob("callback-states-*.pkl"), key=lambda path: path.stat().st_mtime)
+    states = cloudpickle.loads(newest.read_bytes())
+    return next(state["records"] for state in states.values() if state and "records" in state)
+
+
+def test_default_paretoasha_sweep_survives_kills_at_every_stage(tmp_path):
+    """Killed while rendering data, while training the teacher and mid-search, then resumed: the default
+    scheduler's rung records come back, no trial restarts from epoch 1, and every trial has one MLflow run."""
+    exp_dir = tmp_path / "ray_results" / "kk"
+    first = sweep_cmd(tmp_path, "space=quick", "num_samples=4", "name=kk", "resources.max_concurrent_trials=2",
+                      "train.batch_size=4")
+    resume = sweep_cmd(tmp_path, "resume=true", "name=kk")
+    Driver(*first).kill_when(lambda d: any(line.startswith("[1/3] data") for line in d.lines))
+    assert (exp_dir / "sweep_config.json").is_file()  # the state was recorded before any data work
+    Driver(*resume).kill_when(lambda d: any(line.startswith("[2/3] teacher") for line in d.lines))
+    Driver(*resume).kill_when(  # mid-search: a trial has its epoch-1 checkpoint, two epochs before it could finish
+        lambda d: exp_dir.is_dir() and any(len(e) == 1 for e in trial_epochs(exp_dir).values()) and not time.sleep(0.5))
+    before = trial_epochs(exp_dir)
+    out = subprocess.run(resume, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    epochs = trial_epochs(exp_dir)
+    assert len(epochs) == 4, epochs
+    assert all(e.count(1) == 1 for e in epochs.values()), epochs  # nothing restarted from epoch 1
+    # a trial the rungs stopped gained no epoch after the resume (stopped ones are not revived)
+    stopped = {k for k, e in epochs.items() if e[-1] < 3}
+    assert all(epochs[k] == before[k] for k in stopped if before.get(k)), (before, epochs)
+    records = rung_records(exp_dir)
+    ids = {json.loads((exp_dir / k / "result.json").read_text().splitlines()[0])["trial_id"] for k in epochs}
+    assert set(records[1]) == ids  # every trial's epoch-1 record, those from before the kills included
+    runs = mlflow_runs(tmp_path, "kk")
     assert len(runs) == 4 and all(status == "FINISHED" for _, status in runs)
 
 

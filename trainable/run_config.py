@@ -71,11 +71,29 @@ def teacher_features(config: Mapping[str, Any]) -> dict[str, Any]:
     return {**config["features"], **(config["teacher"].get("features") or {})}
 
 
+def validate_teacher(config: Mapping[str, Any]) -> None:
+    """The teacher's own settings, reported under the keys a user sets (teacher.*), not the derived run's."""
+    teacher, warmup = config["teacher"], config["train"]["warmup_epochs"]
+    if teacher["epochs"] < 1 or teacher["lr"] <= 0 or teacher["batch_size"] < 1:
+        raise ValueError(f"teacher.epochs={teacher['epochs']} and teacher.batch_size={teacher['batch_size']} must be "
+                         f">= 1 and teacher.lr={teacher['lr']} > 0.")
+    if not teacher["checkpoint"] and teacher["epochs"] <= warmup:
+        raise ValueError(f"teacher.epochs={teacher['epochs']} must be above train.warmup_epochs={warmup} (the teacher "
+                         "warms up like the students): raise teacher.epochs or lower train.warmup_epochs.")
+    if not teacher["freeze"]:
+        raise ValueError("teacher.freeze=false is not supported: the teacher is a fixed KD target "
+                         "(its logits are cached); train or fine-tune it separately and pass teacher.checkpoint.")
+    try:
+        FeatureConfig.from_mapping(teacher_features(config))
+    except ValueError as err:
+        raise ValueError(f"teacher.features: {err}") from None
+
+
 def validate_config(config: Mapping[str, Any]) -> None:
     """Fail before any work for settings the run cannot honour; messages name the key and the fix."""
     FeatureConfig.from_mapping(config["features"])  # validates on construction
     if config["kd"]["enabled"] and config.get("teacher"):
-        FeatureConfig.from_mapping(teacher_features(config))
+        validate_teacher(config)
     tcfg, kcfg = config["train"], config["kd"]
     for key in ("epochs", "batch_size"):
         if int(tcfg[key]) < 1:

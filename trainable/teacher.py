@@ -25,7 +25,7 @@ from common.io import atomic_path, atomic_write_text
 from data_prep.waveform_cache import WaveformData
 from common.config import FeatureConfig
 from trainable.models import TeacherEnsemble, create_teacher, freeze
-from trainable.run_config import pick_device, teacher_features
+from trainable.run_config import pick_device, teacher_features, validate_teacher
 from trainable.checkpoints import load_checkpoint, restore_model
 from trainable.evaluation import evaluate, make_pipeline
 from trainable.loop import train
@@ -76,9 +76,6 @@ def ensure_teacher(config: dict[str, Any], data: WaveformData) -> tuple[torch.nn
     Without teacher.checkpoint the teacher is trained here once per dataset + teacher config, and
     resumed from its last epoch if that training was interrupted.
     """
-    if not config["teacher"].get("freeze", True):
-        raise ValueError("teacher.freeze=false is not supported: the teacher is a fixed KD target "
-                         "(its logits are cached); train or fine-tune it separately and pass teacher.checkpoint.")
     out_dir = teacher_dir(config, data)
     given = config["teacher"]["checkpoint"]
     if given:
@@ -163,6 +160,7 @@ def main(cfg: DictConfig) -> None:
     from data_prep.dataset import prepare_data
 
     config = plain(cfg)
+    validate_teacher(config)
     data = prepare_data(config["data"], config["workdir"])
     teacher_logits(config, data)  # trains or loads the teacher, writes metrics.json, caches the logits
     out_dir = teacher_dir(config, data)

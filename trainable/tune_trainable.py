@@ -6,6 +6,7 @@ per trial; the trial resumes from its last Tune checkpoint when Tune restores it
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,10 @@ from trainable.loop import train
 def run_trial(trial_params: dict[str, Any], base_config: dict[str, Any], data: WaveformData,
               teacher_logits: torch.Tensor | None = None,
               teacher: tuple[torch.nn.Module, FeatureConfig] | None = None) -> None:
+    # Ray logs one "Checkpoint successfully created at ..." line per epoch per trial into the driver's console;
+    # Tune's experiment state records every checkpoint anyway.
+    for name in ("ray.train._internal.storage", "ray.train.v2._internal.execution.storage"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     config = trial_config(base_config, trial_params)
     if not tune.get_context().get_trial_resources().required_resources.get("GPU", 0):
         # Ray leaves CUDA_VISIBLE_DEVICES alone for 0-GPU trials: without this they would all land on cuda:0.

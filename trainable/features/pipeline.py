@@ -57,7 +57,7 @@ class FeaturePipeline:
         self.wave_fingerprint = wave_fingerprint
         self.cache_dir = Path(cache_dir)
         self.cache_batch_size = cache_batch_size
-        self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64).to(self.device)
+        self.labels = torch.as_tensor(np.array(labels, dtype=np.int64)).to(self.device)  # a copy: labels may be a read-only memmap
         self.logmel = LogMel(cfg).to(self.device)
         self.waveform_augment = WaveformAugment(cfg)
         self.spec_augment = SpecAugment(cfg)
