@@ -47,8 +47,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# As sweeps/run.py: Tune records its experiment state after every result, and prints the classic output.
+# As sweeps/run.py: Tune records its experiment state after every result (without warning that it does so),
+# and prints the classic output.
 os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
+os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
 import torch  # noqa: E402

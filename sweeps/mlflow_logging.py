@@ -22,7 +22,7 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
-from common.tracking import flatten
+from common.tracking import EXPERIMENT_KIND, flatten
 from trainable.run_config import trial_config
 
 if TYPE_CHECKING:
@@ -120,7 +120,7 @@ class SweepMLflowCallback(Callback):
             if experiment is None:  # sweeps/run.py creates it (artifacts under workdir); be usable without it
                 log.warning("MLflow experiment %r not found at %s; creating it with the default artifact location",
                             self.experiment_name, self.tracking_uri)
-                self._experiment_id = self.client.create_experiment(self.experiment_name)
+                self._experiment_id = self.client.create_experiment(self.experiment_name, tags=EXPERIMENT_KIND)
             else:
                 self._experiment_id = experiment.experiment_id
         return self._experiment_id

@@ -201,6 +201,7 @@ def run_sweep(name: str, base_config: dict[str, Any], sweep: dict[str, Any], sto
     from sweeps.mlflow_logging import SweepMLflowCallback
     from sweeps.pareto_asha import ParetoASHA, ParetoASHAStateCallback
     from sweeps.tuning import default_scheduler, make_scheduler, make_searcher, num_samples, param_space
+    from trainable.run_config import validate_teacher
     from trainable.teacher import teacher_inputs
     from trainable.tune_trainable import run_trial
 
@@ -209,6 +210,8 @@ def run_sweep(name: str, base_config: dict[str, Any], sweep: dict[str, Any], sto
     check_space_configs(space, base_config)
     trials = num_samples(space, sweep["num_samples"])
     check_sweep_settings(sweep)
+    if may_use_kd(space, base_config):
+        validate_teacher(base_config)  # the teacher trains on the base config, whatever the trials sample
     gpus = resolve_gpus(sweep["resources"]["gpus_per_trial"], sweep["ray"]["address"])
     workdir = Path(base_config["workdir"]).resolve()
     exp_dir = sweep_uri(storage, name)

@@ -299,3 +299,14 @@ def test_module_uses_only_public_ray_and_mlflow_api():
     # the only underscore attributes read are the callback's own (self._x), never Ray's or MLflow's
     assert {owner for owner in re.findall(r"(\w+)\._\w+", source)} <= {"self"}
     assert not re.search(r"\)\._[a-zA-Z]", source)
+
+
+def test_missing_experiment_is_created_on_setup(tmp_path, base_config):
+    from mlflow.tracking import MlflowClient
+
+    from common.tracking import EXPERIMENT_KIND
+
+    tracking = (f"sqlite:///{tmp_path}/fresh.db", "not-made-beforehand")
+    make_callback(tracking, base_config).setup()
+    experiment = MlflowClient(tracking[0]).get_experiment_by_name(tracking[1])
+    assert experiment is not None and EXPERIMENT_KIND.items() <= experiment.tags.items()

@@ -171,9 +171,14 @@ def test_default_paretoasha_sweep_survives_kills_at_every_stage(tmp_path):
     (["resume=true", "name=never-ran"], "No sweep named 'never-ran'"),
     (["space=quick", "resources.gpus_per_trial=1"], "no CUDA GPU"),
     (["space=quick", "ray.address=127.0.0.1:1"], "unreachable"),
+    (["space=quick", "num_samples=0"], "num_samples=0 must be >= 1"),
+    (["space=quick", "mlflow.tracking_uri=http://127.0.0.1:9"], "mlflow.tracking_uri=http://127.0.0.1:9 is unreachable"),
+    (["space=quick", "teacher.epochs=1", "train.warmup_epochs=1"], "teacher.epochs=1 must be above train.warmup_epochs=1"),
 ])
 def test_cli_errors_are_one_clear_line_before_work_starts(tmp_path, args, message):
+    started = time.monotonic()
     out = subprocess.run(sweep_cmd(tmp_path, *args), capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert time.monotonic() - started < 60  # refused in seconds, not after retries
     assert out.returncode == 2
     assert message in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "data").exists()  # failed before any data work

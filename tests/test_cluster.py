@@ -1,0 +1,304 @@
+"""sweeps/cluster.py against real Ray processes: a `ray start --head` with token auth, a stale recorded cluster,
+and a two-node ray.cluster_utils.Cluster running Tune trials on both nodes.
+
+Every Ray here runs in a private, short temp dir (RAY_TMPDIR) with a private HOME (~/.ray/auth_token), so nothing
+touches the machine's shared /tmp/ray/ray_current_cluster or ~/.ray; drivers run in subprocesses (one ray.init per
+process) and every head is stopped through its own process group, never with a blanket `ray stop`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from sweeps.cluster import start_ray
+
+REPO = Path(__file__).resolve().parents[1]
+RAY_CLI = str(Path(sys.executable).with_name("ray"))
+TOKEN = "akds-test-token-0123456789abcdef0123456789abcdef"
+try:
+    import grpc  # noqa: F401  (Ray Client, ray://, needs `ray[client]`)
+
+    HAS_RAY_CLIENT = True
+except ImportError:
+    HAS_RAY_CLIENT = False
+
+DRIVER = r"""
+import json, sys, time
+t0 = time.time()
+import ray
+from sweeps.cluster import start_ray
+try:
+    start_ray(sys.argv[1], None, 0.0)
+except ValueError as err:
+    print("RESULT " + json.dumps({"error": str(err), "s": time.time() - t0}))
+    sys.exit(0)
+out = {"resources": ray.cluster_resources(), "s": time.time() - t0}
+if not sys.argv[1].startswith("ray://"):
+    out["gcs"] = ray.get_runtime_context().gcs_address
+    @ray.remote(num_cpus=1)
+    def where():
+        return ray.get_runtime_context().get_node_id()
+    out["task_node"] = ray.get(where.remote())
+    out["nodes"] = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+ray.shutdown()
+print("RESULT " + json.dumps(out))
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def ray_env(tmp: Path, home: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # no RAY_ADDRESS / RAY_AUTH_* leaks
+    env.update(HOME=str(home), RAY_TMPDIR=str(tmp), RAY_USAGE_STATS_ENABLED="0",
+               PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p))
+    env.update(extra)
+    return env
+
+
+def run_py(code: str, args: list[str], env: dict[str, str], timeout: float = 90) -> dict:
+    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, f"rc={proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+@pytest.fixture(scope="module")
+def sandbox():
+    path = Path(tempfile.mkdtemp(prefix="akc", dir="/tmp"))  # short: Ray's unix sockets live under it
+    yield path
+    shutil.copytree(path, "/tmp/akd/keep", dirs_exist_ok=True, symlinks=True, ignore=shutil.ignore_patterns("sockets", "*.sock*", "session_latest")) if os.environ.get("AKD_KEEP") else None; shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def head(sandbox):
+    """`ray start --head` with token auth on (RAY_AUTH_MODE=token, the token in the head's ~/.ray/auth_token)."""
+    home, tmp = sandbox / "home", sandbox / "head"
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text(TOKEN)
+    tmp.mkdir()
+    port, marker = free_port(), f"akds_head_{os.getpid()}"
+    cmd = [RAY_CLI, "start", "--head", "--block", "--port", str(port), "--num-cpus", "1",
+           "--include-dashboard=false", "--disable-usage-stats", "--resources", json.dumps({marker: 1}),
+           "--dashboard-agent-listen-port", str(free_port())]
+    client_port = None
+    if HAS_RAY_CLIENT:
+        client_port = free_port()
+        cmd += ["--ray-client-server-port", str(client_port)]
+    log = open(sandbox / "head.log", "w")
+    proc = subprocess.Popen(cmd, env=ray_env(tmp, home, RAY_AUTH_MODE="token"), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    recorded = tmp / "ray" / "ray_current_cluster"
+    try:
+        deadline = time.time() + 90
+        while not recorded.exists() or not recorded.read_text().strip():
+            assert proc.poll() is None, f"ray start exited {proc.returncode}:\n{(sandbox / 'head.log').read_text()}"
+            assert time.time() < deadline, f"ray start not up in 90 s:\n{(sandbox / 'head.log').read_text()}"
+            time.sleep(0.5)
+        yield {"port": port, "client_port": client_port, "marker": marker, "home": home, "tmp": tmp,
+               "recorded": recorded.read_text().strip()}
+    finally:
+        stop_group(proc)
+        log.close()
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM to `ray start --block` stops its Ray processes; SIGKILL whatever of its group is left."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait(timeout=10)
+
+
+def assert_joined(result: dict, head: dict, client: bool = False) -> None:
+    assert "error" not in result, result["error"]
+    assert result["resources"].get(head["marker"]) == 1, result  # the test head's own custom resource
+    assert result["resources"].get("CPU") == 1, result
+    if not client:
+        assert result["gcs"].rpartition(":")[2] == str(head["port"])
+        assert result["task_node"] in result["nodes"]
+
+
+@pytest.mark.parametrize("form", ["auto", "host:port"])
+def test_auto_and_host_port_join_a_token_auth_head(head, form):
+    # The head's machine: its ~/.ray/auth_token, RAY_AUTH_MODE unset in the driver (Ray itself only turns token
+    # mode on for address=auto; host:port used to retry "Unauthenticated" for 20 s and fail).
+    address = "auto" if form == "auto" else f"127.0.0.1:{head['port']}"
+    result = run_py(DRIVER, [address], ray_env(head["tmp"], head["home"]))
+    assert_joined(result, head)
+
+
+@pytest.mark.skipif(not HAS_RAY_CLIENT, reason="ray:// needs the Ray Client (`pip install ray[client]`: grpcio), "
+                                               "which this venv does not have; `ray start` then starts no client "
+                                               "server (see test_ray_client_without_extras_says_so)")
+def test_ray_client_address_joins_a_token_auth_head(head):
+    result = run_py(DRIVER, [f"ray://127.0.0.1:{head['client_port']}"], ray_env(head["tmp"], head["home"]))
+    assert_joined(result, head, client=True)
+
+
+@pytest.mark.skipif(HAS_RAY_CLIENT, reason="ray[client] is installed: test_ray_client_address_joins... runs")
+def test_ray_client_without_extras_says_so():
+    with pytest.raises(ValueError, match=r"ray\[client\]") as err:
+        start_ray("ray://127.0.0.1:10001", None, 0.0)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_and_wrong_token_say_how_to_provide_it(head, sandbox):
+    # Another machine: no ~/.ray/auth_token, no RAY_AUTH_TOKEN.
+    empty_home = sandbox / "empty_home"
+    empty_home.mkdir(exist_ok=True)
+    (sandbox / "nohead").mkdir(exist_ok=True)
+    address = f"127.0.0.1:{head['port']}"
+    missing = run_py(DRIVER, [address], ray_env(sandbox / "nohead", empty_home))
+    wrong = run_py(DRIVER, [address], ray_env(sandbox / "nohead", empty_home, RAY_AUTH_TOKEN="not-the-token"))
+    for result, says in ((missing, "no token was found"), (wrong, "rejected the Ray auth token from RAY_AUTH_TOKEN")):
+        msg = result.get("error", "")
+        assert says in msg and f"ray.address={address}" in msg, result
+        assert "~/.ray/auth_token" in msg and "RAY_AUTH_TOKEN=" in msg and "RAY_AUTH_TOKEN_PATH=" in msg
+        assert "ray get-auth-token" in msg and "\n" not in msg
+        assert result["s"] < 15, result  # an answer, not Ray's 20 s of retries
+
+
+STALE = r"""
+import json, sys, time
+import ray
+from ray._private.services import canonicalize_bootstrap_address
+from sweeps.cluster import start_ray
+out = {"ray_init_would_join": canonicalize_bootstrap_address(None)}  # what a bare ray.init() would dial
+t0 = time.time()
+try:
+    start_ray("auto", None, 0.0)
+except ValueError as err:
+    out["auto_error"], out["auto_s"] = str(err), time.time() - t0
+t0 = time.time()
+start_ray(None, 1, 0.0)
+out["null_s"] = time.time() - t0
+out["gcs"] = ray.get_runtime_context().gcs_address
+out["cpus"] = ray.cluster_resources().get("CPU")
+ray.shutdown()
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_null_starts_a_fresh_local_ray_despite_a_dead_recorded_cluster(sandbox):
+    # What a head killed without `ray stop` leaves: ray_current_cluster naming an address nobody listens on.
+    tmp, home = sandbox / "stale", sandbox / "stale_home"
+    (tmp / "ray").mkdir(parents=True)
+    home.mkdir()
+    dead = f"127.0.0.1:{free_port()}"
+    (tmp / "ray" / "ray_current_cluster").write_text(dead)
+    result = run_py(STALE, [], ray_env(tmp, home), timeout=120)
+    # The precondition of the bug: a plain ray.init() would dial the dead head (Ray maps 127.0.0.1 to the node IP).
+    assert result["ray_init_would_join"].rpartition(":")[2] == dead.rpartition(":")[2], result
+    assert result["auto_s"] < 10 and "\n" not in result["auto_error"], result
+    assert "ray.address=auto" in result["auto_error"] and "ray_current_cluster" in result["auto_error"], result
+    assert "unreachable" in result["auto_error"], result
+    assert result["gcs"] != dead and result["cpus"] == 1, result
+    assert result["null_s"] < 45, result  # a local start, not minutes of "Failed to get cluster ID"
+
+
+def test_unreachable_or_wrong_port_fails_in_seconds():
+    t0 = time.time()
+    dead = f"127.0.0.1:{free_port()}"
+    with pytest.raises(ValueError, match=rf"ray\.address={dead} is unreachable") as err:
+        start_ray(dead, None, 0.0)
+    assert "ray start --head" in str(err.value) and "ray.address=null" in str(err.value)
+    with pytest.raises(ValueError, match="is not host:port"):
+        start_ray("headnode", None, 0.0)
+
+    # Something that is not Ray on the port (an HTTP server, the dashboard): ray.init would retry for minutes.
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+    port = server.getsockname()[1]
+
+    def answer_http() -> None:
+        for _ in range(2):
+            conn, _ = server.accept()
+            with conn:
+                conn.recv(1024)
+                conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+
+    thread = threading.Thread(target=answer_http, daemon=True)
+    thread.start()
+    try:
+        for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+            if address.startswith("ray://") and not HAS_RAY_CLIENT:
+                continue
+            with pytest.raises(ValueError, match="is not a Ray GCS or Ray Client port") as err:
+                start_ray(address, None, 0.0)
+            assert "\n" not in str(err.value)
+    finally:
+        server.close()
+    assert time.time() - t0 < 10
+
+
+TWO_NODES = r"""
+import json, time
+import ray
+from ray import tune
+from ray.cluster_utils import Cluster
+from sweeps.cluster import start_ray
+
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"akds_head": 1}})
+try:
+    cluster.add_node(num_cpus=1, resources={"akds_worker": 1})
+    cluster.wait_for_nodes()
+    start_ray(cluster.address, None, 0.0)
+
+    def trial(config):
+        time.sleep(3)  # both 1-CPU trials run at once, so one must be on each 1-CPU node
+        tune.report({"node": ray.get_runtime_context().get_node_id(), "x": config["x"]})
+
+    tuner = tune.Tuner(
+        tune.with_resources(trial, {"cpu": 1}),
+        param_space={"x": tune.grid_search([0, 1])},
+        tune_config=tune.TuneConfig(max_concurrent_trials=2),
+        run_config=tune.RunConfig(storage_path=__import__("sys").argv[1], verbose=0),
+    )
+    results = tuner.fit()
+    out = {
+        "trial_nodes": sorted(r.metrics["node"] for r in results),
+        "errors": [str(r.error) for r in results if r.error],
+        "cluster_nodes": sorted(n["NodeID"] for n in ray.nodes() if n["Alive"]),
+        "resources": ray.cluster_resources(),
+    }
+    ray.shutdown()
+finally:
+    cluster.shutdown()
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_two_node_cluster_runs_trials_on_both_nodes(sandbox):
+    tmp, home = sandbox / "two", sandbox / "two_home"
+    tmp.mkdir()
+    home.mkdir()
+    result = run_py(TWO_NODES, [str(sandbox / "two_results")], ray_env(tmp, home), timeout=180)
+    assert not result["errors"], result
+    assert result["resources"].get("akds_head") == 1 and result["resources"].get("akds_worker") == 1
+    assert len(result["cluster_nodes"]) == 2
+    assert len(set(result["trial_nodes"])) == 2 and set(result["trial_nodes"]) == set(result["cluster_nodes"])
