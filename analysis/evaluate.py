@@ -1,8 +1,11 @@
 """Held-out test accuracy of a sweep's Pareto-front models, plus any extra NSynth-layout folders.
 
     python analysis/evaluate.py name=<sweep>                                  # the front, on the test split
-    python analysis/evaluate.py name=<sweep> trial=<trial_id>
+    python analysis/evaluate.py name=<sweep> trial=<trial_id>                  # or trial=[<id>,<id>]
     python analysis/evaluate.py name=<sweep> eval.extra=[/data/nsynth/nsynth-test]
+
+Trial ids, sweep names and paths are read as typed: `trial=641040e5` and `name=20261123` need no quotes, although
+Hydra alone would read them as numbers (common.cli.string_overrides).
 
 The front is chosen on the validation split, so its validation accuracy is optimistic; the test split
 (never seen by training or selection) gives the number to quote. Each model is scored with its own
@@ -29,8 +32,8 @@ import torch
 from omegaconf import DictConfig
 
 from analysis.pareto import analyse, select_trials, summary
-from analysis.results import load_sweeps, sweep_data, write_evaluations
-from common.cli import entry_point, plain
+from analysis.results import NAME_KEYS, load_sweeps, sweep_data, write_evaluations
+from common.cli import entry_point, plain, string_overrides
 from data_prep.waveform_cache import WaveformData, load_clip
 from common.config import FeatureConfig
 from common.trial_table import Trial, evaluation_headers, format_table
@@ -178,7 +181,7 @@ def skipped_report(evaluations: dict[str, dict[str, Any]]) -> list[str]:
 @hydra.main(config_path="../conf", config_name="analysis", version_base="1.3")
 @entry_point
 def main(cfg: DictConfig) -> None:
-    config = plain(cfg)
+    config = string_overrides(plain(cfg), NAME_KEYS)
     sweeps = load_sweeps(config)
     third = config["objectives"]["third_objective"]
     chosen = select_trials(sweeps, config["trial"], third)

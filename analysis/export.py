@@ -1,7 +1,7 @@
 """ONNX export of a sweep's models, checked against PyTorch with ONNX Runtime.
 
     python analysis/export.py name=<sweep> trial=front            # every Pareto-front model
-    python analysis/export.py name=<sweep> trial=<trial_id>
+    python analysis/export.py name=<sweep> trial=<trial_id>       # or trial=[<id>,<id>]; ids as typed, no quotes
 
 Writes `<sweep>/export/<trial_id>.onnx` (input: log-mel features (batch, 1, n_mels, frames) of the model's
 own feature config, dynamic batch; output: logits over the checkpoint's classes) and
@@ -26,8 +26,8 @@ import torch
 from omegaconf import DictConfig
 
 from analysis.pareto import select_trials
-from analysis.results import load_sweeps, sweep_data
-from common.cli import entry_point, plain
+from analysis.results import NAME_KEYS, load_sweeps, sweep_data
+from common.cli import entry_point, plain, string_overrides
 from common.io import atomic_write_text
 from data_prep.waveform_cache import WaveformData
 from common.config import FeatureConfig
@@ -108,7 +108,7 @@ def write_manifest(out_dir: Path, exports: dict[str, dict[str, Any]]) -> None:
 @hydra.main(config_path="../conf", config_name="analysis", version_base="1.3")
 @entry_point
 def main(cfg: DictConfig) -> None:
-    config = plain(cfg)
+    config = string_overrides(plain(cfg), NAME_KEYS)
     opset, tolerance = config["export"]["opset"], config["export"]["tolerance"]
     if opset < MIN_OPSET:
         raise ValueError(f"export.opset={opset} is too old; use {MIN_OPSET} or newer.")

@@ -23,9 +23,9 @@ from omegaconf import DictConfig
 
 from analysis.plot import plot_front
 from analysis.report import render_report
-from analysis.results import Sweep, load_sweeps, read_evaluations
+from analysis.results import NAME_KEYS, Sweep, load_sweeps, read_evaluations
 from analysis.sweep_stats import Hypervolumes, normalised_hypervolumes
-from common.cli import entry_point, plain
+from common.cli import entry_point, plain, string_overrides
 from common.objectives import ACCURACY, MACS, front_mask, objectives
 from common.trial_table import Trial, format_table, front_rows, table_columns, trial_row
 
@@ -33,13 +33,14 @@ OUTPUT_FILES = ("pareto.csv", "pareto.png", "report.html")
 
 
 def select_trials(sweeps: Sequence[Sweep], which: str | list[str], third_objective: str | None = None) -> list[Trial]:
-    """`front` -> the front's trials (ordered by MACs); otherwise the trial id(s) given."""
+    """`front` -> the front's trials (ordered by MACs); otherwise the trial id(s) given (a trial id is a string:
+    the entry points read `trial=` as typed, see common.cli.string_overrides)."""
     trials = [t for s in sweeps for t in s.trials]
     if which == "front":
         on_front = front_mask([t.metrics for t in trials], objectives(third_objective=third_objective))
         return sorted((t for t, on in zip(trials, on_front) if on), key=lambda t: t.metrics[MACS])
     by_id = {t.trial_id: t for t in trials}
-    wanted = [str(w) for w in ([which] if isinstance(which, (str, int)) else which)]
+    wanted = [str(w) for w in (which if isinstance(which, (list, tuple)) else [which])]
     missing = [w for w in wanted if w not in by_id]
     if missing:
         raise ValueError(f"trial={missing} not found in sweep(s) {[s.name for s in sweeps]}; use trial=front or "
@@ -131,7 +132,7 @@ def summary(analysis: Analysis, tracking_uri: str, experiment: str) -> str:
 @hydra.main(config_path="../conf", config_name="analysis", version_base="1.3")
 @entry_point
 def main(cfg: DictConfig) -> None:
-    config = plain(cfg)
+    config = string_overrides(plain(cfg), NAME_KEYS)
     sweeps = load_sweeps(config)
     third = config["objectives"]["third_objective"]
     analysis = analyse(sweeps, third, config["mlflow"]["tracking_uri"])

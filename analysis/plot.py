@@ -1,5 +1,8 @@
 """The accuracy-vs-MACs figure: every trial (colour = KD, marker = pruning mode), the front as a step line,
-front points labelled. The x axis is the MACs objective (`common.objectives.MACS`) and its label says so."""
+front points labelled. Trials that ran all their epochs are filled; trials stopped early (by the scheduler, or
+errored / still running) are hollow and faded, with the epoch they reached written next to them, since their
+accuracy is that of a partly trained model. The x axis is the MACs objective (`common.objectives.MACS`) and its
+label says so."""
 
 from __future__ import annotations
 
@@ -17,6 +20,12 @@ PRUNING_NAMES = {"none": "no pruning", "single": "single-shot", "progressive": "
                  "unstructured": "unstructured (masks)"}
 SWEEP_LINE_COLOURS = ("tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
 X_LABEL = f"{LABELS[MACS]} (millions per clip, log scale)"
+STOPPED_ALPHA = 0.45  # trials stopped before their last epoch: hollow and this faint (off the front)
+
+
+def completed(row: dict[str, Any]) -> bool:
+    """Whether the trial ran all its epochs (rows without a status are taken as complete)."""
+    return row.get("status", "completed") == "completed"
 
 
 def _attainment(macs: np.ndarray, acc: np.ndarray, right: float) -> tuple[np.ndarray, np.ndarray]:
@@ -35,7 +44,7 @@ def front_figure(rows: Sequence[dict[str, Any]], title: str) -> Any:
     from matplotlib import ticker
     from matplotlib.lines import Line2D
 
-    fig, ax = plt.subplots(figsize=(10, 6.5), dpi=110)
+    fig, ax = plt.subplots(figsize=(11.5, 6.5), dpi=110)
     macs = np.array([r[MACS] for r in rows], dtype=float) / 1e6
     acc = np.array([r[ACCURACY] for r in rows], dtype=float)
     front = np.array([r["on_front"] for r in rows])
@@ -49,21 +58,35 @@ def front_figure(rows: Sequence[dict[str, Any]], title: str) -> Any:
                     linestyle="--", linewidth=1.2, label=f"front of {name}")
     ax.step(*_attainment(macs[front], acc[front], right), where="post", color="black", linewidth=1.6,
             label="Pareto front", zorder=2)
+    complete = np.array([completed(r) for r in rows], dtype=bool)
     for (kd, mode), members in _groups(rows).items():
         index = np.array(members)
-        for on, size, edge in ((False, 45, "none"), (True, 110, "black")):
-            chosen = index[front[index] == on]
-            if chosen.size:
-                ax.scatter(macs[chosen], acc[chosen], s=size, c=KD_COLOURS[kd], marker=PRUNING_MARKERS[mode],
-                           edgecolors=edge, linewidths=1.2, alpha=0.95 if on else 0.6, zorder=3 if on else 2)
+        colour, marker = KD_COLOURS[kd], PRUNING_MARKERS[mode]
+        for on in (False, True):
+            for full in (True, False):
+                chosen = index[(front[index] == on) & (complete[index] == full)]
+                if not chosen.size:
+                    continue
+                size = 110 if on else 45
+                if full:  # filled; a front point gets a black edge
+                    ax.scatter(macs[chosen], acc[chosen], s=size, c=colour, marker=marker,
+                               edgecolors="black" if on else "none", linewidths=1.2, alpha=0.95 if on else 0.6,
+                               zorder=3 if on else 2)
+                else:  # hollow, outlined in the KD colour, fainter unless on the front
+                    ax.scatter(macs[chosen], acc[chosen], s=size, facecolors="none", edgecolors=colour,
+                               marker=marker, linewidths=1.8 if on else 1.0, alpha=0.95 if on else STOPPED_ALPHA,
+                               zorder=3 if on else 1)
+    for j in np.flatnonzero(~complete & ~front):  # front points say their epoch in their label
+        ax.annotate(str(rows[j]["epochs"]), (macs[j], acc[j]), xytext=(4, -2), textcoords="offset points",
+                    ha="left", va="top", fontsize=6.5, color=KD_COLOURS[rows[j]["kd"]], alpha=0.9, zorder=1)
     labels: dict[tuple[float, float], list[str]] = {}  # trials at the same point share one label
     for j in np.flatnonzero(front)[np.argsort(macs[front], kind="stable")]:
-        labels.setdefault((macs[j], acc[j]), []).append(rows[j]["trial_id"])
+        text = rows[j]["trial_id"] + ("" if complete[j] else f" (epoch {rows[j]['epochs']})")
+        labels.setdefault((macs[j], acc[j]), []).append(text)
     ax.set_xscale("log")
     ax.set_xlim(macs.min() / 1.15, right)
     pad = max(0.02, 0.05 * (acc.max() - acc.min()))
     ax.set_ylim(max(0.0, acc.min() - pad), min(1.0, acc.max() + pad) + pad)
-    _label_points(ax, labels)
     for axis in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
         axis(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
     ax.set_xlabel(X_LABEL)
@@ -76,10 +99,23 @@ def front_figure(rows: Sequence[dict[str, Any]], title: str) -> Any:
                 for kd in KD_COLOURS if kd in kd_values]
     handles += [Line2D([], [], linestyle="", marker=PRUNING_MARKERS[m], color="gray", label=PRUNING_NAMES[m])
                 for m in PRUNING_MARKERS if m in modes]
-    handles.append(Line2D([], [], linestyle="", marker="o", markerfacecolor="none", markeredgecolor="black",
-                          markersize=9, label="on the front (labelled)"))
-    ax.legend(handles=handles, loc="lower right", fontsize=8, framealpha=0.9)
+    handles.append(Line2D([], [], linestyle="", marker="o", markerfacecolor="lightgray", markeredgecolor="black",
+                          markersize=9, label="on the front (black edge, labelled)"))
+    if not complete.all():
+        handles.append(Line2D([], [], linestyle="", marker="o", color="gray", label="ran all epochs (filled)"))
+        handles.append(Line2D([], [], linestyle="", marker="o", markerfacecolor="none", markeredgecolor="gray",
+                              label="stopped early (hollow; number = epoch reached)"))
+    # outside the axes: near-chance trials stopped early fill the bottom, the front the top
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, fontsize=8,
+              framealpha=0.9)
+    # Labels are spaced in display units, so they are placed once the axes have their final size: lay out,
+    # label, lay out again (labels sticking out of the axes take room), then place them again in that layout.
     fig.tight_layout()
+    placed = _label_points(ax, labels)
+    fig.tight_layout()
+    for label in placed:
+        label.remove()
+    _label_points(ax, labels)
     return fig
 
 
@@ -92,13 +128,13 @@ def plot_front(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def _label_points(ax: Any, labels: dict[tuple[float, float], list[str]]) -> None:
+def _label_points(ax: Any, labels: dict[tuple[float, float], list[str]]) -> list[Any]:
     """Label each point up-left (nothing dominates a front point, so that area is empty), moving a label up
     until it overlaps no earlier one; a moved label gets a leader line."""
     renderer = ax.figure.canvas.get_renderer()
     style = {"textcoords": "offset points", "ha": "right", "va": "bottom", "fontsize": 8, "zorder": 4,
              "bbox": {"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.75}}
-    placed = []
+    placed, drawn = [], []
     for (x, y), ids in labels.items():
         text = "\n".join(ids)
         for lift in range(0, 400, 8):  # measured without the leader line, whose extent would count as overlap
@@ -107,9 +143,10 @@ def _label_points(ax: Any, labels: dict[tuple[float, float], list[str]]) -> None
             label.remove()
             if not any(box.overlaps(other) for other in placed):
                 break
-        ax.annotate(text, (x, y), xytext=(-5, 5 + lift), **style,
-                    arrowprops={"arrowstyle": "-", "color": "gray", "lw": 0.6} if lift else None)
+        drawn.append(ax.annotate(text, (x, y), xytext=(-5, 5 + lift), **style,
+                                 arrowprops={"arrowstyle": "-", "color": "gray", "lw": 0.6} if lift else None))
         placed.append(box)
+    return drawn
 
 
 def _groups(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, str], list[int]]:

@@ -16,11 +16,31 @@ from common.objectives import ACCURACY, LABELS, MACS, objectives
 from common.trial_table import format_value, front_rows, table_columns
 
 
+# Tables sit in a box that scrolls sideways when they are wider than the page (many evaluation columns, overlaid
+# sweeps, a narrow window), with the first column (the trial) kept in view; headers wrap between words, values
+# never break inside ("3.0e-03", "1,234,567"). Separate borders: collapsed ones do not stay on a sticky cell.
+TABLE_CSS = """\
+.table-wrap { overflow-x: auto; max-width: 100%; margin: 0.5em 0 1em; }
+table { border-collapse: separate; border-spacing: 0; font-size: 0.9em; }
+th, td { border: solid #bbb; border-width: 0 1px 1px 0; padding: 3px 7px; text-align: right; }
+tr > :first-child { border-left-width: 1px; }
+thead tr:first-child > * { border-top-width: 1px; }
+th { background: #eee; white-space: normal; vertical-align: bottom; min-width: 3em; }
+td { white-space: nowrap; background: #fff; }
+.table-wrap th:first-child, .table-wrap td:first-child { position: sticky; left: 0; }
+"""
+
+
+def _wrapped(table: str) -> str:
+    """A <table> inside its horizontally scrolling box."""
+    return f'<div class="table-wrap">{table}</div>'
+
+
 def _html_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for _, h in columns)
+    head = "".join(f"<th>{html.escape(h).replace('_', '_<wbr>')}</th>" for _, h in columns)  # nsynth_<wbr>test acc
     body = "".join("<tr>" + "".join(f"<td>{html.escape(format_value(k, row.get(k)))}</td>" for k, _ in columns)
                    + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return _wrapped(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
 
 
 def _comparison_html(title: str, comparisons: Sequence[BinComparison], names: tuple[str, str]) -> str:
@@ -40,7 +60,8 @@ def _comparison_html(title: str, comparisons: Sequence[BinComparison], names: tu
                f"<b>{mean:+.3f}</b> validation accuracy." if mean is not None else
                f"No MACs bin has at least {MIN_GROUP_SIZE} trials in both groups: n too small to compare at matched "
                "MACs.")
-    return f"<h2>{html.escape(title)}</h2><table><thead>{head}</thead><tbody>{body}</tbody></table><p>{verdict}</p>"
+    return (f"<h2>{html.escape(title)}</h2>{_wrapped(f'<table><thead>{head}</thead><tbody>{body}</tbody></table>')}"
+            f"<p>{verdict}</p>")
 
 
 def render_report(rows: Sequence[dict[str, Any]], hypervolumes: Hypervolumes, png: bytes,
@@ -55,6 +76,8 @@ def render_report(rows: Sequence[dict[str, Any]], hypervolumes: Hypervolumes, pn
                           for key, value in hypervolumes.reference.items() if key != ACCURACY)
     hv_rows = "".join(f"<tr><td>{html.escape(name)}</td><td>{value:.4f}</td></tr>"
                       for name, value in hypervolumes.by_sweep.items())
+    hv_table = _wrapped(f"<table><thead><tr><th>sweep</th><th>hypervolume</th></tr></thead><tbody>{hv_rows}</tbody>"
+                        "</table>")
     evaluated = any("test_acc" in r for r in rows)
     names = sweeps[0] if len(sweeps) == 1 else f"[{','.join(sweeps)}]"
     test_note = ("Test columns come from <code>analysis/evaluate.py</code> (held-out test split, the model's own "
@@ -72,10 +95,7 @@ def render_report(rows: Sequence[dict[str, Any]], hypervolumes: Hypervolumes, pn
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
 body {{ font-family: sans-serif; margin: 2em; max-width: 1200px; }}
-table {{ border-collapse: collapse; margin: 0.5em 0 1em; font-size: 0.9em; }}
-th, td {{ border: 1px solid #bbb; padding: 3px 7px; text-align: right; }}
-th {{ background: #eee; }}
-img {{ max-width: 100%; }}
+{TABLE_CSS}img {{ max-width: 100%; }}
 </style></head><body>
 <h1>{html.escape(title)}</h1>
 <p>{len(rows)} trials with results ({html.escape(statuses)}); {len(front)} on the Pareto front.
@@ -89,7 +109,7 @@ Generated {time.strftime('%Y-%m-%d %H:%M:%S')}.</p>
 hypervolume is the fraction of the box [0, 1] (accuracy) &times; [0, 1] (cost / reference) that the trials
 dominate: 1 would be 100&nbsp;% accuracy at no cost. Overlaid sweeps share one reference point, so their values
 compare.</p>
-<table><thead><tr><th>sweep</th><th>hypervolume</th></tr></thead><tbody>{hv_rows}</tbody></table>
+{hv_table}
 <h2>Pareto front ({len(front)} trials, by target MACs)</h2>
 <p>Selected on the validation split, so its validation accuracy is optimistic. {test_note}</p>
 {_html_table(front, table_columns(rows, len(sweeps) > 1))}

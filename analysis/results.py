@@ -38,10 +38,15 @@ class Sweep:
     trials: list[Trial]
 
 
-def _as_list(value: str | list[str] | None) -> list[str]:
+# Keys whose values name things (sweeps, folders, trials): read as the characters typed on the command line, so
+# `trial=641040e5` is that trial and not the float 6.4104e10 (common.cli.string_overrides).
+NAME_KEYS = ("name", "path", "trial")
+
+
+def _as_list(value: Any) -> list[str]:
     if value is None:
         return []
-    return [str(value)] if isinstance(value, (str, Path)) else [str(v) for v in value]
+    return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
 
 
 def sweep_dirs(names: str | list[str] | None, paths: str | list[str] | None, storage_path: str | Path) -> list[Path]:

@@ -8,11 +8,12 @@ from typing import Any
 import mlflow
 
 
-def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(config: dict[str, Any], prefix: str = "", sep: str = ".") -> dict[str, Any]:
+    """Nested dicts as one level of `sep`-joined keys (dotted config keys; "/" for Tune's result keys)."""
     out = {}
     for key, value in config.items():
         if isinstance(value, dict):
-            out |= flatten(value, f"{prefix}{key}.")
+            out |= flatten(value, f"{prefix}{key}{sep}", sep)
         else:
             out[f"{prefix}{key}"] = value
     return out

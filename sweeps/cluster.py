@@ -4,7 +4,7 @@ ray.address:
   null (or "local")   always a fresh local Ray, whatever an earlier `ray start` recorded on this machine
                       (Ray's own `ray.init()` would join the cluster named in <ray tmp>/ray_current_cluster,
                       and hang for minutes when that head is dead).
-  auto                RAY_ADDRESS, else the cluster that `ray start --head` recorded on this machine.
+  auto                RAY_ADDRESS, else the cluster that `ray start` recorded on this machine.
   <host>:<port>       the GCS of a head started with `ray start --head --port <port>`.
   ray://<host>:<port> the Ray Client server of a head (`--ray-client-server-port`, needs `ray[client]`).
 
@@ -19,11 +19,13 @@ is respected as it is.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
+import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +41,7 @@ def resolve_gpus(requested: Any, address: str | None) -> float:
     if requested in (None, "auto"):
         return 0.25 if torch.cuda.is_available() else 0.0
     gpus = float(requested)
-    if gpus > 0 and address is None and not torch.cuda.is_available():
+    if gpus > 0 and address in (None, "", "local") and not torch.cuda.is_available():
         raise ValueError(f"resources.gpus_per_trial={gpus} but this machine has no CUDA GPU (trials would wait "
                          "forever); use resources.gpus_per_trial=0 or join a GPU cluster with ray.address.")
     return gpus
@@ -149,13 +151,29 @@ def authenticate(label: str, accepted: Callable[[], bool]) -> None:
     logger.info("%s: token authentication with the token from %s", label, source)
 
 
+@contextlib.contextmanager
+def quiet_native_stderr() -> Iterator[None]:
+    """Ray's C++ GCS client logs every refused probe to fd 2 ("Failed to get cluster ID ... Unauthenticated");
+    the outcome is reported here in one line instead."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def gcs_accepts(gcs_address: str, label: str) -> Callable[[], bool]:
     def accepted() -> bool:
         from ray._raylet import GcsClient
         from ray.exceptions import AuthenticationError
 
         try:
-            GcsClient(address=gcs_address)
+            with quiet_native_stderr():
+                GcsClient(address=gcs_address)
         except AuthenticationError:
             return False
         except Exception as err:  # ray.init would retry this for minutes

@@ -45,17 +45,6 @@ def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
         yield items[start:start + size]
 
 
-def _flatten_result(result: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested result dicts flattened with "/" (as Ray's MLflow callback named them: `config/lr`)."""
-    out: dict[str, Any] = {}
-    for key, value in result.items():
-        if isinstance(value, dict):
-            out |= _flatten_result(value, f"{prefix}{key}/")
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def _is_metric(value: Any) -> bool:
     """ints and floats (numpy scalars included), not bools."""
     return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
@@ -138,7 +127,7 @@ class SweepMLflowCallback(Callback):
         run_id = self._run_id(trial)
         step, timestamp = _step(result), int(time.time() * 1000)
         metrics = [Metric(key, float(value), timestamp, step)
-                   for key, value in _flatten_result(result).items() if _is_metric(value)]
+                   for key, value in flatten(result, sep="/").items() if _is_metric(value)]
         for batch in _chunks(metrics, MAX_METRICS_PER_BATCH):
             self.client.log_batch(run_id, metrics=list(batch))
 

@@ -31,13 +31,34 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
     raise ValueError(f"search.sampler={name!r}; choose one of {SAMPLERS}.")
 
 
-def make_searcher(space: SearchSpace, sampler: str, objective: str, seed: int) -> OptunaSearch | None:
+class FinalResultOptunaSearch(OptunaSearch):
+    """OptunaSearch that gives the study final results only.
+
+    Ray's OptunaSearch tells Optuna a trial the scheduler stopped at epoch 2 as COMPLETE with its epoch-2
+    accuracy, and TPE then learns from it as if it were final. Here a trial that ended before `final_epoch` is
+    told without values, which Ray's OptunaSearch records as PRUNED (Optuna's own state for a trial stopped
+    early), and an errored trial as FAIL, whatever it reported before the error.
+    """
+
+    def __init__(self, *args: Any, final_epoch: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.final_epoch = final_epoch
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if error or (result is not None and result.get("epoch", self.final_epoch) < self.final_epoch):
+            result = None
+        super().on_trial_complete(trial_id, result=result, error=error)
+
+
+def make_searcher(space: SearchSpace, sampler: str, objective: str, seed: int,
+                  final_epoch: int) -> OptunaSearch | None:
     """Multi-objective OptunaSearch by default (metric/mode live here, never in TuneConfig)."""
     if space.searcher == "grid":
         return None
     chosen = objectives(objective)
     metric, mode = (list(chosen), list(chosen.values())) if len(chosen) > 1 else (ACCURACY, chosen[ACCURACY])
-    return OptunaSearch(space=space.define_by_run, metric=metric, mode=mode, sampler=make_sampler(sampler, seed))
+    return FinalResultOptunaSearch(space=space.define_by_run, metric=metric, mode=mode,
+                                   sampler=make_sampler(sampler, seed), final_epoch=final_epoch)
 
 
 DEFAULT_NUM_SAMPLES = 50

@@ -273,3 +273,131 @@ def test_plot_x_axis_is_target_macs_and_its_label_says_so(tmp_path):
         assert plotted == pytest.approx(sorted(m / 1e6 for _, _, m, _ in DISAGREEING))
     finally:
         plt.close(fig)
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("trial=641040e5", "641040e5"),              # Hydra alone: the float 6.4104e10
+    ("trial=12e45678", "12e45678"),              # Hydra alone: inf
+    ("name=20261123", "20261123"),               # Hydra alone: an int
+    ("trial=[641040e5, abc,'1e5',00012345]", ["641040e5", "abc", "1e5", "00012345"]),
+    ("trial=['a,b',1e3]", ["a,b", "1e3"]),
+    ("+trial=1_000", "1_000"),
+    ("trial=front", "front"),
+    ("trial='0e1'", "0e1"),                      # quoting still works
+    ("name=null", None),
+])
+def test_names_and_trial_ids_are_read_as_typed(override, expected):
+    from common.cli import value_as_typed
+
+    key, value = value_as_typed(override)
+    assert key == override.lstrip("+").split("=")[0] and value == expected
+
+
+def copy_with_numeric_names(workdir: Path, sweep_name: str, trial_id: str) -> tuple[Path, str]:
+    """A copy of the fixture sweep named `sweep_name` whose first trial reports the id `trial_id`."""
+    import shutil
+
+    from analysis.results import load_sweep
+
+    source = workdir / "ray_results" / SWEEP
+    copy = workdir / "ray_results" / sweep_name
+    shutil.copytree(source, copy, ignore=shutil.ignore_patterns("evaluation.json", "export", "pareto.*", "report.html"))
+    old = load_sweep(copy).trials[0]
+    result = old.trial_dir / "result.json"
+    result.write_text(result.read_text().replace(f'"{old.trial_id}"', f'"{trial_id}"'))
+    return copy, old.trial_id
+
+
+def test_trial_ids_and_sweep_names_that_look_like_numbers(workdir):
+    copy, _ = copy_with_numeric_names(workdir, "20261123", "641040e5")
+    out = run("export.py", workdir, "name=20261123", "trial=641040e5")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert set(json.loads((copy / "export" / "export.json").read_text())) == {"641040e5"}
+    assert (copy / "export" / "641040e5.onnx").is_file()
+    out = run("evaluate.py", workdir, "name=20261123", "trial=[641040e5]")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert set(json.loads((copy / "evaluation.json").read_text())) == {"641040e5"}
+    out = run("evaluate.py", workdir, "name=20261123", "trial=12e45678")
+    assert out.returncode == 2 and "trial=['12e45678'] not found" in out.stderr and "641040e5" in out.stderr
+
+
+def stopped_and_completed_rows() -> list[dict]:
+    """Rows as build_rows makes them: two completed trials, two stopped at epoch 2 (one of them on the front)."""
+    from common.objectives import front_mask
+
+    rows = [{"sweep": "s", "trial_id": tid, "status": status, "epochs": epochs, "kd": kd, "pruning": mode,
+             "val_acc": acc, "target_macs": macs, "macs": macs, "params": 1}
+            for tid, status, epochs, kd, mode, acc, macs in [
+                ("c1", "completed", 8, "on", "single", 0.8, 4e6), ("c2", "completed", 8, "off", "single", 0.6, 8e6),
+                ("s1", "stopped", 2, "on", "single", 0.1, 6e6), ("s2", "stopped", 2, "off", "none", 0.3, 1e6)]]
+    for row, on in zip(rows, front_mask(rows)):
+        row["on_front"] = bool(on)
+    return rows
+
+
+def test_plot_draws_trials_stopped_early_hollow_with_their_epoch():
+    import matplotlib.pyplot as plt
+
+    from analysis.plot import front_figure
+
+    rows = stopped_and_completed_rows()
+    assert [r["trial_id"] for r in rows if r["on_front"]] == ["c1", "s2"]
+    fig = front_figure(rows, "title")
+    try:
+        ax = fig.axes[0]
+        by_point = {}
+        for collection in ax.collections:
+            for x, y in collection.get_offsets():
+                by_point[(round(float(x), 3), round(float(y), 3))] = collection
+        for row in rows:
+            collection = by_point[(round(row["target_macs"] / 1e6, 3), round(row["val_acc"], 3))]
+            faces = collection.get_facecolor()
+            if row["status"] == "completed":
+                assert len(faces) and faces[0][3] > 0  # filled
+            else:
+                assert len(faces) == 0  # hollow: facecolors 'none'
+                assert len(collection.get_edgecolor()) == 1
+        stopped_off_front = by_point[(6.0, 0.1)]
+        assert stopped_off_front.get_alpha() < by_point[(8.0, 0.6)].get_alpha()  # fainter than a completed one
+        texts = [t.get_text() for t in ax.texts]
+        assert "2" in texts                                       # the epoch s1 reached, next to it
+        assert "s2 (epoch 2)" in texts and "c1" in texts          # front labels; a stopped one says its epoch
+        legend = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert "stopped early (hollow; number = epoch reached)" in legend and "ran all epochs (filled)" in legend
+        assert "KD on" in legend and "single-shot" in legend  # colour = KD, marker = pruning mode, as before
+    finally:
+        plt.close(fig)
+
+
+def test_report_tables_scroll_sideways_inside_the_page():
+    from html.parser import HTMLParser
+
+    from analysis.report import render_report
+    from analysis.sweep_stats import normalised_hypervolumes
+
+    rows = stopped_and_completed_rows()
+    for row in rows:  # many evaluation columns: the widest front table the report can get
+        row |= {f"nsynth_extra_{i}_acc": 0.5 for i in range(8)}
+    page = render_report(rows, normalised_hypervolumes(rows), b"png")
+
+    class Tables(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.stack, self.parents = [], []
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "table":
+                self.parents.append(self.stack[-1])
+            if tag not in ("meta", "img", "wbr"):  # void elements have no end tag
+                self.stack.append((tag, dict(attrs).get("class")))
+
+        def handle_endtag(self, tag):
+            assert self.stack.pop()[0] == tag
+
+    tables = Tables()
+    tables.feed(page)
+    assert len(tables.parents) == 4  # hypervolume, front, the two comparisons
+    assert set(tables.parents) == {("div", "table-wrap")}
+    assert ".table-wrap { overflow-x: auto; max-width: 100%;" in page
+    assert "td { white-space: nowrap;" in page and "th { background: #eee; white-space: normal;" in page
+    assert "nsynth_<wbr>extra_<wbr>0 acc" in page  # long headers may break after an underscore

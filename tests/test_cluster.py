@@ -83,12 +83,13 @@ def run_py(code: str, args: list[str], env: dict[str, str], timeout: float = 90)
 def sandbox():
     path = Path(tempfile.mkdtemp(prefix="akc", dir="/tmp"))  # short: Ray's unix sockets live under it
     yield path
-    shutil.copytree(path, "/tmp/akd/keep", dirs_exist_ok=True, symlinks=True, ignore=shutil.ignore_patterns("sockets", "*.sock*", "session_latest")) if os.environ.get("AKD_KEEP") else None; shutil.rmtree(path, ignore_errors=True)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
 def head(sandbox):
-    """`ray start --head` with token auth on (RAY_AUTH_MODE=token, the token in the head's ~/.ray/auth_token)."""
+    """A plain `ray start --head` on a machine with ~/.ray/auth_token (which any local ray.init() writes): Ray 2.60
+    then turns token authentication on by itself (the missing-token test below proves the head enforces it)."""
     home, tmp = sandbox / "home", sandbox / "head"
     (home / ".ray").mkdir(parents=True)
     (home / ".ray" / "auth_token").write_text(TOKEN)
@@ -102,7 +103,7 @@ def head(sandbox):
         client_port = free_port()
         cmd += ["--ray-client-server-port", str(client_port)]
     log = open(sandbox / "head.log", "w")
-    proc = subprocess.Popen(cmd, env=ray_env(tmp, home, RAY_AUTH_MODE="token"), stdout=log, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(cmd, env=ray_env(tmp, home), stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     recorded = tmp / "ray" / "ray_current_cluster"
     try:
@@ -154,9 +155,14 @@ def test_auto_and_host_port_join_a_token_auth_head(head, form):
 @pytest.mark.skipif(not HAS_RAY_CLIENT, reason="ray:// needs the Ray Client (`pip install ray[client]`: grpcio), "
                                                "which this venv does not have; `ray start` then starts no client "
                                                "server (see test_ray_client_without_extras_says_so)")
-def test_ray_client_address_joins_a_token_auth_head(head):
-    result = run_py(DRIVER, [f"ray://127.0.0.1:{head['client_port']}"], ray_env(head["tmp"], head["home"]))
+def test_ray_client_address_joins_a_token_auth_head(head, sandbox):
+    address = f"ray://127.0.0.1:{head['client_port']}"
+    result = run_py(DRIVER, [address], ray_env(head["tmp"], head["home"]))
     assert_joined(result, head, client=True)
+    (sandbox / "client_home").mkdir(exist_ok=True)
+    missing = run_py(DRIVER, [address], ray_env(head["tmp"], sandbox / "client_home"))
+    assert "no token was found" in missing.get("error", "") and "RAY_AUTH_TOKEN=" in missing["error"], missing
+    assert missing["s"] < 15 and "\n" not in missing["error"], missing
 
 
 @pytest.mark.skipif(HAS_RAY_CLIENT, reason="ray[client] is installed: test_ray_client_address_joins... runs")

@@ -138,6 +138,26 @@ def rung_records(exp_dir: Path) -> dict[float, dict]:
     return next(state["records"] for state in states.values() if state and "records" in state)
 
 
+def searcher_study(exp_dir: Path):
+    """The Optuna study inside the searcher state Tune last saved (searcher-state-*.pkl)."""
+    import optuna
+    import ray.cloudpickle as cloudpickle
+
+    newest = max(exp_dir.glob("searcher-state-*.pkl"), key=lambda path: path.stat().st_mtime)
+    pending = [cloudpickle.loads(newest.read_bytes())]
+    while pending:
+        obj = pending.pop()
+        if isinstance(obj, optuna.Study):
+            return obj
+        pending += list(obj.values()) if isinstance(obj, dict) else list(getattr(obj, "__dict__", {}).values())
+    raise AssertionError(f"no Optuna study in {newest}")
+
+
+def final_results(exp_dir: Path) -> dict[str, dict]:
+    return {result.parent.name: json.loads(result.read_text().splitlines()[-1])
+            for result in exp_dir.glob("*/result.json")}
+
+
 def test_default_paretoasha_sweep_survives_kills_at_every_stage(tmp_path):
     """Killed while rendering data, while training the teacher and mid-search, then resumed: the default
     scheduler's rung records come back, no trial restarts from epoch 1, and every trial has one MLflow run."""
@@ -164,6 +184,14 @@ def test_default_paretoasha_sweep_survives_kills_at_every_stage(tmp_path):
     assert set(records[1]) == ids  # every trial's epoch-1 record, those from before the kills included
     runs = mlflow_runs(tmp_path, "kk")
     assert len(runs) == 4 and all(status == "FINISHED" for _, status in runs)
+    # the study learned final results only: stopped trials are PRUNED, finished ones COMPLETE with final values
+    import optuna
+
+    study = searcher_study(exp_dir).get_trials(deepcopy=False)
+    finished = [r for r in final_results(exp_dir).values() if r["epoch"] == 3]
+    assert sum(t.state == optuna.trial.TrialState.PRUNED for t in study) == 4 - len(finished)
+    assert sorted(t.values for t in study if t.state == optuna.trial.TrialState.COMPLETE) == sorted(
+        [r["val_acc"], r["target_macs"]] for r in finished)
 
 
 @pytest.mark.parametrize("args, message", [
