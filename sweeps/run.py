@@ -25,7 +25,7 @@ os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from common.cli import entry_point, plain  # noqa: E402
+from common.cli import entry_point, plain, string_overrides  # noqa: E402
 from common.config import accepted_values, run_section  # noqa: E402
 from common.sweep_layout import list_sweeps, normalize_storage, read_state, sweep_exists, sweep_uri, write_state  # noqa: E402
 
@@ -146,7 +146,7 @@ def check_sweep_settings(sweep: dict[str, Any]) -> None:
 @hydra.main(config_path="../conf", config_name="sweep", version_base="1.3")
 @entry_point
 def main(cfg: DictConfig) -> None:
-    config = plain(cfg)
+    config = string_overrides(plain(cfg), ("name",))  # name=1e5 stays the string the user typed
     workdir = Path(config["workdir"]).resolve()
     check_workdir(workdir)
     storage = normalize_storage(config["storage_path"])
