@@ -133,7 +133,7 @@ def rung_records(exp_dir: Path) -> dict[float, dict]:
     """ParetoASHA's rung records as Tune last saved them (callback-states-*.pkl, see sweeps/pareto_asha.py)."""
     import ray.cloudpickle as cloudpickle
 
-    newest = max(exp_dir.glob("callback-states-*.pkl"), key=lambda path: path.stat().st_mtime)
+    newest = max(exp_dir.glob("callback-states-*.pkl"))  # named by session start: the last one is the latest
     states = cloudpickle.loads(newest.read_bytes())
     return next(state["records"] for state in states.values() if state and "records" in state)
 
@@ -143,7 +143,7 @@ def searcher_study(exp_dir: Path):
     import optuna
     import ray.cloudpickle as cloudpickle
 
-    newest = max(exp_dir.glob("searcher-state-*.pkl"), key=lambda path: path.stat().st_mtime)
+    newest = max(exp_dir.glob("searcher-state-*.pkl"))  # named by session start: the last one is the latest
     pending = [cloudpickle.loads(newest.read_bytes())]
     while pending:
         obj = pending.pop()
