@@ -19,9 +19,14 @@ def flatten(config: dict[str, Any], prefix: str = "", sep: str = ".") -> dict[st
     return out
 
 
-# MLflow 3.x opens an experiment on the view this tag names; without it the UI guesses "GenAI" (traces) and the
-# sweep's runs hide behind a "Model training" switch.
+# What MLflow 3.x records as an experiment's kind: classic model training, not GenAI traces.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def runs_page(experiment_id: str, ui: str = "http://127.0.0.1:5000") -> str:
+    """The experiment's runs table in `mlflow ui`. MLflow 3.17's UI opens experiments on its GenAI overview
+    whatever their kind tag (checked in Chromium), unless the URL names the workflow, as this link does."""
+    return f"{ui}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 def ensure_experiment(tracking_uri: str, name: str, artifact_root: Path) -> str:

@@ -194,7 +194,7 @@ def run_sweep(name: str, base_config: dict[str, Any], sweep: dict[str, Any], sto
     import ray
     from ray import tune
 
-    from common.tracking import ensure_experiment, flatten
+    from common.tracking import ensure_experiment, flatten, runs_page
     from data_prep.dataset import prepare_data
     from search_spaces.schema import load_space
     from sweeps.cluster import resolve_gpus, start_ray
@@ -235,7 +235,7 @@ def run_sweep(name: str, base_config: dict[str, Any], sweep: dict[str, Any], sto
                              data=data, **kd_inputs),
         {"cpu": cpus, "gpu": gpus})
     tracking_uri = sweep["mlflow"]["tracking_uri"]
-    ensure_experiment(tracking_uri, name, workdir / "mlflow-artifacts" / name)
+    experiment_id = ensure_experiment(tracking_uri, name, workdir / "mlflow-artifacts" / name)
     objective = sweep["search"]["objective"]
     print(f"[3/3] search: {trials} trials; progress table every 30 s", flush=True)
     if resume and tune.Tuner.can_restore(exp_dir):
@@ -274,7 +274,7 @@ def run_sweep(name: str, base_config: dict[str, Any], sweep: dict[str, Any], sto
         print(f"\n{len(errors)} trial(s) errored; their messages are in MLflow (tag 'error') and {exp_dir}.")
     print(f"\nRay results: {exp_dir}\nMLflow:      {tracking_uri} (experiment {name!r})\n"
           f"Next: python analysis/pareto.py name={name}\n"
-          f"      mlflow ui --backend-store-uri {tracking_uri}")
+          f"      mlflow ui --backend-store-uri {tracking_uri}   # then open {runs_page(experiment_id)}")
     ray.shutdown()
 
 

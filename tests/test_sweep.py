@@ -66,6 +66,7 @@ def test_quick_sweep_end_to_end_logs_every_trial_to_mlflow(tmp_path):
         experiment_tags = dict(db.execute("SELECT t.key, t.value FROM experiment_tags t JOIN experiments e ON "
                                           "t.experiment_id = e.experiment_id WHERE e.name = 'e2e'").fetchall())
     assert experiment_tags["mlflow.experimentKind"] == "custom_model_development"
+    assert "/runs?workflowType=machine_learning" in out.stdout  # the link that opens the runs table
     artifacts = list((tmp_path / "mlflow-artifacts" / "e2e").rglob("*"))
     names = {p.name for p in artifacts}
     assert {"config.json", "history.json", "checkpoint.pt"} <= names
