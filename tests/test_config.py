@@ -1,0 +1,65 @@
+"""The one typed config: groups on the command line, types checked at compose time, sweep keys kept apart."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+
+from common.cli import plain
+from common.config import CONF_DIR, FeatureConfig, RunConfig, SweepConfig, run_section
+from trainable.run_config import trial_config
+
+
+def composed(name: str, *overrides: str) -> dict:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return plain(compose(name, overrides=list(overrides)))
+
+
+@pytest.mark.parametrize("mode", ["none", "single", "progressive", "unstructured"])
+def test_pruning_group_on_the_command_line(mode):
+    assert composed("config", f"pruning={mode}")["pruning"]["mode"] == mode
+
+
+def test_scenario_group_sets_its_preset_and_its_name():
+    config = composed("sweep", "scenario=kd_progressive")
+    assert (config["scenario"], config["kd"]["enabled"], config["pruning"]["mode"]) == (
+        "kd_progressive", True, "progressive")
+    # the grid space's scenario trials get the very same preset from the same file
+    grid_trial = trial_config(run_section(composed("sweep")), {"grid_point": {"scenario": "kd_progressive"}})
+    assert {k: grid_trial[k] for k in ("scenario", "kd", "pruning")} == {k: config[k] for k in
+                                                                          ("scenario", "kd", "pruning")}
+
+
+@pytest.mark.parametrize("override", ["num_samples=abc", "pruning.mode=sometimes", "kd.nosuch=1", "train.epochs=1.5"])
+def test_wrong_types_and_unknown_keys_fail_when_the_command_line_is_read(override):
+    with pytest.raises(ConfigCompositionException):
+        composed("sweep", override)
+
+
+def test_defaults_live_in_the_schema_only():
+    config = composed("config")
+    # the pipeline's feature object is the schema class itself, with the composed values
+    assert FeatureConfig(**config["features"]) == FeatureConfig()
+    assert config["train"] == {f.name: f.default for f in dataclasses.fields(RunConfig().train.__class__)} | {
+        "seed": config["seed"]}
+
+
+def test_only_the_run_config_reaches_trials():
+    config = composed("sweep", "num_samples=7", "search.sampler=random")
+    run = run_section(config)
+    assert set(run) == {f.name for f in dataclasses.fields(RunConfig)}
+    sweep_only = {f.name for f in dataclasses.fields(SweepConfig)} - set(run)
+    assert sweep_only == {"space", "num_samples", "name", "resume", "storage_path", "search", "scheduler",
+                          "resources", "ray", "mlflow"}
+    assert not sweep_only & set(trial_config(run, {"kd.T": 4.0}))
+
+
+def test_trial_keys_are_typed():
+    run = run_section(composed("sweep"))
+    with pytest.raises(KeyError, match="not a config key"):
+        trial_config(run, {"kd.temperature": 4.0})
+    with pytest.raises(KeyError, match="kd.T='hot'"):
+        trial_config(run, {"kd.T": "hot"})
