@@ -92,6 +92,12 @@ class SearchObjective(str, enum.Enum):
     single = "single"
 
 
+class Precision(str, enum.Enum):
+    int8 = "int8"
+    fp16 = "fp16"
+    fp32 = "fp32"
+
+
 class SchedulerName(str, enum.Enum):
     pareto_asha = "pareto_asha"
     asha = "asha"
@@ -352,6 +358,16 @@ class MlflowConfig:
 
 
 @dataclass
+class BudgetConfig:
+    """Hard deployment budgets (any subset; null = no limit): constraints of the search, not objectives."""
+
+    max_macs: Optional[float] = None         # MACs per clip of the final (pruned) model
+    max_params: Optional[float] = None       # parameters of the final model
+    max_kb: Optional[float] = None           # parameter memory in kB at budget.precision (DCASE: int8 = 1 byte)
+    precision: Precision = Precision.int8    # int8 (1 byte per parameter) | fp16 (2) | fp32 (4)
+
+
+@dataclass
 class SweepConfig(RunConfig):
     """sweeps/run.py: the run config plus the sweep's own keys (never passed to trials)."""
 
@@ -365,6 +381,7 @@ class SweepConfig(RunConfig):
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
 
 
 @dataclass
@@ -385,6 +402,23 @@ class ExportConfig:
 
 
 @dataclass
+class QuantConfig:
+    """Post-training int8 quantization of the exported front models (analysis/export.py)."""
+
+    enabled: bool = True                     # also write and check an int8 model next to each fp32 one
+    calibration_clips: int = 256             # train-split clips used to calibrate activation ranges
+    qat_epochs: int = 0                      # > 0: a short quantization-aware fine-tune before export
+
+
+@dataclass
+class LatencyConfig:
+    """ONNX Runtime CPU latency of the exported models, batch 1."""
+
+    warmup: int = 10                         # runs discarded before timing
+    runs: int = 100                          # timed runs; median and p90 are reported
+
+
+@dataclass
 class AnalysisConfig(RunConfig):
     """analysis/*.py: the run config plus the analysis keys."""
 
@@ -395,6 +429,8 @@ class AnalysisConfig(RunConfig):
     trial: Any = "front"                     # evaluate.py / export.py: front | <trial_id> | [<trial_id>, ...]
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
 

@@ -159,12 +159,13 @@ def final_results(exp_dir: Path) -> dict[str, dict]:
             for result in exp_dir.glob("*/result.json")}
 
 
+@pytest.mark.timeout(900)
 def test_default_paretoasha_sweep_survives_kills_at_every_stage(tmp_path):
     """Killed while rendering data, while training the teacher and mid-search, then resumed: the default
     scheduler's rung records come back, no trial restarts from epoch 1, and every trial has one MLflow run."""
     exp_dir = tmp_path / "ray_results" / "kk"
     first = sweep_cmd(tmp_path, "space=quick", "num_samples=4", "name=kk", "resources.max_concurrent_trials=2",
-                      "train.batch_size=4")
+                      "train.batch_size=8")
     resume = sweep_cmd(tmp_path, "resume=true", "name=kk")
     Driver(*first).kill_when(lambda d: any(line.startswith("[1/3] data") for line in d.lines))
     assert (exp_dir / "sweep_config.json").is_file()  # the state was recorded before any data work
