@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -268,6 +269,7 @@ def run_sweep(name: str, base_config: dict[str, Any], sweep: dict[str, Any], sto
             run_config=run_config,
         )
     results = tuner.fit()
+    shutil.rmtree(workdir / "trial-scratch", ignore_errors=True)  # trials' working files (trainable/tune_trainable.py)
     errors = [r for r in results if r.error]
     print("\n" + summarize(results, name, base_config))
     if errors:

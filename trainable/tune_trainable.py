@@ -32,7 +32,10 @@ def run_trial(trial_params: dict[str, Any], base_config: dict[str, Any], data: W
     if not tune.get_context().get_trial_resources().required_resources.get("GPU", 0):
         # Ray leaves CUDA_VISIBLE_DEVICES alone for 0-GPU trials: without this they would all land on cuda:0.
         config["device"] = "cpu"
-    run_dir = Path(tune.get_context().get_trial_dir())
+    # The run's working files live outside Tune's trial folder: Ray's driver syncer mirrors that folder while
+    # trials write into it, and an atomic checkpoint write's temp file vanishing mid-copy made the sync fail
+    # (a traceback on the console and an experiment state not synced). Tune persists each reported checkpoint.
+    run_dir = Path(config["workdir"]).resolve() / "trial-scratch" / tune.get_context().get_trial_id()
     resume_from = None
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
@@ -48,4 +51,7 @@ def run_trial(trial_params: dict[str, Any], base_config: dict[str, Any], data: W
     kd = {}
     if config["kd"]["enabled"]:
         kd = {"teacher": teacher} if config["kd"]["teacher_logits"] == "online" else {"teacher_logits": teacher_logits}
-    train(config, data, run_dir, resume_from=resume_from, report=report, **kd)
+    try:
+        train(config, data, run_dir, resume_from=resume_from, report=report, **kd)
+    finally:  # also when Tune stops the trial early (tune.report raises in the trial then)
+        shutil.rmtree(run_dir, ignore_errors=True)
