@@ -417,7 +417,6 @@ def render_notes(
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     specs = list(specs)
-    logger.info("rendering %d notes from %s with %d worker(s)", len(specs), soundfont, workers)
     if workers == 1:
         render = partial(
             render_note, soundfont.read_bytes(), sample_rate=sample_rate, seconds=seconds, hold_seconds=hold_seconds

@@ -198,6 +198,7 @@ def run_sweep(name: str, base_config: dict[str, Any], sweep: dict[str, Any], sto
     from common.tracking import ensure_experiment, flatten, runs_page
     from data_prep.dataset import prepare_data
     from search_spaces.schema import load_space
+    from sweeps.budget import Budget, BudgetCallback, check_reachable
     from sweeps.cluster import resolve_gpus, start_ray
     from sweeps.mlflow_logging import SweepMLflowCallback
     from sweeps.pareto_asha import ParetoASHA, ParetoASHAStateCallback
@@ -207,8 +208,10 @@ def run_sweep(name: str, base_config: dict[str, Any], sweep: dict[str, Any], sto
     from trainable.tune_trainable import run_trial
 
     # Everything that can be refused is refused here, before data, teacher or Ray work.
+    budget = Budget.from_config(sweep.get("budget"))  # sweeps saved before budgets existed have none
     space = load_space(sweep["space"], flatten(base_config), accepted_values())
     check_space_configs(space, base_config)
+    check_reachable(budget, space, base_config)  # a budget no trial can meet, with the smallest reachable value
     trials = num_samples(space, sweep["num_samples"])
     check_sweep_settings(sweep)
     if may_use_kd(space, base_config):
@@ -246,10 +249,13 @@ def run_sweep(name: str, base_config: dict[str, Any], sweep: dict[str, Any], sto
     else:  # a new sweep, or one killed before its first trial started: data and teacher come from their caches
         scheduler_name = sweep["scheduler"]["name"] or default_scheduler(space, objective)
         scheduler = make_scheduler(scheduler_name, objective, max_epochs(base_config, space),
-                                   sweep["scheduler"]["grace_period"], sweep["scheduler"]["reduction_factor"])
+                                   sweep["scheduler"]["grace_period"], sweep["scheduler"]["reduction_factor"],
+                                   budget=budget)
         callback = SweepMLflowCallback(tracking_uri, name, base_config, tags={
             "space": sweep["space"], "sampler": sweep["search"]["sampler"], "scheduler": scheduler_name})
         callbacks = [callback] + ([ParetoASHAStateCallback(scheduler)] if isinstance(scheduler, ParetoASHA) else [])
+        if budget is not None:  # first: it adds `feasible` and the constraint values to results the others record
+            callbacks.insert(0, BudgetCallback(budget, max_epochs(base_config, space)))
         # num_to_keep=1 makes Tune force a synced experiment snapshot after every trial checkpoint: the only
         # thing that puts the state in storage at once (unforced syncs wait for SyncConfig.sync_period). With 2,
         # a SIGKILL lost the rung records of the last epochs (measured in the kill/resume test).
@@ -261,7 +267,7 @@ def run_sweep(name: str, base_config: dict[str, Any], sweep: dict[str, Any], sto
             param_space=param_space(space),
             tune_config=tune.TuneConfig(  # no metric/mode here: it would make OptunaSearch single-objective
                 search_alg=make_searcher(space, sweep["search"]["sampler"], objective, base_config["seed"],
-                                         max_epochs(base_config, space)),
+                                         max_epochs(base_config, space), budget=budget),
                 scheduler=scheduler,
                 num_samples=trials,
                 max_concurrent_trials=sweep["resources"]["max_concurrent_trials"],

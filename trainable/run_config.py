@@ -7,7 +7,9 @@ keys applied through OmegaConf over the typed schema, so an unknown key or a wro
 
 from __future__ import annotations
 
+import copy
 import functools
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -71,6 +73,17 @@ def teacher_features(config: Mapping[str, Any]) -> dict[str, Any]:
     return {**config["features"], **(config["teacher"].get("features") or {})}
 
 
+def check_features(features: Mapping[str, Any]) -> None:
+    """FeatureConfig's validation, remembered per distinct feature config: a sweep validates hundreds of sampled
+    trial configs before it starts, and the mel-filter check is the slow part."""
+    _check_features(tuple(sorted(features.items())))
+
+
+@functools.lru_cache(maxsize=1024)
+def _check_features(items: tuple[tuple[str, Any], ...]) -> None:
+    FeatureConfig.from_mapping(dict(items))
+
+
 def validate_teacher(config: Mapping[str, Any]) -> None:
     """The teacher's own settings, reported under the keys a user sets (teacher.*), not the derived run's."""
     teacher, warmup = config["teacher"], config["train"]["warmup_epochs"]
@@ -84,14 +97,14 @@ def validate_teacher(config: Mapping[str, Any]) -> None:
         raise ValueError("teacher.freeze=false is not supported: the teacher is a fixed KD target "
                          "(its logits are cached); train or fine-tune it separately and pass teacher.checkpoint.")
     try:
-        FeatureConfig.from_mapping(teacher_features(config))
+        check_features(teacher_features(config))
     except ValueError as err:
         raise ValueError(f"teacher.features: {err}") from None
 
 
 def validate_config(config: Mapping[str, Any]) -> None:
     """Fail before any work for settings the run cannot honour; messages name the key and the fix."""
-    FeatureConfig.from_mapping(config["features"])  # validates on construction
+    check_features(config["features"])
     if config["kd"]["enabled"] and config.get("teacher"):
         validate_teacher(config)
     tcfg, kcfg = config["train"], config["kd"]
@@ -107,10 +120,10 @@ def validate_config(config: Mapping[str, Any]) -> None:
     pruning_plan(config["pruning"], tcfg["epochs"])
 
 
-@functools.cache
-def _schema() -> DictConfig:
-    """The typed RunConfig with its defaults, built once (merging copies it)."""
-    return OmegaConf.structured(RunConfig)
+@functools.lru_cache(maxsize=16)
+def _typed(base_json: str) -> DictConfig:
+    """A base config over the typed RunConfig, built once per distinct base (merging costs ~10x a copy)."""
+    return OmegaConf.merge(OmegaConf.structured(RunConfig), json.loads(base_json))
 
 
 def trial_config(base_config: Mapping[str, Any], trial_params: Mapping[str, Any]) -> dict[str, Any]:
@@ -123,7 +136,7 @@ def trial_config(base_config: Mapping[str, Any], trial_params: Mapping[str, Any]
     base = dict(base_config)
     if "scenario" in params:  # the preset goes first so that sampled keys override it, never the other way round
         base["scenario"] = params.pop("scenario")
-    config = OmegaConf.merge(_schema(), apply_scenario(base))
+    config = copy.deepcopy(_typed(json.dumps(apply_scenario(base), sort_keys=True)))
     for key, value in params.items():
         try:
             OmegaConf.update(config, key, value, merge=False)
