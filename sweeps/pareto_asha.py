@@ -17,6 +17,11 @@ Add :class:`ParetoASHAStateCallback` to ``RunConfig(callbacks=...)``: Tune saves
 state with every experiment checkpoint and restores it before re-adding trials, so the
 rung records survive ``Tuner.restore``. The state is plain dicts/tuples and the scheduler
 itself pickles cleanly.
+
+Budgets (``budget=``, a :class:`sweeps.budget.Budget`): a trial is stopped at the first result known
+to break one (MACs from epoch 1 through ``target_macs``; params and kB once its pruning is done, see
+``sweeps.budget``), and it is taken out of the rungs, so infeasible trials never rank against the
+others; its completion is not recorded either.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from ray.tune.schedulers.trial_scheduler import FIFOScheduler, TrialScheduler
 
 from common.front import crowding_distance, non_dominated_sort
 from common.objectives import OBJECTIVES
+from sweeps.budget import Budget, fmt, measured_is_final
 
 if TYPE_CHECKING:
     from ray.tune.execution.tune_controller import TuneController
@@ -60,6 +66,7 @@ class ParetoASHA(FIFOScheduler):
         max_t: trials are stopped once ``time_attr`` reaches this.
         grace_period: first rung; no trial is stopped before it.
         reduction_factor: η; about 1/η of the trials at a rung continue.
+        budget: hard budgets (sweeps.budget.Budget); a trial known to break one is stopped at once.
 
     ``TuneConfig(metric=..., mode=...)`` may stay unset (needed by multi-objective
     OptunaSearch); if set, it is ignored because the objectives are fixed here.
@@ -72,6 +79,7 @@ class ParetoASHA(FIFOScheduler):
         max_t: float = 100,
         grace_period: float = 1,
         reduction_factor: float = 3,
+        budget: Optional[Budget] = None,
     ):
         super().__init__()
         objectives = dict(OBJECTIVES if objectives is None else objectives)
@@ -97,6 +105,8 @@ class ParetoASHA(FIFOScheduler):
             self._rungs.append(_Rung(milestone))
             milestone *= reduction_factor
         self._num_stopped = 0
+        self._budget = budget
+        self._over_budget: dict[str, dict[str, float]] = {}  # trial_id -> {budget key: value that broke it}
 
     def set_search_properties(self, metric: Optional[str], mode: Optional[str], **spec: Any) -> bool:
         """Accept Tune's metric/mode without adopting them: the objectives are fixed at construction."""
@@ -116,7 +126,9 @@ class ParetoASHA(FIFOScheduler):
 
     def on_trial_result(self, tune_controller: "TuneController", trial: Trial, result: dict) -> str:
         progress, objective_vector = self._parse(trial, result)
-        if progress >= self._max_t:
+        if self._breaks_budget(trial, progress, result):
+            decision = TrialScheduler.STOP
+        elif progress >= self._max_t:
             decision = TrialScheduler.STOP
         else:
             rung = self._record(trial, progress, objective_vector)
@@ -129,11 +141,14 @@ class ParetoASHA(FIFOScheduler):
         """Record the final result too (a Tune stopper can end a trial without consulting us)."""
         if self._time_attr in result and all(name in result for name in self._objectives):
             progress, objective_vector = self._parse(trial, result)
-            self._record(trial, progress, objective_vector)
+            if not self._breaks_budget(trial, progress, result, stopping=False):
+                self._record(trial, progress, objective_vector)
 
     def debug_string(self) -> str:
         objectives = ", ".join(f"{name}:{mode}" for name, mode in self._objectives.items())
         lines = [f"Using ParetoASHA ({objectives}; eta={self._reduction_factor}): num_stopped={self._num_stopped}"]
+        if self._budget is not None:
+            lines.append(f"  budgets {self._budget.describe()}: {len(self._over_budget)} trial(s) stopped over budget")
         for rung in self._rungs:
             recorded = len(rung.records)
             if recorded:
@@ -151,6 +166,7 @@ class ParetoASHA(FIFOScheduler):
         return {
             "records": {rung.milestone: dict(rung.records) for rung in self._rungs},
             "num_stopped": self._num_stopped,
+            "over_budget": {trial_id: dict(broken) for trial_id, broken in self._over_budget.items()},
         }
 
     def set_state(self, state: Mapping[str, Any]) -> None:
@@ -163,6 +179,7 @@ class ParetoASHA(FIFOScheduler):
         for rung in self._rungs:
             rung.records = dict(saved[rung.milestone])
         self._num_stopped = state["num_stopped"]
+        self._over_budget = {trial_id: dict(broken) for trial_id, broken in state.get("over_budget", {}).items()}
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as output_file:
@@ -188,6 +205,33 @@ class ParetoASHA(FIFOScheduler):
             values = {name: result[name] for name in self._objectives}
             raise ValueError(f"ParetoASHA objectives must be numbers, trial {trial.trial_id} reported {values}") from error
         return float(result[self._time_attr]), objective_vector
+
+    def _breaks_budget(self, trial: Trial, progress: float, result: Mapping[str, Any], stopping: bool = True) -> bool:
+        """Whether the result is known to break a budget; if so the trial leaves the rungs (and is counted once,
+        when `stopping`)."""
+        if self._budget is None:
+            return False
+        try:
+            broken = self._budget.broken(result, measured_is_final(result, progress, self._max_t))
+        except ValueError as error:
+            raise ValueError(f"ParetoASHA: trial {trial.trial_id}: {error}") from None
+        if not broken:
+            return False
+        for rung in self._rungs:
+            rung.records.pop(trial.trial_id, None)
+        if stopping and trial.trial_id not in self._over_budget:
+            self._over_budget[trial.trial_id] = broken
+            limits = self._budget.limits
+            logger.info("ParetoASHA: trial %s breaks %s at %s=%g: stopped", trial.trial_id,
+                        ", ".join(f"budget.{name}={fmt(limits[name])} ({fmt(value)})"
+                                  for name, value in broken.items()),
+                        self._time_attr, progress)
+        return True
+
+    @property
+    def over_budget(self) -> dict[str, dict[str, float]]:
+        """trial_id -> {budget key: the value that broke it} of the trials stopped over budget."""
+        return {trial_id: dict(broken) for trial_id, broken in self._over_budget.items()}
 
     def _record(self, trial: Trial, progress: float, objective_vector: tuple[float, ...]) -> Optional[_Rung]:
         """Record the vector at the highest rung reached, once per trial; return that rung if new.

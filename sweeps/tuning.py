@@ -13,6 +13,7 @@ from ray.tune.search.optuna import OptunaSearch
 from common.config import Sampler, SchedulerName, values
 from common.objectives import ACCURACY, objectives
 from search_spaces.schema import SearchSpace
+from sweeps.budget import FEASIBLE, Budget, measured_is_final
 from sweeps.pareto_asha import ParetoASHA
 
 log = logging.getLogger(__name__)
@@ -38,27 +39,52 @@ class FinalResultOptunaSearch(OptunaSearch):
     accuracy, and TPE then learns from it as if it were final. Here a trial that ended before `final_epoch` is
     told without values, which Ray's OptunaSearch records as PRUNED (Optuna's own state for a trial stopped
     early), and an errored trial as FAIL, whatever it reported before the error.
+
+    With a `budget` (sweeps.budget.Budget), every COMPLETE or PRUNED trial first gets one Optuna constraint per
+    budget from its last result (`Trial.set_constraint(<budget key>, value / limit - 1)`, <= 0 feasible) and the
+    user attr `feasible`. Optuna 5 stores them as the trial's system attrs `constraints:<key>`, and its TPE and
+    NSGA-II samplers read them off every trial (`FrozenTrial.constraints`): TPE ranks infeasible trials, PRUNED
+    ones included, below the feasible ones; NSGA-II uses constrained domination (on COMPLETE trials, the only
+    ones it reads). This is the replacement for the samplers' `constraints_func`, deprecated in Optuna 5.0.
     """
 
-    def __init__(self, *args: Any, final_epoch: int, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, final_epoch: int, budget: Budget | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.final_epoch = final_epoch
+        self.budget = budget
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if self.budget is not None and result and not error and trial_id not in self._completed_trials:
+            self._set_constraints(trial_id, result)
         if error or (result is not None and result.get("epoch", self.final_epoch) < self.final_epoch):
             result = None
         super().on_trial_complete(trial_id, result=result, error=error)
 
+    def _set_constraints(self, trial_id: str, result: dict) -> None:
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is None:
+            return
+        final = measured_is_final(result, result.get("epoch", 0), self.final_epoch)
+        try:
+            constraints = self.budget.constraints(result, final)
+        except ValueError as err:  # told without constraints (feasible for Optuna): the trainable's bug, said once
+            log.warning("trial %s told to Optuna without budget constraints: %s", trial_id, err)
+            return
+        for name, value in constraints.items():
+            ot_trial.set_constraint(name, value)
+        ot_trial.set_user_attr(FEASIBLE, all(value <= 0 for value in constraints.values()))
+
 
 def make_searcher(space: SearchSpace, sampler: str, objective: str, seed: int,
-                  final_epoch: int) -> OptunaSearch | None:
-    """Multi-objective OptunaSearch by default (metric/mode live here, never in TuneConfig)."""
+                  final_epoch: int, budget: Budget | None = None) -> OptunaSearch | None:
+    """Multi-objective OptunaSearch by default (metric/mode live here, never in TuneConfig); budgets reach the
+    study as constraints (FinalResultOptunaSearch)."""
     if space.searcher == "grid":
         return None
     chosen = objectives(objective)
     metric, mode = (list(chosen), list(chosen.values())) if len(chosen) > 1 else (ACCURACY, chosen[ACCURACY])
     return FinalResultOptunaSearch(space=space.define_by_run, metric=metric, mode=mode,
-                                   sampler=make_sampler(sampler, seed), final_epoch=final_epoch)
+                                   sampler=make_sampler(sampler, seed), final_epoch=final_epoch, budget=budget)
 
 
 DEFAULT_NUM_SAMPLES = 50
@@ -81,11 +107,13 @@ def num_samples(space: SearchSpace, requested: int | None) -> int:
 
 
 def make_scheduler(name: str, objective: str, max_epochs: int, grace_period: int,
-                   reduction_factor: float) -> TrialScheduler:
+                   reduction_factor: float, budget: Budget | None = None) -> TrialScheduler:
+    """ParetoASHA also stops trials that break a budget; asha and fifo run them on (their results still say
+    `feasible`, and the searcher still learns the constraints)."""
     grace_period = min(grace_period, max_epochs)
     if name == "pareto_asha":
-        return ParetoASHA(objectives=objectives(objective), time_attr="epoch",
-                          max_t=max_epochs, grace_period=grace_period, reduction_factor=reduction_factor)
+        return ParetoASHA(objectives=objectives(objective), time_attr="epoch", max_t=max_epochs,
+                          grace_period=grace_period, reduction_factor=reduction_factor, budget=budget)
     if name == "asha":
         return ASHAScheduler(time_attr="epoch", metric=ACCURACY, mode="max", max_t=max_epochs,
                              grace_period=grace_period, reduction_factor=reduction_factor)

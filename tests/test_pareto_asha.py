@@ -170,3 +170,83 @@ def test_state_callback_restores_rungs_the_way_tuner_restore_does(tmp_path):
     # Trials are re-added after the callbacks are restored; that must not clear the records.
     restored["scheduler"].on_trial_add(None, _trial("A"))
     assert restored["scheduler"].get_state() == scheduler.get_state()
+
+
+# Budgets (sweeps/budget.py): a trial known to break one is stopped at once and never ranked.
+
+def _budgeted(**limits) -> ParetoASHA:
+    from sweeps.budget import Budget
+
+    scheduler = ParetoASHA(time_attr="epoch", max_t=10, grace_period=1, reduction_factor=3, budget=Budget(**limits))
+    scheduler.set_search_properties(None, None)
+    return scheduler
+
+
+def _epoch(epoch, acc, target_macs, macs=None, params=1000, pruning_step=0, **extra) -> dict:
+    return {"epoch": epoch, "val_acc": acc, "target_macs": target_macs,
+            "macs": target_macs if macs is None else macs, "params": params, "pruning_step": pruning_step, **extra}
+
+
+def test_budget_breaking_trial_is_stopped_at_its_first_report_and_never_ranked():
+    scheduler = _budgeted(max_macs=100)
+    # alone at rung 1 it would continue (see test_hand_worked_rung_decisions); its target MACs break the budget
+    assert scheduler.on_trial_result(None, _trial("big"), _epoch(1, 0.99, 150, macs=400)) == STOP
+    assert scheduler.get_state()["records"][1] == {}  # not recorded: it cannot push feasible trials down
+    assert scheduler.over_budget == {"big": {"max_macs": 150.0}}
+    # the feasible trials are ranked among themselves only
+    assert scheduler.on_trial_result(None, _trial("A"), _epoch(1, 0.50, 90, macs=400)) == CONTINUE
+    assert scheduler.on_trial_result(None, _trial("B"), _epoch(1, 0.40, 95, macs=400)) == STOP  # dominated by A
+    assert list(scheduler.get_state()["records"][1]) == ["A", "B"]
+    assert "1 trial(s) stopped over budget" in scheduler.debug_string()
+    # the same trial without a budget continues
+    assert _scheduler().on_trial_result(None, _trial("big"), _result(1, 0.99, 150)) == CONTINUE
+
+
+def test_measured_macs_after_the_last_pruning_step_are_judged_too():
+    scheduler = _budgeted(max_macs=100)
+    trial = _trial("A")
+    assert scheduler.on_trial_result(None, trial, _epoch(1, 0.5, 98, macs=400, pruning_steps=1)) == CONTINUE
+    # pruning done (pruning_step == pruning_steps): the pruner landed 4 % above the target, above the budget
+    assert scheduler.on_trial_result(None, trial, _epoch(2, 0.5, 98, macs=104, pruning_step=1, pruning_steps=1)) == STOP
+    assert scheduler.over_budget == {"A": {"max_macs": 104.0}}
+    assert all(not records for records in scheduler.get_state()["records"].values())  # its rung-1 record is gone
+
+
+def test_params_and_kb_budgets_stop_a_trial_only_once_its_pruning_is_done():
+    scheduler = _budgeted(max_params=500, max_kb=2, precision="fp32")  # 2 kB at fp32 = 500 parameters
+    trial = _trial("A")
+    # 900 params before the pruning step: pruning may still bring them under the budget
+    assert scheduler.on_trial_result(None, trial, _epoch(1, 0.5, 50, params=900, pruning_steps=2)) == CONTINUE
+    second, last = (_epoch(epoch, 0.5, 50, params=params, pruning_step=epoch - 1, pruning_steps=2)
+                    for epoch, params in ((2, 700), (3, 600)))
+    assert scheduler.on_trial_result(None, trial, second) == CONTINUE
+    assert scheduler.on_trial_result(None, trial, last) == STOP
+    assert scheduler.over_budget == {"A": {"max_params": 600.0, "max_kb": 2.4}}
+    # an unpruned trial (pruning_steps=0) is final from epoch 1
+    assert scheduler.on_trial_result(None, _trial("B"), _epoch(1, 0.5, 50, params=501, pruning_steps=0)) == STOP
+    # without pruning_steps in the results, params are final only at the last epoch
+    trial = _trial("C")
+    assert scheduler.on_trial_result(None, trial, _epoch(1, 0.9, 50, params=900)) == CONTINUE
+    assert scheduler.on_trial_result(None, trial, _epoch(10, 0.9, 50, params=900)) == STOP
+    assert set(scheduler.over_budget) == {"A", "B", "C"}
+    # and params within budget never stop a trial
+    assert scheduler.on_trial_result(None, _trial("D"), _epoch(1, 0.9, 10, params=400, pruning_steps=0)) == CONTINUE
+
+
+def test_budgeted_completion_is_not_recorded_and_state_round_trips():
+    scheduler = _budgeted(max_params=500)
+    scheduler.on_trial_complete(None, _trial("A"), _epoch(10, 0.9, 50, params=900))
+    assert all(not records for records in scheduler.get_state()["records"].values())
+    scheduler.on_trial_result(None, _trial("B"), _epoch(1, 0.9, 50, params=900, pruning_steps=0))
+    restored = pickle.loads(pickle.dumps(scheduler))
+    assert restored.get_state() == scheduler.get_state() and restored.over_budget == {"B": {"max_params": 900.0}}
+    legacy = {key: value for key, value in scheduler.get_state().items() if key != "over_budget"}
+    fresh = _budgeted(max_params=500)
+    fresh.set_state(legacy)  # state saved before budgets existed
+    assert fresh.over_budget == {}
+
+
+def test_budgeted_result_without_the_needed_keys_is_a_clear_error():
+    scheduler = _budgeted(max_kb=100)
+    with pytest.raises(ValueError, match=r"lacks \['params'\]"):
+        scheduler.on_trial_result(None, _trial("A"), {"epoch": 1, "val_acc": 0.5, "target_macs": 10})
