@@ -102,12 +102,17 @@ def summarize(results: Any, name: str, base_config: dict[str, Any]) -> str:
     if not trials:
         return "No trial reported a result (see the errors above)."
     rows = [trial_row(t) for t in trials]
-    for row, on_front in zip(rows, front_mask(rows)):
+    # trials over a budget (budget.*) are neither on the front nor the best: they cannot ship
+    feasible = [row for row, trial in zip(rows, trials) if trial.metrics.get("feasible", 1)]
+    if not feasible:
+        return f"Trials with results: {len(rows)}, none within the budget."
+    for row, on_front in zip(feasible, front_mask(feasible)):
         row["on_front"] = bool(on_front)
     columns = table_columns(rows, several_sweeps=False)
-    front = front_rows(rows)
-    best = max(rows, key=lambda r: r["val_acc"])
-    return "\n".join([f"Trials with results: {len(rows)}", "", "Best by val_acc:", format_table([best], columns), "",
+    front = front_rows(feasible)
+    best = max(feasible, key=lambda r: r["val_acc"])
+    over = f", {len(rows) - len(feasible)} over the budget" if len(feasible) < len(rows) else ""
+    return "\n".join([f"Trials with results: {len(rows)}{over}", "", "Best by val_acc:", format_table([best], columns), "",
                       f"Pareto set (val_acc up, target MACs down), {len(front)} trials:",
                       format_table(front, columns)])
 
@@ -210,10 +215,10 @@ def run_sweep(name: str, base_config: dict[str, Any], sweep: dict[str, Any], sto
     # Everything that can be refused is refused here, before data, teacher or Ray work.
     budget = Budget.from_config(sweep.get("budget"))  # sweeps saved before budgets existed have none
     space = load_space(sweep["space"], flatten(base_config), accepted_values())
-    check_space_configs(space, base_config)
-    check_reachable(budget, space, base_config)  # a budget no trial can meet, with the smallest reachable value
     trials = num_samples(space, sweep["num_samples"])
     check_sweep_settings(sweep)
+    check_space_configs(space, base_config)
+    check_reachable(budget, space, base_config)  # a budget no trial can meet, with the smallest reachable value
     if may_use_kd(space, base_config):
         validate_teacher(base_config)  # the teacher trains on the base config, whatever the trials sample
     gpus = resolve_gpus(sweep["resources"]["gpus_per_trial"], sweep["ray"]["address"])

@@ -188,7 +188,8 @@ def train(config: dict[str, Any], data: WaveformData, run_dir: Path | str, *,
             "ce_loss": ce_sum / seen, "train_acc": correct_sum / seen,
             "val_loss": val["loss"], "val_acc": val["acc"], "val_macro_f1": val["macro_f1"],
             "macs": macs, "params": params, "base_macs": base_macs, "base_params": base_params,
-            "target_macs": target_macs, "pruning_step": pruning_step, "sparsity": weight_sparsity(model),
+            "target_macs": target_macs, "pruning_step": pruning_step, "pruning_steps": len(plan),
+            "sparsity": weight_sparsity(model),
             "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": time.perf_counter() - t0,
         }
         history.append(metrics)
