@@ -260,7 +260,12 @@ def _student_costs(configs: Iterable[dict[str, Any]], need_params: bool) -> list
             base_macs, params = count_macs_params(model, shape)
             target = int(base_macs * ratio) if ratio < 1.0 else base_macs  # as trainable/loop.py computes it
             if need_params and ratio < 1.0:
-                params = prune_to_macs(model, torch.zeros(shape), base_macs, ratio).params
+                quiet = logging.getLogger("trainable.pruning")
+                level, quiet.level = quiet.level, logging.WARNING  # a probe, not a pruning step worth a log line
+                try:
+                    params = prune_to_macs(model, torch.zeros(shape), base_macs, ratio).params
+                finally:
+                    quiet.setLevel(level)
             how = (f"{student['arch']} width_mult={student['width_mult']:g}, {shape[2]} mels x {frames} frames"
                    + (f", pruned to target_macs_ratio={ratio:g}" if ratio < 1.0 else ", unpruned"))
             out.append((target, params, ratio < 1.0, how))
