@@ -1,12 +1,22 @@
-"""ONNX export of a sweep's models, checked against PyTorch with ONNX Runtime.
+"""ONNX export of a sweep's models, checked against PyTorch with ONNX Runtime; int8 versions; CPU latency.
 
     python analysis/export.py name=<sweep> trial=front            # every Pareto-front model
     python analysis/export.py name=<sweep> trial=<trial_id>       # or trial=[<id>,<id>]; ids as typed, no quotes
+    python analysis/export.py name=<sweep> quant.enabled=false latency.runs=300
 
 Writes `<sweep>/export/<trial_id>.onnx` (input: log-mel features (batch, 1, n_mels, frames) of the model's
 own feature config, dynamic batch; output: logits over the checkpoint's classes) and
-`<sweep>/export/export.json` (size, opset, parity). A model whose ONNX Runtime output differs from
-PyTorch by more than export.tolerance on random or real test-split inputs is not written.
+`<sweep>/export/export.json` (size, opset, parity, parameters and kB, test accuracy, int8, latency). A model whose
+ONNX Runtime output differs from PyTorch by more than export.tolerance on random or real test-split inputs is not
+written.
+
+With quant.enabled (default) each model also gets `<trial_id>.int8.onnx`: post-training static quantization
+(analysis/quantize.py) calibrated on `quant.calibration_clips` train clips; the fp32 and int8 models are both
+scored on the test split with ONNX Runtime, and the share of clips where they predict the same class is printed.
+A model the quantizer cannot handle keeps its fp32 export and gets one line saying why. Then each model's ONNX
+Runtime CPU latency is measured (analysis/latency.py: batch 1, 1 thread and all threads, `latency.warmup` +
+`latency.runs`, median and p90, fp32 and int8, with the CPU model string). pareto.csv, pareto.png and report.html
+are regenerated with these columns; `objectives.third_objective=latency` ranks on the measured latency.
 """
 
 from __future__ import annotations
@@ -16,7 +26,7 @@ import logging
 import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,22 +35,26 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from analysis.pareto import select_trials
+from analysis.latency import measure_latency
+from analysis.pareto import EXPORT_DIR, EXPORT_MANIFEST, analyse, select_trials, summary
+from analysis.quantize import calibration_indices, compare_models, ops_left_in_fp32, quantize_onnx
 from analysis.results import NAME_KEYS, load_sweeps, sweep_data
 from common.cli import entry_point, plain, string_overrides
 from common.io import atomic_write_text
 from data_prep.waveform_cache import WaveformData
 from common.config import FeatureConfig
-from common.trial_table import Trial, format_table
+from common.trial_table import Trial, export_columns, format_table, param_kb
 from trainable.checkpoints import load_checkpoint, restore_model
 from trainable.evaluation import make_pipeline
 
 log = logging.getLogger("analysis.export")
 
-EXPORT_DIR = "export"
-MANIFEST = "export.json"
+MANIFEST = EXPORT_MANIFEST
 MIN_OPSET = 17
 PARITY_BATCH = 8  # real test clips (and 3 random inputs) compared; both differ from the export batch of 2
+FEATURE_BATCH = 64
+QAT_UNSUPPORTED = ("quant.qat_epochs>0 is not supported yet: int8 models come from post-training static "
+                   "quantization only; set quant.qat_epochs=0.")
 
 
 def export_onnx(model: torch.nn.Module, input_shape: Sequence[int], path: Path, opset: int) -> None:
@@ -63,8 +77,35 @@ def max_abs_difference(session: Any, model: torch.nn.Module, inputs: torch.Tenso
     return float(np.abs(actual - expected).max())
 
 
-def export_trial(trial: Trial, data: WaveformData, out_dir: Path, opset: int, tolerance: float) -> dict[str, Any]:
-    """Export one trial's last checkpoint; the .onnx file only appears once parity holds."""
+def split_features(data: WaveformData, split: str, feats: FeatureConfig,
+                   workdir: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """(features (N, 1, n_mels, frames) float32, labels (N,)) of a whole split, in clip order, no augmentation."""
+    pipeline = make_pipeline(data, split, feats, torch.device("cpu"), workdir)
+    batches = list(pipeline.batches(FEATURE_BATCH, train=False))
+    if not batches:
+        raise ValueError(f"the {split} split has no clips")
+    return (np.concatenate([b.features.numpy() for b in batches]).astype(np.float32),
+            np.concatenate([b.labels.numpy() for b in batches]))
+
+
+def count_params(model: torch.nn.Module) -> int:
+    """Parameters of the (possibly pruned) model, as the sweep counts them (buffers such as BN statistics not)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def one_line(err: BaseException, limit: int = 400) -> str:
+    """`Type: message` on one line (ONNX Runtime's messages span several), cut at `limit` characters."""
+    text = " ".join(f"{type(err).__name__}: {err}".split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def export_trial(trial: Trial, data: WaveformData, out_dir: Path, opset: int, tolerance: float,
+                 quant: dict[str, Any] | None = None, latency: dict[str, Any] | None = None,
+                 seed: int = 0) -> dict[str, Any]:
+    """Export one trial's last checkpoint; the .onnx file only appears once parity holds. Then, when `quant`
+    (the quant.* keys) enables it, its int8 version, fp32/int8 test accuracy under ONNX Runtime, and, when `latency`
+    (latency.* keys) is given, CPU latency of both. An int8 or latency failure is recorded in the entry (error),
+    never raised: the fp32 export stands."""
     import onnx
     import onnxruntime
 
@@ -74,8 +115,8 @@ def export_trial(trial: Trial, data: WaveformData, out_dir: Path, opset: int, to
     model = restore_model(ckpt, "cpu").eval()
     input_shape = tuple(ckpt["input_shape"])
     feats = FeatureConfig.from_mapping(ckpt["config"]["features"])
-    real = next(make_pipeline(data, "test", feats, torch.device("cpu"), trial.config["workdir"])
-                .batches(PARITY_BATCH, train=False)).features
+    test_x, test_y = split_features(data, "test", feats, trial.config["workdir"])
+    real = torch.from_numpy(test_x[:PARITY_BATCH])
     if tuple(real.shape[1:]) != input_shape[1:]:
         raise ValueError(f"test features have shape {tuple(real.shape[1:])} but the model was trained on "
                          f"{input_shape[1:]}: the sweep's data (clip length) changed since training")
@@ -95,11 +136,92 @@ def export_trial(trial: Trial, data: WaveformData, out_dir: Path, opset: int, to
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return {"onnx": str(path), "bytes": path.stat().st_size, "opset": opset, "input_shape": list(input_shape),
-            "max_abs_diff_random": diffs["random"], "max_abs_diff_real": diffs["real"], "error": None}
+    params = count_params(model)
+    entry: dict[str, Any] = {
+        "onnx": str(path), "bytes": path.stat().st_size, "opset": opset, "input_shape": list(input_shape),
+        "max_abs_diff_random": diffs["random"], "max_abs_diff_real": diffs["real"], "error": None,
+        "params": params, "kb": {"fp32": param_kb(params, "fp32"), "int8": param_kb(params, "int8")},
+        "test_n": int(len(test_y)), "int8": None, "latency": None}
+    int8_path = out_dir / f"{trial.trial_id}.int8.onnx"
+    if quant and quant["enabled"]:
+        def calibration() -> np.ndarray:
+            train_x, _ = split_features(data, "train", feats, trial.config["workdir"])
+            return train_x[calibration_indices(len(train_x), quant["calibration_clips"], seed)]
+
+        entry["int8"] = int8_entry(path, int8_path, calibration, test_x, test_y)
+    else:
+        int8_path.unlink(missing_ok=True)  # an int8 model of an earlier export would not match this fp32 one
+    entry["fp32_test_acc"] = ((entry["int8"] or {}).get("fp32_test_acc")
+                              or compare_models(path, None, test_x, test_y)["fp32_acc"])
+    if latency:
+        entry["latency"] = latency_entry(path, int8_path if (entry["int8"] or {}).get("onnx") else None, input_shape,
+                                         latency["warmup"], latency["runs"])
+    return entry
+
+
+def int8_entry(fp32_path: Path, int8_path: Path, calibration: Callable[[], np.ndarray], test_x: np.ndarray,
+               test_y: np.ndarray) -> dict[str, Any]:
+    """Quantize (calibrated on `calibration()`: train-split features) and score the int8 model against the fp32 one
+    on the test split; on any failure the int8 file is removed and the entry says why, in one line, with the
+    operators the quantizer has no int8 form for."""
+    try:
+        done = quantize_onnx(fp32_path, int8_path, calibration())
+        scores = compare_models(fp32_path, int8_path, test_x, test_y)
+        return done | {"test_acc": scores["int8_acc"], "fp32_test_acc": scores["fp32_acc"],
+                       "acc_drop": scores["acc_drop"], "agreement": scores["agreement"], "test_n": scores["n"]}
+    except Exception as err:  # an operator the quantizer or ONNX Runtime cannot handle: keep fp32, say why
+        int8_path.unlink(missing_ok=True)
+        log.debug("int8 export of %s failed", fp32_path, exc_info=True)
+        try:
+            unsupported = ops_left_in_fp32(fp32_path)
+        except Exception:  # an fp32 model onnx cannot even read: the error above says enough
+            unsupported = []
+        return {"onnx": None, "ops_in_fp32": unsupported, "error": one_line(err)}
+
+
+def latency_entry(fp32_path: Path, int8_path: Path | None, input_shape: tuple[int, ...], warmup: int,
+                  runs: int) -> dict[str, Any]:
+    """{"fp32": record, "int8": record | None} (analysis/latency.py), or {"error": ...} when timing fails."""
+    try:
+        return {"fp32": measure_latency(fp32_path, input_shape, warmup, runs),
+                "int8": measure_latency(int8_path, input_shape, warmup, runs) if int8_path else None}
+    except Exception as err:
+        return {"error": one_line(err)}
+
+
+def problem_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per trial and problem: fp32 not exported, int8 not exported (fp32 kept), latency not measured."""
+    lines = []
+    for row in rows:
+        if row.get("error"):
+            lines.append(f"trial {row['trial_id']}: not exported: {row['error']}")
+            continue
+        int8 = row.get("int8") or {}
+        if int8.get("error"):
+            ops = ", ".join(int8.get("ops_in_fp32") or []) or "none"
+            lines.append(f"trial {row['trial_id']}: int8 not exported, fp32 kept: {int8['error']} "
+                         f"(operators the quantizer has no int8 form for: {ops})")
+        if (row.get("latency") or {}).get("error"):
+            lines.append(f"trial {row['trial_id']}: latency not measured: {row['latency']['error']}")
+    return lines
+
+
+def check_settings(config: dict[str, Any]) -> None:
+    """Fail before any work on export/quant/latency settings that cannot run."""
+    if config["export"]["opset"] < MIN_OPSET:
+        raise ValueError(f"export.opset={config['export']['opset']} is too old; use {MIN_OPSET} or newer.")
+    quant, latency = config["quant"], config["latency"]
+    if quant["qat_epochs"] > 0:
+        raise ValueError(QAT_UNSUPPORTED)
+    if quant["enabled"] and quant["calibration_clips"] < 1:
+        raise ValueError(f"quant.calibration_clips={quant['calibration_clips']} must be at least 1.")
+    if latency["runs"] < 1 or latency["warmup"] < 0:
+        raise ValueError(f"latency.runs={latency['runs']} must be at least 1 and latency.warmup={latency['warmup']} "
+                         "at least 0.")
 
 
 def write_manifest(out_dir: Path, exports: dict[str, dict[str, Any]]) -> None:
+    """Merge into export/export.json: trials exported earlier and not now keep their entries."""
     path = out_dir / MANIFEST
     merged = (json.loads(path.read_text()) if path.is_file() else {}) | exports
     atomic_write_text(path, json.dumps(merged, indent=2, sort_keys=True))
@@ -109,11 +231,13 @@ def write_manifest(out_dir: Path, exports: dict[str, dict[str, Any]]) -> None:
 @entry_point
 def main(cfg: DictConfig) -> None:
     config = string_overrides(plain(cfg), NAME_KEYS)
+    check_settings(config)
     opset, tolerance = config["export"]["opset"], config["export"]["tolerance"]
-    if opset < MIN_OPSET:
-        raise ValueError(f"export.opset={opset} is too old; use {MIN_OPSET} or newer.")
+    quant, latency = config["quant"], config["latency"]
+    third = config["objectives"]["third_objective"]
     sweeps = load_sweeps(config)
-    chosen = select_trials(sweeps, config["trial"], config["objectives"]["third_objective"])
+    # latency is what this script measures: the models to measure are chosen on the other objectives
+    chosen = select_trials(sweeps, config["trial"], None if third == "latency" else third)
     rows = []
     for sweep in sweeps:
         trials = [t for t in chosen if t.sweep == sweep.name]
@@ -124,24 +248,45 @@ def main(cfg: DictConfig) -> None:
         exports = {}
         for trial in trials:
             try:
-                exports[trial.trial_id] = done = export_trial(trial, data, out_dir, opset, tolerance)
+                exports[trial.trial_id] = done = export_trial(trial, data, out_dir, opset, tolerance, quant, latency,
+                                                              config["seed"])
                 print(f"exported {done['onnx']}: {done['bytes']} bytes; max |onnxruntime - torch| "
                       f"random {done['max_abs_diff_random']:.2e}, real {done['max_abs_diff_real']:.2e}")
+                int8 = done["int8"] or {}
+                if int8.get("onnx"):
+                    print(f"  int8 {int8['onnx']}: {int8['bytes']} bytes; predicts the same class as fp32 on "
+                          f"{int8['agreement']:.1%} of the {int8['test_n']} test clips; test accuracy fp32 "
+                          f"{int8['fp32_test_acc']:.3f}, int8 {int8['test_acc']:.3f} (drop {int8['acc_drop']:+.3f})")
             except Exception as err:  # one failing model must not stop the other exports
                 log.error("trial %s not exported: %s", trial.trial_id, err)
-                exports[trial.trial_id] = {"onnx": None, "error": f"{type(err).__name__}: {err}"}
+                exports[trial.trial_id] = {"onnx": None, "error": one_line(err)}
             rows.append({"trial_id": trial.trial_id, "sweep": sweep.name, "val_acc": trial.metrics["val_acc"],
-                         "macs": trial.metrics["macs"], **exports[trial.trial_id]})
+                         "macs": trial.metrics["macs"], **exports[trial.trial_id],
+                         **export_columns(exports[trial.trial_id])})
         write_manifest(out_dir, exports)
     columns = [("trial_id", "trial"), ("sweep", "sweep"), ("val_acc", "val acc"), ("macs", "measured MACs"),
-               ("bytes", "ONNX bytes"), ("max_abs_diff_random", "diff random"), ("max_abs_diff_real", "diff real"),
-               ("onnx", "file")]
-    print(f"\nONNX export (opset {opset}, tolerance {tolerance:g}), {len(rows)} model(s):")
+               ("params", "params"), ("kb_fp32", "kB fp32"), ("kb_int8", "kB int8"), ("bytes", "ONNX bytes"),
+               ("int8_onnx_bytes", "int8 bytes"), ("max_abs_diff_random", "diff random"),
+               ("max_abs_diff_real", "diff real"), ("fp32_test_acc", "fp32 test acc"),
+               ("int8_test_acc", "int8 test acc"), ("int8_acc_drop", "int8 drop"), ("int8_agreement", "agreement"),
+               ("latency_ms_1thread", "fp32 ms 1T"), ("latency_p90_ms_1thread", "p90"),
+               ("int8_latency_ms_1thread", "int8 ms 1T"), ("int8_latency_p90_ms_1thread", "p90"),
+               ("latency_ms_allthreads", "fp32 ms allT"), ("int8_latency_ms_allthreads", "int8 ms allT")]
+    print(f"\nONNX export (opset {opset}, tolerance {tolerance:g}"
+          + (", int8: post-training static quantization" if quant["enabled"] else "") + f"), {len(rows)} model(s):")
     print(format_table(rows, columns))
-    failed = [r for r in rows if r["error"]]
-    for row in failed:
-        print(f"trial {row['trial_id']}: not exported: {row['error']}")
-    if failed:
+    measured = [r for r in rows if r.get("latency_cpu")]
+    if measured:
+        record = measured[0]["latency"]["fp32"]
+        print(f"Latency: ONNX Runtime {record['onnxruntime']} CPU on {record['cpu']!r} ({record['cores']} cores), "
+              f"batch 1, median (p90) ms of {record['runs']} runs after {record['warmup']} warm-up runs; "
+              f"1T = 1 thread, allT = {record['all_threads']} threads. Comparable only on this machine.")
+    for line in problem_lines(rows):
+        print(line)
+    if rows:
+        tracking_uri = config["mlflow"]["tracking_uri"]
+        print("\n" + summary(analyse(sweeps, third, tracking_uri), tracking_uri, sweeps[0].name))
+    if any(r["error"] for r in rows):
         sys.exit(1)
 
 

@@ -7,13 +7,17 @@
 
 The front is the non-dominated set over the last reported (val_acc up, target_macs down[, params down]) of
 every trial: the objectives of common/objectives.py, the ones the search ranked trials on. Test-set columns
-appear once analysis/evaluate.py has run (it regenerates these files).
+appear once analysis/evaluate.py has run, deployment columns (precision, kB, int8 accuracy, CPU latency) once
+analysis/export.py has (both regenerate these files). `objectives.third_objective=latency` ranks on the latency
+export.py measured (fp32, 1 thread, median ms): the front is then chosen among the trials measured so far.
 """
 
 from __future__ import annotations
 
 import csv
-from collections.abc import Sequence
+import json
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,18 +30,49 @@ from analysis.report import render_report
 from analysis.results import NAME_KEYS, Sweep, load_sweeps, read_evaluations
 from analysis.sweep_stats import Hypervolumes, normalised_hypervolumes
 from common.cli import entry_point, plain, string_overrides
-from common.objectives import ACCURACY, MACS, front_mask, objectives
-from common.trial_table import Trial, format_table, front_rows, table_columns, trial_row
+from common.objectives import ACCURACY, LATENCY, MACS, front_mask, objectives
+from common.trial_table import (BYTES_PER_PARAM, Trial, export_columns, format_table, front_rows, param_kb,
+                                table_columns, trial_row)
 
 OUTPUT_FILES = ("pareto.csv", "pareto.png", "report.html")
+# What analysis/export.py writes into the sweep's folder: the ONNX files and, per trial, export/export.json.
+EXPORT_DIR = "export"
+EXPORT_MANIFEST = "export.json"
+
+
+def read_exports(sweep_dir: Path) -> dict[str, dict[str, Any]]:
+    """trial_id -> what analysis/export.py recorded for it ({} before any export)."""
+    path = Path(sweep_dir) / EXPORT_DIR / EXPORT_MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def require_latency(values: Sequence[Mapping[str, Any]], sweeps: Sequence[Sweep], third_objective: str | None) -> None:
+    """objectives.third_objective=latency needs measured latencies: a clear error while there are none."""
+    if third_objective != "latency" or any(_number(v.get(LATENCY)) for v in values):
+        return
+    names = ",".join(s.name for s in sweeps)
+    names = names if len(sweeps) == 1 else f"[{names}]"
+    raise ValueError(f"objectives.third_objective=latency: no latency has been measured yet in sweep(s) {names}; "
+                     f"run analysis/export.py first (python analysis/export.py name={names} trial=front measures "
+                     "ONNX Runtime CPU latency of the exported models).")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not math.isnan(value)
 
 
 def select_trials(sweeps: Sequence[Sweep], which: str | list[str], third_objective: str | None = None) -> list[Trial]:
     """`front` -> the front's trials (ordered by MACs); otherwise the trial id(s) given (a trial id is a string:
-    the entry points read `trial=` as typed, see common.cli.string_overrides)."""
+    the entry points read `trial=` as typed, see common.cli.string_overrides). With third_objective=latency the
+    front is chosen among the trials whose latency analysis/export.py has measured."""
     trials = [t for s in sweeps for t in s.trials]
     if which == "front":
-        on_front = front_mask([t.metrics for t in trials], objectives(third_objective=third_objective))
+        values = [t.metrics for t in trials]
+        if third_objective == "latency":
+            exports = {(s.name, trial_id): e for s in sweeps for trial_id, e in read_exports(s.path).items()}
+            values = [t.metrics | export_columns(exports.get((t.sweep, t.trial_id))) for t in trials]
+            require_latency(values, sweeps, third_objective)
+        on_front = front_mask(values, objectives(third_objective=third_objective))
         return sorted((t for t, on in zip(trials, on_front) if on), key=lambda t: t.metrics[MACS])
     by_id = {t.trial_id: t for t in trials}
     wanted = [str(w) for w in (which if isinstance(which, (list, tuple)) else [which])]
@@ -49,10 +84,13 @@ def select_trials(sweeps: Sequence[Sweep], which: str | list[str], third_objecti
 
 
 def build_rows(sweeps: Sequence[Sweep], third_objective: str | None = None) -> list[dict[str, Any]]:
-    """Every trial of every sweep as a row, with `on_front` over all of them together."""
+    """Every trial of every sweep as a row, with `on_front` over all of them together (with third_objective=latency:
+    over the trials whose latency has been measured; the others are never on the front)."""
     trials = [t for s in sweeps for t in s.trials]
     evaluations = {(s.name, trial_id): ev for s in sweeps for trial_id, ev in read_evaluations(s.path).items()}
-    rows = [trial_row(t, evaluations.get((t.sweep, t.trial_id))) for t in trials]
+    exports = {(s.name, trial_id): e for s in sweeps for trial_id, e in read_exports(s.path).items()}
+    rows = [trial_row(t, evaluations.get((t.sweep, t.trial_id)), exports.get((t.sweep, t.trial_id))) for t in trials]
+    require_latency(rows, sweeps, third_objective)
     for row, on_front in zip(rows, front_mask(rows, objectives(third_objective=third_objective))):
         row["on_front"] = bool(on_front)
     return rows
@@ -103,7 +141,8 @@ def analyse(sweeps: Sequence[Sweep], third_objective: str | None, tracking_uri: 
     names = ", ".join(s.name for s in sweeps)
     plot_front(rows, png_path, f"Accuracy vs MACs: {names} ({len(rows)} trials, "
                                f"{sum(r['on_front'] for r in rows)} on the front)")
-    hypervolumes = normalised_hypervolumes(rows, third_objective)
+    chosen = objectives(third_objective=third_objective)
+    hypervolumes = normalised_hypervolumes([r for r in rows if all(_number(r.get(k)) for k in chosen)], third_objective)
     html_path.write_text(render_report(rows, hypervolumes, png_path.read_bytes(), third_objective))
     files = [csv_path, png_path, html_path]
     run_id = log_to_mlflow(tracking_uri, sweeps[0], files, {
@@ -119,7 +158,8 @@ def summary(analysis: Analysis, tracking_uri: str, experiment: str) -> str:
     front = front_rows(rows)
     hv = ", ".join(f"{name} {value:.4f}" for name, value in analysis.hypervolumes.by_sweep.items())
     reference = analysis.hypervolumes.reference  # one entry per objective, in order
-    ref = ", ".join(f"{k} {v:,.0f}" if k != ACCURACY else f"{k} 0" for k, v in reference.items())
+    ref = ", ".join(f"{k} 0" if k == ACCURACY else f"{k} {v:,.0f}" if v >= 100 else f"{k} {v:.3g}"
+                    for k, v in reference.items())
     return "\n".join([
         f"Trials with results: {len(rows)}; Pareto front ({', '.join(reference)}): {len(front)}", "",
         format_table(front, table_columns(rows, several)), "",
@@ -127,6 +167,33 @@ def summary(analysis: Analysis, tracking_uri: str, experiment: str) -> str:
         *[f"Wrote {path}" for path in analysis.files],
         f"MLflow: run {analysis.mlflow_run_id} ('analysis') in experiment {experiment!r} at {tracking_uri}",
     ])
+
+
+def best_under_budget(rows: Sequence[dict[str, Any]], budget: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The best row that fits a deployment budget, or None when none does.
+
+    `budget` has the keys of the sweep's `budget` group, any subset, None = no limit: `max_macs` (on the MACs
+    objective, `target_macs`), `max_params`, `max_kb` (parameter kB at `precision`, params x bytes / 1000) and
+    `precision` (int8 | fp16 | fp32, default int8). At int8, a row whose int8 export failed (`int8_error`) does not
+    fit: it cannot be deployed at that precision. Best = highest validation accuracy (the selection metric; test
+    accuracy stays for reporting), then fewer target MACs, then fewer parameters.
+    """
+    precision = str(budget.get("precision") or "int8")
+    if precision not in BYTES_PER_PARAM:
+        raise ValueError(f"budget.precision={precision!r}; use one of {list(BYTES_PER_PARAM)}")
+    limits = {MACS: budget.get("max_macs"), "params": budget.get("max_params")}
+
+    def fits(row: dict[str, Any]) -> bool:
+        if not _number(row.get(ACCURACY)):
+            return False
+        if any(limit is not None and not row.get(key, math.inf) <= limit for key, limit in limits.items()):
+            return False
+        if budget.get("max_kb") is not None and not param_kb(row["params"], precision) <= budget["max_kb"]:
+            return False
+        return not (precision == "int8" and row.get("int8_error"))
+
+    feasible = [r for r in rows if fits(r)]
+    return min(feasible, key=lambda r: (-r[ACCURACY], r[MACS], r["params"]), default=None)
 
 
 @hydra.main(config_path="../conf", config_name="analysis", version_base="1.3")
@@ -138,7 +205,7 @@ def main(cfg: DictConfig) -> None:
     analysis = analyse(sweeps, third, config["mlflow"]["tracking_uri"])
     print("\n" + summary(analysis, config["mlflow"]["tracking_uri"], sweeps[0].name))
     print("Next: python analysis/evaluate.py (same name=/path=): test-set accuracy of the front models; "
-          "python analysis/export.py trial=front: ONNX files")
+          "python analysis/export.py trial=front: ONNX files, int8 versions and CPU latency")
 
 
 if __name__ == "__main__":

@@ -64,6 +64,38 @@ def _comparison_html(title: str, comparisons: Sequence[BinComparison], names: tu
             f"<p>{verdict}</p>")
 
 
+def _deployment_html(rows: Sequence[dict[str, Any]], names: str) -> str:
+    """How the deployment columns (analysis/export.py) were measured, and one line per model it could not do."""
+    exported = [r for r in rows if r.get("onnx_bytes") is not None or r.get("export_error")]
+    if not exported:
+        return ("<h2>Deployment</h2><p>No deployment numbers yet (precision, kB, int8 accuracy, CPU latency): run "
+                f"<code>python analysis/export.py name={html.escape(names)} trial=front</code>.</p>")
+    methods = sorted({r["int8_method"] for r in exported if r.get("int8_method")})
+    cpus = sorted({r["latency_cpu"] for r in exported if r.get("latency_cpu")})
+    timed = next((r for r in exported if r.get("latency_cpu")), None)
+    in_fp32 = sorted({op for r in exported for op in (r.get("int8_ops_in_fp32") or "").split()})
+    int8_text = (f"int8 models: {html.escape('; '.join(methods))}. <i>int8 acc drop</i> = ONNX Runtime fp32 test "
+                 "accuracy minus int8 test accuracy (same runtime, same test clips); <i>int8 agreement</i> = share of "
+                 "test clips where both predict the same class."
+                 + (f" Operators left in fp32 (no int8 form in the quantizer): {html.escape(', '.join(in_fp32))}."
+                    if in_fp32 else "") if methods else "No int8 models (quant.enabled=false, or quantization failed).")
+    latency_text = (f"Latency: ONNX Runtime on the CPU, batch 1, median of {timed['latency_runs']} timed runs after "
+                    f"{timed['latency_warmup']} warm-up runs (p90 in <code>pareto.csv</code>), with 1 thread and with "
+                    f"all {timed['latency_threads_all']} threads, measured on <b>{html.escape(', '.join(cpus))}</b>. "
+                    "Latency depends on the machine (CPU model and its vector instructions, cores, other load, the "
+                    "ONNX Runtime version): compare only numbers measured on the same machine, in the same run."
+                    if timed else "No latency measured.")
+    problems = []
+    for r in exported:
+        for key, what in (("export_error", "not exported"), ("int8_error", "int8 not exported, fp32 kept"),
+                          ("latency_error", "latency not measured")):
+            if r.get(key):
+                problems.append(f"<li>trial {html.escape(str(r['trial_id']))}: {what}: {html.escape(r[key])}</li>")
+    return (f"<h2>Deployment</h2><p>From <code>analysis/export.py</code> ({len(exported)} model(s)): <i>kB</i> = "
+            "parameters &times; bytes per parameter / 1000 (fp32 4, int8 1); <i>ONNX bytes</i> = file size. "
+            f"{int8_text} {latency_text}</p>" + (f"<ul>{''.join(problems)}</ul>" if problems else ""))
+
+
 def render_report(rows: Sequence[dict[str, Any]], hypervolumes: Hypervolumes, png: bytes,
                   third_objective: str | None = None) -> str:
     """Self-contained HTML: the plot (embedded), hypervolume, the front table and the matched-MACs comparisons."""
@@ -72,7 +104,8 @@ def render_report(rows: Sequence[dict[str, Any]], hypervolumes: Hypervolumes, pn
     statuses = ", ".join(f"{n} {s}" for s, n in sorted(Counter(r["status"] for r in rows).items()))
     objective_text = ", ".join(f"{LABELS[key]} (<code>{key}</code>, {'higher' if mode == 'max' else 'lower'} is better)"
                                for key, mode in objectives(third_objective=third_objective).items())
-    cost_refs = ", ".join(f"{key} = {REFERENCE_MARGIN} &times; the largest {key} seen = {value:,.0f}"
+    cost_refs = ", ".join(f"{key} = {REFERENCE_MARGIN} &times; the largest {key} seen = "
+                          + (f"{value:,.0f}" if value >= 100 else f"{value:.3g}")
                           for key, value in hypervolumes.reference.items() if key != ACCURACY)
     hv_rows = "".join(f"<tr><td>{html.escape(name)}</td><td>{value:.4f}</td></tr>"
                       for name, value in hypervolumes.by_sweep.items())
@@ -119,6 +152,7 @@ compare.</p>
 their epochs ({len(completed)} of {len(rows)}; trials stopped early by the scheduler are left out of the comparisons).
 A difference needs at least {MIN_GROUP_SIZE} trials per group in a bin; with a handful of trials per bin, differences
 of a few points are within seed noise.</p>
+{_deployment_html(rows, names)}
 <p>All trials: <code>pareto.csv</code> next to this report.</p>
 </body></html>
 """

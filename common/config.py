@@ -386,7 +386,7 @@ class SweepConfig(RunConfig):
 
 @dataclass
 class ObjectivesConfig:
-    third_objective: Optional[str] = None    # null (accuracy vs MACs) | params (a third objective, lower is better)
+    third_objective: Optional[str] = None    # null (accuracy vs MACs) | params | latency (measured by export.py)
 
 
 @dataclass

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from ray.tune import Callback
 
 from common.config import Precision, values
+from common.trial_table import BYTES_PER_PARAM, param_kb
 
 if TYPE_CHECKING:
     from ray.tune.experiment import Trial
@@ -48,8 +49,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-BYTES_PER_PARAM: dict[str, int] = {"int8": 1, "fp16": 2, "fp32": 4}
-BYTES_PER_KB = 1000  # DCASE task 1 (2022-2025): 128 kB = 128,000 int8 parameters
 # budget key -> the quantity it limits (messages and docs)
 BUDGETS: dict[str, str] = {"max_macs": "MACs", "max_params": "parameters", "max_kb": "kB of parameters"}
 # Result keys: the trainable reports these every epoch (trainable/loop.py).
@@ -59,11 +58,6 @@ PRUNING_STEPS = "pruning_steps"  # the plan's number of steps; optional (without
 FEASIBLE = "feasible"
 CONSTRAINT_PREFIX = "constraint_"
 PARAM_KB = "param_kb"
-
-
-def parameter_kb(params: float, precision: str) -> float:
-    """Parameter memory in kB (1000 bytes) at a deployment precision: 128,000 int8 parameters = 128 kB."""
-    return float(params) * BYTES_PER_PARAM[precision] / BYTES_PER_KB
 
 
 def measured_is_final(result: Mapping[str, Any], progress: float, final_progress: float) -> bool:
@@ -144,7 +138,7 @@ class Budget:
         if self.max_params is not None:
             out["max_params"] = float(result[PARAMS])
         if self.max_kb is not None:
-            out["max_kb"] = parameter_kb(result[PARAMS], self.precision)
+            out["max_kb"] = param_kb(result[PARAMS], self.precision)
         return out
 
     def constraints(self, result: Mapping[str, Any], final: bool) -> dict[str, float]:
@@ -167,7 +161,7 @@ class Budget:
         out: dict[str, Any] = {FEASIBLE: int(all(value <= 0 for value in constraints.values()))}
         out |= {f"{CONSTRAINT_PREFIX}{name}": value for name, value in constraints.items()}
         if self.max_kb is not None:
-            out[PARAM_KB] = parameter_kb(result[PARAMS], self.precision)
+            out[PARAM_KB] = param_kb(result[PARAMS], self.precision)
         return out
 
 
@@ -291,7 +285,7 @@ def smallest_reachable(budget: Budget, space: SearchSpace, base_config: dict[str
         if budget.max_params is not None:
             out["max_params"] = Reach(params, how, pruned)
         if budget.max_kb is not None:
-            out["max_kb"] = Reach(parameter_kb(params, budget.precision), how, pruned)
+            out["max_kb"] = Reach(param_kb(params, budget.precision), how, pruned)
     return out
 
 

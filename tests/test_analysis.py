@@ -401,3 +401,64 @@ def test_report_tables_scroll_sideways_inside_the_page():
     assert ".table-wrap { overflow-x: auto; max-width: 100%;" in page
     assert "td { white-space: nowrap;" in page and "th { background: #eee; white-space: normal;" in page
     assert "nsynth_<wbr>extra_<wbr>0 acc" in page  # long headers may break after an underscore
+
+
+def plain_copy(workdir: Path, sweep_name: str) -> Path:
+    """A copy of the fixture sweep under another name, without anything the analysis scripts wrote."""
+    import shutil
+
+    copy = workdir / "ray_results" / sweep_name
+    shutil.copytree(workdir / "ray_results" / SWEEP, copy,
+                    ignore=shutil.ignore_patterns("evaluation.json", "export", "pareto.*", "report.html"))
+    return copy
+
+
+def test_export_int8_and_latency_then_latency_as_third_objective(workdir):
+    from common.front import pareto_mask
+
+    copy = plain_copy(workdir, "lat")
+    out = run("pareto.py", workdir, "name=lat", "objectives.third_objective=latency")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "no latency has been measured yet in sweep(s) lat; run analysis/export.py first" in out.stderr
+    out = run("export.py", workdir, "name=lat", "trial=front", "objectives.third_objective=latency", "latency.runs=20")
+    assert out.returncode == 0, out.stderr[-3000:]
+    manifest = json.loads((copy / "export" / "export.json").read_text())
+    assert manifest
+    for trial_id, entry in manifest.items():
+        fp32, int8 = Path(entry["onnx"]), Path(entry["int8"]["onnx"])
+        assert int8.name == f"{trial_id}.int8.onnx" and int8.parent == fp32.parent
+        assert entry["int8"]["bytes"] == int8.stat().st_size < entry["bytes"] == fp32.stat().st_size
+        assert entry["kb"] == {"fp32": pytest.approx(entry["params"] * 4 / 1000),
+                               "int8": pytest.approx(entry["params"] / 1000)}
+        assert 0.0 <= entry["int8"]["agreement"] <= 1.0 and entry["int8"]["test_n"] == entry["test_n"] > 0
+        assert f"predicts the same class as fp32 on {entry['int8']['agreement']:.1%} of the {entry['test_n']} test " \
+               "clips" in out.stdout
+        assert entry["fp32_test_acc"] - entry["int8"]["test_acc"] == pytest.approx(entry["int8"]["acc_drop"])
+        for precision in ("fp32", "int8"):
+            record = entry["latency"][precision]
+            assert record["cpu"].strip() and record["runs"] == 20 and record["batch"] == 1
+            assert set(record["threads"]) == {"1", str(record["all_threads"])}
+            assert all(t["median_ms"] <= t["p90_ms"] for t in record["threads"].values())
+    assert f"on {record['cpu']!r}" in out.stdout
+    rows = read_csv(copy / "pareto.csv")
+    measured = [r for r in rows if r["latency_ms_1thread"]]
+    assert {r["trial_id"] for r in measured} == set(manifest)
+    assert all(r["precision"] == "fp32+int8" and float(r["kb_int8"]) * 4 == pytest.approx(float(r["kb_fp32"]))
+               and r["int8_acc_drop"] and r["int8_latency_ms_1thread"] and r["latency_cpu"] for r in measured)
+    # the front over (val_acc, target_macs, latency) among the measured trials; the others are never on it
+    points = np.array([[float(r["val_acc"]), float(r["target_macs"]), float(r["latency_ms_1thread"])]
+                       for r in measured])
+    assert [r["on_front"] == "True" for r in measured] == pareto_mask(points, [True, False, False]).tolist()
+    assert all(r["on_front"] == "False" for r in rows if not r["latency_ms_1thread"])
+    report = (copy / "report.html").read_text()
+    assert "Deployment" in report and record["cpu"] in report and "int8 acc drop" in report
+    assert LABELS["latency_ms_1thread"] in report
+    out = run("pareto.py", workdir, "name=lat", "objectives.third_objective=latency")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Pareto front (val_acc, target_macs, latency_ms_1thread)" in out.stdout and "fp32 ms 1 thread" in out.stdout
+
+
+def test_qat_epochs_is_not_supported_yet(workdir):
+    out = run("export.py", workdir, f"name={SWEEP}", "quant.qat_epochs=2")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "quant.qat_epochs>0 is not supported yet" in out.stderr

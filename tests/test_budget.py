@@ -13,7 +13,8 @@ from pathlib import Path
 import optuna
 import pytest
 
-from sweeps.budget import Budget, check_reachable, parameter_kb, smallest_reachable
+from common.trial_table import param_kb
+from sweeps.budget import Budget, check_reachable, smallest_reachable
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICK = {"kd.enabled": True, "kd.T": 3.0, "kd.alpha": 0.5, "features.n_mels": 64, "student.width_mult": 1.0,
@@ -24,10 +25,10 @@ QUICK = {"kd.enabled": True, "kd.T": 3.0, "kd.alpha": 0.5, "features.n_mels": 64
 # ---- kB, validation, constraint values ---------------------------------------------------------------------
 
 def test_parameter_kb_is_bytes_per_parameter_over_1000():
-    assert parameter_kb(128_000, "int8") == 128.0  # the DCASE limit: 128 kB = 128,000 int8 parameters
-    assert parameter_kb(64_000, "fp16") == 128.0
-    assert parameter_kb(32_000, "fp32") == 128.0
-    assert parameter_kb(61_148, "fp16") == pytest.approx(122.296)  # the DCASE 2024 baseline at 16 bits
+    assert param_kb(128_000, "int8") == 128.0  # the DCASE limit: 128 kB = 128,000 int8 parameters
+    assert param_kb(64_000, "fp16") == 128.0
+    assert param_kb(32_000, "fp32") == 128.0
+    assert param_kb(61_148, "fp16") == pytest.approx(122.296)  # the DCASE 2024 baseline at 16 bits
 
 
 @pytest.mark.parametrize("config, message", [
