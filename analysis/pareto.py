@@ -91,9 +91,39 @@ def build_rows(sweeps: Sequence[Sweep], third_objective: str | None = None) -> l
     exports = {(s.name, trial_id): e for s in sweeps for trial_id, e in read_exports(s.path).items()}
     rows = [trial_row(t, evaluations.get((t.sweep, t.trial_id)), exports.get((t.sweep, t.trial_id))) for t in trials]
     require_latency(rows, sweeps, third_objective)
-    for row, on_front in zip(rows, front_mask(rows, objectives(third_objective=third_objective))):
+    # a trial over the sweep's budget (budget.*) cannot ship: the front is chosen among the others
+    feasible = [row for row in rows if row["feasible"]]
+    for row, on_front in zip(feasible, front_mask(feasible, objectives(third_objective=third_objective))):
         row["on_front"] = bool(on_front)
     return rows
+
+
+def sweep_budget(sweeps: Sequence[Sweep]) -> dict[str, Any]:
+    """The budget the (first) sweep ran under ({} without one), as sweeps/run.py saved it."""
+    budget = (sweeps[0].settings.get("budget") or {}) if sweeps else {}
+    return budget if any(budget.get(key) is not None for key in ("max_macs", "max_params", "max_kb")) else {}
+
+
+def budget_line(budget: Mapping[str, Any], best: dict[str, Any] | None) -> str:
+    """One line naming the model to ship under the budget, with its numbers."""
+    limits = ", ".join(f"{key} {budget[key]:,.6g}" for key in ("max_macs", "max_params", "max_kb")
+                       if budget.get(key) is not None)
+    head = f"Best under budget ({limits}; {budget.get('precision') or 'int8'})"
+    if best is None:
+        return f"{head}: no trial fits."
+    numbers = {"val acc": best.get(ACCURACY), "test acc fp32/int8": (best.get("fp32_test_acc") or best.get("test_acc"),
+                                                                 best.get("int8_test_acc")),
+               "target MACs": best.get(MACS), "params": best.get("params"),
+               "kB fp32/int8": (best.get("kb_fp32"), best.get("kb_int8")),
+               "latency ms 1 thread fp32/int8": (best.get(LATENCY), best.get("int8_latency_ms_1thread"))}
+    shown = []
+    for name, value in numbers.items():
+        values = value if isinstance(value, tuple) else (value,)
+        if all(v is None for v in values):
+            continue
+        shown.append(f"{name} " + "/".join("-" if v is None else f"{v:,.0f}" if v >= 1000 else f"{v:.3g}"
+                                            for v in values))
+    return f"{head}: trial {best['trial_id']}: " + ", ".join(shown)
 
 
 def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
@@ -130,6 +160,7 @@ class Analysis:
     files: list[Path]
     hypervolumes: Hypervolumes
     mlflow_run_id: str
+    best_under_budget: str | None = None  # the "best under budget" line, when the sweep had a budget
 
 
 def analyse(sweeps: Sequence[Sweep], third_objective: str | None, tracking_uri: str) -> Analysis:
@@ -139,16 +170,18 @@ def analyse(sweeps: Sequence[Sweep], third_objective: str | None, tracking_uri: 
     csv_path, png_path, html_path = (out_dir / name for name in OUTPUT_FILES)
     write_csv(rows, csv_path)
     names = ", ".join(s.name for s in sweeps)
+    budget = sweep_budget(sweeps)
+    best = budget_line(budget, best_under_budget(rows, budget)) if budget else None
     plot_front(rows, png_path, f"Accuracy vs MACs: {names} ({len(rows)} trials, "
-                               f"{sum(r['on_front'] for r in rows)} on the front)")
+                               f"{sum(r['on_front'] for r in rows)} on the front)", budget)
     chosen = objectives(third_objective=third_objective)
     hypervolumes = normalised_hypervolumes([r for r in rows if all(_number(r.get(k)) for k in chosen)], third_objective)
-    html_path.write_text(render_report(rows, hypervolumes, png_path.read_bytes(), third_objective))
+    html_path.write_text(render_report(rows, hypervolumes, png_path.read_bytes(), third_objective, best))
     files = [csv_path, png_path, html_path]
     run_id = log_to_mlflow(tracking_uri, sweeps[0], files, {
         "hypervolume": hypervolumes.by_sweep.get("all sweeps", hypervolumes.by_sweep[sweeps[0].name]),
         "front_size": float(sum(r["on_front"] for r in rows)), "trials": float(len(rows))})
-    return Analysis(rows=rows, files=files, hypervolumes=hypervolumes, mlflow_run_id=run_id)
+    return Analysis(rows=rows, files=files, hypervolumes=hypervolumes, mlflow_run_id=run_id, best_under_budget=best)
 
 
 def summary(analysis: Analysis, tracking_uri: str, experiment: str) -> str:
@@ -163,6 +196,7 @@ def summary(analysis: Analysis, tracking_uri: str, experiment: str) -> str:
     return "\n".join([
         f"Trials with results: {len(rows)}; Pareto front ({', '.join(reference)}): {len(front)}", "",
         format_table(front, table_columns(rows, several)), "",
+        *([analysis.best_under_budget] if analysis.best_under_budget else []),
         f"Hypervolume (costs / reference; reference {ref}): {hv}",
         *[f"Wrote {path}" for path in analysis.files],
         f"MLflow: run {analysis.mlflow_run_id} ('analysis') in experiment {experiment!r} at {tracking_uri}",
@@ -184,7 +218,7 @@ def best_under_budget(rows: Sequence[dict[str, Any]], budget: Mapping[str, Any])
     limits = {MACS: budget.get("max_macs"), "params": budget.get("max_params")}
 
     def fits(row: dict[str, Any]) -> bool:
-        if not _number(row.get(ACCURACY)):
+        if not _number(row.get(ACCURACY)) or not row.get("feasible", True):  # the sweep judged it over the budget
             return False
         if any(limit is not None and not row.get(key, math.inf) <= limit for key, limit in limits.items()):
             return False

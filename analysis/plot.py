@@ -6,7 +6,7 @@ label says so."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +35,9 @@ def _attainment(macs: np.ndarray, acc: np.ndarray, right: float) -> tuple[np.nda
     return np.append(x, right), np.append(y, y[-1])
 
 
-def front_figure(rows: Sequence[dict[str, Any]], title: str) -> Any:
-    """The matplotlib Figure of the rows (each needs `on_front`, `kd`, `pruning`, `sweep`, `trial_id`)."""
+def front_figure(rows: Sequence[dict[str, Any]], title: str, budget: Mapping[str, Any] | None = None) -> Any:
+    """The matplotlib Figure of the rows (each needs `on_front`, `kd`, `pruning`, `sweep`, `trial_id`); with a sweep
+    budget, its MACs limit as a line and the trials over any budget as grey crosses."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -59,8 +60,15 @@ def front_figure(rows: Sequence[dict[str, Any]], title: str) -> Any:
     ax.step(*_attainment(macs[front], acc[front], right), where="post", color="black", linewidth=1.6,
             label="Pareto front", zorder=2)
     complete = np.array([completed(r) for r in rows], dtype=bool)
+    over = np.array([not r.get("feasible", True) for r in rows], dtype=bool)
+    if over.any():
+        ax.scatter(macs[over], acc[over], s=40, marker="x", color="gray", alpha=0.7, zorder=1,
+                   label="over the budget (never on the front)")
+    if budget and budget.get("max_macs") is not None:
+        ax.axvline(budget["max_macs"] / 1e6, color="tab:red", linestyle=":", linewidth=1.4,
+                   label=f"budget.max_macs = {budget['max_macs'] / 1e6:g}M")
     for (kd, mode), members in _groups(rows).items():
-        index = np.array(members)
+        index = np.array(members)[~over[np.array(members)]]
         colour, marker = KD_COLOURS[kd], PRUNING_MARKERS[mode]
         for on in (False, True):
             for full in (True, False):
@@ -76,7 +84,7 @@ def front_figure(rows: Sequence[dict[str, Any]], title: str) -> Any:
                     ax.scatter(macs[chosen], acc[chosen], s=size, facecolors="none", edgecolors=colour,
                                marker=marker, linewidths=1.8 if on else 1.0, alpha=0.95 if on else STOPPED_ALPHA,
                                zorder=3 if on else 1)
-    for j in np.flatnonzero(~complete & ~front):  # front points say their epoch in their label
+    for j in np.flatnonzero(~complete & ~front & ~over):  # front points say their epoch in their label
         ax.annotate(str(rows[j]["epochs"]), (macs[j], acc[j]), xytext=(4, -2), textcoords="offset points",
                     ha="left", va="top", fontsize=6.5, color=KD_COLOURS[rows[j]["kd"]], alpha=0.9, zorder=1)
     labels: dict[tuple[float, float], list[str]] = {}  # trials at the same point share one label
@@ -119,11 +127,11 @@ def front_figure(rows: Sequence[dict[str, Any]], title: str) -> Any:
     return fig
 
 
-def plot_front(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
+def plot_front(rows: Sequence[dict[str, Any]], path: Path, title: str, budget: Mapping[str, Any] | None = None) -> None:
     """Draw the rows (see front_figure) into an image file."""
     import matplotlib.pyplot as plt
 
-    fig = front_figure(rows, title)
+    fig = front_figure(rows, title, budget)
     fig.savefig(path)
     plt.close(fig)
 

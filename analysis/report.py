@@ -97,7 +97,7 @@ def _deployment_html(rows: Sequence[dict[str, Any]], names: str) -> str:
 
 
 def render_report(rows: Sequence[dict[str, Any]], hypervolumes: Hypervolumes, png: bytes,
-                  third_objective: str | None = None) -> str:
+                  third_objective: str | None = None, best_under_budget: str | None = None) -> str:
     """Self-contained HTML: the plot (embedded), hypervolume, the front table and the matched-MACs comparisons."""
     sweeps = list(dict.fromkeys(r["sweep"] for r in rows))
     front = front_rows(rows)
@@ -136,6 +136,7 @@ Objectives: {objective_text}, from each trial's last reported epoch; the search 
 MACs are therefore those of the model each trial's pruning schedule ends with, also for a trial stopped before its
 pruning step; the table's <i>measured MACs</i> are those of the model as it was at that epoch.
 Generated {time.strftime('%Y-%m-%d %H:%M:%S')}.</p>
+{f"<p><b>{html.escape(best_under_budget)}</b> (the model to ship; trials over the budget are grey crosses in the plot and never on the front).</p>" if best_under_budget else ""}
 <img src="data:image/png;base64,{base64.b64encode(png).decode()}" alt="accuracy vs MACs">
 <h2>Hypervolume</h2>
 <p>Reference point: accuracy 0, {cost_refs}. Costs are divided by their reference value before measuring, so the

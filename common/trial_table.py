@@ -124,6 +124,7 @@ def trial_row(trial: Trial, evaluation: dict[str, Any] | None = None,
     progressive = mode == "progressive"
     return {
         "sweep": trial.sweep, "trial_id": trial.trial_id, "status": trial.status, "on_front": False,
+        "feasible": bool(metrics.get("feasible", 1)),  # within the sweep's budget.* (always, without one)
         "val_acc": float(metrics["val_acc"]), "val_macro_f1": float(metrics["val_macro_f1"]),
         "target_macs": int(metrics["target_macs"]), "macs": int(metrics["macs"]), "params": int(metrics["params"]),
         "epochs": int(metrics["epoch"]), "kd": "on" if kd_on else "off", "T": cfg["kd"]["T"] if kd_on else None,

@@ -462,3 +462,32 @@ def test_qat_epochs_is_not_supported_yet(workdir):
     out = run("export.py", workdir, f"name={SWEEP}", "quant.qat_epochs=2")
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "quant.qat_epochs>0 is not supported yet" in out.stderr
+
+
+def test_budget_keeps_over_budget_trials_off_the_front_and_names_the_best_under_it(tmp_path):
+    import dataclasses
+
+    import matplotlib.pyplot as plt
+
+    from analysis.pareto import best_under_budget, budget_line, build_rows, sweep_budget
+    from analysis.plot import front_figure
+    from analysis.results import Sweep
+
+    trials = [synthetic_trial(*t) for t in DISAGREEING]
+    # the sweep's callback marked "a" (the most accurate) infeasible: it broke budget.max_macs
+    trials[0] = dataclasses.replace(trials[0], metrics={**trials[0].metrics, "feasible": 0})
+    budget = {"max_macs": 3.5e6, "max_params": None, "max_kb": 128.0, "precision": "int8"}
+    sweep = Sweep(name="s", path=tmp_path, base_config={}, settings={"budget": budget}, trials=trials)
+    rows = build_rows([sweep])
+    assert {r["trial_id"] for r in rows if r["on_front"]} == {"b", "d"}  # a is never on the front
+    assert sweep_budget([sweep]) == budget
+    assert sweep_budget([dataclasses.replace(sweep, settings={})]) == {}
+    best = best_under_budget(rows, budget)
+    assert best["trial_id"] == "b"  # c is less accurate; a is over the budget
+    line = budget_line(budget, best)
+    assert line.startswith("Best under budget (max_macs 3.5e+06, max_kb 128; int8): trial b: val acc 0.7")
+    assert budget_line(budget, None).endswith("no trial fits.")
+    fig = front_figure(rows, "t", budget)
+    labels = fig.axes[0].get_legend().get_texts()
+    assert {"over the budget (never on the front)", "budget.max_macs = 3.5M"} <= {t.get_text() for t in labels}
+    plt.close(fig)
