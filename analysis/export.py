@@ -36,7 +36,7 @@ import torch
 from omegaconf import DictConfig
 
 from analysis.latency import measure_latency
-from analysis.pareto import EXPORT_DIR, EXPORT_MANIFEST, analyse, select_trials, summary
+from analysis.pareto import EXPORT_DIR, EXPORT_MANIFEST, analyse, chosen_by_sweep, summary
 from analysis.quantize import calibration_indices, compare_models, ops_left_in_fp32, quantize_onnx
 from analysis.results import NAME_KEYS, load_sweeps, sweep_data
 from common.cli import entry_point, plain, string_overrides
@@ -236,13 +236,8 @@ def main(cfg: DictConfig) -> None:
     quant, latency = config["quant"], config["latency"]
     third = config["objectives"]["third_objective"]
     sweeps = load_sweeps(config)
-    # latency is what this script measures: the models to measure are chosen on the other objectives
-    chosen = select_trials(sweeps, config["trial"], None if third == "latency" else third)
     rows = []
-    for sweep in sweeps:
-        trials = [t for t in chosen if t.sweep == sweep.name]
-        if not trials:
-            continue
+    for sweep, trials in chosen_by_sweep(sweeps, config):
         data = sweep_data(sweep, trials)
         out_dir = sweep.path / EXPORT_DIR
         exports = {}

@@ -83,6 +83,15 @@ def select_trials(sweeps: Sequence[Sweep], which: str | list[str], third_objecti
     return [by_id[w] for w in wanted]
 
 
+def chosen_by_sweep(sweeps: Sequence[Sweep], config: Mapping[str, Any]) -> list[tuple[Sweep, list[Trial]]]:
+    """The trials `trial=` names (front | id | [ids]) grouped by sweep, sweeps without one left out. Latency, which
+    export.py measures, never chooses: the front is then taken on the other objectives."""
+    third = config["objectives"]["third_objective"]
+    chosen = select_trials(sweeps, config["trial"], None if third == "latency" else third)
+    grouped = [(sweep, [t for t in chosen if t.sweep == sweep.name]) for sweep in sweeps]
+    return [(sweep, trials) for sweep, trials in grouped if trials]
+
+
 def build_rows(sweeps: Sequence[Sweep], third_objective: str | None = None) -> list[dict[str, Any]]:
     """Every trial of every sweep as a row, with `on_front` over all of them together (with third_objective=latency:
     over the trials whose latency has been measured; the others are never on the front)."""

@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 
 from analysis.export import check_settings, export_trial, problem_lines, write_manifest
 from analysis.latency import measure_latency
-from analysis.pareto import EXPORT_DIR, read_exports, select_trials
+from analysis.pareto import EXPORT_DIR, chosen_by_sweep, read_exports
 from analysis.results import NAME_KEYS, load_sweeps, sweep_data
 from common.cli import entry_point, plain, string_overrides
 from common.trial_table import format_table
@@ -31,14 +31,8 @@ from common.trial_table import format_table
 
 def ensure_exported(config: dict[str, Any]) -> list[tuple[Any, dict[str, Any]]]:
     """(trial, its export.json entry) of the chosen trials, exporting and quantizing those not done yet."""
-    sweeps = load_sweeps(config)
-    third = config["objectives"]["third_objective"]
-    chosen = select_trials(sweeps, config["trial"], None if third == "latency" else third)
     pairs = []
-    for sweep in sweeps:
-        trials = [t for t in chosen if t.sweep == sweep.name]
-        if not trials:
-            continue
+    for sweep, trials in chosen_by_sweep(load_sweeps(config), config):
         done = read_exports(sweep.path)
         missing = [t for t in trials if not ((done.get(t.trial_id) or {}).get("int8") or {}).get("onnx")]
         if missing:
