@@ -100,10 +100,8 @@ def build_rows(sweeps: Sequence[Sweep], third_objective: str | None = None) -> l
     exports = {(s.name, trial_id): e for s in sweeps for trial_id, e in read_exports(s.path).items()}
     rows = [trial_row(t, evaluations.get((t.sweep, t.trial_id)), exports.get((t.sweep, t.trial_id))) for t in trials]
     require_latency(rows, sweeps, third_objective)
-    # a trial over the sweep's budget (budget.*) cannot ship: the front is chosen among the others
-    feasible = [row for row in rows if row["feasible"]]
-    for row, on_front in zip(feasible, front_mask(feasible, objectives(third_objective=third_objective))):
-        row["on_front"] = bool(on_front)
+    for row, on_front in zip(rows, front_mask(rows, objectives(third_objective=third_objective))):
+        row["on_front"] = bool(on_front)  # never for a trial over the sweep's budget (see front_mask)
     return rows
 
 

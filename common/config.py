@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import numbers
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -188,7 +189,7 @@ class FeatureConfig:
             _require(_is_int(value) and value >= 0, key, value, "must be a non-negative integer (0 disables it)")
         for key in ("f_min", "f_max", "log_floor", "gain_db"):
             value = getattr(self, key)
-            _require(_is_real(value), key, value, "must be a finite number")
+            _require(is_finite_number(value), key, value, "must be a finite number")
         nyquist = self.sample_rate / 2
         _require(self.f_min >= 0, "f_min", self.f_min, "must be >= 0 Hz")
         _require(self.f_max <= nyquist, "f_max", self.f_max,
@@ -204,7 +205,7 @@ class FeatureConfig:
         _require(self.gain_db == 0 or self.normalize == "none", "gain_db", self.gain_db,
                  f"has no effect with normalize={self.normalize!r} (per-clip standardisation removes any gain) "
                  "but forces a per-batch STFT; set gain_db=0 or normalize='none'")
-        _require(self.noise_snr_db is None or _is_real(self.noise_snr_db), "noise_snr_db", self.noise_snr_db,
+        _require(self.noise_snr_db is None or is_finite_number(self.noise_snr_db), "noise_snr_db", self.noise_snr_db,
                  "must be a finite SNR in dB, or None to disable added noise")
         empty_filters = _empty_mel_filters(self)
         if empty_filters:
@@ -234,11 +235,12 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
-def _is_real(value: Any) -> bool:
+def is_finite_number(value: Any) -> bool:
+    """A finite real (numpy scalars included), not a bool: what a numeric config value or budget must be."""
     import numpy as np
 
-    is_number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-    return is_number and math.isfinite(value)
+    return (isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+            and math.isfinite(value))
 
 
 def _empty_mel_filters(cfg: FeatureConfig) -> list[int]:

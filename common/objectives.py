@@ -52,5 +52,8 @@ def objective_points(results: Sequence[Mapping[str, Any]], chosen: Mapping[str, 
 
 
 def front_mask(results: Sequence[Mapping[str, Any]], chosen: Mapping[str, str] = OBJECTIVES) -> np.ndarray:
-    """Which results are non-dominated under the chosen objectives."""
-    return pareto_mask(objective_points(results, chosen), [mode == "max" for mode in chosen.values()])
+    """Which results are non-dominated under the chosen objectives. A result over the sweep's budget (`feasible`
+    false, set by sweeps/budget.py) cannot ship: it is never on the front and dominates nothing (a NaN row)."""
+    points = objective_points(results, chosen)
+    points[[not result.get("feasible", True) for result in results]] = np.nan
+    return pareto_mask(points, [mode == "max" for mode in chosen.values()])

@@ -31,15 +31,13 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
-import numbers
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
 from ray.tune import Callback
 
-from common.config import Precision, values
+from common.config import Precision, is_finite_number, values
 from common.trial_table import BYTES_PER_PARAM, param_kb
 
 if TYPE_CHECKING:
@@ -74,12 +72,6 @@ def fmt(value: float) -> str:
     return f"{value:,.0f}" if abs(value) >= 1000 or float(value).is_integer() else f"{value:,.4g}"
 
 
-def _is_number(value: Any) -> bool:
-    """A finite real (numpy scalars included), not a bool."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and type(value).__name__ != "bool_" \
-        and math.isfinite(value)
-
-
 @dataclass(frozen=True)
 class Budget:
     """The set budgets (None = no limit) and the precision of `max_kb`; plain values, so it pickles with the
@@ -104,7 +96,7 @@ class Budget:
             raise ValueError(f"budget.precision={precision!r}; choose one of {', '.join(BYTES_PER_PARAM)}.")
         for name, quantity in BUDGETS.items():
             limit = config.get(name)
-            if limit is not None and not (_is_number(limit) and limit > 0):
+            if limit is not None and not (is_finite_number(limit) and limit > 0):
                 raise ValueError(f"budget.{name}={limit!r} must be a number > 0 (the most {quantity} a trial's final "
                                  f"model may have), or null for no limit.")
         budget = cls(**{name: None if config.get(name) is None else float(config[name]) for name in BUDGETS},
@@ -128,7 +120,7 @@ class Budget:
     def quantities(self, result: Mapping[str, Any], final: bool) -> dict[str, float]:
         """{budget key: the value it is judged on} for one result; `final`: see `measured_is_final`.
         A missing result key is a ValueError naming it."""
-        missing = [key for key in self.required_keys() if not _is_number(result.get(key))]
+        missing = [key for key in self.required_keys() if not is_finite_number(result.get(key))]
         if missing:
             raise ValueError(f"budgets ({self.describe()}) are judged on the result keys {self.required_keys()}, "
                              f"but the result lacks {missing} (reported: {sorted(result)})")
@@ -207,14 +199,11 @@ class Reach:
 
 def _space_values(space: SearchSpace, key: str) -> Optional[list[Any]]:
     """The values a space gives `key` (pin, choices, grid values, or a distribution's bounds); None if not set."""
-    if key in space.pinned:
-        return [space.pinned[key]]
+    listed = space.possible_values(key)
+    if listed is not None:
+        return list(listed)
     param = space.params.get(key)
-    if param is None:
-        return None
-    if param.values:
-        return list(param.values)
-    return [param.distribution.low, param.distribution.high]
+    return None if param is None else [param.distribution.low, param.distribution.high]
 
 
 def _extreme_trial_params(space: SearchSpace) -> list[dict[str, Any]]:

@@ -103,11 +103,11 @@ def summarize(results: Any, name: str, base_config: dict[str, Any]) -> str:
     if not trials:
         return "No trial reported a result (see the errors above)."
     rows = [trial_row(t) for t in trials]
-    # trials over a budget (budget.*) are neither on the front nor the best: they cannot ship
-    feasible = [row for row, trial in zip(rows, trials) if trial.metrics.get("feasible", 1)]
+    # trials over a budget (budget.*) are neither on the front (see front_mask) nor the best: they cannot ship
+    feasible = [row for row in rows if row["feasible"]]
     if not feasible:
         return f"Trials with results: {len(rows)}, none within the budget."
-    for row, on_front in zip(feasible, front_mask(feasible)):
+    for row, on_front in zip(rows, front_mask(rows)):
         row["on_front"] = bool(on_front)
     columns = table_columns(rows, several_sweeps=False)
     front = front_rows(feasible)
@@ -247,7 +247,8 @@ def run_sweep(name: str, base_config: dict[str, Any], sweep: dict[str, Any], sto
     check_sweep_settings(sweep)
     check_space_configs(space, base_config)
     check_reachable(budget, space, base_config)  # a budget no trial can meet, with the smallest reachable value
-    if may_use_kd(space, base_config):
+    kd_possible, final_epoch = may_use_kd(space, base_config), max_epochs(base_config, space)
+    if kd_possible:
         validate_teacher(base_config)  # the teacher trains on the base config, whatever the trials sample
     gpus = resolve_gpus(sweep["resources"]["gpus_per_trial"], sweep["ray"]["address"])
     workdir = Path(base_config["workdir"]).resolve()
@@ -261,7 +262,7 @@ def run_sweep(name: str, base_config: dict[str, Any], sweep: dict[str, Any], sto
     print("[1/3] data: preparing the dataset and its waveform cache", flush=True)
     data = prepare_data(base_config["data"], workdir)
     kd_inputs = {}
-    if may_use_kd(space, base_config):
+    if kd_possible:
         print("[2/3] teacher: training or loading it and caching its logits", flush=True)
         kd_inputs = teacher_inputs(base_config, data)
     cpus = sweep["resources"]["cpus_per_trial"]
@@ -282,14 +283,14 @@ def run_sweep(name: str, base_config: dict[str, Any], sweep: dict[str, Any], sto
         tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_errored=True)
     else:  # a new sweep, or one killed before its first trial started: data and teacher come from their caches
         scheduler_name = sweep["scheduler"]["name"] or default_scheduler(space, objective)
-        scheduler = make_scheduler(scheduler_name, objective, max_epochs(base_config, space),
+        scheduler = make_scheduler(scheduler_name, objective, final_epoch,
                                    sweep["scheduler"]["grace_period"], sweep["scheduler"]["reduction_factor"],
                                    budget=budget)
         callback = SweepMLflowCallback(tracking_uri, name, base_config, tags={
             "space": sweep["space"], "sampler": sweep["search"]["sampler"], "scheduler": scheduler_name})
         callbacks = [callback] + ([ParetoASHAStateCallback(scheduler)] if isinstance(scheduler, ParetoASHA) else [])
         if budget is not None:  # first: it adds `feasible` and the constraint values to results the others record
-            callbacks.insert(0, BudgetCallback(budget, max_epochs(base_config, space)))
+            callbacks.insert(0, BudgetCallback(budget, final_epoch))
         # num_to_keep=1 makes Tune force a synced experiment snapshot after every trial checkpoint: the only
         # thing that puts the state in storage at once (unforced syncs wait for SyncConfig.sync_period). With 2,
         # a SIGKILL lost the rung records of the last epochs (measured in the kill/resume test).
@@ -301,7 +302,7 @@ def run_sweep(name: str, base_config: dict[str, Any], sweep: dict[str, Any], sto
             param_space=param_space(space),
             tune_config=tune.TuneConfig(  # no metric/mode here: it would make OptunaSearch single-objective
                 search_alg=make_searcher(space, sweep["search"]["sampler"], objective, base_config["seed"],
-                                         max_epochs(base_config, space), budget=budget),
+                                         final_epoch, budget=budget),
                 scheduler=scheduler,
                 num_samples=trials,
                 max_concurrent_trials=sweep["resources"]["max_concurrent_trials"],

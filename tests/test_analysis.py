@@ -469,7 +469,7 @@ def test_budget_keeps_over_budget_trials_off_the_front_and_names_the_best_under_
 
     import matplotlib.pyplot as plt
 
-    from analysis.pareto import best_under_budget, budget_line, build_rows, sweep_budget
+    from analysis.pareto import best_under_budget, budget_line, build_rows, select_trials, sweep_budget
     from analysis.plot import front_figure
     from analysis.results import Sweep
 
@@ -480,6 +480,7 @@ def test_budget_keeps_over_budget_trials_off_the_front_and_names_the_best_under_
     sweep = Sweep(name="s", path=tmp_path, base_config={}, settings={"budget": budget}, trials=trials)
     rows = build_rows([sweep])
     assert {r["trial_id"] for r in rows if r["on_front"]} == {"b", "d"}  # a is never on the front
+    assert [t.trial_id for t in select_trials([sweep], "front")] == ["d", "b"]  # nor exported/evaluated as one
     assert sweep_budget([sweep]) == budget
     assert sweep_budget([dataclasses.replace(sweep, settings={})]) == {}
     best = best_under_budget(rows, budget)
