@@ -105,6 +105,19 @@ class SchedulerName(str, enum.Enum):
     fifo = "fifo"
 
 
+class Stage(str, enum.Enum):
+    search = "search"    # search, then (final.enabled) retrain the front
+    final = "final"      # retrain the front of an existing sweep (name=<sweep>)
+
+
+class RetrainRole(str, enum.Enum):
+    """What a retraining run is, relative to the front configuration it comes from."""
+
+    front = "front"                      # the front configuration itself
+    kd_toggled = "kd_toggled"            # the same with KD switched (on -> off, off -> on)
+    pruning_toggled = "pruning_toggled"  # the same MACs target with the other structured mode (single <-> progressive)
+
+
 def values(choices: type[enum.Enum]) -> tuple[str, ...]:
     """The accepted strings of an enum, as users write them."""
     return tuple(member.value for member in choices)
@@ -307,6 +320,15 @@ class TrainConfig:
     grad_clip: float = 5.0
     seed: int = 0
     num_threads: Optional[int] = None        # CPU threads; null = the CPUs this process may use
+    test_at_end: bool = False                # score the test split after the last epoch (retrain stage: test_acc)
+
+
+@dataclass
+class RetrainLabel:
+    """Set on the runs of the retrain stage (sweeps/final.py): which front trial a run retrains, and as what."""
+
+    front_trial: Optional[str] = None        # trial id of the search's front configuration
+    role: Optional[RetrainRole] = None       # front | kd_toggled | pruning_toggled
 
 
 @dataclass
@@ -326,6 +348,7 @@ class RunConfig:
     kd: KDConfig = field(default_factory=KDConfig)
     pruning: PruningConfig = field(default_factory=PruningConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    retrain: RetrainLabel = field(default_factory=RetrainLabel)
 
 
 @dataclass
@@ -370,6 +393,17 @@ class BudgetConfig:
 
 
 @dataclass
+class FinalConfig:
+    """The retrain stage: the search's front configurations retrained longer, with seeds, and scored on test."""
+
+    enabled: bool = True                     # false: stop after the search
+    max_configs: int = 3                     # front configurations retrained, spread over the front's MACs range
+    epochs: int = 20                         # epochs of each retraining run (the search's trials run fewer)
+    seeds: int = 3                           # seeds per configuration: train.seed = seed, seed+1, ...
+    ablations: bool = True                   # also retrain each config with KD toggled and the other pruning mode
+
+
+@dataclass
 class SweepConfig(RunConfig):
     """sweeps/run.py: the run config plus the sweep's own keys (never passed to trials)."""
 
@@ -384,6 +418,8 @@ class SweepConfig(RunConfig):
     ray: RayConfig = field(default_factory=RayConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
+    stage: Stage = Stage.search              # search (then final when final.enabled) | final: retrain name=<sweep>'s front
+    final: FinalConfig = field(default_factory=FinalConfig)
 
 
 @dataclass

@@ -29,7 +29,10 @@ from omegaconf import DictConfig  # noqa: E402
 
 from common.cli import entry_point, plain, string_overrides  # noqa: E402
 from common.config import accepted_values, run_section  # noqa: E402
+from common.objectives import ACCURACY, MACS  # noqa: E402
 from common.sweep_layout import list_sweeps, normalize_storage, read_state, sweep_exists, sweep_uri, write_state  # noqa: E402
+
+from sweeps.final import FINAL_EXPERIMENT  # noqa: E402
 
 if TYPE_CHECKING:
     from search_spaces.schema import SearchSpace
@@ -159,20 +162,23 @@ def main(cfg: DictConfig) -> None:
     storage = normalize_storage(config["storage_path"])
     name = config["name"] or f"{config['space']}-{time.strftime('%Y%m%d-%H%M%S')}"
 
-    if config["resume"]:
+    if config["resume"] or config["stage"] == "final":
         if not config["name"]:
-            raise ValueError("resume=true needs name=<sweep>; sweeps here: " + ", ".join(list_sweeps(storage)))
+            raise ValueError(f"{'resume=true' if config['resume'] else 'stage=final'} needs name=<sweep>; sweeps here: "
+                             + (", ".join(list_sweeps(storage)) or "none"))
         if name not in list_sweeps(storage):
-            raise FileNotFoundError(f"No sweep named {name!r} to resume under {storage}; sweeps here: "
+            raise FileNotFoundError(f"No sweep named {name!r} under {storage}; sweeps here: "
                                     + (", ".join(list_sweeps(storage)) or "none"))
         saved = read_state(storage, name)
         base_config, sweep = saved["base_config"], saved["sweep"]
+        if config["stage"] == "final" and not config["resume"]:  # a new final stage takes final.* as given now
+            sweep = sweep | {"final": config["final"]}
     else:
         if sweep_exists(storage, name):
             raise FileExistsError(f"A sweep named {name!r} already exists in {storage}. Resume it with "
                                   f"`python sweeps/run.py resume=true name={name}` or choose another name=.")
         base_config, sweep = sweep_settings(config)
-    run_sweep(name, base_config, sweep, storage, resume=config["resume"])
+    run_sweep(name, base_config, sweep, storage, resume=config["resume"], stage=config["stage"])
 
 
 def set_aside_truncated_state(exp_dir: str) -> None:
@@ -212,8 +218,6 @@ def progress_reporter(space: SearchSpace) -> Any:
     """Ray's table with the columns that matter: epoch, val_acc, MACs, and the KD/pruning/T/n_mels of each trial."""
     from ray.tune import CLIReporter
 
-    from common.objectives import ACCURACY, MACS
-
     wanted = {"kd.enabled": "KD", "pruning.mode": "pruning", "kd.T": "T", "features.n_mels": "n_mels",
               "scenario": "scenario", "train.seed": "seed"}
     if space.searcher == "grid":  # grid trials carry their whole point under grid_point (sweeps/tuning.py)
@@ -224,7 +228,26 @@ def progress_reporter(space: SearchSpace) -> Any:
                        max_report_frequency=30, sort_by_metric=False)
 
 
-def run_sweep(name: str, base_config: dict[str, Any], sweep: dict[str, Any], storage: str, resume: bool) -> None:
+def search_results(exp_dir: str, name: str) -> Any:
+    """The search's results as Tune recorded them (a ResultGrid), for `stage=final`; none finished is an error."""
+    from ray.tune import ExperimentAnalysis, ResultGrid
+
+    from sweeps.final import front_configs
+
+    try:
+        results = ResultGrid(ExperimentAnalysis(exp_dir))
+    except (FileNotFoundError, ValueError):
+        results = []
+    if not front_configs(results):
+        raise ValueError(f"stage=final: sweep {name!r} has no finished trial to retrain (no trial reported a result "
+                         f"in {exp_dir}). Resume its search first: python sweeps/run.py resume=true name={name}")
+    return results
+
+
+def run_sweep(name: str, base_config: dict[str, Any], sweep: dict[str, Any], storage: str, resume: bool,
+              stage: str = "search") -> None:
+    """Search (stage=search), then retrain its front and write the report (final.enabled); stage=final: only the
+    retraining and the report, for a sweep that has searched. resume=true continues whichever stage was cut."""
     import ray
     from ray import tune
 
@@ -233,6 +256,7 @@ def run_sweep(name: str, base_config: dict[str, Any], sweep: dict[str, Any], sto
     from search_spaces.schema import load_space
     from sweeps.budget import Budget, BudgetCallback, check_reachable
     from sweeps.cluster import resolve_gpus, start_ray
+    from sweeps.final import check_final_settings
     from sweeps.mlflow_logging import SweepMLflowCallback
     from sweeps.pareto_asha import ParetoASHA, ParetoASHAStateCallback
     from sweeps.tuning import default_scheduler, make_scheduler, make_searcher, num_samples, param_space
@@ -244,26 +268,43 @@ def run_sweep(name: str, base_config: dict[str, Any], sweep: dict[str, Any], sto
     budget = Budget.from_config(sweep.get("budget"))  # sweeps saved before budgets existed have none
     space = load_space(sweep["space"], flatten(base_config), accepted_values())
     trials = num_samples(space, sweep["num_samples"])
+    final = sweep.get("final") or {"enabled": False}  # sweeps saved before the retrain stage have none
+    retrain = stage == "final" or final["enabled"]
     check_sweep_settings(sweep)
     check_space_configs(space, base_config)
     check_reachable(budget, space, base_config)  # a budget no trial can meet, with the smallest reachable value
-    kd_possible, final_epoch = may_use_kd(space, base_config), max_epochs(base_config, space)
+    final_epoch = max_epochs(base_config, space)
+    if retrain:
+        check_final_settings(final)
+        if final["epochs"] < final_epoch:
+            raise ValueError(f"final.epochs={final['epochs']} is below the search's train.epochs={final_epoch}: the "
+                             "retrained models would train less than the searched ones; raise final.epochs.")
+    exp_dir = sweep_uri(storage, name)
+    searched = search_results(exp_dir, name) if stage == "final" else None
+    # KD ablations switch KD on for configurations that searched without it: they need the teacher too.
+    kd_possible = may_use_kd(space, base_config) or (retrain and final["ablations"])
     if kd_possible:
         validate_teacher(base_config)  # the teacher trains on the base config, whatever the trials sample
     gpus = resolve_gpus(sweep["resources"]["gpus_per_trial"], sweep["ray"]["address"])
     workdir = Path(base_config["workdir"]).resolve()
-    exp_dir = sweep_uri(storage, name)
     start_ray(sweep["ray"]["address"], sweep["ray"]["num_cpus"], gpus)  # a cluster that refuses us leaves no sweep
     if not resume:  # recorded before any work, so a kill at any moment can be resumed
         write_state(storage, name, {"base_config": base_config, "sweep": sweep})
-    print(f"Sweep {name} ({trials} trials of space {sweep['space']}); if interrupted, continue it with:\n"
-          f"  python sweeps/run.py resume=true name={name}", flush=True)
+    steps = (["data"] + (["teacher"] if kd_possible else []) + (["search"] if stage == "search" else [])
+             + (["retrain"] if retrain else []) + ["report"])
 
-    print("[1/3] data: preparing the dataset and its waveform cache", flush=True)
+    def step(label: str, what: str) -> None:
+        print(f"[{steps.index(label) + 1}/{len(steps)}] {label}: {what}", flush=True)
+
+    print(f"Sweep {name} ({'retraining the front of ' if stage == 'final' else f'{trials} trials of space '}"
+          f"{sweep['space']}); if interrupted, continue it with:\n"
+          f"  python sweeps/run.py resume=true name={name}{' stage=final' if stage == 'final' else ''}", flush=True)
+
+    step("data", "preparing the dataset and its waveform cache")
     data = prepare_data(base_config["data"], workdir)
     kd_inputs = {}
     if kd_possible:
-        print("[2/3] teacher: training or loading it and caching its logits", flush=True)
+        step("teacher", "training or loading it and caching its logits")
         kd_inputs = teacher_inputs(base_config, data)
     cpus = sweep["resources"]["cpus_per_trial"]
     threads = max(1, int(cpus))  # torch threads per trial follow its CPU share (at least one)
@@ -275,50 +316,119 @@ def run_sweep(name: str, base_config: dict[str, Any], sweep: dict[str, Any], sto
     tracking_uri = sweep["mlflow"]["tracking_uri"]
     experiment_id = ensure_experiment(tracking_uri, name, workdir / "mlflow-artifacts" / name)
     objective = sweep["search"]["objective"]
-    print(f"[3/3] search: {trials} trials; progress table every 30 s", flush=True)
-    if resume and tune.Tuner.can_restore(exp_dir):
-        set_aside_truncated_state(exp_dir)
-        log.info("Resuming sweep %s from %s", name, exp_dir)
-        # scheduler, searcher and callbacks come back from the sweep's own pickled state (tuner.pkl)
-        tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_errored=True)
-    else:  # a new sweep, or one killed before its first trial started: data and teacher come from their caches
-        scheduler_name = sweep["scheduler"]["name"] or default_scheduler(space, objective)
-        scheduler = make_scheduler(scheduler_name, objective, final_epoch,
-                                   sweep["scheduler"]["grace_period"], sweep["scheduler"]["reduction_factor"],
-                                   budget=budget)
-        callback = SweepMLflowCallback(tracking_uri, name, base_config, tags={
-            "space": sweep["space"], "sampler": sweep["search"]["sampler"], "scheduler": scheduler_name})
-        callbacks = [callback] + ([ParetoASHAStateCallback(scheduler)] if isinstance(scheduler, ParetoASHA) else [])
-        if budget is not None:  # first: it adds `feasible` and the constraint values to results the others record
-            callbacks.insert(0, BudgetCallback(budget, final_epoch))
-        # num_to_keep=1 makes Tune force a synced experiment snapshot after every trial checkpoint: the only
-        # thing that puts the state in storage at once (unforced syncs wait for SyncConfig.sync_period). With 2,
-        # a SIGKILL lost the rung records of the last epochs (measured in the kill/resume test).
-        run_config = tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks, verbose=1,
-                                    progress_reporter=progress_reporter(space),
-                                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
-        tuner = tune.Tuner(
-            trainable,
-            param_space=param_space(space),
-            tune_config=tune.TuneConfig(  # no metric/mode here: it would make OptunaSearch single-objective
-                search_alg=make_searcher(space, sweep["search"]["sampler"], objective, base_config["seed"],
-                                         final_epoch, budget=budget),
-                scheduler=scheduler,
-                num_samples=trials,
-                max_concurrent_trials=sweep["resources"]["max_concurrent_trials"],
-                reuse_actors=True),
-            run_config=run_config,
-        )
-    results = tuner.fit()
+    tags = {"space": sweep["space"], "sampler": sweep["search"]["sampler"]}
+    if stage == "search":
+        step("search", f"{trials} trials; progress table every 30 s")
+        if resume and tune.Tuner.can_restore(exp_dir):
+            set_aside_truncated_state(exp_dir)
+            log.info("Resuming sweep %s from %s", name, exp_dir)
+            # scheduler, searcher and callbacks come back from the sweep's own pickled state (tuner.pkl)
+            tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_errored=True)
+        else:  # a new sweep, or one killed before its first trial started: data and teacher come from their caches
+            scheduler_name = sweep["scheduler"]["name"] or default_scheduler(space, objective)
+            scheduler = make_scheduler(scheduler_name, objective, final_epoch,
+                                       sweep["scheduler"]["grace_period"], sweep["scheduler"]["reduction_factor"],
+                                       budget=budget)
+            callback = SweepMLflowCallback(tracking_uri, name, base_config,
+                                           tags=tags | {"scheduler": scheduler_name, "stage": "search"})
+            callbacks = [callback] + ([ParetoASHAStateCallback(scheduler)] if isinstance(scheduler, ParetoASHA) else [])
+            if budget is not None:  # first: it adds `feasible` and the constraint values to results the others record
+                callbacks.insert(0, BudgetCallback(budget, final_epoch))
+            tuner = tune.Tuner(
+                trainable,
+                param_space=param_space(space),
+                tune_config=tune.TuneConfig(  # no metric/mode here: it would make OptunaSearch single-objective
+                    search_alg=make_searcher(space, sweep["search"]["sampler"], objective, base_config["seed"],
+                                             final_epoch, budget=budget),
+                    scheduler=scheduler,
+                    num_samples=trials,
+                    max_concurrent_trials=sweep["resources"]["max_concurrent_trials"],
+                    reuse_actors=True),
+                run_config=tune_run_config(name, storage, callbacks, progress_reporter(space)),
+            )
+        searched = tuner.fit()
+        errors = [r for r in searched if r.error]
+        print("\n" + summarize(searched, name, base_config))
+        if errors:
+            print(f"\n{len(errors)} trial(s) errored; their messages are in MLflow (tag 'error') and {exp_dir}.")
+    if retrain:
+        step("retrain", "the front's configurations, longer and with seeds, scored on the test split")
+        callbacks = [SweepMLflowCallback(tracking_uri, name, base_config, tags=tags | {"stage": "final"})]
+        if budget is not None:
+            callbacks.insert(0, BudgetCallback(budget, final["epochs"]))
+        retrained = run_final(searched, trainable, name, base_config, final, sweep, storage, resume, callbacks)
+        print(f"\nRetrained: {sum(1 for r in retrained if not r.error)} of {len(retrained)} runs finished "
+              f"({sweep_uri(sweep_uri(storage, name), FINAL_EXPERIMENT)}).")
     shutil.rmtree(workdir / "trial-scratch", ignore_errors=True)  # trials' working files (trainable/tune_trainable.py)
-    errors = [r for r in results if r.error]
-    print("\n" + summarize(results, name, base_config))
-    if errors:
-        print(f"\n{len(errors)} trial(s) errored; their messages are in MLflow (tag 'error') and {exp_dir}.")
-    print(f"\nRay results: {exp_dir}\nMLflow:      {tracking_uri} (experiment {name!r})\n"
-          f"Next: python analysis/pareto.py name={name}\n"
-          f"      mlflow ui --backend-store-uri {tracking_uri}   # then open {runs_page(experiment_id)}")
     ray.shutdown()
+    step("report", "front, plot, retrained numbers and conclusions")
+    write_report(name, storage, workdir, tracking_uri)
+    print(f"\nRay results: {exp_dir}\nMLflow:      {tracking_uri} (experiment {name!r})\n"
+          f"      mlflow ui --backend-store-uri {tracking_uri}   # then open {runs_page(experiment_id)}")
+
+
+def tune_run_config(name: str, storage: str, callbacks: list[Any], reporter: Any) -> Any:
+    """Where and how Tune keeps a stage: storage, callbacks, console table, and a checkpoint after every epoch.
+
+    num_to_keep=1 makes Tune force a synced experiment snapshot after every trial checkpoint: the only thing that
+    puts the state in storage at once (unforced syncs wait for SyncConfig.sync_period). With 2, a SIGKILL lost the
+    rung records of the last epochs (measured in the kill/resume test).
+    """
+    from ray import tune
+
+    return tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks, verbose=1, progress_reporter=reporter,
+                          checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
+
+
+def run_final(searched: Any, trainable: Any, name: str, base_config: dict[str, Any], final: dict[str, Any],
+              sweep: dict[str, Any], storage: str, resume: bool, callbacks: list[Any]) -> Any:
+    """Retrain the front (sweeps/final.py) as the Tune experiment <storage>/<name>/final; resumes it when asked."""
+    from ray import tune
+    from ray.tune import CLIReporter
+
+    from sweeps.final import check_points, describe, front_configs, retrain_points, spread
+
+    final_storage = sweep_uri(storage, name)
+    final_dir = sweep_uri(final_storage, FINAL_EXPERIMENT)
+    if resume and tune.Tuner.can_restore(final_dir):
+        set_aside_truncated_state(final_dir)
+        log.info("Resuming the retrain stage of %s from %s", name, final_dir)
+        return tune.Tuner.restore(final_dir, trainable=trainable, resume_errored=True).fit()
+    if tune.Tuner.can_restore(final_dir):
+        raise FileExistsError(f"Sweep {name!r} already has a retrain stage ({final_dir}); continue it with "
+                              f"`python sweeps/run.py resume=true stage=final name={name}`.")
+    configs = spread(front_configs(searched), final["max_configs"])
+    if not configs:
+        raise ValueError(f"Sweep {name!r} has no front trial to retrain: every trial errored or broke the budget.")
+    points = retrain_points(configs, base_config, final)
+    check_points(points, base_config)
+    print(describe(configs, points, final), flush=True)
+    reporter = CLIReporter(metric_columns={"epoch": "epoch", ACCURACY: ACCURACY, "test_acc": "test_acc"},
+                           parameter_columns={f"grid_point/retrain.{k}": k for k in ("front_trial", "role")}
+                           | {"grid_point/train.seed": "seed"}, max_report_frequency=30, sort_by_metric=False)
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"grid_point": tune.grid_search(points)},
+        tune_config=tune.TuneConfig(max_concurrent_trials=sweep["resources"]["max_concurrent_trials"],
+                                    reuse_actors=True),
+        run_config=tune_run_config(FINAL_EXPERIMENT, final_storage, callbacks, reporter),
+    )
+    return tuner.fit()
+
+
+def write_report(name: str, storage: str, workdir: Path, tracking_uri: str) -> None:
+    """The analysis script (front, plot, report with the retrained numbers) run on the finished sweep, in its own
+    process: the sweep ends with the answer, and the analysis stays a separate entry point (imports flow one way)."""
+    import subprocess
+
+    command = [sys.executable, str(Path(__file__).resolve().parent.parent / "analysis" / "pareto.py"), f"name={name}",
+               f"storage_path={storage}", f"workdir={workdir}", f"mlflow.tracking_uri={tracking_uri}"]
+    if "://" in storage:
+        print("Storage is remote; the analysis reads local folders. Copy the sweep folder here, then run:\n  "
+              + " ".join(command[1:3]) + " path=<local sweep folder>")
+        return
+    if subprocess.run(command, check=False).returncode != 0:
+        print(f"The report failed (see above); rerun it with: python analysis/pareto.py name={name}")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["data.per_family=12", "data.families=[bass,keyboard,organ]", "data.clip_seconds=0.5",
         "teacher.epochs=2", "teacher.features.n_mels=32", "ray.num_cpus=2", "scheduler.grace_period=1",
-        "train.batch_size=16"]
+        "train.batch_size=16", "final.enabled=false"]
 
 
 def sweep_cmd(workdir: Path, *args: str) -> list[str]:

@@ -192,6 +192,10 @@ def train(config: dict[str, Any], data: WaveformData, run_dir: Path | str, *,
             "sparsity": weight_sparsity(model),
             "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": time.perf_counter() - t0,
         }
+        if epoch == tcfg["epochs"] and tcfg["test_at_end"]:  # the retrain stage's number to quote (sweeps/final.py)
+            test = evaluate(model, make_pipeline(data, "test", feat_cfg, device, config["workdir"]), batch_size,
+                            data.num_classes, amp)
+            metrics |= {"test_acc": test["acc"], "test_macro_f1": test["macro_f1"], "test_loss": test["loss"]}
         history.append(metrics)
         save_checkpoint(run_dir / "checkpoint" / CHECKPOINT_NAME, {
             "model_spec": model_spec, "num_classes": data.num_classes, "classes": data.classes,

@@ -1,0 +1,128 @@
+"""The retrain stage: the search's front configurations trained again, longer and with seeds, scored on test.
+
+A search ranks configurations by validation accuracy after a few epochs, one seed each: good enough to choose
+candidates, not to quote. Here up to `final.max_configs` front configurations, spread over the front's MACs range,
+are retrained for `final.epochs` epochs with `final.seeds` seeds, and with `final.ablations` each also with KD
+toggled and with the other structured pruning mode at the same MACs target, so that "does KD help" and "does
+progressive pruning help" have paired answers. The runs are one more Ray Tune experiment (a grid), in the sweep's
+folder as `final/`, logged to the sweep's MLflow experiment with tag stage=final, resumable like the search.
+Each run reports `test_acc` at its last epoch (`train.test_at_end`), so nothing here needs the analysis scripts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from common.config import PruningMode, RetrainRole
+from common.objectives import ACCURACY, MACS, front_mask
+
+# The experiment name of the retrain stage, under the sweep's own folder: <storage>/<sweep>/final/.
+FINAL_EXPERIMENT = "final"
+STRUCTURED_MODES = (PruningMode.single.value, PruningMode.progressive.value)
+
+
+@dataclass(frozen=True)
+class FrontConfig:
+    """A front trial of the search: the keys it sampled, and where it sits on the front."""
+
+    trial_id: str
+    params: dict[str, Any]
+    target_macs: float
+    val_acc: float
+
+
+def sampled_keys(trial_params: Mapping[str, Any]) -> dict[str, Any]:
+    """A trial's sampled dotted keys, whether a searcher drew them or a grid point carried them."""
+    params = {k: v for k, v in trial_params.items() if k != "grid_point"}
+    return params | dict(trial_params.get("grid_point", {}))
+
+
+def check_final_settings(final: Mapping[str, Any]) -> None:
+    """The retrain settings the schema's types cannot check, refused before any data or teacher work."""
+    for key in ("seeds", "epochs", "max_configs"):
+        if final[key] < 1:
+            raise ValueError(f"final.{key}={final[key]} must be >= 1 (or final.enabled=false to skip retraining).")
+
+
+def front_configs(results: Iterable[Any]) -> list[FrontConfig]:
+    """The search's front (val_acc up, target MACs down; over-budget results excluded, as everywhere: see
+    common.objectives.front_mask) among the trials that reported a result and did not error, ordered by MACs."""
+    usable = [r for r in results if not r.error and r.metrics and ACCURACY in r.metrics]
+    on_front = front_mask([r.metrics for r in usable]) if usable else []
+    front = [FrontConfig(trial_id=str(r.metrics["trial_id"]), params=sampled_keys(r.config),
+                         target_macs=float(r.metrics[MACS]), val_acc=float(r.metrics[ACCURACY]))
+             for r, on in zip(usable, on_front) if on]
+    return sorted(front, key=lambda c: (c.target_macs, -c.val_acc))
+
+
+def spread(front: Sequence[FrontConfig], max_configs: int) -> list[FrontConfig]:
+    """At most `max_configs` configurations spread evenly over the front's MACs range (ends included)."""
+    if len(front) <= max_configs:
+        return list(front)
+    picks = sorted({int(round(i)) for i in np.linspace(0, len(front) - 1, max_configs)})
+    return [front[i] for i in picks]
+
+
+def ablations(config: Mapping[str, Any], base_pruning: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Role -> the keys that turn a front configuration (its effective run config) into that ablation.
+
+    kd_toggled flips kd.enabled. pruning_toggled swaps single <-> progressive at the same target_macs_ratio (so
+    the same MACs): progressive takes the base config's steps/step_epochs/schedule from the search's first pruning
+    epoch on; single prunes once at that epoch. Only structured modes have a pruning counterpart.
+    """
+    roles = {RetrainRole.kd_toggled.value: {"kd.enabled": not config["kd"]["enabled"]}}
+    mode = config["pruning"]["mode"]
+    if mode in STRUCTURED_MODES:
+        other = {"pruning.mode": STRUCTURED_MODES[1 - STRUCTURED_MODES.index(mode)]}
+        if other["pruning.mode"] == PruningMode.progressive.value:
+            other |= {f"pruning.{k}": base_pruning[k] for k in ("steps", "step_epochs", "schedule")}
+        roles[RetrainRole.pruning_toggled.value] = other
+    return roles
+
+
+def retrain_points(configs: Sequence[FrontConfig], base_config: Mapping[str, Any],
+                   final: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The grid of the retrain stage: every configuration (and its ablations) x `final.seeds` seeds.
+
+    A point is a front trial's sampled keys plus the retrain settings; ablation keys come last so they win.
+    """
+    from trainable.run_config import trial_config
+
+    points = []
+    for front in configs:
+        roles = {RetrainRole.front.value: {}}
+        if final["ablations"]:
+            roles |= ablations(trial_config(base_config, front.params), base_config["pruning"])
+        for role, changes in roles.items():
+            for seed in range(base_config["train"]["seed"], base_config["train"]["seed"] + final["seeds"]):
+                points.append(front.params | changes | {
+                    "train.epochs": final["epochs"], "train.seed": seed, "train.test_at_end": True,
+                    "retrain.front_trial": front.trial_id, "retrain.role": role})
+    return points
+
+
+def check_points(points: Sequence[Mapping[str, Any]], base_config: Mapping[str, Any]) -> None:
+    """Every retrain run is a valid run config (e.g. the pruning schedule fits final.epochs), checked now."""
+    from trainable.run_config import trial_config, validate_config
+
+    for point in points:
+        try:
+            validate_config(trial_config(base_config, {"grid_point": point}))
+        except ValueError as err:
+            raise ValueError(f"final stage: the run {point['retrain.role']} of front trial "
+                             f"{point['retrain.front_trial']} is invalid: {err} (set final.epochs at least as high as "
+                             "the search's train.epochs)") from None
+
+
+def describe(configs: Sequence[FrontConfig], points: Sequence[Mapping[str, Any]], final: Mapping[str, Any]) -> str:
+    """One paragraph for the console: what will be retrained."""
+    roles = sorted({p["retrain.role"] for p in points})
+    lines = [f"{len(points)} runs: {len(configs)} front configuration(s) x {final['seeds']} seed(s) x roles "
+             f"{roles}, {final['epochs']} epochs each"]
+    lines += [f"  {c.trial_id}: target MACs {c.target_macs / 1e6:.2f}M, search val_acc {c.val_acc:.3f}"
+              for c in configs]
+    return "\n".join(lines)
