@@ -280,7 +280,12 @@ def run_sweep(name: str, base_config: dict[str, Any], sweep: dict[str, Any], sto
             raise ValueError(f"final.epochs={final['epochs']} is below the search's train.epochs={final_epoch}: the "
                              "retrained models would train less than the searched ones; raise final.epochs.")
     exp_dir = sweep_uri(storage, name)
-    searched = search_results(exp_dir, name) if stage == "final" else None
+    searched = None
+    if stage == "final":
+        searched = search_results(exp_dir, name)
+        if not resume and tune.Tuner.can_restore(sweep_uri(exp_dir, FINAL_EXPERIMENT)):
+            raise FileExistsError(f"Sweep {name!r} already has a retrain stage; continue it with "
+                                  f"`python sweeps/run.py resume=true stage=final name={name}`.")
     # KD ablations switch KD on for configurations that searched without it: they need the teacher too.
     kd_possible = may_use_kd(space, base_config) or (retrain and final["ablations"])
     if kd_possible:
@@ -394,9 +399,6 @@ def run_final(searched: Any, trainable: Any, name: str, base_config: dict[str, A
         set_aside_truncated_state(final_dir)
         log.info("Resuming the retrain stage of %s from %s", name, final_dir)
         return tune.Tuner.restore(final_dir, trainable=trainable, resume_errored=True).fit()
-    if tune.Tuner.can_restore(final_dir):
-        raise FileExistsError(f"Sweep {name!r} already has a retrain stage ({final_dir}); continue it with "
-                              f"`python sweeps/run.py resume=true stage=final name={name}`.")
     configs = spread(front_configs(searched), final["max_configs"])
     if not configs:
         raise ValueError(f"Sweep {name!r} has no front trial to retrain: every trial errored or broke the budget.")

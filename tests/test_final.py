@@ -1,0 +1,170 @@
+"""The retrain stage (sweeps/final.py): which configurations and runs it makes, and the real CLI end to end
+(seeds x (front + ablations) runs in MLflow with test metrics, early errors, kill + resume of stage=final)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from sweeps.final import FrontConfig, ablations, check_final_settings, front_configs, retrain_points, spread
+from tests.test_sweep import ROOT, mlflow_runs, sweep_cmd
+
+FINAL = ["final.max_configs=2", "final.seeds=2", "final.epochs=3"]
+
+
+def result(trial_id: str, val_acc: float, target_macs: float, error: bool = False, **metrics) -> SimpleNamespace:
+    """A Tune Result as front_configs reads it: last metrics, sampled config, error."""
+    return SimpleNamespace(metrics={"trial_id": trial_id, "val_acc": val_acc, "target_macs": target_macs, **metrics},
+                           config={"kd.T": 2.0, "pruning.mode": "single"}, error=error)
+
+
+def test_front_configs_keep_the_non_dominated_feasible_finished_trials_by_macs():
+    results = [result("a", 0.5, 3e6), result("b", 0.4, 1e6), result("c", 0.3, 2e6),  # c is dominated by b
+               result("d", 0.9, 0.5e6, error=True),                                     # errored: never retrained
+               result("e", 0.8, 0.4e6, feasible=0)]                                     # over the budget
+    assert [c.trial_id for c in front_configs(results)] == ["b", "a"]
+    assert front_configs([SimpleNamespace(metrics={}, config={}, error=False)]) == []
+
+
+def test_spread_keeps_both_ends_of_the_front():
+    front = [FrontConfig(str(i), {}, float(i), 0.0) for i in range(7)]
+    assert [c.trial_id for c in spread(front, 3)] == ["0", "3", "6"]
+    assert spread(front[:2], 3) == front[:2]
+
+
+def test_retrain_points_are_configs_x_roles_x_seeds_with_matched_ablations(tiny_config):
+    base = tiny_config | {"train": tiny_config["train"] | {"seed": 5}}
+    single = FrontConfig("t1", {"pruning.mode": "single", "pruning.target_macs_ratio": 0.4, "kd.enabled": True}, 1e6, .5)
+    unpruned = FrontConfig("t2", {"pruning.mode": "none", "kd.enabled": False}, 2e6, .6)
+    final = {"seeds": 2, "epochs": 4, "ablations": True}
+    points = retrain_points([single, unpruned], base, final)
+    roles = [(p["retrain.front_trial"], p["retrain.role"], p["train.seed"]) for p in points]
+    assert roles == [("t1", "front", 5), ("t1", "front", 6), ("t1", "kd_toggled", 5), ("t1", "kd_toggled", 6),
+                     ("t1", "pruning_toggled", 5), ("t1", "pruning_toggled", 6),
+                     ("t2", "front", 5), ("t2", "front", 6), ("t2", "kd_toggled", 5), ("t2", "kd_toggled", 6)]
+    assert all(p["train.epochs"] == 4 and p["train.test_at_end"] for p in points)
+    toggled = next(p for p in points if p["retrain.role"] == "pruning_toggled")
+    # the other mode at the same MACs target, with the base config's progressive schedule
+    assert toggled["pruning.mode"] == "progressive" and toggled["pruning.target_macs_ratio"] == 0.4
+    assert toggled["pruning.steps"] == base["pruning"]["steps"] and toggled["kd.enabled"] is True
+    assert next(p for p in points if p["retrain.front_trial"] == "t2" and p["retrain.role"] == "kd_toggled")[
+        "kd.enabled"] is True  # KD switched on for a configuration that searched without it
+    assert ablations({"kd": {"enabled": True}, "pruning": {"mode": "progressive"}}, base["pruning"])[
+        "pruning_toggled"] == {"pruning.mode": "single"}
+    assert len(retrain_points([single], base, final | {"ablations": False})) == 2
+
+
+@pytest.mark.parametrize("key", ["seeds", "epochs", "max_configs"])
+def test_final_settings_below_one_are_refused(key):
+    with pytest.raises(ValueError, match=f"final.{key}=0 must be >= 1"):
+        check_final_settings({"seeds": 3, "epochs": 10, "max_configs": 3} | {key: 0})
+
+
+# ---- the real CLI ------------------------------------------------------------------------------------------
+
+def final_runs(exp_dir: Path) -> dict[str, dict]:
+    """Last result of every retrain run that reached its test evaluation, by trial folder."""
+    out = {}
+    for path in (exp_dir / "final").glob("*/result.json"):
+        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if lines and "test_acc" in lines[-1]:
+            out[path.parent.name] = lines[-1]
+    return out
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory) -> Path:
+    """A finished quick search with no retrain stage, copied per test (each test owns its copy)."""
+    workdir = tmp_path_factory.mktemp("final")
+    out = subprocess.run(sweep_cmd(workdir, "space=quick", "num_samples=3", "name=s", "scheduler.name=fifo"),
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert not (workdir / "ray_results" / "s" / "final").exists()  # final.enabled=false in the tiny config
+    return workdir
+
+
+def copy_of(searched: Path, tmp_path: Path) -> Path:
+    workdir = tmp_path / "w"
+    shutil.copytree(searched, workdir, ignore=shutil.ignore_patterns("trial-scratch"))
+    return workdir
+
+
+@pytest.mark.parametrize("args, message", [
+    (["final.seeds=0"], "final.seeds=0 must be >= 1"),
+    (["name=nosuch"], "No sweep named 'nosuch'"),
+    (["final.epochs=2"], "final.epochs=2 is below the search's train.epochs=3"),
+])
+def test_stage_final_errors_are_one_line_before_work(searched, tmp_path, args, message):
+    workdir = copy_of(searched, tmp_path)
+    out = subprocess.run(sweep_cmd(workdir, "stage=final", "name=s", *args), capture_output=True, text=True,
+                         timeout=300, cwd=ROOT)
+    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert not (workdir / "ray_results" / "s" / "final").exists()
+
+
+def test_stage_final_on_a_sweep_without_finished_trials_is_refused(searched, tmp_path):
+    workdir = copy_of(searched, tmp_path)
+    empty = workdir / "ray_results" / "empty"
+    empty.mkdir()
+    shutil.copy(workdir / "ray_results" / "s" / "sweep_config.json", empty)
+    out = subprocess.run(sweep_cmd(workdir, "stage=final", "name=empty"), capture_output=True, text=True,
+                         timeout=300, cwd=ROOT)
+    assert out.returncode == 2 and "has no finished trial to retrain" in out.stderr, out.stderr[-2000:]
+    assert sorted(p.name for p in empty.iterdir()) == ["sweep_config.json"]  # nothing written, nothing lost
+
+
+def test_stage_final_retrains_seeds_x_roles_in_mlflow_and_resumes_after_a_kill(searched, tmp_path):
+    workdir = copy_of(searched, tmp_path)
+    exp_dir = workdir / "ray_results" / "s"
+    search_runs = len(mlflow_runs(workdir, "s"))
+    driver = subprocess.Popen(sweep_cmd(workdir, "stage=final", "name=s", *FINAL, "resources.max_concurrent_trials=1"),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT, start_new_session=True)
+    deadline = time.time() + 400
+    try:
+        while len(final_runs(exp_dir)) < 2:  # kill after some runs finished and before all did
+            if time.time() > deadline or driver.poll() is not None:
+                pytest.fail("the retrain stage did not finish two runs in time")
+            time.sleep(0.3)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    done_before = set(final_runs(exp_dir))
+    again = subprocess.run(sweep_cmd(workdir, "stage=final", "name=s", *FINAL), capture_output=True, text=True,
+                           timeout=300, cwd=ROOT)
+    assert again.returncode == 2 and "resume=true stage=final" in again.stderr  # never overwritten
+    out = subprocess.run(sweep_cmd(workdir, "resume=true", "stage=final", "name=s"), capture_output=True, text=True,
+                         timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = final_runs(exp_dir)
+    assert done_before <= set(runs)  # finished runs were kept, not rerun
+    labels = sorted((r["config"]["grid_point"]["retrain.front_trial"], r["config"]["grid_point"]["retrain.role"],
+                     r["config"]["grid_point"]["train.seed"]) for r in runs.values())
+    configs = {label[0] for label in labels}
+    assert 1 <= len(configs) <= 2 and len(labels) == len(set(labels))
+    # seeds x (front + KD toggled + the other pruning mode where the config prunes)
+    for config in configs:
+        roles = {(role, seed) for trial, role, seed in labels if trial == config}
+        assert {("front", 0), ("front", 1), ("kd_toggled", 0), ("kd_toggled", 1)} <= roles
+    assert all(0 <= r["test_acc"] <= 1 and r["epoch"] == 3 for r in runs.values())
+    with sqlite3.connect(workdir / "mlflow.db") as db:
+        staged = db.execute("SELECT r.status, t.value FROM runs r JOIN tags t ON r.run_uuid = t.run_uuid "
+                            "JOIN tags s ON r.run_uuid = s.run_uuid WHERE t.key = 'trial_id' AND s.key = 'stage' "
+                            "AND s.value = 'final'").fetchall()
+        test_metrics = db.execute("SELECT COUNT(DISTINCT m.run_uuid) FROM metrics m JOIN tags s ON "
+                                  "m.run_uuid = s.run_uuid WHERE m.key = 'test_acc' AND s.key = 'stage' AND "
+                                  "s.value = 'final'").fetchone()[0]
+    assert len(staged) == len(runs) and len({trial for _, trial in staged}) == len(runs)  # one MLflow run each
+    assert all(status == "FINISHED" for status, _ in staged) and test_metrics == len(runs)
+    assert len(mlflow_runs(workdir, "s")) == search_runs + len(runs) + 1  # + the report's 'analysis' run
+    # the sweep ends with the answer: the report's files, paths printed
+    for name in ("pareto.png", "report.html", "pareto.csv"):
+        assert (exp_dir / name).is_file() and str(exp_dir / name) in out.stdout
