@@ -140,7 +140,11 @@ class DataConfig:
     clip_seconds: float = 1.0                # the waveform cache keeps this much from the onset
     sample_rate: int = 16000
     seed: int = 0
-    soundfont: Optional[str] = None          # gm_render: null = TimGM6mb.sf2 inside pretty_midi; any .sf2/.sf3
+    # gm_render: GM SoundFonts; each (SoundFont, program) is one base instrument. `default` (or null) = TimGM6mb.sf2
+    # inside pretty_midi; any .sf2 path. The order fixes instrument ids (data_prep/soundfonts.py).
+    soundfonts: list[Optional[str]] = field(default_factory=lambda: ["default"])
+    variants: int = 19                       # gm_render: derived instruments (seeded timbre transforms) per base one
+    min_eval_instruments: int = 2            # base instruments valid and test each get per family (if >= 2n+1 exist)
     render_workers: int = 2                  # gm_render: rendering processes
     hf_id: Optional[str] = None              # nsynth: stream a capped subset from this hub dataset
     hf_splits: dict[str, str] = field(default_factory=lambda: {"train": "train", "valid": "validation",

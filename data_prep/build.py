@@ -8,7 +8,8 @@ import hydra
 from omegaconf import DictConfig
 
 from common.cli import entry_point, plain
-from data_prep.dataset import prepare_data, summary_table
+from data_prep.dataset import cached_records, instrument_table, prepare_data, summary_table
+from data_prep.layout import read_layout
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
@@ -20,6 +21,10 @@ def main(cfg: DictConfig) -> None:
     print(f"Waveform cache: {data.cache_dir}  ({data.clip_samples / data.sample_rate:.2f} s clips "
           f"@ {data.sample_rate} Hz, fingerprint {data.fingerprint})")
     print(summary_table(data))
+    print("\nInstruments per split (base+derived: base instruments, i.e. SoundFont programs or real NSynth "
+          "instruments, + derived variants):")
+    print(instrument_table(cached_records(data, read_layout(config["data"]["root"])),
+                           config["data"]["min_eval_instruments"]))
     report = data.report
     if report.get("skipped") or report.get("repaired"):
         print(f"Prep report: {report['skipped']} skipped {json.dumps(report['skipped_by_reason'])}, "

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Mapping
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from data_prep.layout import NSYNTH_SECONDS, SPLITS, read_layout
+from data_prep.layout import FAMILIES, NSYNTH_SECONDS, SPLITS, NoteRecord, read_layout
 from data_prep.sources import materialize
 from data_prep.splits import check_families, select
 from data_prep.waveform_cache import WaveformData, build_waveform_cache
@@ -26,7 +28,8 @@ def prepare_data(data_cfg: Mapping[str, Any], workdir: str | Path) -> WaveformDa
     materialize(data_cfg)
     records = read_layout(data_cfg["root"])
     split_records = select(records, families, data_cfg["per_family"], data_cfg["max_total_size_mb"],
-                           data_cfg["split_by"], data_cfg["split_fractions"], NSYNTH_SECONDS, data_cfg["seed"])
+                           data_cfg["split_by"], data_cfg["split_fractions"], NSYNTH_SECONDS, data_cfg["seed"],
+                           data_cfg.get("min_eval_instruments", 0))
     data = build_waveform_cache(split_records, families, data_cfg["clip_seconds"], data_cfg["sample_rate"],
                                 Path(workdir) / "cache" / "waveforms")
     return data
@@ -41,4 +44,50 @@ def summary_table(data: WaveformData) -> str:
         lines.append(f"{family:<12}" + "".join(f"{n:>8}" for n in row) + f"{sum(row):>8}")
     totals = [len(data.splits[s]) for s in SPLITS]
     lines.append(f"{'total':<12}" + "".join(f"{n:>8}" for n in totals) + f"{sum(totals):>8}")
+    return "\n".join(lines)
+
+
+def cached_records(data: WaveformData, records: Sequence[NoteRecord]) -> list[NoteRecord]:
+    """The records of the clips the cache holds, each with the split the cache put it in."""
+    by_note = {r.note_str: r for r in records}
+    return [dataclasses.replace(by_note[note_str], split=split)
+            for split in SPLITS for note_str in data.splits[split].ids if note_str in by_note]
+
+
+def instrument_table(records: Sequence[NoteRecord], min_eval_instruments: int = 0) -> str:
+    """Per-family, per-split instruments and notes, as a fixed-width table.
+
+    For each split: ``base+derived`` = distinct base instruments (a SoundFont's GM program, or a real
+    NSynth instrument) with notes there, themselves or through their variants, + distinct derived
+    instruments (rendered variants) with notes there; then the split's notes. The ``all`` columns count
+    the family over every split. With ``min_eval_instruments`` > 0, a family whose valid or test split
+    holds fewer base instruments than that is flagged at the end of its row.
+    """
+    columns = (*SPLITS, "all")
+    base: dict[tuple[str, str], set[str]] = defaultdict(set)
+    derived: dict[tuple[str, str], set[str]] = defaultdict(set)
+    notes: dict[tuple[str, str], int] = defaultdict(int)
+    for r in records:
+        for column in (r.split, "all"):
+            base[r.family, column].add(r.base_instrument_str)
+            if r.derived:
+                derived[r.family, column].add(r.instrument_str)
+            notes[r.family, column] += 1
+    present = {r.family for r in records}
+    families = [f for f in FAMILIES if f in present] + sorted(present - set(FAMILIES))
+
+    def cells(b: set[str], d: set[str], n: int) -> str:
+        return f"{f'{len(b)}+{len(d)}':>13}{n:>6}"
+
+    lines = [f"{'':<12}" + "".join(f"{c:>19}" for c in columns),
+             f"{'family':<12}" + "".join(f"{'base+derived':>13}{'notes':>6}" for _ in columns)]
+    for family in families:
+        row = f"{family:<12}" + "".join(cells(base[family, c], derived[family, c], notes[family, c]) for c in columns)
+        short = [s for s in SPLITS[1:] if len(base[family, s]) < min_eval_instruments]
+        if min_eval_instruments and short:
+            row += f"  {'/'.join(short)} < {min_eval_instruments} base instruments"
+        lines.append(row)
+    lines.append(f"{'total':<12}" + "".join(
+        cells(set().union(*(base[f, c] for f in families)), set().union(*(derived[f, c] for f in families)),
+              sum(notes[f, c] for f in families)) for c in columns))
     return "\n".join(lines)

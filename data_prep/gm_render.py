@@ -1,10 +1,12 @@
 """Render NSynth-style single notes offline from a General-MIDI SoundFont.
 
 Why: NSynth cannot be downloaded here, so the default dataset is synthesised.
-Every GM program that plausibly belongs to an NSynth instrument family becomes one
-NSynth *instrument* (instrument id = GM program number, e.g. ``brass_acoustic_056``),
-and each note is rendered like NSynth's: the key is held for 3 s, released, and the
-recording stops at 4 s (16 kHz mono).
+Every GM program that plausibly belongs to an NSynth instrument family is, in each
+SoundFont of ``data.soundfonts``, one *base instrument* (instrument id = GM program number
+for the first SoundFont, e.g. ``brass_acoustic_056``; see ``instrument_number``), and each
+base instrument also yields ``data.variants`` *derived instruments* (``data_prep.variants``).
+Each note is rendered like NSynth's: the key is held for 3 s, released, and the recording
+stops at 4 s (16 kHz mono).
 
 Family mapping (full table: ``family_table_markdown()``):
 
@@ -47,7 +49,7 @@ from __future__ import annotations
 import io
 import logging
 import multiprocessing
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -60,8 +62,11 @@ import soundfile
 import torch
 import torchaudio.functional
 
+from data_prep import variants
 from data_prep.layout import FAMILIES as NSYNTH_FAMILIES
-from data_prep.layout import make_note_str
+from data_prep.layout import SPLITS, make_note_str
+from data_prep.splits import apportion, check_fractions, quota_counts, split_counts
+from data_prep.variants import Timbre, draw_timbre
 
 logger = logging.getLogger(__name__)
 
@@ -239,36 +244,39 @@ def family_table_markdown() -> str:
     return "\n".join(lines) + "\n"
 
 
-def default_soundfont() -> Path:
-    """The General-MIDI SoundFont shipped inside the ``pretty_midi`` package (TimGM6mb)."""
-    return Path(pretty_midi.__file__).resolve().parent / "TimGM6mb.sf2"
+INSTRUMENT_PROGRAM_SPAN = 1000
+"""Instrument numbers are ``(soundfont * 1000 + variant) * 1000 + program``: the last three digits are the
+GM program, the next three the variant (0 = the base instrument), the rest the SoundFont's index in
+``data.soundfonts``. A base instrument of the first SoundFont keeps its GM program number, so
+``brass_acoustic_056`` is TimGM6mb's trumpet and ``brass_acoustic_3056`` its third variant."""
+
+MAX_VARIANTS = INSTRUMENT_PROGRAM_SPAN - 1
 
 
-def resolve_soundfont(path: str | Path | None) -> Path:
-    """The SoundFont to render with: ``path`` if given, else the default; must exist."""
-    soundfont = default_soundfont() if path is None else Path(path).expanduser()
-    if not soundfont.is_file():
-        if path is None:
-            fix = (
-                "the default TimGM6mb.sf2 ships with pretty_midi: reinstall it "
-                "(pip install --force-reinstall pretty_midi) or set data.soundfont=<path to .sf2/.sf3>"
-            )
-        else:
-            fix = "set data.soundfont=<path to an existing .sf2/.sf3>, or leave it unset for TimGM6mb"
-        raise FileNotFoundError(f"SoundFont not found: {soundfont}; {fix}")
-    return soundfont
+def instrument_number(soundfont: int, program: int, variant: int = 0) -> int:
+    """The NSynth ``instrument`` id of (SoundFont index, GM program, variant index)."""
+    return (soundfont * INSTRUMENT_PROGRAM_SPAN + variant) * INSTRUMENT_PROGRAM_SPAN + program
 
 
 @dataclass(frozen=True)
 class NoteSpec:
-    """One NSynth-style note to render; family, source and the NSynth names follow from the program."""
+    """One NSynth-style note to render; family, source and the NSynth names follow from the program.
+
+    ``soundfont`` is the index into ``data.soundfonts``; ``variant`` > 0 with its ``timbre`` makes it a
+    note of a derived instrument of base instrument (soundfont, program).
+    """
 
     program: int
     pitch: int
     velocity: int
+    soundfont: int = 0
+    variant: int = 0
+    timbre: Timbre | None = None
     family: str = field(init=False)
     source: str = field(init=False)
+    instrument: int = field(init=False)
     instrument_str: str = field(init=False)
+    base_instrument_str: str = field(init=False)
     note_str: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -278,79 +286,165 @@ class NoteSpec:
             raise ValueError(f"pitch {self.pitch} is not a MIDI note number (0-127)")
         if not 1 <= self.velocity <= 127:
             raise ValueError(f"velocity {self.velocity} is not a MIDI note-on velocity (1-127)")
+        if self.soundfont < 0 or not 0 <= self.variant <= MAX_VARIANTS:
+            raise ValueError(f"soundfont index must be >= 0 and variant in 0..{MAX_VARIANTS}, "
+                             f"got {self.soundfont} and {self.variant}")
+        if (self.variant == 0) != (self.timbre is None):
+            raise ValueError("a variant > 0 needs its timbre (variants.draw_timbre), the base instrument none")
         family, source = GM_PROGRAM_FAMILIES[self.program]
-        instrument_str = f"{family}_{source}_{self.program:03d}"
+        number = instrument_number(self.soundfont, self.program, self.variant)
+        instrument_str = f"{family}_{source}_{number:03d}"
+        base_number = instrument_number(self.soundfont, self.program)
         object.__setattr__(self, "family", family)
         object.__setattr__(self, "source", source)
+        object.__setattr__(self, "instrument", number)
         object.__setattr__(self, "instrument_str", instrument_str)
+        object.__setattr__(self, "base_instrument_str", f"{family}_{source}_{base_number:03d}")
         object.__setattr__(self, "note_str", make_note_str(instrument_str, self.pitch, self.velocity))
 
+    @property
+    def base(self) -> tuple[int, int]:
+        """The base instrument: (SoundFont index, GM program)."""
+        return self.soundfont, self.program
 
-def _allocate_evenly(capacities: dict[int, int], total: int, rng: np.random.Generator) -> dict[int, int]:
-    """Split ``total`` notes over programs as evenly as their (pitch x velocity) capacities allow.
 
-    Programs are visited round-robin in a seeded order, so which programs get the
-    remainder is random but reproducible, and a narrow-range program that is full
-    hands its share to the others.
+def _allocate_evenly(capacities: dict[Hashable, int], total: int, order: Sequence[Hashable]) -> dict[Hashable, int]:
+    """Split ``total`` notes over keys as evenly as their capacities allow, dealt round-robin in ``order``.
+
+    The caller passes a seeded order, so which keys get the remainder is random but reproducible, and a
+    key that is full hands its share to the others.
     """
-    order = [int(program) for program in rng.permutation(sorted(capacities))]
+    if total > sum(capacities.values()):
+        raise ValueError(f"cannot place {total} notes in a capacity of {sum(capacities.values())}")
     counts = dict.fromkeys(order, 0)
     remaining = total
     while remaining:
-        for program in order:
-            if remaining and counts[program] < capacities[program]:
-                counts[program] += 1
+        for key in order:
+            if remaining and counts[key] < capacities[key]:
+                counts[key] += 1
                 remaining -= 1
     return counts
 
 
-def plan_notes(families: Sequence[str], notes_per_family: int, seed: int) -> list[NoteSpec]:
-    """Choose ``notes_per_family`` distinct notes per family, spread evenly over its programs.
+def _note_capacity(program: int) -> int:
+    low, high = playable_range(program)
+    return (high - low + 1) * len(NSYNTH_VELOCITIES)
 
-    Pitches are uniform within each program's playable range and velocities uniform over
-    NSynth's set; (pitch, velocity) pairs are drawn without replacement, which equals
-    resampling on collision. Each family draws from its own stream seeded by
-    (seed, family index), so a family's notes do not depend on which others are requested.
+
+@dataclass(frozen=True)
+class RenderPlan:
+    """The notes to render and the split of every base instrument (its variants share it)."""
+
+    specs: list[NoteSpec]
+    split_of: dict[tuple[int, int], str]  # (SoundFont index, GM program) -> train | valid | test
+
+    def split(self, spec: NoteSpec) -> str:
+        return self.split_of[spec.base]
+
+
+def plan_dataset(families: Sequence[str], notes_per_family: int, seed: int,
+                 fractions: Mapping[str, float] | None = None, soundfonts: int = 1, variants: int = 0,
+                 min_eval_instruments: int = 0) -> RenderPlan:
+    """Choose ``notes_per_family`` distinct notes per family over its base and derived instruments.
+
+    Base instruments are every (SoundFont index < ``soundfonts``, mapped GM program) of the family; they
+    are dealt to train/valid/test by ``fractions`` (``splits.quota_counts``: valid and test get at least
+    ``min_eval_instruments`` each when the family has ``2 * min_eval_instruments + 1`` or more, train
+    always at least one), independently of ``variants``. Each split of a family then gets its share of
+    the notes by ``fractions``, spread evenly over its base instruments, and within each base instrument
+    evenly over its ``variants + 1`` timbres (the base timbre first, then the variants in a seeded order).
+    Pitches are uniform within the program's playable range and velocities uniform over NSynth's set;
+    (pitch, velocity) pairs are drawn without replacement per instrument. Each family draws from its own
+    streams seeded by (seed, family index), so a family's notes do not depend on which others are requested.
     """
     if notes_per_family < 1:
         raise ValueError(f"notes_per_family must be >= 1, got {notes_per_family}")
+    if soundfonts < 1:
+        raise ValueError(f"need at least one SoundFont, got {soundfonts}")
+    if not 0 <= variants <= MAX_VARIANTS:
+        raise ValueError(f"data.variants must be an integer in 0..{MAX_VARIANTS}, got {variants}")
     valid = [family for family in NSYNTH_FAMILIES if family_programs(family)]
     unknown = [family for family in families if family not in valid]
     if unknown:
         raise ValueError(f"no GM program maps to families {unknown}; valid families: {valid}")
     if len(set(families)) != len(families):
         raise ValueError(f"families {list(families)} lists a family twice; list each once")
+    fractions = check_fractions(fractions or {"train": 0.7, "valid": 0.15, "test": 0.15})
+    seed32 = int(seed) % 2**32
 
     specs: list[NoteSpec] = []
+    split_of: dict[tuple[int, int], str] = {}
     for family in families:
-        ranges = {program: playable_range(program) for program in family_programs(family)}
-        capacities = {program: (high - low + 1) * len(NSYNTH_VELOCITIES) for program, (low, high) in ranges.items()}
-        if notes_per_family > sum(capacities.values()):
+        family_index = NSYNTH_FAMILIES.index(family)
+        bases = [(sf, program) for sf in range(soundfonts) for program in family_programs(family)]
+        capacity = {base: _note_capacity(base[1]) for base in bases}
+        if notes_per_family > (variants + 1) * sum(capacity.values()):
             raise ValueError(
-                f"family {family!r} has only {sum(capacities.values())} distinct (program, pitch, velocity) "
-                f"notes; lower notes_per_family (got {notes_per_family})"
+                f"family {family!r} has only {(variants + 1) * sum(capacity.values())} distinct (instrument, pitch, "
+                f"velocity) notes; lower notes_per_family (got {notes_per_family})"
             )
-        rng = np.random.default_rng([seed, NSYNTH_FAMILIES.index(family)])
+        split_rng = np.random.default_rng([seed32, family_index, 1])
+        order = [bases[i] for i in split_rng.permutation(len(bases))]
+        counts = quota_counts(len(bases), fractions, min_eval_instruments)
+        family_split, start = {}, 0
+        for split in SPLITS:
+            family_split.update(dict.fromkeys(order[start:start + counts[split]], split))
+            start += counts[split]
+        split_of.update(family_split)
+        used = [s for s in SPLITS if counts[s]]
+        # a family with fewer than three base instruments leaves a split without any: the others share its notes
+        note_counts = split_counts(notes_per_family, fractions) if len(used) == len(SPLITS) \
+            else apportion(notes_per_family, {s: fractions[s] for s in used})
+
+        rng = np.random.default_rng([seed32, family_index])
         family_specs = []
-        for program, count in _allocate_evenly(capacities, notes_per_family, rng).items():
-            for combo in rng.choice(capacities[program], size=count, replace=False):
-                pitch_offset, velocity_index = divmod(int(combo), len(NSYNTH_VELOCITIES))
-                pitch = ranges[program][0] + pitch_offset
-                family_specs.append(NoteSpec(program, pitch, NSYNTH_VELOCITIES[velocity_index]))
+        for split in used:
+            split_bases = sorted(b for b in bases if family_split[b] == split)
+            base_order = [split_bases[i] for i in rng.permutation(len(split_bases))]
+            per_base = _allocate_evenly({b: (variants + 1) * capacity[b] for b in split_bases},
+                                        note_counts[split], base_order)
+            for (sf, program), base_count in per_base.items():
+                low = playable_range(program)[0]
+                timbre_order = [0] + [int(v) + 1 for v in rng.permutation(variants)]
+                per_timbre = _allocate_evenly(dict.fromkeys(timbre_order, capacity[(sf, program)]), base_count,
+                                              timbre_order)
+                for variant, count in per_timbre.items():
+                    if not count:
+                        continue
+                    timbre = draw_timbre(seed, sf, program, variant) if variant else None
+                    for combo in rng.choice(capacity[(sf, program)], size=count, replace=False):
+                        pitch_offset, velocity_index = divmod(int(combo), len(NSYNTH_VELOCITIES))
+                        family_specs.append(NoteSpec(program, low + pitch_offset, NSYNTH_VELOCITIES[velocity_index],
+                                                     soundfont=sf, variant=variant, timbre=timbre))
         specs += sorted(family_specs, key=lambda spec: spec.note_str)
-    return specs
+    return RenderPlan(specs=specs, split_of=split_of)
 
 
-def _note_midi_bytes(spec: NoteSpec, seconds: float, hold_seconds: float) -> bytes:
+def _note_midi_bytes(program: int, pitch: int, velocity: int, seconds: float, hold_seconds: float) -> bytes:
     """A one-note MIDI file that lasts ``seconds`` so the renderer keeps the release tail."""
-    instrument = pretty_midi.Instrument(program=spec.program)
-    instrument.notes.append(pretty_midi.Note(velocity=spec.velocity, pitch=spec.pitch, start=0.0, end=hold_seconds))
+    instrument = pretty_midi.Instrument(program=program)
+    instrument.notes.append(pretty_midi.Note(velocity=velocity, pitch=pitch, start=0.0, end=hold_seconds))
     instrument.control_changes.append(pretty_midi.ControlChange(_MIDI_NOOP_CONTROLLER, 0, seconds))
     midi = pretty_midi.PrettyMIDI()
     midi.instruments.append(instrument)
     buffer = io.BytesIO()
     midi.write(buffer)
     return buffer.getvalue()
+
+
+def _render_raw(soundfont_bytes: bytes, program: int, pitch: int, velocity: int, sample_rate: int,
+                seconds: float, hold_seconds: float) -> np.ndarray:
+    """The renderer's mono output at ``sample_rate``, ``round(seconds * sample_rate)`` samples, no gain."""
+    wav = midirenderer.render_wave_from(soundfont_bytes,
+                                        _note_midi_bytes(program, pitch, velocity, seconds, hold_seconds))
+    stereo, native_rate = soundfile.read(io.BytesIO(wav), dtype="float32", always_2d=True)
+    mono = torch.from_numpy(stereo[: round(seconds * native_rate)].mean(axis=1))
+    if native_rate != sample_rate:
+        mono = torchaudio.functional.resample(mono, native_rate, sample_rate)
+    num_samples = round(seconds * sample_rate)
+    audio = np.zeros(num_samples, dtype=np.float32)
+    audio[: min(num_samples, len(mono))] = mono[:num_samples].numpy()
+    return audio
 
 
 def render_note(
@@ -362,44 +456,55 @@ def render_note(
 ) -> np.ndarray:
     """Render one note alone: float32 mono, exactly ``round(seconds * sample_rate)`` samples.
 
-    The key is held for ``hold_seconds`` and released; the output includes ``OUTPUT_GAIN``.
+    The key is held for ``hold_seconds`` and released; the output includes ``OUTPUT_GAIN`` and is
+    clipped to [-1, 1]. A variant's note is rendered through its timbre (``data_prep.variants``).
     """
     if sample_rate < 1 or seconds <= 0:
         raise ValueError(f"need sample_rate >= 1 and seconds > 0, got {sample_rate} and {seconds}")
     if not 0 <= hold_seconds <= seconds:
         raise ValueError(f"hold_seconds must lie in [0, seconds={seconds}], got {hold_seconds}")
-    wav = midirenderer.render_wave_from(soundfont_bytes, _note_midi_bytes(spec, seconds, hold_seconds))
-    stereo, native_rate = soundfile.read(io.BytesIO(wav), dtype="float32", always_2d=True)
-    mono = torch.from_numpy(stereo[: round(seconds * native_rate)].mean(axis=1))
-    if native_rate != sample_rate:
-        mono = torchaudio.functional.resample(mono, native_rate, sample_rate)
-    num_samples = round(seconds * sample_rate)
-    audio = np.zeros(num_samples, dtype=np.float32)
-    audio[: min(num_samples, len(mono))] = mono[:num_samples].numpy()
-    return np.clip(audio * OUTPUT_GAIN, -1.0, 1.0)
+    timbre = spec.timbre
+    if timbre is None:
+        audio = _render_raw(soundfont_bytes, spec.program, spec.pitch, spec.velocity, sample_rate, seconds,
+                            hold_seconds)
+        return np.clip(audio * OUTPUT_GAIN, -1.0, 1.0)
+    shift = variants.feasible_shift(timbre.shift, spec.pitch)
+    ratio = float(variants.shift_ratio(shift))  # render shorter (higher) by this much, stretch back below
+    raw = _render_raw(soundfont_bytes, spec.program, spec.pitch + shift, spec.velocity, sample_rate,
+                      seconds / ratio, hold_seconds / ratio)
+    audio = variants.apply_linear(variants.unshift(raw, shift, round(seconds * sample_rate)), timbre, sample_rate)
+    return np.clip(variants.apply_drive(audio * OUTPUT_GAIN, timbre), -1.0, 1.0).astype(np.float32)
 
 
 def is_silent(audio: np.ndarray) -> bool:
-    """True when the note's peak is below ``SILENCE_PEAK_DBFS``."""
-    return audio.size == 0 or float(np.abs(audio).max()) < 10 ** (SILENCE_PEAK_DBFS / 20)
+    """True when the note's peak is below ``SILENCE_PEAK_DBFS`` (or it is not finite)."""
+    if audio.size == 0:
+        return True
+    peak = float(np.abs(audio).max())
+    return not np.isfinite(peak) or peak < 10 ** (SILENCE_PEAK_DBFS / 20)
 
 
-_worker_soundfont_bytes: bytes = b""
+_worker_soundfont_bytes: list[bytes] = []
 
 
-def _init_worker(soundfont: Path) -> None:
-    """Read the SoundFont once per worker, and keep each worker on one thread (the pool is the parallelism)."""
+def _init_worker(soundfonts: Sequence[Path]) -> None:
+    """Read the SoundFonts once per worker, and keep each worker on one thread (the pool is the parallelism)."""
     global _worker_soundfont_bytes
-    _worker_soundfont_bytes = soundfont.read_bytes()
+    _worker_soundfont_bytes = [path.read_bytes() for path in soundfonts]
     torch.set_num_threads(1)
 
 
 def _render_in_worker(spec: NoteSpec, sample_rate: int, seconds: float, hold_seconds: float) -> np.ndarray:
-    return render_note(_worker_soundfont_bytes, spec, sample_rate, seconds, hold_seconds)
+    return render_note(_worker_soundfont_bytes[spec.soundfont], spec, sample_rate, seconds, hold_seconds)
+
+
+def _render_with(soundfont_bytes: Sequence[bytes], spec: NoteSpec, sample_rate: int, seconds: float,
+                 hold_seconds: float) -> np.ndarray:
+    return render_note(soundfont_bytes[spec.soundfont], spec, sample_rate, seconds, hold_seconds)
 
 
 def render_notes(
-    soundfont: Path,
+    soundfonts: Path | Sequence[Path],
     specs: Iterable[NoteSpec],
     workers: int = 2,
     sample_rate: int = 16000,
@@ -408,26 +513,31 @@ def render_notes(
 ) -> Iterator[tuple[NoteSpec, np.ndarray | None]]:
     """Render notes in ``workers`` processes, yielding ``(spec, audio)`` in input order.
 
-    ``audio`` is None for a silent render (see ``is_silent``) so the caller can skip and
-    count it. ``workers=1`` renders in this process, avoiding the pool's start-up cost.
-    The pool uses the "spawn" start method (forking a parent that already runs torch or
-    Ray threads can deadlock the children), so a calling script needs the usual
+    ``soundfonts`` are the files of ``data.soundfonts`` in order (``spec.soundfont`` indexes them; one
+    path stands for a list of one). ``audio`` is None for a silent render (see ``is_silent``) so the
+    caller can skip and count it. ``workers=1`` renders in this process, avoiding the pool's start-up
+    cost. The pool uses the "spawn" start method (forking a parent that already runs torch or Ray
+    threads can deadlock the children), so a calling script needs the usual
     ``if __name__ == "__main__":`` guard.
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    paths = [soundfonts] if isinstance(soundfonts, (str, Path)) else list(soundfonts)
+    paths = [Path(p) for p in paths]
     specs = list(specs)
+    out_of_range = sorted({spec.soundfont for spec in specs if spec.soundfont >= len(paths)})
+    if out_of_range:
+        raise ValueError(f"notes ask for SoundFont indices {out_of_range} but only {len(paths)} SoundFont(s) given")
     if workers == 1:
-        render = partial(
-            render_note, soundfont.read_bytes(), sample_rate=sample_rate, seconds=seconds, hold_seconds=hold_seconds
-        )
+        render = partial(_render_with, [path.read_bytes() for path in paths], sample_rate=sample_rate,
+                         seconds=seconds, hold_seconds=hold_seconds)
         yield from _mark_silent(specs, map(render, specs))
         return
     pool = ProcessPoolExecutor(
         max_workers=workers,
         mp_context=multiprocessing.get_context("spawn"),
         initializer=_init_worker,
-        initargs=(soundfont,),
+        initargs=(paths,),
     )
     try:
         render = partial(_render_in_worker, sample_rate=sample_rate, seconds=seconds, hold_seconds=hold_seconds)

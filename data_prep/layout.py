@@ -33,7 +33,9 @@ REQUIRED_FIELDS: tuple[str, ...] = (
     "instrument_source", "instrument_source_str", "pitch", "velocity", "sample_rate",
     "qualities", "qualities_str",
 )
-NOTE_STR_RE = re.compile(r"^(?P<instrument_str>[a-z_]+_(acoustic|electronic|synthetic)_\d{3})-(\d{3})-(\d{3})$")
+NOTE_STR_RE = re.compile(r"^(?P<instrument_str>[a-z_]+_(acoustic|electronic|synthetic)_\d{3,})-(\d{3})-(\d{3})$")
+"""NSynth's note_str; the instrument number has 3 digits in NSynth and at least 3 here (a rendered derived
+instrument or a second SoundFont's has more, see ``gm_render.instrument_number``)."""
 
 
 def split_dir(root: Path | str, split: str) -> Path:
@@ -49,9 +51,16 @@ def make_note_str(instrument_str: str, pitch: int, velocity: int) -> str:
 
 
 def make_example(family: str, source: str, instrument: int, instrument_str: str, pitch: int,
-                 velocity: int, note: int = 0, qualities_str: tuple[str, ...] = ()) -> dict[str, Any]:
-    """One examples.json entry with exactly the official field names and types."""
+                 velocity: int, note: int = 0, qualities_str: tuple[str, ...] = (),
+                 base_instrument_str: str | None = None) -> dict[str, Any]:
+    """One examples.json entry: the official field names and types, plus ``base_instrument_str``.
+
+    ``base_instrument_str`` names the base instrument a derived (rendered variant) instrument comes from;
+    a base instrument, and every real NSynth instrument, names itself. Splits never separate notes that
+    share it.
+    """
     return {
+        "base_instrument_str": base_instrument_str or instrument_str,
         "qualities": [int(q in qualities_str) for q in QUALITIES],
         "pitch": int(pitch),
         "note": int(note),
@@ -80,6 +89,16 @@ class NoteRecord:
     pitch: int
     velocity: int
     path: Path
+    base_instrument_str: str = ""  # the base instrument a derived one comes from; "" = instrument_str itself
+
+    def __post_init__(self) -> None:
+        if not self.base_instrument_str:
+            object.__setattr__(self, "base_instrument_str", self.instrument_str)
+
+    @property
+    def derived(self) -> bool:
+        """Whether this is a derived instrument's note (a rendered variant of ``base_instrument_str``)."""
+        return self.instrument_str != self.base_instrument_str
 
 
 def write_examples(root: Path | str, split: str, examples: dict[str, dict[str, Any]]) -> Path:
@@ -107,6 +126,7 @@ def read_split(root: Path | str, split: str) -> list[NoteRecord]:
             instrument=int(ex["instrument"]), instrument_str=ex["instrument_str"],
             pitch=int(ex["pitch"]), velocity=int(ex["velocity"]),
             path=wav_path(root, split, note_str),
+            base_instrument_str=ex.get("base_instrument_str") or ex["instrument_str"],
         ))
     return records
 

@@ -7,27 +7,29 @@ Both only add what is missing: nothing already on disk is re-rendered, re-downlo
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
 import os
-import random
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pretty_midi
 import soundfile as sf
 from tqdm import tqdm
 
-from common.io import atomic_path
+from common.io import atomic_path, atomic_write_text
 from data_prep import gm_render
 from data_prep.layout import (
     FAMILIES, FAMILY_INDEX, NSYNTH_SAMPLE_RATE, NSYNTH_SECONDS, SOURCES, SPLITS, available_splits, make_example,
     split_dir, wav_path, write_examples,
 )
-from data_prep.splits import assign_groups, check_families, check_fractions, size_cap_per_family, split_counts
+from data_prep.soundfonts import DEFAULT_ENTRY, SoundFont, check_programs, resolve_soundfonts
+from data_prep.splits import check_families, check_fractions, size_cap_per_family, split_counts
 
 log = logging.getLogger(__name__)
 
@@ -48,57 +50,118 @@ def notes_per_family(per_family: int | None, max_total_size_mb: float | None, n_
     return min(caps)
 
 
-def render_gm(root: Path, soundfont: str | None, families: Sequence[str], per_family: int | None,
-              max_total_size_mb: float | None, fractions: Mapping[str, float], seed: int,
-              workers: int = 2) -> dict[str, int]:
-    """Render the planned notes into <root>/nsynth-<split>/ (instrument-disjoint: one GM program per split)."""
+RENDER_INDEX = "render_index.json"
+"""<root>/render_index.json: note_str -> provenance tag of the wav on disk (SoundFont file and size, the
+variant's timbre). A wav is reused only when its tag matches the plan's, so listing another SoundFont at
+the same position of data.soundfonts, or another seed (other variant timbres), re-renders those notes."""
+RENDER_REJECTED = "render_rejected.json"
+"""<root>/render_rejected.json: note_str -> provenance tag of renders that came back silent."""
+INSTRUMENTS = "instruments.json"
+"""<root>/instruments.json: every planned instrument: SoundFont, GM program, variant, timbre, base, split."""
+
+
+def _provenance(spec: gm_render.NoteSpec, soundfonts: Sequence[SoundFont]) -> str:
+    key = [soundfonts[spec.soundfont].identity, spec.timbre.describe() if spec.timbre else ""]
+    return hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16]
+
+
+def _read_tags(path: Path) -> dict[str, str]:
+    """A note_str -> tag file; an older list-only file (no tags) counts as empty, so those notes re-render."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+
+def check_variant_settings(variants: Any, min_eval_instruments: Any) -> tuple[int, int]:
+    """data.variants and data.min_eval_instruments as ints, or a ValueError naming the key and the fix."""
+    for key, value, high in (("variants", variants, gm_render.MAX_VARIANTS), ("min_eval_instruments",
+                                                                             min_eval_instruments, None)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0 or (high is not None and value > high):
+            bound = f"0..{high}" if high is not None else ">= 0"
+            raise ValueError(f"data.{key} must be an integer {bound}, got {value!r}")
+    return variants, min_eval_instruments
+
+
+def render_gm(root: Path, soundfonts: Sequence[str | None] | str | None, families: Sequence[str],
+              per_family: int | None, max_total_size_mb: float | None, fractions: Mapping[str, float], seed: int,
+              workers: int = 2, variants: int = 0, min_eval_instruments: int = 0) -> dict[str, int]:
+    """Render the planned notes into <root>/nsynth-<split>/, disjoint by base instrument.
+
+    Every (SoundFont, GM program) is a base instrument and goes to one split with its ``variants``
+    derived instruments (``gm_render.plan_dataset``). Every SoundFont is checked (readable, a SoundFont,
+    bank-0 presets for every GM program the plan uses) before anything is rendered.
+    """
     families = check_families(families)
     fractions = check_fractions(fractions)
-    sf_path = gm_render.resolve_soundfont(soundfont)
-    specs = gm_render.plan_notes(families, notes_per_family(per_family, max_total_size_mb, len(families)), seed)
-    rng = random.Random(seed)
-    program_split: dict[int, str] = {}
-    for family in families:
-        programs = {s.program for s in specs if s.family == family}
-        program_split.update(assign_groups(programs, fractions, rng))
+    variants, min_eval_instruments = check_variant_settings(variants, min_eval_instruments)
+    sfs = resolve_soundfonts(soundfonts)
+    plan = gm_render.plan_dataset(families, notes_per_family(per_family, max_total_size_mb, len(families)), seed,
+                                  fractions, soundfonts=len(sfs), variants=variants,
+                                  min_eval_instruments=min_eval_instruments)
+    check_programs(sfs, {spec.program for spec in plan.specs})
 
-    rejected_path = root / "render_rejected.json"
-    rejected = set(json.loads(rejected_path.read_text())) if rejected_path.is_file() else set()
+    index_path, rejected_path = root / RENDER_INDEX, root / RENDER_REJECTED
+    index, rejected = _read_tags(index_path), _read_tags(rejected_path)
     existing = {p.stem: p for s in SPLITS for p in (split_dir(root, s) / "audio").glob("*.wav")}
     todo, stats = [], Counter()
-    for spec in specs:
-        target = wav_path(root, program_split[spec.program], spec.note_str)
-        if spec.note_str in rejected:
+    tags = {spec.note_str: _provenance(spec, sfs) for spec in plan.specs}
+    for spec in plan.specs:
+        target, tag = wav_path(root, plan.split(spec), spec.note_str), tags[spec.note_str]
+        if rejected.get(spec.note_str) == tag:
             stats["silent (earlier run)"] += 1
-        elif target.is_file():
+        elif index.get(spec.note_str) == tag and target.is_file():
             stats["reused"] += 1
-        elif spec.note_str in existing:  # rendered before into another split: move, don't re-render
+        elif index.get(spec.note_str) == tag and spec.note_str in existing:
+            # rendered before into another split: move, don't re-render
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(existing[spec.note_str], target)
             stats["reused"] += 1
         else:
             todo.append(spec)
     if todo:
-        log.info("Rendering %d notes from %s with %d workers", len(todo), sf_path.name, workers)
-        for spec, audio in tqdm(gm_render.render_notes(sf_path, todo, workers=workers), total=len(todo),
-                                desc="render", unit="note"):
-            if audio is None:
-                rejected.add(spec.note_str)
-                stats["silent (rejected)"] += 1
-                continue
-            write_wav(wav_path(root, program_split[spec.program], spec.note_str), audio)
-            stats["rendered"] += 1
+        log.info("Rendering %d notes from %s with %d workers", len(todo), ", ".join(sf.path.name for sf in sfs),
+                 workers)
         root.mkdir(parents=True, exist_ok=True)
-        rejected_path.write_text(json.dumps(sorted(rejected)))
+        try:
+            for spec, audio in tqdm(gm_render.render_notes([sf.path for sf in sfs], todo, workers=workers),
+                                    total=len(todo), desc="render", unit="note"):
+                index.pop(spec.note_str, None)
+                if audio is None:
+                    rejected[spec.note_str] = tags[spec.note_str]
+                    stats["silent (rejected)"] += 1
+                    continue
+                rejected.pop(spec.note_str, None)
+                stale = existing.get(spec.note_str)
+                target = wav_path(root, plan.split(spec), spec.note_str)
+                if stale is not None and stale != target:
+                    stale.unlink(missing_ok=True)  # an outdated render in another split folder
+                write_wav(target, audio)
+                index[spec.note_str] = tags[spec.note_str]
+                stats["rendered"] += 1
+        finally:  # an interrupted build keeps what it rendered
+            atomic_write_text(index_path, json.dumps(index, sort_keys=True))
+            atomic_write_text(rejected_path, json.dumps(rejected, indent=0, sort_keys=True))
 
     examples: dict[str, dict[str, dict[str, Any]]] = {s: {} for s in SPLITS}
-    for i, spec in enumerate(specs):
-        split = program_split[spec.program]
+    instruments: dict[str, dict[str, Any]] = {}
+    for i, spec in enumerate(plan.specs):
+        split = plan.split(spec)
+        if spec.instrument_str not in instruments:
+            instruments[spec.instrument_str] = {
+                "base_instrument_str": spec.base_instrument_str, "split": split, "family": spec.family,
+                "soundfont": sfs[spec.soundfont].entry, "soundfont_file": sfs[spec.soundfont].path.name,
+                "program": spec.program, "program_name": pretty_midi.program_to_instrument_name(spec.program),
+                "variant": spec.variant, "timbre": json.loads(spec.timbre.describe()) if spec.timbre else {},
+            }
         if wav_path(root, split, spec.note_str).is_file():
             examples[split][spec.note_str] = make_example(
-                spec.family, spec.source, spec.program, spec.instrument_str, spec.pitch, spec.velocity, note=i)
+                spec.family, spec.source, spec.instrument, spec.instrument_str, spec.pitch, spec.velocity, note=i,
+                base_instrument_str=spec.base_instrument_str)
     for split in SPLITS:
         write_examples(root, split, examples[split])
+    atomic_write_text(root / INSTRUMENTS, json.dumps(instruments, indent=1, sort_keys=True))
     log.info("Rendered dataset at %s: %s", root, dict(stats))
     return dict(stats)
 
@@ -192,9 +255,10 @@ def materialize(data_cfg: Mapping[str, Any]) -> dict[str, int]:
     root = Path(data_cfg["root"])
     source = data_cfg["source"]
     if source == "gm_render":
-        return render_gm(root, data_cfg.get("soundfont"), data_cfg["families"], data_cfg["per_family"],
-                         data_cfg["max_total_size_mb"], data_cfg["split_fractions"], data_cfg["seed"],
-                         data_cfg.get("render_workers", 2))
+        return render_gm(root, data_cfg.get("soundfonts", [DEFAULT_ENTRY]), data_cfg["families"],
+                         data_cfg["per_family"], data_cfg["max_total_size_mb"], data_cfg["split_fractions"],
+                         data_cfg["seed"], data_cfg.get("render_workers", 2), data_cfg.get("variants", 0),
+                         data_cfg.get("min_eval_instruments", 0))
     if source == "nsynth":
         stats = {}
         if data_cfg.get("hf_id"):

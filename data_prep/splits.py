@@ -36,12 +36,19 @@ def check_fractions(fractions: Mapping[str, float]) -> dict[str, float]:
     return {s: fractions[s] / total for s in SPLITS}
 
 
+def apportion(n: int, weights: Mapping[str, float]) -> dict[str, int]:
+    """Largest-remainder apportionment of n items over the keys of ``weights`` (in their order)."""
+    total = sum(weights.values())
+    raw = {k: n * w / total for k, w in weights.items()}
+    counts = {k: int(math.floor(v)) for k, v in raw.items()}
+    for k in sorted(weights, key=lambda k: raw[k] - counts[k], reverse=True)[: n - sum(counts.values())]:
+        counts[k] += 1
+    return counts
+
+
 def split_counts(n: int, fractions: Mapping[str, float]) -> dict[str, int]:
     """Largest-remainder apportionment of n items; each split gets one item when n >= 3."""
-    raw = {s: n * fractions[s] for s in SPLITS}
-    counts = {s: int(math.floor(v)) for s, v in raw.items()}
-    for s in sorted(SPLITS, key=lambda s: raw[s] - counts[s], reverse=True)[: n - sum(counts.values())]:
-        counts[s] += 1
+    counts = apportion(n, {s: fractions[s] for s in SPLITS})
     if n >= len(SPLITS):
         for s in SPLITS:
             if counts[s] == 0:
@@ -51,11 +58,29 @@ def split_counts(n: int, fractions: Mapping[str, float]) -> dict[str, int]:
     return counts
 
 
-def assign_groups(keys: Sequence, fractions: Mapping[str, float], rng: random.Random) -> dict:
-    """Shuffle keys (instruments or notes) and deal them to splits by fraction."""
+def quota_counts(n: int, fractions: Mapping[str, float], min_eval: int = 0) -> dict[str, int]:
+    """Instruments per split: ``split_counts``, then valid and test raised to ``min_eval`` each (taken from
+    train) when there are enough instruments for that and one in train (n >= 2 * min_eval + 1).
+
+    With fewer instruments the quota is not applied (it cannot be met without emptying train), and the
+    plain counts stand: e.g. 3 instruments -> 1/1/1 whatever ``min_eval`` is.
+    """
+    if min_eval < 0:
+        raise ValueError(f"data.min_eval_instruments must be >= 0, got {min_eval}")
+    counts = split_counts(n, fractions)
+    if min_eval and n >= 2 * min_eval + 1:
+        for s in ("valid", "test"):
+            while counts[s] < min_eval:
+                counts[s] += 1
+                counts["train"] -= 1
+    return counts
+
+
+def assign_groups(keys: Sequence, fractions: Mapping[str, float], rng: random.Random, min_eval: int = 0) -> dict:
+    """Shuffle keys (instruments or notes) and deal them to splits by fraction (``quota_counts``)."""
     keys = sorted(keys)
     rng.shuffle(keys)
-    counts = split_counts(len(keys), fractions)
+    counts = quota_counts(len(keys), fractions, min_eval)
     assignment, start = {}, 0
     for split in SPLITS:
         for key in keys[start:start + counts[split]]:
@@ -65,15 +90,20 @@ def assign_groups(keys: Sequence, fractions: Mapping[str, float], rng: random.Ra
 
 
 def _resplit(records: list[NoteRecord], split_by: str, fractions: Mapping[str, float],
-             rng: random.Random) -> dict[str, list[NoteRecord]]:
+             rng: random.Random, min_eval: int = 0) -> dict[str, list[NoteRecord]]:
+    """Pool and re-split per family: by base instrument (a base and its derived instruments stay together)
+    with the eval quota, or by note."""
     by_family: dict[str, list[NoteRecord]] = defaultdict(list)
     for r in records:
         by_family[r.family].append(r)
     out: dict[str, list[NoteRecord]] = {s: [] for s in SPLITS}
     for family in sorted(by_family):
         group = by_family[family]
-        key = (lambda r: r.instrument) if split_by == "instrument" else (lambda r: r.note_str)
-        assignment = assign_groups({key(r) for r in group}, fractions, rng)
+        if split_by == "instrument":
+            key, quota = (lambda r: r.base_instrument_str), min_eval
+        else:
+            key, quota = (lambda r: r.note_str), 0
+        assignment = assign_groups({key(r) for r in group}, fractions, rng, quota)
         for r in group:
             out[assignment[key(r)]].append(r)
     return out
@@ -96,12 +126,14 @@ def _cap(records: list[NoteRecord], cap: int, rng: random.Random) -> list[NoteRe
 
 def select(records: Sequence[NoteRecord], families: Sequence[str], per_family: int | None,
            max_total_size_mb: float | None, split_by: str, fractions: Mapping[str, float],
-           clip_file_seconds: float, seed: int) -> dict[str, list[NoteRecord]]:
+           clip_file_seconds: float, seed: int, min_eval_instruments: int = 0) -> dict[str, list[NoteRecord]]:
     """Filter to families, cap per family and total size, and split (instrument-disjoint by default).
 
     With split_by=instrument and all three split folders present, the folders' own splits are kept
-    (NSynth's official splits, and the rendered source's, are instrument-disjoint by construction).
-    Otherwise records are pooled and re-split per family by instrument or by note.
+    (NSynth's official splits, and the rendered source's, are disjoint by base instrument by construction).
+    Otherwise records are pooled and re-split per family by base instrument (``base_instrument_str``: a
+    derived instrument goes where its base goes; valid and test get ``min_eval_instruments`` base
+    instruments each where the family has enough) or by note.
     """
     families = check_families(families)
     fractions = check_fractions(fractions)
@@ -130,12 +162,13 @@ def select(records: Sequence[NoteRecord], families: Sequence[str], per_family: i
     folder_splits = {r.split for r in capped}
     if split_by == "instrument" and folder_splits == set(SPLITS):
         out: dict[str, list[NoteRecord]] = {s: [r for r in capped if r.split == s] for s in SPLITS}
-        train_instruments = {r.instrument_str for r in out["train"]}
-        shared = {r.instrument_str for s in ("valid", "test") for r in out[s]} & train_instruments
+        train_instruments = {r.base_instrument_str for r in out["train"]}
+        shared = {r.base_instrument_str for s in ("valid", "test") for r in out[s]} & train_instruments
         if shared:
-            log.warning("%d instruments appear in train and valid/test folders: %s", len(shared), sorted(shared)[:5])
+            log.warning("%d base instruments appear in train and valid/test folders: %s", len(shared),
+                        sorted(shared)[:5])
     else:
-        out = _resplit(capped, split_by, fractions, rng)
+        out = _resplit(capped, split_by, fractions, rng, min_eval_instruments)
     for split, recs in out.items():
         if not recs:
             raise ValueError(f"The {split} split is empty after selection; add data or raise data.per_family.")

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from data_prep.dataset import prepare_data, summary_table
-from data_prep.layout import FAMILIES, NOTE_STR_RE, REQUIRED_FIELDS, read_layout, split_dir, wav_path
+from data_prep.dataset import cached_records, instrument_table, prepare_data, summary_table
+from data_prep.layout import FAMILIES, NOTE_STR_RE, REQUIRED_FIELDS, NoteRecord, read_layout, split_dir, wav_path
 from data_prep.splits import select, split_counts
 from tests.nsynth_fixtures import SAMPLE_EXAMPLES, synth_note, write_official_layout
 
@@ -128,6 +128,67 @@ def test_per_family_cap_and_size_cap(official_root):
     tiny = select(records, FIVE, None, 5 * 3 * 128_000 / 2**20, "instrument",
                   {"train": .7, "valid": .15, "test": .15}, 4.0, 0)
     assert sum(len(v) for v in tiny.values()) == 15
+
+
+def record(split: str, family: str, instrument_str: str, pitch: int, base: str = "") -> NoteRecord:
+    return NoteRecord(split=split, note_str=f"{instrument_str}-{pitch:03d}-100", family=family, instrument=0,
+                      instrument_str=instrument_str, pitch=pitch, velocity=100, path=Path("x.wav"),
+                      base_instrument_str=base)
+
+
+def test_records_default_their_base_instrument_to_themselves(official_root):
+    records = read_layout(official_root)  # official examples.json: no base_instrument_str field
+    assert all(r.base_instrument_str == r.instrument_str and not r.derived for r in records)
+    assert record("train", "organ", "organ_electronic_3016", 60, "organ_electronic_016").derived
+    assert NOTE_STR_RE.match("organ_electronic_1019016-060-100").group("instrument_str") == "organ_electronic_1019016"
+    assert not NOTE_STR_RE.match("organ_electronic_16-060-100")
+
+
+def test_instrument_table_counts_base_and_derived_instruments_per_split():
+    records = [
+        record("train", "organ", "organ_electronic_016", 40),
+        record("train", "organ", "organ_electronic_016", 41),
+        record("train", "organ", "organ_electronic_1016", 42, "organ_electronic_016"),
+        record("train", "organ", "organ_electronic_2016", 43, "organ_electronic_016"),
+        record("train", "organ", "organ_electronic_3017", 44, "organ_electronic_017"),  # base 017 only via a variant
+        record("valid", "organ", "organ_electronic_018", 45),
+        record("valid", "organ", "organ_electronic_019", 46),
+        record("test", "organ", "organ_electronic_1020", 47, "organ_electronic_020"),
+        record("train", "bass", "bass_electronic_033", 30),
+        record("valid", "bass", "bass_electronic_034", 30),
+        record("test", "bass", "bass_electronic_035", 30),
+        record("test", "bass", "bass_electronic_1035", 31, "bass_electronic_035"),
+    ]
+    rows = {line.split()[0]: line.split() for line in instrument_table(records, min_eval_instruments=2).splitlines()[2:]}
+    #                       train        valid        test         all
+    assert rows["bass"][:9] == ["bass", "1+0", "1", "1+0", "1", "1+1", "2", "3+1", "4"]
+    assert rows["organ"][:9] == ["organ", "2+3", "5", "2+0", "2", "1+1", "1", "5+4", "8"]
+    assert rows["total"] == ["total", "3+3", "6", "3+0", "3", "2+2", "3", "8+5", "12"]
+    assert "valid/test < 2 base" in " ".join(rows["bass"]) and "test < 2 base" in " ".join(rows["organ"])
+    assert "valid" not in " ".join(rows["organ"][9:])
+    assert [line.split()[0] for line in instrument_table(records).splitlines()[2:]] == ["bass", "organ", "total"]
+    assert "<" not in instrument_table(records)
+
+
+def test_resplit_keeps_derived_instruments_with_their_base_and_applies_the_quota():
+    records = [record("train", "organ", f"organ_electronic_{v * 1000 + p:03d}", pitch, f"organ_electronic_{p:03d}")
+               for p in range(16, 21) for v in range(4) for pitch in (60, 61)]
+    out = select(records, ["organ"], None, None, "instrument", {"train": .7, "valid": .15, "test": .15}, 4.0,
+                 seed=1, min_eval_instruments=2)
+    split_of = {}
+    for split, recs in out.items():
+        for r in recs:
+            assert split_of.setdefault(r.base_instrument_str, split) == split
+    assert sorted(sum(s == split for s in split_of.values()) for split in out) == [1, 2, 2]
+    assert len({r.base_instrument_str for r in out["train"]}) == 1 and len(out["train"]) == 8
+
+
+def test_cached_records_follow_the_cache(official_root, tmp_path):
+    data = prepare_data(nsynth_cfg(official_root), tmp_path / "work")
+    records = cached_records(data, read_layout(official_root))
+    assert [r.note_str for r in records if r.split == "valid"] == data.splits["valid"].ids
+    table = instrument_table(records)
+    assert table.splitlines()[-1].split()[1:3] == ["5+0", "15"]  # 5 families x 1 instrument x 3 notes in train
 
 
 def test_split_counts():
