@@ -2,8 +2,10 @@
 
 `<storage_path>/<sweep>/` holds `sweep_config.json` (base config + sweep settings, written by
 sweeps/run.py) and one folder per trial with `result.json` (one JSON line per reported epoch) and the
-last kept `checkpoint_NNNNNN/`. Reading the files (not Tune's pickled experiment state) keeps the
-analysis independent of the Ray version that ran the sweep and lets it run while a sweep is going on.
+last kept `checkpoint_NNNNNN/`. The retrain stage (sweeps/final.py) adds `final/`, one more Tune experiment
+of the same shape whose runs report `test_acc` at their last epoch (`load_retrained`). Reading the files
+(not Tune's pickled experiment state) keeps the analysis independent of the Ray version that ran the sweep
+and lets it run while a sweep is going on.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from common.io import atomic_write_text
 from data_prep.waveform_cache import WaveformData, load_waveform_cache
 from common.sweep_layout import STATE_FILE, list_sweeps
 from common.trial_table import Trial
+from sweeps.final import FINAL_EXPERIMENT
 from trainable.checkpoints import CHECKPOINT_NAME
 from trainable.run_config import trial_config
 
@@ -118,6 +121,18 @@ def load_sweep(path: Path) -> Sweep:
                          "with val_acc yet. Wait for its trials to report an epoch, or check their error.txt.")
     log.info("Sweep %s: %d trials with results", path.name, len(trials))
     return Sweep(name=path.name, path=path, base_config=base_config, settings=state["sweep"], trials=trials)
+
+
+def load_retrained(sweep: Sweep) -> list[Trial]:
+    """The runs of the sweep's retrain stage (`<sweep>/final/<run>/result.json`) that reported an epoch, read like
+    the search's trials (their config labels them: `retrain.front_trial`, `retrain.role`, `train.seed`); a run
+    still going or killed has no `test_acc` in its last result yet. [] before the stage has run."""
+    folder = sweep.path / FINAL_EXPERIMENT
+    if not folder.is_dir():
+        return []
+    runs = [load_trial(sweep.name, run_dir, sweep.base_config) for run_dir in sorted(folder.iterdir())
+            if (run_dir / "result.json").is_file()]
+    return [run for run in runs if run is not None]
 
 
 def load_sweeps(config: dict[str, Any]) -> list[Sweep]:
