@@ -1,4 +1,5 @@
-"""Accuracy-vs-MACs Pareto front of a sweep: `pareto.csv`, `pareto.png`, `report.html`, and an MLflow run.
+"""Accuracy-vs-MACs Pareto front of a sweep: `pareto.csv`, `pareto.png`, `report.html` (and `retrained.csv` once
+the retrain stage has run), and an MLflow run.
 
     python analysis/pareto.py name=<sweep>                       # under storage_path (default runs/ray_results)
     python analysis/pareto.py path=<ray results>/<sweep>         # the sweep folder itself
@@ -10,6 +11,10 @@ every trial: the objectives of common/objectives.py, the ones the search ranked 
 appear once analysis/evaluate.py has run, deployment columns (precision, kB, int8 accuracy, CPU latency) once
 analysis/export.py has (both regenerate these files). `objectives.third_objective=latency` ranks on the latency
 export.py measured (fp32, 1 thread, median ms): the front is then chosen among the trials measured so far.
+
+The retrain stage's runs (`<sweep>/final/`, sweeps/final.py) go to `retrained.csv`, one row per run (pareto.csv keeps
+one row per search trial), and into the plot and the report: the retrained front and the paired KD / pruning
+comparisons (analysis/compare.py). The printed summary ends with the paths of the plot, the report and the CSVs.
 """
 
 from __future__ import annotations
@@ -18,23 +23,26 @@ import csv
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig
 
+from analysis.compare import (PairedComparison, RetrainedConfig, finished, retrained_comparisons, retrained_front_table,
+                              retrained_row, scenario_comparisons)
 from analysis.plot import plot_front
 from analysis.report import render_report
-from analysis.results import NAME_KEYS, Sweep, load_sweeps, read_evaluations
+from analysis.results import NAME_KEYS, Sweep, load_retrained, load_sweeps, read_evaluations
 from analysis.sweep_stats import Hypervolumes, normalised_hypervolumes
 from common.cli import entry_point, plain, string_overrides
 from common.objectives import ACCURACY, LATENCY, MACS, front_mask, objectives
-from common.trial_table import (BYTES_PER_PARAM, Trial, export_columns, format_table, front_rows, param_kb,
-                                table_columns, trial_row)
+from common.trial_table import (BYTES_PER_PARAM, Trial, export_columns, format_table, format_value, front_rows,
+                                param_kb, table_columns, trial_row)
 
 OUTPUT_FILES = ("pareto.csv", "pareto.png", "report.html")
+RETRAINED_CSV = "retrained.csv"  # one row per run of the retrain stage, written once there is one
 # What analysis/export.py writes into the sweep's folder: the ONNX files and, per trial, export/export.json.
 EXPORT_DIR = "export"
 EXPORT_MANIFEST = "export.json"
@@ -62,10 +70,13 @@ def _number(value: Any) -> bool:
 
 
 def select_trials(sweeps: Sequence[Sweep], which: str | list[str], third_objective: str | None = None) -> list[Trial]:
-    """`front` -> the front's trials (ordered by MACs); otherwise the trial id(s) given (a trial id is a string:
-    the entry points read `trial=` as typed, see common.cli.string_overrides). With third_objective=latency the
-    front is chosen among the trials whose latency analysis/export.py has measured."""
+    """`front` -> the front's trials (ordered by MACs); `all` -> every trial (e.g. to score a whole scenarios grid on
+    the test split); otherwise the trial id(s) given (a trial id is a string: the entry points read `trial=` as
+    typed, see common.cli.string_overrides). With third_objective=latency the front is chosen among the trials whose
+    latency analysis/export.py has measured."""
     trials = [t for s in sweeps for t in s.trials]
+    if which == "all":
+        return trials
     if which == "front":
         values = [t.metrics for t in trials]
         if third_objective == "latency":
@@ -78,7 +89,7 @@ def select_trials(sweeps: Sequence[Sweep], which: str | list[str], third_objecti
     wanted = [str(w) for w in (which if isinstance(which, (list, tuple)) else [which])]
     missing = [w for w in wanted if w not in by_id]
     if missing:
-        raise ValueError(f"trial={missing} not found in sweep(s) {[s.name for s in sweeps]}; use trial=front or "
+        raise ValueError(f"trial={missing} not found in sweep(s) {[s.name for s in sweeps]}; use trial=front, all or "
                          f"one of: {', '.join(sorted(by_id))}.")
     return [by_id[w] for w in wanted]
 
@@ -168,11 +179,27 @@ class Analysis:
     hypervolumes: Hypervolumes
     mlflow_run_id: str
     best_under_budget: str | None = None  # the "best under budget" line, when the sweep had a budget
+    retrained_runs: list[dict[str, Any]] = field(default_factory=list)  # compare.retrained_row of each final/ run
+    retrained: list[RetrainedConfig] = field(default_factory=list)      # the retrained front, per configuration
+    comparisons: list[PairedComparison] = field(default_factory=list)   # retrained front, then scenarios grid
+
+
+def comparisons_of(sweeps: Sequence[Sweep], rows: Sequence[dict[str, Any]],
+                   retrained_runs: Sequence[dict[str, Any]]) -> list[PairedComparison]:
+    """The paired comparisons the data allows: the retrain stage's ablations, then a grid over `scenario` (on test
+    accuracy where analysis/evaluate.py scored every grid trial)."""
+    test_accs = {(r["sweep"], r["trial_id"]): r.get("test_acc") for r in rows}
+    return retrained_comparisons(retrained_runs) + scenario_comparisons([t for s in sweeps for t in s.trials],
+                                                                        test_accs)
 
 
 def analyse(sweeps: Sequence[Sweep], third_objective: str | None, tracking_uri: str) -> Analysis:
-    """Write pareto.csv, pareto.png and report.html into the first sweep's folder and log them to MLflow."""
+    """Write pareto.csv, pareto.png, report.html (and retrained.csv once the retrain stage has runs) into the first
+    sweep's folder and log them to MLflow."""
     rows = build_rows(sweeps, third_objective)
+    retrained_runs = [retrained_row(run) for s in sweeps for run in load_retrained(s)]
+    retrained = retrained_front_table(retrained_runs)
+    comparisons = comparisons_of(sweeps, rows, retrained_runs)
     out_dir = sweeps[0].path
     csv_path, png_path, html_path = (out_dir / name for name in OUTPUT_FILES)
     write_csv(rows, csv_path)
@@ -180,33 +207,68 @@ def analyse(sweeps: Sequence[Sweep], third_objective: str | None, tracking_uri: 
     budget = sweep_budget(sweeps)
     best = budget_line(budget, best_under_budget(rows, budget)) if budget else None
     plot_front(rows, png_path, f"Accuracy vs MACs: {names} ({len(rows)} trials, "
-                               f"{sum(r['on_front'] for r in rows)} on the front)", budget)
+                               f"{sum(r['on_front'] for r in rows)} on the front)", budget, retrained)
     chosen = objectives(third_objective=third_objective)
     hypervolumes = normalised_hypervolumes([r for r in rows if all(_number(r.get(k)) for k in chosen)], third_objective)
-    html_path.write_text(render_report(rows, hypervolumes, png_path.read_bytes(), third_objective, best))
+    html_path.write_text(render_report(rows, hypervolumes, png_path.read_bytes(), third_objective, best,
+                                       retrained_runs, comparisons))
     files = [csv_path, png_path, html_path]
+    if retrained_runs:
+        write_csv(retrained_runs, out_dir / RETRAINED_CSV)
+        files.append(out_dir / RETRAINED_CSV)
     run_id = log_to_mlflow(tracking_uri, sweeps[0], files, {
         "hypervolume": hypervolumes.by_sweep.get("all sweeps", hypervolumes.by_sweep[sweeps[0].name]),
-        "front_size": float(sum(r["on_front"] for r in rows)), "trials": float(len(rows))})
-    return Analysis(rows=rows, files=files, hypervolumes=hypervolumes, mlflow_run_id=run_id, best_under_budget=best)
+        "front_size": float(sum(r["on_front"] for r in rows)), "trials": float(len(rows)),
+        **({"retrained_runs_finished": float(sum(finished(r) for r in retrained_runs))} if retrained_runs else {})})
+    return Analysis(rows=rows, files=files, hypervolumes=hypervolumes, mlflow_run_id=run_id, best_under_budget=best,
+                    retrained_runs=retrained_runs, retrained=retrained, comparisons=comparisons)
 
 
-def summary(analysis: Analysis, tracking_uri: str, experiment: str) -> str:
-    """The printed end of pareto.py and evaluate.py: front table, hypervolume, where the files are."""
+def retrained_lines(analysis: Analysis, sweeps: Sequence[str]) -> list[str]:
+    """The printed retrained front (one line per configuration) and the comparisons' verdicts."""
+    runs = analysis.retrained_runs
+    if not runs:
+        lines = ["Retrained front: not retrained yet: run "
+                 + "; ".join(f"python sweeps/run.py stage=final name={s}" for s in sweeps)]
+    else:
+        done = sum(finished(r) for r in runs)
+        lines = [f"Retrained front (test accuracy, mean ± std over seeds; {done} of {len(runs)} runs finished"
+                 + (f", {len(runs) - done} missing" if done < len(runs) else "") + "):"]
+        for c in analysis.retrained:
+            test = ("no finished seed" if c.test_mean is None else
+                    f"{c.test_mean:.3f}" + ("" if c.test_std is None else f" ± {c.test_std:.3f}"))
+            lines.append(f"  {c.front_trial}: target MACs {format_value('target_macs', c.target_macs)}, KD {c.kd}, "
+                         f"{c.pruning}: test acc {test} (n={c.n})")
+    if analysis.comparisons:
+        lines.append("Conclusions:")
+        lines += [f"  {c.source.capitalize()}: {c.sentence}" for c in analysis.comparisons]
+    return lines
+
+
+def summary(analysis: Analysis, tracking_uri: str, experiment: str, next_steps: str | None = None) -> str:
+    """The printed end of pareto.py, evaluate.py and export.py: front table, hypervolume, the retrained front and the
+    conclusions, then (after `next_steps`) where the files are, last, so the paths are what one reads last."""
     rows = analysis.rows
-    several = len({r["sweep"] for r in rows}) > 1
+    sweeps = list(dict.fromkeys(r["sweep"] for r in rows))
     front = front_rows(rows)
     hv = ", ".join(f"{name} {value:.4f}" for name, value in analysis.hypervolumes.by_sweep.items())
     reference = analysis.hypervolumes.reference  # one entry per objective, in order
     ref = ", ".join(f"{k} 0" if k == ACCURACY else f"{k} {v:,.0f}" if v >= 100 else f"{k} {v:.3g}"
                     for k, v in reference.items())
+    by_name = {path.name: path for path in analysis.files}
+    tables = str(by_name["pareto.csv"]) + (f" (search trials); {by_name[RETRAINED_CSV]} (retrained runs)"
+                                           if RETRAINED_CSV in by_name else "")
     return "\n".join([
         f"Trials with results: {len(rows)}; Pareto front ({', '.join(reference)}): {len(front)}", "",
-        format_table(front, table_columns(rows, several)), "",
+        format_table(front, table_columns(rows, len(sweeps) > 1)), "",
         *([analysis.best_under_budget] if analysis.best_under_budget else []),
         f"Hypervolume (costs / reference; reference {ref}): {hv}",
-        *[f"Wrote {path}" for path in analysis.files],
+        *retrained_lines(analysis, sweeps),
         f"MLflow: run {analysis.mlflow_run_id} ('analysis') in experiment {experiment!r} at {tracking_uri}",
+        *([next_steps] if next_steps else []), "",
+        f"Plot:   {by_name['pareto.png']}",
+        f"Report: {by_name['report.html']}",
+        f"Table:  {tables}",
     ])
 
 
@@ -244,9 +306,9 @@ def main(cfg: DictConfig) -> None:
     sweeps = load_sweeps(config)
     third = config["objectives"]["third_objective"]
     analysis = analyse(sweeps, third, config["mlflow"]["tracking_uri"])
-    print("\n" + summary(analysis, config["mlflow"]["tracking_uri"], sweeps[0].name))
-    print("Next: python analysis/evaluate.py (same name=/path=): test-set accuracy of the front models; "
-          "python analysis/export.py trial=front: ONNX files, int8 versions and CPU latency")
+    print("\n" + summary(analysis, config["mlflow"]["tracking_uri"], sweeps[0].name, next_steps=(
+        "Next: python analysis/evaluate.py (same name=/path=): test-set accuracy of the front models; "
+        "python analysis/export.py trial=front: ONNX files, int8 versions and CPU latency")))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 front points labelled. Trials that ran all their epochs are filled; trials stopped early (by the scheduler, or
 errored / still running) are hollow and faded, with the epoch they reached written next to them, since their
 accuracy is that of a partly trained model. The x axis is the MACs objective (`common.objectives.MACS`) and its
-label says so."""
+label says so. Once the retrain stage has run, the retrained front is drawn over the trials: each configuration's
+test accuracy, mean with +- one standard deviation over its seeds, at its target MACs."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from analysis.compare import RetrainedConfig
 from common.objectives import ACCURACY, LABELS, MACS, front_mask
 
 KD_COLOURS = {"on": "tab:blue", "off": "tab:orange"}
@@ -21,6 +23,14 @@ PRUNING_NAMES = {"none": "no pruning", "single": "single-shot", "progressive": "
 SWEEP_LINE_COLOURS = ("tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
 X_LABEL = f"{LABELS[MACS]} (millions per clip, log scale)"
 STOPPED_ALPHA = 0.45  # trials stopped before their last epoch: hollow and this faint (off the front)
+RETRAINED_COLOUR, RETRAINED_MARKER = "crimson", "*"  # the retrained front, in no trial's colour or marker
+
+
+def retrained_label(configs: Sequence[RetrainedConfig]) -> str:
+    """Legend entry of the retrained front, with the number of seeds behind each point."""
+    seeds = sorted({c.n for c in configs})
+    count = f"{seeds[0]}" if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
+    return f"retrained front, test acc, mean ± std over {count} seed{'' if seeds == [1] else 's'}"
 
 
 def completed(row: dict[str, Any]) -> bool:
@@ -35,9 +45,11 @@ def _attainment(macs: np.ndarray, acc: np.ndarray, right: float) -> tuple[np.nda
     return np.append(x, right), np.append(y, y[-1])
 
 
-def front_figure(rows: Sequence[dict[str, Any]], title: str, budget: Mapping[str, Any] | None = None) -> Any:
+def front_figure(rows: Sequence[dict[str, Any]], title: str, budget: Mapping[str, Any] | None = None,
+                 retrained: Sequence[RetrainedConfig] = ()) -> Any:
     """The matplotlib Figure of the rows (each needs `on_front`, `kd`, `pruning`, `sweep`, `trial_id`); with a sweep
-    budget, its MACs limit as a line and the trials over any budget as grey crosses."""
+    budget, its MACs limit as a line and the trials over any budget as grey crosses; with `retrained`
+    (analysis.compare.retrained_front_table), the configurations with a finished seed as error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -49,7 +61,12 @@ def front_figure(rows: Sequence[dict[str, Any]], title: str, budget: Mapping[str
     macs = np.array([r[MACS] for r in rows], dtype=float) / 1e6
     acc = np.array([r[ACCURACY] for r in rows], dtype=float)
     front = np.array([r["on_front"] for r in rows])
-    right = macs.max() * 1.15
+    drawn = [c for c in retrained if c.n and c.target_macs is not None]
+    retrained_x = np.array([c.target_macs for c in drawn], dtype=float) / 1e6
+    retrained_y = np.array([c.test_mean for c in drawn], dtype=float)
+    retrained_err = np.array([c.test_std or 0.0 for c in drawn], dtype=float)
+    all_x = np.concatenate([macs, retrained_x])
+    right = all_x.max() * 1.15
     sweeps = list(dict.fromkeys(r["sweep"] for r in rows))
     if len(sweeps) > 1:  # each sweep's own (accuracy, MACs) front, to compare sweeps
         for name, colour in zip(sweeps, SWEEP_LINE_COLOURS * len(sweeps)):
@@ -84,6 +101,10 @@ def front_figure(rows: Sequence[dict[str, Any]], title: str, budget: Mapping[str
                     ax.scatter(macs[chosen], acc[chosen], s=size, facecolors="none", edgecolors=colour,
                                marker=marker, linewidths=1.8 if on else 1.0, alpha=0.95 if on else STOPPED_ALPHA,
                                zorder=3 if on else 1)
+    if drawn:
+        ax.errorbar(retrained_x, retrained_y, yerr=retrained_err, fmt=RETRAINED_MARKER, color=RETRAINED_COLOUR,
+                    markersize=13, markeredgecolor="black", markeredgewidth=0.6, ecolor=RETRAINED_COLOUR,
+                    elinewidth=1.6, capsize=5, zorder=5, label=retrained_label(drawn))
     for j in np.flatnonzero(~complete & ~front & ~over):  # front points say their epoch in their label
         ax.annotate(str(rows[j]["epochs"]), (macs[j], acc[j]), xytext=(4, -2), textcoords="offset points",
                     ha="left", va="top", fontsize=6.5, color=KD_COLOURS[rows[j]["kd"]], alpha=0.9, zorder=1)
@@ -92,13 +113,15 @@ def front_figure(rows: Sequence[dict[str, Any]], title: str, budget: Mapping[str
         text = rows[j]["trial_id"] + ("" if complete[j] else f" (epoch {rows[j]['epochs']})")
         labels.setdefault((macs[j], acc[j]), []).append(text)
     ax.set_xscale("log")
-    ax.set_xlim(macs.min() / 1.15, right)
-    pad = max(0.02, 0.05 * (acc.max() - acc.min()))
-    ax.set_ylim(max(0.0, acc.min() - pad), min(1.0, acc.max() + pad) + pad)
+    ax.set_xlim(all_x.min() / 1.15, right)
+    low = np.concatenate([acc, retrained_y - retrained_err]).min()
+    high = np.concatenate([acc, retrained_y + retrained_err]).max()
+    pad = max(0.02, 0.05 * (high - low))
+    ax.set_ylim(max(0.0, low - pad), min(1.0, high + pad) + pad)
     for axis in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
         axis(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
     ax.set_xlabel(X_LABEL)
-    ax.set_ylabel(LABELS[ACCURACY])
+    ax.set_ylabel(f"{LABELS[ACCURACY]} (trials); test accuracy (retrained front)" if drawn else LABELS[ACCURACY])
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     kd_values, modes = {r["kd"] for r in rows}, {r["pruning"] for r in rows}
@@ -127,11 +150,12 @@ def front_figure(rows: Sequence[dict[str, Any]], title: str, budget: Mapping[str
     return fig
 
 
-def plot_front(rows: Sequence[dict[str, Any]], path: Path, title: str, budget: Mapping[str, Any] | None = None) -> None:
-    """Draw the rows (see front_figure) into an image file."""
+def plot_front(rows: Sequence[dict[str, Any]], path: Path, title: str, budget: Mapping[str, Any] | None = None,
+               retrained: Sequence[RetrainedConfig] = ()) -> None:
+    """Draw the rows (and the retrained front; see front_figure) into an image file."""
     import matplotlib.pyplot as plt
 
-    fig = front_figure(rows, title, budget)
+    fig = front_figure(rows, title, budget, retrained)
     fig.savefig(path)
     plt.close(fig)
 

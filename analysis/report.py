@@ -1,5 +1,5 @@
-"""The self-contained `report.html`: the plot (embedded), hypervolume, the front table and the matched-MACs
-comparisons."""
+"""The self-contained `report.html`: the plot (embedded), hypervolume, the front table, the retrained front and the
+conclusions (paired comparisons, analysis/compare.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+from analysis.compare import (CONFIDENCE, DIFFERENCES, KD_QUESTION, PRUNING_QUESTION, PairedComparison,
+                              finished, retrained_front_table)
 from analysis.sweep_stats import (MIN_GROUP_SIZE, REFERENCE_MARGIN, BinComparison, Hypervolumes, matched_difference,
                                  matched_macs_comparison)
 from common.objectives import ACCURACY, LABELS, MACS, objectives
@@ -43,7 +45,8 @@ def _html_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str
     return _wrapped(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
 
 
-def _comparison_html(title: str, comparisons: Sequence[BinComparison], names: tuple[str, str]) -> str:
+def _binned_html(title: str, comparisons: Sequence[BinComparison], names: tuple[str, str]) -> str:
+    """The search trials of two groups compared within MACs bins (no paired data for this question)."""
     def stat(value: float | None) -> str:
         return "-" if value is None else f"{value:.3f}"
 
@@ -60,8 +63,109 @@ def _comparison_html(title: str, comparisons: Sequence[BinComparison], names: tu
                f"<b>{mean:+.3f}</b> validation accuracy." if mean is not None else
                f"No MACs bin has at least {MIN_GROUP_SIZE} trials in both groups: n too small to compare at matched "
                "MACs.")
-    return (f"<h2>{html.escape(title)}</h2>{_wrapped(f'<table><thead>{head}</thead><tbody>{body}</tbody></table>')}"
+    return (f"<h3>{html.escape(title)}</h3>{_wrapped(f'<table><thead>{head}</thead><tbody>{body}</tbody></table>')}"
             f"<p>{verdict}</p>")
+
+
+def _points(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:+.1f}"
+
+
+def _comparisons_html(comparisons: Sequence[PairedComparison]) -> str:
+    """The paired comparisons: one table row each, then their verdicts in words."""
+    level = f"{100 * CONFIDENCE:g}&nbsp;%"
+    head = ("<tr><th>question</th><th>pairs from</th><th>metric</th><th>difference</th><th>n pairs</th>"
+            f"<th>mean difference (points)</th><th>{level} CI (points)</th><th>interval excludes 0</th>"
+            "<th>unpaired</th></tr>")
+    body = ""
+    for c in comparisons:
+        interval = "-" if c.low is None else f"{_points(c.low)} to {_points(c.high)}"
+        excludes = {None: "-", True: "yes", False: "no"}[c.excludes_zero]
+        body += (f"<tr><td>{html.escape(c.question)}</td><td>{html.escape(c.source)}</td><td>{html.escape(c.metric)}"
+                 f"</td><td>{html.escape(DIFFERENCES[c.question])}</td><td>{c.n}</td><td>{_points(c.mean)}</td>"
+                 f"<td>{interval}</td><td>{excludes}</td><td>{c.unmatched}</td></tr>")
+    sentences = "".join(f"<li>{html.escape(c.source.capitalize())}: {html.escape(c.sentence)}</li>"
+                        for c in comparisons)
+    return f"{_wrapped(f'<table><thead>{head}</thead><tbody>{body}</tbody></table>')}<ul>{sentences}</ul>"
+
+
+def _retrain_command(sweeps: Sequence[str]) -> str:
+    """The command(s) that run the retrain stage of the sweeps, as HTML."""
+    return "; ".join(f"<code>python sweeps/run.py stage=final name={html.escape(s)}</code>" for s in sweeps)
+
+
+def _conclusions_html(rows: Sequence[dict[str, Any]], runs: Sequence[dict[str, Any]],
+                      comparisons: Sequence[PairedComparison], sweeps: Sequence[str]) -> str:
+    """Paired comparisons where there are pairs; for a question without any, the search trials binned by MACs."""
+    level = f"{100 * CONFIDENCE:g}&nbsp;%"
+    parts = ["<h2>Conclusions</h2>"]
+    if comparisons:
+        parts.append(
+            "<p>Each comparison pairs two runs that differ in one setting only: a retrained front configuration with "
+            "its copy with KD toggled, or with the other structured pruning mode at the same MACs target, same seed "
+            "(retrained front); or two trials of the scenarios grid with the same seed and the same other setting "
+            "(scenarios grid). The difference is taken within each pair (points of accuracy, "
+            f"treated minus control), then averaged over all pairs, across seeds and front configurations together. "
+            f"{level} CI = mean &plusmn; t<sub>0.975, n&minus;1</sub> &times; sd / &radic;n (sd: sample standard "
+            "deviation of the n differences). An interval that excludes 0 is a difference this many pairs can "
+            "detect; one that includes 0 means no detectable difference at this n, not that there is none. "
+            "<i>Unpaired</i>: finished runs whose partner has not finished (or does not exist), left out.</p>")
+        parts.append(_comparisons_html(comparisons))
+    if not runs:
+        parts.append(f"<p>Front not retrained yet: run {_retrain_command(sweeps)} to retrain the front configurations "
+                     "with more epochs and several seeds, score them on the test split, and compare them with their "
+                     "paired KD and pruning ablations.</p>")
+    # Trials the scheduler stopped after 2 epochs would compare an undertrained model with a trained one.
+    completed = [r for r in rows if r["status"] == "completed"]
+    paired = {c.question for c in comparisons if c.n}
+    questions = [(KD_QUESTION, "kd", ("on", "off"), ("KD on", "KD off")),
+                 (PRUNING_QUESTION, "pruning", ("single", "progressive"), ("single", "progressive"))]
+    binned = [_binned_html(f"{question} at matched MACs (search trials, exploratory)",
+                           matched_macs_comparison(completed, key, groups), labels)
+              for question, key, groups, labels in questions if question not in paired]
+    if binned:
+        parts += binned
+        parts.append(
+            f"<p>Without paired runs for a question, the search's trials are compared within bins spanning a factor "
+            f"of 2 in <code>{MACS}</code>: validation accuracies of the trials that ran all their epochs "
+            f"({len(completed)} of {len(rows)}; trials stopped early by the scheduler are left out). These trials "
+            "differ in their other hyperparameters too, so a difference is not the effect of the one setting. A "
+            f"difference needs at least {MIN_GROUP_SIZE} trials per group in a bin; with a handful of trials per "
+            "bin, differences of a few points are within seed noise.</p>")
+    return "\n".join(parts)
+
+
+def _retrained_html(rows: Sequence[dict[str, Any]], runs: Sequence[dict[str, Any]], sweeps: Sequence[str]) -> str:
+    """The retrained front: one row per front configuration, test accuracy over its seeds."""
+    if not runs:
+        return f"<h2>Retrained front</h2><p>Not retrained yet: run {_retrain_command(sweeps)}.</p>"
+    table = retrained_front_table(runs)
+    search_val = {(r["sweep"], r["trial_id"]): r["val_acc"] for r in rows}
+    several = len({c.sweep for c in table}) > 1
+    done = sum(finished(r) for r in runs)
+    epochs = ", ".join(str(e) for e in sorted({r["final_epochs"] for r in runs}))
+    head = ("<tr><th>front trial</th>" + ("<th>sweep</th>" if several else "") +
+            "<th>KD</th><th>pruning</th><th>MACs ratio</th><th>target MACs</th><th>params</th>"
+            "<th>test acc (mean &plusmn; std)</th><th>val acc (mean)</th><th>search val acc</th><th>n seeds</th>"
+            "<th>missing</th></tr>")
+    body = ""
+    for c in table:
+        test = "-" if c.test_mean is None else (f"{c.test_mean:.3f}" + ("" if c.test_std is None else
+                                                                         f" &plusmn; {c.test_std:.3f}"))
+        cells = [html.escape(c.front_trial), *([html.escape(c.sweep)] if several else []), c.kd, c.pruning,
+                 format_value("target_macs_ratio", c.target_macs_ratio), format_value("target_macs", c.target_macs),
+                 format_value("params", None if c.params is None else round(c.params)), test,
+                 format_value("val_acc", c.val_mean), format_value("val_acc", search_val.get((c.sweep, c.front_trial))),
+                 str(c.n), str(c.missing)]
+        body += "<tr>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>"
+    return (f"<h2>Retrained front ({len(table)} configuration{'' if len(table) == 1 else 's'})</h2>"
+            f"<p>The retrain stage trained the front configurations again for {epochs} epochs with several seeds and "
+            "scored each run on the held-out test split: mean &plusmn; sample standard deviation over the finished "
+            f"seeds (<i>n seeds</i>). {done} of {len(runs)} retraining runs finished (ablation runs included); "
+            f"{len(runs) - done} have no test accuracy yet (still running, stopped or killed) and are counted as "
+            "<i>missing</i>, left out of every number. <i>search val acc</i>: what the search measured for the "
+            "configuration, selected on it, so optimistic. Every run: <code>retrained.csv</code> next to this "
+            "report.</p>" + _wrapped(f"<table><thead>{head}</thead><tbody>{body}</tbody></table>"))
 
 
 def _deployment_html(rows: Sequence[dict[str, Any]], names: str) -> str:
@@ -97,8 +201,11 @@ def _deployment_html(rows: Sequence[dict[str, Any]], names: str) -> str:
 
 
 def render_report(rows: Sequence[dict[str, Any]], hypervolumes: Hypervolumes, png: bytes,
-                  third_objective: str | None = None, best_under_budget: str | None = None) -> str:
-    """Self-contained HTML: the plot (embedded), hypervolume, the front table and the matched-MACs comparisons."""
+                  third_objective: str | None = None, best_under_budget: str | None = None,
+                  retrained_runs: Sequence[dict[str, Any]] = (),
+                  comparisons: Sequence[PairedComparison] = ()) -> str:
+    """Self-contained HTML: the plot (embedded), hypervolume, the front table, the retrained front (rows of
+    analysis.compare.retrained_row) and the conclusions (`comparisons`: retrained front and scenarios grid)."""
     sweeps = list(dict.fromkeys(r["sweep"] for r in rows))
     front = front_rows(rows)
     statuses = ", ".join(f"{n} {s}" for s, n in sorted(Counter(r["status"] for r in rows).items()))
@@ -116,13 +223,6 @@ def render_report(rows: Sequence[dict[str, Any]], hypervolumes: Hypervolumes, pn
     test_note = ("Test columns come from <code>analysis/evaluate.py</code> (held-out test split, the model's own "
                  "feature config)." if evaluated else
                  f"No test-set numbers yet: run <code>python analysis/evaluate.py name={html.escape(names)}</code>.")
-    # Trials the scheduler stopped after 2 epochs would compare an undertrained model with a trained one.
-    completed = [r for r in rows if r["status"] == "completed"]
-    kd_section = _comparison_html("KD vs no KD at matched MACs",
-                                  matched_macs_comparison(completed, "kd", ("on", "off")), ("KD on", "KD off"))
-    pruning_section = _comparison_html("Single-shot vs progressive pruning at matched MACs",
-                                       matched_macs_comparison(completed, "pruning", ("single", "progressive")),
-                                       ("single", "progressive"))
     title = f"Accuracy vs MACs: {', '.join(sweeps)}"
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
@@ -147,12 +247,8 @@ compare.</p>
 <h2>Pareto front ({len(front)} trials, by target MACs)</h2>
 <p>Selected on the validation split, so its validation accuracy is optimistic. {test_note}</p>
 {_html_table(front, table_columns(rows, len(sweeps) > 1))}
-{kd_section}
-{pruning_section}
-<p>Bins span a factor of 2 in <code>{MACS}</code>; accuracies are validation accuracies of the trials that ran all
-their epochs ({len(completed)} of {len(rows)}; trials stopped early by the scheduler are left out of the comparisons).
-A difference needs at least {MIN_GROUP_SIZE} trials per group in a bin; with a handful of trials per bin, differences
-of a few points are within seed noise.</p>
+{_retrained_html(rows, retrained_runs, sweeps)}
+{_conclusions_html(rows, retrained_runs, comparisons, sweeps)}
 {_deployment_html(rows, names)}
 <p>All trials: <code>pareto.csv</code> next to this report.</p>
 </body></html>

@@ -76,7 +76,15 @@ def test_pareto_writes_csv_plot_report_and_mlflow_run(workdir):
     reference = 1.1 * points[:, 1].max()
     expected_hv = hypervolume(points / [1.0, reference], [0.0, 1.0], [True, False])
     assert f"{expected_hv:.4f}" in report and f"{reference:,.0f}" in report
-    assert "KD vs no KD" in report and "n too small" in report  # the quick space has no KD-off trial
+    # not retrained (the test sweeps run with final.enabled=false): the report says how, and compares the search
+    # trials within MACs bins instead; the quick space has no KD-off trial
+    assert "Not retrained yet: run <code>python sweeps/run.py stage=final name=ana</code>" in report
+    assert "KD vs no KD at matched MACs (search trials, exploratory)" in report and "n too small" in report
+    assert "Retrained front: not retrained yet: run python sweeps/run.py stage=final name=ana" in out.stdout
+    # what one reads last: where the plot, the report and the table are
+    assert out.stdout.rstrip().splitlines()[-3:] == [f"Plot:   {sweep_dir / 'pareto.png'}",
+                                                     f"Report: {sweep_dir / 'report.html'}",
+                                                     f"Table:  {sweep_dir / 'pareto.csv'}"]
     client, runs = analysis_runs(workdir, SWEEP)
     assert len(runs) == 1
     assert {a.path for a in client.list_artifacts(runs[0].info.run_id)} == {"pareto.csv", "pareto.png", "report.html"}
