@@ -366,10 +366,10 @@ def run_sweep(name: str, base_config: dict[str, Any], sweep: dict[str, Any], sto
               f"({sweep_uri(sweep_uri(storage, name), FINAL_EXPERIMENT)}).")
     shutil.rmtree(workdir / "trial-scratch", ignore_errors=True)  # trials' working files (trainable/tune_trainable.py)
     ray.shutdown()
-    step("report", "front, plot, retrained numbers and conclusions")
-    write_report(name, storage, workdir, tracking_uri)
     print(f"\nRay results: {exp_dir}\nMLflow:      {tracking_uri} (experiment {name!r})\n"
-          f"      mlflow ui --backend-store-uri {tracking_uri}   # then open {runs_page(experiment_id)}")
+          f"      mlflow ui --backend-store-uri {tracking_uri}   # then open {runs_page(experiment_id)}\n", flush=True)
+    step("report", "front, plot, retrained numbers and conclusions")  # last: the report's file paths end the output
+    write_report(name, storage, workdir, tracking_uri)
 
 
 def tune_run_config(name: str, storage: str, callbacks: list[Any], reporter: Any) -> Any:

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 
 from sweeps.final import FrontConfig, ablations, check_final_settings, front_configs, retrain_points, spread
-from tests.test_sweep import ROOT, mlflow_runs, sweep_cmd
+from tests.test_sweep import ROOT, sweep_cmd
 
 FINAL = ["final.max_configs=2", "final.seeds=2", "final.epochs=3"]
 
@@ -81,9 +81,15 @@ def final_runs(exp_dir: Path) -> dict[str, dict]:
     return out
 
 
+def stage_runs(workdir: Path, stage: str) -> int:
+    with sqlite3.connect(workdir / "mlflow.db") as db:
+        return db.execute("SELECT COUNT(*) FROM tags WHERE key = 'stage' AND value = ?", (stage,)).fetchone()[0]
+
+
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory) -> Path:
-    """A finished quick search with no retrain stage, copied per test (each test owns its copy)."""
+    """A finished quick search with no retrain stage. Its saved state names this workdir (data, MLflow), so the
+    tests below share it: the refusals first (they must leave it untouched), then the retrain stage itself."""
     workdir = tmp_path_factory.mktemp("final")
     out = subprocess.run(sweep_cmd(workdir, "space=quick", "num_samples=3", "name=s", "scheduler.name=fifo"),
                          capture_output=True, text=True, timeout=600, cwd=ROOT)
@@ -92,27 +98,21 @@ def searched(tmp_path_factory) -> Path:
     return workdir
 
 
-def copy_of(searched: Path, tmp_path: Path) -> Path:
-    workdir = tmp_path / "w"
-    shutil.copytree(searched, workdir, ignore=shutil.ignore_patterns("trial-scratch"))
-    return workdir
-
-
 @pytest.mark.parametrize("args, message", [
     (["final.seeds=0"], "final.seeds=0 must be >= 1"),
     (["name=nosuch"], "No sweep named 'nosuch'"),
     (["final.epochs=2"], "final.epochs=2 is below the search's train.epochs=3"),
 ])
-def test_stage_final_errors_are_one_line_before_work(searched, tmp_path, args, message):
-    workdir = copy_of(searched, tmp_path)
+def test_stage_final_errors_are_one_line_before_work(searched, args, message):
+    workdir = searched
     out = subprocess.run(sweep_cmd(workdir, "stage=final", "name=s", *args), capture_output=True, text=True,
                          timeout=300, cwd=ROOT)
     assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
     assert not (workdir / "ray_results" / "s" / "final").exists()
 
 
-def test_stage_final_on_a_sweep_without_finished_trials_is_refused(searched, tmp_path):
-    workdir = copy_of(searched, tmp_path)
+def test_stage_final_on_a_sweep_without_finished_trials_is_refused(searched):
+    workdir = searched
     empty = workdir / "ray_results" / "empty"
     empty.mkdir()
     shutil.copy(workdir / "ray_results" / "s" / "sweep_config.json", empty)
@@ -122,10 +122,10 @@ def test_stage_final_on_a_sweep_without_finished_trials_is_refused(searched, tmp
     assert sorted(p.name for p in empty.iterdir()) == ["sweep_config.json"]  # nothing written, nothing lost
 
 
-def test_stage_final_retrains_seeds_x_roles_in_mlflow_and_resumes_after_a_kill(searched, tmp_path):
-    workdir = copy_of(searched, tmp_path)
+def test_stage_final_retrains_seeds_x_roles_in_mlflow_and_resumes_after_a_kill(searched):
+    workdir = searched
     exp_dir = workdir / "ray_results" / "s"
-    search_runs = len(mlflow_runs(workdir, "s"))
+    search_runs = stage_runs(workdir, "search")
     driver = subprocess.Popen(sweep_cmd(workdir, "stage=final", "name=s", *FINAL, "resources.max_concurrent_trials=1"),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT, start_new_session=True)
     deadline = time.time() + 400
@@ -164,7 +164,7 @@ def test_stage_final_retrains_seeds_x_roles_in_mlflow_and_resumes_after_a_kill(s
                                   "s.value = 'final'").fetchone()[0]
     assert len(staged) == len(runs) and len({trial for _, trial in staged}) == len(runs)  # one MLflow run each
     assert all(status == "FINISHED" for status, _ in staged) and test_metrics == len(runs)
-    assert len(mlflow_runs(workdir, "s")) == search_runs + len(runs) + 1  # + the report's 'analysis' run
+    assert stage_runs(workdir, "search") == search_runs == 3  # the search's runs are left as they were
     # the sweep ends with the answer: the report's files, paths printed
     for name in ("pareto.png", "report.html", "pareto.csv"):
         assert (exp_dir / name).is_file() and str(exp_dir / name) in out.stdout
