@@ -289,6 +289,8 @@ class TeacherConfig:
     epochs: int = 15
     lr: float = 3.0e-3
     batch_size: int = 64
+    members: int = 1                         # > 1: an ensemble of members trained with seeds seed, seed+1, ...
+    mixup_alpha: float = 0.0                 # the teacher's train.mixup_alpha
     # The teacher's own features, merged over features.* (the student's may differ).
     features: dict[str, Any] = field(default_factory=lambda: {"n_mels": 128})
 
@@ -325,6 +327,7 @@ class TrainConfig:
     seed: int = 0
     num_threads: Optional[int] = None        # CPU threads; null = the CPUs this process may use
     test_at_end: bool = False                # score the test split after the last epoch (retrain stage: test_acc)
+    mixup_alpha: float = 0.0                 # > 0: mixup of log-mels and labels, lambda ~ Beta(a, a) (not with KD)
 
 
 @dataclass

@@ -157,3 +157,29 @@ def test_non_finite_loss_stops_the_run_with_a_clear_error(tiny_config, tiny_data
     nan_logits = torch.full((len(tiny_data.splits["train"]), 3), float("nan"))
     with pytest.raises(FloatingPointError, match="Non-finite training loss in epoch 1"):
         train(config, tiny_data, tmp_path / "run", teacher_logits=nan_logits)
+
+
+def test_mixup_changes_training_and_is_refused_with_kd(tiny_config, tiny_data, tmp_path):
+    plain_run = train(tiny_config, tiny_data, tmp_path / "plain")
+    mixed = train(with_(tiny_config, train={"mixup_alpha": 0.4}), tiny_data, tmp_path / "mixed")
+    # same seed and data: only the mixed batches (and their mixed-label loss) differ
+    assert mixed["train_loss"] != pytest.approx(plain_run["train_loss"], rel=1e-3)
+    with pytest.raises(ValueError, match="train.mixup_alpha=0.4 must be >= 0, and 0 with kd.enabled=true"):
+        validate_config(with_(tiny_config, train={"mixup_alpha": 0.4}, kd={"enabled": True}))
+    with pytest.raises(ValueError, match="teacher.members=0"):
+        validate_config(with_(tiny_config, kd={"enabled": True}, teacher={"members": 0}))
+
+
+def test_teacher_ensemble_members_train_with_their_own_seeds(tiny_config, tiny_data, tmp_path):
+    from trainable.models import TeacherEnsemble
+
+    config = with_(tiny_config, workdir=str(tmp_path), kd={"enabled": True},
+                   teacher={"members": 2, "epochs": 2, "mixup_alpha": 0.2})
+    model, _, out_dir = teacher_mod.ensure_teacher(config, tiny_data)
+    assert isinstance(model, TeacherEnsemble) and len(model.teachers) == 2
+    seeds = [load_checkpoint(out_dir / f"member-{i}" / "checkpoint")["config"]["train"]["seed"] for i in range(2)]
+    assert seeds == [tiny_config["seed"], tiny_config["seed"] + 1]
+    assert load_checkpoint(out_dir / "member-0" / "checkpoint")["config"]["train"]["mixup_alpha"] == 0.2
+    assert out_dir != teacher_mod.teacher_dir(with_(config, teacher={"members": 1}), tiny_data)
+    student = teacher_mod.reference_student(config, tiny_data)  # KD off, no pruning, scored on test
+    assert 0 <= student["test_acc"] <= 1 and student["epoch"] == tiny_config["train"]["epochs"]

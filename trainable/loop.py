@@ -152,8 +152,13 @@ def train(config: dict[str, Any], data: WaveformData, run_dir: Path | str, *,
         for batch in pipelines["train"].batches(batch_size, train=True, generator=generator, drop_last=True):
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total_steps, warmup_steps, tcfg["lr"])
+            features, mixed_labels, mix = batch.features, batch.labels, 1.0
+            if tcfg["mixup_alpha"] > 0:  # mixup: convex pairs of clips, the loss mixes their labels alike
+                mix = float(np.random.beta(tcfg["mixup_alpha"], tcfg["mixup_alpha"]))
+                order = torch.randperm(len(features), generator=generator).to(device)
+                features, mixed_labels = mix * features + (1 - mix) * features[order], batch.labels[order]
             with torch.autocast(device.type, dtype=amp[1], enabled=amp[0]):
-                logits = model(batch.features)
+                logits = model(features)
                 if kd_on:
                     if teacher_logits is not None:
                         targets = teacher_logits[batch.indices]
@@ -164,6 +169,8 @@ def train(config: dict[str, Any], data: WaveformData, run_dir: Path | str, *,
                                                      kcfg["alpha"])
                 else:
                     loss = ce_part = F.cross_entropy(logits.float(), batch.labels)
+                    if mix < 1.0:
+                        loss = ce_part = mix * ce_part + (1 - mix) * F.cross_entropy(logits.float(), mixed_labels)
                     kd_part = torch.zeros_like(loss)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()

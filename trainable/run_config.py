@@ -87,9 +87,11 @@ def _check_features(items: tuple[tuple[str, Any], ...]) -> None:
 def validate_teacher(config: Mapping[str, Any]) -> None:
     """The teacher's own settings, reported under the keys a user sets (teacher.*), not the derived run's."""
     teacher, warmup = config["teacher"], config["train"]["warmup_epochs"]
-    if teacher["epochs"] < 1 or teacher["lr"] <= 0 or teacher["batch_size"] < 1:
-        raise ValueError(f"teacher.epochs={teacher['epochs']} and teacher.batch_size={teacher['batch_size']} must be "
-                         f">= 1 and teacher.lr={teacher['lr']} > 0.")
+    if teacher["epochs"] < 1 or teacher["lr"] <= 0 or teacher["batch_size"] < 1 or teacher["members"] < 1:
+        raise ValueError(f"teacher.epochs={teacher['epochs']}, teacher.batch_size={teacher['batch_size']} and "
+                         f"teacher.members={teacher['members']} must be >= 1 and teacher.lr={teacher['lr']} > 0.")
+    if teacher["mixup_alpha"] < 0:
+        raise ValueError(f"teacher.mixup_alpha={teacher['mixup_alpha']} must be >= 0 (0 disables mixup).")
     if not teacher["checkpoint"] and teacher["epochs"] <= warmup:
         raise ValueError(f"teacher.epochs={teacher['epochs']} must be above train.warmup_epochs={warmup} (the teacher "
                          "warms up like the students): raise teacher.epochs or lower train.warmup_epochs.")
@@ -117,6 +119,9 @@ def validate_config(config: Mapping[str, Any]) -> None:
         raise ValueError(f"train.warmup_epochs={tcfg['warmup_epochs']} must be in [0, train.epochs).")
     if kcfg["enabled"] and (kcfg["T"] <= 0 or not 0 <= kcfg["alpha"] <= 1):
         raise ValueError(f"kd.T={kcfg['T']} must be > 0 and kd.alpha={kcfg['alpha']} in [0, 1].")
+    if tcfg["mixup_alpha"] < 0 or (tcfg["mixup_alpha"] > 0 and kcfg["enabled"]):
+        raise ValueError(f"train.mixup_alpha={tcfg['mixup_alpha']} must be >= 0, and 0 with kd.enabled=true (the "
+                         "teacher's cached logits belong to unmixed clips); use teacher.mixup_alpha for the teacher.")
     pruning_plan(config["pruning"], tcfg["epochs"])
 
 

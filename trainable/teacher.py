@@ -12,6 +12,7 @@ import copy
 import hashlib
 import json
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -33,14 +34,15 @@ from trainable.loop import train
 log = logging.getLogger(__name__)
 
 
-def teacher_train_config(config: dict[str, Any]) -> dict[str, Any]:
-    """The run config that trains the teacher: its own features, epochs and lr; no KD, no pruning."""
+def teacher_train_config(config: dict[str, Any], member: int = 0) -> dict[str, Any]:
+    """The run config that trains the teacher (ensemble member `member`): its own features, epochs, lr and mixup;
+    no KD, no pruning."""
     t = config["teacher"]
     out = copy.deepcopy(config)
     out["features"] = teacher_features(config)
-    # The teacher's own seed is the global one: students sweeping train.seed share one teacher.
+    # The teacher's own seed is the global one (+ member): students sweeping train.seed share one teacher.
     out["train"] = {**config["train"], "epochs": t["epochs"], "lr": t["lr"], "batch_size": t["batch_size"],
-                    "seed": config["seed"]}
+                    "seed": config["seed"] + member, "mixup_alpha": t["mixup_alpha"], "test_at_end": False}
     out["kd"] = {**config["kd"], "enabled": False}
     out["pruning"] = {**config["pruning"], "mode": "none"}
     return out
@@ -52,7 +54,8 @@ def teacher_dir(config: dict[str, Any], data: WaveformData) -> Path:
     checkpoints = t["checkpoint"] if isinstance(t["checkpoint"], list) else [t["checkpoint"]]
     key = {"data": data.fingerprint, "name": t["name"], "epochs": t["epochs"], "lr": t["lr"],
            "batch_size": t["batch_size"], "features": teacher_features(config), "seed": config["seed"],
-           "checkpoint": [str(Path(c).resolve()) for c in checkpoints if c]}
+           "checkpoint": [str(Path(c).resolve()) for c in checkpoints if c], "members": t["members"],
+           "mixup_alpha": t["mixup_alpha"]}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return Path(config["workdir"]) / "teachers" / f"{t['name']}-{digest}"
 
@@ -95,17 +98,24 @@ def ensure_teacher(config: dict[str, Any], data: WaveformData) -> tuple[torch.nn
 
 
 def _trained_teacher(config: dict[str, Any], data: WaveformData, out_dir: Path) -> tuple[torch.nn.Module, FeatureConfig]:
-    """Train the teacher once (resuming an interrupted training) and return it frozen."""
-    ckpt_path = out_dir / "checkpoint" / "checkpoint.pt"
-    tconfig = teacher_train_config(config)
-    ckpt = load_checkpoint(ckpt_path) if ckpt_path.is_file() else None
-    if ckpt is None or ckpt["epoch"] < tconfig["train"]["epochs"]:
-        log.info("Training teacher %s for %d epochs into %s", config["teacher"]["name"],
-                 tconfig["train"]["epochs"], out_dir)
-        train(tconfig, data, out_dir, resume_from=ckpt_path if ckpt is not None else None,
-              model_spec={"role": "teacher", "name": config["teacher"]["name"]})
-        ckpt = load_checkpoint(ckpt_path)
-    return freeze(restore_model(ckpt)), FeatureConfig.from_mapping(tconfig["features"])
+    """Train the teacher once (each ensemble member in its own folder, resuming an interrupted training) and
+    return it frozen: one model, or the members' averaged logits (teacher.members > 1)."""
+    members = config["teacher"]["members"]
+    models = []
+    for member in range(members):
+        member_dir = out_dir / f"member-{member}" if members > 1 else out_dir
+        ckpt_path = member_dir / "checkpoint" / "checkpoint.pt"
+        tconfig = teacher_train_config(config, member)
+        ckpt = load_checkpoint(ckpt_path) if ckpt_path.is_file() else None
+        if ckpt is None or ckpt["epoch"] < tconfig["train"]["epochs"]:
+            log.info("Training teacher %s (member %d of %d) for %d epochs into %s", config["teacher"]["name"],
+                     member + 1, members, tconfig["train"]["epochs"], member_dir)
+            train(tconfig, data, member_dir, resume_from=ckpt_path if ckpt is not None else None,
+                  model_spec={"role": "teacher", "name": config["teacher"]["name"]})
+            ckpt = load_checkpoint(ckpt_path)
+        models.append(restore_model(ckpt))
+    model = models[0] if members == 1 else TeacherEnsemble(models)
+    return freeze(model), FeatureConfig.from_mapping(teacher_features(config))
 
 
 def write_teacher_metrics(model: torch.nn.Module, feats: FeatureConfig, config: dict[str, Any],
@@ -154,6 +164,16 @@ def kd_inputs(config: dict[str, Any], data: WaveformData) -> dict[str, Any]:
     return teacher_inputs(config, data) if config["kd"]["enabled"] else {}
 
 
+def reference_student(config: dict[str, Any], data: WaveformData) -> dict[str, Any]:
+    """The run config's student trained without KD or pruning (train.epochs, train.seed), scored on test: what the
+    teacher has to beat by a clear margin for distillation to have something to transfer."""
+    run = copy.deepcopy(config)
+    run["kd"]["enabled"], run["pruning"]["mode"] = False, "none"
+    run["train"] |= {"test_at_end": True, "mixup_alpha": 0.0}
+    with tempfile.TemporaryDirectory(dir=Path(config["workdir"])) as run_dir:
+        return train(run, data, run_dir)
+
+
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 @entry_point
 def main(cfg: DictConfig) -> None:
@@ -164,10 +184,18 @@ def main(cfg: DictConfig) -> None:
     data = prepare_data(config["data"], config["workdir"])
     teacher_logits(config, data)  # trains or loads the teacher, writes metrics.json, caches the logits
     out_dir = teacher_dir(config, data)
-    metrics = json.loads((out_dir / "metrics.json").read_text()) if (out_dir / "metrics.json").is_file() else {}
-    print(f"\nTeacher {config['teacher']['name']} in {out_dir}")
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    t = config["teacher"]
+    print(f"\nTeacher {t['name']} x{t['members']} ({t['epochs']} epochs, mixup {t['mixup_alpha']}) in {out_dir}")
     for key, value in metrics.items():
         print(f"  {key:<16} {value:.4f}")
+    s = config["student"]
+    print(f"Reference student: {s['arch']} width {s['width_mult']}, n_mels {config['features']['n_mels']}, "
+          f"{config['train']['epochs']} epochs, no KD, no pruning (training it now)", flush=True)
+    student = reference_student(config, data)
+    gap = 100 * (metrics["test_acc"] - student["test_acc"])
+    print(f"  test_acc         {student['test_acc']:.4f}\n"
+          f"Teacher - student test accuracy: {gap:+.1f} points (KD needs a clearly stronger teacher: >= +10)")
 
 
 if __name__ == "__main__":
