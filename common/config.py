@@ -397,6 +397,7 @@ class BudgetConfig:
     max_params: Optional[float] = None       # parameters of the final model
     max_kb: Optional[float] = None           # parameter memory in kB at budget.precision (DCASE: int8 = 1 byte)
     precision: Precision = Precision.int8    # int8 (1 byte per parameter) | fp16 (2) | fp32 (4)
+    screen: bool = True                      # reject suggestions known to break a budget before they train
 
 
 @dataclass

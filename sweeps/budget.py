@@ -86,7 +86,7 @@ class Budget:
     def from_config(cls, config: Optional[Mapping[str, Any]]) -> Optional[Budget]:
         """The sweep's `budget` group, validated (one-line ValueErrors); None when no budget is set."""
         config = dict(config or {})
-        unknown = sorted(set(config) - {*BUDGETS, "precision"})
+        unknown = sorted(set(config) - {*BUDGETS, "precision", "screen"})
         if unknown:
             raise ValueError(f"budget.{unknown[0]} is not a budget; the budgets are "
                              f"{', '.join(f'budget.{name} ({quantity})' for name, quantity in BUDGETS.items())}, "
@@ -155,6 +155,21 @@ class Budget:
         if self.max_kb is not None:
             out[PARAM_KB] = param_kb(result[PARAMS], self.precision)
         return out
+
+
+# A pruned student's parameter count is predicted by pruning an untrained copy (the trial prunes trained weights, so
+# its count lands close to, not exactly on, the prediction): screening rejects it only when clearly over.
+PREDICTED_PARAMS_MARGIN = 1.05
+
+
+def predicted_constraints(budget: Budget, config: Mapping[str, Any]) -> dict[str, float]:
+    """The constraint values (`Budget.constraints`, > 0 broken) a trial config is known to get before it trains:
+    its target MACs exactly (thop on the real input shape, as the trainable counts them), its parameters exactly
+    when unpruned and from the pruner on an untrained copy (with PREDICTED_PARAMS_MARGIN) when pruned."""
+    need_params = budget.max_params is not None or budget.max_kb is not None
+    target_macs, params, pruned, _ = _student_costs([dict(config)], need_params)[0]
+    margin = PREDICTED_PARAMS_MARGIN if pruned else 1.0
+    return budget.constraints({TARGET_MACS: target_macs, MACS: target_macs, PARAMS: params / margin}, final=True)
 
 
 class BudgetCallback(Callback):

@@ -344,7 +344,8 @@ def run_sweep(name: str, base_config: dict[str, Any], sweep: dict[str, Any], sto
                 param_space=param_space(space),
                 tune_config=tune.TuneConfig(  # no metric/mode here: it would make OptunaSearch single-objective
                     search_alg=make_searcher(space, sweep["search"]["sampler"], objective, base_config["seed"],
-                                             final_epoch, budget=budget),
+                                             final_epoch, budget=budget,
+                                             base_config=base_config if sweep["budget"].get("screen", True) else None),
                     scheduler=scheduler,
                     num_samples=trials,
                     max_concurrent_trials=sweep["resources"]["max_concurrent_trials"],

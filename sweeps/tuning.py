@@ -13,7 +13,8 @@ from ray.tune.search.optuna import OptunaSearch
 from common.config import Sampler, SchedulerName, values
 from common.objectives import ACCURACY, objectives
 from search_spaces.schema import SearchSpace
-from sweeps.budget import FEASIBLE, Budget, measured_is_final
+from sweeps.budget import FEASIBLE, Budget, measured_is_final, predicted_constraints
+from trainable.run_config import trial_config
 from sweeps.pareto_asha import ParetoASHA
 
 log = logging.getLogger(__name__)
@@ -46,12 +47,46 @@ class FinalResultOptunaSearch(OptunaSearch):
     NSGA-II samplers read them off every trial (`FrozenTrial.constraints`): TPE ranks infeasible trials, PRUNED
     ones included, below the feasible ones; NSGA-II uses constrained domination (on COMPLETE trials, the only
     ones it reads). This is the replacement for the samplers' `constraints_func`, deprecated in Optuna 5.0.
+
+    With a budget and the sweep's `base_config`, a suggestion is screened before it becomes a trial: a config
+    whose MACs (or parameters) break the budget before any training (`sweeps.budget.predicted_constraints`) is told
+    to the study at once as PRUNED, with its constraint values and user attr `screened`, and the sampler is asked
+    again (up to MAX_SCREENED times). The sweep's trials are then spent inside the budget, and the sampler still
+    learns where the infeasible region is.
     """
 
-    def __init__(self, *args: Any, final_epoch: int, budget: Budget | None = None, **kwargs: Any) -> None:
+    MAX_SCREENED = 200
+
+    def __init__(self, *args: Any, final_epoch: int, budget: Budget | None = None,
+                 base_config: dict[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.final_epoch = final_epoch
         self.budget = budget
+        self.base_config = base_config
+        self.screened = 0
+
+    def suggest(self, trial_id: str) -> dict | None:
+        suggestion = super().suggest(trial_id)
+        if self.budget is None or self.base_config is None:
+            return suggestion
+        for _ in range(self.MAX_SCREENED):
+            if not isinstance(suggestion, dict):  # FINISHED, or None while the searcher waits
+                return suggestion
+            constraints = predicted_constraints(self.budget, trial_config(self.base_config, suggestion))
+            if all(value <= 0 for value in constraints.values()):
+                return suggestion
+            ot_trial = self._ot_trials.pop(trial_id)
+            for name, value in constraints.items():
+                ot_trial.set_constraint(name, value)
+            ot_trial.set_user_attr(FEASIBLE, False)
+            ot_trial.set_user_attr("screened", True)
+            self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.PRUNED)
+            self.screened += 1
+            log.debug("screened out over-budget config %s: %s", suggestion, constraints)
+            suggestion = super().suggest(trial_id)
+        log.warning("%d suggestions in a row broke the budget before training; running the last one (ParetoASHA "
+                    "stops it at its first result)", self.MAX_SCREENED)
+        return suggestion
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if self.budget is not None and result and not error and trial_id not in self._completed_trials:
@@ -75,16 +110,18 @@ class FinalResultOptunaSearch(OptunaSearch):
         ot_trial.set_user_attr(FEASIBLE, all(value <= 0 for value in constraints.values()))
 
 
-def make_searcher(space: SearchSpace, sampler: str, objective: str, seed: int,
-                  final_epoch: int, budget: Budget | None = None) -> OptunaSearch | None:
+def make_searcher(space: SearchSpace, sampler: str, objective: str, seed: int, final_epoch: int,
+                  budget: Budget | None = None, base_config: dict[str, Any] | None = None) -> OptunaSearch | None:
     """Multi-objective OptunaSearch by default (metric/mode live here, never in TuneConfig); budgets reach the
-    study as constraints (FinalResultOptunaSearch)."""
+    study as constraints, and with `base_config` over-budget suggestions are screened out before they train
+    (FinalResultOptunaSearch)."""
     if space.searcher == "grid":
         return None
     chosen = objectives(objective)
     metric, mode = (list(chosen), list(chosen.values())) if len(chosen) > 1 else (ACCURACY, chosen[ACCURACY])
     return FinalResultOptunaSearch(space=space.define_by_run, metric=metric, mode=mode,
-                                   sampler=make_sampler(sampler, seed), final_epoch=final_epoch, budget=budget)
+                                   sampler=make_sampler(sampler, seed), final_epoch=final_epoch, budget=budget,
+                                   base_config=base_config)
 
 
 DEFAULT_NUM_SAMPLES = 50

@@ -193,12 +193,33 @@ def _callback_state(exp_dir: Path) -> dict:
     return next(state for state in states.values() if state and "over_budget" in state)
 
 
+def test_screening_spends_every_suggestion_inside_the_budget_and_tells_the_study(quick_base):
+    from sweeps.budget import predicted_constraints
+    from sweeps.tuning import make_searcher
+    from trainable.run_config import trial_config
+
+    budget = Budget(max_macs=2e6, max_kb=300)
+    searcher = make_searcher(quick_space(quick_base), "tpe", "multi", seed=0, final_epoch=3, budget=budget,
+                             base_config=quick_base)
+    searcher.set_search_properties(None, None, {})
+    suggestions = [searcher.suggest(f"t{n}") for n in range(6)]
+    predicted = [predicted_constraints(budget, trial_config(quick_base, s)) for s in suggestions]
+    assert all(value <= 0 for constraints in predicted for value in constraints.values()), predicted
+    study = next(value for value in vars(searcher).values() if isinstance(value, optuna.Study))
+    screened = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("screened")]
+    assert screened and searcher.screened == len(screened)  # seed 0 draws over-budget configs first
+    assert all(t.state == optuna.trial.TrialState.PRUNED and max(t.constraints.values()) > 0
+               and t.user_attrs["feasible"] is False for t in screened)
+
+
 @pytest.mark.timeout(900)
-def test_sweep_stops_over_budget_trials_at_epoch_1_and_tells_them_infeasible(tmp_path):
+@pytest.mark.parametrize("screen", [False, True])
+def test_sweep_over_budget_trials_stopped_at_epoch_1_or_screened_before_training(tmp_path, screen):
     from tests.test_sweep import searcher_study
 
     budget = 3_000_000  # quick-space targets run from 0.3 M to 5.2 M MACs; seed 0 draws some on each side
-    out = subprocess.run(sweep_cmd(tmp_path, "space=quick", "num_samples=4", "name=bud", f"budget.max_macs={budget}"),
+    out = subprocess.run(sweep_cmd(tmp_path, "space=quick", "num_samples=4", "name=bud", f"budget.max_macs={budget}",
+                                   f"budget.screen={str(screen).lower()}"),
                          capture_output=True, text=True, timeout=800, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     exp_dir = tmp_path / "ray_results" / "bud"
@@ -208,6 +229,13 @@ def test_sweep_stops_over_budget_trials_at_epoch_1_and_tells_them_infeasible(tmp
         trials[lines[0]["trial_id"]] = lines
     assert len(trials) == 4
     over = {tid for tid, lines in trials.items() if lines[0]["target_macs"] > budget}
+    study = searcher_study(exp_dir).get_trials(deepcopy=False)
+    if screen:  # every trial that ran is inside the budget; the over-budget draws are in the study, never trained
+        assert not over and all(line["feasible"] == 1 for lines in trials.values() for line in lines)
+        screened = [t for t in study if t.user_attrs.get("screened")]
+        assert screened and len(study) == 4 + len(screened)
+        assert all(t.state == optuna.trial.TrialState.PRUNED and t.constraints["max_macs"] > 0 for t in screened)
+        return
     assert 0 < len(over) < 4, {tid: lines[0]["target_macs"] for tid, lines in trials.items()}
     for tid, lines in trials.items():
         if tid in over:  # stopped at its first report, and every recorded result says so
@@ -221,7 +249,6 @@ def test_sweep_stops_over_budget_trials_at_epoch_1_and_tells_them_infeasible(tmp
     assert set(state["over_budget"]) == over
     assert not over & {tid for records in state["records"].values() for tid in records}
     # the study holds them as PRUNED with a violated constraint; the others are feasible
-    study = searcher_study(exp_dir).get_trials(deepcopy=False)
     assert len(study) == 4
     configs = {tid: lines[0]["config"] for tid, lines in trials.items()}
     for frozen in study:
