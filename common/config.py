@@ -406,7 +406,7 @@ class FinalConfig:
 
     enabled: bool = True                     # false: stop after the search
     max_configs: int = 3                     # front configurations retrained, spread over the front's MACs range
-    epochs: int = 20                         # epochs of each retraining run (the search's trials run fewer)
+    epochs: int = 15                         # epochs of each retraining run (the search's trials run 10)
     seeds: int = 3                           # seeds per configuration: train.seed = seed, seed+1, ...
     ablations: bool = True                   # also retrain each config with KD toggled and the other pruning mode
 
