@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from data_prep.dataset import prepare_data
+from common.config import upgrade_saved_config
 from common.io import atomic_write_text
 from data_prep.waveform_cache import WaveformData, load_waveform_cache
 from common.sweep_layout import STATE_FILE, list_sweeps
@@ -110,7 +111,7 @@ def load_sweep(path: Path) -> Sweep:
     """The sweep's settings and every trial that reported a result; none reported is an error."""
     path = Path(path)
     state = json.loads((path / STATE_FILE).read_text())
-    base_config = state["base_config"]
+    base_config = upgrade_saved_config(state["base_config"])
     trials = []
     for trial_dir in sorted(path.iterdir()):
         trial = load_trial(path.name, trial_dir, base_config) if (trial_dir / "result.json").is_file() else None

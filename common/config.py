@@ -488,6 +488,19 @@ def run_section(config: Mapping[str, Any]) -> dict[str, Any]:
     return {key: config[key] for key in RUN_KEYS if key in config}
 
 
+def upgrade_saved_config(base_config: Mapping[str, Any]) -> dict[str, Any]:
+    """A run config saved by an earlier version (a sweep's sweep_config.json), in today's keys, so old sweeps still
+    load: `data.soundfont` (one path or null) became the list `data.soundfonts`, and datasets before
+    `data.variants` had no derived instruments."""
+    config = dict(base_config)
+    data = dict(config.get("data") or {})
+    if "soundfont" in data:
+        data["soundfonts"] = [data.pop("soundfont") or "default"]
+        data.setdefault("variants", 0)
+    config["data"] = data
+    return config
+
+
 def register() -> None:
     """Put the schemas into Hydra's ConfigStore; conf/*.yaml name them first in their defaults lists."""
     from hydra.core.config_store import ConfigStore

@@ -28,7 +28,7 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from common.cli import entry_point, plain, string_overrides  # noqa: E402
-from common.config import accepted_values, run_section  # noqa: E402
+from common.config import accepted_values, run_section, upgrade_saved_config  # noqa: E402
 from common.objectives import ACCURACY, MACS  # noqa: E402
 from common.sweep_layout import list_sweeps, normalize_storage, read_state, sweep_exists, sweep_uri, write_state  # noqa: E402
 
@@ -170,7 +170,7 @@ def main(cfg: DictConfig) -> None:
             raise FileNotFoundError(f"No sweep named {name!r} under {storage}; sweeps here: "
                                     + (", ".join(list_sweeps(storage)) or "none"))
         saved = read_state(storage, name)
-        base_config, sweep = saved["base_config"], saved["sweep"]
+        base_config, sweep = upgrade_saved_config(saved["base_config"]), saved["sweep"]
         if config["stage"] == "final" and not config["resume"]:  # a new final stage takes final.* as given now
             sweep = sweep | {"final": config["final"]}
     else:

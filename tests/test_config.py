@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -63,3 +64,18 @@ def test_trial_keys_are_typed():
         trial_config(run, {"kd.temperature": 4.0})
     with pytest.raises(KeyError, match="kd.T='hot'"):
         trial_config(run, {"kd.T": "hot"})
+
+
+def test_sweeps_saved_before_the_soundfonts_list_still_load(tiny_config):
+    from common.config import upgrade_saved_config
+    from trainable.run_config import trial_config
+
+    old = copy.deepcopy(tiny_config)
+    old["data"].pop("soundfonts")
+    old["data"].pop("variants")
+    old["data"]["soundfont"] = None
+    upgraded = upgrade_saved_config(old)
+    assert upgraded["data"]["soundfonts"] == ["default"] and upgraded["data"]["variants"] == 0
+    assert "soundfont" not in upgraded["data"] and "soundfont" in old["data"]  # the saved dict is left alone
+    assert trial_config(upgraded, {})["data"]["soundfonts"] == ["default"]
+    assert upgrade_saved_config(tiny_config) == tiny_config  # today's configs pass unchanged
