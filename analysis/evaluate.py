@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from analysis.pareto import analyse, select_trials, summary
+from analysis.pareto import analyse, require_checkpoints, select_trials, summary
 from analysis.results import NAME_KEYS, load_sweeps, sweep_data, write_evaluations
 from common.cli import entry_point, plain, string_overrides
 from data_prep.waveform_cache import WaveformData, load_clip
@@ -185,6 +185,7 @@ def main(cfg: DictConfig) -> None:
     sweeps = load_sweeps(config)
     third = config["objectives"]["third_objective"]
     chosen = select_trials(sweeps, config["trial"], third)
+    require_checkpoints(chosen)
     extra_folders = check_extra_folders(config["eval"]["extra"])
     device = pick_device(config["device"])
     batch_size = config["eval"]["batch_size"]

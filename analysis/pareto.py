@@ -94,11 +94,22 @@ def select_trials(sweeps: Sequence[Sweep], which: str | list[str], third_objecti
     return [by_id[w] for w in wanted]
 
 
+def require_checkpoints(trials: Sequence[Trial]) -> None:
+    """Scripts that load the chosen models check them all before scoring any: a missing checkpoint is one line."""
+    missing = [t for t in trials if t.checkpoint is None]
+    if missing:
+        raise FileNotFoundError(
+            f"trial(s) {', '.join(t.trial_id for t in missing)} of sweep {missing[0].sweep} have no checkpoint "
+            f"(e.g. {missing[0].trial_dir} has no checkpoint_*/checkpoint.pt: deleted, or the trial errored before "
+            "its first epoch); nothing was scored. Pass trial=<id> or [<id>, ...] of trials that kept theirs.")
+
+
 def chosen_by_sweep(sweeps: Sequence[Sweep], config: Mapping[str, Any]) -> list[tuple[Sweep, list[Trial]]]:
     """The trials `trial=` names (front | id | [ids]) grouped by sweep, sweeps without one left out. Latency, which
     export.py measures, never chooses: the front is then taken on the other objectives."""
     third = config["objectives"]["third_objective"]
     chosen = select_trials(sweeps, config["trial"], None if third == "latency" else third)
+    require_checkpoints(chosen)
     grouped = [(sweep, [t for t in chosen if t.sweep == sweep.name]) for sweep in sweeps]
     return [(sweep, trials) for sweep, trials in grouped if trials]
 

@@ -500,3 +500,20 @@ def test_budget_keeps_over_budget_trials_off_the_front_and_names_the_best_under_
     labels = fig.axes[0].get_legend().get_texts()
     assert {"over the budget (never on the front)", "budget.max_macs = 3.5M"} <= {t.get_text() for t in labels}
     plt.close(fig)
+
+
+@pytest.mark.parametrize("script", ["evaluate.py", "export.py"])
+def test_a_front_model_without_checkpoint_is_one_line_before_any_scoring(workdir, script):
+    import shutil
+
+    from analysis.pareto import select_trials
+    from analysis.results import load_sweep
+
+    copy = plain_copy(workdir, f"nockpt-{script[:-3]}")
+    lost = select_trials([load_sweep(copy)], "front")[0]
+    for folder in lost.trial_dir.glob("checkpoint_*"):
+        shutil.rmtree(folder)
+    out = run(script, workdir, f"name={copy.name}")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"trial(s) {lost.trial_id} of sweep {copy.name} have no checkpoint" in out.stderr
+    assert not (copy / "evaluation.json").exists() and not (copy / "export").exists()  # nothing scored or written
