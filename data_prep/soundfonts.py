@@ -66,6 +66,11 @@ def _chunks(f: BinaryIO, end: int) -> Iterable[tuple[bytes, int, int]]:
         f.seek(start + size + (size & 1))
 
 
+def _records(layout: struct.Struct, data: bytes) -> list[tuple]:
+    """The whole fixed-size records in ``data`` (a trailing partial record is ignored)."""
+    return list(layout.iter_unpack(data[: len(data) // layout.size * layout.size]))
+
+
 def read_bank0_programs(path: Path) -> tuple[frozenset[int], tuple[int, int], bool]:
     """(GM programs with a bank-0 preset, ``ifil`` version, whether samples are SF3-compressed).
 
@@ -90,14 +95,11 @@ def read_bank0_programs(path: Path) -> tuple[frozenset[int], tuple[int, int], bo
                 elif form == b"pdta" and sub_id == b"phdr":
                     phdr = f.read(sub_size)
                 elif form == b"pdta" and sub_id == b"shdr":
-                    data = f.read(sub_size)
-                    compressed = any(
-                        record[-1] & _SF3_COMPRESSED
-                        for record in _SHDR_RECORD.iter_unpack(data[: len(data) // _SHDR_RECORD.size * _SHDR_RECORD.size])
-                    )
+                    compressed = any(record[-1] & _SF3_COMPRESSED
+                                     for record in _records(_SHDR_RECORD, f.read(sub_size)))
     if phdr is None or len(phdr) < 2 * _PHDR_RECORD.size:
         raise ValueError(f"SoundFont {path} has no preset headers (pdta/phdr); the file is truncated or corrupt; {fix}")
-    records = list(_PHDR_RECORD.iter_unpack(phdr[: len(phdr) // _PHDR_RECORD.size * _PHDR_RECORD.size]))[:-1]  # last = EOP
+    records = _records(_PHDR_RECORD, phdr)[:-1]  # the last record is the terminal "EOP"
     programs = frozenset(preset for _, preset, bank, *_ in records if bank == 0 and preset < 128)
     return programs, version, compressed or version[0] >= 3
 
@@ -108,8 +110,8 @@ def load_soundfont(entry: str | None, index: int = 0) -> SoundFont:
     path = default_soundfont() if default else Path(str(entry)).expanduser()
     if not path.is_file():
         if default:
-            fix = ("the default TimGM6mb.sf2 ships with pretty_midi: reinstall it "
-                   "(pip install --force-reinstall pretty_midi) or list another file in data.soundfonts=[<path to .sf2>]")
+            fix = ("the default TimGM6mb.sf2 ships with pretty_midi: reinstall it (pip install --force-reinstall "
+                   "pretty_midi) or list another file in data.soundfonts=[<path to .sf2>]")
         else:
             fix = "fix the path in data.soundfonts=[...] (an existing .sf2 file), or use data.soundfonts=[default]"
         raise FileNotFoundError(f"SoundFont not found: {path}; {fix}")

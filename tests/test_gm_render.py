@@ -125,7 +125,8 @@ def test_instrument_ids_are_distinct_per_soundfont_and_variant_and_nsynth_shaped
         key = (spec.soundfont, spec.program, spec.variant)
         assert by_instrument.setdefault(spec.instrument_str, key) == key, "two instruments share an id"
         assert NOTE_STR_RE.match(spec.note_str).group("instrument_str") == spec.instrument_str
-        assert spec.base_instrument_str == NoteSpec(spec.program, spec.pitch, spec.velocity, spec.soundfont).instrument_str
+        base = NoteSpec(spec.program, spec.pitch, spec.velocity, spec.soundfont)
+        assert spec.base_instrument_str == base.instrument_str
     assert {s.soundfont for s in plan.specs} == {0, 1}
     assert len({(sf, p) for sf, p, _ in by_instrument.values()}) == 2 * (5 + 3)
 
@@ -140,7 +141,8 @@ def test_split_quotas_for_families_with_five_or_more_base_instruments():
     # the defaults (180 notes per family, 19 variants, 2 eval instruments) on every family
     plan = plan_dataset(NSYNTH_FAMILIES, 180, 0, FRACTIONS, variants=19, min_eval_instruments=2)
     for family in NSYNTH_FAMILIES:
-        bases = {split: {s.base for s in plan.specs if s.family == family and plan.split(s) == split} for split in SPLITS}
+        bases = {split: {s.base for s in plan.specs if s.family == family and plan.split(s) == split}
+                 for split in SPLITS}
         n_bases = len(family_programs(family))
         assert sum(map(len, bases.values())) == n_bases and len(bases["train"]) >= 1
         if n_bases >= 5:
@@ -359,7 +361,8 @@ def test_rendered_examples_keep_variants_with_their_base_and_name_it(tmp_path: P
     assert derived and all(ex["base_instrument_str"] != ex["instrument_str"] for ex in derived)
     assert {ex["instrument"] // 1_000_000 for e in examples.values() for ex in e.values()} == {0, 1}
     instruments = json.loads((root / "instruments.json").read_text())
-    assert all(instruments[ex["instrument_str"]]["split"] == split for split, e in examples.items() for ex in e.values())
+    assert all(instruments[ex["instrument_str"]]["split"] == split
+               for split, entries in examples.items() for ex in entries.values())
     # a rerun reuses every render; another file listed second re-renders that SoundFont's notes only
     again = dict(families=["organ"], per_family=24, max_total_size_mb=None, fractions=FRACTIONS, seed=0, workers=1,
                  variants=2, min_eval_instruments=2)
