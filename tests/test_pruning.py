@@ -199,3 +199,16 @@ def test_loading_into_another_arch_is_rejected():
     state = model_state(_student("mobilenet_v3_small"))
     with pytest.raises(ValueError, match="same arch"):
         load_model_state(create_student("mobilenet_v2"), state)
+
+
+def test_a_late_small_step_that_can_only_overshoot_prunes_past_the_target(caplog):
+    # seen in a default sweep: width 0.5, 1 s clips at 64 mels, 4 cubic steps to 0.2398; the last step asks for
+    # 5 % fewer MACs and one channel per layer already removes 10 %
+    shape = (1, 1, 64, 101)
+    torch.manual_seed(0)
+    model = create_student("mobilenet_v3_small", width_mult=0.5, num_classes=11)
+    base_macs, _ = count_macs_params(model, shape)
+    for ratio in pruning_schedule("progressive", 0.2398, 4, "cubic"):
+        step = prune_to_macs(model, torch.randn(shape), base_macs, ratio)
+    assert step.macs < 0.2398 * base_macs * (1 - MACS_TOLERANCE) and step.macs == count_macs_params(model, shape)[0]
+    assert "lands at" in caplog.text and "below" in caplog.text

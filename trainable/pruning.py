@@ -171,7 +171,9 @@ def _prune_channels(
 def _search_channel_ratio(
     macs_at: Callable[[float], int], current_macs: int, target_macs: float
 ) -> tuple[float, int]:
-    """(ratio, MACs) for the channel pruning ratio closest to `target_macs`; raises if none is within tolerance."""
+    """(ratio, MACs) for the channel pruning ratio closest to `target_macs`. Raises when the model cannot shrink to
+    within tolerance of the target; landing further below it (a late progressive step on a narrow model, where
+    one channel per layer is already more than the step asks) is kept, with a warning: it only undershoots a budget."""
 
     def error(macs: float) -> float:  # > 0 while too big; roughly linear in the ratio
         return math.sqrt(macs / target_macs) - 1.0
@@ -195,7 +197,10 @@ def _search_channel_ratio(
         interpolated = low + (high - low) * err_low / (err_low - err_high)
         margin = 0.05 * (high - low)  # keep false position from creeping along one stale bracket end
         ratio = min(max(interpolated, low + margin), high - margin)
-    if abs(best_macs / target_macs - 1.0) > MACS_TOLERANCE:
+    if best_macs / target_macs - 1.0 < -MACS_TOLERANCE:  # the smallest step prunes past the target: keep it
+        logger.warning("pruning to %.0f MACs lands at %d (%.1f%% below): the smallest channel step available "
+                       "overshoots it", target_macs, best_macs, 100 * (1 - best_macs / target_macs))
+    elif abs(best_macs / target_macs - 1.0) > MACS_TOLERANCE:
         raise ValueError(
             f"cannot prune to {target_macs:.0f} MACs: the closest reachable is {best_macs} "
             f"(channel pruning ratio {best_ratio:.3f}, round_to and the narrowest layers limit it); "
