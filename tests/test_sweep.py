@@ -28,9 +28,16 @@ def sweep_cmd(workdir: Path, *args: str) -> list[str]:
 
 
 def mlflow_runs(workdir: Path, experiment: str) -> list[tuple[str, str]]:
+    """(run id, status) of the experiment's trial runs (tag trial_id), not the report's 'analysis' run."""
     with sqlite3.connect(workdir / "mlflow.db") as db:
-        return db.execute("SELECT r.run_uuid, r.status FROM runs r JOIN experiments e "
-                          "ON r.experiment_id = e.experiment_id WHERE e.name = ?", (experiment,)).fetchall()
+        return db.execute("SELECT r.run_uuid, r.status FROM runs r JOIN experiments e ON r.experiment_id = "
+                          "e.experiment_id JOIN tags t ON t.run_uuid = r.run_uuid WHERE e.name = ? AND "
+                          "t.key = 'trial_id'", (experiment,)).fetchall()
+
+
+def stage_started(driver: Driver, stage: str) -> bool:
+    """Whether the CLI printed its `[i/n] <stage>:` line."""
+    return any(line.startswith("[") and line.split("] ", 1)[-1].startswith(f"{stage}:") for line in driver.lines)
 
 
 def trial_epochs(exp_dir: Path) -> dict[str, list[int]]:
@@ -202,9 +209,9 @@ def test_default_paretoasha_sweep_survives_kills_at_every_stage(tmp_path):
     first = sweep_cmd(tmp_path, "space=quick", "num_samples=4", "name=kk", "resources.max_concurrent_trials=2",
                       "train.batch_size=4")
     resume = sweep_cmd(tmp_path, "resume=true", "name=kk")
-    Driver(*first).kill_when(lambda d: any(line.startswith("[1/3] data") for line in d.lines))
+    Driver(*first).kill_when(lambda d: stage_started(d, "data"))
     assert (exp_dir / "sweep_config.json").is_file()  # the state was recorded before any data work
-    Driver(*resume).kill_when(lambda d: any(line.startswith("[2/3] teacher") for line in d.lines))
+    Driver(*resume).kill_when(lambda d: stage_started(d, "teacher"))
     Driver(*resume).kill_when(  # mid-search: a trial has its epoch-1 checkpoint, two epochs before it could finish,
         lambda d: exp_dir.is_dir() and any(len(e) == 1 for e in trial_epochs(exp_dir).values())
         and synced_rung_records(exp_dir))  # and Ray has copied the rung records into storage_path
