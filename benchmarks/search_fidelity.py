@@ -26,7 +26,7 @@ import torch
 from omegaconf import DictConfig
 from scipy.stats import spearmanr
 
-from analysis.compare import retrained_front_table
+from analysis.compare import retrained_front_table, retrained_row
 from analysis.evaluate import evaluate_trial, evaluate_trials
 from analysis.results import NAME_KEYS, load_retrained, load_sweeps, read_evaluations, sweep_data, write_evaluations
 from common.cli import entry_point, plain, string_overrides
@@ -93,7 +93,7 @@ def main(cfg: DictConfig) -> None:
     accuracies = seed_spread(best, data, device, batch_size, Path(config["workdir"]))
     std_points = 100 * statistics.stdev(accuracies)
     print(f"    test acc mean {statistics.mean(accuracies):.4f}, std {std_points:.2f} points; target <= 2")
-    for row in retrained_front_table(load_retrained(sweep)):
+    for row in retrained_front_table([retrained_row(run) for run in load_retrained(sweep)]):
         if row.n >= 2:
             print(f"    retrained front config {row.front_trial}: test acc {row.test_mean:.4f} +- "
                   f"{100 * row.test_std:.2f} points over {row.n} seeds")
