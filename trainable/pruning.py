@@ -182,10 +182,13 @@ def _search_channel_ratio(
     high, err_high = _MAX_CHANNEL_PRUNING_RATIO, error(current_macs * (1.0 - _MAX_CHANNEL_PRUNING_RATIO) ** 2)
     ratio = min(1.0 - math.sqrt(target_macs / current_macs), _MAX_CHANNEL_PRUNING_RATIO)
     best_ratio, best_macs = 0.0, current_macs
+    below: tuple[float, int] | None = None  # the largest model seen under the target
     for _ in range(_MAX_SEARCH_EVALS):
         macs = macs_at(ratio)
         if abs(macs / target_macs - 1.0) < abs(best_macs / target_macs - 1.0):
             best_ratio, best_macs = ratio, macs
+        if macs < target_macs and (below is None or macs > below[1]):
+            below = (ratio, macs)
         if abs(macs / target_macs - 1.0) <= _SEARCH_TOLERANCE:
             break
         if error(macs) > 0:
@@ -197,6 +200,8 @@ def _search_channel_ratio(
         interpolated = low + (high - low) * err_low / (err_low - err_high)
         margin = 0.05 * (high - low)  # keep false position from creeping along one stale bracket end
         ratio = min(max(interpolated, low + margin), high - margin)
+    if best_macs / target_macs - 1.0 > MACS_TOLERANCE and below is not None:
+        best_ratio, best_macs = below  # still too big unpruned, and the smallest cut passes the target: take the cut
     if best_macs / target_macs - 1.0 < -MACS_TOLERANCE:  # the smallest step prunes past the target: keep it
         logger.warning("pruning to %.0f MACs lands at %d (%.1f%% below): the smallest channel step available "
                        "overshoots it", target_macs, best_macs, 100 * (1 - best_macs / target_macs))
