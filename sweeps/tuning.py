@@ -72,7 +72,11 @@ class FinalResultOptunaSearch(OptunaSearch):
         for _ in range(self.MAX_SCREENED):
             if not isinstance(suggestion, dict):  # FINISHED, or None while the searcher waits
                 return suggestion
-            constraints = predicted_constraints(self.budget, trial_config(self.base_config, suggestion))
+            try:
+                constraints = predicted_constraints(self.budget, trial_config(self.base_config, suggestion))
+            except ValueError as err:  # the pruner cannot size this one up front: let the trial run and tell
+                log.debug("config %s not screened: %s", suggestion, err)
+                return suggestion
             if all(value <= 0 for value in constraints.values()):
                 return suggestion
             ot_trial = self._ot_trials.pop(trial_id)
