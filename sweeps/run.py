@@ -280,10 +280,11 @@ def run_sweep(name: str, base_config: dict[str, Any], sweep: dict[str, Any], sto
             raise ValueError(f"final.epochs={final['epochs']} is below the search's train.epochs={final_epoch}: the "
                              "retrained models would train less than the searched ones; raise final.epochs.")
     exp_dir = sweep_uri(storage, name)
+    final_dir = sweep_uri(exp_dir, FINAL_EXPERIMENT)  # the retrain stage's Tune experiment, inside the sweep's folder
     searched = None
     if stage == "final":
         searched = search_results(exp_dir, name)
-        if not resume and tune.Tuner.can_restore(sweep_uri(exp_dir, FINAL_EXPERIMENT)):
+        if not resume and tune.Tuner.can_restore(final_dir):
             raise FileExistsError(f"Sweep {name!r} already has a retrain stage; continue it with "
                                   f"`python sweeps/run.py resume=true stage=final name={name}`.")
     # KD ablations switch KD on for configurations that searched without it: they need the teacher too.
@@ -362,9 +363,9 @@ def run_sweep(name: str, base_config: dict[str, Any], sweep: dict[str, Any], sto
         callbacks = [SweepMLflowCallback(tracking_uri, name, base_config, tags=tags | {"stage": "final"})]
         if budget is not None:
             callbacks.insert(0, BudgetCallback(budget, final["epochs"]))
-        retrained = run_final(searched, trainable, name, base_config, final, sweep, storage, resume, callbacks)
-        print(f"\nRetrained: {sum(1 for r in retrained if not r.error)} of {len(retrained)} runs finished "
-              f"({sweep_uri(sweep_uri(storage, name), FINAL_EXPERIMENT)}).")
+        retrained = run_final(searched, trainable, exp_dir, base_config, final, sweep, resume, callbacks)
+        finished = sum(1 for r in retrained if not r.error)
+        print(f"\nRetrained: {finished} of {len(retrained)} runs finished ({final_dir}).")
     shutil.rmtree(workdir / "trial-scratch", ignore_errors=True)  # trials' working files (trainable/tune_trainable.py)
     ray.shutdown()
     print(f"\nRay results: {exp_dir}\nMLflow:      {tracking_uri} (experiment {name!r})\n"
@@ -386,16 +387,15 @@ def tune_run_config(name: str, storage: str, callbacks: list[Any], reporter: Any
                           checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
 
 
-def run_final(searched: Any, trainable: Any, name: str, base_config: dict[str, Any], final: dict[str, Any],
-              sweep: dict[str, Any], storage: str, resume: bool, callbacks: list[Any]) -> Any:
-    """Retrain the front (sweeps/final.py) as the Tune experiment <storage>/<name>/final; resumes it when asked."""
+def run_final(searched: Any, trainable: Any, exp_dir: str, base_config: dict[str, Any], final: dict[str, Any],
+              sweep: dict[str, Any], resume: bool, callbacks: list[Any]) -> Any:
+    """Retrain the front (sweeps/final.py) as the Tune experiment <sweep folder>/final; resumes it when asked."""
     from ray import tune
     from ray.tune import CLIReporter
 
     from sweeps.final import check_points, describe, front_configs, retrain_points, spread
 
-    final_storage = sweep_uri(storage, name)
-    final_dir = sweep_uri(final_storage, FINAL_EXPERIMENT)
+    name, final_dir = Path(exp_dir).name, sweep_uri(exp_dir, FINAL_EXPERIMENT)
     if resume and tune.Tuner.can_restore(final_dir):
         set_aside_truncated_state(final_dir)
         log.info("Resuming the retrain stage of %s from %s", name, final_dir)
@@ -414,7 +414,7 @@ def run_final(searched: Any, trainable: Any, name: str, base_config: dict[str, A
         param_space={"grid_point": tune.grid_search(points)},
         tune_config=tune.TuneConfig(max_concurrent_trials=sweep["resources"]["max_concurrent_trials"],
                                     reuse_actors=True),
-        run_config=tune_run_config(FINAL_EXPERIMENT, final_storage, callbacks, reporter),
+        run_config=tune_run_config(FINAL_EXPERIMENT, exp_dir, callbacks, reporter),
     )
     return tuner.fit()
 

@@ -80,9 +80,7 @@ class FinalResultOptunaSearch(OptunaSearch):
             if all(value <= 0 for value in constraints.values()):
                 return suggestion
             ot_trial = self._ot_trials.pop(trial_id)
-            for name, value in constraints.items():
-                ot_trial.set_constraint(name, value)
-            ot_trial.set_user_attr(FEASIBLE, False)
+            _record_constraints(ot_trial, constraints)
             ot_trial.set_user_attr("screened", True)
             self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.PRUNED)
             self.screened += 1
@@ -109,9 +107,14 @@ class FinalResultOptunaSearch(OptunaSearch):
         except ValueError as err:  # told without constraints (feasible for Optuna): the trainable's bug, said once
             log.warning("trial %s told to Optuna without budget constraints: %s", trial_id, err)
             return
-        for name, value in constraints.items():
-            ot_trial.set_constraint(name, value)
-        ot_trial.set_user_attr(FEASIBLE, all(value <= 0 for value in constraints.values()))
+        _record_constraints(ot_trial, constraints)
+
+
+def _record_constraints(ot_trial: optuna.Trial, constraints: dict[str, float]) -> None:
+    """One Optuna constraint per budget (<= 0 met) and the user attr `feasible`, as the samplers read them."""
+    for name, value in constraints.items():
+        ot_trial.set_constraint(name, value)
+    ot_trial.set_user_attr(FEASIBLE, all(value <= 0 for value in constraints.values()))
 
 
 def make_searcher(space: SearchSpace, sampler: str, objective: str, seed: int, final_epoch: int,
