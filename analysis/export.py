@@ -13,6 +13,9 @@ written.
 With quant.enabled (default) each model also gets `<trial_id>.int8.onnx`: post-training static quantization
 (analysis/quantize.py) calibrated on `quant.calibration_clips` train clips; the fp32 and int8 models are both
 scored on the test split with ONNX Runtime, and the share of clips where they predict the same class is printed.
+With quant.qat_epochs > 0 the int8 model is made from a copy of the model fine-tuned that many epochs under
+simulated int8 first (trainable/qat.py: quantization-aware training at quant.qat_lr), and its accuracy and agreement
+are still measured against the unchanged fp32 model.
 A model the quantizer cannot handle keeps its fp32 export and gets one line saying why. Then each model's ONNX
 Runtime CPU latency is measured (analysis/latency.py: batch 1, 1 thread and all threads, `latency.warmup` +
 `latency.runs`, median and p90, fp32 and int8, with the CPU model string). pareto.csv, pareto.png and report.html
@@ -46,6 +49,8 @@ from common.config import FeatureConfig
 from common.trial_table import Trial, export_columns, format_table, param_kb
 from trainable.checkpoints import load_checkpoint, restore_model
 from trainable.evaluation import make_pipeline
+from trainable.qat import qat_finetune
+from trainable.run_config import pick_device
 
 log = logging.getLogger("analysis.export")
 
@@ -53,8 +58,6 @@ MANIFEST = EXPORT_MANIFEST
 MIN_OPSET = 17
 PARITY_BATCH = 8  # real test clips (and 3 random inputs) compared; both differ from the export batch of 2
 FEATURE_BATCH = 64
-QAT_UNSUPPORTED = ("quant.qat_epochs>0 is not supported yet: int8 models come from post-training static "
-                   "quantization only; set quant.qat_epochs=0.")
 
 
 def export_onnx(model: torch.nn.Module, input_shape: Sequence[int], path: Path, opset: int) -> None:
@@ -148,7 +151,18 @@ def export_trial(trial: Trial, data: WaveformData, out_dir: Path, opset: int, to
             train_x, _ = split_features(data, "train", feats, trial.config["workdir"])
             return train_x[calibration_indices(len(train_x), quant["calibration_clips"], seed)]
 
-        entry["int8"] = int8_entry(path, int8_path, calibration, test_x, test_y)
+        def qat(tuned_path: Path) -> dict[str, Any]:
+            """Fine-tune a copy of the model under simulated int8 and export it (fp32) to `tuned_path`."""
+            device = pick_device(ckpt["config"].get("device", "auto"))
+            tuned = restore_model(ckpt, device)
+            pipeline = make_pipeline(data, "train", feats, device, trial.config["workdir"])
+            history = qat_finetune(tuned, pipeline, quant["qat_epochs"], quant["qat_lr"],
+                                   ckpt["config"]["train"]["batch_size"], seed)
+            export_onnx(tuned.cpu(), input_shape, tuned_path, opset)
+            return {"epochs": quant["qat_epochs"], "lr": quant["qat_lr"], "history": history}
+
+        entry["int8"] = int8_entry(path, int8_path, calibration, test_x, test_y,
+                                   qat if quant["qat_epochs"] > 0 else None)
     else:
         int8_path.unlink(missing_ok=True)  # an int8 model of an earlier export would not match this fp32 one
     entry["fp32_test_acc"] = ((entry["int8"] or {}).get("fp32_test_acc")
@@ -160,15 +174,19 @@ def export_trial(trial: Trial, data: WaveformData, out_dir: Path, opset: int, to
 
 
 def int8_entry(fp32_path: Path, int8_path: Path, calibration: Callable[[], np.ndarray], test_x: np.ndarray,
-               test_y: np.ndarray) -> dict[str, Any]:
+               test_y: np.ndarray, qat: Callable[[Path], dict[str, Any]] | None = None) -> dict[str, Any]:
     """Quantize (calibrated on `calibration()`: train-split features) and score the int8 model against the fp32 one
     on the test split; on any failure the int8 file is removed and the entry says why, in one line, with the
-    operators the quantizer has no int8 form for."""
+    operators the quantizer has no int8 form for. With `qat`, the model quantized is the one `qat(path)` fine-tunes
+    and writes to path (fp32 ONNX), and its record goes into the entry as "qat"."""
+    tuned_path = int8_path.with_name(f".{int8_path.stem}.{os.getpid()}.qat.onnx")
     try:
-        done = quantize_onnx(fp32_path, int8_path, calibration())
+        qat_record = qat(tuned_path) if qat else None
+        done = quantize_onnx(tuned_path if qat else fp32_path, int8_path, calibration())
         scores = compare_models(fp32_path, int8_path, test_x, test_y)
         return done | {"test_acc": scores["int8_acc"], "fp32_test_acc": scores["fp32_acc"],
-                       "acc_drop": scores["acc_drop"], "agreement": scores["agreement"], "test_n": scores["n"]}
+                       "acc_drop": scores["acc_drop"], "agreement": scores["agreement"], "test_n": scores["n"],
+                       "qat": qat_record}
     except Exception as err:  # an operator the quantizer or ONNX Runtime cannot handle: keep fp32, say why
         int8_path.unlink(missing_ok=True)
         log.debug("int8 export of %s failed", fp32_path, exc_info=True)
@@ -177,6 +195,8 @@ def int8_entry(fp32_path: Path, int8_path: Path, calibration: Callable[[], np.nd
         except Exception:  # an fp32 model onnx cannot even read: the error above says enough
             unsupported = []
         return {"onnx": None, "ops_in_fp32": unsupported, "error": one_line(err)}
+    finally:
+        tuned_path.unlink(missing_ok=True)
 
 
 def latency_entry(fp32_path: Path, int8_path: Path | None, input_shape: tuple[int, ...], warmup: int,
@@ -211,8 +231,13 @@ def check_settings(config: dict[str, Any]) -> None:
     if config["export"]["opset"] < MIN_OPSET:
         raise ValueError(f"export.opset={config['export']['opset']} is too old; use {MIN_OPSET} or newer.")
     quant, latency = config["quant"], config["latency"]
-    if quant["qat_epochs"] > 0:
-        raise ValueError(QAT_UNSUPPORTED)
+    if quant["qat_epochs"] < 0:
+        raise ValueError(f"quant.qat_epochs={quant['qat_epochs']} must be 0 (no QAT) or more.")
+    if quant["qat_epochs"] > 0 and not quant["enabled"]:
+        raise ValueError(f"quant.qat_epochs={quant['qat_epochs']} fine-tunes for the int8 model, but quant.enabled=false "
+                         "writes none; set quant.enabled=true or quant.qat_epochs=0.")
+    if quant["qat_epochs"] > 0 and not quant["qat_lr"] > 0:
+        raise ValueError(f"quant.qat_lr={quant['qat_lr']} must be positive.")
     if quant["enabled"] and quant["calibration_clips"] < 1:
         raise ValueError(f"quant.calibration_clips={quant['calibration_clips']} must be at least 1.")
     if latency["runs"] < 1 or latency["warmup"] < 0:
@@ -251,7 +276,8 @@ def main(cfg: DictConfig) -> None:
                 if int8.get("onnx"):
                     print(f"  int8 {int8['onnx']}: {int8['bytes']} bytes; predicts the same class as fp32 on "
                           f"{int8['agreement']:.1%} of the {int8['test_n']} test clips; test accuracy fp32 "
-                          f"{int8['fp32_test_acc']:.3f}, int8 {int8['test_acc']:.3f} (drop {int8['acc_drop']:+.3f})")
+                          f"{int8['fp32_test_acc']:.3f}, int8 {int8['test_acc']:.3f} (drop {int8['acc_drop']:+.3f})"
+                          + (f" after {int8['qat']['epochs']} QAT epoch(s)" if int8.get("qat") else ""))
             except Exception as err:  # one failing model must not stop the other exports
                 log.error("trial %s not exported: %s", trial.trial_id, err)
                 exports[trial.trial_id] = {"onnx": None, "error": one_line(err)}
@@ -267,8 +293,10 @@ def main(cfg: DictConfig) -> None:
                ("latency_ms_1thread", "fp32 ms 1T"), ("latency_p90_ms_1thread", "p90"),
                ("int8_latency_ms_1thread", "int8 ms 1T"), ("int8_latency_p90_ms_1thread", "p90"),
                ("latency_ms_allthreads", "fp32 ms allT"), ("int8_latency_ms_allthreads", "int8 ms allT")]
+    int8_kind = (f"{quant['qat_epochs']} QAT epoch(s), then static quantization" if quant["qat_epochs"]
+                 else "post-training static quantization")
     print(f"\nONNX export (opset {opset}, tolerance {tolerance:g}"
-          + (", int8: post-training static quantization" if quant["enabled"] else "") + f"), {len(rows)} model(s):")
+          + (f", int8: {int8_kind}" if quant["enabled"] else "") + f"), {len(rows)} model(s):")
     print(format_table(rows, columns))
     measured = [r for r in rows if r.get("latency_cpu")]
     if measured:

@@ -453,7 +453,8 @@ class QuantConfig:
 
     enabled: bool = True                     # also write and check an int8 model next to each fp32 one
     calibration_clips: int = 256             # train-split clips used to calibrate activation ranges
-    qat_epochs: int = 0                      # > 0: a short quantization-aware fine-tune before export
+    qat_epochs: int = 0                      # > 0: the int8 model comes from a quantization-aware fine-tune first
+    qat_lr: float = 1.0e-4                   # its AdamW learning rate (cosine to 0)
 
 
 @dataclass

@@ -466,10 +466,26 @@ def test_export_int8_and_latency_then_latency_as_third_objective(workdir):
     assert "Pareto front (val_acc, target_macs, latency_ms_1thread)" in out.stdout and "fp32 ms 1 thread" in out.stdout
 
 
-def test_qat_epochs_is_not_supported_yet(workdir):
-    out = run("export.py", workdir, f"name={SWEEP}", "quant.qat_epochs=2")
+def test_qat_fine_tunes_the_model_the_int8_export_comes_from(workdir):
+    copy = plain_copy(workdir, "qat")
+    out = run("export.py", workdir, "name=qat", "quant.qat_epochs=-1")
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert "quant.qat_epochs>0 is not supported yet" in out.stderr
+    assert "quant.qat_epochs=-1 must be 0 (no QAT) or more." in out.stderr and not (copy / "export").exists()
+    out = run("export.py", workdir, "name=qat", "quant.qat_epochs=2", "quant.enabled=false")
+    assert out.returncode == 2 and "set quant.enabled=true or quant.qat_epochs=0" in out.stderr
+    trial_id = read_csv(workdir / "ray_results" / SWEEP / "pareto.csv")[0]["trial_id"]
+    out = run("export.py", workdir, "name=qat", f"trial={trial_id}", "quant.qat_epochs=2", "latency.runs=5")
+    assert out.returncode == 0, out.stderr[-3000:]
+    entry = json.loads((copy / "export" / "export.json").read_text())[trial_id]
+    int8 = entry["int8"]
+    assert int8["error"] is None and Path(int8["onnx"]).is_file()
+    assert int8["qat"]["epochs"] == 2 and int8["qat"]["lr"] == 1e-4
+    assert [h["epoch"] for h in int8["qat"]["history"]] == [1, 2]
+    assert all(np.isfinite(h["train_loss"]) for h in int8["qat"]["history"])
+    assert f"after 2 QAT epoch(s)" in out.stdout and "int8: 2 QAT epoch(s), then static quantization" in out.stdout
+    assert not list((copy / "export").glob(".*"))  # the fine-tuned intermediate model is not left behind
+    # the shipped fp32 model is the trial's own (unchanged by QAT): ONNX Runtime matches its checkpoint
+    assert entry["max_abs_diff_real"] <= 1e-3
 
 
 def test_budget_keeps_over_budget_trials_off_the_front_and_names_the_best_under_it(tmp_path):

@@ -149,11 +149,14 @@ def test_latency_record_fields(fp32_model):
 def test_export_settings_fail_before_any_work():
     from analysis.export import check_settings
 
-    good = {"export": {"opset": 17}, "quant": {"enabled": True, "calibration_clips": 256, "qat_epochs": 0},
-            "latency": {"warmup": 10, "runs": 100}}
+    good = {"export": {"opset": 17}, "latency": {"warmup": 10, "runs": 100},
+            "quant": {"enabled": True, "calibration_clips": 256, "qat_epochs": 0, "qat_lr": 1e-4}}
     check_settings(good)
-    with pytest.raises(ValueError, match=r"^quant.qat_epochs>0 is not supported yet"):
-        check_settings(good | {"quant": good["quant"] | {"qat_epochs": 2}})
+    check_settings(good | {"quant": good["quant"] | {"qat_epochs": 2}})
+    with pytest.raises(ValueError, match=r"^quant.qat_epochs=-1 must be 0"):
+        check_settings(good | {"quant": good["quant"] | {"qat_epochs": -1}})
+    with pytest.raises(ValueError, match=r"^quant.qat_lr=0.0 must be positive"):
+        check_settings(good | {"quant": good["quant"] | {"qat_epochs": 1, "qat_lr": 0.0}})
     with pytest.raises(ValueError, match="calibration_clips=0"):
         check_settings(good | {"quant": good["quant"] | {"calibration_clips": 0}})
     with pytest.raises(ValueError, match="latency.runs=0"):
@@ -242,3 +245,66 @@ def test_third_objective_latency_needs_measurements_then_ranks_on_them(tmp_path)
     assert by_id["b"]["latency_ms_1thread"] == 1.0 and by_id["b"]["latency_p90_ms_1thread"] == pytest.approx(1.2)
     assert by_id["b"]["latency_cpu"] == "Test CPU" and by_id["b"]["precision"] == "fp32"
     assert "latency_ms_1thread" not in by_id["c"]
+
+
+def test_qat_simulates_ort_int8_grids_then_leaves_a_plain_fp32_model():
+    from torch.nn.utils import parametrize
+
+    from trainable.models import create_student
+    from trainable.qat import quantized_layers, simulated_int8
+
+    torch.manual_seed(0)
+    model = create_student("mobilenet_v3_small", 0.5, 3).eval()
+    keys = set(model.state_dict())
+    x = torch.randn(2, *INPUT_SHAPE[1:])
+    with torch.no_grad():
+        plain = model(x)
+        with simulated_int8(model):
+            for layer in quantized_layers(model):
+                w = layer.weight  # the fake-quantized weight the forward pass uses; its grid, from the latent one:
+                scale = layer.parametrizations.weight.original.detach().abs().flatten(1).amax(1) / 127.5
+                steps = w.detach() / scale.view(-1, *[1] * (w.dim() - 1))
+                assert torch.allclose(steps, steps.round(), atol=1e-3)  # on ORT's symmetric per-channel int8 grid
+                assert steps.abs().max() <= 128
+            simulated = model(x)
+        assert not torch.allclose(simulated, plain, rtol=1e-2, atol=0)  # the rounding is really applied
+        assert torch.equal(model(x), plain)  # and gone afterwards, latent weights untouched
+    assert set(model.state_dict()) == keys
+    assert not any(parametrize.is_parametrized(layer) for layer in quantized_layers(model))
+    assert not any("fake_quant" in name for name, _ in model.named_modules())
+
+
+def test_qat_finetune_changes_weights_and_records_epochs():
+    from trainable.qat import qat_finetune
+
+    class Batch:
+        def __init__(self, features, labels):
+            self.features, self.labels = features, labels
+
+    class Pipeline:  # FeaturePipeline's interface over fixed tensors
+        def __init__(self, n):
+            gen = torch.Generator().manual_seed(0)
+            self.features, self.labels = torch.randn(n, *INPUT_SHAPE[1:], generator=gen), torch.arange(n) % 3
+
+        def __len__(self):
+            return len(self.labels)
+
+        def num_batches(self, batch_size, drop_last=False):
+            return len(self) // batch_size
+
+        def batches(self, batch_size, train, generator=None, drop_last=False):
+            for i in range(0, len(self) - batch_size + 1, batch_size):
+                yield Batch(self.features[i:i + batch_size], self.labels[i:i + batch_size])
+
+    from trainable.models import create_student
+
+    torch.manual_seed(0)
+    model = create_student("mobilenet_v3_small", 0.5, 3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    history = qat_finetune(model, Pipeline(16), epochs=2, lr=1e-3, batch_size=8)
+    assert [h["epoch"] for h in history] == [1, 2] and all(np.isfinite(h["train_loss"]) for h in history)
+    after = model.state_dict()
+    assert set(after) == set(before) and not model.training
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith("weight"))
+    with pytest.raises(ValueError, match="quant.qat_epochs=0"):
+        qat_finetune(model, Pipeline(16), epochs=0, lr=1e-3, batch_size=8)
