@@ -149,6 +149,12 @@ class RetrainedConfig:
     test_std: float | None      # sample standard deviation over seeds (n >= 2)
     val_mean: float | None
     seeds: tuple[int, ...]      # the finished seeds
+    # analysis/export.py's numbers (trial=retrained), means over the finished seeds it exported (None before):
+    exported: int = 0           # finished seeds with an fp32 ONNX model
+    int8_test_mean: float | None = None
+    latency_ms: float | None = None       # fp32, 1 thread, median ms
+    int8_latency_ms: float | None = None  # int8, 1 thread, median ms
+    int8_error: str | None = None         # an int8 export of one of its seeds failed (not deployable at int8)
 
 
 def _mean(values: Sequence[Any]) -> float | None:
@@ -173,7 +179,12 @@ def retrained_front_table(runs: Sequence[Mapping[str, Any]]) -> list[RetrainedCo
             target_macs=_mean([r["target_macs"] for r in (done or members)]), params=_mean([r["params"] for r in done]),
             n=len(done), missing=len(members) - len(done), test_mean=_mean(tests),
             test_std=float(np.std(tests, ddof=1)) if len(tests) >= 2 else None,
-            val_mean=_mean([r["val_acc"] for r in done]), seeds=tuple(sorted(r["seed"] for r in done))))
+            val_mean=_mean([r["val_acc"] for r in done]), seeds=tuple(sorted(r["seed"] for r in done)),
+            exported=sum(1 for r in done if r.get("onnx_bytes") is not None),
+            int8_test_mean=_mean([r.get("int8_test_acc") for r in done]),
+            latency_ms=_mean([r.get("latency_ms_1thread") for r in done]),
+            int8_latency_ms=_mean([r.get("int8_latency_ms_1thread") for r in done]),
+            int8_error=next((r["int8_error"] for r in done if r.get("int8_error")), None)))
     return sorted(table, key=lambda c: (c.target_macs if c.target_macs is not None else math.inf, c.front_trial))
 
 

@@ -30,8 +30,8 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from analysis.compare import (PairedComparison, RetrainedConfig, finished, retrained_comparisons, retrained_front_table,
-                              retrained_row, scenario_comparisons)
+from analysis.compare import (FRONT, PairedComparison, RetrainedConfig, finished, retrained_comparisons,
+                              retrained_front_table, retrained_row, scenario_comparisons)
 from analysis.plot import plot_front
 from analysis.report import render_report
 from analysis.results import NAME_KEYS, Sweep, load_retrained, load_sweeps, read_evaluations
@@ -69,14 +69,29 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not math.isnan(value)
 
 
+def retrained_front_runs(sweeps: Sequence[Sweep]) -> list[Trial]:
+    """The finished runs of the retrained front configurations (role `front`, every seed): the models to ship."""
+    runs = [run for s in sweeps for run in load_retrained(s)
+            if str(run.config["retrain"]["role"]) == FRONT and finished(retrained_row(run))]
+    if not runs:
+        names = ",".join(s.name for s in sweeps)
+        raise ValueError(f"trial=retrained: sweep(s) {names} have no finished retraining run yet; run "
+                         f"python sweeps/run.py stage=final name={names} (or resume=true to finish it) first.")
+    return sorted(runs, key=lambda t: (t.metrics[MACS], str(t.config["retrain"]["front_trial"]),
+                                       t.config["train"]["seed"]))
+
+
 def select_trials(sweeps: Sequence[Sweep], which: str | list[str], third_objective: str | None = None) -> list[Trial]:
     """`front` -> the front's trials (ordered by MACs); `all` -> every trial (e.g. to score a whole scenarios grid on
-    the test split); otherwise the trial id(s) given (a trial id is a string: the entry points read `trial=` as
-    typed, see common.cli.string_overrides). With third_objective=latency the front is chosen among the trials whose
-    latency analysis/export.py has measured."""
+    the test split); `retrained` -> the retrain stage's runs of the front configurations, every seed; otherwise the
+    trial id(s) given (a trial id is a string: the entry points read `trial=` as typed, see
+    common.cli.string_overrides). With third_objective=latency the front is chosen among the trials whose latency
+    analysis/export.py has measured."""
     trials = [t for s in sweeps for t in s.trials]
     if which == "all":
         return trials
+    if which == "retrained":
+        return retrained_front_runs(sweeps)
     if which == "front":
         values = [t.metrics for t in trials]
         if third_objective == "latency":
@@ -133,8 +148,29 @@ def sweep_budget(sweeps: Sequence[Sweep]) -> dict[str, Any]:
     return budget if any(budget.get(key) is not None for key in ("max_macs", "max_params", "max_kb")) else {}
 
 
+def retrained_candidate(config: RetrainedConfig) -> dict[str, Any]:
+    """A retrained front configuration as a row best_under_budget and budget_line read: validation and test means
+    over its finished seeds, and the means of what analysis/export.py measured of them."""
+    return {"trial_id": config.front_trial, "retrained": f"retrained, {config.n} seed{'s' if config.n > 1 else ''}",
+            ACCURACY: config.val_mean, MACS: config.target_macs, "params": config.params,
+            "test_acc": config.test_mean, "int8_test_acc": config.int8_test_mean,
+            "kb_fp32": param_kb(config.params, "fp32") if config.exported else None,
+            "kb_int8": param_kb(config.params, "int8") if config.exported else None,
+            LATENCY: config.latency_ms, "int8_latency_ms_1thread": config.int8_latency_ms,
+            "int8_error": config.int8_error}
+
+
+def best_to_ship(rows: Sequence[dict[str, Any]], retrained: Sequence[RetrainedConfig],
+                 budget: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The model to ship under the budget: among the retrained front configurations when the retrain stage has
+    finished runs (their numbers are the ones to quote), else (or when none of them fits) among the search's trials."""
+    candidates = [retrained_candidate(c) for c in retrained if c.n and c.params is not None]
+    return best_under_budget(candidates, budget) or best_under_budget(rows, budget)
+
+
 def budget_line(budget: Mapping[str, Any], best: dict[str, Any] | None) -> str:
-    """One line naming the model to ship under the budget, with its numbers."""
+    """One line naming the model to ship under the budget, with its numbers (means over seeds for a retrained
+    configuration)."""
     limits = ", ".join(f"{key} {budget[key]:,.6g}" for key in ("max_macs", "max_params", "max_kb")
                        if budget.get(key) is not None)
     head = f"Best under budget ({limits}; {budget.get('precision') or 'int8'})"
@@ -152,7 +188,9 @@ def budget_line(budget: Mapping[str, Any], best: dict[str, Any] | None) -> str:
             continue
         shown.append(f"{name} " + "/".join("-" if v is None else f"{v:,.0f}" if v >= 1000 else f"{v:.3g}"
                                             for v in values))
-    return f"{head}: trial {best['trial_id']}: " + ", ".join(shown)
+    what = (f"front configuration {best['trial_id']} ({best['retrained']}; means)" if best.get("retrained")
+            else f"trial {best['trial_id']}")
+    return f"{head}: {what}: " + ", ".join(shown)
 
 
 def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
@@ -208,7 +246,9 @@ def analyse(sweeps: Sequence[Sweep], third_objective: str | None, tracking_uri: 
     """Write pareto.csv, pareto.png, report.html (and retrained.csv once the retrain stage has runs) into the first
     sweep's folder and log them to MLflow."""
     rows = build_rows(sweeps, third_objective)
-    retrained_runs = [retrained_row(run) for s in sweeps for run in load_retrained(s)]
+    exports = {(s.name, trial_id): e for s in sweeps for trial_id, e in read_exports(s.path).items()}
+    retrained_runs = [retrained_row(run) | export_columns(exports.get((s.name, run.trial_id)))
+                      for s in sweeps for run in load_retrained(s)]
     retrained = retrained_front_table(retrained_runs)
     comparisons = comparisons_of(sweeps, rows, retrained_runs)
     out_dir = sweeps[0].path
@@ -216,7 +256,7 @@ def analyse(sweeps: Sequence[Sweep], third_objective: str | None, tracking_uri: 
     write_csv(rows, csv_path)
     names = ", ".join(s.name for s in sweeps)
     budget = sweep_budget(sweeps)
-    best = budget_line(budget, best_under_budget(rows, budget)) if budget else None
+    best = budget_line(budget, best_to_ship(rows, retrained, budget)) if budget else None
     plot_front(rows, png_path, f"Accuracy vs MACs: {names} ({len(rows)} trials, "
                                f"{sum(r['on_front'] for r in rows)} on the front)", budget, retrained)
     chosen = objectives(third_objective=third_objective)

@@ -147,7 +147,12 @@ def _retrained_html(rows: Sequence[dict[str, Any]], runs: Sequence[dict[str, Any
     head = ("<tr><th>front trial</th>" + ("<th>sweep</th>" if several else "") +
             "<th>KD</th><th>pruning</th><th>MACs ratio</th><th>target MACs</th><th>params</th>"
             "<th>test acc (mean &plusmn; std)</th><th>val acc (mean)</th><th>search val acc</th><th>n seeds</th>"
-            "<th>missing</th></tr>")
+            "<th>missing</th>")
+    exported = any(c.exported for c in table)
+    if exported:  # analysis/export.py trial=retrained has run: the shipped models' deployment numbers
+        head += ("<th>exported seeds</th><th>int8 test acc (mean)</th><th>kB int8</th><th>fp32 ms 1 thread (mean)</th>"
+                 "<th>int8 ms 1 thread (mean)</th>")
+    head += "</tr>"
     body = ""
     for c in table:
         test = "-" if c.test_mean is None else (f"{c.test_mean:.3f}" + ("" if c.test_std is None else
@@ -157,6 +162,11 @@ def _retrained_html(rows: Sequence[dict[str, Any]], runs: Sequence[dict[str, Any
                  format_value("params", None if c.params is None else round(c.params)), test,
                  format_value("val_acc", c.val_mean), format_value("val_acc", search_val.get((c.sweep, c.front_trial))),
                  str(c.n), str(c.missing)]
+        if exported:
+            cells += [str(c.exported), "int8 failed" if c.int8_error else format_value("val_acc", c.int8_test_mean),
+                      format_value("kb_int8", None if not c.exported or c.params is None else c.params / 1000),
+                      format_value("latency_ms_1thread", c.latency_ms),
+                      format_value("latency_ms_1thread", c.int8_latency_ms)]
         body += "<tr>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>"
     return (f"<h2>Retrained front ({len(table)} configuration{'' if len(table) == 1 else 's'})</h2>"
             f"<p>The retrain stage trained the front configurations again for {epochs} epochs with several seeds and "
@@ -165,7 +175,9 @@ def _retrained_html(rows: Sequence[dict[str, Any]], runs: Sequence[dict[str, Any
             f"{len(runs) - done} have no test accuracy yet (still running, stopped or killed) and are counted as "
             "<i>missing</i>, left out of every number. <i>search val acc</i>: what the search measured for the "
             "configuration, selected on it, so optimistic. Every run: <code>retrained.csv</code> next to this "
-            "report.</p>" + _wrapped(f"<table><thead>{head}</thead><tbody>{body}</tbody></table>"))
+            "report." + (" Deployment columns: means over the seeds <code>analysis/export.py trial=retrained</code> "
+                         "exported (ONNX Runtime, test split; latency as in <i>Deployment</i> below)." if exported
+                         else "") + "</p>" + _wrapped(f"<table><thead>{head}</thead><tbody>{body}</tbody></table>"))
 
 
 def _deployment_html(rows: Sequence[dict[str, Any]], names: str) -> str:

@@ -409,6 +409,8 @@ class FinalConfig:
     epochs: int = 15                         # epochs of each retraining run (the search's trials run 10)
     seeds: int = 3                           # seeds per configuration: train.seed = seed, seed+1, ...
     ablations: bool = True                   # also retrain each config with KD toggled and the other pruning mode
+    export: Optional[bool] = None            # then ONNX + int8 + CPU latency of the retrained front (analysis/export.py
+                                             # trial=retrained); null = only when a budget is set
 
 
 @dataclass
@@ -473,7 +475,7 @@ class AnalysisConfig(RunConfig):
     path: Any = None                         # or the sweep folder itself; a list overlays
     storage_path: str = "./runs/ray_results"
     objectives: ObjectivesConfig = field(default_factory=ObjectivesConfig)
-    trial: Any = "front"                     # evaluate.py / export.py: front | <trial_id> | [<trial_id>, ...]
+    trial: Any = "front"                     # evaluate.py / export.py: front | retrained | all | <trial_id> | [<id>, ...]
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)

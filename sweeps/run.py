@@ -115,7 +115,17 @@ def summarize(results: Any, name: str, base_config: dict[str, Any]) -> str:
     columns = table_columns(rows, several_sweeps=False)
     front = front_rows(feasible)
     best = max(feasible, key=lambda r: r["val_acc"])
-    over = f", {len(rows) - len(feasible)} over the budget" if len(feasible) < len(rows) else ""
+    over = ""
+    if len(feasible) < len(rows):
+        from sweeps.budget import measured_is_final
+
+        # pruning only lowers params: a trial stopped before its last pruning step left an unpruned model, over a
+        # params/kB budget its schedule would have met
+        early = sum(1 for t, row in zip(trials, rows) if not row["feasible"]
+                    and not measured_is_final(t.metrics, t.metrics["epoch"], t.config["train"]["epochs"]))
+        over = f", {len(rows) - len(feasible)} over the budget" + (
+            f" ({early} of them stopped by the scheduler before their last pruning step: the model they left is "
+            "unpruned)" if early else "")
     return "\n".join([f"Trials with results: {len(rows)}{over}", "", "Best by val_acc:", format_table([best], columns), "",
                       f"Pareto set (val_acc up, target MACs down), {len(front)} trials:",
                       format_table(front, columns)])
@@ -370,8 +380,10 @@ def run_sweep(name: str, base_config: dict[str, Any], sweep: dict[str, Any], sto
     ray.shutdown()
     print(f"\nRay results: {exp_dir}\nMLflow:      {tracking_uri} (experiment {name!r})\n"
           f"      mlflow ui --backend-store-uri {tracking_uri}   # then open {runs_page(experiment_id)}\n", flush=True)
-    step("report", "front, plot, retrained numbers and conclusions")  # last: the report's file paths end the output
-    write_report(name, storage, workdir, tracking_uri)
+    export = retrain and (final["export"] if final.get("export") is not None else budget is not None)
+    step("report", ("ONNX, int8 and CPU latency of the retrained front models, then " if export else "")
+         + "front, plot, retrained numbers and conclusions")  # last: the report's file paths end the output
+    write_report(name, storage, workdir, tracking_uri, export)
 
 
 def tune_run_config(name: str, storage: str, callbacks: list[Any], reporter: Any) -> Any:
@@ -419,19 +431,23 @@ def run_final(searched: Any, trainable: Any, exp_dir: str, base_config: dict[str
     return tuner.fit()
 
 
-def write_report(name: str, storage: str, workdir: Path, tracking_uri: str) -> None:
+def write_report(name: str, storage: str, workdir: Path, tracking_uri: str, export: bool = False) -> None:
     """The analysis script (front, plot, report with the retrained numbers) run on the finished sweep, in its own
-    process: the sweep ends with the answer, and the analysis stays a separate entry point (imports flow one way)."""
+    process: the sweep ends with the answer, and the analysis stays a separate entry point (imports flow one way).
+    With `export`, analysis/export.py trial=retrained: it exports, quantizes and times the retrained front models
+    first, then writes the same files, so the report names the model to ship with its int8 and latency numbers."""
     import subprocess
 
-    command = [sys.executable, str(Path(__file__).resolve().parent.parent / "analysis" / "pareto.py"), f"name={name}",
-               f"storage_path={storage}", f"workdir={workdir}", f"mlflow.tracking_uri={tracking_uri}"]
+    script, extra = ("export.py", ["trial=retrained"]) if export else ("pareto.py", [])
+    command = [sys.executable, str(Path(__file__).resolve().parent.parent / "analysis" / script), f"name={name}",
+               f"storage_path={storage}", f"workdir={workdir}", f"mlflow.tracking_uri={tracking_uri}", *extra]
     if "://" in storage:
         print("Storage is remote; the analysis reads local folders. Copy the sweep folder here, then run:\n  "
-              + " ".join(command[1:3]) + " path=<local sweep folder>")
+              + " ".join([command[1], *extra]) + " path=<local sweep folder>")
         return
     if subprocess.run(command, check=False).returncode != 0:
-        print(f"The report failed (see above); rerun it with: python analysis/pareto.py name={name}")
+        print(f"The report failed (see above); rerun it with: python analysis/{script} name={name} "
+              + " ".join(extra))
 
 
 if __name__ == "__main__":

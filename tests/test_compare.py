@@ -246,6 +246,52 @@ def test_trial_all_selects_every_search_trial(sweep_dir):
     assert [t.trial_id for t in select_trials([sweep], "front")] == ["front1"]
 
 
+def test_trial_retrained_selects_the_finished_front_runs_of_every_seed(sweep_dir):
+    """export.py trial=retrained: the models to ship are the retrained front runs (not the ablations, not a run
+    without test accuracy)."""
+    import shutil
+
+    from analysis.pareto import select_trials
+    from analysis.results import load_sweep
+
+    assert [t.trial_id for t in select_trials([load_sweep(sweep_dir)], "retrained")] == ["ra", "rb"]
+    shutil.rmtree(sweep_dir / "final")
+    with pytest.raises(ValueError, match=r"^trial=retrained: sweep\(s\) sw have no finished retraining run yet; run "
+                                         r"python sweeps/run.py stage=final name=sw"):
+        select_trials([load_sweep(sweep_dir)], "retrained")
+
+
+def exported(test_int8: float, ms: float, int8_ms: float, int8_error: str | None = None) -> dict:
+    """The export columns (common.trial_table.export_columns) of a run analysis/export.py did."""
+    return {"onnx_bytes": 5000, "int8_test_acc": test_int8, "latency_ms_1thread": ms,
+            "int8_latency_ms_1thread": int8_ms, **({"int8_error": int8_error} if int8_error else {})}
+
+
+def test_best_to_ship_is_the_retrained_config_inside_the_budget_with_the_best_validation_mean():
+    from analysis.pareto import best_to_ship, budget_line
+
+    runs = [  # fa: 2e6 MACs, 1,000 params; fb: 1e6 MACs, 500 params, less accurate on validation
+        *[run("fa", "front", s, "off", "single", t, val=v) | exported(t - 0.01, 0.2, 0.1)
+          for s, (t, v) in enumerate([(0.70, 0.80), (0.74, 0.84)])],
+        *[run("fb", "front", s, "on", "progressive", t, 0.25, 1e6, params=500, val=v) | exported(t - 0.02, 0.1, 0.05)
+          for s, (t, v) in enumerate([(0.76, 0.60), (0.80, 0.64)])],
+        run("fa", "kd_toggled", 0, "on", "single", 0.99, val=0.99),  # an ablation is never shipped
+    ]
+    table = retrained_front_table(runs)
+    search_rows = [{"trial_id": "t1", "val_acc": 0.9, "target_macs": 1e5, "params": 100}]
+    budget = {"max_macs": 3e6, "max_params": None, "max_kb": None, "precision": "int8"}
+    best = best_to_ship(search_rows, table, budget)
+    assert best["trial_id"] == "fa" and best["val_acc"] == pytest.approx(0.82)  # validation chooses, not test
+    line = budget_line(budget, best)
+    assert line == ("Best under budget (max_macs 3e+06; int8): front configuration fa (retrained, 2 seeds; means): "
+                    "val acc 0.82, test acc fp32/int8 0.72/0.71, target MACs 2,000,000, params 1,000, kB fp32/int8 4/1, "
+                    "latency ms 1 thread fp32/int8 0.2/0.1")
+    assert best_to_ship(search_rows, table, budget | {"max_macs": 1.5e6})["trial_id"] == "fb"
+    assert best_to_ship(search_rows, table, budget | {"max_kb": 0.2})["trial_id"] == "t1"  # no retrained one fits
+    broken = retrained_front_table([r | ({"int8_error": "x"} if r["front_trial"] == "fa" else {}) for r in runs])
+    assert best_to_ship(search_rows, broken, budget)["trial_id"] == "fb"  # fa cannot ship as int8
+
+
 def test_load_retrained_is_empty_before_the_retrain_stage(sweep_dir):
     import shutil
 

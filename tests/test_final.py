@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -126,7 +127,8 @@ def test_stage_final_retrains_seeds_x_roles_in_mlflow_and_resumes_after_a_kill(s
     workdir = searched
     exp_dir = workdir / "ray_results" / "s"
     search_runs = stage_runs(workdir, "search")
-    driver = subprocess.Popen(sweep_cmd(workdir, "stage=final", "name=s", *FINAL, "resources.max_concurrent_trials=1"),
+    driver = subprocess.Popen(sweep_cmd(workdir, "stage=final", "name=s", *FINAL, "resources.max_concurrent_trials=1",
+                                        "final.export=true"),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT, start_new_session=True)
     deadline = time.time() + 400
     try:
@@ -168,3 +170,13 @@ def test_stage_final_retrains_seeds_x_roles_in_mlflow_and_resumes_after_a_kill(s
     # the sweep ends with the answer: the report's files, paths printed
     for name in ("pareto.png", "report.html", "pareto.csv"):
         assert (exp_dir / name).is_file() and str(exp_dir / name) in out.stdout
+    # final.export=true (kept by the resume): every finished seed of the retrained front exported, int8, timed
+    front_runs = {r["trial_id"] for r in runs.values() if r["config"]["grid_point"]["retrain.role"] == "front"}
+    manifest = json.loads((exp_dir / "export" / "export.json").read_text())
+    assert set(manifest) == front_runs
+    assert all(Path(e["int8"]["onnx"]).is_file() and e["latency"]["int8"]["runs"] == 100 for e in manifest.values())
+    assert "ONNX, int8 and CPU latency of the retrained front models" in out.stdout
+    assert "exported seeds" in (exp_dir / "report.html").read_text()
+    with (exp_dir / "retrained.csv").open() as f:
+        exported = [row for row in csv.DictReader(f) if row["int8_test_acc"]]
+    assert {row["trial_id"] for row in exported} == front_runs
