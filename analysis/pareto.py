@@ -359,7 +359,8 @@ def main(cfg: DictConfig) -> None:
     analysis = analyse(sweeps, third, config["mlflow"]["tracking_uri"])
     print("\n" + summary(analysis, config["mlflow"]["tracking_uri"], sweeps[0].name, next_steps=(
         "Next: python analysis/evaluate.py (same name=/path=): test-set accuracy of the front models; "
-        "python analysis/export.py trial=front: ONNX files, int8 versions and CPU latency")))
+        "python analysis/export.py trial=retrained (the retrained front; trial=front: the search's): ONNX files, "
+        "int8 versions and CPU latency")))
 
 
 if __name__ == "__main__":
