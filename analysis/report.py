@@ -181,11 +181,13 @@ def _retrained_html(rows: Sequence[dict[str, Any]], runs: Sequence[dict[str, Any
 
 
 def _deployment_html(rows: Sequence[dict[str, Any]], names: str) -> str:
-    """How the deployment columns (analysis/export.py) were measured, and one line per model it could not do."""
+    """How the deployment columns (analysis/export.py) were measured, and one line per model it could not do;
+    `rows`: search trials and retrained runs alike."""
     exported = [r for r in rows if r.get("onnx_bytes") is not None or r.get("export_error")]
     if not exported:
         return ("<h2>Deployment</h2><p>No deployment numbers yet (precision, kB, int8 accuracy, CPU latency): run "
-                f"<code>python analysis/export.py name={html.escape(names)} trial=front</code>.</p>")
+                f"<code>python analysis/export.py name={html.escape(names)} trial=retrained</code> (the retrained "
+                "front) or <code>trial=front</code> (the search's front).</p>")
     methods = sorted({r["int8_method"] for r in exported if r.get("int8_method")})
     cpus = sorted({r["latency_cpu"] for r in exported if r.get("latency_cpu")})
     timed = next((r for r in exported if r.get("latency_cpu")), None)
@@ -261,7 +263,7 @@ compare.</p>
 {_html_table(front, table_columns(rows, len(sweeps) > 1))}
 {_retrained_html(rows, retrained_runs, sweeps)}
 {_conclusions_html(rows, retrained_runs, comparisons, sweeps)}
-{_deployment_html(rows, names)}
+{_deployment_html([*rows, *retrained_runs], names)}
 <p>All trials: <code>pareto.csv</code> next to this report.</p>
 </body></html>
 """

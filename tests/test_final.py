@@ -176,7 +176,9 @@ def test_stage_final_retrains_seeds_x_roles_in_mlflow_and_resumes_after_a_kill(s
     assert set(manifest) == front_runs
     assert all(Path(e["int8"]["onnx"]).is_file() and e["latency"]["int8"]["runs"] == 100 for e in manifest.values())
     assert "ONNX, int8 and CPU latency of the retrained front models" in out.stdout
-    assert "exported seeds" in (exp_dir / "report.html").read_text()
+    report = (exp_dir / "report.html").read_text()
+    assert "exported seeds" in report and "No deployment numbers yet" not in report
+    assert f"From <code>analysis/export.py</code> ({len(front_runs)} model(s))" in report
     with (exp_dir / "retrained.csv").open() as f:
         exported = [row for row in csv.DictReader(f) if row["int8_test_acc"]]
     assert {row["trial_id"] for row in exported} == front_runs
