@@ -281,11 +281,16 @@ def main(cfg: DictConfig) -> None:
             except Exception as err:  # one failing model must not stop the other exports
                 log.error("trial %s not exported: %s", trial.trial_id, err)
                 exports[trial.trial_id] = {"onnx": None, "error": one_line(err)}
+            retrained_from = (trial.config.get("retrain") or {}).get("front_trial")
             rows.append({"trial_id": trial.trial_id, "sweep": sweep.name, "val_acc": trial.metrics["val_acc"],
                          "macs": trial.metrics["macs"], **exports[trial.trial_id],
-                         **export_columns(exports[trial.trial_id])})
+                         **export_columns(exports[trial.trial_id]),
+                         **({"front_trial": str(retrained_from), "seed": trial.config["train"]["seed"]}
+                            if retrained_from else {})})
         write_manifest(out_dir, exports)
-    columns = [("trial_id", "trial"), ("sweep", "sweep"), ("val_acc", "val acc"), ("macs", "measured MACs"),
+    retrained_columns = [("front_trial", "retrains"), ("seed", "seed")] if any("seed" in r for r in rows) else []
+    columns = [("trial_id", "trial"), *retrained_columns, ("sweep", "sweep"), ("val_acc", "val acc"),
+               ("macs", "measured MACs"),
                ("params", "params"), ("kb_fp32", "kB fp32"), ("kb_int8", "kB int8"), ("bytes", "ONNX bytes"),
                ("int8_onnx_bytes", "int8 bytes"), ("max_abs_diff_random", "diff random"),
                ("max_abs_diff_real", "diff real"), ("fp32_test_acc", "fp32 test acc"),

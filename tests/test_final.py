@@ -176,6 +176,11 @@ def test_stage_final_retrains_seeds_x_roles_in_mlflow_and_resumes_after_a_kill(s
     assert set(manifest) == front_runs
     assert all(Path(e["int8"]["onnx"]).is_file() and e["latency"]["int8"]["runs"] == 100 for e in manifest.values())
     assert "ONNX, int8 and CPU latency of the retrained front models" in out.stdout
+    table = out.stdout.split("ONNX export (opset")[1].splitlines()
+    assert table[1].split()[:3] == ["trial", "retrains", "seed"]  # which configuration and seed each model is
+    assert {(line.split()[1], int(line.split()[2])) for line in table[2:2 + len(front_runs)]} == {
+        (r["config"]["grid_point"]["retrain.front_trial"], r["config"]["grid_point"]["train.seed"])
+        for r in runs.values() if r["trial_id"] in front_runs}
     report = (exp_dir / "report.html").read_text()
     assert "exported seeds" in report and "No deployment numbers yet" not in report
     assert f"From <code>analysis/export.py</code> ({len(front_runs)} model(s))" in report
