@@ -104,11 +104,11 @@ def one_line(err: BaseException, limit: int = 400) -> str:
 
 def export_trial(trial: Trial, data: WaveformData, out_dir: Path, opset: int, tolerance: float,
                  quant: dict[str, Any] | None = None, latency: dict[str, Any] | None = None,
-                 seed: int = 0) -> dict[str, Any]:
+                 seed: int = 0, device: str = "auto") -> dict[str, Any]:
     """Export one trial's last checkpoint; the .onnx file only appears once parity holds. Then, when `quant`
     (the quant.* keys) enables it, its int8 version, fp32/int8 test accuracy under ONNX Runtime, and, when `latency`
     (latency.* keys) is given, CPU latency of both. An int8 or latency failure is recorded in the entry (error),
-    never raised: the fp32 export stands."""
+    never raised: the fp32 export stands. `device` (the run's device= key) is where a QAT fine-tune trains."""
     import onnx
     import onnxruntime
 
@@ -153,9 +153,9 @@ def export_trial(trial: Trial, data: WaveformData, out_dir: Path, opset: int, to
 
         def qat(tuned_path: Path) -> dict[str, Any]:
             """Fine-tune a copy of the model under simulated int8 and export it (fp32) to `tuned_path`."""
-            device = pick_device(ckpt["config"].get("device", "auto"))
-            tuned = restore_model(ckpt, device)
-            pipeline = make_pipeline(data, "train", feats, device, trial.config["workdir"])
+            where = pick_device(device)
+            tuned = restore_model(ckpt, where)
+            pipeline = make_pipeline(data, "train", feats, where, trial.config["workdir"])
             history = qat_finetune(tuned, pipeline, quant["qat_epochs"], quant["qat_lr"],
                                    ckpt["config"]["train"]["batch_size"], seed)
             export_onnx(tuned.cpu(), input_shape, tuned_path, opset)
@@ -181,7 +181,12 @@ def int8_entry(fp32_path: Path, int8_path: Path, calibration: Callable[[], np.nd
     and writes to path (fp32 ONNX), and its record goes into the entry as "qat"."""
     tuned_path = int8_path.with_name(f".{int8_path.stem}.{os.getpid()}.qat.onnx")
     try:
-        qat_record = qat(tuned_path) if qat else None
+        try:
+            qat_record = qat(tuned_path) if qat else None
+        except Exception as err:  # not the quantizer's doing: say so, with no operator list
+            int8_path.unlink(missing_ok=True)
+            log.debug("QAT of %s failed", fp32_path, exc_info=True)
+            return {"onnx": None, "ops_in_fp32": [], "error": f"quantization-aware fine-tune failed: {one_line(err)}"}
         done = quantize_onnx(tuned_path if qat else fp32_path, int8_path, calibration())
         scores = compare_models(fp32_path, int8_path, test_x, test_y)
         return done | {"test_acc": scores["int8_acc"], "fp32_test_acc": scores["fp32_acc"],
@@ -218,9 +223,9 @@ def problem_lines(rows: list[dict[str, Any]]) -> list[str]:
             continue
         int8 = row.get("int8") or {}
         if int8.get("error"):
-            ops = ", ".join(int8.get("ops_in_fp32") or []) or "none"
-            lines.append(f"trial {row['trial_id']}: int8 not exported, fp32 kept: {int8['error']} "
-                         f"(operators the quantizer has no int8 form for: {ops})")
+            ops = ", ".join(int8.get("ops_in_fp32") or [])
+            lines.append(f"trial {row['trial_id']}: int8 not exported, fp32 kept: {int8['error']}"
+                         + (f" (operators the quantizer has no int8 form for: {ops})" if ops else ""))
         if (row.get("latency") or {}).get("error"):
             lines.append(f"trial {row['trial_id']}: latency not measured: {row['latency']['error']}")
     return lines
@@ -269,7 +274,7 @@ def main(cfg: DictConfig) -> None:
         for trial in trials:
             try:
                 exports[trial.trial_id] = done = export_trial(trial, data, out_dir, opset, tolerance, quant, latency,
-                                                              config["seed"])
+                                                              config["seed"], config["device"])
                 print(f"exported {done['onnx']}: {done['bytes']} bytes; max |onnxruntime - torch| "
                       f"random {done['max_abs_diff_random']:.2e}, real {done['max_abs_diff_real']:.2e}")
                 int8 = done["int8"] or {}

@@ -74,7 +74,7 @@ def retrained_front_runs(sweeps: Sequence[Sweep]) -> list[Trial]:
     runs = [run for s in sweeps for run in load_retrained(s)
             if str(run.config["retrain"]["role"]) == FRONT and finished(retrained_row(run))]
     if not runs:
-        names = ",".join(s.name for s in sweeps)
+        names = sweeps[0].name if len(sweeps) == 1 else f"[{','.join(s.name for s in sweeps)}]"
         raise ValueError(f"trial=retrained: sweep(s) {names} have no finished retraining run yet; run "
                          f"python sweeps/run.py stage=final name={names} (or resume=true to finish it) first.")
     return sorted(runs, key=lambda t: (t.metrics[MACS], str(t.config["retrain"]["front_trial"]),

@@ -186,8 +186,8 @@ def _deployment_html(rows: Sequence[dict[str, Any]], names: str) -> str:
     exported = [r for r in rows if r.get("onnx_bytes") is not None or r.get("export_error")]
     if not exported:
         return ("<h2>Deployment</h2><p>No deployment numbers yet (precision, kB, int8 accuracy, CPU latency): run "
-                f"<code>python analysis/export.py name={html.escape(names)} trial=retrained</code> (the retrained "
-                "front) or <code>trial=front</code> (the search's front).</p>")
+                f"<code>python analysis/export.py name={html.escape(names)} trial=front</code> (the search's front), "
+                "or <code>trial=retrained</code> once the retrain stage has run (the models to ship).</p>")
     methods = sorted({r["int8_method"] for r in exported if r.get("int8_method")})
     cpus = sorted({r["latency_cpu"] for r in exported if r.get("latency_cpu")})
     timed = next((r for r in exported if r.get("latency_cpu")), None)

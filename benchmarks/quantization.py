@@ -43,7 +43,8 @@ def ensure_exported(config: dict[str, Any]) -> list[tuple[Any, dict[str, Any]]]:
                 try:
                     fresh[trial.trial_id] = export_trial(trial, data, sweep.path / EXPORT_DIR,
                                                          config["export"]["opset"], config["export"]["tolerance"],
-                                                         config["quant"] | {"enabled": True}, None, config["seed"])
+                                                         config["quant"] | {"enabled": True}, None, config["seed"],
+                                                         config["device"])
                 except Exception as err:  # reported below; the other models go on
                     fresh[trial.trial_id] = {"onnx": None, "error": f"{type(err).__name__}: {err}"}
             write_manifest(sweep.path / EXPORT_DIR, fresh)

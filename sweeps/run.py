@@ -121,7 +121,9 @@ def summarize(results: Any, name: str, base_config: dict[str, Any]) -> str:
 
         # pruning only lowers params: a trial stopped before its last pruning step left an unpruned model, over a
         # params/kB budget its schedule would have met
-        early = sum(1 for t, row in zip(trials, rows) if not row["feasible"]
+        early = sum(1 for t, row in zip(trials, rows) if not row["feasible"] and t.status == "stopped"
+                    and t.config["pruning"]["mode"] in ("single", "progressive")
+                    and t.metrics.get("constraint_max_macs", -1.0) <= 0  # over on params/kB only
                     and not measured_is_final(t.metrics, t.metrics["epoch"], t.config["train"]["epochs"]))
         over = f", {len(rows) - len(feasible)} over the budget" + (
             f" ({early} of them stopped by the scheduler before their last pruning step: the model they left is "
@@ -434,20 +436,30 @@ def run_final(searched: Any, trainable: Any, exp_dir: str, base_config: dict[str
 def write_report(name: str, storage: str, workdir: Path, tracking_uri: str, export: bool = False) -> None:
     """The analysis script (front, plot, report with the retrained numbers) run on the finished sweep, in its own
     process: the sweep ends with the answer, and the analysis stays a separate entry point (imports flow one way).
-    With `export`, analysis/export.py trial=retrained: it exports, quantizes and times the retrained front models
-    first, then writes the same files, so the report names the model to ship with its int8 and latency numbers."""
+    With `export`, analysis/export.py trial=retrained first: it exports, quantizes and times the retrained front models,
+    then writes the same files, so the report names the model to ship with its int8 and latency numbers. It exits 1
+    when some model was not exported (the report is written, the lines above say which) and 2 when it could not start
+    (e.g. no retraining run finished); then pareto.py still writes the report."""
     import subprocess
 
-    script, extra = ("export.py", ["trial=retrained"]) if export else ("pareto.py", [])
-    command = [sys.executable, str(Path(__file__).resolve().parent.parent / "analysis" / script), f"name={name}",
-               f"storage_path={storage}", f"workdir={workdir}", f"mlflow.tracking_uri={tracking_uri}", *extra]
+    analysis = Path(__file__).resolve().parent.parent / "analysis"
+    keys = [f"name={name}", f"storage_path={storage}", f"workdir={workdir}", f"mlflow.tracking_uri={tracking_uri}"]
     if "://" in storage:
         print("Storage is remote; the analysis reads local folders. Copy the sweep folder here, then run:\n  "
-              + " ".join([command[1], *extra]) + " path=<local sweep folder>")
+              f"python analysis/{'export.py trial=retrained' if export else 'pareto.py'} path=<local sweep folder>")
         return
-    if subprocess.run(command, check=False).returncode != 0:
-        print(f"The report failed (see above); rerun it with: python analysis/{script} name={name} "
-              + " ".join(extra))
+    if export:
+        code = subprocess.run([sys.executable, str(analysis / "export.py"), *keys, "trial=retrained"]).returncode
+        if code == 0:
+            return
+        if code == 1:
+            print(f"Some retrained models were not exported (lines above); the report is written. Retry them with: "
+                  f"python analysis/export.py name={name} trial=retrained")
+            return
+        print(f"The export of the retrained models failed (see above); writing the report without it. Retry with: "
+              f"python analysis/export.py name={name} trial=retrained")
+    if subprocess.run([sys.executable, str(analysis / "pareto.py"), *keys]).returncode != 0:
+        print(f"The report failed (see above); rerun it with: python analysis/pareto.py name={name}")
 
 
 if __name__ == "__main__":

@@ -273,17 +273,18 @@ def test_sweep_summary_counts_over_budget_trials_and_those_stopped_before_their_
 
     epochs = quick_base["train"]["epochs"]
 
-    def result(trial_id, epoch, feasible, pruning_step, val):
+    def result(trial_id, epoch, feasible, pruning_step, val, macs_constraint=-0.5):
         metrics = {"trial_id": trial_id, "epoch": epoch, "val_acc": val, "val_macro_f1": val, "feasible": feasible,
-                   "target_macs": 1e6,
-                   "macs": 1e6, "params": 50_000, "pruning_step": pruning_step, "pruning_steps": 1}
-        return SimpleNamespace(metrics=metrics, config={}, error=None, path="/nonexistent")
+                   "target_macs": 1e6, "macs": 1e6, "params": 50_000, "pruning_step": pruning_step,
+                   "pruning_steps": 1, "constraint_max_macs": macs_constraint}
+        return SimpleNamespace(metrics=metrics, config={"pruning.mode": "single"}, error=None, path="/nonexistent")
 
     results = [result("done", epochs, 1, 1, 0.5),            # finished inside the budget
                result("big", epochs, 0, 1, 0.9),             # finished, measured over the budget
-               result("early", 1, 0, 0, 0.3)]                # stopped before its pruning step: params not final
+               result("early", 1, 0, 0, 0.3),                # stopped before its pruning step: params not final
+               result("wide", 1, 0, 0, 0.2, 0.5)]            # stopped early, but over the MACs budget anyway
     text = summarize(results, "s", quick_base)
-    assert text.startswith("Trials with results: 3, 2 over the budget (1 of them stopped by the scheduler before "
+    assert text.startswith("Trials with results: 4, 3 over the budget (1 of them stopped by the scheduler before "
                            "their last pruning step: the model they left is unpruned)")
     best = text.split("Best by val_acc:\n")[1].split("\n\n")[0].splitlines()
     assert len(best) == 2 and best[1].lstrip().startswith("done")  # "big" is more accurate but over the budget

@@ -187,3 +187,30 @@ def test_stage_final_retrains_seeds_x_roles_in_mlflow_and_resumes_after_a_kill(s
     with (exp_dir / "retrained.csv").open() as f:
         exported = [row for row in csv.DictReader(f) if row["int8_test_acc"]]
     assert {row["trial_id"] for row in exported} == front_runs
+
+
+@pytest.mark.parametrize("export_code, scripts, message", [
+    (0, ["export.py"], None),
+    (1, ["export.py"], "Some retrained models were not exported (lines above); the report is written."),
+    (2, ["export.py", "pareto.py"], "The export of the retrained models failed (see above); writing the report "
+                                    "without it."),
+])
+def test_a_sweep_that_exports_still_ends_with_its_report(monkeypatch, capsys, tmp_path, export_code, scripts,
+                                                           message):
+    from sweeps.run import write_report
+
+    ran = []
+
+    def fake_run(command, **kwargs):
+        ran.append(Path(command[1]).name)
+        assert f"name=s" in command and ("trial=retrained" in command) == (ran[-1] == "export.py")
+        return SimpleNamespace(returncode=export_code if ran[-1] == "export.py" else 0)
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    write_report("s", str(tmp_path), tmp_path, "sqlite:///x.db", export=True)
+    assert ran == scripts
+    out = capsys.readouterr().out
+    assert (message in out) if message else out == ""
+    ran.clear()
+    write_report("s", str(tmp_path), tmp_path, "sqlite:///x.db", export=False)
+    assert ran == ["pareto.py"]

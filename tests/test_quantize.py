@@ -248,6 +248,8 @@ def test_third_objective_latency_needs_measurements_then_ranks_on_them(tmp_path)
 
 
 def test_qat_simulates_ort_int8_grids_then_leaves_a_plain_fp32_model():
+    import onnx
+    from onnxruntime.quantization.quant_utils import compute_scale_zp, get_qmin_qmax_for_qType
     from torch.nn.utils import parametrize
 
     from trainable.models import create_student
@@ -261,11 +263,15 @@ def test_qat_simulates_ort_int8_grids_then_leaves_a_plain_fp32_model():
         plain = model(x)
         with simulated_int8(model):
             for layer in quantized_layers(model):
-                w = layer.weight  # the fake-quantized weight the forward pass uses; its grid, from the latent one:
-                scale = layer.parametrizations.weight.original.detach().abs().flatten(1).amax(1) / 127.5
-                steps = w.detach() / scale.view(-1, *[1] * (w.dim() - 1))
-                assert torch.allclose(steps, steps.round(), atol=1e-3)  # on ORT's symmetric per-channel int8 grid
-                assert steps.abs().max() <= 128
+                latent = layer.parametrizations.weight.original.detach().numpy()
+                # what ONNX Runtime's quantizer makes of it: symmetric QInt8 per output channel, its own functions
+                qmin, qmax = get_qmin_qmax_for_qType(onnx.TensorProto.INT8, symmetric=True)
+                expected = np.empty_like(latent)
+                for c, channel in enumerate(latent):
+                    absmax = np.abs(channel).max()
+                    _, scale = compute_scale_zp(-absmax, absmax, qmin, qmax, symmetric=True)
+                    expected[c] = np.clip(np.round(channel / scale), qmin, qmax) * scale
+                np.testing.assert_allclose(layer.weight.detach().numpy(), expected, rtol=1e-5, atol=1e-7)
             simulated = model(x)
         assert not torch.allclose(simulated, plain, rtol=1e-2, atol=0)  # the rounding is really applied
         assert torch.equal(model(x), plain)  # and gone afterwards, latent weights untouched
@@ -308,3 +314,44 @@ def test_qat_finetune_changes_weights_and_records_epochs():
     assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith("weight"))
     with pytest.raises(ValueError, match="quant.qat_epochs=0"):
         qat_finetune(model, Pipeline(16), epochs=0, lr=1e-3, batch_size=8)
+    with torch.no_grad():  # unstructured pruning's zeros stay zero through QAT
+        model.classifier[-1].weight[:, ::2] = 0.0
+    qat_finetune(model, Pipeline(16), epochs=1, lr=1e-2, batch_size=8)
+    assert (model.classifier[-1].weight[:, ::2] == 0).all() and (model.classifier[-1].weight[:, 1::2] != 0).any()
+
+
+def test_with_qat_the_int8_model_is_quantized_from_the_fine_tuned_model(fp32_model):
+    import onnx
+    from onnx import numpy_helper
+
+    from analysis.export import int8_entry
+
+    fp32_path, features, labels = fp32_model
+    stem = next(n for n in onnx.load(str(fp32_path)).graph.node if n.op_type == "Conv").input[1]
+
+    def negated_stem(tuned_path):  # stands in for a fine-tune: a recognisably different fp32 model
+        model = onnx.load(str(fp32_path))
+        weight = next(i for i in model.graph.initializer if i.name == stem)
+        weight.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(weight), stem))
+        onnx.save(model, str(tuned_path))
+        return {"epochs": 1}
+
+    def stem_int8(path):
+        return next(numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer
+                    if i.name == f"{stem}_quantized")
+
+    plain = int8_entry(fp32_path, fp32_path.with_name("ptq.int8.onnx"), lambda: features[:8], features[8:], labels[8:])
+    tuned = int8_entry(fp32_path, fp32_path.with_name("qat.int8.onnx"), lambda: features[:8], features[8:],
+                       labels[8:], negated_stem)
+    assert plain["error"] is None and tuned["error"] is None and tuned["qat"] == {"epochs": 1}
+    np.testing.assert_array_equal(stem_int8(tuned["onnx"]), -stem_int8(plain["onnx"]))
+    assert not list(fp32_path.parent.glob(".*"))  # the fine-tuned intermediate model is removed
+
+    def failing(tuned_path):
+        raise RuntimeError("CUDA error: no kernel image is available")
+
+    failed = int8_entry(fp32_path, fp32_path.with_name("fail.int8.onnx"), lambda: features[:8], features[8:],
+                        labels[8:], failing)
+    assert failed == {"onnx": None, "ops_in_fp32": [],
+                      "error": "quantization-aware fine-tune failed: RuntimeError: CUDA error: no kernel image is "
+                               "available"}

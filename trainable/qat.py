@@ -3,15 +3,17 @@ the int8 grid of analysis/quantize.py puts them before ONNX Runtime quantizes th
 
 What is simulated, and why it matches what ships:
 
-* every Conv2d/Linear weight is fake-quantized the way ONNX Runtime's quantizer does it (int8, per output channel,
-  symmetric, scale = max|w| / 127.5 from the current weights, every step). ONNX Runtime folds BatchNorm into the
+* every Conv2d/Linear weight is fake-quantized the way ONNX Runtime's quantizer does it for symmetric QInt8 weights
+  (per output channel, values in [-127, 127], scale = max|w| / 127 from the current weights, every step; see
+  onnxruntime.quantization.quant_utils.ONNX_INT_TYPE_SYMMETRIC_RANGE). ONNX Runtime folds BatchNorm into the
   convolution before quantizing; folding multiplies each output channel by one constant, and a symmetric per-channel
   grid scales with it, so the grid simulated here on the unfolded weight is the one that ships;
 * the input of every Conv2d/Linear is fake-quantized to 8 bits per tensor with PyTorch's own `FakeQuantize`
   (moving-average min/max observer), the activations whose rounding costs accuracy.
 
 Gradients pass the rounding straight through (PyTorch's fake-quantize ops). The fine-tune minimises cross-entropy on
-the train split's labels (no teacher), AdamW at `lr` with cosine decay to zero. Afterwards the simulation is removed
+the train split's labels (no teacher), AdamW at `lr` with cosine decay to zero; weights that are exactly zero
+(unstructured pruning) stay zero. Afterwards the simulation is removed
 and the model is an ordinary fp32 model again, with the fine-tuned weights: analysis/export.py exports it and ONNX
 Runtime's static quantizer (calibrated as without QAT) writes the int8 model from it.
 """
@@ -34,7 +36,7 @@ from trainable.features.pipeline import FeaturePipeline
 
 log = logging.getLogger(__name__)
 
-WEIGHT_QMIN, WEIGHT_QMAX = -128, 127  # int8, symmetric: ONNX Runtime's QInt8 weights
+WEIGHT_QMIN, WEIGHT_QMAX = -127, 127  # ONNX Runtime's symmetric QInt8 weight range
 
 
 class PerChannelWeightFakeQuant(nn.Module):
@@ -42,7 +44,7 @@ class PerChannelWeightFakeQuant(nn.Module):
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         absmax = weight.detach().abs().flatten(1).amax(1).clamp_min(1e-12)
-        scale = absmax / ((WEIGHT_QMAX - WEIGHT_QMIN) / 2)
+        scale = absmax / WEIGHT_QMAX
         zero_point = torch.zeros_like(scale, dtype=torch.int32)
         return torch.fake_quantize_per_channel_affine(weight, scale, zero_point, 0, WEIGHT_QMIN, WEIGHT_QMAX)
 
@@ -76,12 +78,20 @@ def simulated_int8(model: nn.Module) -> Iterator[nn.Module]:
                 del layer.input_fake_quant
 
 
+def _latent_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Conv/Linear weights as trained: under `simulated_int8`, the unrounded ones behind the parametrization."""
+    layers = {name: layer for name, layer in model.named_modules() if isinstance(layer, (nn.Conv2d, nn.Linear))}
+    return {name: (layer.parametrizations.weight.original if parametrize.is_parametrized(layer, "weight")
+                   else layer.weight) for name, layer in layers.items()}
+
+
 def qat_finetune(model: nn.Module, pipeline: FeaturePipeline, epochs: int, lr: float, batch_size: int,
                  seed: int = 0) -> list[dict[str, Any]]:
     """Fine-tune `model` in place for `epochs` epochs under simulated int8; returns per-epoch train loss/accuracy."""
     if epochs < 1:
         raise ValueError(f"quant.qat_epochs={epochs}: QAT needs at least 1 epoch")
     generator = torch.Generator().manual_seed(seed)
+    zeros = {name: weight == 0 for name, weight in _latent_weights(model).items()}  # unstructured pruning's zeros
     batch_size = min(batch_size, len(pipeline))
     total_steps = max(1, epochs * pipeline.num_batches(batch_size, drop_last=True))
     history, step = [], 0
@@ -98,6 +108,9 @@ def qat_finetune(model: nn.Module, pipeline: FeaturePipeline, epochs: int, lr: f
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                with torch.no_grad():
+                    for name, weight in _latent_weights(model).items():
+                        weight.masked_fill_(zeros[name], 0.0)
                 step += 1
                 loss_sum += loss.item() * len(batch.labels)
                 correct += int((logits.argmax(1) == batch.labels).sum())
