@@ -54,6 +54,11 @@ def read_exports(sweep_dir: Path) -> dict[str, dict[str, Any]]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def exports_by_trial(sweeps: Sequence[Sweep]) -> dict[tuple[str, str], dict[str, Any]]:
+    """(sweep name, trial_id) -> what analysis/export.py recorded, over every sweep (search and retrained runs)."""
+    return {(s.name, trial_id): e for s in sweeps for trial_id, e in read_exports(s.path).items()}
+
+
 def require_latency(values: Sequence[Mapping[str, Any]], sweeps: Sequence[Sweep], third_objective: str | None) -> None:
     """objectives.third_objective=latency needs measured latencies: a clear error while there are none."""
     if third_objective != "latency" or any(_number(v.get(LATENCY)) for v in values):
@@ -95,7 +100,7 @@ def select_trials(sweeps: Sequence[Sweep], which: str | list[str], third_objecti
     if which == "front":
         values = [t.metrics for t in trials]
         if third_objective == "latency":
-            exports = {(s.name, trial_id): e for s in sweeps for trial_id, e in read_exports(s.path).items()}
+            exports = exports_by_trial(sweeps)
             values = [t.metrics | export_columns(exports.get((t.sweep, t.trial_id))) for t in trials]
             require_latency(values, sweeps, third_objective)
         on_front = front_mask(values, objectives(third_objective=third_objective))
@@ -134,7 +139,7 @@ def build_rows(sweeps: Sequence[Sweep], third_objective: str | None = None) -> l
     over the trials whose latency has been measured; the others are never on the front)."""
     trials = [t for s in sweeps for t in s.trials]
     evaluations = {(s.name, trial_id): ev for s in sweeps for trial_id, ev in read_evaluations(s.path).items()}
-    exports = {(s.name, trial_id): e for s in sweeps for trial_id, e in read_exports(s.path).items()}
+    exports = exports_by_trial(sweeps)
     rows = [trial_row(t, evaluations.get((t.sweep, t.trial_id)), exports.get((t.sweep, t.trial_id))) for t in trials]
     require_latency(rows, sweeps, third_objective)
     for row, on_front in zip(rows, front_mask(rows, objectives(third_objective=third_objective))):
@@ -246,7 +251,7 @@ def analyse(sweeps: Sequence[Sweep], third_objective: str | None, tracking_uri: 
     """Write pareto.csv, pareto.png, report.html (and retrained.csv once the retrain stage has runs) into the first
     sweep's folder and log them to MLflow."""
     rows = build_rows(sweeps, third_objective)
-    exports = {(s.name, trial_id): e for s in sweeps for trial_id, e in read_exports(s.path).items()}
+    exports = exports_by_trial(sweeps)
     retrained_runs = [retrained_row(run) | export_columns(exports.get((s.name, run.trial_id)))
                       for s in sweeps for run in load_retrained(s)]
     retrained = retrained_front_table(retrained_runs)

@@ -78,20 +78,15 @@ def simulated_int8(model: nn.Module) -> Iterator[nn.Module]:
                 del layer.input_fake_quant
 
 
-def _latent_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Conv/Linear weights as trained: under `simulated_int8`, the unrounded ones behind the parametrization."""
-    layers = {name: layer for name, layer in model.named_modules() if isinstance(layer, (nn.Conv2d, nn.Linear))}
-    return {name: (layer.parametrizations.weight.original if parametrize.is_parametrized(layer, "weight")
-                   else layer.weight) for name, layer in layers.items()}
-
-
 def qat_finetune(model: nn.Module, pipeline: FeaturePipeline, epochs: int, lr: float, batch_size: int,
                  seed: int = 0) -> list[dict[str, Any]]:
     """Fine-tune `model` in place for `epochs` epochs under simulated int8; returns per-epoch train loss/accuracy."""
     if epochs < 1:
         raise ValueError(f"quant.qat_epochs={epochs}: QAT needs at least 1 epoch")
     generator = torch.Generator().manual_seed(seed)
-    zeros = {name: weight == 0 for name, weight in _latent_weights(model).items()}  # unstructured pruning's zeros
+    # unstructured pruning's zeros stay zero: masks of the layers that have any, on the very Parameters that the
+    # parametrization trains (it keeps the original tensor as `parametrizations.weight.original`)
+    pruned = [(layer.weight, layer.weight == 0) for layer in quantized_layers(model) if (layer.weight == 0).any()]
     batch_size = min(batch_size, len(pipeline))
     total_steps = max(1, epochs * pipeline.num_batches(batch_size, drop_last=True))
     history, step = [], 0
@@ -109,8 +104,8 @@ def qat_finetune(model: nn.Module, pipeline: FeaturePipeline, epochs: int, lr: f
                 loss.backward()
                 optimizer.step()
                 with torch.no_grad():
-                    for name, weight in _latent_weights(model).items():
-                        weight.masked_fill_(zeros[name], 0.0)
+                    for weight, zero in pruned:
+                        weight.masked_fill_(zero, 0.0)
                 step += 1
                 loss_sum += loss.item() * len(batch.labels)
                 correct += int((logits.argmax(1) == batch.labels).sum())
