@@ -19,5 +19,6 @@ run: $(STAMP)
 data: $(STAMP)
 	$(PY) data_prep/build.py
 
-test: $(STAMP)
+test: $(STAMP)  # lint first (seconds), then every test; the inner loop is `$(PY) -m pytest -m "not slow"`
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
