@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -11,28 +12,48 @@ from typing import Any
 
 import numpy as np
 
-from data_prep.layout import FAMILIES, NSYNTH_SECONDS, SPLITS, NoteRecord, read_layout
-from data_prep.sources import materialize
-from data_prep.splits import check_families, select
+from data_prep.layout import FAMILIES, NSYNTH_SECONDS, SPLITS, NoteRecord, read_layout, read_split
+from data_prep.sources import check_local_nsynth, materialize
+from data_prep.splits import check_families, check_split_caps, select
 from data_prep.waveform_cache import WaveformData, build_waveform_cache
 
 log = logging.getLogger(__name__)
 
 
-def prepare_data(data_cfg: Mapping[str, Any], workdir: str | Path) -> WaveformData:
+def check_data(data_cfg: Mapping[str, Any]) -> None:
+    """Every data setting that can be refused, refused before any rendering, download or decoding."""
+    check_families(data_cfg["families"])
+    check_split_caps(data_cfg.get("split_caps"))
+    for key in ("per_family", "max_total_size_mb", "prep_workers"):
+        value = data_cfg.get(key)
+        if value is not None and value <= 0:
+            raise ValueError(f"data.{key}={value} must be > 0, or null for no limit"
+                             + (" (all CPUs)." if key == "prep_workers" else "."))
+    if data_cfg["source"] == "nsynth" and not data_cfg.get("hf_id"):
+        check_local_nsynth(Path(data_cfg["root"]))
+        for split in SPLITS:
+            read_split(data_cfg["root"], split)  # an examples.json that does not parse: one line, now
+
+
+def prepare_data(data_cfg: Mapping[str, Any], workdir: str | Path, *, sample_rate: int | None = None,
+                 clip_seconds: float | None = None) -> WaveformData:
     """Materialise the source into the NSynth layout (only what is missing) and return its waveform cache.
 
     Class indices follow the order of data.families; the mapping is saved as classes.json in the cache.
+    `sample_rate` / `clip_seconds` override data.* for a consumer with its own front-end (a teacher at 32 kHz):
+    the same notes decoded again from the original wavs, cached separately.
     """
+    check_data(data_cfg)
     families = check_families(data_cfg["families"])
     materialize(data_cfg)
     records = read_layout(data_cfg["root"])
     split_records = select(records, families, data_cfg["per_family"], data_cfg["max_total_size_mb"],
                            data_cfg["split_by"], data_cfg["split_fractions"], NSYNTH_SECONDS, data_cfg["seed"],
-                           data_cfg.get("min_eval_instruments", 0))
-    data = build_waveform_cache(split_records, families, data_cfg["clip_seconds"], data_cfg["sample_rate"],
-                                Path(workdir) / "cache" / "waveforms")
-    return data
+                           data_cfg.get("min_eval_instruments", 0), data_cfg.get("split_caps"))
+    workers = data_cfg.get("prep_workers") or len(os.sched_getaffinity(0))
+    return build_waveform_cache(split_records, families, clip_seconds or data_cfg["clip_seconds"],
+                                sample_rate or data_cfg["sample_rate"], Path(workdir) / "cache" / "waveforms",
+                                data_cfg["root"], workers)
 
 
 def summary_table(data: WaveformData) -> str:

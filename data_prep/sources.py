@@ -167,12 +167,13 @@ def render_gm(root: Path, soundfonts: Sequence[str | None] | str | None, familie
 
 
 def check_local_nsynth(root: Path) -> None:
-    if not available_splits(root):
+    """The official release's three split folders, each with a readable examples.json, before any decoding."""
+    missing = [s for s in SPLITS if not (split_dir(root, s) / "examples.json").is_file()]
+    if missing:
         raise FileNotFoundError(
-            f"data=nsynth found no NSynth folders under data.root={root}. Download and extract "
-            "nsynth-train.jsonwav.tar.gz / nsynth-valid / nsynth-test there (so that "
-            f"{root}/nsynth-train/examples.json exists), or set data.hf_id=<hub dataset> to stream a subset."
-        )
+            f"data=nsynth: data.root={root} lacks {', '.join(f'nsynth-{s}/examples.json' for s in missing)}. Extract "
+            "the official nsynth-train.jsonwav.tar.gz, nsynth-valid and nsynth-test there (so that "
+            f"{root}/nsynth-train/examples.json exists), or set data.hf_id=<hub dataset> to stream it.")
 
 
 def _example_from_hub(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -198,55 +199,100 @@ def _decode_hub_audio(audio: Mapping[str, Any]) -> tuple[np.ndarray, int]:
     return data.mean(axis=1), sr
 
 
+HUB_STATE = "hub_stream_state.json"
+"""<root>/hub_stream_state.json: per split, the hub stream's position (`IterableDataset.state_dict()`) at the last
+examples.json written, so an interrupted download resumes there instead of streaming the split again."""
+SAVE_EVERY = 256  # notes between index writes while streaming
+
+
+def hub_caps(split: str, families: Sequence[str], per_family: int | None, max_total_size_mb: float | None,
+             split_caps: Mapping[str, int] | None, fractions: Mapping[str, float]) -> dict[str, int] | None:
+    """Notes per family to take from one hub split: data.split_caps, else per_family/max_total_size_mb dealt by
+    data.split_fractions, else None (every note)."""
+    if split_caps and split_caps.get(split) is not None:
+        return {f: split_caps[split] for f in families}
+    if per_family is None and max_total_size_mb is None:
+        return None
+    cap = notes_per_family(per_family, max_total_size_mb, len(families))
+    return {f: split_counts(cap, check_fractions(fractions))[split] for f in families}
+
+
 def stream_hub_nsynth(root: Path, hf_id: str, hf_splits: Mapping[str, str], families: Sequence[str],
                       per_family: int | None, max_total_size_mb: float | None, seed: int,
-                      fractions: Mapping[str, float]) -> dict[str, int]:
-    """Stream a hub dataset with NSynth's fields and materialise a capped subset into the layout.
+                      fractions: Mapping[str, float], split_caps: Mapping[str, int] | None = None) -> dict[str, int]:
+    """Stream a hub dataset with NSynth's fields into the layout, keeping the hub's own splits.
 
-    Audio is read undecoded (`Audio(decode=False)`) and decoded with soundfile, so no extra audio
-    backend is needed. Notes already materialised are kept and count towards the caps.
+    Audio is read undecoded (`Audio(decode=False)`) and decoded with soundfile, so no extra audio backend is
+    needed. The split's examples.json and the stream's position are written every SAVE_EVERY notes and when
+    interrupted: a rerun resumes the stream where it stopped (`IterableDataset.load_state_dict`), and notes
+    already on disk are never fetched again.
     """
     import datasets  # heavy import, only on this path
 
     families = check_families(families)
-    cap = notes_per_family(per_family, max_total_size_mb, len(families))
-    # Official NSynth splits are ~96/3/1 %; data.split_fractions keeps valid/test big enough to be useful.
-    per_split_cap = split_counts(cap, check_fractions(fractions))
-    stats = Counter()
+    state_path = root / HUB_STATE
+    positions = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    stats: Counter = Counter()
     for split in SPLITS:
         if split not in hf_splits:
             continue
         examples = json.loads((split_dir(root, split) / "examples.json").read_text()) \
             if (split_dir(root, split) / "examples.json").is_file() else {}
         counts = Counter(ex["instrument_family_str"] for ex in examples.values())
-        want = {f: per_split_cap[split] for f in families}
-        if all(counts[f] >= want[f] for f in families):
+        want = hub_caps(split, families, per_family, max_total_size_mb, split_caps, fractions)
+        position = positions.get(split, {})
+        if position.get("done") or (want and all(counts[f] >= want[f] for f in families)):
             stats[f"{split} reused"] += len(examples)
             continue
         stream = datasets.load_dataset(hf_id, split=hf_splits[split], streaming=True)
-        stream = stream.cast_column("audio", datasets.Audio(decode=False)).shuffle(seed=seed, buffer_size=1000)
-        progress = tqdm(total=sum(want.values()), initial=sum(min(counts[f], want[f]) for f in families),
-                        desc=f"hub {split}", unit="note")
-        for row in stream:
-            try:
-                ex = _example_from_hub(row)
-            except (KeyError, ValueError, IndexError) as err:
-                stats["bad rows"] += 1
-                log.debug("skipping hub row: %s", err)
-                continue
-            family = ex["instrument_family_str"]
-            if family not in want or counts[family] >= want[family] or ex["note_str"] in examples:
-                continue
-            audio, sr = _decode_hub_audio(row["audio"])
-            write_wav(wav_path(root, split, ex["note_str"]), audio, sr)
-            examples[ex["note_str"]] = ex | {"sample_rate": sr}
-            counts[family] += 1
-            stats[f"{split} streamed"] += 1
-            progress.update()
-            if all(counts[f] >= want[f] for f in families):
-                break
-        progress.close()
-        write_examples(root, split, examples)
+        stream = stream.cast_column("audio", datasets.Audio(decode=False))
+        if want:  # a capped subset is a random one; every note needs no shuffle (whose buffer a resume would lose)
+            stream = stream.shuffle(seed=seed, buffer_size=1000)
+        if position.get("stream"):
+            stream.load_state_dict(position["stream"])
+            log.info("Resuming the hub stream of %s at its last saved position (%d notes on disk)", split,
+                     len(examples))
+
+        after_last_note = position.get("stream")  # the stream's position just after the last note written
+
+        def save(done: bool = False) -> None:
+            write_examples(root, split, examples)
+            positions[split] = {"stream": after_last_note, "done": done}
+            atomic_write_text(state_path, json.dumps(positions))
+
+        progress = tqdm(total=sum(want.values()) if want else None, desc=f"hub {split}", unit="note",
+                        initial=sum(min(counts[f], want[f]) for f in families) if want else len(examples))
+        finished, unsaved = True, 0
+        try:
+            for row in stream:
+                try:
+                    ex = _example_from_hub(row)
+                except (KeyError, ValueError, IndexError) as err:
+                    stats["bad rows"] += 1
+                    log.debug("skipping hub row: %s", err)
+                    continue
+                family = ex["instrument_family_str"]
+                if family not in families or (want and counts[family] >= want[family]) or ex["note_str"] in examples:
+                    continue
+                audio, sr = _decode_hub_audio(row["audio"])
+                write_wav(wav_path(root, split, ex["note_str"]), audio, sr)
+                examples[ex["note_str"]] = ex | {"sample_rate": sr}
+                counts[family] += 1
+                after_last_note = stream.state_dict()
+                stats[f"{split} streamed"] += 1
+                progress.update()
+                unsaved += 1
+                if unsaved >= SAVE_EVERY:
+                    save()
+                    unsaved = 0
+                if want and all(counts[f] >= want[f] for f in families):
+                    break
+        except BaseException:
+            finished = False
+            raise
+        finally:  # an interrupted stream keeps what it wrote and where it was
+            progress.close()
+            save(done=finished and not want)
     return dict(stats)
 
 
@@ -264,7 +310,7 @@ def materialize(data_cfg: Mapping[str, Any]) -> dict[str, int]:
         if data_cfg.get("hf_id"):
             stats = stream_hub_nsynth(root, data_cfg["hf_id"], data_cfg["hf_splits"], data_cfg["families"],
                                       data_cfg["per_family"], data_cfg["max_total_size_mb"], data_cfg["seed"],
-                                      data_cfg["split_fractions"])
+                                      data_cfg["split_fractions"], data_cfg.get("split_caps"))
         check_local_nsynth(root)
         return stats
     raise ValueError(f"Unknown data.source {source!r}; use data=gm_render or data=nsynth.")

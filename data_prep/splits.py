@@ -124,9 +124,52 @@ def _cap(records: list[NoteRecord], cap: int, rng: random.Random) -> list[NoteRe
     return kept
 
 
+def check_split_caps(split_caps: Mapping[str, int | None] | None) -> None:
+    if not split_caps:
+        return
+    bad = {k: v for k, v in split_caps.items() if k not in SPLITS or (v is not None and (
+        isinstance(v, bool) or not isinstance(v, int) or v < 1))}
+    if bad:
+        raise ValueError(f"data.split_caps has {bad}: each of data.split_caps.{{{','.join(SPLITS)}}} is a whole "
+                         "number >= 1 of notes per family in that split, or null for no cap.")
+
+
+def cap_per_split(out: dict[str, list[NoteRecord]], split_caps: Mapping[str, int | None],
+                  rng: random.Random) -> dict[str, list[NoteRecord]]:
+    """At most split_caps[split] notes per family in each split, drawn with `rng`; binding caps are logged with
+    what they dropped."""
+    capped: dict[str, list[NoteRecord]] = {}
+    for split in SPLITS:
+        if split_caps.get(split) is None:
+            capped[split] = out[split]
+            continue
+        by_family: dict[str, list[NoteRecord]] = defaultdict(list)
+        for r in sorted(out[split], key=lambda r: r.note_str):
+            by_family[r.family].append(r)
+        kept = []
+        for family, group in by_family.items():
+            rng.shuffle(group)
+            kept.extend(group[:split_caps[split]])
+        bound = sorted(f for f, g in by_family.items() if len(g) > split_caps[split])
+        if bound:
+            log.warning("data.split_caps.%s=%d binds for %d famil%s (%s): kept %d of %d %s notes, dropped %d",
+                        split, split_caps[split], len(bound), "y" if len(bound) == 1 else "ies", ", ".join(bound),
+                        len(kept), len(out[split]), split, len(out[split]) - len(kept))
+        capped[split] = kept
+    return capped
+
+
+def missing_families(out: Mapping[str, Sequence[NoteRecord]], families: Sequence[str]) -> dict[str, list[str]]:
+    """{split: the requested families with no note there} (NSynth's official valid/test have no synth_lead)."""
+    present = {split: {r.family for r in recs} for split, recs in out.items()}
+    return {split: [f for f in families if f not in present[split]] for split in out
+            if any(f not in present[split] for f in families)}
+
+
 def select(records: Sequence[NoteRecord], families: Sequence[str], per_family: int | None,
            max_total_size_mb: float | None, split_by: str, fractions: Mapping[str, float],
-           clip_file_seconds: float, seed: int, min_eval_instruments: int = 0) -> dict[str, list[NoteRecord]]:
+           clip_file_seconds: float, seed: int, min_eval_instruments: int = 0,
+           split_caps: Mapping[str, int] | None = None) -> dict[str, list[NoteRecord]]:
     """Filter to families, cap per family and total size, and split (instrument-disjoint by default).
 
     With split_by=instrument and all three split folders present, the folders' own splits are kept
@@ -150,8 +193,11 @@ def select(records: Sequence[NoteRecord], families: Sequence[str], per_family: i
         )
     if max_total_size_mb is not None:
         size_cap = size_cap_per_family(max_total_size_mb, len(families), clip_file_seconds)
+        if (per_family is None or size_cap < per_family) and any(
+                sum(r.family == f for r in wanted) > size_cap for f in families):
+            log.warning("data.max_total_size_mb=%s limits each family to %d notes (of %d notes in all)",
+                        max_total_size_mb, size_cap, len(wanted))
         if per_family is None or size_cap < per_family:
-            log.warning("data.max_total_size_mb=%s limits each family to %d notes", max_total_size_mb, size_cap)
             per_family = size_cap
     if per_family is not None and per_family < len(SPLITS):
         raise ValueError(f"data.per_family={per_family} is too small to fill train/valid/test; use at least 3.")
@@ -169,6 +215,12 @@ def select(records: Sequence[NoteRecord], families: Sequence[str], per_family: i
                         sorted(shared)[:5])
     else:
         out = _resplit(capped, split_by, fractions, rng, min_eval_instruments)
+    if split_caps and any(v is not None for v in split_caps.values()):
+        out = cap_per_split(out, split_caps, rng)
+    for split, absent in missing_families(out, families).items():
+        log.warning("The %s split has no notes of %s: its accuracy and macro-F1 cover the other %d famil%s "
+                    "(NSynth's official valid and test splits hold no synth_lead)", split, ", ".join(absent),
+                    len(families) - len(absent), "y" if len(families) - len(absent) == 1 else "ies")
     for split, recs in out.items():
         if not recs:
             raise ValueError(f"The {split} split is empty after selection; add data or raise data.per_family.")

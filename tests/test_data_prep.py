@@ -41,7 +41,7 @@ def test_official_layout_loads_through_the_same_loader(official_root, tmp_path):
     assert data.classes == FIVE
     for split in ("train", "valid", "test"):
         part = data.splits[split]
-        assert part.waveforms.shape == (15, 8000) and part.waveforms.dtype == np.float32
+        assert part.waveforms.shape == (15, 8000) and part.waveforms.dtype == np.int16
         assert sorted(np.bincount(part.labels).tolist()) == [3] * 5
         assert all(NOTE_STR_RE.match(i) for i in part.ids)
     # the official split folders are kept as they are: instrument-disjoint
@@ -69,9 +69,65 @@ def test_cache_fingerprint_reuse_and_invalidation(official_root, tmp_path):
     longer = prepare_data(nsynth_cfg(official_root, clip_seconds=1.0), work)
     assert longer.fingerprint != first.fingerprint and longer.splits["train"].waveforms.shape[1] == 16000
     victim = wav_path(official_root, "valid", first.splits["valid"].ids[0])
-    sf.write(victim, synth_note(40, 100, timbre=2), 16000, subtype="PCM_16")  # content changed
+    sf.write(victim, synth_note(40, 100, seconds=3.0, timbre=2), 16000, subtype="PCM_16")  # another recording
     changed = prepare_data(nsynth_cfg(official_root), work)
     assert changed.fingerprint != first.fingerprint
+    examples = split_dir(official_root, "test") / "examples.json"
+    meta = json.loads(examples.read_text())
+    next(iter(meta.values()))["velocity"] = 1  # the metadata changed, no wav did
+    examples.write_text(json.dumps(meta))
+    assert prepare_data(nsynth_cfg(official_root), work).fingerprint != changed.fingerprint
+
+
+def test_moved_data_folder_hits_every_cache(official_root, tmp_path):
+    """The same data under another mount point (moved, re-mounted, copied with new mtimes) reuses the waveform
+    and log-mel caches: the fingerprint holds relative paths, sizes and the metadata, not absolute paths."""
+    import os
+    import shutil
+
+    import torch
+
+    from common.config import FeatureConfig
+    from trainable.evaluation import make_pipeline
+
+    work = tmp_path / "work"
+    first = prepare_data(nsynth_cfg(official_root), work)
+    make_pipeline(first, "train", FeatureConfig(n_mels=32), torch.device("cpu"), work)._features_source()
+    caches = sorted(p.name for p in (work / "cache").rglob("*") if p.is_file())
+    moved = shutil.copytree(official_root, tmp_path / "elsewhere" / "nsynth")  # new paths, new mtimes
+    for wav in moved.rglob("*.wav"):
+        os.utime(wav, (1, 1))
+    shutil.rmtree(official_root)
+    again = prepare_data(nsynth_cfg(moved), work)
+    assert again.cache_dir == first.cache_dir
+    make_pipeline(again, "train", FeatureConfig(n_mels=32), torch.device("cpu"), work)._features_source()
+    assert sorted(p.name for p in (work / "cache").rglob("*") if p.is_file()) == caches  # nothing new was built
+
+
+def test_waveforms_are_int16_exactly_as_the_wavs_hold_them(official_root, tmp_path):
+    from data_prep.waveform_cache import as_float
+
+    data = prepare_data(nsynth_cfg(official_root, clip_seconds=4.0), tmp_path / "work")
+    note = data.splits["test"].ids[0]
+    pcm, _ = sf.read(wav_path(official_root, "test", note), dtype="int16")
+    row = data.splits["test"].waveforms[0]
+    onset = int(np.flatnonzero(pcm)[0]) if row[0] != pcm[0] else 0
+    assert row.dtype == np.int16 and np.array_equal(row[: len(pcm) - onset], pcm[onset:])
+    audio, _ = sf.read(wav_path(official_root, "test", note), dtype="float32")
+    n = len(pcm) - onset
+    assert np.array_equal(as_float(row[None]).numpy()[0][:n], audio[onset:])  # what soundfile reads, exactly
+
+
+def test_waveform_data_pickles_as_its_path(official_root, tmp_path):
+    """What Ray hands a task or a trial: a few hundred bytes, whatever the data set's size."""
+    import pickle
+
+    data = prepare_data(nsynth_cfg(official_root), tmp_path / "work")
+    payload = pickle.dumps(data)
+    assert len(payload) < 1000 and data.splits["train"].waveforms.nbytes > 100_000
+    back = pickle.loads(payload)
+    assert back.cache_dir == data.cache_dir and isinstance(back.splits["train"].waveforms, np.memmap)
+    assert np.array_equal(back.splits["train"].waveforms, data.splits["train"].waveforms)
 
 
 def test_bad_files_are_skipped_counted_and_repaired(official_root, tmp_path):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 import torch
 import torch.nn.functional as F
 
@@ -14,11 +16,12 @@ from trainable.metrics import accuracy, macro_f1
 
 
 def make_pipeline(data: WaveformData, split: str, feats: FeatureConfig, device: torch.device,
-                  workdir: str | Path) -> FeaturePipeline:
-    """Batches of one split; its log-mel cache is shared by every run with the same data + feature config."""
+                  workdir: str | Path, memory_share: float = 0.5) -> FeaturePipeline:
+    """Batches of one split; its log-mel cache (<workdir>/cache/features, `workdir` absolute) is shared by every
+    run with the same data + feature config. `memory_share`: of the GPU, for this split's data (train.*)."""
     part = data.splits[split]
     return FeaturePipeline(part.waveforms, part.labels, f"{data.fingerprint}-{split}", feats, device,
-                           Path(workdir) / "cache" / "features")
+                           Path(workdir) / "cache" / "features", memory_share=memory_share)
 
 
 def amp_settings(device: torch.device) -> tuple[bool, torch.dtype]:
@@ -31,15 +34,20 @@ def amp_settings(device: torch.device) -> tuple[bool, torch.dtype]:
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, pipeline: FeaturePipeline, batch_size: int, num_classes: int,
              amp: tuple[bool, torch.dtype]) -> dict[str, float]:
-    """Loss, accuracy and macro-F1 on a whole split (metrics on all predictions, not per-batch means)."""
+    """Loss, accuracy and macro-F1 on a whole split (metrics on all predictions, not per-batch means).
+
+    Predictions stay on the device until the end: one host synchronisation per split, not per batch. Macro-F1
+    averages over the classes the split holds (`classes` says how many).
+    """
     model.eval()
-    losses, preds, labels = [], [], []
+    loss, preds, labels = torch.zeros((), device=pipeline.device), [], []
     for batch in pipeline.batches(batch_size, train=False):
         with torch.autocast(pipeline.device.type, dtype=amp[1], enabled=amp[0]):
             logits = model(batch.features)
-        losses.append(F.cross_entropy(logits.float(), batch.labels, reduction="sum").item())
-        preds.append(logits.argmax(1).cpu())
-        labels.append(batch.labels.cpu())
-    y_pred, y_true = torch.cat(preds).numpy(), torch.cat(labels).numpy()
-    return {"loss": sum(losses) / len(y_true), "acc": accuracy(y_true, y_pred),
-            "macro_f1": macro_f1(y_true, y_pred, num_classes)}
+        loss += F.cross_entropy(logits.float(), batch.labels, reduction="sum")
+        preds.append(logits.argmax(1))
+        labels.append(batch.labels)
+    y_pred, y_true = torch.cat(preds).cpu().numpy(), torch.cat(labels).cpu().numpy()
+    present = np.unique(y_true)
+    return {"loss": loss.item() / len(y_true), "acc": accuracy(y_true, y_pred),
+            "macro_f1": macro_f1(y_true, y_pred, num_classes, labels=present), "classes": len(present)}

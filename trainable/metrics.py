@@ -55,8 +55,12 @@ def accuracy(y_true: Labels, y_pred: Labels) -> float:
     return float(np.mean(truth == predicted))
 
 
-def macro_f1(y_true: Labels, y_pred: Labels, num_classes: int | None = None) -> float:
+def macro_f1(y_true: Labels, y_pred: Labels, num_classes: int | None = None,
+             labels: np.ndarray | list[int] | None = None) -> float:
     """Unweighted mean of per-class F1 over the classes present in the truth or the predictions.
+
+    With `labels`, over those classes only (scikit-learn's `labels=`): evaluation passes the classes the split
+    holds, so a family absent from it (NSynth's valid/test have no synth_lead) neither counts nor scores 0.
 
     Classes absent from both are excluded rather than counted as 0 (or 1): a split that lacks
     a class says nothing about it. A class that is predicted but never true (or true but never
@@ -69,4 +73,7 @@ def macro_f1(y_true: Labels, y_pred: Labels, num_classes: int | None = None) -> 
     # F1 = 2TP / (2TP + FP + FN) = 2TP / (true count + predicted count).
     true_plus_predicted = counts.sum(axis=1) + counts.sum(axis=0)
     present = true_plus_predicted > 0
-    return float(np.mean(2 * true_positives[present] / true_plus_predicted[present]))
+    if labels is not None:
+        present = np.zeros_like(present)
+        present[np.asarray(labels, dtype=np.int64)] = True
+    return float(np.mean(2 * true_positives[present] / np.maximum(true_plus_predicted[present], 1)))

@@ -1,7 +1,8 @@
 """The thin Ray Tune trainable: merge the trial's sampled keys into the base config and call `train`.
 
-Data and the teacher's logits (or, for kd.teacher_logits=online, the teacher itself) arrive once through Ray's object store (`tune.with_parameters`), not re-read
-per trial; the trial resumes from its last Tune checkpoint when Tune restores it.
+Only paths reach a trial: the waveform cache's folder (memory-mapped read-only here, so every trial on a node
+shares one copy through the page cache) and the teacher's cached logits or checkpoint. The trial resumes from
+its last Tune checkpoint when Tune restores it.
 """
 
 from __future__ import annotations
@@ -11,27 +12,28 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
 from ray import tune
 
-from data_prep.waveform_cache import WaveformData
-from common.config import FeatureConfig
+from data_prep.waveform_cache import load_waveform_cache
 from trainable.checkpoints import CHECKPOINT_NAME
-from trainable.run_config import trial_config
+from trainable.run_config import pick_device, trial_config
 from trainable.loop import train
 
 
-def run_trial(trial_params: dict[str, Any], base_config: dict[str, Any], data: WaveformData,
-              teacher_logits: torch.Tensor | None = None,
-              teacher: tuple[torch.nn.Module, FeatureConfig] | None = None) -> None:
+def run_trial(trial_params: dict[str, Any], base_config: dict[str, Any], data_dir: str,
+              kd_inputs: dict[str, Any] | None = None) -> None:
     # Ray logs one "Checkpoint successfully created at ..." line per epoch per trial into the driver's console;
     # Tune's experiment state records every checkpoint anyway.
     for name in ("ray.train._internal.storage", "ray.train.v2._internal.execution.storage"):
         logging.getLogger(name).setLevel(logging.WARNING)
     config = trial_config(base_config, trial_params)
-    if not tune.get_context().get_trial_resources().required_resources.get("GPU", 0):
+    gpus = tune.get_context().get_trial_resources().required_resources.get("GPU", 0)
+    if not gpus:
         # Ray leaves CUDA_VISIBLE_DEVICES alone for 0-GPU trials: without this they would all land on cuda:0.
         config["device"] = "cpu"
+    else:  # trials packed on one card each keep their data within their share of it
+        config["train"]["device_data_share"] *= min(1.0, gpus)
+    data = load_waveform_cache(data_dir)
     # The run's working files live outside Tune's trial folder: Ray's driver syncer mirrors that folder while
     # trials write into it, and an atomic checkpoint write's temp file vanishing mid-copy made the sync fail
     # (a traceback on the console and an experiment state not synced). Tune persists each reported checkpoint.
@@ -50,7 +52,9 @@ def run_trial(trial_params: dict[str, Any], base_config: dict[str, Any], data: W
 
     kd = {}
     if config["kd"]["enabled"]:
-        kd = {"teacher": teacher} if config["kd"]["teacher_logits"] == "online" else {"teacher_logits": teacher_logits}
+        from trainable.teacher import kd_arguments
+
+        kd = kd_arguments(kd_inputs or {}, data, pick_device(config["device"]))
     try:
         train(config, data, run_dir, resume_from=resume_from, report=report, **kd)
     finally:  # also when Tune stops the trial early (tune.report raises in the trial then)

@@ -1,8 +1,7 @@
-"""The on-disk log-mel cache: one .npy per (waveforms, deterministic feature params), built once under a file lock."""
+"""The on-disk log-mel cache: one .npy per (waveforms, deterministic feature params), built once (common.io.build_once)."""
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -13,7 +12,8 @@ import torch
 from tqdm import tqdm
 
 from common.config import FeatureConfig
-from common.io import atomic_path
+from common.io import atomic_path, build_once
+from data_prep.waveform_cache import as_float
 from trainable.features.transforms import LogMel
 
 log = logging.getLogger(__name__)
@@ -45,9 +45,9 @@ def cached_logmel(
 
     The file is `cache_dir/logmel-<feature_fingerprint>.npy`, built in batches on `device` only
     when missing; `batch_size` defaults to 256 clips on CUDA and 64 on the CPU, where larger STFT
-    batches thrash memory (256 measured 1.2-1.8x slower). Concurrent builders (sweep trials sharing
-    a feature config) each write a private temp file and rename it into place, so readers never
-    see a partial file.
+    batches thrash memory (256 measured 1.2-1.8x slower). `waveforms` are the int16 rows of the waveform
+    cache. Concurrent callers (sweep trials sharing a feature config, on one node or several sharing the
+    workdir) build it once: one writes a temp file and renames it into place, the others wait and read.
     """
     if waveforms.ndim != 2:
         raise ValueError(f"waveforms must be (clips, samples), got shape {waveforms.shape}")
@@ -62,17 +62,9 @@ def cached_logmel(
     expected_shape = (waveforms.shape[0], 1, cfg.n_mels, cfg.frames(waveforms.shape[1]))
     if path.exists():
         log.info("log-mel cache hit: %s", path)
-    else:
-        # Trials sharing a feature config start together: one builds, the others wait for it and read.
-        # The lock file goes once the cache is in place: late arrivals see the cache before they look for it.
-        lock_path = path.with_suffix(".lock")
-        with open(lock_path, "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                if not path.exists():
-                    _build_logmel_cache(waveforms, cfg, path, expected_shape, device, batch_size)
-            finally:
-                lock_path.unlink(missing_ok=True)
+    # Trials sharing a feature config start together: one builds, the others (on any node) wait for it and read.
+    build_once(path, lambda target: _build_logmel_cache(waveforms, cfg, target, expected_shape, device, batch_size),
+               what=f"the log-mel cache {path.name}")
     # Copy-on-write mapping: shared page cache across trials, and a writable array torch accepts without warnings.
     features = np.load(path, mmap_mode="c")
     if features.shape != expected_shape:
@@ -98,8 +90,8 @@ def _build_logmel_cache(
         logmel = LogMel(cfg).to(device).eval()
         with torch.inference_mode(), tqdm(total=shape[0], unit="clip", desc="log-mel cache", delay=2.0) as progress:
             for start in range(0, shape[0], batch_size):
-                batch = np.array(waveforms[start : start + batch_size], dtype=np.float32)
-                out[start : start + len(batch)] = logmel(torch.from_numpy(batch).to(device)).cpu().numpy()
+                batch = torch.from_numpy(np.array(waveforms[start : start + batch_size])).to(device)
+                out[start : start + len(batch)] = logmel(as_float(batch)).cpu().numpy()
                 progress.update(len(batch))
         out.flush()
         del out

@@ -6,6 +6,7 @@ import logging
 import math
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
@@ -13,13 +14,14 @@ import numpy as np
 import torch
 
 from common.config import FeatureConfig
+from data_prep.waveform_cache import as_float
 from trainable.features.cache import cached_logmel
 from trainable.features.transforms import LogMel, SpecAugment, WaveformAugment
 
 log = logging.getLogger(__name__)
 
-# Share of free GPU memory a split's features may take; the rest is left for the model.
-_DEVICE_MEMORY_SHARE = 0.5
+# Free GPU memory a split may take at most, whatever its share says: the rest is left for the model.
+_FREE_MEMORY_SHARE = 0.8
 
 
 class FeatureBatch(NamedTuple):
@@ -33,8 +35,11 @@ class FeaturePipeline:
 
     Eval batches, and train batches without waveform augmentation, are slices of the cached
     log-mel; with waveform augmentation, train batches are recomputed from augmented
-    waveforms. SpecAugment is applied to train batches. Data is moved to the device once
-    when it fits, so batches cost no host-to-device copies.
+    waveforms (int16 on disk, converted per batch). SpecAugment is applied to train batches.
+    On a GPU a split is moved to the device once when it fits in `memory_share` of the card
+    (a Ray trial's share of it: trials packed on one card must not all claim it); otherwise
+    batches are gathered from the memory-mapped cache into pinned memory on a background
+    thread, one batch ahead, and copied asynchronously.
     """
 
     def __init__(
@@ -46,6 +51,7 @@ class FeaturePipeline:
         device: torch.device | str,
         cache_dir: Path | str,
         cache_batch_size: int | None = None,
+        memory_share: float = 0.5,
     ) -> None:
         if waveforms.ndim != 2:
             raise ValueError(f"waveforms must be (clips, samples), got shape {waveforms.shape}")
@@ -57,6 +63,7 @@ class FeaturePipeline:
         self.wave_fingerprint = wave_fingerprint
         self.cache_dir = Path(cache_dir)
         self.cache_batch_size = cache_batch_size
+        self.memory_share = memory_share
         self.labels = torch.as_tensor(np.array(labels, dtype=np.int64)).to(self.device)  # a copy: labels may be a read-only memmap
         self.logmel = LogMel(cfg).to(self.device)
         self.waveform_augment = WaveformAugment(cfg)
@@ -91,15 +98,15 @@ class FeaturePipeline:
         source_on_device = source.device.type == self.device.type
         self.waveform_augment.train(train)
         self.spec_augment.train(train)
-        for start in range(0, num_batches * batch_size, batch_size):
+        starts = range(0, num_batches * batch_size, batch_size)
+        if source_on_device:
+            rows_per_batch = (source.index_select(0, device_order[start : start + batch_size]) for start in starts)
+        else:
+            rows_per_batch = _host_batches(source, host_order, starts, batch_size, self.device)
+        for start, rows in zip(starts, rows_per_batch):
             indices = device_order[start : start + batch_size]
-            if source_on_device:
-                rows = source.index_select(0, indices)
-            else:
-                rows = source.index_select(0, host_order[start : start + batch_size])
-                rows = rows.to(self.device, non_blocking=True)
             with torch.no_grad():
-                features = self.logmel(self.waveform_augment(rows)) if recompute else rows
+                features = self.logmel(self.waveform_augment(as_float(rows))) if recompute else rows
                 features = self.spec_augment(features)
             yield FeatureBatch(features, self.labels[indices], indices)
 
@@ -108,7 +115,7 @@ class FeaturePipeline:
             features = cached_logmel(
                 self.waveforms, self.wave_fingerprint, self.cfg, self.cache_dir, self.device, self.cache_batch_size
             )
-            self._features = _to_device_if_it_fits(features, self.device)
+            self._features = _to_device_if_it_fits(features, self.device, self.memory_share)
         return self._features
 
     def _waveforms_source(self) -> torch.Tensor:
@@ -116,19 +123,41 @@ class FeaturePipeline:
             with warnings.catch_warnings():
                 # Read-only memmaps are fine: every augmentation is out of place, nothing writes to them.
                 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-                waveforms = torch.from_numpy(np.asarray(self.waveforms, dtype=np.float32))
-            self._device_waveforms = _to_device_if_it_fits(waveforms, self.device)
+                waveforms = torch.from_numpy(self.waveforms)  # int16, still memory-mapped
+            self._device_waveforms = _to_device_if_it_fits(waveforms, self.device, self.memory_share)
         return self._device_waveforms
 
 
-def _to_device_if_it_fits(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Move a whole split to the device once, unless it would crowd out the model; then batches are copied."""
-    if device.type == "cuda":
-        free_bytes, _ = torch.cuda.mem_get_info(device)
-        if tensor.nbytes > free_bytes * _DEVICE_MEMORY_SHARE:
-            log.warning(
-                "split data (%.1f GiB) kept on the host: more than %d%% of free GPU memory; batches are copied",
-                tensor.nbytes / 2**30, _DEVICE_MEMORY_SHARE * 100,
-            )
-            return tensor
+def _host_batches(source: torch.Tensor, order: torch.Tensor, starts: range, batch_size: int,
+                  device: torch.device) -> Iterator[torch.Tensor]:
+    """Rows of each batch gathered from host memory (a memmap); on a GPU one batch ahead, on a background thread,
+    into pinned memory, and copied without blocking."""
+    def gather(start: int) -> torch.Tensor:
+        rows = source.index_select(0, order[start : start + batch_size])
+        return rows.pin_memory() if device.type == "cuda" else rows
+
+    if device.type != "cuda":
+        yield from (gather(start) for start in starts)
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="prefetch") as pool:
+        pending = pool.submit(gather, starts[0]) if len(starts) else None
+        for k in range(len(starts)):
+            rows = pending.result()
+            if k + 1 < len(starts):
+                pending = pool.submit(gather, starts[k + 1])
+            yield rows.to(device, non_blocking=True)
+
+
+def _to_device_if_it_fits(tensor: torch.Tensor, device: torch.device, memory_share: float) -> torch.Tensor:
+    """Move a whole split to the GPU once when it fits in `memory_share` of the card (and in the free memory);
+    otherwise it stays in host memory (memory-mapped) and batches are copied."""
+    if device.type != "cuda":
+        return tensor  # the memmap itself: shared through the page cache, never copied
+    free_bytes, total_bytes = torch.cuda.mem_get_info(device)
+    budget = min(total_bytes * memory_share, free_bytes * _FREE_MEMORY_SHARE)
+    if tensor.nbytes > budget:
+        log.info("split data (%.2f GiB) kept on the host: over this run's %.2f GiB of the GPU (%.0f%% of the "
+                 "card); batches are prefetched through pinned memory", tensor.nbytes / 2**30, budget / 2**30,
+                 100 * memory_share)
+        return tensor
     return tensor.to(device)
