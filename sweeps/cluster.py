@@ -15,15 +15,23 @@ when a token is found, never for an explicit address. So here: when RAY_AUTH_MOD
 without a token first, and only if it answers "unauthenticated" is token mode switched on, with the token Ray
 finds in its documented order (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token). An explicit RAY_AUTH_MODE
 is respected as it is.
+
+Resources come from the cluster, never from the driver's own hardware: a CPU-only head with GPU workers gets GPU
+trials, and the driver process never touches CUDA (the teacher is a Ray task with a GPU of its own). On a cluster,
+the project's code travels with the job (runtime_env working_dir), and folders that trials read or write must be
+shared by every node.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import socket
 import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -33,18 +41,6 @@ TOKEN_HELP = ("put the head's token (`ray get-auth-token` on the head prints it)
               "or set RAY_AUTH_TOKEN=<token> or RAY_AUTH_TOKEN_PATH=<file>")
 LOCAL_HELP = "or use ray.address=null for a local Ray"
 HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # + empty SETTINGS
-
-
-def resolve_gpus(requested: Any, address: str | None) -> float:
-    import torch
-
-    if requested in (None, "auto"):
-        return 0.25 if torch.cuda.is_available() else 0.0
-    gpus = float(requested)
-    if gpus > 0 and address in (None, "", "local") and not torch.cuda.is_available():
-        raise ValueError(f"resources.gpus_per_trial={gpus} but this machine has no CUDA GPU (trials would wait "
-                         "forever); use resources.gpus_per_trial=0 or join a GPU cluster with ray.address.")
-    return gpus
 
 
 def one_line(err: BaseException | str, limit: int = 300) -> str:
@@ -233,37 +229,271 @@ def resolve_auto(label: str) -> str:
     return resolved
 
 
-def start_ray(address: str | None, num_cpus: int | None, gpus: float) -> None:
+def is_local_address(address: str | None) -> bool:
+    """ray.address values that start a private local Ray instead of joining a cluster."""
+    return address in (None, "", "local")
+
+
+def start_ray(address: str | None, num_cpus: int | None, runtime_env: dict[str, Any] | None = None) -> None:
+    """ray.init for ray.address (module docstring), refusing in one line in seconds what Ray would retry for minutes.
+
+    `runtime_env` (joining a cluster: `code_runtime_env`) ships the project's code to every node with the job.
+    """
     import ray
     from ray.exceptions import AuthenticationError
 
     label = f"ray.address={address}"
-    if address in (None, "", "local"):
+    if is_local_address(address):
         try:
             # "local", not None: ray.init() would join the cluster an earlier `ray start` recorded on this machine.
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
+                     runtime_env=runtime_env)
         except (ConnectionError, RuntimeError, ValueError, AuthenticationError) as err:
             raise ValueError(f"Could not start a local Ray (ray.address=null): {one_line(err)}") from err
-    else:
-        address = str(address).strip()
-        if address.startswith("ray://"):
-            from ray._private.utils import get_ray_client_dependency_error
+        return
+    address = str(address).strip()
+    if address.startswith("ray://"):
+        from ray._private.utils import get_ray_client_dependency_error
 
-            if get_ray_client_dependency_error() is not None:
-                raise ValueError(f"{label} needs the Ray Client (`pip install \"ray[client]=={ray.__version__}\"`), "
-                                 "or pass the head's GCS address ray.address=<head>:<port> instead.")
-            check_reachable(address, label=label)
-            authenticate(label, client_accepts(address, label))
-            target = address
-        else:
-            target = resolve_auto(label) if address == "auto" else address
-            if address != "auto":
-                check_reachable(target, label=label)
-            authenticate(label, gcs_accepts(target, label))
+        if get_ray_client_dependency_error() is not None:
+            raise ValueError(f"{label} needs the Ray Client (`pip install \"ray[client]=={ray.__version__}\"`), "
+                             "or pass the head's GCS address ray.address=<head>:<port> instead.")
+        check_reachable(address, label=label)
+        authenticate(label, client_accepts(address, label))
+        target = address
+    else:
+        target = resolve_auto(label) if address == "auto" else address
+        if address != "auto":
+            check_reachable(target, label=label)
+        authenticate(label, gcs_accepts(target, label))
+    try:
+        ray.init(address=target, logging_level=logging.WARNING, runtime_env=runtime_env)
+    except (ConnectionError, RuntimeError, ValueError, AuthenticationError) as err:
+        raise ValueError(f"Could not connect to Ray at {label}: {one_line(err)}; {LOCAL_HELP}.") from err
+
+
+# --- the project's code on every node ---------------------------------------------------------------------------
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# Never uploaded with the code (gitignore syntax, relative to the project root): environments, data, results.
+CODE_EXCLUDES = ("/.git/", "/.venv/", "/venv/", "/runs/", "/outputs/", "/multirun/", "/mlruns/", "/data/", "/.whl/",
+                 "__pycache__/", "*.pyc", "/.pytest_cache/", "*.egg-info/", "*.onnx", "*.npy", "*.pt", "*.db")
+
+
+def code_runtime_env(local_paths: Iterable[str]) -> dict[str, Any]:
+    """The job's runtime_env on a cluster: the project folder as `working_dir`, so nodes need only the same Python
+    environment, not the code at the same path. Local folders of the run (workdir, storage_path, data.root) that sit
+    inside the project are left out too: they are data, and Ray refuses packages over its GCS limit."""
+    excludes = list(CODE_EXCLUDES)
+    for path in local_paths:
+        if "://" in str(path):
+            continue
         try:
-            ray.init(address=target, logging_level=logging.WARNING)
-        except (ConnectionError, RuntimeError, ValueError, AuthenticationError) as err:
-            raise ValueError(f"Could not connect to Ray at {label}: {one_line(err)}; {LOCAL_HELP}.") from err
-    if gpus > 0 and ray.cluster_resources().get("GPU", 0) < gpus:
-        raise ValueError(f"resources.gpus_per_trial={gpus} but the Ray cluster has fewer GPUs; "
-                         "use resources.gpus_per_trial=0 or add GPU nodes.")
+            inside = Path(path).resolve().relative_to(PROJECT_ROOT)
+        except ValueError:
+            continue
+        if inside.parts:
+            excludes.append(f"/{inside.as_posix()}/")
+    return {"working_dir": str(PROJECT_ROOT), "excludes": excludes}
+
+
+# --- resources, from the cluster --------------------------------------------------------------------------------
+
+TRIALS_PER_GPU = 4  # gpus_per_trial=auto: trials sharing one card, when its node has the CPUs for them
+GPU_SHARE_TOLERANCE = 0.01  # 0.33 is taken as a third of a card (Ray counts resources to 1e-4)
+
+
+@dataclass(frozen=True)
+class Node:
+    """An alive Ray node's CPUs and GPUs, as Ray advertises them to tasks."""
+
+    cpus: float
+    gpus: float
+
+
+def cluster_nodes() -> list[Node]:
+    """The alive nodes of the connected cluster (ray.nodes())."""
+    import ray
+
+    return [Node(float(n["Resources"].get("CPU", 0)), float(n["Resources"].get("GPU", 0)))
+            for n in ray.nodes() if n["Alive"]]
+
+
+def requested_share(key: str, value: Any) -> float | None:
+    """A resources.* value as a number, None for auto; checked before Ray starts (the cluster decides auto)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    positive = key == "resources.cpus_per_trial"
+    if not math.isfinite(number) or number < 0 or (positive and number == 0) or isinstance(value, bool):
+        raise ValueError(f"{key}={value!r} must be auto or a number {'> 0' if positive else '>= 0'}.")
+    if key == "resources.gpus_per_trial":
+        check_gpu_share(number)
+    return number
+
+
+def check_gpu_share(gpus: float) -> None:
+    """Trials must fill cards exactly: a fraction of a card is 1/k (k trials per card), more than one is whole cards.
+
+    Ray places a fractional request on one card, so 0.3 leaves a tenth of every card idle, and 1.5 cards per trial
+    strands half a card per trial.
+    """
+    if gpus >= 1:
+        if gpus != int(gpus):
+            raise ValueError(f"resources.gpus_per_trial={gpus:g} is not a whole number of GPUs; use 1, 2, ... GPUs "
+                             "per trial, or 1/k of a card (0.5, 0.25, ...) for k trials per card.")
+        return
+    if gpus > 0:
+        per_card = round(1 / gpus)
+        if round(abs(gpus * per_card - 1), 9) > GPU_SHARE_TOLERANCE:
+            raise ValueError(f"resources.gpus_per_trial={gpus:g} does not divide a card (1/{gpus:g} = {1 / gpus:.2f} "
+                             f"trials per GPU); use 1/k for k trials per card: {1 / per_card:.4g} or "
+                             f"{1 / (per_card + 1):.4g}.")
+
+
+def fits(node: Node, cpus: float, gpus: float) -> int:
+    """How many trials of (cpus, gpus) the node holds at once."""
+    by_cpu = math.floor(node.cpus / cpus + 1e-9)
+    return min(by_cpu, math.floor(node.gpus / gpus + 1e-9)) if gpus > 0 else by_cpu
+
+
+def count(n: float, noun: str) -> str:
+    return f"{n:g} {noun}{'' if n == 1 else 's'}"
+
+
+@dataclass(frozen=True)
+class TrialResources:
+    """What each trial and the teacher's Ray task ask for, decided from the cluster's nodes."""
+
+    cpus_per_trial: float
+    gpus_per_trial: float
+    concurrent: int                          # trials the cluster holds at once
+    teacher_cpus: float
+    teacher_gpus: int
+    summary: str                             # e.g. "2 nodes, 16 CPUs, 4 GPUs: 0.25 GPU per trial, ..."
+
+
+def plan_resources(cpus_per_trial: Any, gpus_per_trial: Any, nodes: list[Node],
+                   device: str = "auto") -> TrialResources:
+    """resources.* resolved against the cluster's nodes: auto values decided, and requests no node can hold refused.
+
+    gpus_per_trial=auto: 1/TRIALS_PER_GPU of a card on a cluster with GPUs (fewer trials per card when a GPU node has
+    too few CPUs for them), 0 without GPUs or with device=cpu. cpus_per_trial=auto: 1 for CPU trials; for GPU trials
+    the CPUs of the poorest GPU node split among the trials its cards hold (at least 1).
+    """
+    cpus = requested_share("resources.cpus_per_trial", cpus_per_trial)
+    gpus = requested_share("resources.gpus_per_trial", gpus_per_trial)
+    gpu_nodes = [n for n in nodes if n.gpus >= 1]
+    total_cpus, total_gpus = sum(n.cpus for n in nodes), sum(n.gpus for n in nodes)
+    found = f"{count(len(nodes), 'node')}, {count(total_cpus, 'CPU')}, " + (count(total_gpus, "GPU") if total_gpus
+                                                                                 else "no GPU")
+    if gpus is None:
+        if not gpu_nodes or device == "cpu":
+            gpus = 0.0
+        else:
+            per_card = min([TRIALS_PER_GPU] + [max(1, math.floor(n.cpus / ((cpus or 1) * n.gpus))) for n in gpu_nodes])
+            gpus = 1 / per_card
+    if cpus is None:
+        slots = [(n.cpus, math.floor(n.gpus / gpus + 1e-9)) for n in gpu_nodes] if gpus > 0 else []
+        shares = [node_cpus / trials for node_cpus, trials in slots if trials >= 1]
+        cpus = float(max(1, math.floor(min(shares)))) if shares else 1.0
+    if gpus > 0 and total_gpus == 0:
+        raise ValueError(f"resources.gpus_per_trial={gpus:g} but the Ray cluster ({found}) has no CUDA GPU, so trials "
+                         "would wait forever; use resources.gpus_per_trial=0 (or auto), or join a GPU cluster with "
+                         "ray.address=<head>:<port>.")
+    concurrent = sum(fits(n, cpus, gpus) for n in nodes)
+    if concurrent == 0:
+        have = ", ".join(sorted({f"{n.cpus:g} CPUs/{n.gpus:g} GPUs" for n in nodes}))
+        raise ValueError(f"No node of the Ray cluster holds one trial of resources.cpus_per_trial={cpus:g} and "
+                         f"resources.gpus_per_trial={gpus:g} (nodes: {have}), so trials would wait forever; lower "
+                         "them or add a larger node.")
+    teacher_gpus = 1 if gpu_nodes and device != "cpu" else 0
+    # The teacher runs before any trial: a card's share of its node's CPUs (at least a trial's), or on a CPU-only
+    # cluster a whole node.
+    teacher_cpus = float(max(max(math.floor(n.cpus / n.gpus), min(cpus, n.cpus)) for n in gpu_nodes) if teacher_gpus
+                         else max(n.cpus for n in nodes))
+    per_trial = (f"{gpus:g} GPU per trial ({round(1 / gpus)} per card)" if 0 < gpus < 1 else
+                 f"{count(gpus, 'GPU')} per trial" if gpus else "CPU trials")
+    summary = f"{found}: {per_trial}, {count(cpus, 'CPU')} per trial, up to {count(concurrent, 'trial')} at once"
+    return TrialResources(cpus, gpus, concurrent, teacher_cpus, teacher_gpus, summary)
+
+
+# --- folders every node must see --------------------------------------------------------------------------------
+
+# Filesystem types (as /proc/mounts names them) that other machines can mount too: accepted without
+# ray.shared_storage=true.
+NETWORK_FILESYSTEMS = frozenset({
+    "nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "ceph", "fuse.ceph", "fuse.cephfs",
+    "glusterfs", "fuse.glusterfs", "fuse.s3fs", "fuse.gcsfuse", "fuse.juicefs", "fuse.mountpoint-s3", "fuse.rclone",
+    "fuse.sshfs", "wekafs", "panfs", "fuse.weka", "afs"})
+
+
+def mount_type(path: str | Path, mounts: str = "/proc/self/mounts") -> str | None:
+    """The filesystem type of the mount holding `path` (the longest matching mount point); None if unknown."""
+    target = Path(path).resolve()
+    try:
+        lines = Path(mounts).read_text().splitlines()
+    except OSError:
+        return None
+    best, kind = -1, None
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = Path(fields[1].encode().decode("unicode_escape"))  # /proc/mounts escapes spaces as \040
+        if (target == point or point in target.parents) and len(point.parts) > best:
+            best, kind = len(point.parts), fields[2]
+    return kind
+
+
+def check_shared_folders(nodes: int, folders: Mapping[str, str], shared: bool) -> None:
+    """Refuse, before any work, a multi-node cluster with a run folder only this machine sees.
+
+    `folders`: key -> value (storage_path, workdir); URIs are shared by nature, network mounts are known to be, and
+    `ray.shared_storage=true` vouches for the rest.
+    """
+    if nodes <= 1 or shared:
+        return
+    uses = {"storage_path": "write their checkpoints", "workdir": "read the data caches and the teacher"}
+    for key, value in folders.items():
+        kind = mount_type(value) if "://" not in value else None
+        if "://" in value or kind in NETWORK_FILESYSTEMS:
+            continue
+        fix = (f"or use a URI every node reaches (storage_path=s3://<bucket>/sweeps)" if key == "storage_path" else
+               "or run on one node")
+        raise ValueError(f"{key}={value} is a folder on this machine ({kind or 'filesystem unknown'}, not a network "
+                         f"mount) but the Ray cluster has {nodes} nodes, whose trials {uses[key]} there. Put it on "
+                         f"a filesystem every node mounts at the same path and pass ray.shared_storage=true, {fix}.")
+
+
+# --- the teacher, as a Ray task ---------------------------------------------------------------------------------
+
+def _teacher_task(config: dict[str, Any], data: Any) -> dict[str, Any]:
+    """trainable.teacher.teacher_inputs in a Ray worker, with the run's log level (a worker logs WARNING only)."""
+    from trainable.teacher import teacher_inputs
+
+    logging.basicConfig(level=config.get("log_level", "INFO"), format="%(levelname)s %(name)s: %(message)s")
+    return teacher_inputs(config, data)
+
+
+def run_teacher(config: dict[str, Any], data: Any, resources: TrialResources) -> dict[str, Any]:
+    """Train or load the teacher and cache its logits in a Ray task (a whole GPU when the cluster has one), so the
+    driver never trains and never touches CUDA. The caches under the workdir make a resume or a second sweep reuse
+    it; a task whose node dies is retried by Ray and resumes the teacher from its last epoch."""
+    import ray
+    from ray.exceptions import RayTaskError
+
+    task = ray.remote(_teacher_task).options(num_cpus=resources.teacher_cpus, num_gpus=resources.teacher_gpus,
+                                             name="teacher", max_retries=3)
+    logger.info("Teacher task: %g CPUs, %d GPU", resources.teacher_cpus, resources.teacher_gpus)
+    try:
+        return ray.get(task.remote(config, data))
+    except RayTaskError as err:
+        from common.cli import USER_ERRORS
+
+        if isinstance(err.cause, USER_ERRORS):  # a setting the teacher refused: its one line, not a remote traceback
+            raise err.cause from None
+        raise

@@ -40,7 +40,7 @@ t0 = time.time()
 import ray
 from sweeps.cluster import start_ray
 try:
-    start_ray(sys.argv[1], None, 0.0)
+    start_ray(sys.argv[1], None)
 except ValueError as err:
     print("RESULT " + json.dumps({"error": str(err), "s": time.time() - t0}))
     sys.exit(0)
@@ -168,7 +168,7 @@ def test_ray_client_address_joins_a_token_auth_head(head, sandbox):
 @pytest.mark.skipif(HAS_RAY_CLIENT, reason="ray[client] is installed: test_ray_client_address_joins... runs")
 def test_ray_client_without_extras_says_so():
     with pytest.raises(ValueError, match=r"ray\[client\]") as err:
-        start_ray("ray://127.0.0.1:10001", None, 0.0)
+        start_ray("ray://127.0.0.1:10001", None)
     assert "\n" not in str(err.value)
 
 
@@ -196,11 +196,11 @@ from sweeps.cluster import start_ray
 out = {"ray_init_would_join": canonicalize_bootstrap_address(None)}  # what a bare ray.init() would dial
 t0 = time.time()
 try:
-    start_ray("auto", None, 0.0)
+    start_ray("auto", None)
 except ValueError as err:
     out["auto_error"], out["auto_s"] = str(err), time.time() - t0
 t0 = time.time()
-start_ray(None, 1, 0.0)
+start_ray(None, 1)
 out["null_s"] = time.time() - t0
 out["gcs"] = ray.get_runtime_context().gcs_address
 out["cpus"] = ray.cluster_resources().get("CPU")
@@ -230,10 +230,10 @@ def test_unreachable_or_wrong_port_fails_in_seconds():
     t0 = time.time()
     dead = f"127.0.0.1:{free_port()}"
     with pytest.raises(ValueError, match=rf"ray\.address={dead} is unreachable") as err:
-        start_ray(dead, None, 0.0)
+        start_ray(dead, None)
     assert "ray start --head" in str(err.value) and "ray.address=null" in str(err.value)
     with pytest.raises(ValueError, match="is not host:port"):
-        start_ray("headnode", None, 0.0)
+        start_ray("headnode", None)
 
     # Something that is not Ray on the port (an HTTP server, the dashboard): ray.init would retry for minutes.
     server = socket.socket()
@@ -255,7 +255,7 @@ def test_unreachable_or_wrong_port_fails_in_seconds():
             if address.startswith("ray://") and not HAS_RAY_CLIENT:
                 continue
             with pytest.raises(ValueError, match="is not a Ray GCS or Ray Client port") as err:
-                start_ray(address, None, 0.0)
+                start_ray(address, None)
             assert "\n" not in str(err.value)
     finally:
         server.close()
@@ -273,7 +273,7 @@ cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resource
 try:
     cluster.add_node(num_cpus=1, resources={"akds_worker": 1})
     cluster.wait_for_nodes()
-    start_ray(cluster.address, None, 0.0)
+    start_ray(cluster.address, None)
 
     def trial(config):
         time.sleep(3)  # both 1-CPU trials run at once, so one must be on each 1-CPU node
@@ -308,3 +308,97 @@ def test_two_node_cluster_runs_trials_on_both_nodes(sandbox):
     assert result["resources"].get("akds_head") == 1 and result["resources"].get("akds_worker") == 1
     assert len(result["cluster_nodes"]) == 2
     assert len(set(result["trial_nodes"])) == 2 and set(result["trial_nodes"]) == set(result["cluster_nodes"])
+
+
+# --- resources from the cluster, shared folders, the teacher task, node loss ------------------------------------
+
+def test_cpu_only_head_with_gpu_workers_gets_gpu_trials():
+    from sweeps.cluster import Node, plan_resources
+
+    head, workers = Node(cpus=8, gpus=0), [Node(cpus=16, gpus=4), Node(cpus=16, gpus=4)]
+    plan = plan_resources("auto", "auto", [head, *workers])
+    assert plan.gpus_per_trial == 0.25 and plan.cpus_per_trial == 1 and plan.concurrent == 32
+    assert plan.summary.startswith("3 nodes, 40 CPUs, 8 GPUs: 0.25 GPU per trial (4 per card), 1 CPU per trial")
+    assert (plan.teacher_gpus, plan.teacher_cpus) == (1, 4)  # a whole card, and that card's share of its node
+    # a GPU node with few CPUs gets fewer trials per card, each with a CPU
+    assert plan_resources("auto", "auto", [head, Node(cpus=2, gpus=1)]).gpus_per_trial == 0.5
+    # device=cpu: no GPU trials and no GPU for the teacher, whatever the cluster has
+    on_cpu = plan_resources("auto", "auto", [head, *workers], device="cpu")
+    assert on_cpu.gpus_per_trial == 0 and on_cpu.teacher_gpus == 0 and on_cpu.teacher_cpus == 16
+    # the CPU default follows the GPU share: half-card trials put 8 trials on a 16-CPU, 4-GPU node
+    assert plan_resources("auto", 0.5, [head, *workers]).cpus_per_trial == 2
+    assert plan_resources("auto", "auto", [Node(cpus=2, gpus=0)]).summary == (
+        "1 node, 2 CPUs, no GPU: CPU trials, 1 CPU per trial, up to 2 trials at once")
+
+
+@pytest.mark.parametrize("cpus, gpus, nodes, message", [
+    (1, 1, [(8, 0)], "has no CUDA GPU"),                              # asked for GPUs the cluster lacks
+    (1, 0.3, [(8, 4)], "does not divide a card"),                     # 0.3: a tenth of every card idle
+    (1, 1.5, [(8, 4)], "is not a whole number of GPUs"),
+    (1, 2, [(0, 0), (8, 1), (8, 1)], "No node of the Ray cluster holds one trial"),  # 2 GPUs, but 1 per node
+    (32, 0, [(16, 0), (16, 0)], "No node of the Ray cluster holds one trial"),
+    ("many", "auto", [(8, 0)], "resources.cpus_per_trial='many' must be auto or a number > 0"),
+    (0, "auto", [(8, 0)], "must be auto or a number > 0"),
+    (1, -1, [(8, 0)], "resources.gpus_per_trial=-1 must be auto or a number >= 0"),
+])
+def test_resources_the_cluster_cannot_hold_are_one_line_errors(cpus, gpus, nodes, message):
+    from sweeps.cluster import Node, plan_resources
+
+    with pytest.raises(ValueError, match=message) as err:
+        plan_resources(cpus, gpus, [Node(c, g) for c, g in nodes])
+    assert "\n" not in str(err.value)
+
+
+def test_fractions_that_fill_cards_are_accepted():
+    from sweeps.cluster import Node, plan_resources
+
+    for gpus, per_card in ((0.5, 2), (0.25, 4), (0.33, 3), (1 / 3, 3), (0.2, 5)):
+        assert plan_resources(1, gpus, [Node(16, 1)]).concurrent == per_card, gpus
+    assert plan_resources(1, 2, [Node(16, 4)]).concurrent == 2
+
+
+def test_multi_node_cluster_refuses_folders_only_this_machine_sees(tmp_path):
+    from sweeps.cluster import check_shared_folders, mount_type
+
+    mounts = tmp_path / "mounts"
+    mounts.write_text("/dev/sda1 / ext4 rw 0 0\nnas:/export /mnt/shared\\040data nfs4 rw 0 0\n")
+    assert mount_type("/mnt/shared data/sweeps", mounts) == "nfs4" and mount_type("/home/x", mounts) == "ext4"
+    local = str(tmp_path / "ray_results")
+    with pytest.raises(ValueError, match=r"storage_path=.* is a folder on this machine .* the Ray cluster has 2 "
+                                         r"nodes.*ray\.shared_storage=true.*s3://") as err:
+        check_shared_folders(2, {"storage_path": local}, shared=False)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="workdir=.*read the data caches"):
+        check_shared_folders(3, {"storage_path": "s3://bucket/sweeps", "workdir": str(tmp_path)}, shared=False)
+    check_shared_folders(1, {"storage_path": local, "workdir": str(tmp_path)}, shared=False)  # one node: its own disk
+    check_shared_folders(2, {"storage_path": local, "workdir": str(tmp_path)}, shared=True)  # vouched for
+
+
+def test_storage_uri_without_its_pyarrow_filesystem_is_one_line(monkeypatch, tmp_path):
+    import pyarrow.fs as pafs
+
+    from common.sweep_layout import check_storage
+
+    assert check_storage(str(tmp_path / "x" / "..")) == str(tmp_path)
+    assert check_storage(f"file://{tmp_path}/") == f"file://{tmp_path}"
+    monkeypatch.delattr(pafs, "S3FileSystem")  # what a pyarrow built without S3 looks like
+    for uri, says in (("s3://bucket/sweeps", "needs pyarrow.fs.S3FileSystem"),
+                      ("foo://bucket/sweeps", "has no foo:// filesystem")):
+        with pytest.raises(ValueError, match=says) as err:
+            check_storage(uri)
+        assert "\n" not in str(err.value) and f"storage_path={uri}" in str(err.value)
+
+
+def test_code_ships_without_data_or_environments(tmp_path):
+    from sweeps.cluster import PROJECT_ROOT, code_runtime_env
+
+    env = code_runtime_env([str(PROJECT_ROOT / "work"), "s3://bucket/sweeps", str(tmp_path)])
+    assert env["working_dir"] == str(PROJECT_ROOT)
+    assert {"/.git/", "/.venv/", "/runs/", "/work/"} <= set(env["excludes"])  # a workdir inside the project too
+    assert not any(str(tmp_path) in e for e in env["excludes"])
+
+    from ray._private.runtime_env.packaging import _get_excludes
+
+    excluded = _get_excludes(PROJECT_ROOT, env["excludes"])  # Ray's own matcher
+    assert excluded(PROJECT_ROOT / ".venv" / "bin") and excluded(PROJECT_ROOT / "work" / "cache")
+    assert not excluded(PROJECT_ROOT / "sweeps" / "run.py") and not excluded(PROJECT_ROOT / "data_prep" / "build.py")
