@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow.entities import Experiment
 
 
 def flatten(config: dict[str, Any], prefix: str = "", sep: str = ".") -> dict[str, Any]:
@@ -36,7 +37,12 @@ def ensure_experiment(tracking_uri: str, name: str, artifact_root: Path) -> str:
     if experiment is None:
         artifact_root.mkdir(parents=True, exist_ok=True)
         return mlflow.create_experiment(name, artifact_location=artifact_root.resolve().as_uri(), tags=EXPERIMENT_KIND)
-    if not EXPERIMENT_KIND.items() <= experiment.tags.items():  # experiments made before the tag existed
-        for key, value in EXPERIMENT_KIND.items():
-            mlflow.MlflowClient(tracking_uri).set_experiment_tag(experiment.experiment_id, key, value)
+    mark_experiment_kind(mlflow.MlflowClient(tracking_uri), experiment)  # experiments made before the tag existed
     return experiment.experiment_id
+
+
+def mark_experiment_kind(client: mlflow.MlflowClient, experiment: Experiment) -> None:
+    """Tag an experiment made without EXPERIMENT_KIND (before the tag existed, or by Ray's MLflow callback)."""
+    for key, value in EXPERIMENT_KIND.items():
+        if experiment.tags.get(key) != value:
+            client.set_experiment_tag(experiment.experiment_id, key, value)

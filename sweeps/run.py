@@ -347,7 +347,7 @@ def run_sweep(name: str, base_config: dict[str, Any], sweep: dict[str, Any], sto
             scheduler = make_scheduler(scheduler_name, objective, final_epoch,
                                        sweep["scheduler"]["grace_period"], sweep["scheduler"]["reduction_factor"],
                                        budget=budget)
-            callback = SweepMLflowCallback(tracking_uri, name, base_config,
+            callback = SweepMLflowCallback(tracking_uri, experiment_name=name, base_config=base_config,
                                            tags=tags | {"scheduler": scheduler_name, "stage": "search"})
             callbacks = [callback] + ([ParetoASHAStateCallback(scheduler)] if isinstance(scheduler, ParetoASHA) else [])
             if budget is not None:  # first: it adds `feasible` and the constraint values to results the others record
@@ -372,7 +372,8 @@ def run_sweep(name: str, base_config: dict[str, Any], sweep: dict[str, Any], sto
             print(f"\n{len(errors)} trial(s) errored; their messages are in MLflow (tag 'error') and {exp_dir}.")
     if retrain:
         step("retrain", "the front's configurations, longer and with seeds, scored on the test split")
-        callbacks = [SweepMLflowCallback(tracking_uri, name, base_config, tags=tags | {"stage": "final"})]
+        callbacks = [SweepMLflowCallback(tracking_uri, experiment_name=name, base_config=base_config,
+                                         tags=tags | {"stage": "final"})]
         if budget is not None:
             callbacks.insert(0, BudgetCallback(budget, final["epochs"]))
         retrained = run_final(searched, trainable, exp_dir, base_config, final, sweep, resume, callbacks)
