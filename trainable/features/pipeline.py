@@ -85,12 +85,14 @@ class FeaturePipeline:
         train: bool,
         generator: torch.Generator | None = None,
         drop_last: bool = False,
+        max_batches: int | None = None,
     ) -> Iterator[FeatureBatch]:
         """One epoch: shuffled with `generator` (a CPU torch.Generator) and augmented when `train`, else in clip order.
 
-        `drop_last` skips a final partial batch (a batch of one breaks BatchNorm in train mode).
+        `drop_last` skips a final partial batch (a batch of one breaks BatchNorm in train mode); `max_batches`
+        ends the epoch early (train.steps_per_epoch: a fixed-size epoch drawn from a large split).
         """
-        num_batches = self.num_batches(batch_size, drop_last)
+        num_batches = min(self.num_batches(batch_size, drop_last), max_batches or math.inf)
         host_order = torch.randperm(len(self), generator=generator) if train else torch.arange(len(self))
         device_order = host_order.to(self.device)
         recompute = train and self.cfg.waveform_augmentation
@@ -109,6 +111,11 @@ class FeaturePipeline:
                 features = self.logmel(self.waveform_augment(as_float(rows))) if recompute else rows
                 features = self.spec_augment(features)
             yield FeatureBatch(features, self.labels[indices], indices)
+
+    def prepare(self, train: bool) -> None:
+        """Build or open what this split's batches read (the log-mel cache, or the waveforms) now, not inside the
+        first epoch: epoch times and clips/s then measure training."""
+        self._waveforms_source() if train and self.cfg.waveform_augmentation else self._features_source()
 
     def _features_source(self) -> torch.Tensor:
         if self._features is None:
