@@ -90,3 +90,15 @@ def build_once(target: Path, build: Callable[[Path], None], *, poll_s: float = 0
             beat.join()
             shutil.rmtree(lock, ignore_errors=True)
     return target
+
+
+def check_workdir(workdir: Path | str) -> None:
+    """A workdir this process cannot write to, refused in one line before any data or teacher work."""
+    workdir = Path(workdir)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / f".write_probe.{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise PermissionError(f"workdir={workdir} is not writable ({err.strerror}); pass workdir=<a writable dir>.")

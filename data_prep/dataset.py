@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from common.io import check_workdir
 from data_prep.layout import FAMILIES, NSYNTH_SECONDS, SPLITS, NoteRecord, read_layout, read_split
 from data_prep.sources import check_local_nsynth, materialize
 from data_prep.splits import check_families, check_split_caps, select
@@ -44,6 +45,7 @@ def prepare_data(data_cfg: Mapping[str, Any], workdir: str | Path, *, sample_rat
     the same notes decoded again from the original wavs, cached separately.
     """
     check_data(data_cfg)
+    check_workdir(workdir)
     families = check_families(data_cfg["families"])
     materialize(data_cfg)
     records = read_layout(data_cfg["root"])

@@ -29,8 +29,9 @@ from omegaconf import DictConfig  # noqa: E402
 
 from common.cli import entry_point, plain, string_overrides  # noqa: E402
 from common.config import accepted_values, run_section, upgrade_saved_config  # noqa: E402
+from common.io import check_workdir  # noqa: E402
 from common.objectives import ACCURACY, MACS  # noqa: E402
-from common.sweep_layout import list_sweeps, normalize_storage, read_state, sweep_exists, sweep_uri, write_state  # noqa: E402
+from common.sweep_layout import check_storage, list_sweeps, read_state, sweep_exists, sweep_uri, write_state  # noqa: E402
 
 from sweeps.final import FINAL_EXPERIMENT  # noqa: E402
 
@@ -38,16 +39,6 @@ if TYPE_CHECKING:
     from search_spaces.schema import SearchSpace
 
 log = logging.getLogger("sweeps.run")
-
-def check_workdir(workdir: Path) -> None:
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-        probe = workdir / ".write_probe"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as err:
-        raise PermissionError(f"workdir={workdir} is not writable ({err.strerror}); pass workdir=<a writable dir>.")
-
 
 def may_use_kd(space: SearchSpace, base_config: dict[str, Any]) -> bool:
     """Whether any trial of the space can run with KD (then the teacher is prepared up front)."""
@@ -153,9 +144,14 @@ def check_tracking_uri(uri: str, timeout_s: float = 3.0) -> None:
 
 def check_sweep_settings(sweep: dict[str, Any]) -> None:
     """Sweep settings that the schema's types cannot check, refused before any data or teacher work."""
+    from sweeps.cluster import requested_share
+
     resources = sweep["resources"]
-    if resources["cpus_per_trial"] <= 0:
-        raise ValueError(f"resources.cpus_per_trial={resources['cpus_per_trial']} must be > 0.")
+    for key in ("cpus_per_trial", "gpus_per_trial"):  # auto is decided by the cluster, after connecting
+        requested_share(f"resources.{key}", resources[key])
+    if resources["max_failures"] < -1:
+        raise ValueError(f"resources.max_failures={resources['max_failures']} must be >= 0 (retries of a failed "
+                         "trial), or -1 for no limit.")
     if resources["max_concurrent_trials"] is not None and resources["max_concurrent_trials"] < 1:
         raise ValueError(f"resources.max_concurrent_trials={resources['max_concurrent_trials']} must be >= 1 "
                          "(or null for as many as the resources allow).")
@@ -171,7 +167,7 @@ def main(cfg: DictConfig) -> None:
     config = string_overrides(plain(cfg), ("name",))  # name=1e5 stays the string the user typed
     workdir = Path(config["workdir"]).resolve()
     check_workdir(workdir)
-    storage = normalize_storage(config["storage_path"])
+    storage = check_storage(config["storage_path"])  # a URI pyarrow cannot open is refused here
     name = config["name"] or f"{config['space']}-{time.strftime('%Y%m%d-%H%M%S')}"
 
     if config["resume"] or config["stage"] == "final":
@@ -182,7 +178,7 @@ def main(cfg: DictConfig) -> None:
             raise FileNotFoundError(f"No sweep named {name!r} under {storage}; sweeps here: "
                                     + (", ".join(list_sweeps(storage)) or "none"))
         saved = read_state(storage, name)
-        base_config, sweep = upgrade_saved_config(saved["base_config"]), saved["sweep"]
+        base_config, sweep = upgrade_saved_config(saved["base_config"]), runtime_settings(config, saved["sweep"])
         if config["stage"] == "final" and not config["resume"]:  # a new final stage takes final.* as given now
             sweep = sweep | {"final": config["final"]}
     else:
@@ -191,6 +187,23 @@ def main(cfg: DictConfig) -> None:
                                   f"`python sweeps/run.py resume=true name={name}` or choose another name=.")
         base_config, sweep = sweep_settings(config)
     run_sweep(name, base_config, sweep, storage, resume=config["resume"], stage=config["stage"])
+
+
+# Where a sweep runs, not what it searches: a resume takes the keys of these sections given on its command line (to
+# continue on another cluster) over the saved ones, and today's defaults for keys a saved sweep predates.
+RUNTIME_SECTIONS = ("ray", "resources")
+
+
+def runtime_settings(config: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved sweep's settings with ray.* and resources.* as given now (RUNTIME_SECTIONS)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from common.cli import value_as_typed
+
+    given = {value_as_typed(o)[0] for o in HydraConfig.get().overrides.task} if HydraConfig.initialized() else set()
+    return saved | {section: {**config[section], **saved.get(section, {}),
+                              **{k: v for k, v in config[section].items() if f"{section}.{k}" in given}}
+                    for section in RUNTIME_SECTIONS}
 
 
 def set_aside_truncated_state(exp_dir: str) -> None:
@@ -264,16 +277,18 @@ def run_sweep(name: str, base_config: dict[str, Any], sweep: dict[str, Any], sto
     from ray import tune
 
     from common.tracking import ensure_experiment, flatten, runs_page
-    from data_prep.dataset import prepare_data
+    from data_prep.dataset import check_data, prepare_data
     from search_spaces.schema import load_space
     from sweeps.budget import Budget, BudgetCallback, check_reachable
-    from sweeps.cluster import resolve_gpus, start_ray
+    from sweeps.cluster import (
+        check_shared_folders, cluster_nodes, code_runtime_env, is_local_address, plan_resources, run_teacher,
+        start_ray,
+    )
     from sweeps.final import check_final_settings
     from sweeps.mlflow_logging import SweepMLflowCallback
     from sweeps.pareto_asha import ParetoASHA, ParetoASHAStateCallback
     from sweeps.tuning import default_scheduler, make_scheduler, make_searcher, num_samples, param_space
     from trainable.run_config import validate_teacher
-    from trainable.teacher import teacher_inputs
     from trainable.tune_trainable import run_trial
 
     # Everything that can be refused is refused here, before data, teacher or Ray work.
@@ -283,6 +298,7 @@ def run_sweep(name: str, base_config: dict[str, Any], sweep: dict[str, Any], sto
     final = sweep.get("final") or {"enabled": False}  # sweeps saved before the retrain stage have none
     retrain = stage == "final" or final["enabled"]
     check_sweep_settings(sweep)
+    check_data(base_config["data"])  # data root, examples.json, caps: before any rendering or decoding
     check_space_configs(space, base_config)
     check_reachable(budget, space, base_config)  # a budget no trial can meet, with the smallest reachable value
     final_epoch = max_epochs(base_config, space)
@@ -303,9 +319,15 @@ def run_sweep(name: str, base_config: dict[str, Any], sweep: dict[str, Any], sto
     kd_possible = may_use_kd(space, base_config) or (retrain and final["ablations"])
     if kd_possible:
         validate_teacher(base_config)  # the teacher trains on the base config, whatever the trials sample
-    gpus = resolve_gpus(sweep["resources"]["gpus_per_trial"], sweep["ray"]["address"])
     workdir = Path(base_config["workdir"]).resolve()
-    start_ray(sweep["ray"]["address"], sweep["ray"]["num_cpus"], gpus)  # a cluster that refuses us leaves no sweep
+    address = sweep["ray"]["address"]
+    code = None if is_local_address(address) else code_runtime_env([str(workdir), storage, base_config["data"]["root"]])
+    start_ray(address, sweep["ray"]["num_cpus"], code)  # a cluster that refuses us leaves no sweep
+    # What trials ask for comes from the cluster's nodes, not this machine's hardware (which may have no GPU).
+    nodes = cluster_nodes()
+    resources = plan_resources(sweep["resources"]["cpus_per_trial"], sweep["resources"]["gpus_per_trial"], nodes,
+                               base_config["device"])
+    check_shared_folders(len(nodes), {"storage_path": storage, "workdir": str(workdir)}, sweep["ray"]["shared_storage"])
     if not resume:  # recorded before any work, so a kill at any moment can be resumed
         write_state(storage, name, {"base_config": base_config, "sweep": sweep})
     steps = (["data"] + (["teacher"] if kd_possible else []) + (["search"] if stage == "search" else [])
@@ -316,21 +338,22 @@ def run_sweep(name: str, base_config: dict[str, Any], sweep: dict[str, Any], sto
 
     print(f"Sweep {name} ({'retraining the front of ' if stage == 'final' else f'{trials} trials of space '}"
           f"{sweep['space']}); if interrupted, continue it with:\n"
-          f"  python sweeps/run.py resume=true name={name}{' stage=final' if stage == 'final' else ''}", flush=True)
+          f"  python sweeps/run.py resume=true name={name}{' stage=final' if stage == 'final' else ''}\n"
+          f"Ray: {resources.summary}", flush=True)
 
     step("data", "preparing the dataset and its waveform cache")
     data = prepare_data(base_config["data"], workdir)
     kd_inputs = {}
     if kd_possible:
         step("teacher", "training or loading it and caching its logits")
-        kd_inputs = teacher_inputs(base_config, data)
-    cpus = sweep["resources"]["cpus_per_trial"]
+        kd_inputs = run_teacher(base_config, data, resources)  # a Ray task: the driver never trains nor uses CUDA
+    cpus = resources.cpus_per_trial
     threads = max(1, int(cpus))  # torch threads per trial follow its CPU share (at least one)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base_config={**base_config, "train": {**base_config["train"],
                                                                             "num_threads": threads}},
-                             data=data, **kd_inputs),
-        {"cpu": cpus, "gpu": gpus})
+                             data_dir=str(data.cache_dir), kd_inputs=kd_inputs),
+        {"cpu": cpus, "gpu": resources.gpus_per_trial})
     tracking_uri = sweep["mlflow"]["tracking_uri"]
     experiment_id = ensure_experiment(tracking_uri, name, workdir / "mlflow-artifacts" / name)
     objective = sweep["search"]["objective"]
@@ -346,7 +369,7 @@ def run_sweep(name: str, base_config: dict[str, Any], sweep: dict[str, Any], sto
             scheduler_name = sweep["scheduler"]["name"] or default_scheduler(space, objective)
             scheduler = make_scheduler(scheduler_name, objective, final_epoch,
                                        sweep["scheduler"]["grace_period"], sweep["scheduler"]["reduction_factor"],
-                                       budget=budget)
+                                       budget=budget, metric=sweep["scheduler"].get("metric", "val_acc"))
             callback = SweepMLflowCallback(tracking_uri, experiment_name=name, base_config=base_config,
                                            tags=tags | {"scheduler": scheduler_name, "stage": "search"})
             callbacks = [callback] + ([ParetoASHAStateCallback(scheduler)] if isinstance(scheduler, ParetoASHA) else [])
@@ -363,7 +386,8 @@ def run_sweep(name: str, base_config: dict[str, Any], sweep: dict[str, Any], sto
                     num_samples=trials,
                     max_concurrent_trials=sweep["resources"]["max_concurrent_trials"],
                     reuse_actors=True),
-                run_config=tune_run_config(name, storage, callbacks, progress_reporter(space)),
+                run_config=tune_run_config(name, storage, callbacks, progress_reporter(space),
+                                           sweep["resources"]["max_failures"]),
             )
         searched = tuner.fit()
         errors = [r for r in searched if r.error]
@@ -389,8 +413,9 @@ def run_sweep(name: str, base_config: dict[str, Any], sweep: dict[str, Any], sto
     write_report(name, storage, workdir, tracking_uri, export)
 
 
-def tune_run_config(name: str, storage: str, callbacks: list[Any], reporter: Any) -> Any:
-    """Where and how Tune keeps a stage: storage, callbacks, console table, and a checkpoint after every epoch.
+def tune_run_config(name: str, storage: str, callbacks: list[Any], reporter: Any, max_failures: int) -> Any:
+    """Where and how Tune keeps a stage: storage, callbacks, console table, a checkpoint after every epoch, and
+    `max_failures` restarts of a failed trial (a node lost, a process killed) from that checkpoint, on any node.
 
     num_to_keep=1 makes Tune force a synced experiment snapshot after every trial checkpoint: the only thing that
     puts the state in storage at once (unforced syncs wait for SyncConfig.sync_period). With 2, a SIGKILL lost the
@@ -399,7 +424,8 @@ def tune_run_config(name: str, storage: str, callbacks: list[Any], reporter: Any
     from ray import tune
 
     return tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks, verbose=1, progress_reporter=reporter,
-                          checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
+                          checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                          failure_config=tune.FailureConfig(max_failures=max_failures))
 
 
 def run_final(searched: Any, trainable: Any, exp_dir: str, base_config: dict[str, Any], final: dict[str, Any],
@@ -429,7 +455,7 @@ def run_final(searched: Any, trainable: Any, exp_dir: str, base_config: dict[str
         param_space={"grid_point": tune.grid_search(points)},
         tune_config=tune.TuneConfig(max_concurrent_trials=sweep["resources"]["max_concurrent_trials"],
                                     reuse_actors=True),
-        run_config=tune_run_config(FINAL_EXPERIMENT, exp_dir, callbacks, reporter),
+        run_config=tune_run_config(FINAL_EXPERIMENT, exp_dir, callbacks, reporter, sweep["resources"]["max_failures"]),
     )
     return tuner.fit()
 

@@ -272,7 +272,8 @@ def test_invalid_space_and_unwritable_workdir(tmp_path):
     from common.cli import plain
     from search_spaces.schema import load_space
     from common.tracking import flatten
-    from sweeps.run import accepted_values, check_space_configs, check_workdir
+    from common.io import check_workdir
+    from sweeps.run import accepted_values, check_space_configs
     from tests.conftest import CONF_DIR
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
