@@ -105,6 +105,19 @@ class SchedulerName(str, enum.Enum):
     fifo = "fifo"
 
 
+class RungMetric(str, enum.Enum):
+    """Validation metrics a scheduler can rank trials on at its rungs (reported every epoch by the trainable)."""
+
+    val_acc = "val_acc"
+    val_loss = "val_loss"
+    val_macro_f1 = "val_macro_f1"
+
+
+# "max" | "min": which way each rung metric is better.
+RUNG_METRIC_MODES: dict[str, str] = {RungMetric.val_acc.value: "max", RungMetric.val_loss.value: "min",
+                                     RungMetric.val_macro_f1.value: "max"}
+
+
 class Stage(str, enum.Enum):
     search = "search"    # search, then (final.enabled) retrain the front
     final = "final"      # retrain the front of an existing sweep (name=<sweep>)
@@ -116,6 +129,7 @@ class RetrainRole(str, enum.Enum):
     front = "front"                      # the front configuration itself
     kd_toggled = "kd_toggled"            # the same with KD switched (on -> off, off -> on)
     pruning_toggled = "pruning_toggled"  # the same MACs target with the other structured mode (single <-> progressive)
+    dense_same_macs = "dense_same_macs"  # structured-pruned configs: unpruned, at the width whose MACs are closest
 
 
 def values(choices: type[enum.Enum]) -> tuple[str, ...]:
@@ -335,7 +349,7 @@ class RetrainLabel:
     """Set on the runs of the retrain stage (sweeps/final.py): which front trial a run retrains, and as what."""
 
     front_trial: Optional[str] = None        # trial id of the search's front configuration
-    role: Optional[RetrainRole] = None       # front | kd_toggled | pruning_toggled
+    role: Optional[RetrainRole] = None       # front | kd_toggled | pruning_toggled | dense_same_macs
 
 
 @dataclass
@@ -369,6 +383,8 @@ class SchedulerConfig:
     name: Optional[SchedulerName] = None     # null = pareto_asha (multi), asha (single), fifo (grid spaces)
     grace_period: int = 2                    # epochs before the first rung
     reduction_factor: float = 3
+    # What the rungs rank trials on (with target_macs for pareto_asha); the searcher and the front stay on val_acc.
+    metric: RungMetric = RungMetric.val_acc
 
 
 @dataclass
@@ -468,6 +484,16 @@ class LatencyConfig:
 
 
 @dataclass
+class FidelityConfig:
+    """benchmarks/search_fidelity.py: how far the search's signals can be trusted."""
+
+    # > 0: also run (or reuse) <sweep>-fifo<n>, n trials of the sweep's space and settings that stop nothing, to
+    # measure the rung fidelity without selection bias and replay the scheduler on its curves; 0 = skip
+    fifo_samples: int = 20
+    seed_spread: bool = True                 # retrain the best trial with 3 seeds (the seed noise of one config)
+
+
+@dataclass
 class AnalysisConfig(RunConfig):
     """analysis/*.py: the run config plus the analysis keys."""
 
@@ -481,6 +507,7 @@ class AnalysisConfig(RunConfig):
     quant: QuantConfig = field(default_factory=QuantConfig)
     latency: LatencyConfig = field(default_factory=LatencyConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    fidelity: FidelityConfig = field(default_factory=FidelityConfig)
 
 
 RUN_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(RunConfig))

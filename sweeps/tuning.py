@@ -10,7 +10,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from common.config import Sampler, SchedulerName, values
+from common.config import RUNG_METRIC_MODES, Sampler, SchedulerName, values
 from common.objectives import ACCURACY, objectives
 from search_spaces.schema import SearchSpace
 from sweeps.budget import FEASIBLE, Budget, measured_is_final, predicted_constraints
@@ -150,16 +150,27 @@ def num_samples(space: SearchSpace, requested: int | None) -> int:
     return requested
 
 
+def rung_objectives(objective: str, metric: str = ACCURACY) -> dict[str, str]:
+    """What a rung scheduler ranks on: the search's objectives with validation accuracy replaced by `metric`
+    (scheduler.metric), which may be steadier early in training; the searcher and the front keep val_acc."""
+    if metric not in RUNG_METRIC_MODES:
+        raise ValueError(f"scheduler.metric={metric!r}; choose one of {tuple(RUNG_METRIC_MODES)}.")
+    return {(metric if key == ACCURACY else key): (RUNG_METRIC_MODES[metric] if key == ACCURACY else mode)
+            for key, mode in objectives(objective).items()}
+
+
 def make_scheduler(name: str, objective: str, max_epochs: int, grace_period: int,
-                   reduction_factor: float, budget: Budget | None = None) -> TrialScheduler:
-    """ParetoASHA also stops trials that break a budget; asha and fifo run them on (their results still say
-    `feasible`, and the searcher still learns the constraints)."""
+                   reduction_factor: float, budget: Budget | None = None, metric: str = ACCURACY) -> TrialScheduler:
+    """Rung schedulers rank on `rung_objectives(objective, metric)`. ParetoASHA also stops trials that break a
+    budget; asha and fifo run them on (their results still say `feasible`, and the searcher still learns the
+    constraints)."""
     grace_period = min(grace_period, max_epochs)
+    ranked = rung_objectives(objective, metric)
     if name == "pareto_asha":
-        return ParetoASHA(objectives=objectives(objective), time_attr="epoch", max_t=max_epochs,
+        return ParetoASHA(objectives=ranked, time_attr="epoch", max_t=max_epochs,
                           grace_period=grace_period, reduction_factor=reduction_factor, budget=budget)
     if name == "asha":
-        return ASHAScheduler(time_attr="epoch", metric=ACCURACY, mode="max", max_t=max_epochs,
+        return ASHAScheduler(time_attr="epoch", metric=metric, mode=ranked[metric], max_t=max_epochs,
                              grace_period=grace_period, reduction_factor=reduction_factor)
     if name == "fifo":
         return FIFOScheduler()

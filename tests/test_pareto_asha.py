@@ -250,3 +250,21 @@ def test_budgeted_result_without_the_needed_keys_is_a_clear_error():
     scheduler = _budgeted(max_kb=100)
     with pytest.raises(ValueError, match=r"lacks \['params'\]"):
         scheduler.on_trial_result(None, _trial("A"), {"epoch": 1, "val_acc": 0.5, "target_macs": 10})
+
+
+def test_rung_metric_val_loss_ranks_lower_loss_first_and_leaves_the_searcher_on_val_acc():
+    """scheduler.metric=val_loss: the rungs rank (val_loss down, target_macs down); a trial with the better accuracy
+    but the worse loss at the same MACs is the one stopped."""
+    from sweeps.tuning import make_scheduler, rung_objectives
+
+    assert rung_objectives("multi", "val_loss") == {"val_loss": "min", "target_macs": "min"}
+    assert rung_objectives("single", "val_macro_f1") == {"val_macro_f1": "max"}
+    with pytest.raises(ValueError, match=r"scheduler.metric='top5'; choose one of \('val_acc', 'val_loss'"):
+        rung_objectives("multi", "top5")
+    scheduler = make_scheduler("pareto_asha", "multi", 10, 2, 3, metric="val_loss")
+    for name, acc, loss in (("A", 0.5, 1.0), ("B", 0.6, 2.0), ("C", 0.4, 0.9)):
+        decision = scheduler.on_trial_result(None, _trial(name), {"epoch": 2, "val_acc": acc, "val_loss": loss,
+                                                                   "target_macs": 1e6})
+        assert decision == {"A": CONTINUE, "B": STOP, "C": CONTINUE}[name]  # keep ceil(n/3) by loss, ties continue
+    asha = make_scheduler("asha", "single", 10, 2, 3, metric="val_loss")
+    assert isinstance(asha, AsyncHyperBandScheduler) and (asha._metric, asha._mode) == ("val_loss", "min")
