@@ -1,4 +1,5 @@
-"""Paired comparisons: does KD help, does progressive pruning beat single-shot at the same MACs?
+"""Paired comparisons: does KD help, does progressive pruning beat single-shot at the same MACs, does a pruned model
+beat a dense one of the same MACs?
 
 Pure functions over runs already read from disk (no I/O), for analysis/pareto.py and the report.
 
@@ -6,7 +7,9 @@ Two sources of pairs, each pair differing in one setting only:
 
 * the retrain stage (sweeps/final.py, `<sweep>/final/`): every retrained front configuration (role `front`) is
   paired with its `kd_toggled` run (KD flipped) and its `pruning_toggled` run (the other structured mode at the same
-  `pruning.target_macs_ratio`) of the same seed, scored on the test split (`test_acc`);
+  `pruning.target_macs_ratio`) and, for a structurally pruned configuration, its `dense_same_macs` run (unpruned, at
+  the student width whose MACs are closest to the pruned model's) of the same seed, scored on the test split
+  (`test_acc`);
 * a grid over `scenario` (search_spaces/scenarios.yaml: {nokd,kd}_{noprune,single,progressive} x train.seed):
   KD on vs off at the same pruning mode and the same other grid keys (seed), progressive vs single at the same KD
   setting and seed, on test accuracy when analysis/evaluate.py has scored every such trial, else validation accuracy.
@@ -21,23 +24,28 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from common.config import RetrainRole
-from common.trial_table import Trial
+from common.trial_table import Trial, evaluation_columns
 
 CONFIDENCE = 0.95
-FRONT, KD_TOGGLED, PRUNING_TOGGLED = (RetrainRole.front.value, RetrainRole.kd_toggled.value,
-                                      RetrainRole.pruning_toggled.value)
+FRONT, KD_TOGGLED, PRUNING_TOGGLED, DENSE_SAME_MACS = (RetrainRole.front.value, RetrainRole.kd_toggled.value,
+                                                       RetrainRole.pruning_toggled.value,
+                                                       RetrainRole.dense_same_macs.value)
 KD_QUESTION = "KD vs no KD"
 PRUNING_QUESTION = "Progressive vs single-shot pruning"
+DENSE_QUESTION = "Pruning vs a dense model of the same MACs"
 KD_SUBJECT = "KD"
 PRUNING_SUBJECT = "Progressive pruning (instead of single-shot, same MACs target)"
+DENSE_SUBJECT = "Pruning (instead of training a dense student of about the same MACs)"
 # (question, subject, treated minus control) of each comparison, as the report's table headers say.
-DIFFERENCES = {KD_QUESTION: "KD on minus KD off", PRUNING_QUESTION: "progressive minus single-shot"}
+DIFFERENCES = {KD_QUESTION: "KD on minus KD off", PRUNING_QUESTION: "progressive minus single-shot",
+               DENSE_QUESTION: "pruned minus dense"}
+STRUCTURED = ("single", "progressive")
 
 
 def _number(value: Any) -> bool:
@@ -110,21 +118,31 @@ def paired_comparison(pairs: Sequence[tuple[float, float]], subject: str = "The 
 
 # --- the retrain stage ------------------------------------------------------------------------------------------
 
-def retrained_row(trial: Trial) -> dict[str, Any]:
-    """One retraining run as a row (also a line of retrained.csv); `test_acc` is None until its last epoch."""
+def retrained_row(trial: Trial, evaluation: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """One retraining run as a row (also a line of retrained.csv); `test_acc` is None until its last epoch. With
+    what analysis/evaluate.py measured of it (`evaluation`), the extra folders' columns too (`<folder>_acc`, ...);
+    the run's own test numbers stay."""
     cfg, metrics = trial.config, trial.metrics
     mode = cfg["pruning"]["mode"]
     test_acc = metrics.get("test_acc")
-    return {
+    return evaluation_columns(dict(evaluation) if evaluation else None) | {
         "sweep": trial.sweep, "trial_id": trial.trial_id, "front_trial": str(cfg["retrain"]["front_trial"]),
         "role": str(cfg["retrain"]["role"]), "seed": int(cfg["train"]["seed"]),
         "kd": "on" if cfg["kd"]["enabled"] else "off", "pruning": mode,
-        "target_macs_ratio": cfg["pruning"]["target_macs_ratio"] if mode in ("single", "progressive") else None,
+        "target_macs_ratio": cfg["pruning"]["target_macs_ratio"] if mode in STRUCTURED else None,
+        "width_mult": cfg["student"]["width_mult"],
         "status": trial.status, "epochs": int(metrics["epoch"]), "final_epochs": int(cfg["train"]["epochs"]),
         "test_acc": float(test_acc) if _number(test_acc) else None,
         "test_macro_f1": metrics.get("test_macro_f1"), "val_acc": float(metrics["val_acc"]),
         "target_macs": metrics.get("target_macs"), "macs": metrics.get("macs"), "params": metrics.get("params"),
     }
+
+
+def extra_folders(runs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Labels of the extra folders analysis/evaluate.py scored some of the runs on: the `<label>` of the
+    `<label>_acc` / `<label>_n` columns common.trial_table.evaluation_columns writes."""
+    keys = dict.fromkeys(key for run in runs for key in run)
+    return [key[:-2] for key in keys if key.endswith("_n") and f"{key[:-2]}_acc" in keys]
 
 
 def finished(run: Mapping[str, Any]) -> bool:
@@ -155,11 +173,20 @@ class RetrainedConfig:
     latency_ms: float | None = None       # fp32, 1 thread, median ms
     int8_latency_ms: float | None = None  # int8, 1 thread, median ms
     int8_error: str | None = None         # an int8 export of one of its seeds failed (not deployable at int8)
+    # analysis/evaluate.py's extra folders: label -> (mean, sample std (n >= 2), n) of accuracy over the finished
+    # seeds it scored
+    extra: dict[str, tuple[float | None, float | None, int]] = field(default_factory=dict)
 
 
 def _mean(values: Sequence[Any]) -> float | None:
     values = [float(v) for v in values if _number(v)]
     return float(np.mean(values)) if values else None
+
+
+def _spread(values: Sequence[Any]) -> tuple[float | None, float | None, int]:
+    """(mean, sample standard deviation (n >= 2), n) of the numbers among `values`."""
+    values = [float(v) for v in values if _number(v)]
+    return (_mean(values), float(np.std(values, ddof=1)) if len(values) >= 2 else None, len(values))
 
 
 def retrained_front_table(runs: Sequence[Mapping[str, Any]]) -> list[RetrainedConfig]:
@@ -170,16 +197,17 @@ def retrained_front_table(runs: Sequence[Mapping[str, Any]]) -> list[RetrainedCo
         if run["role"] == FRONT:
             groups.setdefault((run["sweep"], run["front_trial"]), []).append(run)
     table = []
+    folders = extra_folders(runs)
     for (sweep, front_trial), members in groups.items():
         done = [r for r in members if finished(r)]
-        tests = [r["test_acc"] for r in done]
+        test_mean, test_std, _ = _spread([r["test_acc"] for r in done])
         table.append(RetrainedConfig(
             sweep=sweep, front_trial=front_trial, kd=members[0]["kd"], pruning=members[0]["pruning"],
             target_macs_ratio=members[0]["target_macs_ratio"],
             target_macs=_mean([r["target_macs"] for r in (done or members)]), params=_mean([r["params"] for r in done]),
-            n=len(done), missing=len(members) - len(done), test_mean=_mean(tests),
-            test_std=float(np.std(tests, ddof=1)) if len(tests) >= 2 else None,
+            n=len(done), missing=len(members) - len(done), test_mean=test_mean, test_std=test_std,
             val_mean=_mean([r["val_acc"] for r in done]), seeds=tuple(sorted(r["seed"] for r in done)),
+            extra={label: _spread([r.get(f"{label}_acc") for r in done]) for label in folders},
             exported=sum(1 for r in done if r.get("onnx_bytes") is not None),
             int8_test_mean=_mean([r.get("int8_test_acc") for r in done]),
             latency_ms=_mean([r.get("latency_ms_1thread") for r in done]),
@@ -188,25 +216,29 @@ def retrained_front_table(runs: Sequence[Mapping[str, Any]]) -> list[RetrainedCo
     return sorted(table, key=lambda c: (c.target_macs if c.target_macs is not None else math.inf, c.front_trial))
 
 
-def _retrain_pairs(runs: Sequence[Mapping[str, Any]], role: str,
-                   orient: Callable[..., tuple[float, float] | None]) -> tuple[list[tuple[float, float]], int]:
-    """(treated, control) test accuracies of each finished `front` run and its finished `role` run of the same
-    front configuration and seed, and how many finished runs of the two roles found no partner."""
+def _matched_runs(runs: Sequence[Mapping[str, Any]], role: str,
+                  orient: Callable[..., tuple[float, float] | None]) -> tuple[list[tuple[Mapping[str, Any], ...]], int]:
+    """Each finished `front` run with its finished `role` run of the same front configuration and seed, where
+    `orient` accepts the two as a pair; and how many finished runs of the two roles found no partner."""
     done = [r for r in runs if finished(r) and r["role"] in (FRONT, role)]
     partners: dict[tuple[str, str, int], Mapping[str, Any]] = {}
     for run in done:
         if run["role"] == role:
             partners.setdefault((run["sweep"], run["front_trial"], run["seed"]), run)
-    pairs, paired = [], 0
+    matched = []
     for run in done:
-        if run["role"] != FRONT:
-            continue
-        partner = partners.get((run["sweep"], run["front_trial"], run["seed"]))
-        pair = orient(run, partner) if partner is not None else None
-        if pair is not None:
-            pairs.append(pair)
-            paired += 2
-    return pairs, len(done) - paired
+        partner = partners.get((run["sweep"], run["front_trial"], run["seed"])) if run["role"] == FRONT else None
+        if partner is not None and orient(run, partner) is not None:
+            matched.append((run, partner))
+    return matched, len(done) - 2 * len(matched)
+
+
+def _retrain_pairs(runs: Sequence[Mapping[str, Any]], role: str,
+                   orient: Callable[..., tuple[float, float] | None]) -> tuple[list[tuple[float, float]], int]:
+    """(treated, control) test accuracies of each finished `front` run and its finished `role` run of the same
+    front configuration and seed, and how many finished runs of the two roles found no partner."""
+    matched, unmatched = _matched_runs(runs, role, orient)
+    return [orient(run, partner) for run, partner in matched], unmatched
 
 
 def _kd_orient(a: Mapping[str, Any], b: Mapping[str, Any]) -> tuple[float, float] | None:
@@ -225,6 +257,13 @@ def _pruning_orient(a: Mapping[str, Any], b: Mapping[str, Any]) -> tuple[float, 
     return progressive["test_acc"], single["test_acc"]
 
 
+def _dense_orient(a: Mapping[str, Any], b: Mapping[str, Any]) -> tuple[float, float] | None:
+    """(pruned, dense): a structurally pruned run and an unpruned one; None otherwise."""
+    if a["pruning"] not in STRUCTURED or b["pruning"] != "none":
+        return None
+    return a["test_acc"], b["test_acc"]
+
+
 def kd_pairs(runs: Sequence[Mapping[str, Any]]) -> tuple[list[tuple[float, float]], int]:
     """(KD on, KD off) test accuracies: each front run with its kd_toggled run of the same seed; and the number of
     finished runs left unpaired."""
@@ -237,12 +276,51 @@ def pruning_pairs(runs: Sequence[Mapping[str, Any]]) -> tuple[list[tuple[float, 
     return _retrain_pairs(runs, PRUNING_TOGGLED, _pruning_orient)
 
 
+def dense_pairs(runs: Sequence[Mapping[str, Any]]) -> tuple[list[tuple[float, float]], int]:
+    """(pruned, dense) test accuracies: each structurally pruned front run with its dense_same_macs run of the same
+    seed; and the number of finished runs left unpaired."""
+    return _retrain_pairs(runs, DENSE_SAME_MACS, _dense_orient)
+
+
+@dataclass(frozen=True)
+class MacsPair:
+    """One pruned front run and its dense_same_macs partner (same configuration and seed), as measured."""
+
+    sweep: str
+    front_trial: str
+    seed: int
+    pruned_macs: float | None
+    dense_macs: float | None
+    dense_width: float
+    pruned_test: float
+    dense_test: float
+
+    @property
+    def gap(self) -> float | None:
+        """Dense minus pruned MACs, relative to the pruned model's."""
+        if not (_number(self.pruned_macs) and _number(self.dense_macs)) or not self.pruned_macs:
+            return None
+        return self.dense_macs / self.pruned_macs - 1.0
+
+
+def dense_macs_pairs(runs: Sequence[Mapping[str, Any]]) -> list[MacsPair]:
+    """The pairs of the dense comparison with each side's measured MACs (the report shows the MACs difference
+    within each pair), by configuration and seed."""
+    matched, _ = _matched_runs(runs, DENSE_SAME_MACS, _dense_orient)
+    pairs = [MacsPair(sweep=run["sweep"], front_trial=run["front_trial"], seed=run["seed"], pruned_macs=run["macs"],
+                      dense_macs=dense["macs"], dense_width=dense["width_mult"], pruned_test=run["test_acc"],
+                      dense_test=dense["test_acc"]) for run, dense in matched]
+    return sorted(pairs, key=lambda p: (p.sweep, p.front_trial, p.seed))
+
+
 def retrained_comparisons(runs: Sequence[Mapping[str, Any]]) -> list[PairedComparison]:
-    """KD vs no KD and progressive vs single on the retrained runs' test accuracy; each only when the retrain stage
-    has runs of that ablation (final.ablations; pruning only for configurations with structured pruning)."""
+    """KD vs no KD, progressive vs single and pruned vs dense at the same MACs on the retrained runs' test accuracy;
+    each only when the retrain stage has runs of that ablation (final.ablations; the pruning ones only for
+    configurations with structured pruning)."""
     comparisons = []
     for role, question, subject, pairing in ((KD_TOGGLED, KD_QUESTION, KD_SUBJECT, kd_pairs),
-                                             (PRUNING_TOGGLED, PRUNING_QUESTION, PRUNING_SUBJECT, pruning_pairs)):
+                                             (PRUNING_TOGGLED, PRUNING_QUESTION, PRUNING_SUBJECT, pruning_pairs),
+                                             (DENSE_SAME_MACS, DENSE_QUESTION, DENSE_SUBJECT, dense_pairs)):
         if any(r["role"] == role for r in runs):
             pairs, unmatched = pairing(runs)
             comparisons.append(paired_comparison(pairs, subject, "test accuracy", question, "retrained front",

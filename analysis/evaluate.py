@@ -3,6 +3,7 @@
     python analysis/evaluate.py name=<sweep>                                  # the front, on the test split
     python analysis/evaluate.py name=<sweep> trial=<trial_id>                  # or trial=[<id>,<id>]
     python analysis/evaluate.py name=<sweep> eval.extra=[/data/nsynth/nsynth-test]
+    python analysis/evaluate.py name=<sweep> trial=retrained eval.extra=[...]  # the retrained front, every seed
 
 Trial ids, sweep names and paths are read as typed: `trial=641040e5` and `name=20261123` need no quotes, although
 Hydra alone would read them as numbers (common.cli.string_overrides).
@@ -10,7 +11,9 @@ Hydra alone would read them as numbers (common.cli.string_overrides).
 The front is chosen on the validation split, so its validation accuracy is optimistic; the test split
 (never seen by training or selection) gives the number to quote. Each model is scored with its own
 feature config from its checkpoint. Results go to `<sweep>/evaluation.json`, then pareto.csv,
-pareto.png and report.html are regenerated with the test columns (and logged to MLflow again).
+pareto.png and report.html are regenerated with the test columns (and logged to MLflow again). For the retrained
+runs (`trial=retrained`) the extra folders' columns go to retrained.csv, and the report's retrained table shows
+their mean ± std over seeds (the runs scored the test split themselves).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from analysis.results import NAME_KEYS, load_sweeps, sweep_data, write_evaluatio
 from common.cli import entry_point, plain, string_overrides
 from data_prep.waveform_cache import WaveformData, load_clip
 from common.config import FeatureConfig
-from common.trial_table import Trial, evaluation_headers, format_table
+from common.trial_table import Trial, evaluation_columns, evaluation_headers, format_table
 from trainable.features.pipeline import FeaturePipeline
 from trainable.run_config import pick_device
 from trainable.checkpoints import load_checkpoint, restore_model
@@ -190,7 +193,7 @@ def main(cfg: DictConfig) -> None:
     device = pick_device(config["device"])
     batch_size = config["eval"]["batch_size"]
 
-    evaluations: dict[str, dict[str, Any]] = {}
+    evaluations: dict[tuple[str, str], dict[str, Any]] = {}
     for sweep in sweeps:
         trials = [t for t in chosen if t.sweep == sweep.name]
         if not trials:
@@ -199,19 +202,23 @@ def main(cfg: DictConfig) -> None:
         extras = [load_extra_folder(f, data.sample_rate, data.clip_samples) for f in extra_folders]
         results = evaluate_trials(trials, data, extras, device, batch_size)
         write_evaluations(sweep.path, results)
-        evaluations |= results
+        evaluations |= {(sweep.name, trial_id): result for trial_id, result in results.items()}
 
     tracking_uri = config["mlflow"]["tracking_uri"]
     analysis = analyse(sweeps, third, tracking_uri)
-    evaluated = [r for r in analysis.rows if r["trial_id"] in evaluations]
-    columns = [("trial_id", "trial"), ("val_acc", "val acc"),
-               *[c for c in evaluation_headers(evaluated) if c[0] != "eval_error"]]
+    # search trials and retrained runs alike (trial=retrained): the rows analyse() built with these evaluations
+    evaluated = [r for r in [*analysis.rows, *analysis.retrained_runs] if (r["sweep"], r["trial_id"]) in evaluations]
+    retrained = [("front_trial", "retrains"), ("role", "role"), ("seed", "seed")] if any(
+        "front_trial" in r for r in evaluated) else []
+    measured = [evaluation_columns(e) for e in evaluations.values()]
+    columns = [("trial_id", "trial"), *retrained, ("val_acc", "val acc"),
+               *[c for c in evaluation_headers(measured) if c[0] != "eval_error"]]
     print(f"\nEvaluated {len(evaluated)} model(s) on the test split"
           + (f" and {len(extra_folders)} extra folder(s)" if extra_folders else "") + ":")
     print(format_table(evaluated, columns))
-    for line in skipped_report(evaluations):
+    for line in skipped_report({trial_id: e for (_, trial_id), e in evaluations.items()}):
         print(line)
-    failed = {trial_id: e["error"] for trial_id, e in evaluations.items() if e.get("error")}
+    failed = {trial_id: e["error"] for (_, trial_id), e in evaluations.items() if e.get("error")}
     for trial_id, error in failed.items():
         print(f"trial {trial_id}: not evaluated: {error}")
     print("\n" + summary(analysis, tracking_uri, sweeps[0].name))

@@ -34,7 +34,8 @@ from analysis.compare import (FRONT, PairedComparison, RetrainedConfig, finished
                               retrained_front_table, retrained_row, scenario_comparisons)
 from analysis.plot import plot_front
 from analysis.report import render_report
-from analysis.results import NAME_KEYS, Sweep, load_retrained, load_sweeps, read_evaluations
+from analysis.results import NAME_KEYS, Sweep, load_retrained, load_sweeps, read_evaluations, sweep_fidelity
+from analysis.rung_fidelity import RungFidelity
 from analysis.sweep_stats import Hypervolumes, normalised_hypervolumes
 from common.cli import entry_point, plain, string_overrides
 from common.objectives import ACCURACY, LATENCY, MACS, front_mask, objectives
@@ -57,6 +58,11 @@ def read_exports(sweep_dir: Path) -> dict[str, dict[str, Any]]:
 def exports_by_trial(sweeps: Sequence[Sweep]) -> dict[tuple[str, str], dict[str, Any]]:
     """(sweep name, trial_id) -> what analysis/export.py recorded, over every sweep (search and retrained runs)."""
     return {(s.name, trial_id): e for s in sweeps for trial_id, e in read_exports(s.path).items()}
+
+
+def evaluations_by_trial(sweeps: Sequence[Sweep]) -> dict[tuple[str, str], dict[str, Any]]:
+    """(sweep name, trial_id) -> what analysis/evaluate.py measured, over every sweep (search and retrained runs)."""
+    return {(s.name, trial_id): e for s in sweeps for trial_id, e in read_evaluations(s.path).items()}
 
 
 def require_latency(values: Sequence[Mapping[str, Any]], sweeps: Sequence[Sweep], third_objective: str | None) -> None:
@@ -138,7 +144,7 @@ def build_rows(sweeps: Sequence[Sweep], third_objective: str | None = None) -> l
     """Every trial of every sweep as a row, with `on_front` over all of them together (with third_objective=latency:
     over the trials whose latency has been measured; the others are never on the front)."""
     trials = [t for s in sweeps for t in s.trials]
-    evaluations = {(s.name, trial_id): ev for s in sweeps for trial_id, ev in read_evaluations(s.path).items()}
+    evaluations = evaluations_by_trial(sweeps)
     exports = exports_by_trial(sweeps)
     rows = [trial_row(t, evaluations.get((t.sweep, t.trial_id)), exports.get((t.sweep, t.trial_id))) for t in trials]
     require_latency(rows, sweeps, third_objective)
@@ -236,6 +242,7 @@ class Analysis:
     retrained_runs: list[dict[str, Any]] = field(default_factory=list)  # compare.retrained_row of each final/ run
     retrained: list[RetrainedConfig] = field(default_factory=list)      # the retrained front, per configuration
     comparisons: list[PairedComparison] = field(default_factory=list)   # retrained front, then scenarios grid
+    fidelity: dict[str, RungFidelity] = field(default_factory=dict)     # sweep -> its rung fidelity
 
 
 def comparisons_of(sweeps: Sequence[Sweep], rows: Sequence[dict[str, Any]],
@@ -251,11 +258,13 @@ def analyse(sweeps: Sequence[Sweep], third_objective: str | None, tracking_uri: 
     """Write pareto.csv, pareto.png, report.html (and retrained.csv once the retrain stage has runs) into the first
     sweep's folder and log them to MLflow."""
     rows = build_rows(sweeps, third_objective)
-    exports = exports_by_trial(sweeps)
-    retrained_runs = [retrained_row(run) | export_columns(exports.get((s.name, run.trial_id)))
+    exports, evaluations = exports_by_trial(sweeps), evaluations_by_trial(sweeps)
+    retrained_runs = [retrained_row(run, evaluations.get((s.name, run.trial_id)))
+                      | export_columns(exports.get((s.name, run.trial_id)))
                       for s in sweeps for run in load_retrained(s)]
     retrained = retrained_front_table(retrained_runs)
     comparisons = comparisons_of(sweeps, rows, retrained_runs)
+    fidelity = {s.name: sweep_fidelity(s) for s in sweeps}
     out_dir = sweeps[0].path
     csv_path, png_path, html_path = (out_dir / name for name in OUTPUT_FILES)
     write_csv(rows, csv_path)
@@ -267,17 +276,20 @@ def analyse(sweeps: Sequence[Sweep], third_objective: str | None, tracking_uri: 
     chosen = objectives(third_objective=third_objective)
     hypervolumes = normalised_hypervolumes([r for r in rows if all(_number(r.get(k)) for k in chosen)], third_objective)
     html_path.write_text(render_report(rows, hypervolumes, png_path.read_bytes(), third_objective, best,
-                                       retrained_runs, comparisons))
+                                       retrained_runs, comparisons, fidelity))
     files = [csv_path, png_path, html_path]
     if retrained_runs:
         write_csv(retrained_runs, out_dir / RETRAINED_CSV)
         files.append(out_dir / RETRAINED_CSV)
+    first_rung = fidelity[sweeps[0].name].first_rung
+    first_rho = first_rung.agreements.get(fidelity[sweeps[0].name].metric) if first_rung else None
     run_id = log_to_mlflow(tracking_uri, sweeps[0], files, {
         "hypervolume": hypervolumes.by_sweep.get("all sweeps", hypervolumes.by_sweep[sweeps[0].name]),
         "front_size": float(sum(r["on_front"] for r in rows)), "trials": float(len(rows)),
-        **({"retrained_runs_finished": float(sum(finished(r) for r in retrained_runs))} if retrained_runs else {})})
+        **({"retrained_runs_finished": float(sum(finished(r) for r in retrained_runs))} if retrained_runs else {}),
+        **({"first_rung_spearman": first_rho.rho} if first_rho and first_rho.rho is not None else {})})
     return Analysis(rows=rows, files=files, hypervolumes=hypervolumes, mlflow_run_id=run_id, best_under_budget=best,
-                    retrained_runs=retrained_runs, retrained=retrained, comparisons=comparisons)
+                    retrained_runs=retrained_runs, retrained=retrained, comparisons=comparisons, fidelity=fidelity)
 
 
 def retrained_lines(analysis: Analysis, sweeps: Sequence[str]) -> list[str]:
@@ -301,6 +313,20 @@ def retrained_lines(analysis: Analysis, sweeps: Sequence[str]) -> list[str]:
     return lines
 
 
+def fidelity_lines(analysis: Analysis) -> list[str]:
+    """The printed rung fidelity: each rung's sentence per sweep, and the selection-bias note under early stopping."""
+    lines = []
+    several = len(analysis.fidelity) > 1
+    for name, fidelity in analysis.fidelity.items():
+        rungs = [e for e in fidelity.epochs if e.rung]
+        lines.append(f"Rung fidelity{f' of {name}' if several else ''} (rung metric {fidelity.metric} against the "
+                     f"last epoch's {ACCURACY}):")
+        lines += [f"  {fidelity.sentence(row)}" for row in rungs] or [f"  {fidelity.sentence()}"]
+        if fidelity.early_stopping:
+            lines.append(f"  {fidelity.bias_note}")
+    return lines
+
+
 def summary(analysis: Analysis, tracking_uri: str, experiment: str, next_steps: str | None = None) -> str:
     """The printed end of pareto.py, evaluate.py and export.py: front table, hypervolume, the retrained front and the
     conclusions, then (after `next_steps`) where the files are, last, so the paths are what one reads last."""
@@ -319,6 +345,7 @@ def summary(analysis: Analysis, tracking_uri: str, experiment: str, next_steps: 
         format_table(front, table_columns(rows, len(sweeps) > 1)), "",
         *([analysis.best_under_budget] if analysis.best_under_budget else []),
         f"Hypervolume (costs / reference; reference {ref}): {hv}",
+        *fidelity_lines(analysis),
         *retrained_lines(analysis, sweeps),
         f"MLflow: run {analysis.mlflow_run_id} ('analysis') in experiment {experiment!r} at {tracking_uri}",
         *([next_steps] if next_steps else []), "",

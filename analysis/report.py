@@ -1,5 +1,5 @@
-"""The self-contained `report.html`: the plot (embedded), hypervolume, the front table, the retrained front and the
-conclusions (paired comparisons, analysis/compare.py)."""
+"""The self-contained `report.html`: the plot (embedded), hypervolume, the front table, the rung fidelity of the
+search (analysis/rung_fidelity.py), the retrained front and the conclusions (paired comparisons, analysis/compare.py)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ import base64
 import html
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from analysis.compare import (CONFIDENCE, DIFFERENCES, KD_QUESTION, PRUNING_QUESTION, PairedComparison,
-                              finished, retrained_front_table)
+from analysis.compare import (CONFIDENCE, DENSE_QUESTION, DIFFERENCES, KD_QUESTION, PRUNING_QUESTION, MacsPair,
+                              PairedComparison, dense_macs_pairs, extra_folders, finished, retrained_front_table)
+from analysis.rung_fidelity import RungFidelity
 from analysis.sweep_stats import (MIN_GROUP_SIZE, REFERENCE_MARGIN, BinComparison, Hypervolumes, matched_difference,
                                  matched_macs_comparison)
 from common.objectives import ACCURACY, LABELS, MACS, objectives
@@ -71,6 +72,26 @@ def _points(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:+.1f}"
 
 
+def _macs_pairs_html(pairs: Sequence[MacsPair]) -> str:
+    """The pairs of the dense comparison: each side's measured MACs and their difference, and the test accuracies."""
+    if not pairs:
+        return ""
+    body = "".join(
+        f"<tr><td>{html.escape(p.front_trial)}</td><td>{p.seed}</td><td>{format_value('macs', p.pruned_macs)}</td>"
+        f"<td>{p.dense_width:g}</td><td>{format_value('macs', p.dense_macs)}</td>"
+        f"<td>{'-' if p.gap is None else f'{100 * p.gap:+.1f}&nbsp;%'}</td><td>{p.pruned_test:.3f}</td>"
+        f"<td>{p.dense_test:.3f}</td></tr>" for p in pairs)
+    head = ("<tr><th>front trial</th><th>seed</th><th>pruned: measured MACs</th><th>dense: width_mult</th>"
+            "<th>dense: measured MACs</th><th>MACs difference (dense minus pruned)</th><th>pruned test acc</th>"
+            "<th>dense test acc</th></tr>")
+    return (f"<h3>{html.escape(DENSE_QUESTION)}: the pairs</h3><p>Each pruned front run next to its "
+            "<code>dense_same_macs</code> run: the same student architecture, KD setting, epochs and seed, not pruned, "
+            "at the <code>student.width_mult</code> (a multiple of 0.001; torchvision rounds channels to multiples of "
+            "8) whose MACs are closest to the pruned model's. The MACs difference is what remains of that rounding "
+            "(and of the pruner landing near, not on, its target).</p>"
+            + _wrapped(f"<table><thead>{head}</thead><tbody>{body}</tbody></table>"))
+
+
 def _comparisons_html(comparisons: Sequence[PairedComparison]) -> str:
     """The paired comparisons: one table row each, then their verdicts in words."""
     level = f"{100 * CONFIDENCE:g}&nbsp;%"
@@ -89,6 +110,43 @@ def _comparisons_html(comparisons: Sequence[PairedComparison]) -> str:
     return f"{_wrapped(f'<table><thead>{head}</thead><tbody>{body}</tbody></table>')}<ul>{sentences}</ul>"
 
 
+def _fidelity_html(fidelity: Mapping[str, RungFidelity]) -> str:
+    """Per sweep: the first rung's verdict in words, then every epoch before the last: trials reporting, at chance,
+    and the rank agreement of each rung metric with the last epoch's validation accuracy."""
+    level = f"{100 * CONFIDENCE:g}&nbsp;%"
+    parts = ["<h2>Rung fidelity</h2>",
+             "<p>An early-stopping scheduler ranks trials at its rungs and stops the lower ones; that only pays if the "
+             "ranking at the rung predicts the ranking at the end. For each epoch before the last: how many trials "
+             "reported it; how many of them were <i>at chance</i> (validation accuracy no higher than the 95th "
+             "percentile of what uniform guessing over the classes scores on as many validation clips); and "
+             "Spearman's &rho; between each validation metric at that epoch (loss negated) and the last epoch's "
+             f"validation accuracy, over the <i>n</i> trials that reached both, with its {level} interval (Fisher z, "
+             "Bonett&ndash;Wright standard error). &rho; near 1: the rung keeps the trials that end best; near 0: "
+             "stopping there is a coin toss. The rung metric (the one the scheduler ranked on, "
+             "<code>scheduler.metric</code>) is in bold; the rows marked <i>rung</i> are where it stopped trials.</p>"]
+    for name, f in fidelity.items():
+        metrics = list(dict.fromkeys([f.metric, *(m for e in f.epochs for m in e.agreements)]))
+        head = ("<tr><th>epoch</th><th>rung</th><th>trials reporting</th><th>at chance</th><th>n</th>"
+                + "".join(f"<th>{'<b>' if m == f.metric else ''}&rho; {html.escape(m)}"
+                          f"{'</b>' if m == f.metric else ''}</th><th>{level} CI</th>" for m in metrics) + "</tr>")
+        body = ""
+        for e in f.epochs:
+            n = e.agreements[f.metric].n if f.metric in e.agreements else 0
+            cells = [str(e.epoch), "rung" if e.rung else "", str(e.reported),
+                     "-" if e.at_chance is None else str(e.at_chance), str(n)]
+            for m in metrics:
+                a = e.agreements.get(m)
+                cells += ["-" if a is None or a.rho is None else f"{a.rho:.2f}",
+                          "-" if a is None or a.low is None else f"{a.low:.2f} to {a.high:.2f}"]
+            body += "<tr>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>"
+        title = f"<h3>{html.escape(name)}</h3>" if len(fidelity) > 1 else ""
+        bias = html.escape(f.bias_note)
+        parts.append(f"{title}<p><b>{html.escape(f.sentence())}</b></p>"
+                     f"<p>{f.trials} trials, {f.finished} reached epoch {f.final_epoch}. {bias}</p>"
+                     + _wrapped(f"<table><thead>{head}</thead><tbody>{body}</tbody></table>"))
+    return "\n".join(parts)
+
+
 def _retrain_command(sweeps: Sequence[str]) -> str:
     """The command(s) that run the retrain stage of the sweeps, as HTML."""
     return "; ".join(f"<code>python sweeps/run.py stage=final name={html.escape(s)}</code>" for s in sweeps)
@@ -102,8 +160,8 @@ def _conclusions_html(rows: Sequence[dict[str, Any]], runs: Sequence[dict[str, A
     if comparisons:
         parts.append(
             "<p>Each comparison pairs two runs that differ in one setting only: a retrained front configuration with "
-            "its copy with KD toggled, or with the other structured pruning mode at the same MACs target, same seed "
-            "(retrained front); or two trials of the scenarios grid with the same seed and the same other setting "
+            "its copy with KD toggled, with the other structured pruning mode at the same MACs target, or (pruned "
+            "configurations) with a dense student of about the same MACs, same seed (retrained front); or two trials of the scenarios grid with the same seed and the same other setting "
             "(scenarios grid). The difference is taken within each pair (points of accuracy, "
             f"treated minus control), then averaged over all pairs, across seeds and front configurations together. "
             f"{level} CI = mean &plusmn; t<sub>0.975, n&minus;1</sub> &times; sd / &radic;n (sd: sample standard "
@@ -111,6 +169,7 @@ def _conclusions_html(rows: Sequence[dict[str, Any]], runs: Sequence[dict[str, A
             "detect; one that includes 0 means no detectable difference at this n, not that there is none. "
             "<i>Unpaired</i>: finished runs whose partner has not finished (or does not exist), left out.</p>")
         parts.append(_comparisons_html(comparisons))
+        parts.append(_macs_pairs_html(dense_macs_pairs(runs)))
     if not runs:
         parts.append(f"<p>Front not retrained yet: run {_retrain_command(sweeps)} to retrain the front configurations "
                      "with more epochs and several seeds, score them on the test split, and compare them with their "
@@ -135,6 +194,10 @@ def _conclusions_html(rows: Sequence[dict[str, Any]], runs: Sequence[dict[str, A
     return "\n".join(parts)
 
 
+def _mean_std(mean: float | None, std: float | None) -> str:
+    return "-" if mean is None else f"{mean:.3f}" + ("" if std is None else f" &plusmn; {std:.3f}")
+
+
 def _retrained_html(rows: Sequence[dict[str, Any]], runs: Sequence[dict[str, Any]], sweeps: Sequence[str]) -> str:
     """The retrained front: one row per front configuration, test accuracy over its seeds."""
     if not runs:
@@ -148,6 +211,8 @@ def _retrained_html(rows: Sequence[dict[str, Any]], runs: Sequence[dict[str, Any
             "<th>KD</th><th>pruning</th><th>MACs ratio</th><th>target MACs</th><th>params</th>"
             "<th>test acc (mean &plusmn; std)</th><th>val acc (mean)</th><th>search val acc</th><th>n seeds</th>"
             "<th>missing</th>")
+    folders = extra_folders(runs)
+    head += "".join(f"<th>{html.escape(label).replace('_', '_<wbr>')} acc (mean &plusmn; std)</th>" for label in folders)
     exported = any(c.exported for c in table)
     if exported:  # analysis/export.py trial=retrained has run: the shipped models' deployment numbers
         head += ("<th>exported seeds</th><th>int8 test acc (mean)</th><th>kB int8</th><th>fp32 ms 1 thread (mean)</th>"
@@ -155,13 +220,13 @@ def _retrained_html(rows: Sequence[dict[str, Any]], runs: Sequence[dict[str, Any
     head += "</tr>"
     body = ""
     for c in table:
-        test = "-" if c.test_mean is None else (f"{c.test_mean:.3f}" + ("" if c.test_std is None else
-                                                                         f" &plusmn; {c.test_std:.3f}"))
+        test = _mean_std(c.test_mean, c.test_std)
         cells = [html.escape(c.front_trial), *([html.escape(c.sweep)] if several else []), c.kd, c.pruning,
                  format_value("target_macs_ratio", c.target_macs_ratio), format_value("target_macs", c.target_macs),
                  format_value("params", None if c.params is None else round(c.params)), test,
                  format_value("val_acc", c.val_mean), format_value("val_acc", search_val.get((c.sweep, c.front_trial))),
                  str(c.n), str(c.missing)]
+        cells += [_mean_std(*c.extra[label][:2]) for label in folders]
         if exported:
             cells += [str(c.exported), "int8 failed" if c.int8_error else format_value("val_acc", c.int8_test_mean),
                       format_value("kb_int8", None if not c.exported or c.params is None else c.params / 1000),
@@ -175,7 +240,8 @@ def _retrained_html(rows: Sequence[dict[str, Any]], runs: Sequence[dict[str, Any
             f"{len(runs) - done} have no test accuracy yet (still running, stopped or killed) and are counted as "
             "<i>missing</i>, left out of every number. <i>search val acc</i>: what the search measured for the "
             "configuration, selected on it, so optimistic. Every run: <code>retrained.csv</code> next to this "
-            "report." + (" Deployment columns: means over the seeds <code>analysis/export.py trial=retrained</code> "
+            "report." + (" Extra-folder columns: <code>analysis/evaluate.py trial=retrained eval.extra=[...]</code>, "
+                         "over the seeds it scored." if folders else "") + (" Deployment columns: means over the seeds <code>analysis/export.py trial=retrained</code> "
                          "exported (ONNX Runtime, test split; latency as in <i>Deployment</i> below)." if exported
                          else "") + "</p>" + _wrapped(f"<table><thead>{head}</thead><tbody>{body}</tbody></table>"))
 
@@ -217,9 +283,11 @@ def _deployment_html(rows: Sequence[dict[str, Any]], names: str) -> str:
 def render_report(rows: Sequence[dict[str, Any]], hypervolumes: Hypervolumes, png: bytes,
                   third_objective: str | None = None, best_under_budget: str | None = None,
                   retrained_runs: Sequence[dict[str, Any]] = (),
-                  comparisons: Sequence[PairedComparison] = ()) -> str:
-    """Self-contained HTML: the plot (embedded), hypervolume, the front table, the retrained front (rows of
-    analysis.compare.retrained_row) and the conclusions (`comparisons`: retrained front and scenarios grid)."""
+                  comparisons: Sequence[PairedComparison] = (),
+                  fidelity: Mapping[str, RungFidelity] | None = None) -> str:
+    """Self-contained HTML: the plot (embedded), hypervolume, the front table, the rung fidelity (`fidelity`: sweep
+    -> analysis.rung_fidelity.RungFidelity), the retrained front (rows of analysis.compare.retrained_row) and the
+    conclusions (`comparisons`: retrained front and scenarios grid)."""
     sweeps = list(dict.fromkeys(r["sweep"] for r in rows))
     front = front_rows(rows)
     statuses = ", ".join(f"{n} {s}" for s, n in sorted(Counter(r["status"] for r in rows).items()))
@@ -261,6 +329,7 @@ compare.</p>
 <h2>Pareto front ({len(front)} trials, by target MACs)</h2>
 <p>Selected on the validation split, so its validation accuracy is optimistic. {test_note}</p>
 {_html_table(front, table_columns(rows, len(sweeps) > 1))}
+{_fidelity_html(fidelity) if fidelity else ""}
 {_retrained_html(rows, retrained_runs, sweeps)}
 {_conclusions_html(rows, retrained_runs, comparisons, sweeps)}
 {_deployment_html([*rows, *retrained_runs], names)}

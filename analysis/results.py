@@ -17,6 +17,7 @@ from pathlib import Path
 from collections.abc import Sequence
 from typing import Any
 
+from analysis.rung_fidelity import Curve, RungFidelity, last_epoch, rung_epochs, rung_fidelity
 from data_prep.dataset import prepare_data
 from common.config import upgrade_saved_config
 from common.io import atomic_write_text
@@ -134,6 +135,27 @@ def load_retrained(sweep: Sweep) -> list[Trial]:
     runs = [load_trial(sweep.name, run_dir, sweep.base_config) for run_dir in sorted(folder.iterdir())
             if (run_dir / "result.json").is_file()]
     return [run for run in runs if run is not None]
+
+
+def trial_curves(sweep: Sweep) -> list[Curve]:
+    """Every trial's reported epochs (result.json), the last line of an epoch winning (a resumed trial reports the
+    epochs after its checkpoint again)."""
+    curves = []
+    for trial in sweep.trials:
+        by_epoch = {int(r["epoch"]): r for r in read_results(trial.trial_dir / "result.json") if "epoch" in r}
+        if by_epoch:
+            curves.append(Curve(trial.trial_id, int(trial.config["train"]["epochs"]),
+                                len(trial.config["data"]["families"]), by_epoch))
+    return curves
+
+
+def sweep_fidelity(sweep: Sweep) -> RungFidelity:
+    """The sweep's rung fidelity (analysis/rung_fidelity.py) on the metric and rungs its scheduler used (sweeps saved
+    before `scheduler.metric` existed ranked on val_acc)."""
+    curves = trial_curves(sweep)
+    scheduler = sweep.settings.get("scheduler") or {"name": "fifo"}
+    grid = any("grid_point" in (t.metrics.get("config") or {}) for t in sweep.trials)
+    return rung_fidelity(curves, scheduler.get("metric") or "val_acc", rung_epochs(scheduler, last_epoch(curves), grid))
 
 
 def load_sweeps(config: dict[str, Any]) -> list[Sweep]:

@@ -3,14 +3,18 @@
 A search ranks configurations by validation accuracy after a few epochs, one seed each: good enough to choose
 candidates, not to quote. Here up to `final.max_configs` front configurations, spread over the front's MACs range,
 are retrained for `final.epochs` epochs with `final.seeds` seeds, and with `final.ablations` each also with KD
-toggled and with the other structured pruning mode at the same MACs target, so that "does KD help" and "does
-progressive pruning help" have paired answers. The runs are one more Ray Tune experiment (a grid), in the sweep's
-folder as `final/`, logged to the sweep's MLflow experiment with tag stage=final, resumable like the search.
+toggled, with the other structured pruning mode at the same MACs target and, for a pruned configuration, as a
+dense (unpruned) student whose width gives about the pruned model's MACs (`dense_same_macs`), so that "does KD
+help", "does progressive pruning help" and "does pruning beat training a smaller dense model" have paired answers.
+The runs are one more Ray Tune experiment (a grid), in the sweep's folder as `final/`, logged to the sweep's MLflow
+experiment with tag stage=final, resumable like the search.
 Each run reports `test_acc` at its last epoch (`train.test_at_end`), so nothing here needs the analysis scripts.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +23,9 @@ import numpy as np
 
 from common.config import PruningMode, RetrainRole
 from common.objectives import ACCURACY, MACS, front_mask
+from sweeps.budget import measured_is_final
+
+log = logging.getLogger(__name__)
 
 # The experiment name of the retrain stage, under the sweep's own folder: <storage>/<sweep>/final/.
 FINAL_EXPERIMENT = "final"
@@ -33,6 +40,7 @@ class FrontConfig:
     params: dict[str, Any]
     target_macs: float
     val_acc: float
+    macs: float | None = None  # measured MACs of its final model, once its pruning was done (else None)
 
 
 def sampled_keys(trial_params: Mapping[str, Any]) -> dict[str, Any]:
@@ -54,9 +62,15 @@ def front_configs(results: Iterable[Any]) -> list[FrontConfig]:
     usable = [r for r in results if not r.error and r.metrics and ACCURACY in r.metrics]
     on_front = front_mask([r.metrics for r in usable]) if usable else []
     front = [FrontConfig(trial_id=str(r.metrics["trial_id"]), params=sampled_keys(r.config),
-                         target_macs=float(r.metrics[MACS]), val_acc=float(r.metrics[ACCURACY]))
+                         target_macs=float(r.metrics[MACS]), val_acc=float(r.metrics[ACCURACY]),
+                         macs=float(r.metrics["macs"]) if pruning_done(r.metrics) else None)
              for r, on in zip(usable, on_front) if on]
     return sorted(front, key=lambda c: (c.target_macs, -c.val_acc))
+
+
+def pruning_done(metrics: Mapping[str, Any]) -> bool:
+    """Whether a result's measured `macs` are those of the trial's final model (its last pruning step is done)."""
+    return "macs" in metrics and measured_is_final(metrics, metrics.get("epoch", 0), math.inf)
 
 
 def spread(front: Sequence[FrontConfig], max_configs: int) -> list[FrontConfig]:
@@ -68,7 +82,8 @@ def spread(front: Sequence[FrontConfig], max_configs: int) -> list[FrontConfig]:
 
 
 def ablations(config: Mapping[str, Any], base_pruning: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """Role -> the keys that turn a front configuration (its effective run config) into that ablation.
+    """Role -> the keys that turn a front configuration (its effective run config) into its KD and pruning-mode
+    ablations (dense_same_macs: `dense_role`).
 
     kd_toggled flips kd.enabled. pruning_toggled swaps single <-> progressive at the same target_macs_ratio (so
     the same MACs): progressive takes the base config's steps/step_epochs/schedule from the search's first pruning
@@ -84,6 +99,77 @@ def ablations(config: Mapping[str, Any], base_pruning: Mapping[str, Any]) -> dic
     return roles
 
 
+# width_mult resolution of the dense_same_macs search: torchvision rounds channel counts to multiples of 8, so
+# finer widths give the same network.
+WIDTH_STEP = 0.001
+
+
+@dataclass(frozen=True)
+class DenseWidth:
+    """The unpruned student closest in MACs to a pruned configuration's model."""
+
+    width_mult: float
+    macs: int               # its MACs (thop, on the configuration's input shape)
+    target_macs: float      # the pruned model's MACs it was matched to
+
+    @property
+    def gap(self) -> float:
+        """Relative MACs difference, dense minus pruned, over the pruned model's MACs."""
+        return self.macs / self.target_macs - 1.0
+
+
+def dense_width(config: Mapping[str, Any], target_macs: float) -> DenseWidth:
+    """The width_mult (a multiple of WIDTH_STEP, at most the configuration's own) whose unpruned student has the MACs
+    closest to `target_macs`, on the configuration's input shape: MACs only grow with the width, so a bisection over
+    the allowed widths finds the two on either side of the target, and the closer one wins."""
+    import torch
+
+    from trainable.models import create_student
+    from trainable.pruning import count_macs_params
+
+    student, data = config["student"], config["data"]
+    frames = int(round(data["clip_seconds"] * data["sample_rate"])) // config["features"]["hop_length"] + 1
+    shape = (1, 1, config["features"]["n_mels"], frames)
+    measured: dict[int, int] = {}
+
+    def macs_at(steps: int) -> int:
+        if steps not in measured:
+            model = create_student(student["arch"], steps * WIDTH_STEP, len(data["families"]), student["dropout"])
+            measured[steps] = count_macs_params(model, shape)[0]
+        return measured[steps]
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a dozen small models: one thread is faster than contending for the driver's cores
+    try:
+        low, high = 1, max(1, round(student["width_mult"] / WIDTH_STEP))
+        if macs_at(low) < target_macs <= macs_at(high):
+            while high - low > 1:  # macs_at(low) < target <= macs_at(high)
+                middle = (low + high) // 2
+                low, high = (middle, high) if macs_at(middle) < target_macs else (low, middle)
+        steps = min((low, high), key=lambda k: abs(macs_at(k) - target_macs))
+    finally:
+        torch.set_num_threads(threads)
+    return DenseWidth(round(steps * WIDTH_STEP, 3), macs_at(steps), float(target_macs))
+
+
+def dense_role(front: FrontConfig, config: Mapping[str, Any]) -> dict[str, Any]:
+    """The keys that make a structured-pruned front configuration its dense_same_macs ablation: no pruning, at the
+    width whose MACs are closest to the pruned model's (measured by the search when its pruning was done, else the
+    schedule's target); said in the log, with a warning when no width lands within the pruner's own tolerance."""
+    from trainable.pruning import MACS_TOLERANCE
+
+    choice = dense_width(config, front.macs or front.target_macs)
+    message = (f"front trial {front.trial_id}: {RetrainRole.dense_same_macs.value} at student.width_mult="
+               f"{choice.width_mult:g}: {choice.macs / 1e6:.3f}M MACs against the pruned model's "
+               f"{choice.target_macs / 1e6:.3f}M ({100 * choice.gap:+.1f} %)")
+    if abs(choice.gap) > MACS_TOLERANCE:
+        log.warning("%s: the closest width_mult allows, outside the pruner's +-%g %% tolerance", message,
+                    100 * MACS_TOLERANCE)
+    else:
+        log.info(message)
+    return {"pruning.mode": PruningMode.none.value, "student.width_mult": choice.width_mult}
+
+
 def retrain_points(configs: Sequence[FrontConfig], base_config: Mapping[str, Any],
                    final: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The grid of the retrain stage: every configuration (and its ablations) x `final.seeds` seeds.
@@ -96,7 +182,10 @@ def retrain_points(configs: Sequence[FrontConfig], base_config: Mapping[str, Any
     for front in configs:
         roles = {RetrainRole.front.value: {}}
         if final["ablations"]:
-            roles |= ablations(trial_config(base_config, front.params), base_config["pruning"])
+            config = trial_config(base_config, front.params)
+            roles |= ablations(config, base_config["pruning"])
+            if config["pruning"]["mode"] in STRUCTURED_MODES:
+                roles[RetrainRole.dense_same_macs.value] = dense_role(front, config)
         for role, changes in roles.items():
             for seed in range(base_config["train"]["seed"], base_config["train"]["seed"] + final["seeds"]):
                 points.append(front.params | changes | {

@@ -12,17 +12,19 @@ from pathlib import Path
 
 import pytest
 
-from analysis.compare import (KD_QUESTION, PRUNING_QUESTION, kd_pairs, paired_comparison, pruning_pairs,
-                              retrained_comparisons, retrained_front_table, scenario_comparisons)
+from analysis.compare import (DENSE_QUESTION, KD_QUESTION, PRUNING_QUESTION, dense_macs_pairs, dense_pairs, kd_pairs,
+                              paired_comparison, pruning_pairs, retrained_comparisons, retrained_front_table,
+                              scenario_comparisons)
 
 
 def run(front_trial: str, role: str, seed: int, kd: str, pruning: str, test: float | None, ratio: float = 0.5,
-        target_macs: float = 2e6, params: int = 1000, val: float = 0.5, sweep: str = "s") -> dict:
+        target_macs: float = 2e6, params: int = 1000, val: float = 0.5, sweep: str = "s", width: float = 0.75,
+        macs: float | None = None) -> dict:
     """A retraining run as compare.retrained_row makes it; test None = not finished (missing)."""
     return {"sweep": sweep, "trial_id": f"{front_trial}-{role}-{seed}", "front_trial": front_trial, "role": role,
-            "seed": seed, "kd": kd, "pruning": pruning, "target_macs_ratio": ratio, "status": "completed",
-            "epochs": 4, "final_epochs": 4, "test_acc": test, "val_acc": val, "target_macs": target_macs,
-            "macs": target_macs, "params": params}
+            "seed": seed, "kd": kd, "pruning": pruning, "target_macs_ratio": ratio, "width_mult": width,
+            "status": "completed", "epochs": 4, "final_epochs": 4, "test_acc": test, "val_acc": val,
+            "target_macs": target_macs, "macs": target_macs if macs is None else macs, "params": params}
 
 
 # Two front configurations x 3 seeds with both ablations; some runs have no test accuracy yet.
@@ -34,6 +36,15 @@ RUNS = [
     *[run("fb", "front", s, "on", "progressive", t, 0.25, 1e6) for s, t in enumerate([0.60, 0.62, None])],
     *[run("fb", "kd_toggled", s, "off", "progressive", t, 0.25, 1e6) for s, t in enumerate([0.58, 0.57, 0.59])],
     *[run("fb", "pruning_toggled", s, "on", "single", t, 0.25, 1e6) for s, t in enumerate([0.61, 0.60, 0.55])],
+]
+
+
+# The dense_same_macs runs of both configurations: unpruned, narrower, about the pruned model's MACs.
+DENSE = [
+    *[run("fa", "dense_same_macs", s, "off", "none", t, None, 2.05e6, width=0.51) for s, t in
+      enumerate([0.72, 0.70, None])],
+    *[run("fb", "dense_same_macs", s, "on", "none", t, None, 0.98e6, width=0.377) for s, t in
+      enumerate([0.59, 0.64, 0.60])],
 ]
 
 
@@ -105,6 +116,54 @@ def test_retrained_comparisons_pool_seeds_and_configurations():
     assert pruning.excludes_zero is False and "no detectable difference at this n" in pruning.sentence
     # without ablation runs (final.ablations=false) there is nothing to compare
     assert retrained_comparisons([r for r in RUNS if r["role"] == "front"]) == []
+
+
+def test_dense_pairs_are_pruned_minus_dense_of_the_same_seed_with_each_sides_macs():
+    pairs, unmatched = dense_pairs(RUNS + DENSE)
+    # fa seeds 0, 1 (its dense seed 2 has no test_acc); fb seeds 0, 1 (its front seed 2 has none)
+    assert sorted(pairs) == sorted([(0.70, 0.72), (0.74, 0.70), (0.60, 0.59), (0.62, 0.64)])
+    assert unmatched == 2
+    kd, pruning, dense = retrained_comparisons(RUNS + DENSE)
+    diffs = [-0.02, 0.04, 0.01, -0.02]
+    mean = sum(diffs) / 4
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 3)
+    assert (dense.question, dense.n, dense.unmatched) == (DENSE_QUESTION, 4, 2)
+    assert dense.mean == pytest.approx(mean) and dense.sd == pytest.approx(sd)
+    assert dense.high - dense.mean == pytest.approx(3.182446 * sd / 2, rel=1e-5)
+    assert dense.sentence.startswith("Pruning (instead of training a dense student of about the same MACs) adds +0.3 "
+                                     "points of test accuracy (95% CI")
+    macs = dense_macs_pairs(RUNS + DENSE)
+    assert [(p.front_trial, p.seed) for p in macs] == [("fa", 0), ("fa", 1), ("fb", 0), ("fb", 1)]
+    assert macs[0].gap == pytest.approx(2.05e6 / 2e6 - 1) and macs[2].gap == pytest.approx(0.98e6 / 1e6 - 1)
+    assert (macs[0].dense_width, macs[0].pruned_test, macs[0].dense_test) == (0.51, 0.70, 0.72)
+    # a "dense" partner that is itself pruned is no pair; without dense runs the question is not asked
+    pruned_partner = [run("fa", "front", 0, "off", "single", 0.7), run("fa", "dense_same_macs", 0, "off", "single", 0.8)]
+    assert dense_pairs(pruned_partner) == ([], 2)
+    assert DENSE_QUESTION not in {c.question for c in retrained_comparisons(RUNS)}
+
+
+def test_retrained_extra_folder_accuracies_reach_the_rows_and_the_table(tiny_config):
+    from analysis.compare import extra_folders, retrained_row
+    from common.trial_table import Trial
+    from trainable.run_config import trial_config
+
+    config = trial_config(tiny_config, {"retrain.front_trial": "fa", "retrain.role": "front", "train.epochs": 4,
+                                        "pruning.mode": "single"})
+    trial = Trial(sweep="s", trial_id="r0", trial_dir=Path("."), config=config, status="completed", checkpoint=None,
+                  metrics={"epoch": 4, "val_acc": 0.5, "test_acc": 0.61, "test_macro_f1": 0.6, "target_macs": 1e6,
+                           "macs": 1e6, "params": 100})
+    evaluation = {"test_acc": 0.60, "test_macro_f1": 0.59,
+                  "extra": {"nsynth_test": {"acc": 0.33, "macro_f1": 0.3, "n": 40}}}
+    row = retrained_row(trial, evaluation)
+    assert row["test_acc"] == 0.61 and row["test_macro_f1"] == 0.6  # the run's own test numbers stay
+    assert (row["nsynth_test_acc"], row["nsynth_test_macro_f1"], row["nsynth_test_n"]) == (0.33, 0.3, 40)
+    assert row["width_mult"] == config["student"]["width_mult"] and retrained_row(trial)["test_acc"] == 0.61
+    runs = [run("fa", "front", s, "off", "single", t) | ({"nsynth_test_acc": a, "nsynth_test_n": 40} if a else {})
+            for s, (t, a) in enumerate([(0.70, 0.30), (0.74, 0.36), (0.78, None)])]
+    assert extra_folders(runs) == ["nsynth_test"]
+    (fa,) = retrained_front_table(runs)
+    mean, std, n = fa.extra["nsynth_test"]
+    assert (n, mean, std) == (2, pytest.approx(0.33), pytest.approx(0.06 / math.sqrt(2)))
 
 
 def test_retrained_front_table_mean_and_sample_std_over_seeds():
@@ -372,6 +431,19 @@ def test_report_shows_the_retrained_table_and_every_verdict():
             "<td>0.740 &plusmn; 0.040</td><td>0.500</td><td>0.800</td><td>3</td><td>0</td></tr>") in page
     assert "<td>fb</td>" in page and "<td>0.610 &plusmn; 0.014</td>" in page
     assert "matched MACs (search trials, exploratory)" not in page  # both questions have paired runs
+    assert DENSE_QUESTION not in page  # no dense_same_macs runs
+    runs = [r | ({"nsynth_test_acc": 0.3 + 0.02 * r["seed"], "nsynth_test_n": 40} if r["role"] == "front" else {})
+            for r in RUNS + DENSE]  # analysis/evaluate.py trial=retrained eval.extra=[.../nsynth-test] has run
+    page = render_report(rows, normalised_hypervolumes(rows), b"png", retrained_runs=runs,
+                         comparisons=retrained_comparisons(runs))
+    assert "<th>nsynth_<wbr>test acc (mean &plusmn; std)</th>" in page
+    assert "<td>0.740 &plusmn; 0.040</td><td>0.500</td><td>0.800</td><td>3</td><td>0</td><td>0.320 &plusmn; 0.020</td>" in page
+    assert "<td>Pruning vs a dense model of the same MACs</td><td>retrained front</td><td>test accuracy</td>" in page
+    assert "<td>pruned minus dense</td><td>4</td><td>+0.3</td>" in page
+    # the pairs with their MACs difference
+    assert ("<tr><td>fa</td><td>0</td><td>2.00M</td><td>0.51</td><td>2.05M</td><td>+2.5&nbsp;%</td><td>0.700</td>"
+            "<td>0.720</td></tr>") in page
+    assert "<td>fb</td><td>1</td><td>1.00M</td><td>0.377</td><td>0.98M</td><td>-2.0&nbsp;%</td>" in page
 
 
 def test_plot_draws_the_retrained_front_with_error_bars():

@@ -33,6 +33,10 @@ def test_front_configs_keep_the_non_dominated_feasible_finished_trials_by_macs()
                result("d", 0.9, 0.5e6, error=True),                                     # errored: never retrained
                result("e", 0.8, 0.4e6, feasible=0)]                                     # over the budget
     assert [c.trial_id for c in front_configs(results)] == ["b", "a"]
+    # the measured MACs of a front trial whose pruning was done (else None: the target is what is known)
+    done = result("p", 0.95, 0.3e6, macs=0.31e6, pruning_step=2, pruning_steps=2, epoch=10)
+    early = result("q", 0.96, 0.35e6, macs=3e6, pruning_step=0, pruning_steps=2, epoch=2)
+    assert [(c.trial_id, c.macs) for c in front_configs([done, early])] == [("p", 0.31e6), ("q", None)]
     assert front_configs([SimpleNamespace(metrics={}, config={}, error=False)]) == []
 
 
@@ -51,6 +55,7 @@ def test_retrain_points_are_configs_x_roles_x_seeds_with_matched_ablations(tiny_
     roles = [(p["retrain.front_trial"], p["retrain.role"], p["train.seed"]) for p in points]
     assert roles == [("t1", "front", 5), ("t1", "front", 6), ("t1", "kd_toggled", 5), ("t1", "kd_toggled", 6),
                      ("t1", "pruning_toggled", 5), ("t1", "pruning_toggled", 6),
+                     ("t1", "dense_same_macs", 5), ("t1", "dense_same_macs", 6),  # pruned: its dense twin too
                      ("t2", "front", 5), ("t2", "front", 6), ("t2", "kd_toggled", 5), ("t2", "kd_toggled", 6)]
     assert all(p["train.epochs"] == 4 and p["train.test_at_end"] for p in points)
     toggled = next(p for p in points if p["retrain.role"] == "pruning_toggled")
@@ -59,9 +64,56 @@ def test_retrain_points_are_configs_x_roles_x_seeds_with_matched_ablations(tiny_
     assert toggled["pruning.steps"] == base["pruning"]["steps"] and toggled["kd.enabled"] is True
     assert next(p for p in points if p["retrain.front_trial"] == "t2" and p["retrain.role"] == "kd_toggled")[
         "kd.enabled"] is True  # KD switched on for a configuration that searched without it
+    dense = next(p for p in points if p["retrain.role"] == "dense_same_macs")
+    # unpruned, narrower, same KD setting, epochs and seeds as the front run
+    assert dense["pruning.mode"] == "none" and dense["student.width_mult"] < base["student"]["width_mult"]
+    assert dense["kd.enabled"] is True and dense["train.epochs"] == 4
     assert ablations({"kd": {"enabled": True}, "pruning": {"mode": "progressive"}}, base["pruning"])[
         "pruning_toggled"] == {"pruning.mode": "single"}
     assert len(retrain_points([single], base, final | {"ablations": False})) == 2
+
+
+@pytest.mark.parametrize("width, n_mels, ratio, mode", [(0.75, 64, 0.5, "single"), (1.0, 128, 0.2, "progressive"),
+                                                        (0.5, 32, 0.3, "single"), (1.0, 96, 0.6, "progressive")])
+def test_dense_width_lands_within_the_pruners_tolerance_of_the_pruned_models_macs(tiny_config, width, n_mels, ratio,
+                                                                                  mode):
+    """The dense twin's width: the unpruned student whose MACs are closest to the pruned model's, as measured after
+    the real pruner ran (within trainable.pruning.MACS_TOLERANCE here), and no other allowed width is closer."""
+    import torch
+
+    from sweeps.final import WIDTH_STEP, dense_width
+    from trainable.models import create_student
+    from trainable.pruning import MACS_TOLERANCE, count_macs_params, prune_to_macs
+    from trainable.run_config import trial_config
+
+    config = trial_config(tiny_config, {"student.width_mult": width, "features.n_mels": n_mels, "pruning.mode": mode,
+                                        "pruning.target_macs_ratio": ratio})
+    data, student = config["data"], config["student"]
+    shape = (1, 1, n_mels, int(round(data["clip_seconds"] * data["sample_rate"])) // 160 + 1)
+    model = create_student(student["arch"], width, len(data["families"]), student["dropout"])
+    base_macs, _ = count_macs_params(model, shape)
+    pruned = prune_to_macs(model, torch.zeros(shape), base_macs, ratio).macs
+    choice = dense_width(config, pruned)
+    assert choice.target_macs == pruned and abs(choice.gap) <= MACS_TOLERANCE, choice
+    dense = create_student(student["arch"], choice.width_mult, len(data["families"]), student["dropout"])
+    assert count_macs_params(dense, shape)[0] == choice.macs  # what a dense_same_macs run will measure
+    for neighbour in (choice.width_mult - WIDTH_STEP, choice.width_mult + WIDTH_STEP):
+        other = create_student(student["arch"], neighbour, len(data["families"]), student["dropout"])
+        assert abs(count_macs_params(other, shape)[0] - pruned) >= abs(choice.macs - pruned)
+
+
+def test_a_target_below_every_width_takes_the_narrowest_and_says_so(tiny_config, caplog):
+    from sweeps.final import WIDTH_STEP, FrontConfig, dense_role
+    from trainable.run_config import trial_config
+
+    config = trial_config(tiny_config, {"pruning.mode": "single", "pruning.target_macs_ratio": 0.5})
+    front = FrontConfig("tiny", {}, target_macs=1000.0, val_acc=0.5)  # 1,000 MACs: below any MobileNet
+    with caplog.at_level("INFO", logger="sweeps.final"):
+        keys = dense_role(front, config)
+    assert keys == {"pruning.mode": "none", "student.width_mult": WIDTH_STEP}
+    assert "the closest width_mult allows, outside the pruner's +-5 % tolerance" in caplog.text
+    measured = FrontConfig("m", {}, target_macs=5e6, val_acc=0.5, macs=1000.0)
+    assert dense_role(measured, config) == keys  # the measured MACs of the pruned model win over the target
 
 
 @pytest.mark.parametrize("key", ["seeds", "epochs", "max_configs"])

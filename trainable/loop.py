@@ -194,6 +194,7 @@ def train(config: dict[str, Any], data: WaveformData, run_dir: Path | str, *,
             "epoch": epoch, "train_loss": loss_sum / seen, "kd_loss": kd_sum / seen,
             "ce_loss": ce_sum / seen, "train_acc": correct_sum / seen,
             "val_loss": val["loss"], "val_acc": val["acc"], "val_macro_f1": val["macro_f1"],
+            "val_clips": len(pipelines["valid"]),  # for the report's "at chance" test (analysis/rung_fidelity.py)
             "macs": macs, "params": params, "base_macs": base_macs, "base_params": base_params,
             "target_macs": target_macs, "pruning_step": pruning_step, "pruning_steps": len(plan),
             "sparsity": weight_sparsity(model),

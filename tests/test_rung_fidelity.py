@@ -1,0 +1,171 @@
+"""Rung fidelity (analysis/rung_fidelity.py): rank agreement of each epoch with the last one, trials at chance, the
+scheduler's rungs, and the report / printed summary that show them. Fast, no Ray: curves are dicts or result.json
+files written here."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from analysis.rung_fidelity import Curve, at_chance, rung_epochs, rung_fidelity, spearman_interval
+
+Z975 = 1.959963984540054  # the standard normal's 97.5th percentile
+
+# Six trials trained for 4 epochs: val_acc at epoch 2 and at epoch 4.
+AT_2 = [0.30, 0.50, 0.40, 0.20, 0.60, 0.35]
+AT_4 = [0.50, 0.55, 0.70, 0.40, 0.65, 0.45]
+
+
+def curve(trial_id: str, accs: dict[int, float], final_epoch: int = 4, clips: int | None = 100,
+          classes: int = 4) -> Curve:
+    """A trial's results: val_acc per epoch, val_loss = 1 - val_acc, val_macro_f1 = val_acc / 2."""
+    results = {e: {"val_acc": a, "val_loss": 1 - a, "val_macro_f1": a / 2} | ({"val_clips": clips} if clips else {})
+               for e, a in accs.items()}
+    return Curve(trial_id, final_epoch, classes, results)
+
+
+def synthetic() -> list[Curve]:
+    finished = [curve(f"t{i}", {1: 0.25, 2: a2, 3: (a2 + a4) / 2, 4: a4}) for i, (a2, a4) in enumerate(zip(AT_2, AT_4))]
+    stopped = curve("s", {1: 0.20, 2: 0.26})  # stopped at the epoch-2 rung: counted there, not in rho
+    return [*finished, stopped]
+
+
+def test_rank_agreement_matches_a_hand_computation():
+    # ranks at epoch 2: [2, 5, 4, 1, 6, 3]; at epoch 4: [3, 4, 6, 1, 5, 2]; d^2 sums to 8
+    rho = 1 - 6 * 8 / (6 * (6 ** 2 - 1))
+    half = Z975 * math.sqrt((1 + rho ** 2 / 2) / (6 - 3))
+    fidelity = rung_fidelity(synthetic(), "val_acc", rungs=[2])
+    epoch2 = fidelity.epochs[1]
+    a = epoch2.agreements["val_acc"]
+    assert (a.n, epoch2.reported, epoch2.rung) == (6, 7, True)
+    assert a.rho == pytest.approx(rho) and rho == pytest.approx(0.7714, abs=1e-4)
+    assert a.low == pytest.approx(math.tanh(math.atanh(rho) - half))
+    assert a.high == pytest.approx(math.tanh(math.atanh(rho) + half))
+    # val_loss is ranked lower-is-better, so 1 - val_acc agrees exactly as much; f1 = acc / 2 ranks alike
+    assert epoch2.agreements["val_loss"].rho == pytest.approx(rho)
+    assert epoch2.agreements["val_macro_f1"].rho == pytest.approx(rho)
+    assert fidelity.epochs[0].agreements["val_acc"].rho is None  # every trial scored 0.25 at epoch 1: no ranking
+    assert [e.epoch for e in fidelity.epochs] == [1, 2, 3] and fidelity.final_epoch == 4
+    assert (fidelity.trials, fidelity.finished, fidelity.early_stopping) == (7, 6, True)
+    assert fidelity.first_rung is epoch2
+
+
+def test_trials_at_chance_are_those_a_uniform_guesser_matches():
+    # Binomial(100, 1/4): the smallest c with P(X <= c) >= 0.95
+    cdf, threshold = 0.0, None
+    for c in range(101):
+        cdf += math.comb(100, c) * 0.25 ** c * 0.75 ** (100 - c)
+        if cdf >= 0.95:
+            threshold = c
+            break
+    assert threshold == 32
+    assert at_chance({"val_acc": 0.32, "val_clips": 100}, 4) and not at_chance({"val_acc": 0.33, "val_clips": 100}, 4)
+    assert at_chance({"val_acc": 0.9}, 4) is None  # a result without the validation size says nothing
+    fidelity = rung_fidelity(synthetic(), rungs=[2])
+    # epoch 1: all seven at 0.20-0.25; epoch 2: 0.20, 0.26, 0.30 are at chance (<= 32 of 100), 0.35 and up are not
+    assert [e.at_chance for e in fidelity.epochs[:2]] == [7, 3]
+    no_size = rung_fidelity([curve("a", {1: 0.3, 2: 0.4}, final_epoch=2, clips=None)])
+    assert no_size.epochs[0].at_chance is None
+
+
+def test_sentences_say_how_far_a_rung_can_be_trusted_and_name_the_selection_bias():
+    fidelity = rung_fidelity(synthetic(), rungs=[2])
+    assert fidelity.sentence() == (
+        "The epoch-2 rung ranks trials like their last epoch with ρ = 0.77 (95 % CI -0.26 to 0.98, n = 6, val_acc): "
+        "stopping there mostly keeps the better trials, with some mistakes. 3 of 7 trials were still at chance there.")
+    assert "survivors" in fidelity.bias_note and "fidelity.fifo_samples" in fidelity.bias_note
+    # reversed ranks: close to random or worse
+    flipped = [curve(f"t{i}", {2: a2, 4: 1 - a2}) for i, a2 in enumerate(AT_2)]
+    unbiased = rung_fidelity(flipped, early_stopping=False)
+    assert unbiased.first_rung is None and unbiased.sentence(unbiased.epochs[1]).endswith(
+        "with ρ = -1.00 (95 % CI -1.00 to -1.00, n = 6, val_acc): stopping there is close to random. 2 of 6 trials "
+        "were still at chance there.")
+    assert "no selection bias" in unbiased.bias_note
+    assert unbiased.sentence().startswith("No rung: the scheduler stopped no trial early")
+    few = spearman_interval([0.1, 0.2, 0.3], [0.3, 0.1, 0.2])
+    assert few.n == 3 and few.rho == pytest.approx(-0.5) and few.low is None  # n = 3: rho, no interval
+    assert spearman_interval([0.1, 0.2], [0.2, 0.1]).rho is None
+
+
+def test_an_unknown_rung_metric_is_refused():
+    with pytest.raises(ValueError, match=r"scheduler.metric='val_top5'; choose one of \('val_acc', 'val_loss', "):
+        rung_fidelity(synthetic(), "val_top5")
+
+
+@pytest.mark.parametrize("scheduler, final_epoch, grid, expected", [
+    ({"name": "pareto_asha", "grace_period": 2, "reduction_factor": 3}, 10, False, (2, 6)),
+    ({"name": None, "grace_period": 2, "reduction_factor": 3}, 10, False, (2, 6)),  # null: the default rung scheduler
+    ({"name": None, "grace_period": 2, "reduction_factor": 3}, 10, True, ()),      # null on a grid: fifo
+    ({"name": "asha", "grace_period": 3, "reduction_factor": 2}, 10, False, (3, 6)),
+    ({"name": "pareto_asha", "grace_period": 2, "reduction_factor": 2.5}, 10, False, (2, 5)),
+    ({"name": "pareto_asha", "grace_period": 12, "reduction_factor": 3}, 10, False, ()),  # grace clipped to the end
+    ({"name": "fifo", "grace_period": 2, "reduction_factor": 3}, 10, False, ()),
+])
+def test_rung_epochs_are_the_schedulers(scheduler, final_epoch, grid, expected):
+    assert rung_epochs(scheduler, final_epoch, grid) == expected
+
+
+# --- on disk: a sweep's result.json files, the report and the printed summary --------------------------------------
+
+def write_trial(folder: Path, trial_id: str, accs: list[float], final_epochs: int, resumed_at: int | None = None):
+    """result.json with one line per epoch; `resumed_at`: the trial was restored from its checkpoint of that epoch
+    and reported the later epochs again (the first time with a different val_acc)."""
+    folder.mkdir(parents=True)
+    lines = [{"epoch": e, "val_acc": a, "val_loss": 2 - a, "val_macro_f1": a, "val_clips": 100, "target_macs": 1e6,
+              "macs": 1e6, "params": 1000, "trial_id": trial_id, "config": {"train.epochs": final_epochs}}
+             for e, a in enumerate(accs, 1)]
+    if resumed_at is not None:
+        lines = [line | {"val_acc": 0.99} for line in lines[resumed_at:]] + lines
+        lines.sort(key=lambda line: line["epoch"] > resumed_at)  # killed lines first, then the resumed epochs
+    (folder / "result.json").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+
+
+@pytest.fixture
+def rung_sweep(tmp_path, tiny_config) -> Path:
+    """A ParetoASHA sweep of 4-epoch trials with a rung at epoch 2 (three families: chance is 1/3)."""
+    folder = tmp_path / "ray_results" / "rs"
+    folder.mkdir(parents=True)
+    base = tiny_config | {"workdir": str(tmp_path), "train": tiny_config["train"] | {"epochs": 4}}
+    settings = {"space": "quick", "scheduler": {"name": None, "grace_period": 2, "reduction_factor": 2,
+                                                "metric": "val_loss"}}
+    (folder / "sweep_config.json").write_text(json.dumps({"base_config": base, "sweep": settings}))
+    for i, (a2, a4) in enumerate(zip(AT_2, AT_4)):
+        write_trial(folder / f"trial_{i}", f"t{i}", [0.30, a2, a4, a4], 4, resumed_at=2 if i == 0 else None)
+    write_trial(folder / "trial_s", "s", [0.30, 0.31], 4)
+    return folder
+
+
+def test_sweep_fidelity_reads_each_epochs_last_report(rung_sweep):
+    from analysis.results import load_sweep, sweep_fidelity, trial_curves
+
+    sweep = load_sweep(rung_sweep)
+    curves = {c.trial_id: c for c in trial_curves(sweep)}
+    assert sorted(curves["t0"].results) == [1, 2, 3, 4] and curves["t0"].results[3]["val_acc"] == AT_4[0]
+    fidelity = sweep_fidelity(sweep)
+    assert (fidelity.metric, fidelity.rungs, fidelity.final_epoch) == ("val_loss", (2,), 4)
+    epoch2 = fidelity.epochs[1]
+    assert epoch2.agreements["val_loss"].rho == pytest.approx(1 - 6 * 8 / (6 * 35))
+    # three families: uniform guessing scores up to 41 of 100 clips (95th percentile): 0.20 to 0.40 are at chance
+    assert (epoch2.reported, epoch2.at_chance) == (7, 5)
+
+
+def test_report_and_summary_show_the_rung_fidelity_table_and_sentence(rung_sweep, monkeypatch):
+    import analysis.pareto as pareto
+    from analysis.results import load_sweep
+
+    monkeypatch.setattr(pareto, "log_to_mlflow", lambda *args: "run-id")
+    analysis = pareto.analyse([load_sweep(rung_sweep)], None, "sqlite:///unused.db")
+    sentence = analysis.fidelity["rs"].sentence()
+    assert sentence.startswith("The epoch-2 rung ranks trials like their last epoch with ρ = 0.77 (95 % CI")
+    report = (rung_sweep / "report.html").read_text()
+    assert "<h2>Rung fidelity</h2>" in report and sentence in report
+    assert "<th><b>&rho; val_loss</b></th>" in report and "<th>&rho; val_acc</th>" in report
+    # epoch 2: the rung, 7 trials reporting, 5 at chance, n = 6
+    assert "<tr><td>2</td><td>rung</td><td>7</td><td>5</td><td>6</td><td>0.77</td>" in report
+    assert "survivors" in report
+    text = pareto.summary(analysis, "sqlite:///unused.db", "rs")
+    assert "Rung fidelity (rung metric val_loss against the last epoch's val_acc):" in text
+    assert f"  {sentence}" in text.splitlines()
