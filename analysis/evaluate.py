@@ -37,13 +37,13 @@ from omegaconf import DictConfig
 from analysis.pareto import analyse, require_checkpoints, select_trials, summary
 from analysis.results import NAME_KEYS, load_sweeps, sweep_data, write_evaluations
 from common.cli import entry_point, plain, string_overrides
-from data_prep.waveform_cache import WaveformData, load_clip
 from common.config import FeatureConfig
 from common.trial_table import Trial, evaluation_columns, evaluation_headers, format_table
-from trainable.features.pipeline import FeaturePipeline
-from trainable.run_config import pick_device
+from data_prep.waveform_cache import WaveformData, load_clip
 from trainable.checkpoints import load_checkpoint, restore_model
 from trainable.evaluation import amp_settings, evaluate, make_pipeline
+from trainable.features.pipeline import FeaturePipeline
+from trainable.run_config import pick_device
 
 log = logging.getLogger("analysis.evaluate")
 

@@ -30,8 +30,16 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from analysis.compare import (FRONT, PairedComparison, RetrainedConfig, finished, retrained_comparisons,
-                              retrained_front_table, retrained_row, scenario_comparisons)
+from analysis.compare import (
+    FRONT,
+    PairedComparison,
+    RetrainedConfig,
+    finished,
+    retrained_comparisons,
+    retrained_front_table,
+    retrained_row,
+    scenario_comparisons,
+)
 from analysis.plot import plot_front
 from analysis.report import render_report
 from analysis.results import NAME_KEYS, Sweep, load_retrained, load_sweeps, read_evaluations, sweep_fidelity
@@ -39,8 +47,17 @@ from analysis.rung_fidelity import RungFidelity
 from analysis.sweep_stats import Hypervolumes, normalised_hypervolumes
 from common.cli import entry_point, plain, string_overrides
 from common.objectives import ACCURACY, LATENCY, MACS, front_mask, objectives
-from common.trial_table import (BYTES_PER_PARAM, Trial, export_columns, format_table, format_value, front_rows,
-                                param_kb, table_columns, trial_row)
+from common.trial_table import (
+    BYTES_PER_PARAM,
+    Trial,
+    export_columns,
+    format_table,
+    format_value,
+    front_rows,
+    param_kb,
+    table_columns,
+    trial_row,
+)
 
 OUTPUT_FILES = ("pareto.csv", "pareto.png", "report.html")
 RETRAINED_CSV = "retrained.csv"  # one row per run of the retrain stage, written once there is one

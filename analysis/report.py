@@ -1,5 +1,6 @@
 """The self-contained `report.html`: the plot (embedded), hypervolume, the front table, the rung fidelity of the
-search (analysis/rung_fidelity.py), the retrained front and the conclusions (paired comparisons, analysis/compare.py)."""
+search (analysis/rung_fidelity.py), the retrained front and the conclusions (paired comparisons,
+analysis/compare.py)."""
 
 from __future__ import annotations
 
@@ -10,14 +11,30 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from analysis.compare import (CONFIDENCE, DENSE_QUESTION, DIFFERENCES, KD_QUESTION, PRUNING_QUESTION, MacsPair,
-                              PairedComparison, dense_macs_pairs, extra_folders, finished, retrained_front_table)
+from analysis.compare import (
+    CONFIDENCE,
+    DENSE_QUESTION,
+    DIFFERENCES,
+    KD_QUESTION,
+    PRUNING_QUESTION,
+    MacsPair,
+    PairedComparison,
+    dense_macs_pairs,
+    extra_folders,
+    finished,
+    retrained_front_table,
+)
 from analysis.rung_fidelity import RungFidelity
-from analysis.sweep_stats import (MIN_GROUP_SIZE, REFERENCE_MARGIN, BinComparison, Hypervolumes, matched_difference,
-                                 matched_macs_comparison)
+from analysis.sweep_stats import (
+    MIN_GROUP_SIZE,
+    REFERENCE_MARGIN,
+    BinComparison,
+    Hypervolumes,
+    matched_difference,
+    matched_macs_comparison,
+)
 from common.objectives import ACCURACY, LABELS, MACS, objectives
 from common.trial_table import format_value, front_rows, table_columns
-
 
 # Tables sit in a box that scrolls sideways when they are wider than the page (many evaluation columns, overlaid
 # sweeps, a narrow window), with the first column (the trial) kept in view; headers wrap between words, values
@@ -147,6 +164,14 @@ def _fidelity_html(fidelity: Mapping[str, RungFidelity]) -> str:
     return "\n".join(parts)
 
 
+def _budget_html(best_under_budget: str | None) -> str:
+    """The model to ship under the sweep's budget, when it had one."""
+    if not best_under_budget:
+        return ""
+    return (f"<p><b>{html.escape(best_under_budget)}</b> (the model to ship; trials over the budget are grey crosses "
+            "in the plot and never on the front).</p>")
+
+
 def _retrain_command(sweeps: Sequence[str]) -> str:
     """The command(s) that run the retrain stage of the sweeps, as HTML."""
     return "; ".join(f"<code>python sweeps/run.py stage=final name={html.escape(s)}</code>" for s in sweeps)
@@ -161,9 +186,10 @@ def _conclusions_html(rows: Sequence[dict[str, Any]], runs: Sequence[dict[str, A
         parts.append(
             "<p>Each comparison pairs two runs that differ in one setting only: a retrained front configuration with "
             "its copy with KD toggled, with the other structured pruning mode at the same MACs target, or (pruned "
-            "configurations) with a dense student of about the same MACs, same seed (retrained front); or two trials of the scenarios grid with the same seed and the same other setting "
-            "(scenarios grid). The difference is taken within each pair (points of accuracy, "
-            f"treated minus control), then averaged over all pairs, across seeds and front configurations together. "
+            "configurations) with a dense student of about the same MACs, same seed (retrained front); or two trials "
+            "of the scenarios grid with the same seed and the same other setting (scenarios grid). The difference is "
+            "taken within each pair (points of accuracy, treated minus control), then averaged over all pairs, across "
+            "seeds and front configurations together. "
             f"{level} CI = mean &plusmn; t<sub>0.975, n&minus;1</sub> &times; sd / &radic;n (sd: sample standard "
             "deviation of the n differences). An interval that excludes 0 is a difference this many pairs can "
             "detect; one that includes 0 means no detectable difference at this n, not that there is none. "
@@ -212,7 +238,8 @@ def _retrained_html(rows: Sequence[dict[str, Any]], runs: Sequence[dict[str, Any
             "<th>test acc (mean &plusmn; std)</th><th>val acc (mean)</th><th>search val acc</th><th>n seeds</th>"
             "<th>missing</th>")
     folders = extra_folders(runs)
-    head += "".join(f"<th>{html.escape(label).replace('_', '_<wbr>')} acc (mean &plusmn; std)</th>" for label in folders)
+    head += "".join(f"<th>{html.escape(label).replace('_', '_<wbr>')} acc (mean &plusmn; std)</th>"
+                    for label in folders)
     exported = any(c.exported for c in table)
     if exported:  # analysis/export.py trial=retrained has run: the shipped models' deployment numbers
         head += ("<th>exported seeds</th><th>int8 test acc (mean)</th><th>kB int8</th><th>fp32 ms 1 thread (mean)</th>"
@@ -241,7 +268,8 @@ def _retrained_html(rows: Sequence[dict[str, Any]], runs: Sequence[dict[str, Any
             "<i>missing</i>, left out of every number. <i>search val acc</i>: what the search measured for the "
             "configuration, selected on it, so optimistic. Every run: <code>retrained.csv</code> next to this "
             "report." + (" Extra-folder columns: <code>analysis/evaluate.py trial=retrained eval.extra=[...]</code>, "
-                         "over the seeds it scored." if folders else "") + (" Deployment columns: means over the seeds <code>analysis/export.py trial=retrained</code> "
+                         "over the seeds it scored." if folders else "")
+            + (" Deployment columns: means over the seeds <code>analysis/export.py trial=retrained</code> "
                          "exported (ONNX Runtime, test split; latency as in <i>Deployment</i> below)." if exported
                          else "") + "</p>" + _wrapped(f"<table><thead>{head}</thead><tbody>{body}</tbody></table>"))
 
@@ -318,7 +346,7 @@ Objectives: {objective_text}, from each trial's last reported epoch; the search 
 MACs are therefore those of the model each trial's pruning schedule ends with, also for a trial stopped before its
 pruning step; the table's <i>measured MACs</i> are those of the model as it was at that epoch.
 Generated {time.strftime('%Y-%m-%d %H:%M:%S')}.</p>
-{f"<p><b>{html.escape(best_under_budget)}</b> (the model to ship; trials over the budget are grey crosses in the plot and never on the front).</p>" if best_under_budget else ""}
+{_budget_html(best_under_budget)}
 <img src="data:image/png;base64,{base64.b64encode(png).decode()}" alt="accuracy vs MACs">
 <h2>Hypervolume</h2>
 <p>Reference point: accuracy 0, {cost_refs}. Costs are divided by their reference value before measuring, so the

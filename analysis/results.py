@@ -12,18 +12,18 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any
 
 from analysis.rung_fidelity import Curve, RungFidelity, last_epoch, rung_epochs, rung_fidelity
-from data_prep.dataset import prepare_data
 from common.config import upgrade_saved_config
 from common.io import atomic_write_text
-from data_prep.waveform_cache import WaveformData, load_waveform_cache
 from common.sweep_layout import STATE_FILE, list_sweeps
 from common.trial_table import Trial
+from data_prep.dataset import prepare_data
+from data_prep.waveform_cache import WaveformData, load_waveform_cache
 from sweeps.final import FINAL_EXPERIMENT
 from trainable.checkpoints import CHECKPOINT_NAME
 from trainable.run_config import trial_config

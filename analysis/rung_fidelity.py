@@ -171,7 +171,8 @@ def rung_fidelity(curves: Sequence[Curve], metric: str = ACCURACY, rungs: Sequen
     """Rank agreement of every epoch before the last with the last epoch (for each rung metric the results carry;
     `metric` is the sweep's), and the trials at chance per epoch.
 
-    Trials that reached the last epoch (`last_epoch`) are the ones compared. `early_stopping` defaults to whether any rung is given."""
+    Trials that reached the last epoch (`last_epoch`) are the ones compared. `early_stopping` defaults to whether any
+    rung is given."""
     oriented(metric, 0.0)  # an unknown metric is an error before any work
     final_epoch = last_epoch(curves)
     done = [c for c in curves if c.final_epoch == final_epoch and c.finished]
@@ -185,7 +186,8 @@ def rung_fidelity(curves: Sequence[Curve], metric: str = ACCURACY, rungs: Sequen
                       for name in RUNG_METRICS if all(name in c.results[epoch] for c in paired)}
         epochs.append(EpochFidelity(epoch=epoch, rung=epoch in rungs, reported=len(reporting),
                                     at_chance=None if None in chance else sum(chance), agreements=agreements))
-    return RungFidelity(metric=metric, final_epoch=final_epoch, rungs=tuple(sorted(r for r in rungs if r < final_epoch)),
+    return RungFidelity(metric=metric, final_epoch=final_epoch,
+                        rungs=tuple(sorted(r for r in rungs if r < final_epoch)),
                         early_stopping=bool(rungs) if early_stopping is None else early_stopping,
                         trials=len(curves), finished=len(done), epochs=tuple(epochs))
 

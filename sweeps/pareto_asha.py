@@ -31,7 +31,7 @@ import math
 import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from ray.tune import Callback
@@ -74,12 +74,12 @@ class ParetoASHA(FIFOScheduler):
 
     def __init__(
         self,
-        objectives: Optional[Mapping[str, str]] = None,
+        objectives: Mapping[str, str] | None = None,
         time_attr: str = "training_iteration",
         max_t: float = 100,
         grace_period: float = 1,
         reduction_factor: float = 3,
-        budget: Optional[Budget] = None,
+        budget: Budget | None = None,
     ):
         super().__init__()
         objectives = dict(OBJECTIVES if objectives is None else objectives)
@@ -108,7 +108,7 @@ class ParetoASHA(FIFOScheduler):
         self._budget = budget
         self._over_budget: dict[str, dict[str, float]] = {}  # trial_id -> {budget key: value that broke it}
 
-    def set_search_properties(self, metric: Optional[str], mode: Optional[str], **spec: Any) -> bool:
+    def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
         """Accept Tune's metric/mode without adopting them: the objectives are fixed at construction."""
         if metric is not None or mode is not None:
             logger.info(
@@ -124,7 +124,7 @@ class ParetoASHA(FIFOScheduler):
         """Values of ``time_attr`` at which trials are ranked."""
         return [rung.milestone for rung in self._rungs]
 
-    def on_trial_result(self, tune_controller: "TuneController", trial: Trial, result: dict) -> str:
+    def on_trial_result(self, tune_controller: TuneController, trial: Trial, result: dict) -> str:
         progress, objective_vector = self._parse(trial, result)
         if self._breaks_budget(trial, progress, result):
             decision = TrialScheduler.STOP
@@ -137,7 +137,7 @@ class ParetoASHA(FIFOScheduler):
             self._num_stopped += 1
         return decision
 
-    def on_trial_complete(self, tune_controller: "TuneController", trial: Trial, result: dict) -> None:
+    def on_trial_complete(self, tune_controller: TuneController, trial: Trial, result: dict) -> None:
         """Record the final result too (a Tune stopper can end a trial without consulting us)."""
         if self._time_attr in result and all(name in result for name in self._objectives):
             progress, objective_vector = self._parse(trial, result)
@@ -203,7 +203,8 @@ class ParetoASHA(FIFOScheduler):
             objective_vector = tuple(float(result[name]) for name in self._objectives)
         except (TypeError, ValueError) as error:
             values = {name: result[name] for name in self._objectives}
-            raise ValueError(f"ParetoASHA objectives must be numbers, trial {trial.trial_id} reported {values}") from error
+            raise ValueError(f"ParetoASHA objectives must be numbers, trial {trial.trial_id} reported "
+                             f"{values}") from error
         return float(result[self._time_attr]), objective_vector
 
     def _breaks_budget(self, trial: Trial, progress: float, result: Mapping[str, Any], stopping: bool = True) -> bool:
@@ -233,7 +234,7 @@ class ParetoASHA(FIFOScheduler):
         """trial_id -> {budget key: the value that broke it} of the trials stopped over budget."""
         return {trial_id: dict(broken) for trial_id, broken in self._over_budget.items()}
 
-    def _record(self, trial: Trial, progress: float, objective_vector: tuple[float, ...]) -> Optional[_Rung]:
+    def _record(self, trial: Trial, progress: float, objective_vector: tuple[float, ...]) -> _Rung | None:
         """Record the vector at the highest rung reached, once per trial; return that rung if new.
 
         Buffered results can jump past a rung; the skipped lower rung is not back-filled,

@@ -482,7 +482,7 @@ def test_qat_fine_tunes_the_model_the_int8_export_comes_from(workdir):
     assert int8["qat"]["epochs"] == 2 and int8["qat"]["lr"] == 1e-4
     assert [h["epoch"] for h in int8["qat"]["history"]] == [1, 2]
     assert all(np.isfinite(h["train_loss"]) for h in int8["qat"]["history"])
-    assert f"after 2 QAT epoch(s)" in out.stdout and "int8: 2 QAT epoch(s), then static quantization" in out.stdout
+    assert "after 2 QAT epoch(s)" in out.stdout and "int8: 2 QAT epoch(s), then static quantization" in out.stdout
     assert not list((copy / "export").glob(".*"))  # the fine-tuned intermediate model is not left behind
     # the shipped fp32 model is the trial's own (unchanged by QAT): ONNX Runtime matches its checkpoint
     assert entry["max_abs_diff_real"] <= 1e-3

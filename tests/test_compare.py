@@ -12,9 +12,19 @@ from pathlib import Path
 
 import pytest
 
-from analysis.compare import (DENSE_QUESTION, KD_QUESTION, PRUNING_QUESTION, dense_macs_pairs, dense_pairs, kd_pairs,
-                              paired_comparison, pruning_pairs, retrained_comparisons, retrained_front_table,
-                              scenario_comparisons)
+from analysis.compare import (
+    DENSE_QUESTION,
+    KD_QUESTION,
+    PRUNING_QUESTION,
+    dense_macs_pairs,
+    dense_pairs,
+    kd_pairs,
+    paired_comparison,
+    pruning_pairs,
+    retrained_comparisons,
+    retrained_front_table,
+    scenario_comparisons,
+)
 
 
 def run(front_trial: str, role: str, seed: int, kd: str, pruning: str, test: float | None, ratio: float = 0.5,
@@ -137,7 +147,8 @@ def test_dense_pairs_are_pruned_minus_dense_of_the_same_seed_with_each_sides_mac
     assert macs[0].gap == pytest.approx(2.05e6 / 2e6 - 1) and macs[2].gap == pytest.approx(0.98e6 / 1e6 - 1)
     assert (macs[0].dense_width, macs[0].pruned_test, macs[0].dense_test) == (0.51, 0.70, 0.72)
     # a "dense" partner that is itself pruned is no pair; without dense runs the question is not asked
-    pruned_partner = [run("fa", "front", 0, "off", "single", 0.7), run("fa", "dense_same_macs", 0, "off", "single", 0.8)]
+    pruned_partner = [run("fa", "front", 0, "off", "single", 0.7),
+                      run("fa", "dense_same_macs", 0, "off", "single", 0.8)]
     assert dense_pairs(pruned_partner) == ([], 2)
     assert DENSE_QUESTION not in {c.question for c in retrained_comparisons(RUNS)}
 
@@ -343,7 +354,8 @@ def test_best_to_ship_is_the_retrained_config_inside_the_budget_with_the_best_va
     assert best["trial_id"] == "fa" and best["val_acc"] == pytest.approx(0.82)  # validation chooses, not test
     line = budget_line(budget, best)
     assert line == ("Best under budget (max_macs 3e+06; int8): front configuration fa (retrained, 2 seeds; means): "
-                    "val acc 0.82, test acc fp32/int8 0.72/0.71, target MACs 2,000,000, params 1,000, kB fp32/int8 4/1, "
+                    "val acc 0.82, test acc fp32/int8 0.72/0.71, target MACs 2,000,000, params 1,000, "
+                    "kB fp32/int8 4/1, "
                     "latency ms 1 thread fp32/int8 0.2/0.1")
     assert best_to_ship(search_rows, table, budget | {"max_macs": 1.5e6})["trial_id"] == "fb"
     assert best_to_ship(search_rows, table, budget | {"max_kb": 0.2})["trial_id"] == "t1"  # no retrained one fits
@@ -437,7 +449,8 @@ def test_report_shows_the_retrained_table_and_every_verdict():
     page = render_report(rows, normalised_hypervolumes(rows), b"png", retrained_runs=runs,
                          comparisons=retrained_comparisons(runs))
     assert "<th>nsynth_<wbr>test acc (mean &plusmn; std)</th>" in page
-    assert "<td>0.740 &plusmn; 0.040</td><td>0.500</td><td>0.800</td><td>3</td><td>0</td><td>0.320 &plusmn; 0.020</td>" in page
+    assert ("<td>0.740 &plusmn; 0.040</td><td>0.500</td><td>0.800</td><td>3</td><td>0</td>"
+            "<td>0.320 &plusmn; 0.020</td>") in page
     assert "<td>Pruning vs a dense model of the same MACs</td><td>retrained front</td><td>test accuracy</td>" in page
     assert "<td>pruned minus dense</td><td>4</td><td>+0.3</td>" in page
     # the pairs with their MACs difference

@@ -48,7 +48,8 @@ def test_spread_keeps_both_ends_of_the_front():
 
 def test_retrain_points_are_configs_x_roles_x_seeds_with_matched_ablations(tiny_config):
     base = tiny_config | {"train": tiny_config["train"] | {"seed": 5}}
-    single = FrontConfig("t1", {"pruning.mode": "single", "pruning.target_macs_ratio": 0.4, "kd.enabled": True}, 1e6, .5)
+    single = FrontConfig("t1", {"pruning.mode": "single", "pruning.target_macs_ratio": 0.4, "kd.enabled": True},
+                         1e6, .5)
     unpruned = FrontConfig("t2", {"pruning.mode": "none", "kd.enabled": False}, 2e6, .6)
     final = {"seeds": 2, "epochs": 4, "ablations": True}
     points = retrain_points([single, unpruned], base, final)
@@ -241,6 +242,42 @@ def test_stage_final_retrains_seeds_x_roles_in_mlflow_and_resumes_after_a_kill(s
     assert {row["trial_id"] for row in exported} == front_runs
 
 
+def test_evaluate_trial_retrained_lists_the_retrained_models_and_their_extra_folder_scores(searched, tmp_path):
+    """evaluate.py trial=retrained scores every finished seed of the retrained front, prints them (which configuration,
+    role and seed), and their extra-folder accuracies reach retrained.csv and the report's retrained table."""
+    import sys
+
+    from tests.test_analysis import write_extra_folder
+
+    workdir = searched
+    exp_dir = workdir / "ray_results" / "s"
+    if not final_runs(exp_dir):  # run on its own: retrain first (the test above leaves a finished stage)
+        out = subprocess.run(sweep_cmd(workdir, "stage=final", "name=s", *FINAL), capture_output=True, text=True,
+                             timeout=600, cwd=ROOT)
+        assert out.returncode == 0, out.stderr[-3000:]
+    extra = tmp_path / "nsynth-extra"
+    write_extra_folder(extra)
+    out = subprocess.run([sys.executable, str(ROOT / "analysis" / "evaluate.py"), f"workdir={workdir}", "name=s",
+                          "trial=retrained", f"eval.extra=[{extra}]"], capture_output=True, text=True, timeout=600,
+                         cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    front = {k: r for k, r in final_runs(exp_dir).items() if r["config"]["grid_point"]["retrain.role"] == "front"}
+    assert f"Evaluated {len(front)} model(s) on the test split and 1 extra folder(s):" in out.stdout
+    table = out.stdout.split("extra folder(s):\n")[1].splitlines()
+    assert table[0].split()[:6] == ["trial", "retrains", "role", "seed", "val", "acc"]
+    assert "nsynth_extra acc" in table[0]
+    listed = {line.split()[0]: line.split() for line in table[1:1 + len(front)]}
+    assert set(listed) == {r["trial_id"] for r in front.values()}
+    assert all(cells[2] == "front" for cells in listed.values())
+    with (exp_dir / "retrained.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    scored = {r["trial_id"]: r for r in rows if r["nsynth_extra_acc"]}
+    assert set(scored) == set(listed) and all(r["nsynth_extra_n"] == "4" for r in scored.values())
+    assert all(0 <= float(r["nsynth_extra_acc"]) <= 1 for r in scored.values())
+    report = (exp_dir / "report.html").read_text()
+    assert "<th>nsynth_<wbr>extra acc (mean &plusmn; std)</th>" in report
+
+
 @pytest.mark.parametrize("export_code, scripts, message", [
     (0, ["export.py"], None),
     (1, ["export.py"], "Some retrained models were not exported (lines above); the report is written."),
@@ -255,7 +292,7 @@ def test_a_sweep_that_exports_still_ends_with_its_report(monkeypatch, capsys, tm
 
     def fake_run(command, **kwargs):
         ran.append(Path(command[1]).name)
-        assert f"name=s" in command and ("trial=retrained" in command) == (ran[-1] == "export.py")
+        assert "name=s" in command and ("trial=retrained" in command) == (ran[-1] == "export.py")
         return SimpleNamespace(returncode=export_code if ran[-1] == "export.py" else 0)
 
     monkeypatch.setattr(subprocess, "run", fake_run)

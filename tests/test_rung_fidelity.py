@@ -169,3 +169,30 @@ def test_report_and_summary_show_the_rung_fidelity_table_and_sentence(rung_sweep
     text = pareto.summary(analysis, "sqlite:///unused.db", "rs")
     assert "Rung fidelity (rung metric val_loss against the last epoch's val_acc):" in text
     assert f"  {sentence}" in text.splitlines()
+
+
+def test_replay_runs_the_real_scheduler_over_recorded_curves():
+    """analysis/schedule_replay.py (benchmarks/search_fidelity.py (d)): ParetoASHA fed the recorded epochs, one trial
+    at a time in order: what it stops, the epoch-seconds it trains, and the front it ends with."""
+    from analysis.schedule_replay import replay, replays
+
+    curves = []
+    for i, (a2, a4) in enumerate(zip(AT_2, AT_4)):
+        accs = {1: 0.25, 2: a2, 3: (a2 + a4) / 2, 4: a4}
+        curves.append(Curve(f"t{i}", 4, 4, {e: {"epoch": e, "val_acc": a, "val_loss": 1 - a, "val_macro_f1": a,
+                                                 "target_macs": 1e6, "epoch_seconds": 1.0, "val_clips": 100}
+                                             for e, a in accs.items()}))
+    reached, seconds = replay(curves, "multi", 4, 3, "val_acc", workers=1)  # first rung at the end: no stop
+    assert set(reached.values()) == {4} and seconds == 24
+    # rung at epoch 2 keeps ceil(n/3) of those recorded so far: t0 (alone), t1 (best of 2), t4 (best of 5)
+    reached, seconds = replay(curves, "multi", 2, 3, "val_acc", workers=1)
+    assert reached == {"t0": 4, "t1": 4, "t2": 2, "t3": 2, "t4": 4, "t5": 2} and seconds == 18
+    by_setting = {(r.grace_period, r.metric): r for r in replays(curves, "multi", 3, workers=1)}
+    assert sorted({g for g, _ in by_setting}) == [1, 2, 3]
+    r = by_setting[(2, "val_acc")]
+    assert r.rungs == (2,) and r.share == pytest.approx(18 / 24) and r.at_chance == 2  # 0.20 and 0.30
+    assert r.first_rung_rho == pytest.approx(1 - 6 * 8 / (6 * 35))
+    # the full-length front is t2 alone (0.70 at the same MACs), and the epoch-2 rung stopped it
+    assert (r.front_kept, r.front_size) == (0, 1)
+    assert r.hypervolume == pytest.approx(0.65 * (1 - 1 / 1.1))  # t4's 0.65 is the best it kept
+    assert by_setting[(3, "val_acc")].hypervolume == pytest.approx(0.70 * (1 - 1 / 1.1))  # t2 led at epoch 3 too

@@ -1,0 +1,136 @@
+"""The scheduler replayed on recorded curves: what a rung setting would have stopped, cost and found.
+
+A sweep that stops nothing (scheduler.name=fifo) records every trial's full curve. Feeding those results, epoch by
+epoch, to the real ParetoASHA (sweeps/tuning.py make_scheduler) with `workers` trials at a time in the sweep's
+trial order, each epoch taking the time it took, shows what any (grace_period, reduction_factor, metric) would have
+done with the same trials: which it stops where, the epoch-seconds it trains, and the front it ends with. What it
+cannot replay is the searcher reacting to the stops (the trials stay the ones the sweep drew).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+from analysis.results import Sweep, read_results, trial_curves
+from analysis.rung_fidelity import RUNG_METRICS, Curve, last_epoch, rung_epochs, rung_fidelity
+from analysis.sweep_stats import normalised_hypervolumes
+from common.objectives import front_mask
+
+
+@dataclass(frozen=True)
+class Replay:
+    """One schedule replayed on full-length curves."""
+
+    grace_period: int
+    metric: str
+    rungs: tuple[int, ...]
+    first_rung_rho: float | None
+    at_chance: int | None          # trials at chance at the first rung
+    seconds: float                 # epoch-seconds trained
+    share: float                   # of stopping nothing
+    hypervolume: float
+    front_kept: int                # trials of the full-length front that the schedule ran to the end
+    front_size: int
+
+
+def curves_in_order(sweep: Sweep) -> list[Curve]:
+    """The sweep's curves in the order its trials first reported (Tune's result timestamps), as the replay feeds
+    them to the scheduler."""
+    started = {t.trial_id: min((r.get("timestamp", math.inf) for r in read_results(t.trial_dir / "result.json")),
+                               default=math.inf) for t in sweep.trials}
+    return sorted(trial_curves(sweep), key=lambda c: (started.get(c.trial_id, math.inf), c.trial_id))
+
+
+def concurrency(sweep: Sweep) -> int:
+    """How many trials the sweep ran at once at most (from the results' wall-clock timestamps), at least 1."""
+    spans = []
+    for trial in sweep.trials:
+        results = read_results(trial.trial_dir / "result.json")
+        stamps = [r["timestamp"] for r in results if "timestamp" in r]
+        if stamps:
+            spans.append((min(stamps) - results[0].get("time_this_iter_s", 0.0), max(stamps)))
+    events = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
+    running = most = 0
+    for _, change in events:
+        running += change
+        most = max(most, running)
+    return max(1, most)
+
+
+def replay(curves: Sequence[Curve], objective: str, grace_period: int, reduction_factor: float, metric: str,
+           workers: int) -> tuple[dict[str, int], float]:
+    """Run the real ParetoASHA (sweeps/tuning.py make_scheduler) over recorded full-length curves: `workers` trials
+    at a time in the given order, each epoch taking the time it took; returns (trial_id -> last epoch trained,
+    epoch-seconds trained)."""
+    from ray.tune.schedulers import TrialScheduler
+
+    from sweeps.tuning import make_scheduler
+
+    final = last_epoch(curves)
+    scheduler = make_scheduler("pareto_asha", objective, final, grace_period, reduction_factor, metric=metric)
+    queue, running, clock, seconds, reached = list(curves), [], 0.0, 0.0, {}
+
+    def start(now: float) -> None:
+        while queue and len(running) < workers:
+            c = queue.pop(0)
+            heapq.heappush(running, (now + _epoch_seconds(c, 1), c.trial_id, 1, c))
+
+    start(clock)
+    while running:
+        clock, _, epoch, c = heapq.heappop(running)
+        seconds += _epoch_seconds(c, epoch)
+        reached[c.trial_id] = epoch
+        decision = scheduler.on_trial_result(None, SimpleNamespace(trial_id=c.trial_id), dict(c.results[epoch]))
+        if decision == TrialScheduler.CONTINUE and epoch < final:
+            heapq.heappush(running, (clock + _epoch_seconds(c, epoch + 1), c.trial_id, epoch + 1, c))
+        start(clock)
+    return reached, seconds
+
+
+def _epoch_seconds(curve: Curve, epoch: int) -> float:
+    result = curve.results[epoch]
+    return float(result.get("epoch_seconds") or result.get("time_this_iter_s") or 1.0)
+
+
+def final_rows(curves: Sequence[Curve], reached: Mapping[str, int]) -> list[dict[str, Any]]:
+    """Each trial's last trained result as the report ranks it: val_acc, target_macs and whether it is within the
+    sweep's budget (common.objectives.front_mask leaves infeasible rows off the front)."""
+    rows = []
+    for c in curves:
+        result = c.results[reached[c.trial_id]]
+        rows.append({"sweep": "replay", "trial_id": c.trial_id, "val_acc": result["val_acc"],
+                     "target_macs": result["target_macs"], "feasible": bool(result.get("feasible", 1))})
+    return rows
+
+
+def replays(curves: Sequence[Curve], objective: str, reduction_factor: float, workers: int) -> list[Replay]:
+    """Every candidate first rung (1 .. last epoch - 1) on every rung metric, replayed on the finished curves (in
+    the order given, `workers` at a time); share and front are against stopping nothing."""
+    curves = [c for c in curves if c.finished]
+    final = last_epoch(curves)
+    everything = {c.trial_id: final for c in curves}
+    full_rows = final_rows(curves, everything)
+    full_front = {r["trial_id"] for r, on in zip(full_rows, front_mask(full_rows)) if on}
+    _, full_seconds = replay(curves, objective, final, reduction_factor, "val_acc", workers)  # grace = end: no rung
+    fidelity = rung_fidelity(curves, early_stopping=False)
+    out = []
+    for grace in range(1, final):
+        rungs = rung_epochs({"name": "pareto_asha", "grace_period": grace, "reduction_factor": reduction_factor},
+                            final)
+        first = fidelity.epochs[rungs[0] - 1]
+        for metric in RUNG_METRICS:
+            reached, seconds = replay(curves, objective, grace, reduction_factor, metric, workers)
+            rows = final_rows(curves, reached)
+            agreement = first.agreements.get(metric)
+            out.append(Replay(
+                grace_period=grace, metric=metric, rungs=rungs,
+                first_rung_rho=None if agreement is None else agreement.rho, at_chance=first.at_chance,
+                seconds=seconds, share=seconds / full_seconds,
+                hypervolume=normalised_hypervolumes(rows).by_sweep["replay"],  # same trials, same reference point
+                front_kept=sum(reached[t] == final for t in full_front), front_size=len(full_front)))
+    return out
