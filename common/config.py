@@ -389,15 +389,23 @@ class SchedulerConfig:
 
 @dataclass
 class ResourcesConfig:
-    cpus_per_trial: float = 1
-    gpus_per_trial: Any = "auto"             # auto = 0.25 when CUDA is available (4 trials share a card), else 0
+    """What one trial asks Ray for, decided from the cluster's nodes after connecting (sweeps/cluster.py)."""
+
+    cpus_per_trial: Any = "auto"             # auto = 1 for CPU trials; GPU trials: a GPU node's CPUs split among the
+                                             # trials its cards hold; or a number > 0
+    gpus_per_trial: Any = "auto"             # auto = 1/4 of a card when the cluster has GPUs (fewer per card when the
+                                             # node lacks the CPUs), else 0; or 1/k (k trials per card), or whole cards
     max_concurrent_trials: Optional[int] = None  # null = as many as the resources allow
+    max_failures: int = 3                    # restarts of a failed trial (dead node or process, or an error), each
+                                             # from its last checkpoint; -1 = no limit, 0 = none
 
 
 @dataclass
 class RayConfig:
     address: Optional[str] = None            # null = start a local Ray; auto or ray://host:port joins a cluster
     num_cpus: Optional[int] = None           # local Ray only: CPUs to use (null = all)
+    shared_storage: bool = False             # workdir and storage_path are folders every node mounts at the same path
+                                             # (NFS, ...): lets a multi-node cluster use them (network mounts are known)
 
 
 @dataclass

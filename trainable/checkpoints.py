@@ -18,10 +18,14 @@ CHECKPOINT_NAME = "checkpoint.pt"  # one per run folder: <run_dir>/checkpoint/ch
 
 
 def build_model(spec: dict[str, Any], num_classes: int) -> torch.nn.Module:
-    """Student or teacher from the spec stored in its checkpoint (pruned shapes are restored afterwards)."""
+    """Student or teacher from the spec stored in its checkpoint (pruned shapes are restored afterwards).
+
+    A teacher's spec may name starting weights (`pretrained`) and a linear probe (`freeze`); `restore_model`
+    builds timm teachers without the starting weights, which its saved state replaces anyway.
+    """
     if spec["role"] == "student":
         return create_student(spec["arch"], spec["width_mult"], num_classes, spec.get("dropout", 0.2))
-    return create_teacher(spec["name"], num_classes)
+    return create_teacher(spec["name"], num_classes, spec.get("pretrained", "none"), spec.get("freeze", False))
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -42,5 +46,5 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
 
 def restore_model(ckpt: dict[str, Any], device: torch.device | str = "cpu") -> torch.nn.Module:
     """Rebuild a (possibly pruned) model from a checkpoint: fresh architecture, then pruned shapes + weights."""
-    model = build_model(ckpt["model_spec"], ckpt["num_classes"])
+    model = build_model({**ckpt["model_spec"], "pretrained": "none"}, ckpt["num_classes"])
     return load_model_state(model, ckpt["model_state"]).to(device)

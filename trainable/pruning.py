@@ -8,6 +8,7 @@ Structural pruning goes through Torch-Pruning's dependency graph, which keeps co
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import math
 from collections.abc import Callable
@@ -261,6 +262,10 @@ def model_state(model: nn.Module) -> dict:
     for module_dict in state["full_state_dict"].values():
         for key in [key for key in module_dict if _is_runtime_only(key)]:
             del module_dict[key]
+    for name, module in model.named_modules():  # properties are computed, not state (a Hugging Face teacher's have
+        attributes = state["attributions"][name]  # no setter, so tp.load_state_dict could not set them back)
+        for key in [key for key in attributes if isinstance(inspect.getattr_static(type(module), key, None), property)]:
+            del attributes[key]
     return state
 
 
