@@ -402,3 +402,205 @@ def test_code_ships_without_data_or_environments(tmp_path):
     excluded = _get_excludes(PROJECT_ROOT, env["excludes"])  # Ray's own matcher
     assert excluded(PROJECT_ROOT / ".venv" / "bin") and excluded(PROJECT_ROOT / "work" / "cache")
     assert not excluded(PROJECT_ROOT / "sweeps" / "run.py") and not excluded(PROJECT_ROOT / "data_prep" / "build.py")
+
+
+HIDE_PROJECT = """set -e
+mount --make-rprivate /
+mkdir -p {keep}
+mount --bind {root}/.venv {keep}
+mount -t tmpfs tmpfs {root}
+mkdir {root}/.venv
+mount --bind {keep} {root}/.venv
+if [ -e {root}/sweeps/run.py ]; then echo visible > {marker}; else echo hidden > {marker}; fi
+exec "$@"
+"""
+
+
+def can_hide_folders() -> bool:
+    """Whether `unshare -m` (a private mount namespace, root only) works here."""
+    return shutil.which("unshare") is not None and subprocess.run(
+        ["unshare", "-m", "true"], capture_output=True).returncode == 0
+
+
+class RayNode:
+    """One `ray start --block` node in its own session (optionally in a mount namespace hiding the project),
+    stopped by killing exactly the processes it started (a node lost, not shut down)."""
+
+    def __init__(self, sandbox: Path, name: str, args: list[str], env: dict[str, str], hide_project: bool = False):
+        self.log = open(sandbox / f"{name}.log", "w")
+        cmd = [RAY_CLI, "start", "--block", "--disable-usage-stats", "--dashboard-agent-listen-port",
+               str(free_port()), "--metrics-export-port", str(free_port()), *args]
+        self.marker = sandbox / f"{name}.sees"
+        if hide_project:
+            script = HIDE_PROJECT.format(root=REPO, keep=sandbox / f"{name}-venv", marker=self.marker)
+            cmd = ["unshare", "-m", "sh", "-c", script, "sh", *cmd]
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=sandbox,
+                                     start_new_session=True)
+
+    def descendants(self) -> list[int]:
+        children: dict[int, list[int]] = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                pid, rest = stat.read_text().split(" (", 1)
+                children.setdefault(int(rest.rsplit(") ", 1)[1].split()[1]), []).append(int(pid))
+            except (OSError, IndexError, ValueError):
+                continue
+        found, todo = [], [self.proc.pid]
+        while todo:
+            pid = todo.pop()
+            found.append(pid)
+            todo += children.get(pid, [])
+        return found
+
+    def kill(self) -> None:
+        """SIGKILL the node's processes (raylet, its workers and agents), as when its machine dies."""
+        for pid in self.descendants():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait(timeout=30)
+        self.log.close()
+
+
+def wait_for_nodes(address: str, env: dict[str, str], count: int, timeout_s: float = 90) -> None:
+    code = ("import ray, sys, time\nray.init(address=sys.argv[1], logging_level='ERROR')\n"
+            "deadline = time.time() + float(sys.argv[3])\n"
+            "while sum(n['Alive'] and n['Resources'].get('CPU', 0) > 0 for n in ray.nodes()) < int(sys.argv[2]):\n"
+            "    assert time.time() < deadline, ray.nodes()\n    time.sleep(0.5)\nprint('RESULT {}')\n")
+    run_py(code, [address, str(count), str(timeout_s)], env, timeout=timeout_s + 30)
+
+
+def trial_states(exp_dir: Path) -> dict[str, dict]:
+    """Tune's record of each trial (status, num_failures) from its newest experiment state file."""
+    newest = max(exp_dir.glob("experiment_state-*.json"))
+    out = {}
+    for trial_json, runtime_json in json.loads(newest.read_text())["trial_data"]:
+        runtime = json.loads(runtime_json)
+        out[json.loads(trial_json)["trial_id"]] = {"status": json.loads(trial_json)["status"],
+                                                   "num_failures": runtime["num_failures"]}
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_sweep_on_a_cluster_survives_losing_a_worker_node(sandbox):
+    """The real CLI joins a head that offers trials nothing (0 CPUs, no GPU) by address; its worker has a GPU (declared
+    to Ray: no CUDA here, so trials hold a GPU share but train on the CPU). The worker dies mid-sweep and another one
+    joins: every trial ends once, none restarted from epoch 1, one FINISHED MLflow run each. The workers run in a
+    mount namespace where the project folder is empty: the code reaches them with the job."""
+    from tests.test_sweep import ROOT, mlflow_runs, sweep_cmd, trial_epochs
+
+    tmp, home, work = sandbox / "mn", sandbox / "mn_home", sandbox / "mn_work"
+    for folder in (tmp, home, work):
+        folder.mkdir()
+    # Ray's own switches for a faster verdict on a dead node (default: 5 missed checks 3 s apart).
+    env = ray_env(tmp, home, RAY_health_check_period_ms="1000", RAY_health_check_failure_threshold="3")
+    port = free_port()
+    hide = can_hide_folders()
+    head = RayNode(sandbox, "mn_head", ["--head", "--port", str(port), "--num-cpus", "0", "--num-gpus", "0",
+                                        "--include-dashboard=false"], env)
+    worker_args = ["--address", f"127.0.0.1:{port}", "--num-cpus", "2", "--num-gpus", "1"]
+    nodes = [head]
+    address = f"127.0.0.1:{port}"
+    try:
+        nodes.append(RayNode(sandbox, "mn_worker_a", worker_args, env, hide_project=hide))
+        wait_for_nodes(address, env, 1)
+        args = ["space=quick", "num_samples=3", "name=mn", f"ray.address={address}", "scheduler.name=fifo",
+                "resources.max_concurrent_trials=2", "train.batch_size=4"]
+        started = time.monotonic()
+        refused = subprocess.run(sweep_cmd(work, *args), capture_output=True, text=True, timeout=120, cwd=ROOT,
+                                 env=env)
+        assert refused.returncode == 2 and "ray.shared_storage=true" in refused.stderr, refused.stderr[-2000:]
+        assert "storage_path=" in refused.stderr and "Traceback" not in refused.stderr
+        assert time.monotonic() - started < 60 and not (work / "data").exists()  # refused before any data work
+
+        driver = subprocess.Popen(sweep_cmd(work, *args, "ray.shared_storage=true"), stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env, start_new_session=True)
+        lines: list[str] = []
+        threading.Thread(target=lambda: lines.extend(driver.stdout), daemon=True).start()
+        exp_dir = work / "ray_results" / "mn"
+        deadline = time.time() + 240
+        while not (exp_dir.is_dir() and any(len(e) >= 1 for e in trial_epochs(exp_dir).values())):
+            assert driver.poll() is None and time.time() < deadline, "".join(lines[-40:])
+            time.sleep(0.2)
+        before = trial_epochs(exp_dir)
+        nodes[1].kill()  # the worker node is lost mid-trial
+        nodes.append(RayNode(sandbox, "mn_worker_b", worker_args, env, hide_project=hide))
+        driver.wait(timeout=300)
+        output = "".join(lines)
+        assert driver.returncode == 0, output[-4000:]
+    finally:
+        for node in reversed(nodes):
+            if node.proc.poll() is None:
+                node.kill()
+    # resources came from the cluster (a CPU-only head with a GPU worker: GPU trials), not from this machine
+    assert "Ray: 2 nodes, 2 CPUs, 1 GPU: 0.5 GPU per trial (2 per card), 1 CPU per trial" in output, output[:3000]
+    epochs = trial_epochs(exp_dir)
+    assert len(epochs) == 3, epochs
+    assert all(e[-1] == 3 and e.count(1) == 1 for e in epochs.values()), (before, epochs)  # none restarted at 1
+    states = trial_states(exp_dir)
+    assert all(s["status"] == "TERMINATED" for s in states.values()), states
+    restarted = [t for t, s in states.items() if s["num_failures"] > 0]
+    assert restarted, states  # the trials running on the lost node were restarted from their checkpoints
+    runs = mlflow_runs(work, "mn")
+    assert len(runs) == 3 and all(status == "FINISHED" for _, status in runs), runs
+    assert list((work / "teachers").rglob("checkpoint.pt"))  # trained by a task on the worker (the head has no CPU)
+    if hide:
+        assert {(sandbox / f"{n}.sees").read_text().strip() for n in ("mn_worker_a", "mn_worker_b")} == {"hidden"}
+    print(f"trials {len(epochs)}, restarted from a checkpoint {len(restarted)}, epochs {sorted(epochs.values())}, "
+          f"MLflow runs {len(runs)} FINISHED")
+
+
+SPIED_DRIVER = r"""
+import json, runpy, sys
+import torch
+import trainable.loop
+
+# Installed before anything imports `train`, so every `from trainable.loop import train` in the driver gets the spy.
+record = {"train": 0, "cuda": []}
+def no_training(*args, **kwargs):
+    record["train"] += 1
+    raise AssertionError("the driver process trained a model")
+trainable.loop.train = no_training
+for name in ("is_available", "init", "_lazy_init", "device_count", "current_device", "set_device",
+             "is_bf16_supported", "get_device_name", "mem_get_info"):
+    def spy(*args, _name=name, _original=getattr(torch.cuda, name), **kwargs):
+        record["cuda"].append(_name)
+        return _original(*args, **kwargs)
+    setattr(torch.cuda, name, spy)
+sys.argv = ["sweeps/run.py", *sys.argv[1:]]
+code = 0
+try:
+    runpy.run_path("sweeps/run.py", run_name="__main__")
+except SystemExit as exit:
+    code = exit.code
+record["cuda_initialized"] = torch.cuda.is_initialized()
+print("DRIVER " + json.dumps(record), flush=True)
+sys.exit(code)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_the_teacher_trains_in_a_ray_task_and_the_driver_never_touches_cuda(tmp_path):
+    """The real CLI with spies in the driver process only (Ray's workers are other processes): no call of
+    trainable.loop.train and no torch.cuda call there, while the teacher's folder gets its checkpoint and logits; a
+    second sweep on the same workdir reuses them."""
+    from tests.test_sweep import ROOT, Driver, stage_started, sweep_cmd, trial_epochs
+
+    args = sweep_cmd(tmp_path, "space=quick", "num_samples=1", "name=tt", "scheduler.name=fifo")[2:]
+    out = subprocess.run([sys.executable, "-c", SPIED_DRIVER, *args], capture_output=True, text=True, timeout=360,
+                         cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    record = json.loads(out.stdout.rsplit("DRIVER ", 1)[1].splitlines()[0])
+    assert record == {"train": 0, "cuda": [], "cuda_initialized": False}, record
+    teacher = tmp_path / "teachers"  # trainable/teacher.py's layout: a checkpoint and train-split logits in it
+    assert list(teacher.rglob("checkpoint.pt")) and list(teacher.rglob("logits-train.*"))
+    (epochs,) = trial_epochs(tmp_path / "ray_results" / "tt").values()
+    assert epochs == [1, 2, 3]  # the trial trained with the task's logits
+    stamps = {path: path.stat().st_mtime_ns for path in teacher.rglob("*") if path.is_file()}
+    # A second sweep on the same workdir: the teacher task finds everything cached (stopped once its search starts).
+    Driver(*sweep_cmd(tmp_path, "space=quick", "num_samples=1", "name=tt2")).kill_when(
+        lambda d: stage_started(d, "search"), timeout_s=240)
+    assert {path: path.stat().st_mtime_ns for path in teacher.rglob("*") if path.is_file()} == stamps
