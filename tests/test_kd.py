@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainable.kd import KDLoss, kd_loss
+from trainable.kd import KDLoss, Mixup, kd_loss
 
 
 def _log_softmax(z: np.ndarray) -> np.ndarray:
@@ -33,6 +33,32 @@ def test_matches_hand_computation(T, alpha):
     assert loss.kd.item() == pytest.approx(T * T * kl, rel=1e-9)
     assert loss.ce.item() == pytest.approx(ce, rel=1e-9)
     assert loss.total.item() == pytest.approx(alpha * T * T * kl + (1 - alpha) * ce, rel=1e-9)
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.3, 1.0])
+def test_mixup_mixes_teacher_targets_and_labels_with_the_same_lambda_and_order(lam):
+    """The student saw lam * x + (1 - lam) * x[order]: its KD target is the same mix of the two clips' softened
+    teacher distributions, and its CE the same mix of their labels' CEs (hand computation, numpy)."""
+    T, alpha = 2.0, 0.9
+    student, teacher, targets = _batch(5)
+    order = torch.tensor([2, 0, 3, 1])
+    s, t, y, o = student.numpy(), teacher.numpy(), targets.numpy(), order.numpy()
+    p_teacher = np.exp(_log_softmax(t / T))
+    p_mixed = lam * p_teacher + (1 - lam) * p_teacher[o]
+    log_p_student = _log_softmax(s / T)
+    with np.errstate(divide="ignore", invalid="ignore"):  # 0 * log 0 = 0
+        kl = np.where(p_mixed > 0, p_mixed * (np.log(p_mixed) - log_p_student), 0.0).sum(axis=1).mean()
+    log_q = _log_softmax(s)
+    rows = np.arange(len(y))
+    ce = lam * -log_q[rows, y].mean() + (1 - lam) * -log_q[rows, y[o]].mean()
+
+    loss = kd_loss(student, teacher, targets, T=T, alpha=alpha, mix=Mixup(lam, order))
+
+    assert loss.kd.item() == pytest.approx(T * T * kl, rel=1e-9)
+    assert loss.ce.item() == pytest.approx(ce, rel=1e-9)
+    assert loss.total.item() == pytest.approx(alpha * T * T * kl + (1 - alpha) * ce, rel=1e-9)
+    if lam == 1.0:  # no mixing: exactly the plain loss
+        assert loss.total.item() == pytest.approx(kd_loss(student, teacher, targets, T=T, alpha=alpha).total.item())
 
 
 def test_alpha_zero_is_plain_cross_entropy_and_alpha_one_is_pure_kd():

@@ -4,9 +4,7 @@ import torch
 import torch.nn as nn
 from torchvision import models as tv_models
 
-from trainable.models import (
-    STUDENT_ARCHS, TEACHER_ARCHS, TeacherEnsemble, create_student, create_teacher, freeze,
-)
+from trainable.models import STUDENT_ARCHS, TeacherEnsemble, create_student, create_teacher, freeze, teacher_head
 
 torch.set_num_threads(1)
 
@@ -71,7 +69,7 @@ def test_teacher_reloads_its_own_checkpoint_exactly(tmp_path):
     path = tmp_path / "teacher.pth"
     torch.save(trained.state_dict(), path)
     torch.manual_seed(1)  # a different random init, so equality can only come from the file
-    reloaded = create_teacher("resnet10t", num_classes=11, pretrained_file=str(path)).eval()
+    reloaded = create_teacher("resnet10t", num_classes=11, pretrained=str(path)).eval()
     x = torch.randn(2, 1, 32, 40)
     with torch.no_grad():
         assert torch.equal(trained(x), reloaded(x))
@@ -81,25 +79,45 @@ def test_teacher_from_imagenet_style_file_sums_rgb_stem_and_drops_head(tmp_path)
     imagenet = timm.create_model("resnet10t", pretrained=False, in_chans=3, num_classes=1000)
     path = tmp_path / "imagenet.pth"
     torch.save(imagenet.state_dict(), path)
-    model = create_teacher("resnet10t", num_classes=11, pretrained_file=path)
+    model = create_teacher("resnet10t", num_classes=11, pretrained=path)
     rgb_stem = _first_conv(imagenet).weight
     assert torch.allclose(_first_conv(model).weight, rgb_stem.sum(dim=1, keepdim=True))
     assert model.get_classifier().out_features == 11
 
 
+def test_any_timm_model_is_a_teacher_and_freeze_leaves_only_its_head_trainable():
+    model = create_teacher("mobilenetv3_small_050", num_classes=5, freeze_backbone=True)
+    with torch.no_grad():
+        assert model.eval()(torch.randn(2, 1, 48, 40)).shape == (2, 5)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"classifier.{n}" for n, _ in model.get_classifier().named_parameters()}
+
+
+def test_hf_audio_teacher_gets_a_head_for_our_classes(tmp_path):
+    from tests.test_teacher import save_tiny_ast
+
+    folder = save_tiny_ast(tmp_path / "ast")
+    model = create_teacher(f"hf:{folder}", num_classes=4, freeze_backbone=True)
+    with torch.no_grad():
+        assert model.eval()(torch.randn(2, 64, 32)).shape == (2, 4)  # (batch, frames, mel bins) -> our 4 families
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(name.startswith("model.classifier.") for name in trainable)
+    assert set(teacher_head(model).parameters()) == {p for p in model.parameters() if p.requires_grad}
+
+
 def test_teacher_rejects_unknown_name_and_missing_file(tmp_path):
-    with pytest.raises(ValueError, match=TEACHER_ARCHS[0]):
-        create_teacher("vit_base_patch16_224")
+    with pytest.raises(ValueError, match="unknown timm model 'resnet_nope'"):
+        create_teacher("resnet_nope")
     with pytest.raises(ValueError, match="does not exist"):
-        create_teacher("resnet10t", pretrained_file=str(tmp_path / "missing.pth"))
+        create_teacher("resnet10t", pretrained=str(tmp_path / "missing.pth"))
 
 
 def test_ensemble_averages_logits_and_freeze_stops_training():
     teachers = [freeze(create_student(width_mult=0.5, num_classes=5)) for _ in range(2)]
     ensemble = TeacherEnsemble(teachers)
-    x = torch.randn(2, 1, 32, 40)
-    expected = (teachers[0](x) + teachers[1](x)) / 2
-    assert torch.allclose(ensemble(x), expected)
+    x, y = torch.randn(2, 1, 32, 40), torch.randn(2, 1, 48, 40)  # members may read different inputs
+    expected = (teachers[0](x) + teachers[1](y)) / 2
+    assert torch.allclose(ensemble([x, y]), expected)
     assert all(not p.requires_grad for p in ensemble.parameters())
     assert not any(m.training for teacher in teachers for m in teacher.modules())
     with pytest.raises(ValueError, match="at least one"):

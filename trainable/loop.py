@@ -14,8 +14,9 @@ import os
 import random
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -24,8 +25,7 @@ import torch.nn.functional as F
 from common.config import FeatureConfig
 from common.io import atomic_write_text
 from data_prep.waveform_cache import WaveformData
-from trainable.features.transforms import LogMel
-from trainable.kd import kd_loss
+from trainable.kd import Mixup, kd_loss, mixed_cross_entropy
 from trainable.pruning import (
     apply_masks, count_macs_params, model_state, prune_to_macs, unstructured_prune, weight_sparsity,
     zero_masks,
@@ -37,6 +37,15 @@ from trainable.run_config import pick_device, pruning_plan, validate_config
 log = logging.getLogger(__name__)
 
 Report = Callable[[dict[str, Any], Path], None]
+
+
+class Inputs(Protocol):
+    """The batches of a model that does not read the cached log-mels (a Hugging Face teacher's own features)."""
+
+    input_shape: tuple[int, ...]  # one example's input, batch dimension included: for the MACs count
+
+    def pipeline(self, split: str) -> Any:
+        """What `make_pipeline` returns for a split: `prepare`, `batches`, `num_batches`, `len()`, `device`."""
 
 
 def student_spec(config: dict[str, Any]) -> dict[str, Any]:
@@ -67,13 +76,16 @@ def set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
 
 
 def train(config: dict[str, Any], data: WaveformData, run_dir: Path | str, *,
-          teacher_logits: torch.Tensor | None = None, teacher: tuple[torch.nn.Module, FeatureConfig] | None = None,
+          teacher_logits: torch.Tensor | None = None,
+          teacher: tuple[torch.nn.Module, Callable[[torch.Tensor], Any]] | None = None,
           resume_from: Path | str | None = None, report: Report | None = None,
-          model_spec: dict[str, Any] | None = None) -> dict[str, Any]:
+          model_spec: dict[str, Any] | None = None, inputs: Inputs | None = None) -> dict[str, Any]:
     """Train one model for config["train"]["epochs"] epochs, checkpointing and reporting after each.
 
-    KD targets come from `teacher_logits` (cached, indexed by train clip) or `teacher` (a frozen model and
-    its feature config, run per batch). Returns the last epoch's metrics.
+    KD targets come from `teacher_logits` (cached, one row per train clip) or `teacher` (a frozen model on the
+    device and its front-end: train-clip indices -> the model's inputs, run per batch; trainable.teacher.kd_arguments
+    builds both). `inputs` gives the batches of a model that does not read log-mels (a Hugging Face teacher).
+    Returns the last epoch's metrics.
     """
     config = copy.deepcopy(config)
     validate_config(config)
@@ -89,15 +101,15 @@ def train(config: dict[str, Any], data: WaveformData, run_dir: Path | str, *,
     generator = torch.Generator().manual_seed(tcfg["seed"])
 
     feat_cfg = FeatureConfig.from_mapping(config["features"])
-    pipelines = {split: make_pipeline(data, split, feat_cfg, device, config["workdir"]) for split in ("train", "valid")}
-    input_shape = (1, 1, feat_cfg.n_mels, feat_cfg.frames(data.clip_samples))
+    make_inputs = inputs.pipeline if inputs else partial(make_pipeline, data, feats=feat_cfg, device=device,
+                                                         workdir=config["workdir"])
+    pipelines = {split: make_inputs(split) for split in ("train", "valid")}
+    input_shape = inputs.input_shape if inputs else (1, 1, feat_cfg.n_mels, feat_cfg.frames(data.clip_samples))
     kd_on = kcfg["enabled"]
     if kd_on and teacher_logits is None and teacher is None:
         raise ValueError("kd.enabled=true needs teacher logits or a teacher model (see trainable/teacher.py).")
     if kd_on and teacher is not None:
-        teacher_model, teacher_feats = teacher
-        teacher_frontend = LogMel(teacher_feats).to(device)
-        train_waves = torch.tensor(np.asarray(data.splits["train"].waveforms), device=device)
+        teacher_model, teacher_frontend = teacher
     if teacher_logits is not None:
         teacher_logits = teacher_logits.to(device)
 
@@ -152,11 +164,11 @@ def train(config: dict[str, Any], data: WaveformData, run_dir: Path | str, *,
         for batch in pipelines["train"].batches(batch_size, train=True, generator=generator, drop_last=True):
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total_steps, warmup_steps, tcfg["lr"])
-            features, mixed_labels, mix = batch.features, batch.labels, 1.0
-            if tcfg["mixup_alpha"] > 0:  # mixup: convex pairs of clips, the loss mixes their labels alike
-                mix = float(np.random.beta(tcfg["mixup_alpha"], tcfg["mixup_alpha"]))
-                order = torch.randperm(len(features), generator=generator).to(device)
-                features, mixed_labels = mix * features + (1 - mix) * features[order], batch.labels[order]
+            features, mix = batch.features, None
+            if tcfg["mixup_alpha"] > 0:  # mixup: convex pairs of clips; labels and KD targets are mixed alike
+                lam = float(np.random.beta(tcfg["mixup_alpha"], tcfg["mixup_alpha"]))
+                mix = Mixup(lam, torch.randperm(len(features), generator=generator).to(device))
+                features = lam * features + (1 - lam) * features[mix.order]
             with torch.autocast(device.type, dtype=amp[1], enabled=amp[0]):
                 logits = model(features)
                 if kd_on:
@@ -164,13 +176,11 @@ def train(config: dict[str, Any], data: WaveformData, run_dir: Path | str, *,
                         targets = teacher_logits[batch.indices]
                     else:
                         with torch.no_grad():
-                            targets = teacher_model(teacher_frontend(train_waves[batch.indices]))
+                            targets = teacher_model(teacher_frontend(batch.indices))
                     loss, kd_part, ce_part = kd_loss(logits.float(), targets.float(), batch.labels, kcfg["T"],
-                                                     kcfg["alpha"])
+                                                     kcfg["alpha"], mix)
                 else:
-                    loss = ce_part = F.cross_entropy(logits.float(), batch.labels)
-                    if mix < 1.0:
-                        loss = ce_part = mix * ce_part + (1 - mix) * F.cross_entropy(logits.float(), mixed_labels)
+                    loss = ce_part = mixed_cross_entropy(logits.float(), batch.labels, mix)
                     kd_part = torch.zeros_like(loss)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -201,7 +211,7 @@ def train(config: dict[str, Any], data: WaveformData, run_dir: Path | str, *,
             "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": time.perf_counter() - t0,
         }
         if epoch == tcfg["epochs"] and tcfg["test_at_end"]:  # the retrain stage's number to quote (sweeps/final.py)
-            test = evaluate(model, make_pipeline(data, "test", feat_cfg, device, config["workdir"]), batch_size,
+            test = evaluate(model, make_inputs("test"), batch_size,
                             data.num_classes, amp)
             metrics |= {"test_acc": test["acc"], "test_macro_f1": test["macro_f1"], "test_loss": test["loss"]}
         history.append(metrics)

@@ -1,9 +1,14 @@
-"""The KD teacher: trained in-project (or loaded from local checkpoints) and its train-split logits cached.
+"""The KD teacher: each ensemble member trained or fine-tuned once, its logits cached by note, averaged.
 
-`python trainable/teacher.py` trains it on the train split with its own features and prints its
-valid/test accuracy and macro-F1. Logits for every train clip (clean input, the teacher's features) are
-computed once and cached next to the teacher, keyed by dataset fingerprint + teacher config, so students
-with any n_mels or augmentation read them by clip index.
+A member is any timm model (from scratch, ImageNet weights by name, or a local weights file; a linear probe with
+teacher.freeze=true) or a Hugging Face audio classifier (`hf:<hub id or folder>`, its own feature extractor and
+sample rate, fed from the original wavs). Each member lives in
+`<workdir>/teachers/members/<name>-<hash of data fingerprint + member spec>/`: checkpoint, `logits-<split>.npz`
+(note ids + logits for train/valid/test) and `member.json` (its scores), so adding a member to an ensemble reuses
+the others. The ensemble's averaged logits go to `<workdir>/teachers/<name>-<hash of its members>/`.
+
+`python trainable/teacher.py` prepares the teacher and prints per member and for the ensemble: valid/test
+accuracy and macro-F1, per-family test accuracy, MACs/params, then the teacher - reference student test accuracy.
 """
 
 from __future__ import annotations
@@ -12,7 +17,10 @@ import copy
 import hashlib
 import json
 import logging
+import re
 import tempfile
+import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,146 +30,276 @@ import torch
 from omegaconf import DictConfig
 
 from common.cli import entry_point, plain
-from common.io import atomic_path, atomic_write_text
-from data_prep.waveform_cache import WaveformData
 from common.config import FeatureConfig
-from trainable.models import TeacherEnsemble, create_teacher, freeze
-from trainable.run_config import pick_device, teacher_features, validate_teacher
-from trainable.checkpoints import load_checkpoint, restore_model
-from trainable.evaluation import evaluate, make_pipeline
+from common.io import atomic_path, atomic_write_text, build_once
+from data_prep.layout import SPLITS
+from data_prep.waveform_cache import WaveformData, load_waveform_cache
+from trainable.checkpoints import CHECKPOINT_NAME, load_checkpoint, restore_model
+from trainable.evaluation import make_pipeline
 from trainable.loop import train
+from trainable.metrics import accuracy, confusion_matrix, macro_f1
+from trainable.models import TeacherEnsemble, freeze, hf_source, is_hf_teacher
+from trainable.pruning import count_macs_params
+from trainable.run_config import pick_device, validate_teacher
+from trainable.teacher_frontend import ExtractorFrontend, OnlineTeacherInputs, WaveformPipeline, make_frontend
+from trainable.teacher_spec import check_members, member_specs
 
 log = logging.getLogger(__name__)
 
+MEMBER_FILE = "member.json"      # written last in a member's folder: the member is complete
+TEACHER_FILE = "teacher.json"    # the ensemble's folder: its members, for online KD and the report
+SCORING_BATCH = 64
 
-def teacher_train_config(config: dict[str, Any], member: int = 0) -> dict[str, Any]:
-    """The run config that trains the teacher (ensemble member `member`): its own features, epochs, lr and mixup;
-    no KD, no pruning."""
-    t = config["teacher"]
-    out = copy.deepcopy(config)
-    out["features"] = teacher_features(config)
-    # The teacher's own seed is the global one (+ member): students sweeping train.seed share one teacher.
-    out["train"] = {**config["train"], "epochs": t["epochs"], "lr": t["lr"], "batch_size": t["batch_size"],
-                    "seed": config["seed"] + member, "mixup_alpha": t["mixup_alpha"], "test_at_end": False}
+
+def _digest(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(name).name if is_hf_teacher(name) else name).strip("_")[:48]
+
+
+def _file_identity(path: str) -> dict[str, Any]:
+    """A local file or folder by resolved path, size and mtime: replacing the weights invalidates the member."""
+    target = Path(path).expanduser().resolve()
+    files = sorted(p for p in target.rglob("*") if p.is_file()) if target.is_dir() else [target]
+    return {"path": str(target), "files": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]}
+
+
+def member_key(spec: Mapping[str, Any], data: WaveformData) -> str:
+    """Hash of what determines a member's logits: the students' data (its notes and splits) and the member spec."""
+    sources = [spec["checkpoint"], spec["pretrained"] if spec["pretrained"] not in ("none", "imagenet") else None]
+    if is_hf_teacher(spec["name"]) and Path(hf_source(spec["name"])).exists():
+        sources.append(hf_source(spec["name"]))
+    features = None if is_hf_teacher(spec["name"]) else spec["features"]  # hf: its extractor is the front-end
+    return _digest({"data": data.fingerprint, **spec, "features": features,
+                    "files": [_file_identity(s) for s in sources if s]})
+
+
+def member_dir(spec: Mapping[str, Any], config: Mapping[str, Any], data: WaveformData) -> Path:
+    return Path(config["workdir"]) / "teachers" / "members" / f"{_slug(spec['name'])}-{member_key(spec, data)}"
+
+
+def teacher_dir(config: Mapping[str, Any], data: WaveformData) -> Path:
+    """The ensemble's folder: <workdir>/teachers/<first member's name>[xN]-<hash of its members' keys>."""
+    return _ensemble_dir(config, member_specs(config), data)
+
+
+def _ensemble_dir(config: Mapping[str, Any], specs: list[dict[str, Any]], data: WaveformData) -> Path:
+    keys = [member_key(spec, data) for spec in specs]
+    label = _slug(specs[0]["name"]) + (f"x{len(specs)}" if len(specs) > 1 else "")
+    return Path(config["workdir"]) / "teachers" / f"{label}-{_digest(keys)}"
+
+
+def member_run_config(spec: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, Any]:
+    """The run config that trains (or fine-tunes) one member: its own features, epochs, lr, seed and mixup; no KD,
+    no pruning."""
+    out = copy.deepcopy(dict(config))
+    out["features"] = dict(spec["features"])
+    out["train"] = {**config["train"], "epochs": spec["epochs"], "lr": spec["lr"], "batch_size": spec["batch_size"],
+                    "seed": spec["seed"], "mixup_alpha": spec["mixup_alpha"], "test_at_end": False}
     out["kd"] = {**config["kd"], "enabled": False}
     out["pruning"] = {**config["pruning"], "mode": "none"}
     return out
 
 
-def teacher_dir(config: dict[str, Any], data: WaveformData) -> Path:
-    """<workdir>/teachers/<name>-<hash of data fingerprint + everything that shapes the teacher>."""
-    t = config["teacher"]
-    checkpoints = t["checkpoint"] if isinstance(t["checkpoint"], list) else [t["checkpoint"]]
-    key = {"data": data.fingerprint, "name": t["name"], "epochs": t["epochs"], "lr": t["lr"],
-           "batch_size": t["batch_size"], "features": teacher_features(config), "seed": config["seed"],
-           "checkpoint": [str(Path(c).resolve()) for c in checkpoints if c], "members": t["members"],
-           "mixup_alpha": t["mixup_alpha"]}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return Path(config["workdir"]) / "teachers" / f"{t['name']}-{digest}"
+def member_sample_rate(spec: Mapping[str, Any]) -> int:
+    """The rate a member's front-end reads: its feature extractor's (hf) or teacher.features.sample_rate (timm)."""
+    if is_hf_teacher(spec["name"]):
+        import transformers
+
+        return int(transformers.AutoFeatureExtractor.from_pretrained(hf_source(spec["name"])).sampling_rate)
+    return int(spec["features"]["sample_rate"])
 
 
-def _load_one(path: str, config: dict[str, Any], num_classes: int) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Our teacher checkpoint (architecture + its features inside) or a timm weights file."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"teacher.checkpoint {path} does not exist; give a local file or null to train one.")
-    try:
-        ckpt = load_checkpoint(path)
-    except Exception:  # not a torch pickle we wrote: try it as timm weights below
-        ckpt = None
-    if isinstance(ckpt, dict) and "model_spec" in ckpt:
-        return restore_model(ckpt), ckpt["config"]["features"]
-    return create_teacher(config["teacher"]["name"], num_classes, pretrained_file=path), teacher_features(config)
+def member_data(spec: Mapping[str, Any], config: Mapping[str, Any], data: WaveformData) -> WaveformData:
+    """The member's audio: the students' cache when the rates agree, else the same notes decoded from the original
+    wavs at the member's rate (cached separately by data_prep)."""
+    rate = member_sample_rate(spec)
+    if rate == data.sample_rate:
+        return data
+    from data_prep.dataset import prepare_data
+
+    log.info("Teacher %s reads %d Hz audio: decoding the same notes at that rate", spec["name"], rate)
+    return prepare_data(config["data"], config["workdir"], sample_rate=rate)
 
 
-def ensure_teacher(config: dict[str, Any], data: WaveformData) -> tuple[torch.nn.Module, FeatureConfig, Path]:
-    """The frozen teacher (an ensemble when several checkpoints are given), its features and its folder.
+class ExtractorInputs:
+    """`trainable.loop.Inputs` for an hf member: its splits through its own feature extractor, per batch."""
 
-    Without teacher.checkpoint the teacher is trained here once per dataset + teacher config, and
-    resumed from its last epoch if that training was interrupted.
-    """
-    out_dir = teacher_dir(config, data)
-    given = config["teacher"]["checkpoint"]
-    if given:
-        loaded = [_load_one(str(p), config, data.num_classes) for p in (given if isinstance(given, list) else [given])]
-        feats = [f for _, f in loaded]
-        if any(f != feats[0] for f in feats):
-            raise ValueError("teacher.checkpoint ensemble members use different features; ensemble teachers "
-                             "trained with the same features (n_mels, hop, ...).")
-        models = [m for m, _ in loaded]
-        model = freeze(models[0] if len(models) == 1 else TeacherEnsemble(models))
-        feat_cfg = FeatureConfig.from_mapping(feats[0])
-    else:
-        model, feat_cfg = _trained_teacher(config, data, out_dir)
-    if not (out_dir / "metrics.json").is_file():
-        write_teacher_metrics(model, feat_cfg, config, data, out_dir)
-    return model, feat_cfg, out_dir
+    def __init__(self, source: str, data: WaveformData, device: torch.device) -> None:
+        self.frontend = ExtractorFrontend(source, device)
+        self.data, self.device = data, device
+
+    def pipeline(self, split: str) -> WaveformPipeline:
+        return WaveformPipeline(self.data.splits[split], self.frontend, self.device)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self.pipeline("train").input_shape
 
 
-def _trained_teacher(config: dict[str, Any], data: WaveformData, out_dir: Path) -> tuple[torch.nn.Module, FeatureConfig]:
-    """Train the teacher once (each ensemble member in its own folder, resuming an interrupted training) and
-    return it frozen: one model, or the members' averaged logits (teacher.members > 1)."""
-    members = config["teacher"]["members"]
-    models = []
-    for member in range(members):
-        member_dir = out_dir / f"member-{member}" if members > 1 else out_dir
-        ckpt_path = member_dir / "checkpoint" / "checkpoint.pt"
-        tconfig = teacher_train_config(config, member)
-        ckpt = load_checkpoint(ckpt_path) if ckpt_path.is_file() else None
-        if ckpt is None or ckpt["epoch"] < tconfig["train"]["epochs"]:
-            log.info("Training teacher %s (member %d of %d) for %d epochs into %s", config["teacher"]["name"],
-                     member + 1, members, tconfig["train"]["epochs"], member_dir)
-            train(tconfig, data, member_dir, resume_from=ckpt_path if ckpt is not None else None,
-                  model_spec={"role": "teacher", "name": config["teacher"]["name"]})
-            ckpt = load_checkpoint(ckpt_path)
-        models.append(restore_model(ckpt))
-    model = models[0] if members == 1 else TeacherEnsemble(models)
-    return freeze(model), FeatureConfig.from_mapping(teacher_features(config))
+def _member_inputs(spec: Mapping[str, Any], data: WaveformData, device: torch.device) -> ExtractorInputs | None:
+    return ExtractorInputs(hf_source(spec["name"]), data, device) if is_hf_teacher(spec["name"]) else None
 
 
-def write_teacher_metrics(model: torch.nn.Module, feats: FeatureConfig, config: dict[str, Any],
-                          data: WaveformData, out_dir: Path) -> dict[str, Any]:
-    device = pick_device(config.get("device", "auto"))
-    model = model.to(device)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    metrics = {}
-    for split in ("valid", "test"):
-        pipe = make_pipeline(data, split, feats, device, config["workdir"])
-        result = evaluate(model, pipe, 256, data.num_classes, (False, torch.float32))
-        metrics |= {f"{split}_acc": result["acc"], f"{split}_macro_f1": result["macro_f1"]}
-    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
-    return metrics
+def _fit_member(spec: Mapping[str, Any], config: Mapping[str, Any], data: WaveformData, out: Path,
+                device: torch.device) -> Path:
+    """The member's checkpoint: a finished one as given, else trained here (resumed from its last epoch)."""
+    if spec["checkpoint"]:
+        return Path(spec["checkpoint"]).resolve()
+    ckpt_path = out / "checkpoint" / CHECKPOINT_NAME
+    ckpt = load_checkpoint(ckpt_path) if ckpt_path.is_file() else None
+    if ckpt is None or ckpt["epoch"] < spec["epochs"]:
+        how = ("linear probe of" if spec["freeze"] else "fine-tuning") if _has_weights(spec) else "training"
+        log.info("Teacher member %s: %s it for %d epochs into %s", spec["name"], how, spec["epochs"], out)
+        train(member_run_config(spec, config), data, out, resume_from=ckpt_path if ckpt is not None else None,
+              model_spec={"role": "teacher", "name": spec["name"], "pretrained": spec["pretrained"],
+                          "freeze": spec["freeze"]}, inputs=_member_inputs(spec, data, device))
+    return ckpt_path
 
 
-def teacher_logits(config: dict[str, Any], data: WaveformData) -> torch.Tensor:
-    """(N_train, num_classes) logits of the frozen teacher on clean train clips, cached as .npy."""
-    model, feats, out_dir = ensure_teacher(config, data)
-    path = out_dir / "logits-train.npy"
-    if path.is_file():
-        log.info("Teacher logits cache hit: %s", path)
-        return torch.from_numpy(np.load(path))
-    device = pick_device(config.get("device", "auto"))
-    pipe = make_pipeline(data, "train", feats, device, config["workdir"])
-    model = model.to(device)
-    with torch.no_grad():
-        logits = torch.cat([model(b.features).float().cpu() for b in pipe.batches(256, train=False)])
-    with atomic_path(path) as tmp:
-        np.save(tmp, logits.numpy())
-    log.info("Cached teacher logits for %d train clips: %s", len(logits), path)
-    return logits
+def _has_weights(spec: Mapping[str, Any]) -> bool:
+    return is_hf_teacher(spec["name"]) or spec["pretrained"] != "none"
 
 
-def teacher_inputs(config: dict[str, Any], data: WaveformData) -> dict[str, Any]:
-    """What `train` needs for KD, prepared once: cached logits, or the frozen teacher and its features
-    (kd.teacher_logits=online). The sweep hands this to every trial through Ray's object store."""
+def _scoring_pipeline(spec: Mapping[str, Any], data: WaveformData, split: str, device: torch.device,
+                      workdir: str) -> Any:
+    inputs = _member_inputs(spec, data, device)
+    if inputs is not None:
+        return inputs.pipeline(split)
+    return make_pipeline(data, split, FeatureConfig.from_mapping(spec["features"]), device, workdir)
+
+
+@torch.no_grad()
+def _split_logits(model: torch.nn.Module, pipeline: Any) -> np.ndarray:
+    model.eval()
+    return torch.cat([model(b.features).float().cpu() for b in pipeline.batches(SCORING_BATCH, train=False)]).numpy()
+
+
+def scores(logits: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    """Accuracy, macro-F1 (over the classes present) and per-family accuracy (recall) of one split's logits."""
+    predicted = logits.argmax(1)
+    present = np.unique(labels)
+    matrix = confusion_matrix(labels, predicted, len(classes))
+    return {"acc": accuracy(labels, predicted), "macro_f1": macro_f1(labels, predicted, len(classes), labels=present),
+            "per_family": {classes[c]: float(matrix[c, c] / matrix[c].sum()) for c in present}}
+
+
+def ensure_member(spec: Mapping[str, Any], config: Mapping[str, Any], data: WaveformData) -> Path:
+    """The member's folder, complete: trained or loaded once (one process of all that ask), logits of every split
+    cached with their note ids, and its scores in member.json."""
+    out = member_dir(spec, config, data)
+
+    def build(target: Path) -> None:
+        device = pick_device(config.get("device", "auto"))
+        mdata = member_data(spec, config, data)
+        start = time.perf_counter()
+        ckpt_path = _fit_member(spec, config, mdata, out, device)
+        fit_seconds = time.perf_counter() - start
+        model = freeze(restore_model(load_checkpoint(ckpt_path), device))
+        report: dict[str, Any] = {}
+        for split in SPLITS:
+            logits = _split_logits(model, _scoring_pipeline(spec, mdata, split, device, config["workdir"]))
+            with atomic_path(out / f"logits-{split}.npz") as tmp, open(tmp, "wb") as f:
+                np.savez(f, logits=logits, ids=np.asarray(mdata.splits[split].ids))
+            if split != "train":
+                report[split] = scores(logits, mdata.splits[split].labels, mdata.classes)
+        inputs = _member_inputs(spec, mdata, device)
+        input_shape = inputs.input_shape if inputs else (
+            1, 1, spec["features"]["n_mels"], FeatureConfig.from_mapping(spec["features"]).frames(mdata.clip_samples))
+        macs, params = count_macs_params(model, input_shape)
+        atomic_write_text(target, json.dumps({
+            "spec": spec, "checkpoint": str(ckpt_path), "data_dir": str(mdata.cache_dir),
+            "sample_rate": mdata.sample_rate, "macs": macs, "params": params, "fit_seconds": fit_seconds,
+            **report}, indent=2))
+        log.info("Teacher member %s: valid acc %.3f, test acc %.3f (%s)", spec["name"], report["valid"]["acc"],
+                 report["test"]["acc"], out)
+
+    build_once(out / MEMBER_FILE, build, what=f"the teacher member {out.name}")
+    return out
+
+
+def _rows(have: list[str], want: list[str], where: Path) -> list[int]:
+    """The row in `have` of every note id in `want`: cached teacher outputs are looked up by note, never assumed
+    aligned, so a subset or a cap of a split reuses them."""
+    row = {note: i for i, note in enumerate(have)}
+    missing = [note for note in want if note not in row]
+    if missing:
+        raise ValueError(f"the teacher data in {where} lacks {len(missing)} of these notes (e.g. {missing[0]}): it "
+                         f"was prepared for other data; run teacher_inputs for this data (or delete {where}).")
+    return [row[note] for note in want]
+
+
+def _aligned(path: Path, ids: list[str]) -> np.ndarray:
+    """Cached logits (a logits-<split>.npz) in the row order of the note ids `ids`."""
+    with np.load(path) as f:
+        logits, have = f["logits"], f["ids"].tolist()
+    return logits[_rows(have, ids, path)]
+
+
+def ensure_teacher(config: Mapping[str, Any], data: WaveformData) -> Path:
+    """Every member complete, then the ensemble's folder: teacher.json (members, scores) and the averaged logits of
+    every split (`logits-<split>.npz`, note ids included). Idempotent: a second call only reads the caches."""
+    specs = check_members(config)
+    members = [ensure_member(spec, config, data) for spec in specs]
+    out = _ensemble_dir(config, specs, data)
+
+    def build(target: Path) -> None:
+        report: dict[str, Any] = {"members": [str(m) for m in members]}
+        for split in SPLITS:
+            ids = list(data.splits[split].ids)
+            logits = np.mean([_aligned(m / f"logits-{split}.npz", ids) for m in members], axis=0)
+            with atomic_path(out / f"logits-{split}.npz") as tmp, open(tmp, "wb") as f:
+                np.savez(f, logits=logits, ids=np.asarray(ids))
+            if split != "train":
+                report[split] = scores(logits, data.splits[split].labels, data.classes)
+        infos = [json.loads((m / MEMBER_FILE).read_text()) for m in members]
+        report |= {"macs": sum(i["macs"] for i in infos), "params": sum(i["params"] for i in infos)}
+        atomic_write_text(target, json.dumps(report, indent=2))
+
+    build_once(out / TEACHER_FILE, build, what=f"the teacher {out.name}")
+    return out
+
+
+def teacher_inputs(config: Mapping[str, Any], data: WaveformData) -> dict[str, Path]:
+    """What trials need for KD, as small picklable paths: `teacher_logits` (the cached train logits, by note id) or,
+    for kd.teacher_logits=online, `teacher` (the ensemble's folder). Prepares the teacher first when missing; runs
+    in any process (a Ray task on another node) from the config and the data's folder alone."""
+    out = ensure_teacher(config, data).resolve()
     if config["kd"]["teacher_logits"] == "online":
-        model, feats, _ = ensure_teacher(config, data)
-        return {"teacher": (model, feats)}
-    return {"teacher_logits": teacher_logits(config, data)}
+        return {"teacher": out}
+    return {"teacher_logits": out / "logits-train.npz"}
 
 
-def kd_inputs(config: dict[str, Any], data: WaveformData) -> dict[str, Any]:
-    """`teacher_inputs` when KD is on, nothing otherwise."""
-    return teacher_inputs(config, data) if config["kd"]["enabled"] else {}
+def kd_arguments(inputs: Mapping[str, Any], data: WaveformData, device: torch.device | str) -> dict[str, Any]:
+    """`train()`'s KD keyword arguments inside a trial: the teacher logits aligned to data.splits['train'] rows (by
+    note id, so a subset or a cap of the train split reuses them), or the frozen teacher on `device` with its
+    front-end (train-clip indices -> the members' inputs, read per batch from the waveform memmaps)."""
+    ids = list(data.splits["train"].ids)
+    if "teacher_logits" in inputs:
+        return {"teacher_logits": torch.from_numpy(_aligned(Path(inputs["teacher_logits"]), ids)).float()}
+    if "teacher" not in inputs:
+        raise ValueError("kd.enabled=true but no teacher was prepared: pass trainable.teacher.teacher_inputs(config, "
+                         "data) to the trial.")
+    device = torch.device(device)
+    members = [json.loads((Path(m) / MEMBER_FILE).read_text())
+               for m in json.loads((Path(inputs["teacher"]) / TEACHER_FILE).read_text())["members"]]
+    models, splits, row_maps, frontends = [], [], [], []
+    for info in members:
+        mdata = data if Path(info["data_dir"]) == Path(data.cache_dir) else load_waveform_cache(info["data_dir"])
+        models.append(freeze(restore_model(load_checkpoint(info["checkpoint"]), device)))
+        splits.append(mdata.splits["train"])
+        row_maps.append(np.asarray(_rows(list(mdata.splits["train"].ids), ids, mdata.cache_dir), dtype=np.int64))
+        frontends.append(make_frontend(info["spec"]["name"], info["spec"]["features"], device))
+    return {"teacher": (freeze(TeacherEnsemble(models)), OnlineTeacherInputs(splits, row_maps, frontends, device))}
+
+
+def kd_inputs(config: Mapping[str, Any], data: WaveformData) -> dict[str, Any]:
+    """In one process (train.py, benchmarks): `kd_arguments(teacher_inputs(...))` when KD is on, else nothing."""
+    if not config["kd"]["enabled"]:
+        return {}
+    return kd_arguments(teacher_inputs(config, data), data, pick_device(config.get("device", "auto")))
 
 
 def reference_student(config: dict[str, Any], data: WaveformData) -> dict[str, Any]:
@@ -174,6 +312,33 @@ def reference_student(config: dict[str, Any], data: WaveformData) -> dict[str, A
         return train(run, data, run_dir)
 
 
+def _describe(spec: Mapping[str, Any]) -> str:
+    weights = "" if spec["pretrained"] == "none" else f" ({Path(spec['pretrained']).name})"
+    return spec["name"] + weights + (" probe" if spec["freeze"] else "")
+
+
+def format_report(teacher: Path, classes: list[str]) -> str:
+    """The members' and the ensemble's scores as one table, then per-family test accuracy."""
+    ensemble = json.loads((teacher / TEACHER_FILE).read_text())
+    infos = [json.loads((Path(m) / MEMBER_FILE).read_text()) for m in ensemble["members"]]
+    rows = [(f"{i}: {_describe(info['spec'])}", info) for i, info in enumerate(infos)]
+    if len(rows) > 1:
+        rows.append(("ensemble (mean logits)", ensemble))
+    width = max(len(label) for label, _ in rows) + 2
+    lines = [f"{'teacher':<{width}}{'valid acc':>10}{'valid F1':>10}{'test acc':>10}{'test F1':>10}{'GMACs':>8}"
+             f"{'M params':>10}{'fit s':>8}"]
+    for label, r in rows:
+        fit = f"{r['fit_seconds']:>8.0f}" if "fit_seconds" in r else f"{'':>8}"
+        lines.append(f"{label:<{width}}{r['valid']['acc']:>10.4f}{r['valid']['macro_f1']:>10.4f}{r['test']['acc']:>10.4f}"
+                     f"{r['test']['macro_f1']:>10.4f}{r['macs'] / 1e9:>8.3f}{r['params'] / 1e6:>10.2f}{fit}")
+    lines.append("\nper-family test accuracy")
+    lines.append(f"{'family':<14}" + "".join(f"{label.split(':')[0].split(' ')[0]:>8}" for label, _ in rows))
+    for family in classes:
+        cells = [r["test"]["per_family"].get(family) for _, r in rows]
+        lines.append(f"{family:<14}" + "".join(f"{c:>8.3f}" if c is not None else f"{'-':>8}" for c in cells))
+    return "\n".join(lines)
+
+
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 @entry_point
 def main(cfg: DictConfig) -> None:
@@ -182,20 +347,16 @@ def main(cfg: DictConfig) -> None:
     config = plain(cfg)
     validate_teacher(config)
     data = prepare_data(config["data"], config["workdir"])
-    teacher_logits(config, data)  # trains or loads the teacher, writes metrics.json, caches the logits
-    out_dir = teacher_dir(config, data)
-    metrics = json.loads((out_dir / "metrics.json").read_text())
-    t = config["teacher"]
-    print(f"\nTeacher {t['name']} x{t['members']} ({t['epochs']} epochs, mixup {t['mixup_alpha']}) in {out_dir}")
-    for key, value in metrics.items():
-        print(f"  {key:<16} {value:.4f}")
+    teacher = ensure_teacher(config, data)
+    print(f"\nTeacher in {teacher}\n{format_report(teacher, data.classes)}")
     s = config["student"]
-    print(f"Reference student: {s['arch']} width {s['width_mult']}, n_mels {config['features']['n_mels']}, "
+    print(f"\nReference student: {s['arch']} width {s['width_mult']}, n_mels {config['features']['n_mels']}, "
           f"{config['train']['epochs']} epochs, no KD, no pruning (training it now)", flush=True)
     student = reference_student(config, data)
-    gap = 100 * (metrics["test_acc"] - student["test_acc"])
+    test_acc = json.loads((teacher / TEACHER_FILE).read_text())["test"]["acc"]
     print(f"  test_acc         {student['test_acc']:.4f}\n"
-          f"Teacher - student test accuracy: {gap:+.1f} points (KD needs a clearly stronger teacher: >= +10)")
+          f"Teacher - student test accuracy: {100 * (test_acc - student['test_acc']):+.1f} points "
+          "(KD needs a clearly stronger teacher: >= +10)")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from common.cli import entry_point, plain
 from trainable.checkpoints import CHECKPOINT_NAME, load_checkpoint
 from trainable.loop import train
-from trainable.run_config import validate_config
+from trainable.run_config import validate_config, validate_teacher
 
 
 def format_epoch_table(history: list[dict[str, Any]]) -> str:
@@ -37,6 +37,8 @@ def main(cfg: DictConfig) -> None:
 
     config = plain(cfg)
     validate_config(config)
+    if config["kd"]["enabled"]:
+        validate_teacher(config)
     data = prepare_data(config["data"], config["workdir"])
     label = config.get("scenario") or "run"
     run_dir = Path(config["workdir"]) / "train" / f"{label}-{time.strftime('%Y%m%d-%H%M%S')}"
