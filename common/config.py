@@ -47,17 +47,6 @@ class StudentArch(str, enum.Enum):
     mobilenet_v3_large = "mobilenet_v3_large"
 
 
-class TeacherArch(str, enum.Enum):
-    """timm CNNs measured as teachers. MACs at 1 x 128 mels x 101 frames (thop), and seconds per uncontended CPU
-    training step (batch 32, 2 threads, AdamW): depthwise nets are cheap in MACs but not in CPU time."""
-
-    mobilenetv3_large_100 = "mobilenetv3_large_100"  # 0.063 GMACs, 4.2 M params, 0.40 s
-    efficientnet_b0 = "efficientnet_b0"  # 0.11 GMACs, 4.0 M params, 0.68 s
-    resnet10t = "resnet10t"  # 0.31 GMACs, 4.9 M params, 0.36 s (default: the fastest CPU training step)
-    resnet14t = "resnet14t"  # 0.47 GMACs, 8.1 M params, 0.71 s
-    resnet18 = "resnet18"  # 0.50 GMACs, 11.2 M params, 0.51 s
-
-
 class TeacherLogits(str, enum.Enum):
     cached = "cached"
     online = "online"
@@ -148,7 +137,10 @@ class DataConfig:
     root: str = "./runs/data/gm_render"      # NSynth-layout folder: <root>/nsynth-<split>/{examples.json,audio/}
     families: list[str] = field(default_factory=lambda: list(FAMILIES))
     per_family: Optional[int] = 180          # cap on notes per family (all splits together); null = no cap
-    max_total_size_mb: float = 1000          # cap on the selected audio on disk (16-bit wav)
+    max_total_size_mb: Optional[float] = 1000  # cap on the selected audio on disk (16-bit wav); null = no cap
+    # cap on notes per family in each split (data=nsynth_subset: train 650, valid 50, test 50); null = no cap
+    split_caps: dict[str, Optional[int]] = field(default_factory=lambda: {"train": None, "valid": None,
+                                                                           "test": None})
     split_by: SplitBy = SplitBy.instrument   # instrument (no instrument in two splits) | note
     split_fractions: dict[str, float] = field(default_factory=lambda: {"train": 0.7, "valid": 0.15, "test": 0.15})
     clip_seconds: float = 1.0                # the waveform cache keeps this much from the onset
@@ -160,6 +152,7 @@ class DataConfig:
     variants: int = 19                       # gm_render: derived instruments (seeded timbre transforms) per base one
     min_eval_instruments: int = 2            # base instruments valid and test each get per family (if >= 2n+1 exist)
     render_workers: int = 2                  # gm_render: rendering processes
+    prep_workers: Optional[int] = None       # processes decoding wavs into the waveform cache; null = all CPUs here
     hf_id: Optional[str] = None              # nsynth: stream a capped subset from this hub dataset
     hf_splits: dict[str, str] = field(default_factory=lambda: {"train": "train", "valid": "validation",
                                                                 "test": "test"})
@@ -295,17 +288,30 @@ class StudentConfig:
 
 @dataclass
 class TeacherConfig:
-    name: TeacherArch = TeacherArch.resnet10t  # a timm CNN (trainable/models.py)
-    # null = train in-project; a path or a list of paths (ensemble) to our teacher checkpoint.pt files or to
-    # timm weights files (loaded with in_chans=1)
+    """The KD teacher (trainable/teacher.py, docs/teachers.md): one model, or an ensemble whose logits are averaged.
+
+    Every key but `members` is also a member key: a member dict in `teacher.members` overrides these for itself.
+    """
+
+    # Any timm model name (timm.list_models()), or hf:<hub id or local save_pretrained folder> for a Hugging Face
+    # AutoModelForAudioClassification with its own AutoFeatureExtractor (e.g. hf:MIT/ast-finetuned-audioset-10-10-0.4593)
+    name: str = "resnet10t"
+    # timm only: none (train from scratch) | imagenet (timm's own weights, downloaded by name) | <local weights file>
+    # (ImageNet format: 3-channel stem summed to one, 1000-class head replaced). hf: models start from their weights.
+    pretrained: str = "none"
+    # A finished teacher used as it is: our checkpoint.pt (or a list of them: an ensemble). A plain weights file here
+    # is fine-tuned like teacher.pretrained=<file>.
     checkpoint: Any = None
-    freeze: bool = True                       # the teacher is a fixed KD target
-    epochs: int = 15
-    lr: float = 3.0e-3
+    freeze: bool = False                     # true: linear probe (backbone frozen, new head trained); needs weights
+    epochs: int = 15                         # training / fine-tuning epochs (hf teachers: a few, e.g. 3-5)
+    lr: float = 3.0e-3                       # its AdamW lr (fine-tuning pretrained weights wants less, e.g. 1e-4)
     batch_size: int = 64
-    members: int = 1                         # > 1: an ensemble of members trained with seeds seed, seed+1, ...
+    # An int n: n copies of this teacher with seeds seed, seed+1, ... ; or a list of member dicts mixing architectures,
+    # e.g. [{name: resnet18, pretrained: imagenet}, {name: 'hf:MIT/ast-...', lr: 5e-5, epochs: 3}]. Members' logits
+    # are averaged; each is trained and cached once (a member's `seed` key offsets the global seed).
+    members: Any = 1
     mixup_alpha: float = 0.0                 # the teacher's train.mixup_alpha
-    # The teacher's own features, merged over features.* (the student's may differ).
+    # timm teachers' own features, merged over features.* (the student's may differ); hf teachers use their extractor.
     features: dict[str, Any] = field(default_factory=lambda: {"n_mels": 128})
 
 
@@ -313,7 +319,7 @@ class TeacherConfig:
 class KDConfig:
     enabled: bool = False
     T: float = 3.0
-    alpha: float = 0.7
+    alpha: float = 0.7                       # loss weight of the KD term, in [0, 0.99] (1 - alpha goes to the labels)
     teacher_logits: TeacherLogits = TeacherLogits.cached  # cached (once per dataset+teacher) | online (per batch)
 
 
@@ -341,7 +347,11 @@ class TrainConfig:
     seed: int = 0
     num_threads: Optional[int] = None        # CPU threads; null = the CPUs this process may use
     test_at_end: bool = False                # score the test split after the last epoch (retrain stage: test_acc)
-    mixup_alpha: float = 0.0                 # > 0: mixup of log-mels and labels, lambda ~ Beta(a, a) (not with KD)
+    mixup_alpha: float = 0.0                 # > 0: mixup of log-mels, labels and KD targets, lambda ~ Beta(a, a)
+    steps_per_epoch: Optional[int] = None    # cap on optimizer steps per epoch (a fresh random draw each); null = a
+                                             # full pass over train
+    device_data_share: float = 0.5           # GPU: share of the card a split's data may occupy on the device (a Ray
+                                             # trial: x its gpus_per_trial); larger splits stream via pinned memory
 
 
 @dataclass
@@ -526,6 +536,55 @@ def run_section(config: Mapping[str, Any]) -> dict[str, Any]:
     return {key: config[key] for key in RUN_KEYS if key in config}
 
 
+PATH_KEYS: tuple[str, ...] = ("workdir", "data.root", "storage_path", "resume_from", "eval.extra", "path")
+"""Config keys that hold local paths (a string or a list of them). Made absolute on the driver: Ray Tune runs each
+trial with its own working directory, where a relative path points into Ray's per-trial folder. The teacher's
+files (teacher.pretrained, teacher.checkpoint, hf:<folder>, and the same in teacher.members) are made absolute too."""
+
+
+def _absolute(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_absolute(v) for v in value]
+    if not isinstance(value, str) or not value or "://" in value:
+        return value  # null, or a URI (s3://, gs://, file://) that is not relative to anything here
+    return str(Path(value).expanduser().resolve())
+
+
+def _absolute_teacher(teacher: Mapping[str, Any]) -> dict[str, Any]:
+    """A teacher (or member) spec with its local files absolute: a weights file in `pretrained` or `checkpoint`,
+    a saved Hugging Face folder in `name=hf:<folder>` (a hub id that is no local folder stays as it is)."""
+    out = dict(teacher)
+    if out.get("pretrained") not in (None, "none", "imagenet"):
+        out["pretrained"] = _absolute(out["pretrained"])
+    if "checkpoint" in out:
+        out["checkpoint"] = _absolute(out["checkpoint"])
+    name = out.get("name")
+    if isinstance(name, str) and name.startswith("hf:") and Path(name[3:]).expanduser().exists():
+        out["name"] = "hf:" + _absolute(name[3:])
+    return out
+
+
+def absolute_paths(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The config with every local path (PATH_KEYS, the teacher's files) absolute, and a relative SQLite MLflow
+    store made absolute."""
+    out = dict(config)
+    for key in PATH_KEYS:
+        head, _, tail = key.partition(".")
+        if tail and isinstance(out.get(head), Mapping) and tail in out[head]:
+            out[head] = {**out[head], tail: _absolute(out[head][tail])}
+        elif not tail and key in out:
+            out[key] = _absolute(out[key])
+    if isinstance(out.get("teacher"), Mapping):
+        teacher = _absolute_teacher(out["teacher"])
+        if isinstance(teacher.get("members"), list):
+            teacher["members"] = [_absolute_teacher(m) if isinstance(m, Mapping) else m for m in teacher["members"]]
+        out["teacher"] = teacher
+    uri = (out.get("mlflow") or {}).get("tracking_uri")
+    if isinstance(uri, str) and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        out["mlflow"] = {**out["mlflow"], "tracking_uri": f"sqlite:///{_absolute(uri[len('sqlite:///'):])}"}
+    return out
+
+
 def upgrade_saved_config(base_config: Mapping[str, Any]) -> dict[str, Any]:
     """A run config saved by an earlier version (a sweep's sweep_config.json), in today's keys, so old sweeps still
     load: `data.soundfont` (one path or null) became the list `data.soundfonts`, and datasets before
@@ -536,7 +595,7 @@ def upgrade_saved_config(base_config: Mapping[str, Any]) -> dict[str, Any]:
         data["soundfonts"] = [data.pop("soundfont") or "default"]
         data.setdefault("variants", 0)
     config["data"] = data
-    return config
+    return absolute_paths(config)  # sweeps saved with a relative workdir: relative to where they are resumed
 
 
 def register() -> None:

@@ -79,3 +79,24 @@ def test_sweeps_saved_before_the_soundfonts_list_still_load(tiny_config):
     assert "soundfont" not in upgraded["data"] and "soundfont" in old["data"]  # the saved dict is left alone
     assert trial_config(upgraded, {})["data"]["soundfonts"] == ["default"]
     assert upgrade_saved_config(tiny_config) == tiny_config  # today's configs pass unchanged
+
+
+def test_every_local_path_is_made_absolute_for_trials_in_other_working_directories(tmp_path, monkeypatch):
+    """Ray Tune runs each trial in its own working directory: a relative path there points into Ray's folder."""
+    from common.config import absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "saved_ast").mkdir()
+    config = absolute_paths({
+        "workdir": "runs", "data": {"root": "runs/data"}, "storage_path": "s3://bucket/sweeps",
+        "resume_from": None, "teacher": {"name": "hf:saved_ast", "pretrained": "none", "checkpoint": ["t.pt"],
+                                         "members": [{"name": "hf:MIT/ast-finetuned", "pretrained": "imagenet"},
+                                                     {"name": "resnet18", "pretrained": "w.pth"}]},
+        "mlflow": {"tracking_uri": "sqlite:///runs/mlflow.db"}})
+    assert config["workdir"] == str(tmp_path / "runs") and config["data"]["root"] == str(tmp_path / "runs/data")
+    assert config["storage_path"] == "s3://bucket/sweeps" and config["resume_from"] is None
+    assert config["teacher"]["name"] == f"hf:{tmp_path / 'saved_ast'}"
+    assert config["teacher"]["pretrained"] == "none" and config["teacher"]["checkpoint"] == [str(tmp_path / "t.pt")]
+    assert config["teacher"]["members"] == [{"name": "hf:MIT/ast-finetuned", "pretrained": "imagenet"},
+                                            {"name": "resnet18", "pretrained": str(tmp_path / "w.pth")}]
+    assert config["mlflow"]["tracking_uri"] == f"sqlite:///{tmp_path / 'runs/mlflow.db'}"
