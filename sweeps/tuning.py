@@ -14,8 +14,8 @@ from common.config import RUNG_METRIC_MODES, Sampler, SchedulerName, values
 from common.objectives import ACCURACY, objectives
 from search_spaces.schema import SearchSpace
 from sweeps.budget import FEASIBLE, Budget, measured_is_final, predicted_constraints
-from trainable.run_config import trial_config
 from sweeps.pareto_asha import ParetoASHA
+from trainable.run_config import trial_config
 
 log = logging.getLogger(__name__)
 
