@@ -90,6 +90,7 @@ def test_default_teacher_is_trained_once_and_its_logits_are_reused(kd_config, ti
     report = teacher_mod.format_report(path.parent, tiny_data.classes)
     assert f"{info['test']['acc']:.4f}" in report and "per-family test accuracy" in report
     assert all(family in report for family in tiny_data.classes)
+    monkeypatch.undo()
     student = teacher_mod.reference_student(kd_config, tiny_data)  # KD off, no pruning, scored on test
     assert 0 <= student["test_acc"] <= 1 and student["epoch"] == kd_config["train"]["epochs"]
 
@@ -250,3 +251,42 @@ def test_hf_and_imagenet_sources_are_checked_offline(tiny_config, tmp_path, monk
     at_32k = save_tiny_ast(tmp_path / "ast32k", sampling_rate=32000)
     with pytest.raises(ValueError, match="needs audio at 32000 Hz but the source wavs are 16000 Hz"):
         validate_teacher(with_(tiny_config, teacher={"name": f"hf:{at_32k}"}))
+
+
+@pytest.mark.slow
+def test_teacher_cli_fine_tunes_an_imagenet_format_file(tmp_path, imagenet_file):
+    """`python trainable/teacher.py` with a local ImageNet-format file: the member's scores and the gap printed."""
+    import subprocess
+    import sys
+
+    from tests.test_sweep import ROOT, TINY
+
+    data_keys = [k for k in TINY if k.startswith(("data.", "teacher.features"))]
+    out = subprocess.run([sys.executable, str(ROOT / "trainable" / "teacher.py"), f"workdir={tmp_path}", *data_keys,
+                          f"teacher.pretrained={imagenet_file}", "teacher.epochs=2", "teacher.batch_size=16",
+                          "train.epochs=2", "train.batch_size=16", "features.n_mels=32"],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "0: resnet10t (resnet10t-imagenet.pth)" in out.stdout and "per-family test accuracy" in out.stdout
+    assert "Teacher - student test accuracy:" in out.stdout
+    (member,) = (tmp_path / "teachers" / "members").iterdir()
+    assert json.loads((member / teacher_mod.MEMBER_FILE).read_text())["spec"]["pretrained"] == str(imagenet_file)
+
+
+@pytest.mark.slow
+def test_sweep_distils_from_an_hf_teacher_online_with_mixup(tmp_path, tiny_ast):
+    """The real sweep CLI with kd.enabled=true: the AST teacher is fine-tuned once (a Ray task), every trial runs
+    it per batch on its own device, with mixup mixing its targets."""
+    import subprocess
+
+    from tests.test_sweep import ROOT, mlflow_runs, sweep_cmd
+
+    out = subprocess.run(sweep_cmd(tmp_path, "space=quick", "num_samples=2", "name=hfkd", f"teacher.name=hf:{tiny_ast}",
+                                   "teacher.lr=1e-3", "teacher.batch_size=8", "kd.teacher_logits=online",
+                                   "train.mixup_alpha=0.3"),
+                         capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (member,) = (tmp_path / "teachers" / "members").iterdir()
+    assert json.loads((member / teacher_mod.MEMBER_FILE).read_text())["spec"]["name"] == f"hf:{tiny_ast}"
+    runs = mlflow_runs(tmp_path, "hfkd")
+    assert len(runs) == 2 and all(status == "FINISHED" for _, status in runs)
