@@ -213,10 +213,10 @@ def test_stage_final_retrains_seeds_x_roles_in_mlflow_and_resumes_after_a_kill(s
     with sqlite3.connect(workdir / "mlflow.db") as db:
         staged = db.execute("SELECT r.status, t.value FROM runs r JOIN tags t ON r.run_uuid = t.run_uuid "
                             "JOIN tags s ON r.run_uuid = s.run_uuid WHERE t.key = 'trial_id' AND s.key = 'stage' "
-                            "AND s.value = 'final'").fetchall()
+                            "AND s.value = 'retrain'").fetchall()
         test_metrics = db.execute("SELECT COUNT(DISTINCT m.run_uuid) FROM metrics m JOIN tags s ON "
                                   "m.run_uuid = s.run_uuid WHERE m.key = 'test_acc' AND s.key = 'stage' AND "
-                                  "s.value = 'final'").fetchone()[0]
+                                  "s.value = 'retrain'").fetchone()[0]
     assert len(staged) == len(runs) and len({trial for _, trial in staged}) == len(runs)  # one MLflow run each
     assert all(status == "FINISHED" for status, _ in staged) and test_metrics == len(runs)
     assert stage_runs(workdir, "search") == search_runs == 3  # the search's runs are left as they were
