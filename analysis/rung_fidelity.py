@@ -29,6 +29,7 @@ from common.objectives import ACCURACY
 
 CONFIDENCE = 0.95
 CHANCE_QUANTILE = 0.95  # at chance: accuracy at or below this quantile of a uniform guesser's
+TARGET_RHO = 0.5  # a first rung should rank trials at least this much like their last epoch (issue 19)
 # Words for a rank correlation between a rung and the last epoch (lower bounds, checked in order).
 VERDICTS = ((0.8, "stopping there keeps the better trials"),
             (0.5, "stopping there mostly keeps the better trials, with some mistakes"),
@@ -93,8 +94,15 @@ class RungFidelity:
         n = 24): stopping there is close to random. 13 of 50 trials were still at chance there.'"""
         row = row or self.first_rung
         if row is None:
-            return (f"No rung: the scheduler stopped no trial early (all {self.finished} finished trials ran "
+            text = (f"No rung: the scheduler stopped no trial early ({self.finished} trials ran all "
                     f"{self.final_epoch} epochs).")
+            signal = self.earliest()
+            if signal is None:
+                return text + f" No earlier epoch ranks trials like the last with ρ >= {TARGET_RHO:g} ({self.metric})."
+            said = self.sentence(signal)
+            return (f"{text} The earliest epoch that ranks them like the last with ρ >= {TARGET_RHO:g} is "
+                    f"{signal.epoch}: {said[0].lower()}{said[1:]} A first rung decides on signal from there "
+                    f"(scheduler.grace_period={signal.epoch}).")
         what = f"The epoch-{row.epoch} {'rung' if row.rung else 'result'}"
         a = row.agreements.get(self.metric, Agreement(0, None, None, None))
         if a.rho is None:
@@ -107,6 +115,11 @@ class RungFidelity:
         if row.at_chance is not None:
             text += f" {row.at_chance} of {row.reported} trials were still at chance there."
         return text
+
+    def earliest(self, target: float = TARGET_RHO) -> EpochFidelity | None:
+        """The first epoch whose rung metric ranks trials like the last epoch with rho >= `target`."""
+        return next((e for e in self.epochs if (a := e.agreements.get(self.metric)) is not None
+                     and a.rho is not None and a.rho >= target), None)
 
     @property
     def bias_note(self) -> str:

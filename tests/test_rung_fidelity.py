@@ -84,7 +84,14 @@ def test_sentences_say_how_far_a_rung_can_be_trusted_and_name_the_selection_bias
         "with ρ = -1.00 (95 % CI -1.00 to -1.00, n = 6, val_acc): stopping there is close to random. 2 of 6 trials "
         "were still at chance there.")
     assert "no selection bias" in unbiased.bias_note
-    assert unbiased.sentence().startswith("No rung: the scheduler stopped no trial early")
+    assert unbiased.sentence() == ("No rung: the scheduler stopped no trial early (6 trials ran all 4 epochs). No "
+                                   "earlier epoch ranks trials like the last with ρ >= 0.5 (val_acc).")
+    fifo = rung_fidelity(synthetic(), early_stopping=False)  # epoch 2 is the first with rho >= 0.5
+    assert fifo.earliest() is fifo.epochs[1] and fifo.earliest(0.9) is fifo.epochs[2]
+    assert fifo.sentence().endswith("is 2: the epoch-2 result ranks trials like their last epoch with ρ = 0.77 (95 % "
+                                    "CI -0.26 to 0.98, n = 6, val_acc): stopping there mostly keeps the better trials, "
+                                    "with some mistakes. 3 of 7 trials were still at chance there. A first rung "
+                                    "decides on signal from there (scheduler.grace_period=2).")
     few = spearman_interval([0.1, 0.2, 0.3], [0.3, 0.1, 0.2])
     assert few.n == 3 and few.rho == pytest.approx(-0.5) and few.low is None  # n = 3: rho, no interval
     assert spearman_interval([0.1, 0.2], [0.2, 0.1]).rho is None
