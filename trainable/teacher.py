@@ -332,7 +332,8 @@ def format_report(teacher: Path, classes: list[str]) -> str:
         lines.append(f"{label:<{width}}{r['valid']['acc']:>10.4f}{r['valid']['macro_f1']:>10.4f}{r['test']['acc']:>10.4f}"
                      f"{r['test']['macro_f1']:>10.4f}{r['macs'] / 1e9:>8.3f}{r['params'] / 1e6:>10.2f}{fit}")
     lines.append("\nper-family test accuracy")
-    lines.append(f"{'family':<14}" + "".join(f"{label.split(':')[0].split(' ')[0]:>8}" for label, _ in rows))
+    lines.append(f"{'family':<14}" + "".join(f"{label.split(':')[0] if ':' in label else 'ens':>8}"
+                                             for label, _ in rows))
     for family in classes:
         cells = [r["test"]["per_family"].get(family) for _, r in rows]
         lines.append(f"{family:<14}" + "".join(f"{c:>8.3f}" if c is not None else f"{'-':>8}" for c in cells))
