@@ -54,6 +54,7 @@ def analysis_runs(workdir: Path, experiment: str) -> tuple:
     return client, client.search_runs([experiment_id], "tags.analysis = 'true'")
 
 
+@pytest.mark.slow
 def test_pareto_writes_csv_plot_report_and_mlflow_run(workdir):
     out = run("pareto.py", workdir, f"name={SWEEP}")
     assert out.returncode == 0, out.stderr[-3000:]
@@ -105,6 +106,7 @@ def write_extra_folder(folder: Path) -> None:
     (folder / "examples.json").write_text(json.dumps(examples))
 
 
+@pytest.mark.slow
 def test_evaluate_adds_test_and_extra_columns_and_reports_unknown_families(workdir, tmp_path):
     extra = tmp_path / "nsynth-extra"
     write_extra_folder(extra)
@@ -125,6 +127,7 @@ def test_evaluate_adds_test_and_extra_columns_and_reports_unknown_families(workd
     assert len(runs) == 1  # the report is re-logged into the same analysis run
 
 
+@pytest.mark.slow
 def test_unloadable_checkpoint_is_reported_and_the_others_are_evaluated(workdir, tmp_path):
     import torch
 
@@ -146,6 +149,7 @@ def test_unloadable_checkpoint_is_reported_and_the_others_are_evaluated(workdir,
     assert results[good.trial_id]["test_acc"] * n == pytest.approx(round(results[good.trial_id]["test_acc"] * n))
 
 
+@pytest.mark.slow
 def test_export_front_to_onnx_matches_pytorch(workdir):
     import onnxruntime
     import torch
@@ -175,6 +179,7 @@ def test_export_front_to_onnx_matches_pytorch(workdir):
         assert np.abs(onnx_logits - torch_logits).max() < 1e-3
 
 
+@pytest.mark.slow
 def test_unknown_sweep_name_lists_the_sweeps_found(workdir):
     out = run("pareto.py", workdir, "name=no-such-sweep")
     assert out.returncode == 2
@@ -316,6 +321,7 @@ def copy_with_numeric_names(workdir: Path, sweep_name: str, trial_id: str) -> tu
     return copy, old.trial_id
 
 
+@pytest.mark.slow
 def test_trial_ids_and_sweep_names_that_look_like_numbers(workdir):
     copy, _ = copy_with_numeric_names(workdir, "20261123", "641040e5")
     out = run("export.py", workdir, "name=20261123", "trial=641040e5")
@@ -421,6 +427,7 @@ def plain_copy(workdir: Path, sweep_name: str) -> Path:
     return copy
 
 
+@pytest.mark.slow
 def test_export_int8_and_latency_then_latency_as_third_objective(workdir):
     from common.front import pareto_mask
 
@@ -466,6 +473,7 @@ def test_export_int8_and_latency_then_latency_as_third_objective(workdir):
     assert "Pareto front (val_acc, target_macs, latency_ms_1thread)" in out.stdout and "fp32 ms 1 thread" in out.stdout
 
 
+@pytest.mark.slow
 def test_qat_fine_tunes_the_model_the_int8_export_comes_from(workdir):
     copy = plain_copy(workdir, "qat")
     out = run("export.py", workdir, "name=qat", "quant.qat_epochs=-1")
@@ -519,6 +527,7 @@ def test_budget_keeps_over_budget_trials_off_the_front_and_names_the_best_under_
 
 
 @pytest.mark.parametrize("script", ["evaluate.py", "export.py"])
+@pytest.mark.slow
 def test_a_front_model_without_checkpoint_is_one_line_before_any_scoring(workdir, script):
     import shutil
 

@@ -141,6 +141,7 @@ def quick_space(base):
     return load_space("quick", flatten(base), accepted_values())
 
 
+@pytest.mark.slow
 def test_unreachable_budget_is_refused_naming_the_smallest_reachable_value(quick_base):
     space = quick_space(quick_base)
     started = time.monotonic()
@@ -176,6 +177,7 @@ def sweep_cmd(workdir: Path, *args: str) -> list[str]:
     (["budget.max_kb=0"], "error: budget.max_kb=0.0 must be a number > 0"),
     (["+budget.max_latency=5"], "error: budget.max_latency is not a budget"),
 ])
+@pytest.mark.slow
 def test_cli_refuses_bad_budgets_before_any_work(tmp_path, args, message):
     out = subprocess.run(sweep_cmd(tmp_path, "space=quick", "name=b", *args), capture_output=True, text=True,
                          timeout=300, cwd=ROOT)
@@ -193,6 +195,7 @@ def _callback_state(exp_dir: Path) -> dict:
     return next(state for state in states.values() if state and "over_budget" in state)
 
 
+@pytest.mark.slow
 def test_screening_spends_every_suggestion_inside_the_budget_and_tells_the_study(quick_base):
     from sweeps.budget import predicted_constraints
     from sweeps.tuning import make_searcher
@@ -214,6 +217,7 @@ def test_screening_spends_every_suggestion_inside_the_budget_and_tells_the_study
 
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("screen", [False, True])
+@pytest.mark.slow
 def test_sweep_over_budget_trials_stopped_at_epoch_1_or_screened_before_training(tmp_path, screen):
     from tests.test_sweep import searcher_study
 

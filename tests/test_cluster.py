@@ -144,6 +144,7 @@ def assert_joined(result: dict, head: dict, client: bool = False) -> None:
 
 
 @pytest.mark.parametrize("form", ["auto", "host:port"])
+@pytest.mark.slow
 def test_auto_and_host_port_join_a_token_auth_head(head, form):
     # The head's machine: its ~/.ray/auth_token, RAY_AUTH_MODE unset in the driver (Ray itself only turns token
     # mode on for address=auto; host:port used to retry "Unauthenticated" for 20 s and fail).
@@ -155,6 +156,7 @@ def test_auto_and_host_port_join_a_token_auth_head(head, form):
 @pytest.mark.skipif(not HAS_RAY_CLIENT, reason="ray:// needs the Ray Client (`pip install ray[client]`: grpcio), "
                                                "which this venv does not have; `ray start` then starts no client "
                                                "server (see test_ray_client_without_extras_says_so)")
+@pytest.mark.slow
 def test_ray_client_address_joins_a_token_auth_head(head, sandbox):
     address = f"ray://127.0.0.1:{head['client_port']}"
     result = run_py(DRIVER, [address], ray_env(head["tmp"], head["home"]))
@@ -172,6 +174,7 @@ def test_ray_client_without_extras_says_so():
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.slow
 def test_missing_and_wrong_token_say_how_to_provide_it(head, sandbox):
     # Another machine: no ~/.ray/auth_token, no RAY_AUTH_TOKEN.
     empty_home = sandbox / "empty_home"
@@ -209,6 +212,7 @@ print("RESULT " + json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_null_starts_a_fresh_local_ray_despite_a_dead_recorded_cluster(sandbox):
     # What a head killed without `ray stop` leaves: ray_current_cluster naming an address nobody listens on.
     tmp, home = sandbox / "stale", sandbox / "stale_home"
@@ -299,6 +303,7 @@ print("RESULT " + json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_two_node_cluster_runs_trials_on_both_nodes(sandbox):
     tmp, home = sandbox / "two", sandbox / "two_home"
     tmp.mkdir()

@@ -252,6 +252,7 @@ def test_split_counts():
     assert split_counts(3, {"train": .9, "valid": .05, "test": .05}) == {"train": 1, "valid": 1, "test": 1}
 
 
+@pytest.mark.slow
 def test_hub_streaming_materialises_layout_from_local_dataset(tmp_path):
     """The real hub code path, pointed at a local parquet dataset of the same form (no network)."""
     datasets = pytest.importorskip("datasets")

@@ -157,6 +157,7 @@ def searched(tmp_path_factory) -> Path:
     (["name=nosuch"], "No sweep named 'nosuch'"),
     (["final.epochs=2"], "final.epochs=2 is below the search's train.epochs=3"),
 ])
+@pytest.mark.slow
 def test_stage_final_errors_are_one_line_before_work(searched, args, message):
     workdir = searched
     out = subprocess.run(sweep_cmd(workdir, "stage=final", "name=s", *args), capture_output=True, text=True,
@@ -165,6 +166,7 @@ def test_stage_final_errors_are_one_line_before_work(searched, args, message):
     assert not (workdir / "ray_results" / "s" / "final").exists()
 
 
+@pytest.mark.slow
 def test_stage_final_on_a_sweep_without_finished_trials_is_refused(searched):
     workdir = searched
     empty = workdir / "ray_results" / "empty"
@@ -176,6 +178,7 @@ def test_stage_final_on_a_sweep_without_finished_trials_is_refused(searched):
     assert sorted(p.name for p in empty.iterdir()) == ["sweep_config.json"]  # nothing written, nothing lost
 
 
+@pytest.mark.slow
 def test_stage_final_retrains_seeds_x_roles_in_mlflow_and_resumes_after_a_kill(searched):
     workdir = searched
     exp_dir = workdir / "ray_results" / "s"

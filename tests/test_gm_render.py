@@ -218,6 +218,7 @@ def test_render_notes_in_process_marks_silent_renders():
     assert results[0][1] is not None and results[1][1] is None and results[2][1] is None
 
 
+@pytest.mark.slow
 def test_render_notes_pool_matches_in_process_render(soundfont_bytes):
     variant = NoteSpec(33, 40, 75, variant=2, timbre=draw_timbre(0, 0, 33, 2))
     specs = [NoteSpec(33, 40, 75), SILENT_IN_TIMGM6MB, NoteSpec(56, 67, 127), variant]
@@ -340,6 +341,7 @@ def test_bad_soundfonts_stop_the_build_before_any_rendering(tmp_path: Path, no_r
     assert not (tmp_path / "root").exists()
 
 
+@pytest.mark.slow
 def test_rendered_examples_keep_variants_with_their_base_and_name_it(tmp_path: Path):
     root = tmp_path / "root"
     copy = shutil.copy(default_soundfont(), tmp_path / "copy.sf2")  # a second SoundFont: distinct instrument ids

@@ -100,6 +100,7 @@ def test_progressive_cubic_steps_to_thirty_percent():
         params = step.params
 
 
+@pytest.mark.slow
 def test_every_importance_prunes_and_ranks_channels_differently(caplog):
     example = torch.randn(SMALL_INPUT)
     calibration_x, calibration_y = torch.randn(4, *SMALL_INPUT[1:]), torch.tensor([0, 1, 2, 3])

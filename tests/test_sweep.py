@@ -49,6 +49,7 @@ def trial_epochs(exp_dir: Path) -> dict[str, list[int]]:
     return out
 
 
+@pytest.mark.slow
 def test_quick_sweep_end_to_end_logs_every_trial_to_mlflow(tmp_path):
     out = subprocess.run(sweep_cmd(tmp_path, "space=quick", "num_samples=3", "name=e2e"),
                          capture_output=True, text=True, timeout=600, cwd=ROOT)
@@ -83,6 +84,7 @@ def test_quick_sweep_end_to_end_logs_every_trial_to_mlflow(tmp_path):
     assert again.returncode == 2 and "already exists" in again.stderr
 
 
+@pytest.mark.slow
 def test_killed_sweep_resumes_from_checkpoints_without_duplicate_runs(tmp_path):
     exp_dir = tmp_path / "ray_results" / "kr"
     driver = subprocess.Popen(sweep_cmd(tmp_path, "space=quick", "num_samples=4", "name=kr",
@@ -202,6 +204,7 @@ def final_results(exp_dir: Path) -> dict[str, dict]:
 
 
 @pytest.mark.timeout(900)
+@pytest.mark.slow
 def test_default_paretoasha_sweep_survives_kills_at_every_stage(tmp_path):
     """Killed while rendering data, while training the teacher and mid-search, then resumed: the default
     scheduler's rung records come back, no trial restarts from epoch 1, and every trial has one MLflow run."""
@@ -257,6 +260,7 @@ def test_default_paretoasha_sweep_survives_kills_at_every_stage(tmp_path):
     (["space=quick", "mlflow.tracking_uri=http://127.0.0.1:9"], "mlflow.tracking_uri=http://127.0.0.1:9 is unreachable"),
     (["space=quick", "teacher.epochs=1", "train.warmup_epochs=1"], "teacher.epochs=1 must be above train.warmup_epochs=1"),
 ])
+@pytest.mark.slow
 def test_cli_errors_are_one_clear_line_before_work_starts(tmp_path, args, message):
     started = time.monotonic()
     out = subprocess.run(sweep_cmd(tmp_path, *args), capture_output=True, text=True, timeout=300, cwd=ROOT)

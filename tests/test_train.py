@@ -54,6 +54,7 @@ def test_unstructured_reports_sparsity_and_unchanged_macs(tiny_config, tiny_data
     assert history[-1]["sparsity"] > 0.4 and history[-1]["macs"] == history[0]["base_macs"]
 
 
+@pytest.mark.slow
 def test_resume_across_a_pruning_step_matches_uninterrupted_run(tiny_config, tiny_data, tmp_path):
     config = with_(tiny_config, train={"epochs": 4}, pruning={"mode": "progressive", "at_epoch": 2, "steps": 2,
                                                                "step_epochs": 1, "target_macs_ratio": 0.5})
