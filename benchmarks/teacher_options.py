@@ -101,7 +101,7 @@ def main() -> None:
     for label, r, seconds, fit, members in rows:
         print(f"{label:<10}{members:>8}{r['test']['acc']:>10.4f}{r['test']['macro_f1']:>9.4f}{r['valid']['acc']:>10.4f}"
               f"{r['macs'] / 1e9:>8.3f}{fit:>8.0f}{seconds:>8.0f}")
-    print("(fit s: training/fine-tuning of its members when first built; call s: this call, 0-ish when cached)")
+    print("(fit s: epoch seconds of its members' training; call s: this call, data and caches included)")
 
 
 if __name__ == "__main__":

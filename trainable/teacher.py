@@ -19,7 +19,6 @@ import json
 import logging
 import re
 import tempfile
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -144,7 +143,7 @@ def _member_inputs(spec: Mapping[str, Any], data: WaveformData, device: torch.de
 
 
 def _fit_member(spec: Mapping[str, Any], config: Mapping[str, Any], data: WaveformData, out: Path,
-                device: torch.device) -> Path:
+                inputs: ExtractorInputs | None) -> Path:
     """The member's checkpoint: a finished one as given, else trained here (resumed from its last epoch)."""
     if spec["checkpoint"]:
         return Path(spec["checkpoint"]).resolve()
@@ -155,7 +154,7 @@ def _fit_member(spec: Mapping[str, Any], config: Mapping[str, Any], data: Wavefo
         log.info("Teacher member %s: %s it for %d epochs into %s", spec["name"], how, spec["epochs"], out)
         train(member_run_config(spec, config), data, out, resume_from=ckpt_path if ckpt is not None else None,
               model_spec={"role": "teacher", "name": spec["name"], "pretrained": spec["pretrained"],
-                          "freeze": spec["freeze"]}, inputs=_member_inputs(spec, data, device))
+                          "freeze": spec["freeze"]}, inputs=inputs)
     return ckpt_path
 
 
@@ -164,8 +163,7 @@ def _has_weights(spec: Mapping[str, Any]) -> bool:
 
 
 def _scoring_pipeline(spec: Mapping[str, Any], data: WaveformData, split: str, device: torch.device,
-                      workdir: str) -> Any:
-    inputs = _member_inputs(spec, data, device)
+                      workdir: str, inputs: ExtractorInputs | None) -> Any:
     if inputs is not None:
         return inputs.pipeline(split)
     return make_pipeline(data, split, FeatureConfig.from_mapping(spec["features"]), device, workdir)
@@ -194,18 +192,19 @@ def ensure_member(spec: Mapping[str, Any], config: Mapping[str, Any], data: Wave
     def build(target: Path) -> None:
         device = pick_device(config.get("device", "auto"))
         mdata = member_data(spec, config, data)
-        start = time.perf_counter()
-        ckpt_path = _fit_member(spec, config, mdata, out, device)
-        fit_seconds = time.perf_counter() - start
-        model = freeze(restore_model(load_checkpoint(ckpt_path), device))
+        inputs = _member_inputs(spec, mdata, device)
+        ckpt_path = _fit_member(spec, config, mdata, out, inputs)
+        ckpt = load_checkpoint(ckpt_path)
+        # training time over every epoch this member trained (across resumes); 0 for a finished checkpoint
+        fit_seconds = sum(h["epoch_seconds"] for h in ckpt["history"]) if not spec["checkpoint"] else 0.0
+        model = freeze(restore_model(ckpt, device))
         report: dict[str, Any] = {}
         for split in SPLITS:
-            logits = _split_logits(model, _scoring_pipeline(spec, mdata, split, device, config["workdir"]))
+            logits = _split_logits(model, _scoring_pipeline(spec, mdata, split, device, config["workdir"], inputs))
             with atomic_path(out / f"logits-{split}.npz") as tmp, open(tmp, "wb") as f:
                 np.savez(f, logits=logits, ids=np.asarray(mdata.splits[split].ids))
             if split != "train":
                 report[split] = scores(logits, mdata.splits[split].labels, mdata.classes)
-        inputs = _member_inputs(spec, mdata, device)
         input_shape = inputs.input_shape if inputs else (
             1, 1, spec["features"]["n_mels"], FeatureConfig.from_mapping(spec["features"]).frames(mdata.clip_samples))
         macs, params = count_macs_params(model, input_shape)
