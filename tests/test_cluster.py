@@ -492,9 +492,12 @@ def trial_states(exp_dir: Path) -> dict[str, dict]:
 def test_sweep_on_a_cluster_survives_losing_a_worker_node(sandbox):
     """The real CLI joins a head that offers trials nothing (0 CPUs, no GPU) by address; its worker has a GPU (declared
     to Ray: no CUDA here, so trials hold a GPU share but train on the CPU). The worker dies mid-sweep and another one
-    joins: every trial ends once, none restarted from epoch 1, one FINISHED MLflow run each. The workers run in a
-    mount namespace where the project folder is empty: the code reaches them with the job."""
-    from tests.test_sweep import ROOT, mlflow_runs, sweep_cmd, trial_epochs
+    joins: every trial ends once, none restarted from epoch 1, one FINISHED MLflow run each, and the default
+    scheduler's rungs and the Optuna study hold each trial once. The workers run in a mount namespace where the
+    project folder is empty: the code reaches them with the job."""
+    import optuna
+
+    from tests.test_sweep import ROOT, final_results, mlflow_runs, rung_records, searcher_study, sweep_cmd, trial_epochs
 
     tmp, home, work = sandbox / "mn", sandbox / "mn_home", sandbox / "mn_work"
     for folder in (tmp, home, work):
@@ -506,12 +509,12 @@ def test_sweep_on_a_cluster_survives_losing_a_worker_node(sandbox):
     head = RayNode(sandbox, "mn_head", ["--head", "--port", str(port), "--num-cpus", "0", "--num-gpus", "0",
                                         "--include-dashboard=false"], env)
     worker_args = ["--address", f"127.0.0.1:{port}", "--num-cpus", "2", "--num-gpus", "1"]
-    nodes = [head]
+    nodes, driver = [head], None
     address = f"127.0.0.1:{port}"
     try:
         nodes.append(RayNode(sandbox, "mn_worker_a", worker_args, env, hide_project=hide))
         wait_for_nodes(address, env, 1)
-        args = ["space=quick", "num_samples=3", "name=mn", f"ray.address={address}", "scheduler.name=fifo",
+        args = ["space=quick", "num_samples=3", "name=mn", f"ray.address={address}",
                 "resources.max_concurrent_trials=2", "train.batch_size=4"]
         started = time.monotonic()
         refused = subprocess.run(sweep_cmd(work, *args), capture_output=True, text=True, timeout=120, cwd=ROOT,
@@ -536,6 +539,8 @@ def test_sweep_on_a_cluster_survives_losing_a_worker_node(sandbox):
         output = "".join(lines)
         assert driver.returncode == 0, output[-4000:]
     finally:
+        if driver is not None and driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
         for node in reversed(nodes):
             if node.proc.poll() is None:
                 node.kill()
@@ -543,13 +548,21 @@ def test_sweep_on_a_cluster_survives_losing_a_worker_node(sandbox):
     assert "Ray: 2 nodes, 2 CPUs, 1 GPU: 0.5 GPU per trial (2 per card), 1 CPU per trial" in output, output[:3000]
     epochs = trial_epochs(exp_dir)
     assert len(epochs) == 3, epochs
-    assert all(e[-1] == 3 and e.count(1) == 1 for e in epochs.values()), (before, epochs)  # none restarted at 1
+    # none restarted from epoch 1; each went on from its last epoch (to the end, or until the rungs stopped it)
+    assert all(e == list(range(1, e[-1] + 1)) for e in epochs.values()), (before, epochs)
     states = trial_states(exp_dir)
     assert all(s["status"] == "TERMINATED" for s in states.values()), states
     restarted = [t for t, s in states.items() if s["num_failures"] > 0]
     assert restarted, states  # the trials running on the lost node were restarted from their checkpoints
     runs = mlflow_runs(work, "mn")
     assert len(runs) == 3 and all(status == "FINISHED" for _, status in runs), runs
+    ids = {json.loads((exp_dir / k / "result.json").read_text().splitlines()[0])["trial_id"] for k in epochs}
+    assert set(rung_records(exp_dir)[1]) == ids  # ParetoASHA recorded every trial at its first rung, once
+    study = searcher_study(exp_dir).get_trials(deepcopy=False)
+    finished = [r for r in final_results(exp_dir).values() if r["epoch"] == 3]
+    assert len(study) == 3 and not [t for t in study if t.state == optuna.trial.TrialState.RUNNING], study
+    assert sorted(t.values for t in study if t.state == optuna.trial.TrialState.COMPLETE) == sorted(
+        [r["val_acc"], r["target_macs"]] for r in finished)  # the study learned each final result once
     assert list((work / "teachers").rglob("checkpoint.pt"))  # trained by a task on the worker (the head has no CPU)
     if hide:
         assert {(sandbox / f"{n}.sees").read_text().strip() for n in ("mn_worker_a", "mn_worker_b")} == {"hidden"}

@@ -246,6 +246,7 @@ def bare_site_packages(folder: Path, distributions: set[str]) -> None:
                 (folder / top).symlink_to(base / top)
 
 
+@pytest.mark.slow
 def test_gpu_checks_import_only_what_a_gpu_machine_has(tmp_path):
     """Every import of this file, its conftest and benchmarks/gpu_packing.py (module level or in a function) succeeds
     in a Python whose site-packages holds only the GPU machine's packages (and what they require) and
