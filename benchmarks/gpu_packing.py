@@ -251,7 +251,8 @@ def main() -> None:
             rows.append(measure(k, config, folder, args.timeout))
             print(f"K={k}: {rows[-1]['per_card'][0]:.0f} clips/s per card", flush=True)
         first = rows[0]
-        print(f"\n{first['device']}, AMP {first['amp']}: {config['student']['arch']} x{config['student']['width_mult']}, "
+        student = config["student"]
+        print(f"\n{first['device']}, AMP {first['amp']}: {student['arch']} x{student['width_mult']}, "
               f"batch {config['train']['batch_size']}, {first['clips']} training clips per epoch, epochs 2-"
               f"{args.epochs} measured (mean +- sd over processes / over epochs)")
         print(table(rows))

@@ -30,10 +30,10 @@ import math
 import os
 import socket
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -462,7 +462,7 @@ def check_shared_folders(nodes: int, folders: Mapping[str, str], shared: bool) -
         kind = mount_type(value) if "://" not in value else None
         if "://" in value or kind in NETWORK_FILESYSTEMS:
             continue
-        fix = (f"or use a URI every node reaches (storage_path=s3://<bucket>/sweeps)" if key == "storage_path" else
+        fix = ("or use a URI every node reaches (storage_path=s3://<bucket>/sweeps)" if key == "storage_path" else
                "or run on one node")
         raise ValueError(f"{key}={value} is a folder on this machine ({kind or 'filesystem unknown'}, not a network "
                          f"mount) but the Ray cluster has {nodes} nodes, whose trials {uses[key]} there. Put it on "

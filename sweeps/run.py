@@ -281,7 +281,12 @@ def run_sweep(name: str, base_config: dict[str, Any], sweep: dict[str, Any], sto
     from search_spaces.schema import load_space
     from sweeps.budget import Budget, BudgetCallback, check_reachable
     from sweeps.cluster import (
-        check_shared_folders, cluster_nodes, code_runtime_env, is_local_address, plan_resources, run_teacher,
+        check_shared_folders,
+        cluster_nodes,
+        code_runtime_env,
+        is_local_address,
+        plan_resources,
+        run_teacher,
         start_ray,
     )
     from sweeps.final import check_final_settings

@@ -1,4 +1,5 @@
-"""CUDA checks that a bare GPU machine can run: `pytest -m gpu` (or `bash benchmarks/gpu_check.sh`); skipped without CUDA.
+"""CUDA checks that a bare GPU machine can run: `pytest -m gpu tests/test_gpu.py` (or `bash benchmarks/gpu_check.sh`);
+skipped without CUDA.
 
 Such a machine has torch (CUDA), torchaudio, torchvision, timm, transformers and onnxruntime, and no Ray, Optuna,
 MLflow or Hydra: whatever else the imports below need comes along as wheels (benchmarks/gpu_wheels.txt), and
@@ -10,7 +11,6 @@ needs CUDA and skips): a way to try these checks on a machine without a GPU, not
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import subprocess

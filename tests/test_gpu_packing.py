@@ -27,8 +27,8 @@ def test_dry_run_without_gpu_exercises_the_harness(tmp_path):
     assert lines[0].startswith(expected), out.stdout
     assert "cpu, AMP off" in out.stdout and "256 training clips per epoch" in out.stdout
     # one row per K (1 and 2 processes at once): measured throughputs, no GPU memory
-    rows = {int(m[1]): m for m in (re.match(r"\s*(\d)\s+(\d+) \+- (\d+)\s+(\d+) \+- (\d+)\s+(\d+\.\d\d)\s+n/a\s+n/a\s+n/a$",
-                                            line) for line in lines) if m}
+    row = re.compile(r"\s*(\d)\s+(\d+) \+- (\d+)\s+(\d+) \+- (\d+)\s+(\d+\.\d\d)\s+n/a\s+n/a\s+n/a$")
+    rows = {int(m[1]): m for m in map(row.match, lines) if m}
     assert sorted(rows) == [1, 2], out.stdout
     assert all(float(m[2]) > 0 and float(m[4]) > 0 for m in rows.values())
     assert lines[-1] == "ratio=nan"
