@@ -622,3 +622,30 @@ def test_the_teacher_trains_in_a_ray_task_and_the_driver_never_touches_cuda(tmp_
     Driver(*sweep_cmd(tmp_path, "space=quick", "num_samples=1", "name=tt2")).kill_when(
         lambda d: stage_started(d, "search"), timeout_s=240)
     assert {path: path.stat().st_mtime_ns for path in teacher.rglob("*") if path.is_file()} == stamps
+
+
+def test_resume_takes_where_to_run_from_its_command_line():
+    """resume=true ray.address=<another head>: the saved sweep continues on the cluster named now; the ray.* and
+    resources.* keys not given keep their saved values, and keys a saved sweep predates get today's defaults."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    from common.cli import plain
+    from sweeps.run import runtime_settings
+    from tests.conftest import CONF_DIR
+
+    overrides = ["resume=true", "name=old", "ray.address=newhead:6379"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        config = plain(compose("sweep", overrides=overrides))
+        with_hydra = compose("sweep", overrides=overrides, return_hydra_config=True)  # what @hydra.main records
+    saved = {"space": "quick", "ray": {"address": "oldhead:6379", "num_cpus": None},
+             "resources": {"cpus_per_trial": 2, "gpus_per_trial": 0.5, "max_concurrent_trials": None}}
+    HydraConfig.instance().set_config(with_hydra)
+    try:
+        sweep = runtime_settings(config, saved)
+    finally:
+        HydraConfig.instance().cfg = None
+    assert sweep["space"] == "quick"
+    assert sweep["ray"] == {"address": "newhead:6379", "num_cpus": None, "shared_storage": False}
+    assert sweep["resources"] == {"cpus_per_trial": 2, "gpus_per_trial": 0.5, "max_concurrent_trials": None,
+                                  "max_failures": 3}
