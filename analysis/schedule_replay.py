@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
+
 from analysis.results import Sweep, read_results, trial_curves
 from analysis.rung_fidelity import RUNG_METRICS, Curve, last_epoch, rung_epochs, rung_fidelity
 from analysis.sweep_stats import normalised_hypervolumes
@@ -24,18 +26,22 @@ from common.objectives import front_mask
 
 @dataclass(frozen=True)
 class Replay:
-    """One schedule replayed on full-length curves."""
+    """One schedule replayed on full-length curves, in the sweep's trial order and in `orders - 1` shuffled ones:
+    means and sample standard deviations over the orders (ParetoASHA's asynchronous decisions depend on arrival)."""
 
     grace_period: int
     metric: str
     rungs: tuple[int, ...]
     first_rung_rho: float | None
     at_chance: int | None          # trials at chance at the first rung
-    seconds: float                 # epoch-seconds trained
-    share: float                   # of stopping nothing
-    hypervolume: float
-    front_kept: int                # trials of the full-length front that the schedule ran to the end
+    seconds: float                 # epoch-seconds trained (mean over orders)
+    share: float                   # of stopping nothing (mean)
+    share_sd: float
+    hypervolume: float             # of the front the schedule ends with (mean; every trial at its last epoch trained)
+    hypervolume_sd: float
+    front_kept: float              # trials of the full-length front that the schedule ran to the end (mean)
     front_size: int
+    orders: int
 
 
 def curves_in_order(sweep: Sweep) -> list[Curve]:
@@ -108,15 +114,18 @@ def final_rows(curves: Sequence[Curve], reached: Mapping[str, int]) -> list[dict
     return rows
 
 
-def replays(curves: Sequence[Curve], objective: str, reduction_factor: float, workers: int) -> list[Replay]:
-    """Every candidate first rung (1 .. last epoch - 1) on every rung metric, replayed on the finished curves (in
-    the order given, `workers` at a time); share and front are against stopping nothing."""
+def replays(curves: Sequence[Curve], objective: str, reduction_factor: float, workers: int, orders: int = 20,
+            seed: int = 0) -> list[Replay]:
+    """Every candidate first rung (1 .. last epoch - 1) on every rung metric, replayed on the finished curves,
+    `workers` at a time, in the order given and `orders - 1` seeded shuffles of it; share and front are against
+    stopping nothing."""
     curves = [c for c in curves if c.finished]
+    rng = np.random.default_rng(seed)
+    arrivals = [list(curves)] + [[curves[i] for i in rng.permutation(len(curves))] for _ in range(orders - 1)]
     final = last_epoch(curves)
-    everything = {c.trial_id: final for c in curves}
-    full_rows = final_rows(curves, everything)
+    full_rows = final_rows(curves, {c.trial_id: final for c in curves})
     full_front = {r["trial_id"] for r, on in zip(full_rows, front_mask(full_rows)) if on}
-    _, full_seconds = replay(curves, objective, final, reduction_factor, "val_acc", workers)  # grace = end: no rung
+    full_seconds = sum(_epoch_seconds(c, e) for c in curves for e in range(1, final + 1))
     fidelity = rung_fidelity(curves, early_stopping=False)
     out = []
     for grace in range(1, final):
@@ -124,13 +133,23 @@ def replays(curves: Sequence[Curve], objective: str, reduction_factor: float, wo
                             final)
         first = fidelity.epochs[rungs[0] - 1]
         for metric in RUNG_METRICS:
-            reached, seconds = replay(curves, objective, grace, reduction_factor, metric, workers)
-            rows = final_rows(curves, reached)
+            seconds, volumes, kept = [], [], []
+            for order in arrivals:
+                reached, spent = replay(order, objective, grace, reduction_factor, metric, workers)
+                seconds.append(spent)
+                # same trials, so the same hypervolume reference point (1.1 x their largest MACs) for every setting
+                volumes.append(normalised_hypervolumes(final_rows(curves, reached)).by_sweep["replay"])
+                kept.append(sum(reached[t] == final for t in full_front))
             agreement = first.agreements.get(metric)
+            shares = np.array(seconds) / full_seconds
             out.append(Replay(
                 grace_period=grace, metric=metric, rungs=rungs,
                 first_rung_rho=None if agreement is None else agreement.rho, at_chance=first.at_chance,
-                seconds=seconds, share=seconds / full_seconds,
-                hypervolume=normalised_hypervolumes(rows).by_sweep["replay"],  # same trials, same reference point
-                front_kept=sum(reached[t] == final for t in full_front), front_size=len(full_front)))
+                seconds=float(np.mean(seconds)), share=float(shares.mean()), share_sd=_sd(shares),
+                hypervolume=float(np.mean(volumes)), hypervolume_sd=_sd(volumes), front_kept=float(np.mean(kept)),
+                front_size=len(full_front), orders=len(arrivals)))
     return out
+
+
+def _sd(values: Sequence[float]) -> float:
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0

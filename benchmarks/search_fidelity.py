@@ -148,16 +148,18 @@ def print_replays(sweep: Sweep, objective: str, reduction_factor: float) -> None
     curves = [c for c in trial_curves(sweep) if c.finished]
     rows = final_rows(curves, {c.trial_id: c.final_epoch for c in curves})
     full_hv = normalised_hypervolumes(rows).by_sweep["replay"]
+    results = replays(curves_in_order(sweep), objective, reduction_factor, concurrency(sweep))
     print(f"    ParetoASHA replayed on these {len(curves)} full-length curves ({concurrency(sweep)} at a time, "
-          f"reduction_factor={reduction_factor:g}); stopping nothing: hypervolume {full_hv:.4f}, "
-          f"front of {sum(front_mask(rows))} trials")
-    print(f"    {'grace':>5} {'rungs':>8} {'metric':>13} {'rho@1st':>7} {'chance':>6} {'epoch-s':>8} {'share':>6} "
-          f"{'HV':>7} {'front kept':>10}")
-    for r in replays(curves_in_order(sweep), objective, reduction_factor, concurrency(sweep)):
+          f"reduction_factor={reduction_factor:g}; the sweep's trial order and {results[0].orders - 1} shuffles: "
+          f"mean +- sd); stopping nothing: hypervolume {full_hv:.4f}, front of {sum(front_mask(rows))} trials")
+    print(f"    {'grace':>5} {'rungs':>8} {'metric':>13} {'rho@1st':>7} {'chance':>6} {'share of epoch-s':>16} "
+          f"{'hypervolume':>16} {'front kept':>10}")
+    for r in results:
         rho = "-" if r.first_rung_rho is None else f"{r.first_rung_rho:+.2f}"
         chance = "-" if r.at_chance is None else str(r.at_chance)
         print(f"    {r.grace_period:>5} {','.join(map(str, r.rungs)):>8} {r.metric:>13} {rho:>7} {chance:>6} "
-              f"{r.seconds:>8.0f} {r.share:>6.0%} {r.hypervolume:>7.4f} {f'{r.front_kept}/{r.front_size}':>10}")
+              f"{f'{r.share:.0%} +- {r.share_sd:.0%}':>16} {f'{r.hypervolume:.4f} +- {r.hypervolume_sd:.4f}':>16} "
+              f"{f'{r.front_kept:.1f}/{r.front_size}':>10}")
 
 
 def first_rho(fidelity: RungFidelity) -> float:

@@ -194,12 +194,27 @@ def test_replay_runs_the_real_scheduler_over_recorded_curves():
     # rung at epoch 2 keeps ceil(n/3) of those recorded so far: t0 (alone), t1 (best of 2), t4 (best of 5)
     reached, seconds = replay(curves, "multi", 2, 3, "val_acc", workers=1)
     assert reached == {"t0": 4, "t1": 4, "t2": 2, "t3": 2, "t4": 4, "t5": 2} and seconds == 18
-    by_setting = {(r.grace_period, r.metric): r for r in replays(curves, "multi", 3, workers=1)}
+    by_setting = {(r.grace_period, r.metric): r for r in replays(curves, "multi", 3, workers=1, orders=1)}
     assert sorted({g for g, _ in by_setting}) == [1, 2, 3]
     r = by_setting[(2, "val_acc")]
     assert r.rungs == (2,) and r.share == pytest.approx(18 / 24) and r.at_chance == 2  # 0.20 and 0.30
-    assert r.first_rung_rho == pytest.approx(1 - 6 * 8 / (6 * 35))
+    assert r.first_rung_rho == pytest.approx(1 - 6 * 8 / (6 * 35)) and r.share_sd == 0 and r.orders == 1
     # the full-length front is t2 alone (0.70 at the same MACs), and the epoch-2 rung stopped it
     assert (r.front_kept, r.front_size) == (0, 1)
     assert r.hypervolume == pytest.approx(0.65 * (1 - 1 / 1.1))  # t4's 0.65 is the best it kept
     assert by_setting[(3, "val_acc")].hypervolume == pytest.approx(0.70 * (1 - 1 / 1.1))  # t2 led at epoch 3 too
+    # other arrival orders: the asynchronous rung keeps different trials, and the spread says how much
+    shuffled = {(r.grace_period, r.metric): r for r in replays(curves, "multi", 3, workers=1, orders=8)}
+    assert shuffled[(2, "val_acc")].orders == 8 and shuffled[(2, "val_acc")].hypervolume_sd > 0
+    assert shuffled[(3, "val_acc")].front_kept < 1  # t2 arriving after a better-at-epoch-3 trial is stopped
+
+
+def test_the_default_scheduler_ranks_once_at_epoch_6_of_the_default_10_on_val_acc():
+    """The measured default (docs/search.md): epochs 1-5 rank trials like their last epoch with rho <= 0.31 on the
+    default data, epoch 6 with 0.79; one rung there (6 x 3 > 10), on validation accuracy."""
+    import dataclasses
+
+    from common.config import SchedulerConfig
+
+    default = {k: getattr(v, "value", v) for k, v in dataclasses.asdict(SchedulerConfig()).items()}
+    assert rung_epochs(default, 10) == (6,) and default["metric"] == "val_acc"
