@@ -12,13 +12,14 @@
 (c) Rung fidelity of the sweep (analysis/rung_fidelity.py): per epoch, trials at chance and Spearman's rho between
     each validation metric there and the last epoch's val_acc, over the trials that reached the last epoch. Under
     early stopping those are survivors (selection bias), so:
-(d) (fidelity.fifo_samples > 0) a sweep of that many trials of the same space and settings that stops nothing
-    (scheduler.name=fifo, no retrain stage), `<sweep>-fifo<n>` next to it (resumed or reused when it exists): the same
-    table without selection bias, then its curves replayed through the real ParetoASHA for candidate (grace_period,
-    metric) settings: first rung, its rho, trials at chance there, epoch-seconds trained (share of stopping nothing),
-    the hypervolume of the resulting front and how many of the full-length front's trials it ran to the end. The
-    replay keeps the sweep's trial order and measured epoch times; what it cannot replay is the searcher reacting to
-    the stops (Optuna sees the same trials). Target: first rung rho >= 0.5.
+(d) The same table without selection bias: on the sweep itself when it stopped nothing (scheduler.name=fifo), else
+    (fidelity.fifo_samples > 0) on a sweep of that many trials of the same space and settings that stops nothing
+    (scheduler.name=fifo, no retrain stage), `<sweep>-fifo<n>` next to it (resumed or reused when it exists). Then
+    those full-length curves replayed through the real ParetoASHA for every first rung and rung metric
+    (analysis/schedule_replay.py): its rho, trials at chance there, epoch-seconds trained (share of stopping nothing),
+    the hypervolume of the resulting front and how many of the full-length front's trials it ran to the end, mean +-
+    sd over the sweep's arrival order and 19 shuffles. What the replay cannot show is the searcher reacting to the
+    stops (Optuna sees the same trials). Target: first rung rho >= 0.5.
 
 Last line: `spearman=<a> seed_std_points=<b> first_rung_rho=<c> unbiased_first_rung_rho=<d>` (nan where not run).
 """
@@ -207,15 +208,18 @@ def main(cfg: DictConfig) -> None:
 
     fidelity = sweep_fidelity(sweep)
     print_fidelity("(c) rung fidelity", fidelity)
+    # without selection bias: this sweep itself when it stopped nothing, else a sweep of fifo_samples trials that
+    # stops nothing; the rungs its scheduler settings would place are marked
     unbiased = math.nan
-    if samples:
-        fifo = fifo_sweep(sweep, samples, sweep.path.parent)
+    fifo = sweep if not fidelity.early_stopping else fifo_sweep(sweep, samples, sweep.path.parent) if samples else None
+    if fifo is not None:
         scheduler = sweep.settings["scheduler"]
-        measured = rung_fidelity(trial_curves(fifo), fidelity.metric,
-                                 rung_epochs(scheduler | {"name": "pareto_asha"}, last_epoch(trial_curves(fifo))),
+        curves = trial_curves(fifo)
+        measured = rung_fidelity(curves, fidelity.metric,
+                                 rung_epochs(scheduler | {"name": "pareto_asha"}, last_epoch(curves)),
                                  early_stopping=False)
-        print_fidelity(f"(d) rung fidelity without early stopping ({fifo.name}; the rungs {sweep.name}'s scheduler "
-                       "would use are marked)", measured)
+        print_fidelity(f"(d) rung fidelity without early stopping ({fifo.name}; the rungs of scheduler.grace_period="
+                       f"{scheduler['grace_period']} are marked)", measured)
         print_replays(fifo, sweep.settings["search"]["objective"], scheduler["reduction_factor"])
         unbiased = first_rho(measured)
     print(f"spearman={rho:.3f} seed_std_points={std_points:.2f} first_rung_rho={first_rho(fidelity):.3f} "

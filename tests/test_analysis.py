@@ -542,3 +542,52 @@ def test_a_front_model_without_checkpoint_is_one_line_before_any_scoring(workdir
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert f"trial(s) {lost.trial_id} of sweep {copy.name} have no checkpoint" in out.stderr
     assert not (copy / "evaluation.json").exists() and not (copy / "export").exists()  # nothing scored or written
+
+
+@pytest.mark.slow
+def test_search_fidelity_benchmark_measures_the_rungs_without_selection_bias(workdir):
+    """benchmarks/search_fidelity.py: (a) val/test rank agreement, (c) the sweep's rung fidelity, (d) the same without
+    selection bias and the scheduler replayed on full-length curves: on a sweep that stopped nothing, its own
+    trials; on one with rungs, a sweep of fidelity.fifo_samples trials that stops nothing, run next to it once."""
+    import re
+    import shutil
+
+    def benchmark(name: str, *args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, str(ROOT / "benchmarks" / "search_fidelity.py"), f"workdir={workdir}",
+                   f"name={name}", "fidelity.seed_spread=false", *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=ROOT)
+
+    out = benchmark(SWEEP)  # the fixture's sweep stopped nothing (fifo)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "(a) Spearman(val_acc, test_acc)" in out.stdout and "(b)" not in out.stdout
+    assert "(c) rung fidelity: 3 trials, 3 reached epoch 3" in out.stdout
+    assert f"(d) rung fidelity without early stopping ({SWEEP}; the rungs of scheduler.grace_period=1" in out.stdout
+    assert "(d) sweep" not in out.stdout and "ParetoASHA replayed on these 3 full-length curves" in out.stdout
+    replayed = [line.split() for line in out.stdout.splitlines() if re.match(r"\s+[12]\s+\S+\s+val_", line)]
+    assert {(cells[0], cells[2]) for cells in replayed} == {(g, m) for g in "12"
+                                                             for m in ("val_acc", "val_loss", "val_macro_f1")}
+    assert re.fullmatch(r"spearman=\S+ seed_std_points=nan first_rung_rho=nan unbiased_first_rung_rho=\S+",
+                        out.stdout.strip().splitlines()[-1])
+    # the same trials as if ParetoASHA had ranked them at epoch 1: the rho is over survivors, so 4 fresh trials that
+    # stop nothing are run next to it
+    ranked = workdir / "ray_results" / "ranked"
+    shutil.copytree(workdir / "ray_results" / SWEEP, ranked)
+    state = json.loads((ranked / "sweep_config.json").read_text())
+    state["sweep"]["scheduler"] |= {"name": "pareto_asha", "grace_period": 1}
+    (ranked / "sweep_config.json").write_text(json.dumps(state))
+    out = benchmark("ranked", "fidelity.fifo_samples=4")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "(d) sweep ranked-fifo4: 4 trials of space quick without early stopping (new)" in out.stdout
+    assert "survivors" in out.stdout and "ParetoASHA replayed on these 4 full-length curves" in out.stdout
+    last = out.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"spearman=\S+ seed_std_points=nan first_rung_rho=\S+ unbiased_first_rung_rho=\S+", last)
+    fifo = workdir / "ray_results" / "ranked-fifo4"
+    epochs = [len((d / "result.json").read_text().splitlines()) for d in fifo.iterdir()
+              if (d / "result.json").is_file()]
+    assert epochs == [3, 3, 3, 3]  # nothing stopped
+    again = benchmark("ranked", "fidelity.fifo_samples=4")
+    assert again.returncode == 0 and "(d) sweep" not in again.stdout  # reused, not run again
+    assert again.stdout.strip().splitlines()[-1] == last
+    refused = benchmark("ranked", "fidelity.fifo_samples=2")
+    assert refused.returncode == 2 and "fidelity.fifo_samples=2: a rank correlation with an interval needs at least 4" \
+        in refused.stderr
