@@ -40,8 +40,8 @@ sys.path.insert(0, str(ROOT))
 from data_prep.layout import FAMILIES, SOURCES, SPLITS, make_example, split_dir, wav_path, write_examples  # noqa: E402
 
 SAMPLE_RATE, SECONDS = 16000, 4.0
-INSTRUMENTS_PER_FAMILY = 20
-SPLIT_OF_INSTRUMENT = ["train"] * 16 + ["valid"] * 2 + ["test"] * 2  # instrument-disjoint, 80/10/10
+INSTRUMENTS_PER_FAMILY = 100  # 11 x 100 x 88 pitches x 5 velocities = 484,000 distinct notes
+SPLIT_OF_INSTRUMENT = ["train"] * 8 + ["valid", "test"]  # by instrument number mod 10: disjoint, 80/10/10
 
 
 def _note(family: int, instrument: int, pitch: int, velocity: int) -> np.ndarray:
@@ -64,22 +64,23 @@ def _write_notes(task: tuple[str, list[tuple[str, str, int, int, int, int]]]) ->
 def make_synthetic_nsynth(root: Path | str, n_clips: int, seed: int = 0, workers: int = 2) -> dict[str, int]:
     """Write n_clips synthetic notes in NSynth's official jsonwav layout under root; returns notes per split."""
     root = Path(root)
+    velocities = (25, 50, 75, 100, 127)
+    combos = len(FAMILIES) * INSTRUMENTS_PER_FAMILY * 88 * len(velocities)
+    if n_clips > combos:
+        raise ValueError(f"n_clips={n_clips} is more than the {combos} distinct notes this generator can write.")
     rng = np.random.default_rng(seed)
     examples: dict[str, dict[str, dict[str, Any]]] = {s: {} for s in SPLITS}
     notes = []
-    used: set[str] = set()
-    while len(notes) < n_clips:
-        family = int(rng.integers(len(FAMILIES)))
-        slot = int(rng.integers(INSTRUMENTS_PER_FAMILY))
-        pitch, velocity = int(rng.integers(21, 109)), int(rng.choice([25, 50, 75, 100, 127]))
+    for code in rng.choice(combos, size=n_clips, replace=False):  # distinct (family, instrument, pitch, velocity)
+        code, v = divmod(int(code), len(velocities))
+        code, p = divmod(code, 88)
+        family, slot = divmod(code, INSTRUMENTS_PER_FAMILY)
+        pitch, velocity = 21 + p, velocities[v]
         source = SOURCES[slot % 3]
         instrument = family * 1000 + slot
         instrument_str = f"{FAMILIES[family]}_{source}_{instrument % 1000:03d}"
         ex = make_example(FAMILIES[family], source, instrument, instrument_str, pitch, velocity, note=len(notes))
-        if ex["note_str"] in used:
-            continue
-        used.add(ex["note_str"])
-        split = SPLIT_OF_INSTRUMENT[slot]
+        split = SPLIT_OF_INSTRUMENT[slot % len(SPLIT_OF_INSTRUMENT)]
         examples[split][ex["note_str"]] = ex
         notes.append((split, ex["note_str"], family, slot, pitch, velocity))
     chunks = [(str(root), notes[i:i + 500]) for i in range(0, len(notes), 500)]

@@ -101,9 +101,14 @@ def train(config: dict[str, Any], data: WaveformData, run_dir: Path | str, *,
     generator = torch.Generator().manual_seed(tcfg["seed"])
 
     feat_cfg = FeatureConfig.from_mapping(config["features"])
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels once
+    share = tcfg["device_data_share"]
     make_inputs = inputs.pipeline if inputs else partial(make_pipeline, data, feats=feat_cfg, device=device,
-                                                         workdir=config["workdir"])
+                                                         workdir=config["workdir"], memory_share=share)
     pipelines = {split: make_inputs(split) for split in ("train", "valid")}
+    for split, pipeline in pipelines.items():  # caches built or opened now: epoch times measure training
+        pipeline.prepare(train=split == "train")
     input_shape = inputs.input_shape if inputs else (1, 1, feat_cfg.n_mels, feat_cfg.frames(data.clip_samples))
     kd_on = kcfg["enabled"]
     if kd_on and teacher_logits is None and teacher is None:
@@ -120,6 +125,8 @@ def train(config: dict[str, Any], data: WaveformData, run_dir: Path | str, *,
     target_macs = int(base_macs * min(plan.values())) if plan and pcfg["mode"] != "unstructured" else base_macs
     batch_size = min(tcfg["batch_size"], len(pipelines["train"]))  # tiny datasets still get a step per epoch
     steps_per_epoch = pipelines["train"].num_batches(batch_size, drop_last=True)
+    if tcfg["steps_per_epoch"]:  # epochs of a fixed size on a large data set (each a fresh random draw)
+        steps_per_epoch = min(steps_per_epoch, tcfg["steps_per_epoch"])
     total_steps, warmup_steps = tcfg["epochs"] * steps_per_epoch, tcfg["warmup_epochs"] * steps_per_epoch
 
     def make_optimizer() -> torch.optim.Optimizer:
@@ -161,7 +168,8 @@ def train(config: dict[str, Any], data: WaveformData, run_dir: Path | str, *,
         model.train()
         # Running sums stay on the device (loss, kd, ce, correct): one host sync per epoch, not per step.
         sums, seen = torch.zeros(4, device=device), 0
-        for batch in pipelines["train"].batches(batch_size, train=True, generator=generator, drop_last=True):
+        for batch in pipelines["train"].batches(batch_size, train=True, generator=generator, drop_last=True,
+                                                max_batches=steps_per_epoch):
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total_steps, warmup_steps, tcfg["lr"])
             features, mix = batch.features, None
@@ -196,6 +204,7 @@ def train(config: dict[str, Any], data: WaveformData, run_dir: Path | str, *,
             sums += torch.stack([loss.detach() * n, kd_part.detach() * n, ce_part.detach() * n, correct])
             seen += n
         loss_sum, kd_sum, ce_sum, correct_sum = sums.tolist()
+        train_seconds = time.perf_counter() - t0
         if not math.isfinite(loss_sum):
             raise FloatingPointError(f"Non-finite training loss in epoch {epoch}: lower train.lr or check the data.")
 
@@ -209,6 +218,7 @@ def train(config: dict[str, Any], data: WaveformData, run_dir: Path | str, *,
             "target_macs": target_macs, "pruning_step": pruning_step, "pruning_steps": len(plan),
             "sparsity": weight_sparsity(model),
             "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": time.perf_counter() - t0,
+            "clips_per_second": seen / train_seconds,  # training throughput (pruning step included)
         }
         if epoch == tcfg["epochs"] and tcfg["test_at_end"]:  # the retrain stage's number to quote (sweeps/final.py)
             test = evaluate(model, make_inputs("test"), batch_size,

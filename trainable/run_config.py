@@ -103,6 +103,10 @@ def validate_config(config: Mapping[str, Any]) -> None:
     for key in ("epochs", "batch_size"):
         if int(tcfg[key]) < 1:
             raise ValueError(f"train.{key}={tcfg[key]} must be >= 1.")
+    if tcfg["steps_per_epoch"] is not None and tcfg["steps_per_epoch"] < 1:
+        raise ValueError(f"train.steps_per_epoch={tcfg['steps_per_epoch']} must be >= 1, or null for full epochs.")
+    if not 0 < tcfg["device_data_share"] <= 1:
+        raise ValueError(f"train.device_data_share={tcfg['device_data_share']} must be in (0, 1].")
     if tcfg["lr"] <= 0:
         raise ValueError(f"train.lr={tcfg['lr']} must be > 0.")
     if not 0 <= tcfg["warmup_epochs"] < tcfg["epochs"]:
