@@ -177,7 +177,7 @@ def write_evaluations(sweep_dir: Path, evaluations: dict[str, dict[str, Any]]) -
 
 def sweep_data(sweep: Sweep, trials: Sequence[Trial]) -> WaveformData:
     """The waveform cache the trials were trained on (by the fingerprint in their checkpoints), without
-    re-materialising the dataset; rebuilt through prepare_data only if that cache is gone."""
+    re-materialising the dataset; rebuilt through prepare_data only if that cache is gone or of an older format."""
     import torch
 
     workdir = Path(sweep.base_config["workdir"])
@@ -186,7 +186,10 @@ def sweep_data(sweep: Sweep, trials: Sequence[Trial]) -> WaveformData:
             ckpt = torch.load(trial.checkpoint, map_location="cpu", weights_only=False)
             cache_dir = workdir / "cache" / "waveforms" / ckpt.get("data_fingerprint", "")
             if (cache_dir / "meta.json").is_file():
-                return load_waveform_cache(cache_dir)
+                try:
+                    return load_waveform_cache(cache_dir)
+                except ValueError as err:  # written by an earlier version: the same notes are decoded again
+                    log.warning("Sweep %s: %s", sweep.name, err)
             break
-    log.warning("Waveform cache of sweep %s not found; preparing the data again", sweep.name)
+    log.warning("Waveform cache of sweep %s not found or outdated; preparing the data again", sweep.name)
     return prepare_data(sweep.base_config["data"], workdir)

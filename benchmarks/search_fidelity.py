@@ -207,7 +207,10 @@ def main(cfg: DictConfig) -> None:
                       f"{100 * row.test_std:.2f} points over {row.n} seeds")
 
     fidelity = sweep_fidelity(sweep)
-    print_fidelity("(c) rung fidelity", fidelity)
+    if fidelity.early_stopping:
+        print_fidelity("(c) rung fidelity", fidelity)
+    else:
+        print("(c) rung fidelity: the sweep stopped no trial early, so it is measured without selection bias in (d)")
     # without selection bias: this sweep itself when it stopped nothing, else a sweep of fifo_samples trials that
     # stops nothing; the rungs its scheduler settings would place are marked
     unbiased = math.nan

@@ -164,6 +164,10 @@ def make_scheduler(name: str, objective: str, max_epochs: int, grace_period: int
     """Rung schedulers rank on `rung_objectives(objective, metric)`. ParetoASHA also stops trials that break a
     budget; asha and fifo run them on (their results still say `feasible`, and the searcher still learns the
     constraints)."""
+    if name in ("pareto_asha", "asha") and grace_period >= max_epochs:
+        log.warning("scheduler.grace_period=%d is not below train.epochs=%d: %s has no rung and stops no trial early "
+                    "(set scheduler.grace_period below train.epochs to stop trials early)", grace_period, max_epochs,
+                    name)
     grace_period = min(grace_period, max_epochs)
     ranked = rung_objectives(objective, metric)
     if name == "pareto_asha":

@@ -560,7 +560,8 @@ def test_search_fidelity_benchmark_measures_the_rungs_without_selection_bias(wor
     out = benchmark(SWEEP)  # the fixture's sweep stopped nothing (fifo)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "(a) Spearman(val_acc, test_acc)" in out.stdout and "(b)" not in out.stdout
-    assert "(c) rung fidelity: 3 trials, 3 reached epoch 3" in out.stdout
+    assert "(c) rung fidelity: the sweep stopped no trial early, so it is measured without selection bias in (d)" \
+        in out.stdout
     assert f"(d) rung fidelity without early stopping ({SWEEP}; the rungs of scheduler.grace_period=1" in out.stdout
     assert "(d) sweep" not in out.stdout and "ParetoASHA replayed on these 3 full-length curves" in out.stdout
     replayed = [line.split() for line in out.stdout.splitlines() if re.match(r"\s+[12]\s+\S+\s+val_", line)]
@@ -578,6 +579,7 @@ def test_search_fidelity_benchmark_measures_the_rungs_without_selection_bias(wor
     out = benchmark("ranked", "fidelity.fifo_samples=4")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "(d) sweep ranked-fifo4: 4 trials of space quick without early stopping (new)" in out.stdout
+    assert "(c) rung fidelity: 3 trials, 3 reached epoch 3; rung metric val_acc, rungs [1]" in out.stdout
     assert "survivors" in out.stdout and "ParetoASHA replayed on these 4 full-length curves" in out.stdout
     last = out.stdout.strip().splitlines()[-1]
     assert re.fullmatch(r"spearman=\S+ seed_std_points=nan first_rung_rho=\S+ unbiased_first_rung_rho=\S+", last)

@@ -268,3 +268,18 @@ def test_rung_metric_val_loss_ranks_lower_loss_first_and_leaves_the_searcher_on_
         assert decision == {"A": CONTINUE, "B": STOP, "C": CONTINUE}[name]  # keep ceil(n/3) by loss, ties continue
     asha = make_scheduler("asha", "single", 10, 2, 3, metric="val_loss")
     assert isinstance(asha, AsyncHyperBandScheduler) and (asha._metric, asha._mode) == ("val_loss", "min")
+
+
+def test_a_first_rung_at_or_after_the_last_epoch_is_said(caplog):
+    """The default grace_period (6) with a short space (the quick space trains 3 epochs): no rung, said once."""
+    from sweeps.tuning import make_scheduler
+
+    with caplog.at_level("WARNING", logger="sweeps.tuning"):
+        scheduler = make_scheduler("pareto_asha", "multi", 3, 6, 3)
+    assert scheduler.rung_milestones == []
+    assert "scheduler.grace_period=6 is not below train.epochs=3: pareto_asha has no rung" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="sweeps.tuning"):
+        make_scheduler("pareto_asha", "multi", 10, 6, 3)
+        make_scheduler("fifo", "multi", 3, 6, 3)
+    assert caplog.text == ""
