@@ -7,7 +7,7 @@ toggled, with the other structured pruning mode at the same MACs target and, for
 dense (unpruned) student whose width gives about the pruned model's MACs (`dense_same_macs`), so that "does KD
 help", "does progressive pruning help" and "does pruning beat training a smaller dense model" have paired answers.
 The runs are one more Ray Tune experiment (a grid), in the sweep's folder as `final/`, logged to the sweep's MLflow
-experiment with tag stage=final, resumable like the search.
+experiment with tag stage=retrain, resumable like the search.
 Each run reports `test_acc` at its last epoch (`train.test_at_end`), so nothing here needs the analysis scripts.
 """
 
