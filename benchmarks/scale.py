@@ -8,8 +8,8 @@ number of optimizer steps (train.steps_per_epoch) and one validation pass.
 
     python benchmarks/scale.py [--sizes 2000,20000,100000] [--steps 60] [--keep]
 
-Per N: preparation seconds, disk (wavs, waveform cache, log-mel caches), the driver's peak RSS (build.py and its
-decode workers), each trial's peak private memory (RssAnon: what a trial holds itself) and peak file-backed
+Per N: preparation seconds, disk (wavs, waveform cache, log-mel caches), the driver's peak private memory (RssAnon
+of build.py and its decode workers together; the cache pages it writes are file-backed and not counted), each trial's peak private memory (RssAnon: what a trial holds itself) and peak file-backed
 resident memory (RssFile: memory-mapped caches, shared by all trials of a node through the page cache), and each
 trial's training clips/s. 305,979 notes (the full release) need about 305979 x 128 kB = 39 GB of wavs plus
 305979 x (32 kB waveform + 26 kB log-mel per feature config) of caches: pass it with --sizes when the disk allows.
@@ -227,7 +227,7 @@ def main() -> None:
         trials = run_trials(config, str(cache_dir.parent), args.steps)
         row = {"clips": n, "train/valid/test": "/".join(str(counts[s]) for s in SPLITS), "generate_s": generate_s,
                "prep_s": prep_s, "wav_gb": du(data_root) / 1e9, "wave_cache_gb": du(work / "cache" / "waveforms") / 1e9,
-               "logmel_gb": du(work / "cache" / "features") / 1e9, "driver_peak_mb": driver.peak["VmRSS"] / 1024,
+               "logmel_gb": du(work / "cache" / "features") / 1e9, "driver_peak_mb": driver.peak["RssAnon"] / 1024,
                "trial_anon_mb": max(t["anon_mb"] for t in trials), "trial_file_mb": max(t["file_mb"] for t in trials),
                "clips_per_s": [round(t["clips_per_s"], 1) for t in trials]}
         table.append(row)
@@ -235,10 +235,10 @@ def main() -> None:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     print(f"\n{'clips':>8} {'tr/va/te':>18} {'gen s':>7} {'prep s':>7} {'wav GB':>7} {'wave GB':>8} {'mel GB':>7} "
-          f"{'driver MB':>10} {'trial anon MB':>14} {'trial file MB':>14} {'clips/s per trial':>18}")
+          f"{'driver anon MB':>14} {'trial anon MB':>14} {'trial file MB':>14} {'clips/s per trial':>18}")
     for r in table:
         print(f"{r['clips']:>8} {r['train/valid/test']:>18} {r['generate_s']:>7.0f} {r['prep_s']:>7.0f} "
-              f"{r['wav_gb']:>7.2f} {r['wave_cache_gb']:>8.2f} {r['logmel_gb']:>7.2f} {r['driver_peak_mb']:>10.0f} "
+              f"{r['wav_gb']:>7.2f} {r['wave_cache_gb']:>8.2f} {r['logmel_gb']:>7.2f} {r['driver_peak_mb']:>14.0f} "
               f"{r['trial_anon_mb']:>14.0f} {r['trial_file_mb']:>14.0f} {str(r['clips_per_s']):>18}")
     first, last = table[0], table[-1]
     speed = np.mean(last["clips_per_s"]) / np.mean(first["clips_per_s"])
