@@ -5,7 +5,7 @@ Pure functions over runs already read from disk (no I/O), for analysis/pareto.py
 
 Two sources of pairs, each pair differing in one setting only:
 
-* the retrain stage (sweeps/final.py, `<sweep>/final/`): every retrained front configuration (role `front`) is
+* the retrain stage (sweeps/retrain.py, `<sweep>/retrain/`): every retrained front configuration (role `front`) is
   paired with its `kd_toggled` run (KD flipped) and its `pruning_toggled` run (the other structured mode at the same
   `pruning.target_macs_ratio`) and, for a structurally pruned configuration, its `dense_same_macs` run (unpruned, at
   the student width whose MACs are closest to the pruned model's) of the same seed, scored on the test split
@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from common.config import RetrainRole
-from common.trial_table import Trial, evaluation_columns
+from common.trial_table import TrialRecord, evaluation_columns
 
 CONFIDENCE = 0.95
 FRONT, KD_TOGGLED, PRUNING_TOGGLED, DENSE_SAME_MACS = (RetrainRole.front.value, RetrainRole.kd_toggled.value,
@@ -118,7 +118,7 @@ def paired_comparison(pairs: Sequence[tuple[float, float]], subject: str = "The 
 
 # --- the retrain stage ------------------------------------------------------------------------------------------
 
-def retrained_row(trial: Trial, evaluation: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def retrained_row(trial: TrialRecord, evaluation: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """One retraining run as a row (also a line of retrained.csv); `test_acc` is None until its last epoch. With
     what analysis/evaluate.py measured of it (`evaluation`), the extra folders' columns too (`<folder>_acc`, ...);
     the run's own test numbers stay."""
@@ -126,12 +126,12 @@ def retrained_row(trial: Trial, evaluation: Mapping[str, Any] | None = None) -> 
     mode = cfg["pruning"]["mode"]
     test_acc = metrics.get("test_acc")
     return evaluation_columns(dict(evaluation) if evaluation else None) | {
-        "sweep": trial.sweep, "trial_id": trial.trial_id, "front_trial": str(cfg["retrain"]["front_trial"]),
-        "role": str(cfg["retrain"]["role"]), "seed": int(cfg["train"]["seed"]),
+        "sweep": trial.sweep, "trial_id": trial.trial_id, "front_trial": str(cfg["origin"]["front_trial"]),
+        "role": str(cfg["origin"]["role"]), "seed": int(cfg["train"]["seed"]),
         "kd": "on" if cfg["kd"]["enabled"] else "off", "pruning": mode,
         "target_macs_ratio": cfg["pruning"]["target_macs_ratio"] if mode in STRUCTURED else None,
         "width_mult": cfg["student"]["width_mult"],
-        "status": trial.status, "epochs": int(metrics["epoch"]), "final_epochs": int(cfg["train"]["epochs"]),
+        "status": trial.status, "epochs": int(metrics["epoch"]), "train_epochs": int(cfg["train"]["epochs"]),
         "test_acc": float(test_acc) if _number(test_acc) else None,
         "test_macro_f1": metrics.get("test_macro_f1"), "val_acc": float(metrics["val_acc"]),
         "target_macs": metrics.get("target_macs"), "macs": metrics.get("macs"), "params": metrics.get("params"),
@@ -315,7 +315,7 @@ def dense_macs_pairs(runs: Sequence[Mapping[str, Any]]) -> list[MacsPair]:
 
 def retrained_comparisons(runs: Sequence[Mapping[str, Any]]) -> list[PairedComparison]:
     """KD vs no KD, progressive vs single and pruned vs dense at the same MACs on the retrained runs' test accuracy;
-    each only when the retrain stage has runs of that ablation (final.ablations; the pruning ones only for
+    each only when the retrain stage has runs of that ablation (retrain.ablations; the pruning ones only for
     configurations with structured pruning)."""
     comparisons = []
     for role, question, subject, pairing in ((KD_TOGGLED, KD_QUESTION, KD_SUBJECT, kd_pairs),
@@ -330,7 +330,7 @@ def retrained_comparisons(runs: Sequence[Mapping[str, Any]]) -> list[PairedCompa
 
 # --- the scenarios grid -----------------------------------------------------------------------------------------
 
-def scenario_cell(trial: Trial) -> tuple[Any, ...] | None:
+def scenario_cell(trial: TrialRecord) -> tuple[Any, ...] | None:
     """For a trial of a grid over `scenario`: (sweep, its other grid keys and values), the cell whose scenarios
     differ only in kd.enabled and pruning.mode (conf/scenario/*.yaml); None for any other trial."""
     point = (trial.metrics.get("config") or {}).get("grid_point") or {}
@@ -339,7 +339,7 @@ def scenario_cell(trial: Trial) -> tuple[Any, ...] | None:
     return (trial.sweep, *sorted((k, json.dumps(v, sort_keys=True)) for k, v in point.items() if k != "scenario"))
 
 
-def scenario_comparisons(trials: Sequence[Trial],
+def scenario_comparisons(trials: Sequence[TrialRecord],
                          test_accs: Mapping[tuple[str, str], Any]) -> list[PairedComparison]:
     """KD vs no KD paired by (pruning mode, other grid keys such as train.seed) and progressive vs single paired by
     (KD on/off, other grid keys), over the completed trials of a grid over `scenario`; [] without such trials.

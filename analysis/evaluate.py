@@ -38,7 +38,7 @@ from analysis.pareto import analyse, require_checkpoints, select_trials, summary
 from analysis.results import NAME_KEYS, load_sweeps, sweep_data, write_evaluations
 from common.cli import entry_point, plain, string_overrides
 from common.config import FeatureConfig
-from common.trial_table import Trial, evaluation_columns, evaluation_headers, format_table
+from common.trial_table import TrialRecord, evaluation_columns, evaluation_headers, format_table
 from data_prep.waveform_cache import WaveformData, load_clip
 from trainable.checkpoints import load_checkpoint, restore_model
 from trainable.evaluation import amp_settings, evaluate, make_pipeline
@@ -131,7 +131,7 @@ def score_extra(model: torch.nn.Module, extra: ExtraSet, classes: list[str], fea
     return result | {"acc": metrics["acc"], "macro_f1": metrics["macro_f1"]}
 
 
-def evaluate_trial(trial: Trial, data: WaveformData, extras: Sequence[ExtraSet], device: torch.device,
+def evaluate_trial(trial: TrialRecord, data: WaveformData, extras: Sequence[ExtraSet], device: torch.device,
                    batch_size: int) -> dict[str, Any]:
     """Test-split (and extra folders') metrics of one trial's last checkpoint."""
     if trial.checkpoint is None:
@@ -155,7 +155,7 @@ def evaluate_trial(trial: Trial, data: WaveformData, extras: Sequence[ExtraSet],
             "error": None}
 
 
-def evaluate_trials(trials: Sequence[Trial], data: WaveformData, extras: Sequence[ExtraSet], device: torch.device,
+def evaluate_trials(trials: Sequence[TrialRecord], data: WaveformData, extras: Sequence[ExtraSet], device: torch.device,
                     batch_size: int) -> dict[str, dict[str, Any]]:
     """trial_id -> its metrics, or {"error": ...} for a trial whose checkpoint cannot be loaded or scored."""
     results = {}

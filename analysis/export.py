@@ -43,10 +43,10 @@ from analysis.pareto import EXPORT_DIR, EXPORT_MANIFEST, analyse, chosen_by_swee
 from analysis.quantize import calibration_indices, compare_models, ops_left_in_fp32, quantize_onnx
 from analysis.results import NAME_KEYS, load_sweeps, sweep_data
 from common.cli import entry_point, plain, string_overrides
-from common.io import atomic_write_text
-from data_prep.waveform_cache import WaveformData
 from common.config import FeatureConfig
-from common.trial_table import Trial, export_columns, format_table, param_kb
+from common.io import atomic_write_text
+from common.trial_table import TrialRecord, export_columns, format_table, param_kb
+from data_prep.waveform_cache import WaveformData
 from trainable.checkpoints import load_checkpoint, restore_model
 from trainable.evaluation import make_pipeline
 from trainable.qat import qat_finetune
@@ -102,7 +102,7 @@ def one_line(err: BaseException, limit: int = 400) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def export_trial(trial: Trial, data: WaveformData, out_dir: Path, opset: int, tolerance: float,
+def export_trial(trial: TrialRecord, data: WaveformData, out_dir: Path, opset: int, tolerance: float,
                  quant: dict[str, Any] | None = None, latency: dict[str, Any] | None = None,
                  seed: int = 0, device: str = "auto") -> dict[str, Any]:
     """Export one trial's last checkpoint; the .onnx file only appears once parity holds. Then, when `quant`
@@ -286,7 +286,7 @@ def main(cfg: DictConfig) -> None:
             except Exception as err:  # one failing model must not stop the other exports
                 log.error("trial %s not exported: %s", trial.trial_id, err)
                 exports[trial.trial_id] = {"onnx": None, "error": one_line(err)}
-            retrained_from = (trial.config.get("retrain") or {}).get("front_trial")
+            retrained_from = (trial.config.get("origin") or {}).get("front_trial")
             rows.append({"trial_id": trial.trial_id, "sweep": sweep.name, "val_acc": trial.metrics["val_acc"],
                          "macs": trial.metrics["macs"], **exports[trial.trial_id],
                          **export_columns(exports[trial.trial_id]),

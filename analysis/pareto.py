@@ -12,7 +12,7 @@ appear once analysis/evaluate.py has run, deployment columns (precision, kB, int
 analysis/export.py has (both regenerate these files). `objectives.third_objective=latency` ranks on the latency
 export.py measured (fp32, 1 thread, median ms): the front is then chosen among the trials measured so far.
 
-The retrain stage's runs (`<sweep>/final/`, sweeps/final.py) go to `retrained.csv`, one row per run (pareto.csv keeps
+The retrain stage's runs (`<sweep>/retrain/`, sweeps/retrain.py) go to `retrained.csv`, one row per run (pareto.csv keeps
 one row per search trial), and into the plot and the report: the retrained front and the paired KD / pruning
 comparisons (analysis/compare.py). The printed summary ends with the paths of the plot, the report and the CSVs.
 """
@@ -46,10 +46,10 @@ from analysis.results import NAME_KEYS, Sweep, load_retrained, load_sweeps, read
 from analysis.rung_fidelity import RungFidelity
 from analysis.sweep_stats import Hypervolumes, normalised_hypervolumes
 from common.cli import entry_point, plain, string_overrides
-from common.objectives import ACCURACY, LATENCY, MACS, front_mask, objectives
+from common.config import bytes_per_param
+from common.objectives import ACCURACY, LATENCY, TARGET_MACS, front_mask, objectives
 from common.trial_table import (
-    BYTES_PER_PARAM,
-    Trial,
+    TrialRecord,
     export_columns,
     format_table,
     format_value,
@@ -97,19 +97,19 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not math.isnan(value)
 
 
-def retrained_front_runs(sweeps: Sequence[Sweep]) -> list[Trial]:
+def retrained_front_runs(sweeps: Sequence[Sweep]) -> list[TrialRecord]:
     """The finished runs of the retrained front configurations (role `front`, every seed): the models to ship."""
     runs = [run for s in sweeps for run in load_retrained(s)
-            if str(run.config["retrain"]["role"]) == FRONT and finished(retrained_row(run))]
+            if str(run.config["origin"]["role"]) == FRONT and finished(retrained_row(run))]
     if not runs:
         names = sweeps[0].name if len(sweeps) == 1 else f"[{','.join(s.name for s in sweeps)}]"
         raise ValueError(f"trial=retrained: sweep(s) {names} have no finished retraining run yet; run "
-                         f"python sweeps/run.py stage=final name={names} (or resume=true to finish it) first.")
-    return sorted(runs, key=lambda t: (t.metrics[MACS], str(t.config["retrain"]["front_trial"]),
+                         f"python sweeps/run.py stage=retrain name={names} (or resume=true to finish it) first.")
+    return sorted(runs, key=lambda t: (t.metrics[TARGET_MACS], str(t.config["origin"]["front_trial"]),
                                        t.config["train"]["seed"]))
 
 
-def select_trials(sweeps: Sequence[Sweep], which: str | list[str], third_objective: str | None = None) -> list[Trial]:
+def select_trials(sweeps: Sequence[Sweep], which: str | list[str], third_objective: str | None = None) -> list[TrialRecord]:
     """`front` -> the front's trials (ordered by MACs); `all` -> every trial (e.g. to score a whole scenarios grid on
     the test split); `retrained` -> the retrain stage's runs of the front configurations, every seed; otherwise the
     trial id(s) given (a trial id is a string: the entry points read `trial=` as typed, see
@@ -127,7 +127,7 @@ def select_trials(sweeps: Sequence[Sweep], which: str | list[str], third_objecti
             values = [t.metrics | export_columns(exports.get((t.sweep, t.trial_id))) for t in trials]
             require_latency(values, sweeps, third_objective)
         on_front = front_mask(values, objectives(third_objective=third_objective))
-        return sorted((t for t, on in zip(trials, on_front) if on), key=lambda t: t.metrics[MACS])
+        return sorted((t for t, on in zip(trials, on_front) if on), key=lambda t: t.metrics[TARGET_MACS])
     by_id = {t.trial_id: t for t in trials}
     wanted = [str(w) for w in (which if isinstance(which, (list, tuple)) else [which])]
     missing = [w for w in wanted if w not in by_id]
@@ -137,7 +137,7 @@ def select_trials(sweeps: Sequence[Sweep], which: str | list[str], third_objecti
     return [by_id[w] for w in wanted]
 
 
-def require_checkpoints(trials: Sequence[Trial]) -> None:
+def require_checkpoints(trials: Sequence[TrialRecord]) -> None:
     """Scripts that load the chosen models check them all before scoring any: a missing checkpoint is one line."""
     missing = [t for t in trials if t.checkpoint is None]
     if missing:
@@ -147,7 +147,7 @@ def require_checkpoints(trials: Sequence[Trial]) -> None:
             "its first epoch); nothing was scored. Pass trial=<id> or [<id>, ...] of trials that kept theirs.")
 
 
-def chosen_by_sweep(sweeps: Sequence[Sweep], config: Mapping[str, Any]) -> list[tuple[Sweep, list[Trial]]]:
+def chosen_by_sweep(sweeps: Sequence[Sweep], config: Mapping[str, Any]) -> list[tuple[Sweep, list[TrialRecord]]]:
     """The trials `trial=` names (front | id | [ids]) grouped by sweep, sweeps without one left out. Latency, which
     export.py measures, never chooses: the front is then taken on the other objectives."""
     third = config["objectives"]["third_objective"]
@@ -180,7 +180,7 @@ def retrained_candidate(config: RetrainedConfig) -> dict[str, Any]:
     """A retrained front configuration as a row best_under_budget and budget_line read: validation and test means
     over its finished seeds, and the means of what analysis/export.py measured of them."""
     return {"trial_id": config.front_trial, "retrained": f"retrained, {config.n} seed{'s' if config.n > 1 else ''}",
-            ACCURACY: config.val_mean, MACS: config.target_macs, "params": config.params,
+            ACCURACY: config.val_mean, TARGET_MACS: config.target_macs, "params": config.params,
             "test_acc": config.test_mean, "int8_test_acc": config.int8_test_mean,
             "kb_fp32": param_kb(config.params, "fp32") if config.exported else None,
             "kb_int8": param_kb(config.params, "int8") if config.exported else None,
@@ -206,7 +206,7 @@ def budget_line(budget: Mapping[str, Any], best: dict[str, Any] | None) -> str:
         return f"{head}: no trial fits."
     numbers = {"val acc": best.get(ACCURACY), "test acc fp32/int8": (best.get("fp32_test_acc") or best.get("test_acc"),
                                                                  best.get("int8_test_acc")),
-               "target MACs": best.get(MACS), "params": best.get("params"),
+               "target MACs": best.get(TARGET_MACS), "params": best.get("params"),
                "kB fp32/int8": (best.get("kb_fp32"), best.get("kb_int8")),
                "latency ms 1 thread fp32/int8": (best.get(LATENCY), best.get("int8_latency_ms_1thread"))}
     shown = []
@@ -256,7 +256,7 @@ class Analysis:
     hypervolumes: Hypervolumes
     mlflow_run_id: str
     best_under_budget: str | None = None  # the "best under budget" line, when the sweep had a budget
-    retrained_runs: list[dict[str, Any]] = field(default_factory=list)  # compare.retrained_row of each final/ run
+    retrained_runs: list[dict[str, Any]] = field(default_factory=list)  # compare.retrained_row of each retrain/ run
     retrained: list[RetrainedConfig] = field(default_factory=list)      # the retrained front, per configuration
     comparisons: list[PairedComparison] = field(default_factory=list)   # retrained front, then scenarios grid
     fidelity: dict[str, RungFidelity] = field(default_factory=dict)     # sweep -> its rung fidelity
@@ -314,7 +314,7 @@ def retrained_lines(analysis: Analysis, sweeps: Sequence[str]) -> list[str]:
     runs = analysis.retrained_runs
     if not runs:
         lines = ["Retrained front: not retrained yet: run "
-                 + "; ".join(f"python sweeps/run.py stage=final name={s}" for s in sweeps)]
+                 + "; ".join(f"python sweeps/run.py stage=retrain name={s}" for s in sweeps)]
     else:
         done = sum(finished(r) for r in runs)
         lines = [f"Retrained front (test accuracy, mean ± std over seeds; {done} of {len(runs)} runs finished"
@@ -382,9 +382,8 @@ def best_under_budget(rows: Sequence[dict[str, Any]], budget: Mapping[str, Any])
     accuracy stays for reporting), then fewer target MACs, then fewer parameters.
     """
     precision = str(budget.get("precision") or "int8")
-    if precision not in BYTES_PER_PARAM:
-        raise ValueError(f"budget.precision={precision!r}; use one of {list(BYTES_PER_PARAM)}")
-    limits = {MACS: budget.get("max_macs"), "params": budget.get("max_params")}
+    bytes_per_param(precision, "budget.precision")
+    limits = {TARGET_MACS: budget.get("max_macs"), "params": budget.get("max_params")}
 
     def fits(row: dict[str, Any]) -> bool:
         if not _number(row.get(ACCURACY)) or not row.get("feasible", True):  # the sweep judged it over the budget
@@ -396,7 +395,7 @@ def best_under_budget(rows: Sequence[dict[str, Any]], budget: Mapping[str, Any])
         return not (precision == "int8" and row.get("int8_error"))
 
     feasible = [r for r in rows if fits(r)]
-    return min(feasible, key=lambda r: (-r[ACCURACY], r[MACS], r["params"]), default=None)
+    return min(feasible, key=lambda r: (-r[ACCURACY], r[TARGET_MACS], r["params"]), default=None)
 
 
 @hydra.main(config_path="../conf", config_name="analysis", version_base="1.3")

@@ -1,7 +1,7 @@
 """The accuracy-vs-MACs figure: every trial (colour = KD, marker = pruning mode), the front as a step line,
 front points labelled. Trials that ran all their epochs are filled; trials stopped early (by the scheduler, or
 errored / still running) are hollow and faded, with the epoch they reached written next to them, since their
-accuracy is that of a partly trained model. The x axis is the MACs objective (`common.objectives.MACS`) and its
+accuracy is that of a partly trained model. The x axis is the MACs objective (`common.objectives.TARGET_MACS`) and its
 label says so. Once the retrain stage has run, the retrained front is drawn over the trials: each configuration's
 test accuracy, mean with +- one standard deviation over its seeds, at its target MACs."""
 
@@ -14,14 +14,14 @@ from typing import Any
 import numpy as np
 
 from analysis.compare import RetrainedConfig
-from common.objectives import ACCURACY, LABELS, MACS, front_mask
+from common.objectives import ACCURACY, LABELS, TARGET_MACS, front_mask
 
 KD_COLOURS = {"on": "tab:blue", "off": "tab:orange"}
 PRUNING_MARKERS = {"none": "o", "single": "s", "progressive": "^", "unstructured": "D"}
 PRUNING_NAMES = {"none": "no pruning", "single": "single-shot", "progressive": "progressive",
                  "unstructured": "unstructured (masks)"}
 SWEEP_LINE_COLOURS = ("tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
-X_LABEL = f"{LABELS[MACS]} (millions per clip, log scale)"
+X_LABEL = f"{LABELS[TARGET_MACS]} (millions per clip, log scale)"
 STOPPED_ALPHA = 0.45  # trials stopped before their last epoch: hollow and this faint (off the front)
 RETRAINED_COLOUR, RETRAINED_MARKER = "crimson", "*"  # the retrained front, in no trial's colour or marker
 
@@ -58,7 +58,7 @@ def front_figure(rows: Sequence[dict[str, Any]], title: str, budget: Mapping[str
     from matplotlib.lines import Line2D
 
     fig, ax = plt.subplots(figsize=(11.5, 6.5), dpi=110)
-    macs = np.array([r[MACS] for r in rows], dtype=float) / 1e6
+    macs = np.array([r[TARGET_MACS] for r in rows], dtype=float) / 1e6
     acc = np.array([r[ACCURACY] for r in rows], dtype=float)
     front = np.array([r["on_front"] for r in rows])
     drawn = [c for c in retrained if c.n and c.target_macs is not None]

@@ -33,7 +33,7 @@ from analysis.sweep_stats import (
     matched_difference,
     matched_macs_comparison,
 )
-from common.objectives import ACCURACY, LABELS, MACS, objectives
+from common.objectives import ACCURACY, LABELS, TARGET_MACS, objectives
 from common.trial_table import format_value, front_rows, table_columns
 
 # Tables sit in a box that scrolls sideways when they are wider than the page (many evaluation columns, overlaid
@@ -159,7 +159,7 @@ def _fidelity_html(fidelity: Mapping[str, RungFidelity]) -> str:
         title = f"<h3>{html.escape(name)}</h3>" if len(fidelity) > 1 else ""
         bias = html.escape(f.bias_note)
         parts.append(f"{title}<p><b>{html.escape(f.sentence())}</b></p>"
-                     f"<p>{f.trials} trials, {f.finished} reached epoch {f.final_epoch}. {bias}</p>"
+                     f"<p>{f.trials} trials, {f.finished} reached epoch {f.last_epoch}. {bias}</p>"
                      + _wrapped(f"<table><thead>{head}</thead><tbody>{body}</tbody></table>"))
     return "\n".join(parts)
 
@@ -174,7 +174,7 @@ def _budget_html(best_under_budget: str | None) -> str:
 
 def _retrain_command(sweeps: Sequence[str]) -> str:
     """The command(s) that run the retrain stage of the sweeps, as HTML."""
-    return "; ".join(f"<code>python sweeps/run.py stage=final name={html.escape(s)}</code>" for s in sweeps)
+    return "; ".join(f"<code>python sweeps/run.py stage=retrain name={html.escape(s)}</code>" for s in sweeps)
 
 
 def _conclusions_html(rows: Sequence[dict[str, Any]], runs: Sequence[dict[str, Any]],
@@ -212,7 +212,7 @@ def _conclusions_html(rows: Sequence[dict[str, Any]], runs: Sequence[dict[str, A
         parts += binned
         parts.append(
             f"<p>Without paired runs for a question, the search's trials are compared within bins spanning a factor "
-            f"of 2 in <code>{MACS}</code>: validation accuracies of the trials that ran all their epochs "
+            f"of 2 in <code>{TARGET_MACS}</code>: validation accuracies of the trials that ran all their epochs "
             f"({len(completed)} of {len(rows)}; trials stopped early by the scheduler are left out). These trials "
             "differ in their other hyperparameters too, so a difference is not the effect of the one setting. A "
             f"difference needs at least {MIN_GROUP_SIZE} trials per group in a bin; with a handful of trials per "
@@ -232,7 +232,7 @@ def _retrained_html(rows: Sequence[dict[str, Any]], runs: Sequence[dict[str, Any
     search_val = {(r["sweep"], r["trial_id"]): r["val_acc"] for r in rows}
     several = len({c.sweep for c in table}) > 1
     done = sum(finished(r) for r in runs)
-    epochs = ", ".join(str(e) for e in sorted({r["final_epochs"] for r in runs}))
+    epochs = ", ".join(str(e) for e in sorted({r["train_epochs"] for r in runs}))
     head = ("<tr><th>front trial</th>" + ("<th>sweep</th>" if several else "") +
             "<th>KD</th><th>pruning</th><th>MACs ratio</th><th>target MACs</th><th>params</th>"
             "<th>test acc (mean &plusmn; std)</th><th>val acc (mean)</th><th>search val acc</th><th>n seeds</th>"

@@ -2,7 +2,7 @@
 
 `<storage_path>/<sweep>/` holds `sweep_config.json` (base config + sweep settings, written by
 sweeps/run.py) and one folder per trial with `result.json` (one JSON line per reported epoch) and the
-last kept `checkpoint_NNNNNN/`. The retrain stage (sweeps/final.py) adds `final/`, one more Tune experiment
+last kept `checkpoint_NNNNNN/`. The retrain stage (sweeps/retrain.py) adds `retrain/`, one more Tune experiment
 of the same shape whose runs report `test_acc` at their last epoch (`load_retrained`). Reading the files
 (not Tune's pickled experiment state) keeps the analysis independent of the Ray version that ran the sweep
 and lets it run while a sweep is going on.
@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from analysis.rung_fidelity import Curve, RungFidelity, last_epoch, rung_epochs, rung_fidelity
-from common.config import upgrade_saved_config
+from common.config import upgrade_saved_config, upgrade_saved_settings
 from common.io import atomic_write_text
 from common.sweep_layout import STATE_FILE, list_sweeps
-from common.trial_table import Trial
+from common.trial_table import TrialRecord
 from data_prep.dataset import prepare_data
 from data_prep.waveform_cache import WaveformData, load_waveform_cache
-from sweeps.final import FINAL_EXPERIMENT
+from sweeps.retrain import retrain_experiment
 from trainable.checkpoints import CHECKPOINT_NAME
 from trainable.run_config import trial_config
 
@@ -40,7 +40,7 @@ class Sweep:
     path: Path
     base_config: dict[str, Any]
     settings: dict[str, Any]
-    trials: list[Trial]
+    trials: list[TrialRecord]
 
 
 # Keys whose values name things (sweeps, folders, trials): read as the characters typed on the command line, so
@@ -92,7 +92,7 @@ def last_checkpoint(trial_dir: Path, last_result: dict[str, Any]) -> Path | None
     return found[-1] if found else None
 
 
-def load_trial(sweep: str, trial_dir: Path, base_config: dict[str, Any]) -> Trial | None:
+def load_trial(sweep: str, trial_dir: Path, base_config: dict[str, Any]) -> TrialRecord | None:
     results = read_results(trial_dir / "result.json")
     if not results:
         return None
@@ -104,7 +104,7 @@ def load_trial(sweep: str, trial_dir: Path, base_config: dict[str, Any]) -> Tria
         status = "errored"
     else:
         status = "stopped"
-    return Trial(sweep=sweep, trial_id=str(last["trial_id"]), trial_dir=trial_dir, config=config, metrics=last,
+    return TrialRecord(sweep=sweep, trial_id=str(last["trial_id"]), trial_dir=trial_dir, config=config, metrics=last,
                  checkpoint=last_checkpoint(trial_dir, last), status=status)
 
 
@@ -122,14 +122,14 @@ def load_sweep(path: Path) -> Sweep:
         raise ValueError(f"Sweep {path.name!r} ({path}) has no finished trials: no trial folder has a result.json "
                          "with val_acc yet. Wait for its trials to report an epoch, or check their error.txt.")
     log.info("Sweep %s: %d trials with results", path.name, len(trials))
-    return Sweep(name=path.name, path=path, base_config=base_config, settings=state["sweep"], trials=trials)
+    return Sweep(name=path.name, path=path, base_config=base_config, settings=upgrade_saved_settings(state["sweep"]), trials=trials)
 
 
-def load_retrained(sweep: Sweep) -> list[Trial]:
-    """The runs of the sweep's retrain stage (`<sweep>/final/<run>/result.json`) that reported an epoch, read like
-    the search's trials (their config labels them: `retrain.front_trial`, `retrain.role`, `train.seed`); a run
+def load_retrained(sweep: Sweep) -> list[TrialRecord]:
+    """The runs of the sweep's retrain stage (`<sweep>/retrain/<run>/result.json`; `final/` in sweeps made before
+    the rename) that reported an epoch, read like the search's trials (their config labels them: `origin.front_trial`, `origin.role`, `train.seed`); a run
     still going or killed has no `test_acc` in its last result yet. [] before the stage has run."""
-    folder = sweep.path / FINAL_EXPERIMENT
+    folder = sweep.path / retrain_experiment(lambda experiment: (sweep.path / experiment).is_dir())
     if not folder.is_dir():
         return []
     runs = [load_trial(sweep.name, run_dir, sweep.base_config) for run_dir in sorted(folder.iterdir())
@@ -175,7 +175,7 @@ def write_evaluations(sweep_dir: Path, evaluations: dict[str, dict[str, Any]]) -
     atomic_write_text(Path(sweep_dir) / EVALUATION_FILE, json.dumps(merged, indent=2, sort_keys=True))
 
 
-def sweep_data(sweep: Sweep, trials: Sequence[Trial]) -> WaveformData:
+def sweep_data(sweep: Sweep, trials: Sequence[TrialRecord]) -> WaveformData:
     """The waveform cache the trials were trained on (by the fingerprint in their checkpoints), without
     re-materialising the dataset; rebuilt through prepare_data only if that cache is gone or of an older format."""
     import torch

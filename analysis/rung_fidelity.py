@@ -43,7 +43,7 @@ class Curve:
     """One trial's reported epochs: epoch -> that epoch's result (the last one reported for it, after a resume)."""
 
     trial_id: str
-    final_epoch: int                       # the trial's train.epochs
+    epochs: int                            # the trial's train.epochs
     num_classes: int
     results: Mapping[int, Mapping[str, Any]]
 
@@ -53,7 +53,7 @@ class Curve:
 
     @property
     def finished(self) -> bool:
-        return self.last_epoch >= self.final_epoch
+        return self.last_epoch >= self.epochs
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ class EpochFidelity:
 @dataclass(frozen=True)
 class RungFidelity:
     metric: str                       # the rung metric (scheduler.metric)
-    final_epoch: int
+    last_epoch: int
     rungs: tuple[int, ...]            # the scheduler's rung epochs (none without early stopping)
     early_stopping: bool              # whether the scheduler stopped trials (then rho is over survivors)
     trials: int
@@ -95,7 +95,7 @@ class RungFidelity:
         row = row or self.first_rung
         if row is None:
             text = (f"No rung: the scheduler stopped no trial early ({self.finished} trials ran all "
-                    f"{self.final_epoch} epochs).")
+                    f"{self.last_epoch} epochs).")
             signal = self.earliest()
             if signal is None:
                 return text + f" No earlier epoch ranks trials like the last with ρ >= {TARGET_RHO:g} ({self.metric})."
@@ -126,7 +126,7 @@ class RungFidelity:
         if not self.early_stopping:
             return ("No trial was stopped early, so every trial's last epoch is known: these correlations carry no "
                     "selection bias.")
-        return (f"Only the {self.finished} trials the scheduler let through reached epoch {self.final_epoch}, and "
+        return (f"Only the {self.finished} trials the scheduler let through reached epoch {self.last_epoch}, and "
                 "they were chosen on this very metric: rho is measured on survivors, a restricted range, which "
                 "usually understates it. A sweep that stops no trial measures it without that bias "
                 "(benchmarks/search_fidelity.py fidelity.fifo_samples=<n>).")
@@ -172,10 +172,10 @@ def at_chance(result: Mapping[str, Any], num_classes: int) -> bool | None:
 
 
 def last_epoch(curves: Sequence[Curve]) -> int:
-    """The sweep's last epoch: the most common `final_epoch` of its trials (a sweep trains every trial as long)."""
+    """The sweep's last epoch: the most common `epochs` of its trials (a sweep trains every trial as long)."""
     if not curves:
         raise ValueError("rung fidelity needs at least one trial with results")
-    planned = [c.final_epoch for c in curves]
+    planned = [c.epochs for c in curves]
     return max(set(planned), key=planned.count)
 
 
@@ -187,25 +187,25 @@ def rung_fidelity(curves: Sequence[Curve], metric: str = ACCURACY, rungs: Sequen
     Trials that reached the last epoch (`last_epoch`) are the ones compared. `early_stopping` defaults to whether any
     rung is given."""
     oriented(metric, 0.0)  # an unknown metric is an error before any work
-    final_epoch = last_epoch(curves)
-    done = [c for c in curves if c.final_epoch == final_epoch and c.finished]
+    end = last_epoch(curves)
+    done = [c for c in curves if c.epochs == end and c.finished]
     epochs = []
-    for epoch in range(1, final_epoch):
+    for epoch in range(1, end):
         reporting = [c for c in curves if epoch in c.results]
         chance = [at_chance(c.results[epoch], c.num_classes) for c in reporting]
         paired = [c for c in done if epoch in c.results]
-        last = [float(c.results[final_epoch][ACCURACY]) for c in paired]
+        last = [float(c.results[end][ACCURACY]) for c in paired]
         agreements = {name: spearman_interval([oriented(name, float(c.results[epoch][name])) for c in paired], last)
                       for name in RUNG_METRICS if all(name in c.results[epoch] for c in paired)}
         epochs.append(EpochFidelity(epoch=epoch, rung=epoch in rungs, reported=len(reporting),
                                     at_chance=None if None in chance else sum(chance), agreements=agreements))
-    return RungFidelity(metric=metric, final_epoch=final_epoch,
-                        rungs=tuple(sorted(r for r in rungs if r < final_epoch)),
+    return RungFidelity(metric=metric, last_epoch=end,
+                        rungs=tuple(sorted(r for r in rungs if r < end)),
                         early_stopping=bool(rungs) if early_stopping is None else early_stopping,
                         trials=len(curves), finished=len(done), epochs=tuple(epochs))
 
 
-def rung_epochs(scheduler: Mapping[str, Any], final_epoch: int, grid: bool = False) -> tuple[int, ...]:
+def rung_epochs(scheduler: Mapping[str, Any], last_epoch: int, grid: bool = False) -> tuple[int, ...]:
     """The epochs at which the sweep's scheduler ranked trials: ParetoASHA's rungs (grace_period x
     reduction_factor^k below the last epoch; Ray's ASHA uses the same ones) for pareto_asha and asha, none for fifo.
     `scheduler` is the sweep's saved `scheduler` settings; name null is the default (sweeps/tuning.py): fifo for a
@@ -215,7 +215,7 @@ def rung_epochs(scheduler: Mapping[str, Any], final_epoch: int, grid: bool = Fal
     name = scheduler.get("name") or ("fifo" if grid else "pareto_asha")
     if name == "fifo":
         return ()
-    grace = min(scheduler["grace_period"], final_epoch)  # as sweeps/tuning.py make_scheduler clips it
-    milestones = ParetoASHA(max_t=final_epoch, grace_period=grace,
+    grace = min(scheduler["grace_period"], last_epoch)  # as sweeps/tuning.py make_scheduler clips it
+    milestones = ParetoASHA(max_t=last_epoch, grace_period=grace,
                             reduction_factor=scheduler["reduction_factor"]).rung_milestones
     return tuple(sorted({math.ceil(m) for m in milestones}))  # a trial is ranked at the first epoch >= a milestone

@@ -77,8 +77,8 @@ def replay(curves: Sequence[Curve], objective: str, grace_period: int, reduction
 
     from sweeps.tuning import make_scheduler
 
-    final = last_epoch(curves)
-    scheduler = make_scheduler("pareto_asha", objective, final, grace_period, reduction_factor, metric=metric)
+    last = last_epoch(curves)
+    scheduler = make_scheduler("pareto_asha", objective, last, grace_period, reduction_factor, metric=metric)
     queue, running, clock, seconds, reached = list(curves), [], 0.0, 0.0, {}
 
     def start(now: float) -> None:
@@ -92,7 +92,7 @@ def replay(curves: Sequence[Curve], objective: str, grace_period: int, reduction
         seconds += _epoch_seconds(c, epoch)
         reached[c.trial_id] = epoch
         decision = scheduler.on_trial_result(None, SimpleNamespace(trial_id=c.trial_id), dict(c.results[epoch]))
-        if decision == TrialScheduler.CONTINUE and epoch < final:
+        if decision == TrialScheduler.CONTINUE and epoch < last:
             heapq.heappush(running, (clock + _epoch_seconds(c, epoch + 1), c.trial_id, epoch + 1, c))
         start(clock)
     return reached, seconds
@@ -103,7 +103,7 @@ def _epoch_seconds(curve: Curve, epoch: int) -> float:
     return float(result.get("epoch_seconds") or result.get("time_this_iter_s") or 1.0)
 
 
-def final_rows(curves: Sequence[Curve], reached: Mapping[str, int]) -> list[dict[str, Any]]:
+def reached_rows(curves: Sequence[Curve], reached: Mapping[str, int]) -> list[dict[str, Any]]:
     """Each trial's last trained result as the report ranks it: val_acc, target_macs and whether it is within the
     sweep's budget (common.objectives.front_mask leaves infeasible rows off the front)."""
     rows = []
@@ -122,15 +122,15 @@ def replays(curves: Sequence[Curve], objective: str, reduction_factor: float, wo
     curves = [c for c in curves if c.finished]
     rng = np.random.default_rng(seed)
     arrivals = [list(curves)] + [[curves[i] for i in rng.permutation(len(curves))] for _ in range(orders - 1)]
-    final = last_epoch(curves)
-    full_rows = final_rows(curves, {c.trial_id: final for c in curves})
+    last = last_epoch(curves)
+    full_rows = reached_rows(curves, {c.trial_id: last for c in curves})
     full_front = {r["trial_id"] for r, on in zip(full_rows, front_mask(full_rows)) if on}
-    full_seconds = sum(_epoch_seconds(c, e) for c in curves for e in range(1, final + 1))
+    full_seconds = sum(_epoch_seconds(c, e) for c in curves for e in range(1, last + 1))
     fidelity = rung_fidelity(curves, early_stopping=False)
     out = []
-    for grace in range(1, final):
+    for grace in range(1, last):
         rungs = rung_epochs({"name": "pareto_asha", "grace_period": grace, "reduction_factor": reduction_factor},
-                            final)
+                            last)
         first = fidelity.epochs[rungs[0] - 1]
         for metric in RUNG_METRICS:
             seconds, volumes, kept = [], [], []
@@ -138,8 +138,8 @@ def replays(curves: Sequence[Curve], objective: str, reduction_factor: float, wo
                 reached, spent = replay(order, objective, grace, reduction_factor, metric, workers)
                 seconds.append(spent)
                 # same trials, so the same hypervolume reference point (1.1 x their largest MACs) for every setting
-                volumes.append(normalised_hypervolumes(final_rows(curves, reached)).by_sweep["replay"])
-                kept.append(sum(reached[t] == final for t in full_front))
+                volumes.append(normalised_hypervolumes(reached_rows(curves, reached)).by_sweep["replay"])
+                kept.append(sum(reached[t] == last for t in full_front))
             agreement = first.agreements.get(metric)
             shares = np.array(seconds) / full_seconds
             out.append(Replay(

@@ -1,6 +1,6 @@
 """Numbers the report draws from the trial rows: normalised hypervolume and group comparisons at matched MACs.
 
-MACs here are the objective's (`common.objectives.MACS`: the MACs at the end of each trial's pruning schedule),
+MACs here are the objective's (`common.objectives.TARGET_MACS`: the MACs at the end of each trial's pruning schedule),
 the quantity the search optimised and the front is chosen on.
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from common.front import hypervolume
-from common.objectives import ACCURACY, MACS, objective_points, objectives
+from common.objectives import ACCURACY, TARGET_MACS, objective_points, objectives
 
 # Reference point of the hypervolume: accuracy 0 and this multiple of the largest MACs (params) seen.
 REFERENCE_MARGIN = 1.1
@@ -81,7 +81,7 @@ def matched_macs_comparison(rows: Sequence[dict[str, Any]], key: str, groups: tu
     members = [r for r in rows if r[key] in groups]
     bins: dict[int, list[dict[str, Any]]] = {}
     for row in members:  # bin k holds [2^k, 2^(k+1)) million MACs
-        bins.setdefault(math.floor(math.log2(max(row[MACS], 1) / 1e6)), []).append(row)
+        bins.setdefault(math.floor(math.log2(max(row[TARGET_MACS], 1) / 1e6)), []).append(row)
     comparisons = [_compare(f"{2.0 ** k:g}-{2.0 ** (k + 1):g}M", bins[k], key, groups) for k in sorted(bins)]
     return comparisons + [_compare("all MACs (not matched)", members, key, groups)]
 

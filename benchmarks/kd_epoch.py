@@ -26,15 +26,15 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from common.cli import plain
+from common.config import FeatureConfig
 from data_prep.dataset import prepare_data
 from data_prep.waveform_cache import WaveformData
-from common.config import FeatureConfig
+from trainable.evaluation import make_pipeline
+from trainable.loop import train
 from trainable.models import create_student
 from trainable.pruning import count_macs_params, prune_to_macs
 from trainable.run_config import pick_device
 from trainable.teacher import ensure_teacher, kd_inputs
-from trainable.evaluation import make_pipeline
-from trainable.loop import train
 
 log = logging.getLogger("benchmarks.kd_epoch")
 

@@ -37,7 +37,7 @@ import soundfile as sf
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from data_prep.layout import FAMILIES, SOURCES, SPLITS, make_example, split_dir, wav_path, write_examples  # noqa: E402
+from data_prep.layout import FAMILIES, SOURCES, SPLITS, make_example, wav_path, write_examples  # noqa: E402
 
 SAMPLE_RATE, SECONDS = 16000, 4.0
 INSTRUMENTS_PER_FAMILY = 100  # 11 x 100 x 88 pitches x 5 velocities = 484,000 distinct notes
@@ -200,8 +200,9 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     if any(n < 200 for n in sizes) or args.steps < 1:
         parser.error("--sizes must be >= 200 clips each and --steps >= 1")
-    from common.cli import plain
     from hydra import compose, initialize_config_dir
+
+    from common.cli import plain
 
     base_dir = Path(args.workdir or tempfile.mkdtemp(prefix="scale-", dir=str(ROOT / "runs")
                                                      if (ROOT / "runs").is_dir() else None)).resolve()
@@ -242,7 +243,7 @@ def main() -> None:
               f"{r['trial_anon_mb']:>14.0f} {r['trial_file_mb']:>14.0f} {str(r['clips_per_s']):>18}")
     first, last = table[0], table[-1]
     speed = np.mean(last["clips_per_s"]) / np.mean(first["clips_per_s"])
-    print(f"prep s per 1k clips: " + ", ".join(f"{r['prep_s'] / r['clips'] * 1000:.2f}" for r in table)
+    print("prep s per 1k clips: " + ", ".join(f"{r['prep_s'] / r['clips'] * 1000:.2f}" for r in table)
           + f"; clips/s per trial at {last['clips']} vs {first['clips']}: {speed:.2f}x")
     if not args.keep and args.workdir is None:
         shutil.rmtree(base_dir, ignore_errors=True)

@@ -53,12 +53,12 @@ from analysis.results import (
     write_evaluations,
 )
 from analysis.rung_fidelity import RUNG_METRICS, RungFidelity, last_epoch, rung_epochs, rung_fidelity
-from analysis.schedule_replay import concurrency, curves_in_order, final_rows, replays
+from analysis.schedule_replay import concurrency, curves_in_order, reached_rows, replays
 from analysis.sweep_stats import normalised_hypervolumes
 from common.cli import entry_point, plain, string_overrides
 from common.objectives import front_mask
 from common.sweep_layout import sweep_exists
-from common.trial_table import Trial
+from common.trial_table import TrialRecord
 from trainable.loop import train
 from trainable.run_config import pick_device
 from trainable.teacher import kd_inputs
@@ -68,7 +68,7 @@ log = logging.getLogger("benchmarks.search_fidelity")
 SEEDS = (0, 1, 2)
 
 
-def test_accuracies(sweep: Any, trials: list[Trial], data: Any, device: torch.device,
+def test_accuracies(sweep: Any, trials: list[TrialRecord], data: Any, device: torch.device,
                     batch_size: int) -> dict[str, float]:
     """trial_id -> test accuracy of its last checkpoint; evaluations missing from evaluation.json are made now."""
     known = read_evaluations(sweep.path)
@@ -81,14 +81,14 @@ def test_accuracies(sweep: Any, trials: list[Trial], data: Any, device: torch.de
     return {t.trial_id: known[t.trial_id]["test_acc"] for t in trials if known[t.trial_id].get("test_acc") is not None}
 
 
-def seed_spread(best: Trial, data: Any, device: torch.device, batch_size: int, workdir: Path) -> list[float]:
+def seed_spread(best: TrialRecord, data: Any, device: torch.device, batch_size: int, workdir: Path) -> list[float]:
     """Test accuracy of `best`'s configuration trained with each of SEEDS."""
     accuracies = []
     for seed in SEEDS:
         config = best.config | {"train": best.config["train"] | {"seed": seed}}
         with tempfile.TemporaryDirectory(dir=workdir) as run_dir:
             train(config, data, run_dir, **kd_inputs(config, data))
-            rerun = Trial(sweep=best.sweep, trial_id=f"{best.trial_id}-seed{seed}", trial_dir=Path(run_dir),
+            rerun = TrialRecord(sweep=best.sweep, trial_id=f"{best.trial_id}-seed{seed}", trial_dir=Path(run_dir),
                           config=config, metrics={}, checkpoint=Path(run_dir) / "checkpoint" / "checkpoint.pt",
                           status="completed")
             accuracies.append(evaluate_trial(rerun, data, [], device, batch_size)["test_acc"])
@@ -116,7 +116,7 @@ def fidelity_table(fidelity: RungFidelity) -> str:
 
 
 def print_fidelity(title: str, fidelity: RungFidelity) -> None:
-    print(f"{title}: {fidelity.trials} trials, {fidelity.finished} reached epoch {fidelity.final_epoch}; rung metric "
+    print(f"{title}: {fidelity.trials} trials, {fidelity.finished} reached epoch {fidelity.last_epoch}; rung metric "
           f"{fidelity.metric}, rungs {list(fidelity.rungs) or 'none'}")
     print(fidelity_table(fidelity))
     print(f"    {fidelity.sentence()}")
@@ -138,7 +138,7 @@ def fifo_sweep(sweep: Sweep, samples: int, storage: Path) -> Sweep:
             return done
     settings = dict(sweep.settings) | {"num_samples": samples, "name": name, "resume": resume,
                                        "scheduler": dict(sweep.settings["scheduler"]) | {"name": "fifo"},
-                                       "final": dict(sweep.settings.get("final") or {}) | {"enabled": False}}
+                                       "retrain": dict(sweep.settings.get("retrain") or {}) | {"enabled": False}}
     print(f"(d) sweep {name}: {samples} trials of space {settings['space']} without early stopping "
           f"({'resuming' if resume else 'new'})", flush=True)
     run_sweep(name, sweep.base_config, settings, str(storage), resume=resume)
@@ -147,7 +147,7 @@ def fifo_sweep(sweep: Sweep, samples: int, storage: Path) -> Sweep:
 
 def print_replays(sweep: Sweep, objective: str, reduction_factor: float) -> None:
     curves = [c for c in trial_curves(sweep) if c.finished]
-    rows = final_rows(curves, {c.trial_id: c.final_epoch for c in curves})
+    rows = reached_rows(curves, {c.trial_id: c.epochs for c in curves})
     full_hv = normalised_hypervolumes(rows).by_sweep["replay"]
     results = replays(curves_in_order(sweep), objective, reduction_factor, concurrency(sweep))
     print(f"    ParetoASHA replayed on these {len(curves)} full-length curves ({concurrency(sweep)} at a time, "

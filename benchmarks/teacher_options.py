@@ -26,7 +26,7 @@ from hydra import compose, initialize_config_dir
 
 from common.cli import plain
 from data_prep.dataset import prepare_data
-from trainable.teacher import MEMBER_FILE, TEACHER_FILE, teacher_inputs, teacher_dir
+from trainable.teacher import MEMBER_FILE, TEACHER_FILE, teacher_dir, teacher_inputs
 from trainable.teacher_spec import member_specs
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"

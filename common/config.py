@@ -20,7 +20,7 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -88,6 +88,17 @@ class Precision(str, enum.Enum):
     fp32 = "fp32"
 
 
+# Bytes per parameter at each deployment precision: the parameter memory of budget.max_kb and the reports' kB.
+BYTES_PER_PARAM: dict[str, int] = {Precision.int8.value: 1, Precision.fp16.value: 2, Precision.fp32.value: 4}
+
+
+def bytes_per_param(precision: str, key: str = "precision") -> int:
+    """Bytes per parameter at `precision`; anything but int8 | fp16 | fp32 is refused, naming the `key` it came from."""
+    if precision not in BYTES_PER_PARAM:
+        raise ValueError(f"{key}={precision!r}; choose one of {', '.join(BYTES_PER_PARAM)}.")
+    return BYTES_PER_PARAM[precision]
+
+
 class SchedulerName(str, enum.Enum):
     pareto_asha = "pareto_asha"
     asha = "asha"
@@ -108,8 +119,8 @@ RUNG_METRIC_MODES: dict[str, str] = {RungMetric.val_acc.value: "max", RungMetric
 
 
 class Stage(str, enum.Enum):
-    search = "search"    # search, then (final.enabled) retrain the front
-    final = "final"      # retrain the front of an existing sweep (name=<sweep>)
+    search = "search"    # search, then (retrain.enabled) retrain the front
+    retrain = "retrain"  # retrain the front of an existing sweep (name=<sweep>)
 
 
 class RetrainRole(str, enum.Enum):
@@ -126,7 +137,9 @@ def values(choices: type[enum.Enum]) -> tuple[str, ...]:
     return tuple(member.value for member in choices)
 
 
-FAMILIES = ["bass", "brass", "flute", "guitar", "keyboard", "mallet", "organ", "reed", "string", "synth_lead", "vocal"]
+# NSynth's instrument families, in its `instrument_family` index order (data_prep/layout.py reads labels with it).
+FAMILIES: tuple[str, ...] = ("bass", "brass", "flute", "guitar", "keyboard", "mallet", "organ", "reed", "string",
+                             "synth_lead", "vocal")
 
 
 @dataclass
@@ -136,10 +149,10 @@ class DataConfig:
     source: DataSource = DataSource.gm_render
     root: str = "./runs/data/gm_render"      # NSynth-layout folder: <root>/nsynth-<split>/{examples.json,audio/}
     families: list[str] = field(default_factory=lambda: list(FAMILIES))
-    per_family: Optional[int] = 180          # cap on notes per family (all splits together); null = no cap
-    max_total_size_mb: Optional[float] = 1000  # cap on the selected audio on disk (16-bit wav); null = no cap
+    per_family: int | None = 180          # cap on notes per family (all splits together); null = no cap
+    max_total_size_mb: float | None = 1000  # cap on the selected audio on disk (16-bit wav); null = no cap
     # cap on notes per family in each split (data=nsynth_subset: train 650, valid 50, test 50); null = no cap
-    split_caps: dict[str, Optional[int]] = field(default_factory=lambda: {"train": None, "valid": None,
+    split_caps: dict[str, int | None] = field(default_factory=lambda: {"train": None, "valid": None,
                                                                            "test": None})
     split_by: SplitBy = SplitBy.instrument   # instrument (no instrument in two splits) | note
     split_fractions: dict[str, float] = field(default_factory=lambda: {"train": 0.7, "valid": 0.15, "test": 0.15})
@@ -148,12 +161,12 @@ class DataConfig:
     seed: int = 0
     # gm_render: GM SoundFonts; each (SoundFont, program) is one base instrument. `default` (or null) = TimGM6mb.sf2
     # inside pretty_midi; any .sf2 path. The order fixes instrument ids (data_prep/soundfonts.py).
-    soundfonts: list[Optional[str]] = field(default_factory=lambda: ["default"])
+    soundfonts: list[str | None] = field(default_factory=lambda: ["default"])
     variants: int = 19                       # gm_render: derived instruments (seeded timbre transforms) per base one
     min_eval_instruments: int = 2            # base instruments valid and test each get per family (if >= 2n+1 exist)
     render_workers: int = 2                  # gm_render: rendering processes
-    prep_workers: Optional[int] = None       # processes decoding wavs into the waveform cache; null = all CPUs here
-    hf_id: Optional[str] = None              # nsynth: stream a capped subset from this hub dataset
+    prep_workers: int | None = None       # processes decoding wavs into the waveform cache; null = all CPUs here
+    hf_id: str | None = None              # nsynth: stream a capped subset from this hub dataset
     hf_splits: dict[str, str] = field(default_factory=lambda: {"train": "train", "valid": "validation",
                                                                 "test": "test"})
 
@@ -183,7 +196,7 @@ class FeatureConfig:
     time_masks: int = 2
     time_mask_param: int = 10
     gain_db: float = 0.0                     # waveform augmentation (off): random gain +-gain_db
-    noise_snr_db: Optional[float] = None     # waveform augmentation (off): white noise at this SNR
+    noise_snr_db: float | None = None     # waveform augmentation (off): white noise at this SNR
 
     def __post_init__(self) -> None:
         self.validate()
@@ -333,7 +346,7 @@ class PruningConfig:
     step_epochs: int = 1                     # progressive: fine-tune epochs between steps
     schedule: PruningSchedule = PruningSchedule.cubic  # progressive: cubic (AGP) | linear
     importance: Importance = Importance.l1
-    round_to: Optional[int] = None           # keep channel counts multiples of this (e.g. 8 for fast kernels)
+    round_to: int | None = None           # keep channel counts multiples of this (e.g. 8 for fast kernels)
 
 
 @dataclass
@@ -345,21 +358,21 @@ class TrainConfig:
     warmup_epochs: int = 1
     grad_clip: float = 5.0
     seed: int = 0
-    num_threads: Optional[int] = None        # CPU threads; null = the CPUs this process may use
+    num_threads: int | None = None        # CPU threads; null = the CPUs this process may use
     test_at_end: bool = False                # score the test split after the last epoch (retrain stage: test_acc)
     mixup_alpha: float = 0.0                 # > 0: mixup of log-mels, labels and KD targets, lambda ~ Beta(a, a)
-    steps_per_epoch: Optional[int] = None    # cap on optimizer steps per epoch (a fresh random draw each); null = a
+    steps_per_epoch: int | None = None    # cap on optimizer steps per epoch (a fresh random draw each); null = a
                                              # full pass over train
     device_data_share: float = 0.5           # GPU: share of the card a split's data may occupy on the device (a Ray
                                              # trial: x its gpus_per_trial); larger splits stream via pinned memory
 
 
 @dataclass
-class RetrainLabel:
-    """Set on the runs of the retrain stage (sweeps/final.py): which front trial a run retrains, and as what."""
+class RetrainOrigin:
+    """Set on the runs of the retrain stage (sweeps/retrain.py): which front trial a run retrains, and as what."""
 
-    front_trial: Optional[str] = None        # trial id of the search's front configuration
-    role: Optional[RetrainRole] = None       # front | kd_toggled | pruning_toggled | dense_same_macs
+    front_trial: str | None = None        # trial id of the search's front configuration
+    role: RetrainRole | None = None       # front | kd_toggled | pruning_toggled | dense_same_macs
 
 
 @dataclass
@@ -370,8 +383,8 @@ class RunConfig:
     seed: int = 0                            # global seed: data subset/splits and training
     device: str = "auto"                     # auto = CUDA when available, else CPU; or cpu, cuda, cuda:1, ...
     log_level: str = "INFO"
-    scenario: Optional[str] = None           # set by the scenario group (conf/scenario/<name>.yaml)
-    resume_from: Optional[str] = None        # trainable/train.py: continue from this checkpoint.pt (or its folder)
+    scenario: str | None = None           # set by the scenario group (conf/scenario/<name>.yaml)
+    resume_from: str | None = None        # trainable/train.py: continue from this checkpoint.pt (or its folder)
     data: DataConfig = field(default_factory=DataConfig)
     features: FeatureConfig = field(default_factory=FeatureConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
@@ -379,7 +392,7 @@ class RunConfig:
     kd: KDConfig = field(default_factory=KDConfig)
     pruning: PruningConfig = field(default_factory=PruningConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    retrain: RetrainLabel = field(default_factory=RetrainLabel)
+    origin: RetrainOrigin = field(default_factory=RetrainOrigin)
 
 
 @dataclass
@@ -390,7 +403,7 @@ class SearchConfig:
 
 @dataclass
 class SchedulerConfig:
-    name: Optional[SchedulerName] = None     # null = pareto_asha (multi), asha (single), fifo (grid spaces)
+    name: SchedulerName | None = None     # null = pareto_asha (multi), asha (single), fifo (grid spaces)
     # Epochs before the first rung. 6 of the default spaces' 10: measured without early stopping on the default data
     # (docs/search.md), epoch 2 ranked trials like their last epoch with Spearman rho -0.11 (22 of 30 at chance),
     # epochs 3-5 with 0.3, epoch 6 with 0.79 (95 % CI 0.56-0.90). Other train.epochs: see the report's rung fidelity.
@@ -410,15 +423,15 @@ class ResourcesConfig:
                                              # trials its cards hold; or a number > 0
     gpus_per_trial: Any = "auto"             # auto = 1/4 of a card when the cluster has GPUs (fewer per card when the
                                              # node lacks the CPUs), else 0; or 1/k (k trials per card), or whole cards
-    max_concurrent_trials: Optional[int] = None  # null = as many as the resources allow
+    max_concurrent_trials: int | None = None  # null = as many as the resources allow
     max_failures: int = 3                    # restarts of a failed trial (dead node or process, or an error), each
                                              # from its last checkpoint; -1 = no limit, 0 = none
 
 
 @dataclass
 class RayConfig:
-    address: Optional[str] = None            # null = start a local Ray; auto or ray://host:port joins a cluster
-    num_cpus: Optional[int] = None           # local Ray only: CPUs to use (null = all)
+    address: str | None = None            # null = start a local Ray; auto or ray://host:port joins a cluster
+    num_cpus: int | None = None           # local Ray only: CPUs to use (null = all)
     shared_storage: bool = False             # workdir and storage_path are folders every node mounts at the same path
                                              # (NFS, ...): lets a multi-node cluster use them (network mounts are known)
 
@@ -432,15 +445,15 @@ class MlflowConfig:
 class BudgetConfig:
     """Hard deployment budgets (any subset; null = no limit): constraints of the search, not objectives."""
 
-    max_macs: Optional[float] = None         # MACs per clip of the final (pruned) model
-    max_params: Optional[float] = None       # parameters of the final model
-    max_kb: Optional[float] = None           # parameter memory in kB at budget.precision (DCASE: int8 = 1 byte)
+    max_macs: float | None = None         # MACs per clip of the trained (pruned) model
+    max_params: float | None = None       # parameters of the trained model
+    max_kb: float | None = None           # parameter memory in kB at budget.precision (DCASE: int8 = 1 byte)
     precision: Precision = Precision.int8    # int8 (1 byte per parameter) | fp16 (2) | fp32 (4)
     screen: bool = True                      # reject suggestions known to break a budget before they train
 
 
 @dataclass
-class FinalConfig:
+class RetrainConfig:
     """The retrain stage: the search's front configurations retrained longer, with seeds, and scored on test."""
 
     enabled: bool = True                     # false: stop after the search
@@ -448,7 +461,7 @@ class FinalConfig:
     epochs: int = 15                         # epochs of each retraining run (the search's trials run 10)
     seeds: int = 3                           # seeds per configuration: train.seed = seed, seed+1, ...
     ablations: bool = True                   # also retrain each config with KD toggled and the other pruning mode
-    export: Optional[bool] = None            # then ONNX + int8 + CPU latency of the retrained front (analysis/export.py
+    export: bool | None = None            # then ONNX + int8 + CPU latency of the retrained front (analysis/export.py
                                              # trial=retrained); null = only when a budget is set
 
 
@@ -457,8 +470,8 @@ class SweepConfig(RunConfig):
     """sweeps/run.py: the run config plus the sweep's own keys (never passed to trials)."""
 
     space: str = "kd_prune"                  # search_spaces/<space>.yaml or a path
-    num_samples: Optional[int] = None        # trials; null = 50 (searcher spaces) or 1 pass over the grid
-    name: Optional[str] = None               # sweep name; null = <space>-<timestamp>
+    num_samples: int | None = None        # trials; null = 50 (searcher spaces) or 1 pass over the grid
+    name: str | None = None               # sweep name; null = <space>-<timestamp>
     resume: bool = False                     # true + name=<sweep>: continue an interrupted sweep
     storage_path: str = "./runs/ray_results"  # local dir or any pyarrow filesystem URI Ray accepts
     search: SearchConfig = field(default_factory=SearchConfig)
@@ -467,13 +480,14 @@ class SweepConfig(RunConfig):
     ray: RayConfig = field(default_factory=RayConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
-    stage: Stage = Stage.search              # search (then final when final.enabled) | final: retrain name=<sweep>'s front
-    final: FinalConfig = field(default_factory=FinalConfig)
+    stage: Stage = Stage.search              # search (then retrain when retrain.enabled) | retrain: retrain
+                                             # name=<sweep>'s front
+    retrain: RetrainConfig = field(default_factory=RetrainConfig)
 
 
 @dataclass
 class ObjectivesConfig:
-    third_objective: Optional[str] = None    # null (accuracy vs MACs) | params | latency (measured by export.py)
+    third_objective: str | None = None    # null (accuracy vs MACs) | params | latency (measured by export.py)
 
 
 @dataclass
@@ -590,11 +604,36 @@ def absolute_paths(config: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+# Names a saved sweep may still use. The retrain stage was `stage=final` with its settings under `final.*`, and its
+# runs' label (today `origin.front_trial`, `origin.role`) was `retrain.*`.
+OLD_RETRAIN_STAGE = "final"
+OLD_ORIGIN_SECTION = "retrain"
+
+
+def upgrade_saved_point(params: Mapping[str, Any]) -> dict[str, Any]:
+    """A trial's sampled keys as saved by an earlier version, in today's keys (`retrain.role` -> `origin.role`)."""
+    prefix = f"{OLD_ORIGIN_SECTION}."
+    return {(f"origin.{key[len(prefix):]}" if key.startswith(prefix) else key): value for key, value in params.items()}
+
+
+def upgrade_saved_settings(sweep: Mapping[str, Any]) -> dict[str, Any]:
+    """A sweep's saved settings (sweep_config.json "sweep") in today's keys: `final.*` became `retrain.*` and
+    `stage=final` `stage=retrain`."""
+    settings = dict(sweep)
+    if OLD_RETRAIN_STAGE in settings:
+        settings[Stage.retrain.value] = settings.pop(OLD_RETRAIN_STAGE)
+    if settings.get("stage") == OLD_RETRAIN_STAGE:
+        settings["stage"] = Stage.retrain.value
+    return settings
+
+
 def upgrade_saved_config(base_config: Mapping[str, Any]) -> dict[str, Any]:
     """A run config saved by an earlier version (a sweep's sweep_config.json), in today's keys, so old sweeps still
-    load: `data.soundfont` (one path or null) became the list `data.soundfonts`, and datasets before
-    `data.variants` had no derived instruments."""
+    load: `data.soundfont` (one path or null) became the list `data.soundfonts`, datasets before
+    `data.variants` had no derived instruments, and the retrain label `retrain.*` is `origin.*`."""
     config = dict(base_config)
+    if OLD_ORIGIN_SECTION in config:
+        config["origin"] = config.pop(OLD_ORIGIN_SECTION)
     data = dict(config.get("data") or {})
     if "soundfont" in data:
         data["soundfonts"] = [data.pop("soundfont") or "default"]

@@ -15,20 +15,23 @@ import numpy as np
 
 from common.front import pareto_mask
 
+# Result keys, named once: the searcher, the schedulers, the budgets (sweeps/budget.py) and the reports use these.
 ACCURACY = "val_acc"
-MACS = "target_macs"
+TARGET_MACS = "target_macs"  # MACs the pruning schedule reaches at its end (the objective)
+MEASURED_MACS = "macs"       # MACs of the model as last measured
+PARAMS = "params"            # parameters of the model as last measured
 # result key -> "max" | "min", in the order the searcher and the scheduler receive them.
-OBJECTIVES: dict[str, str] = {ACCURACY: "max", MACS: "min"}
+OBJECTIVES: dict[str, str] = {ACCURACY: "max", TARGET_MACS: "min"}
 SINGLE_OBJECTIVE: dict[str, str] = {ACCURACY: "max"}
 # Measured by analysis/export.py (ONNX Runtime, CPU, batch 1, one thread, median ms of the fp32 model), never
 # estimated: `objectives.third_objective=latency` ranks on it.
 LATENCY = "latency_ms_1thread"
 # Optional third objective of the analysis front (lower is better): objectives.third_objective -> its result key.
 THIRD_OBJECTIVES: dict[str, str] = {"params": "min", "latency": "min"}
-THIRD_OBJECTIVE_KEYS: dict[str, str] = {"params": "params", "latency": LATENCY}
+THIRD_OBJECTIVE_KEYS: dict[str, str] = {"params": PARAMS, "latency": LATENCY}
 # Axis labels and table headers that say which quantity is meant.
-LABELS: dict[str, str] = {ACCURACY: "validation accuracy", MACS: "MACs at the end of the pruning schedule",
-                          "params": "parameters",
+LABELS: dict[str, str] = {ACCURACY: "validation accuracy", TARGET_MACS: "MACs at the end of the pruning schedule",
+                          PARAMS: "parameters",
                           LATENCY: "ONNX Runtime CPU latency, batch 1, 1 thread (fp32, median ms)"}
 
 

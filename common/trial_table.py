@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.objectives import LATENCY, MACS
+from common.config import bytes_per_param
+from common.objectives import LATENCY, TARGET_MACS
 
 
 @dataclass(frozen=True)
-class Trial:
+class TrialRecord:
     """One trial that reported at least one epoch."""
 
     sweep: str
@@ -38,17 +39,14 @@ FRONT_COLUMNS = [("trial_id", "trial"), ("sweep", "sweep"), ("status", "status")
                  ("target_macs_ratio", "MACs ratio"), ("steps", "steps"), ("step_epochs", "step ep"), ("lr", "lr")]
 
 
-# Bytes per parameter at each deployment precision, and the kB of parameter memory: params x bytes / 1000, the
-# DCASE task 1 way (128 kB = 128,000 int8 parameters), as the sweep's budget.max_kb counts it (sweeps/budget.py).
-BYTES_PER_PARAM: dict[str, int] = {"int8": 1, "fp16": 2, "fp32": 4}
+# The kB of parameter memory: params x bytes per parameter (common.config.BYTES_PER_PARAM) / 1000, the DCASE task 1
+# way (128 kB = 128,000 int8 parameters), as the sweep's budget.max_kb counts it (sweeps/budget.py).
 BYTES_PER_KB = 1000
 
 
 def param_kb(params: float, precision: str) -> float:
     """Parameter memory in kB at a precision (int8 | fp16 | fp32)."""
-    if precision not in BYTES_PER_PARAM:
-        raise ValueError(f"precision={precision!r}; use one of {list(BYTES_PER_PARAM)}")
-    return float(params) * BYTES_PER_PARAM[precision] / BYTES_PER_KB
+    return float(params) * bytes_per_param(precision) / BYTES_PER_KB
 
 
 # (column, header) of what analysis/export.py measured (export/export.json): deployment precision(s), parameter kB,
@@ -116,7 +114,7 @@ def evaluation_columns(evaluation: dict[str, Any] | None) -> dict[str, Any]:
     return columns | ({"eval_error": evaluation["error"]} if evaluation.get("error") else {})
 
 
-def trial_row(trial: Trial, evaluation: dict[str, Any] | None = None,
+def trial_row(trial: TrialRecord, evaluation: dict[str, Any] | None = None,
               export: dict[str, Any] | None = None) -> dict[str, Any]:
     """One table row: metrics, key hyperparameters (None where they do not apply), evaluation and export results."""
     cfg, metrics = trial.config, trial.metrics
@@ -138,7 +136,7 @@ def trial_row(trial: Trial, evaluation: dict[str, Any] | None = None,
 
 def front_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """The rows marked `on_front`, by the MACs objective."""
-    return sorted((r for r in rows if r["on_front"]), key=lambda r: r[MACS])
+    return sorted((r for r in rows if r["on_front"]), key=lambda r: r[TARGET_MACS])
 
 
 def evaluation_headers(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:

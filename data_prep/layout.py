@@ -12,12 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common.config import FAMILIES
 from common.io import atomic_write_text
 
-FAMILIES: tuple[str, ...] = (
-    "bass", "brass", "flute", "guitar", "keyboard", "mallet",
-    "organ", "reed", "string", "synth_lead", "vocal",
-)
 FAMILY_INDEX: dict[str, int] = {name: i for i, name in enumerate(FAMILIES)}
 SOURCES: tuple[str, ...] = ("acoustic", "electronic", "synthetic")
 SOURCE_INDEX: dict[str, int] = {name: i for i, name in enumerate(SOURCES)}

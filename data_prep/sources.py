@@ -25,8 +25,16 @@ from tqdm import tqdm
 from common.io import atomic_path, atomic_write_text
 from data_prep import gm_render
 from data_prep.layout import (
-    FAMILIES, FAMILY_INDEX, NSYNTH_SAMPLE_RATE, NSYNTH_SECONDS, SOURCES, SPLITS, available_splits, make_example,
-    split_dir, wav_path, write_examples,
+    FAMILIES,
+    FAMILY_INDEX,
+    NSYNTH_SAMPLE_RATE,
+    NSYNTH_SECONDS,
+    SOURCES,
+    SPLITS,
+    make_example,
+    split_dir,
+    wav_path,
+    write_examples,
 )
 from data_prep.soundfonts import DEFAULT_ENTRY, SoundFont, check_programs, resolve_soundfonts
 from data_prep.splits import check_families, check_fractions, size_cap_per_family, split_counts

@@ -27,7 +27,7 @@ import warnings
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 from omegaconf import OmegaConf, errors
@@ -51,7 +51,7 @@ class Param:
 
     key: str
     type: str
-    distribution: Optional[BaseDistribution]
+    distribution: BaseDistribution | None
     values: tuple[Any, ...] = ()
     when: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
 
@@ -77,7 +77,7 @@ class SearchSpace:
         """Every config key a trial of this space may set (pins first, then params in file order)."""
         return [*self.pinned, *self.params]
 
-    def possible_values(self, key: str) -> Optional[tuple[Any, ...]]:
+    def possible_values(self, key: str) -> tuple[Any, ...] | None:
         """The finite values ``key`` takes when set (pin, choices, grid values); None if not finite or absent."""
         return (self.pinned[key],) if key in self.pinned else (getattr(self.params.get(key), "values", ()) or None)
 
@@ -110,7 +110,7 @@ def available_spaces() -> list[str]:
 
 
 def load_space(name_or_path: str, valid_keys: Mapping[str, Any],
-               accepted_values: Optional[Mapping[str, Collection[Any]]] = None) -> SearchSpace:
+               accepted_values: Mapping[str, Collection[Any]] | None = None) -> SearchSpace:
     """Load and validate a space against the flattened composed config (dotted key -> default) and
     the values the code accepts for some keys (e.g. ``pruning.mode``)."""
     path = Path(name_or_path)

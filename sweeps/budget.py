@@ -3,7 +3,7 @@
 Budgets are constraints of the search, not objectives. One `Budget` judges every result the same way, for all
 the parts that need it:
 
-* the searcher (`sweeps.tuning.FinalResultOptunaSearch`) stores each budget's constraint value on the Optuna
+* the searcher (`sweeps.tuning.LastEpochOptunaSearch`) stores each budget's constraint value on the Optuna
   trial (`Trial.set_constraint`, Optuna's convention: value <= 0 is feasible) before telling the trial, PRUNED
   trials included, so TPE and NSGA-II learn where the infeasible regions are;
 * ParetoASHA (`sweeps.pareto_asha`) stops a trial at the first result that is known to break a budget, and never
@@ -33,12 +33,13 @@ import itertools
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 from ray.tune import Callback
 
-from common.config import Precision, is_finite_number, values
-from common.trial_table import BYTES_PER_PARAM, param_kb
+from common.config import Precision, bytes_per_param, is_finite_number, values
+from common.objectives import MEASURED_MACS, PARAMS, TARGET_MACS
+from common.trial_table import param_kb
 
 if TYPE_CHECKING:
     from ray.tune.experiment import Trial
@@ -50,7 +51,7 @@ log = logging.getLogger(__name__)
 # budget key -> the quantity it limits (messages and docs)
 BUDGETS: dict[str, str] = {"max_macs": "MACs", "max_params": "parameters", "max_kb": "kB of parameters"}
 # Result keys: the trainable reports these every epoch (trainable/loop.py).
-TARGET_MACS, MACS, PARAMS, PRUNING_STEP = "target_macs", "macs", "params", "pruning_step"
+PRUNING_STEP = "pruning_step"
 PRUNING_STEPS = "pruning_steps"  # the plan's number of steps; optional (without it params are final at the end)
 # Result keys the budget adds (BudgetCallback): feasible (1/0) and one constraint value per set budget.
 FEASIBLE = "feasible"
@@ -58,13 +59,20 @@ CONSTRAINT_PREFIX = "constraint_"
 PARAM_KB = "param_kb"
 
 
-def measured_is_final(result: Mapping[str, Any], progress: float, final_progress: float) -> bool:
-    """Whether a result's measured MACs and params are those of the trial's final model: its pruning is done
+def measured_at_end(result: Mapping[str, Any], progress: float, end_progress: float) -> bool:
+    """Whether a result's measured MACs and params are those of the model the trial ends with: its pruning is done
     (known when the trainable reports `pruning_steps`) or the result is the trial's last epoch."""
     steps = result.get(PRUNING_STEPS)
     if steps is not None and result.get(PRUNING_STEP, 0) >= steps:
         return True
-    return progress >= final_progress
+    return progress >= end_progress
+
+
+def upgrade_pickled(obj: Any) -> None:
+    """A searcher or callback pickled into an older sweep's Tune state (tuner.pkl, searcher state) called its
+    `last_epoch` `final_epoch`: rename it, so that such sweeps resume."""
+    if "final_epoch" in obj.__dict__:
+        obj.last_epoch = obj.__dict__.pop("final_epoch")
 
 
 def fmt(value: float) -> str:
@@ -77,13 +85,13 @@ class Budget:
     """The set budgets (None = no limit) and the precision of `max_kb`; plain values, so it pickles with the
     searcher, the scheduler and the callback into Tune's experiment state."""
 
-    max_macs: Optional[float] = None
-    max_params: Optional[float] = None
-    max_kb: Optional[float] = None
+    max_macs: float | None = None
+    max_params: float | None = None
+    max_kb: float | None = None
     precision: str = "int8"
 
     @classmethod
-    def from_config(cls, config: Optional[Mapping[str, Any]]) -> Optional[Budget]:
+    def from_config(cls, config: Mapping[str, Any] | None) -> Budget | None:
         """The sweep's `budget` group, validated (one-line ValueErrors); None when no budget is set."""
         config = dict(config or {})
         unknown = sorted(set(config) - {*BUDGETS, "precision", "screen"})
@@ -91,9 +99,8 @@ class Budget:
             raise ValueError(f"budget.{unknown[0]} is not a budget; the budgets are "
                              f"{', '.join(f'budget.{name} ({quantity})' for name, quantity in BUDGETS.items())}, "
                              f"with budget.precision={'|'.join(values(Precision))} for budget.max_kb.")
-        precision = str(config.get("precision") or "int8")
-        if precision not in BYTES_PER_PARAM:
-            raise ValueError(f"budget.precision={precision!r}; choose one of {', '.join(BYTES_PER_PARAM)}.")
+        precision = str(config.get("precision") or Precision.int8.value)
+        bytes_per_param(precision, "budget.precision")
         for name, quantity in BUDGETS.items():
             limit = config.get(name)
             if limit is not None and not (is_finite_number(limit) and limit > 0):
@@ -114,11 +121,11 @@ class Budget:
 
     def required_keys(self) -> list[str]:
         """Result keys the budgets are judged on."""
-        keys = [TARGET_MACS, MACS] if self.max_macs is not None else []
+        keys = [TARGET_MACS, MEASURED_MACS] if self.max_macs is not None else []
         return keys + ([PARAMS] if self.max_params is not None or self.max_kb is not None else [])
 
-    def quantities(self, result: Mapping[str, Any], final: bool) -> dict[str, float]:
-        """{budget key: the value it is judged on} for one result; `final`: see `measured_is_final`.
+    def quantities(self, result: Mapping[str, Any], at_end: bool) -> dict[str, float]:
+        """{budget key: the value it is judged on} for one result; `at_end`: see `measured_at_end`.
         A missing result key is a ValueError naming it."""
         missing = [key for key in self.required_keys() if not is_finite_number(result.get(key))]
         if missing:
@@ -126,30 +133,30 @@ class Budget:
                              f"but the result lacks {missing} (reported: {sorted(result)})")
         out = {}
         if self.max_macs is not None:
-            out["max_macs"] = float(result[MACS] if final else result[TARGET_MACS])
+            out["max_macs"] = float(result[MEASURED_MACS] if at_end else result[TARGET_MACS])
         if self.max_params is not None:
             out["max_params"] = float(result[PARAMS])
         if self.max_kb is not None:
             out["max_kb"] = param_kb(result[PARAMS], self.precision)
         return out
 
-    def constraints(self, result: Mapping[str, Any], final: bool) -> dict[str, float]:
+    def constraints(self, result: Mapping[str, Any], at_end: bool) -> dict[str, float]:
         """{budget key: value / limit - 1}: Optuna's constraint convention (<= 0 feasible), scale-free so that
         violations of different budgets add up fairly (Optuna ranks infeasible trials by their sum)."""
         limits = self.limits
-        return {name: value / limits[name] - 1.0 for name, value in self.quantities(result, final).items()}
+        return {name: value / limits[name] - 1.0 for name, value in self.quantities(result, at_end).items()}
 
-    def broken(self, result: Mapping[str, Any], final: bool) -> dict[str, float]:
+    def broken(self, result: Mapping[str, Any], at_end: bool) -> dict[str, float]:
         """{budget key: value} of the budgets this result is known to break: MACs at any time (the schedule's
         target until the pruning is done), params and kB only once they are final (pruning only lowers them)."""
         limits = self.limits
-        return {name: value for name, value in self.quantities(result, final).items()
-                if value > limits[name] and (final or name == "max_macs")}
+        return {name: value for name, value in self.quantities(result, at_end).items()
+                if value > limits[name] and (at_end or name == "max_macs")}
 
-    def annotations(self, result: Mapping[str, Any], final: bool) -> dict[str, Any]:
+    def annotations(self, result: Mapping[str, Any], at_end: bool) -> dict[str, Any]:
         """The keys every result gets: `feasible` (1/0: every budget met by what the result knows),
         `constraint_<budget>` (value / limit - 1, <= 0 met) and `param_kb` when budget.max_kb is set."""
-        constraints = self.constraints(result, final)
+        constraints = self.constraints(result, at_end)
         out: dict[str, Any] = {FEASIBLE: int(all(value <= 0 for value in constraints.values()))}
         out |= {f"{CONSTRAINT_PREFIX}{name}": value for name, value in constraints.items()}
         if self.max_kb is not None:
@@ -169,7 +176,7 @@ def predicted_constraints(budget: Budget, config: Mapping[str, Any]) -> dict[str
     need_params = budget.max_params is not None or budget.max_kb is not None
     target_macs, params, pruned, _ = _student_costs([dict(config)], need_params)[0]
     margin = PREDICTED_PARAMS_MARGIN if pruned else 1.0
-    return budget.constraints({TARGET_MACS: target_macs, MACS: target_macs, PARAMS: params / margin}, final=True)
+    return budget.constraints({TARGET_MACS: target_macs, MEASURED_MACS: target_macs, PARAMS: params / margin}, at_end=True)
 
 
 class BudgetCallback(Callback):
@@ -180,14 +187,18 @@ class BudgetCallback(Callback):
     loggers and `trial.last_result` then all carry `feasible` and the constraint values.
     """
 
-    def __init__(self, budget: Budget, final_epoch: int):
+    def __init__(self, budget: Budget, last_epoch: int):
         self.budget = budget
-        self.final_epoch = final_epoch
+        self.last_epoch = last_epoch
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        upgrade_pickled(self)
 
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any) -> None:
         try:
-            final = measured_is_final(result, result.get("epoch", 0), self.final_epoch)
-            result.update(self.budget.annotations(result, final))
+            at_end = measured_at_end(result, result.get("epoch", 0), self.last_epoch)
+            result.update(self.budget.annotations(result, at_end))
         except ValueError as err:  # a result without the budget's keys is the trainable's bug: say so, log on
             log.warning("trial %s: %s", trial.trial_id, err)
 
@@ -212,7 +223,7 @@ class Reach:
     pruned: bool  # reached through a pruning run: params then come from the pruner (close, not exact)
 
 
-def _space_values(space: SearchSpace, key: str) -> Optional[list[Any]]:
+def _space_values(space: SearchSpace, key: str) -> list[Any] | None:
     """The values a space gives `key` (pin, choices, grid values, or a distribution's bounds); None if not set."""
     listed = space.possible_values(key)
     if listed is not None:
@@ -293,7 +304,7 @@ def smallest_reachable(budget: Budget, space: SearchSpace, base_config: dict[str
     return out
 
 
-def check_reachable(budget: Optional[Budget], space: SearchSpace, base_config: dict[str, Any]) -> None:
+def check_reachable(budget: Budget | None, space: SearchSpace, base_config: dict[str, Any]) -> None:
     """Refuse (ValueError, one line) a budget that no trial of the space can meet, naming the smallest value.
 
     MACs are judged on the pruning schedule's target (ParetoASHA stops a trial whose target breaks the budget),

@@ -26,6 +26,7 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from ray.air.integrations.mlflow import MLflowLoggerCallback
 
+from common.config import OLD_RETRAIN_STAGE
 from common.tracking import flatten, mark_experiment_kind
 from trainable.run_config import trial_config
 
@@ -41,9 +42,10 @@ except ImportError:  # pragma: no cover - only if MLflow moves them
     MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH, MAX_METRICS_PER_BATCH = 6000, 100, 1000
 
 ERROR_TAIL_CHARS = 4000
-FINAL_FILES = ("history.json", "checkpoint.pt")
-# Tag `stage` -> the value runs carry. The CLI's `stage=final` is the retrain stage.
-STAGES = {"search": "search", "retrain": "retrain", "final": "retrain"}
+LAST_CHECKPOINT_FILES = ("history.json", "checkpoint.pt")
+LAST_CHECKPOINT_DIR = "last_checkpoint"  # their artifact folder
+# Tag `stage` -> the value runs carry; `final` is the retrain stage's name in sweeps made before the rename.
+STAGES = {"search": "search", "retrain": "retrain", OLD_RETRAIN_STAGE: "retrain"}
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
@@ -68,7 +70,7 @@ def _is_local(checkpoint: Checkpoint) -> bool:
 
 
 def _stage_tags(tags: dict[str, Any] | None) -> dict[str, str]:
-    """The sweep's tags as strings, `stage` normalised (final -> retrain); an unknown stage is refused."""
+    """The sweep's tags as strings, `stage` normalised (an old sweep's final -> retrain); an unknown stage is refused."""
     tags = dict(tags or {})
     if "stage" in tags:
         stage = getattr(tags["stage"], "value", tags["stage"])  # common.config.Stage members too
@@ -82,9 +84,9 @@ def _stage_tags(tags: dict[str, Any] | None) -> dict[str, str]:
 def run_name(config: dict[str, Any], trial_id: str, stage: str) -> str:
     """What the MLflow UI lists: `search-<trial id>`, or for the retrain stage the configuration it retrains, its
     role and seed (`retrain-<front trial>-<role>-seed<seed>`)."""
-    front_trial = config["retrain"]["front_trial"]
+    front_trial = config["origin"]["front_trial"]
     if stage == "retrain" and front_trial is not None:
-        return f"retrain-{front_trial}-{config['retrain']['role']}-seed{config['train']['seed']}"
+        return f"retrain-{front_trial}-{config['origin']['role']}-seed{config['train']['seed']}"
     return f"{stage}-{trial_id}"
 
 
@@ -99,8 +101,8 @@ class SweepMLflowCallback(MLflowLoggerCallback):
       continues it (RUNNING again; a previous `error` tag moves to `previous_error`).
     - log_trial_result logs every numeric value of the (flattened) result, at step = epoch (else
       training_iteration; Ray's uses timesteps_total), in batches of MLflow's limit.
-    - log_trial_end logs `config.json`, `final/history.json` and `final/checkpoint.pt` from the trial's last
-      checkpoint (downloaded first when Ray's storage is remote), with save_artifact also the trial's folder as
+    - log_trial_end logs `config.json`, `last_checkpoint/history.json` and `last_checkpoint/checkpoint.pt` from
+      the trial's last checkpoint (downloaded first when Ray's storage is remote), with save_artifact also the trial's folder as
       Ray does, the error text as tag `error` on failure, and ends the run FINISHED or FAILED.
 
     Pickles into Tune's tuner.pkl without a live connection: the MlflowClient is created lazily and dropped from
@@ -176,7 +178,7 @@ class SweepMLflowCallback(MLflowLoggerCallback):
         if self.log_params_on_trial_end:
             self._log_params(run_id, trial)
         self.client.log_dict(run_id, self._config(trial), "config.json")
-        self._log_final_files(run_id, trial.checkpoint)
+        self._log_last_checkpoint_files(run_id, trial.checkpoint)
         local_path = getattr(trial, "local_path", None)
         if self.should_save_artifact and local_path and Path(local_path).is_dir():
             self.client.log_artifacts(run_id, local_path)
@@ -208,7 +210,7 @@ class SweepMLflowCallback(MLflowLoggerCallback):
             self._reopen(run_id)
         else:
             config = self._config(trial)
-            stage = self.tags.get("stage") or ("retrain" if config["retrain"]["front_trial"] is not None
+            stage = self.tags.get("stage") or ("retrain" if config["origin"]["front_trial"] is not None
                                                else "search")
             tags = {**self.tags, "stage": stage, "trial_name": str(trial), "trial_id": trial_id,
                     "kd": "on" if config["kd"]["enabled"] else "off", "pruning_mode": str(config["pruning"]["mode"])}
@@ -233,7 +235,7 @@ class SweepMLflowCallback(MLflowLoggerCallback):
         for batch in _chunks(params, MAX_PARAMS_TAGS_PER_BATCH):
             self.client.log_batch(run_id, params=list(batch))
 
-    def _log_final_files(self, run_id: str, checkpoint: Checkpoint | None) -> None:
+    def _log_last_checkpoint_files(self, run_id: str, checkpoint: Checkpoint | None) -> None:
         if checkpoint is None:
             return
         if _is_local(checkpoint):  # local or shared storage: log straight from the checkpoint dir
@@ -243,10 +245,10 @@ class SweepMLflowCallback(MLflowLoggerCallback):
             self._log_files_from(run_id, Path(checkpoint.to_directory(tmp)))
 
     def _log_files_from(self, run_id: str, directory: Path) -> None:
-        for name in FINAL_FILES:
+        for name in LAST_CHECKPOINT_FILES:
             path = directory / name
             if path.is_file():
-                self.client.log_artifact(run_id, str(path), artifact_path="final")
+                self.client.log_artifact(run_id, str(path), artifact_path=LAST_CHECKPOINT_DIR)
             else:
                 log.warning("Checkpoint %s has no %s; not logged to MLflow run %s", directory, name, run_id)
 

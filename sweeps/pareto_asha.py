@@ -40,7 +40,7 @@ from ray.tune.schedulers.trial_scheduler import FIFOScheduler, TrialScheduler
 
 from common.front import crowding_distance, non_dominated_sort
 from common.objectives import OBJECTIVES
-from sweeps.budget import Budget, fmt, measured_is_final
+from sweeps.budget import Budget, fmt, measured_at_end
 
 if TYPE_CHECKING:
     from ray.tune.execution.tune_controller import TuneController
@@ -138,7 +138,7 @@ class ParetoASHA(FIFOScheduler):
         return decision
 
     def on_trial_complete(self, tune_controller: TuneController, trial: Trial, result: dict) -> None:
-        """Record the final result too (a Tune stopper can end a trial without consulting us)."""
+        """Record the last result too (a Tune stopper can end a trial without consulting us)."""
         if self._time_attr in result and all(name in result for name in self._objectives):
             progress, objective_vector = self._parse(trial, result)
             if not self._breaks_budget(trial, progress, result, stopping=False):
@@ -213,7 +213,7 @@ class ParetoASHA(FIFOScheduler):
         if self._budget is None:
             return False
         try:
-            broken = self._budget.broken(result, measured_is_final(result, progress, self._max_t))
+            broken = self._budget.broken(result, measured_at_end(result, progress, self._max_t))
         except ValueError as error:
             raise ValueError(f"ParetoASHA: trial {trial.trial_id}: {error}") from None
         if not broken:

@@ -28,12 +28,10 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from common.cli import entry_point, plain, string_overrides  # noqa: E402
-from common.config import accepted_values, run_section, upgrade_saved_config  # noqa: E402
+from common.config import Stage, accepted_values, run_section, upgrade_saved_config, upgrade_saved_settings  # noqa: E402
 from common.io import check_workdir  # noqa: E402
-from common.objectives import ACCURACY, MACS  # noqa: E402
+from common.objectives import ACCURACY, TARGET_MACS  # noqa: E402
 from common.sweep_layout import check_storage, list_sweeps, read_state, sweep_exists, sweep_uri, write_state  # noqa: E402
-
-from sweeps.final import FINAL_EXPERIMENT  # noqa: E402
 
 if TYPE_CHECKING:
     from search_spaces.schema import SearchSpace
@@ -81,7 +79,7 @@ def summarize(results: Any, name: str, base_config: dict[str, Any]) -> str:
     """Best trial by val_acc and the Pareto set, ranked on the objectives the search used (common.objectives),
     in the analysis scripts' table format."""
     from common.objectives import front_mask
-    from common.trial_table import Trial, format_table, front_rows, table_columns, trial_row
+    from common.trial_table import TrialRecord, format_table, front_rows, table_columns, trial_row
     from trainable.run_config import trial_config
 
     trials = []
@@ -92,7 +90,7 @@ def summarize(results: Any, name: str, base_config: dict[str, Any]) -> str:
         config = trial_config(base_config, result.config)
         status = "errored" if result.error else (
             "completed" if metrics["epoch"] >= config["train"]["epochs"] else "stopped")
-        trials.append(Trial(sweep=name, trial_id=str(metrics.get("trial_id", "?")), trial_dir=Path(result.path),
+        trials.append(TrialRecord(sweep=name, trial_id=str(metrics.get("trial_id", "?")), trial_dir=Path(result.path),
                             config=config, metrics=metrics, checkpoint=None, status=status))
     if not trials:
         return "No trial reported a result (see the errors above)."
@@ -108,14 +106,14 @@ def summarize(results: Any, name: str, base_config: dict[str, Any]) -> str:
     best = max(feasible, key=lambda r: r["val_acc"])
     over = ""
     if len(feasible) < len(rows):
-        from sweeps.budget import measured_is_final
+        from sweeps.budget import measured_at_end
 
         # pruning only lowers params: a trial stopped before its last pruning step left an unpruned model, over a
         # params/kB budget its schedule would have met
         early = sum(1 for t, row in zip(trials, rows) if not row["feasible"] and t.status == "stopped"
                     and t.config["pruning"]["mode"] in ("single", "progressive")
                     and t.metrics.get("constraint_max_macs", -1.0) <= 0  # over on params/kB only
-                    and not measured_is_final(t.metrics, t.metrics["epoch"], t.config["train"]["epochs"]))
+                    and not measured_at_end(t.metrics, t.metrics["epoch"], t.config["train"]["epochs"]))
         over = f", {len(rows) - len(feasible)} over the budget" + (
             f" ({early} of them stopped by the scheduler before their last pruning step: the model they left is "
             "unpruned)" if early else "")
@@ -170,17 +168,18 @@ def main(cfg: DictConfig) -> None:
     storage = check_storage(config["storage_path"])  # a URI pyarrow cannot open is refused here
     name = config["name"] or f"{config['space']}-{time.strftime('%Y%m%d-%H%M%S')}"
 
-    if config["resume"] or config["stage"] == "final":
+    if config["resume"] or config["stage"] == "retrain":
         if not config["name"]:
-            raise ValueError(f"{'resume=true' if config['resume'] else 'stage=final'} needs name=<sweep>; sweeps here: "
+            raise ValueError(f"{'resume=true' if config['resume'] else 'stage=retrain'} needs name=<sweep>; sweeps here: "
                              + (", ".join(list_sweeps(storage)) or "none"))
         if name not in list_sweeps(storage):
             raise FileNotFoundError(f"No sweep named {name!r} under {storage}; sweeps here: "
                                     + (", ".join(list_sweeps(storage)) or "none"))
         saved = read_state(storage, name)
-        base_config, sweep = upgrade_saved_config(saved["base_config"]), runtime_settings(config, saved["sweep"])
-        if config["stage"] == "final" and not config["resume"]:  # a new final stage takes final.* as given now
-            sweep = sweep | {"final": config["final"]}
+        base_config = upgrade_saved_config(saved["base_config"])
+        sweep = runtime_settings(config, upgrade_saved_settings(saved["sweep"]))
+        if config["stage"] == "retrain" and not config["resume"]:  # a new retrain stage takes retrain.* as given now
+            sweep = sweep | {"retrain": config["retrain"]}
     else:
         if sweep_exists(storage, name):
             raise FileExistsError(f"A sweep named {name!r} already exists in {storage}. Resume it with "
@@ -249,29 +248,29 @@ def progress_reporter(space: SearchSpace) -> Any:
         params = {f"grid_point/{key}": label for key, label in wanted.items() if key in space.keys()}
     else:
         params = {key: label for key, label in wanted.items() if key in space.keys()}
-    return CLIReporter(metric_columns={"epoch": "epoch", ACCURACY: ACCURACY, MACS: "MACs"}, parameter_columns=params,
+    return CLIReporter(metric_columns={"epoch": "epoch", ACCURACY: ACCURACY, TARGET_MACS: "MACs"}, parameter_columns=params,
                        max_report_frequency=30, sort_by_metric=False)
 
 
 def search_results(exp_dir: str, name: str) -> Any:
-    """The search's results as Tune recorded them (a ResultGrid), for `stage=final`; none finished is an error."""
+    """The search's results as Tune recorded them (a ResultGrid), for `stage=retrain`; none finished is an error."""
     from ray.tune import ExperimentAnalysis, ResultGrid
 
-    from sweeps.final import front_configs
+    from sweeps.retrain import front_configs
 
     try:
         results = ResultGrid(ExperimentAnalysis(exp_dir))
     except (FileNotFoundError, ValueError):
         results = []
     if not front_configs(results):
-        raise ValueError(f"stage=final: sweep {name!r} has no finished trial to retrain (no trial reported a result "
+        raise ValueError(f"stage=retrain: sweep {name!r} has no finished trial to retrain (no trial reported a result "
                          f"in {exp_dir}). Resume its search first: python sweeps/run.py resume=true name={name}")
     return results
 
 
 def run_sweep(name: str, base_config: dict[str, Any], sweep: dict[str, Any], storage: str, resume: bool,
               stage: str = "search") -> None:
-    """Search (stage=search), then retrain its front and write the report (final.enabled); stage=final: only the
+    """Search (stage=search), then retrain its front and write the report (retrain.enabled); stage=retrain: only the
     retraining and the report, for a sweep that has searched. resume=true continues whichever stage was cut."""
     import ray
     from ray import tune
@@ -289,9 +288,9 @@ def run_sweep(name: str, base_config: dict[str, Any], sweep: dict[str, Any], sto
         run_teacher,
         start_ray,
     )
-    from sweeps.final import check_final_settings
     from sweeps.mlflow_logging import SweepMLflowCallback
     from sweeps.pareto_asha import ParetoASHA, ParetoASHAStateCallback
+    from sweeps.retrain import check_retrain_settings, retrain_experiment
     from sweeps.tuning import default_scheduler, make_scheduler, make_searcher, num_samples, param_space
     from trainable.run_config import validate_teacher
     from trainable.tune_trainable import run_trial
@@ -300,28 +299,30 @@ def run_sweep(name: str, base_config: dict[str, Any], sweep: dict[str, Any], sto
     budget = Budget.from_config(sweep.get("budget"))  # sweeps saved before budgets existed have none
     space = load_space(sweep["space"], flatten(base_config), accepted_values())
     trials = num_samples(space, sweep["num_samples"])
-    final = sweep.get("final") or {"enabled": False}  # sweeps saved before the retrain stage have none
-    retrain = stage == "final" or final["enabled"]
+    settings = sweep.get("retrain") or {"enabled": False}  # sweeps saved before the retrain stage have none
+    retrain = stage == "retrain" or settings["enabled"]
     check_sweep_settings(sweep)
     check_data(base_config["data"])  # data root, examples.json, caps: before any rendering or decoding
     check_space_configs(space, base_config)
     check_reachable(budget, space, base_config)  # a budget no trial can meet, with the smallest reachable value
-    final_epoch = max_epochs(base_config, space)
+    last_epoch = max_epochs(base_config, space)
     if retrain:
-        check_final_settings(final)
-        if final["epochs"] < final_epoch:
-            raise ValueError(f"final.epochs={final['epochs']} is below the search's train.epochs={final_epoch}: the "
-                             "retrained models would train less than the searched ones; raise final.epochs.")
+        check_retrain_settings(settings)
+        if settings["epochs"] < last_epoch:
+            raise ValueError(f"retrain.epochs={settings['epochs']} is below the search's train.epochs={last_epoch}: "
+                             "the retrained models would train less than the searched ones; raise retrain.epochs.")
     exp_dir = sweep_uri(storage, name)
-    final_dir = sweep_uri(exp_dir, FINAL_EXPERIMENT)  # the retrain stage's Tune experiment, inside the sweep's folder
+    # the retrain stage's Tune experiment, inside the sweep's folder (`final` in sweeps made before the rename)
+    retrain_name = retrain_experiment(lambda experiment: tune.Tuner.can_restore(sweep_uri(exp_dir, experiment)))
+    retrain_dir = sweep_uri(exp_dir, retrain_name)
     searched = None
-    if stage == "final":
+    if stage == "retrain":
         searched = search_results(exp_dir, name)
-        if not resume and tune.Tuner.can_restore(final_dir):
+        if not resume and tune.Tuner.can_restore(retrain_dir):
             raise FileExistsError(f"Sweep {name!r} already has a retrain stage; continue it with "
-                                  f"`python sweeps/run.py resume=true stage=final name={name}`.")
+                                  f"`python sweeps/run.py resume=true stage=retrain name={name}`.")
     # KD ablations switch KD on for configurations that searched without it: they need the teacher too.
-    kd_possible = may_use_kd(space, base_config) or (retrain and final["ablations"])
+    kd_possible = may_use_kd(space, base_config) or (retrain and settings["ablations"])
     if kd_possible:
         validate_teacher(base_config)  # the teacher trains on the base config, whatever the trials sample
     workdir = Path(base_config["workdir"]).resolve()
@@ -341,9 +342,9 @@ def run_sweep(name: str, base_config: dict[str, Any], sweep: dict[str, Any], sto
     def step(label: str, what: str) -> None:
         print(f"[{steps.index(label) + 1}/{len(steps)}] {label}: {what}", flush=True)
 
-    print(f"Sweep {name} ({'retraining the front of ' if stage == 'final' else f'{trials} trials of space '}"
+    print(f"Sweep {name} ({'retraining the front of ' if stage == 'retrain' else f'{trials} trials of space '}"
           f"{sweep['space']}); if interrupted, continue it with:\n"
-          f"  python sweeps/run.py resume=true name={name}{' stage=final' if stage == 'final' else ''}\n"
+          f"  python sweeps/run.py resume=true name={name}{' stage=retrain' if stage == 'retrain' else ''}\n"
           f"Ray: {resources.summary}", flush=True)
 
     step("data", "preparing the dataset and its waveform cache")
@@ -372,20 +373,20 @@ def run_sweep(name: str, base_config: dict[str, Any], sweep: dict[str, Any], sto
             tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_errored=True)
         else:  # a new sweep, or one killed before its first trial started: data and teacher come from their caches
             scheduler_name = sweep["scheduler"]["name"] or default_scheduler(space, objective)
-            scheduler = make_scheduler(scheduler_name, objective, final_epoch,
+            scheduler = make_scheduler(scheduler_name, objective, last_epoch,
                                        sweep["scheduler"]["grace_period"], sweep["scheduler"]["reduction_factor"],
                                        budget=budget, metric=sweep["scheduler"].get("metric", "val_acc"))
             callback = SweepMLflowCallback(tracking_uri, experiment_name=name, base_config=base_config,
                                            tags=tags | {"scheduler": scheduler_name, "stage": "search"})
             callbacks = [callback] + ([ParetoASHAStateCallback(scheduler)] if isinstance(scheduler, ParetoASHA) else [])
             if budget is not None:  # first: it adds `feasible` and the constraint values to results the others record
-                callbacks.insert(0, BudgetCallback(budget, final_epoch))
+                callbacks.insert(0, BudgetCallback(budget, last_epoch))
             tuner = tune.Tuner(
                 trainable,
                 param_space=param_space(space),
                 tune_config=tune.TuneConfig(  # no metric/mode here: it would make OptunaSearch single-objective
                     search_alg=make_searcher(space, sweep["search"]["sampler"], objective, base_config["seed"],
-                                             final_epoch, budget=budget,
+                                             last_epoch, budget=budget,
                                              base_config=base_config if sweep["budget"].get("screen", True) else None),
                     scheduler=scheduler,
                     num_samples=trials,
@@ -402,17 +403,17 @@ def run_sweep(name: str, base_config: dict[str, Any], sweep: dict[str, Any], sto
     if retrain:
         step("retrain", "the front's configurations, longer and with seeds, scored on the test split")
         callbacks = [SweepMLflowCallback(tracking_uri, experiment_name=name, base_config=base_config,
-                                         tags=tags | {"stage": "final"})]
+                                         tags=tags | {"stage": Stage.retrain.value})]
         if budget is not None:
-            callbacks.insert(0, BudgetCallback(budget, final["epochs"]))
-        retrained = run_final(searched, trainable, exp_dir, base_config, final, sweep, resume, callbacks)
+            callbacks.insert(0, BudgetCallback(budget, settings["epochs"]))
+        retrained = run_retrain(searched, trainable, exp_dir, retrain_name, base_config, sweep, resume, callbacks)
         finished = sum(1 for r in retrained if not r.error)
-        print(f"\nRetrained: {finished} of {len(retrained)} runs finished ({final_dir}).")
+        print(f"\nRetrained: {finished} of {len(retrained)} runs finished ({retrain_dir}).")
     shutil.rmtree(workdir / "trial-scratch", ignore_errors=True)  # trials' working files (trainable/tune_trainable.py)
     ray.shutdown()
     print(f"\nRay results: {exp_dir}\nMLflow:      {tracking_uri} (experiment {name!r})\n"
           f"      mlflow ui --backend-store-uri {tracking_uri}   # then open {runs_page(experiment_id)}\n", flush=True)
-    export = retrain and (final["export"] if final.get("export") is not None else budget is not None)
+    export = retrain and (settings["export"] if settings.get("export") is not None else budget is not None)
     step("report", ("ONNX, int8 and CPU latency of the retrained front models, then " if export else "")
          + "front, plot, retrained numbers and conclusions")  # last: the report's file paths end the output
     write_report(name, storage, workdir, tracking_uri, export)
@@ -433,34 +434,35 @@ def tune_run_config(name: str, storage: str, callbacks: list[Any], reporter: Any
                           failure_config=tune.FailureConfig(max_failures=max_failures))
 
 
-def run_final(searched: Any, trainable: Any, exp_dir: str, base_config: dict[str, Any], final: dict[str, Any],
-              sweep: dict[str, Any], resume: bool, callbacks: list[Any]) -> Any:
-    """Retrain the front (sweeps/final.py) as the Tune experiment <sweep folder>/final; resumes it when asked."""
+def run_retrain(searched: Any, trainable: Any, exp_dir: str, experiment: str, base_config: dict[str, Any],
+                sweep: dict[str, Any], resume: bool, callbacks: list[Any]) -> Any:
+    """Retrain the front (sweeps/retrain.py) as the Tune experiment <sweep folder>/<experiment> (retrain); resumes
+    it when asked."""
     from ray import tune
     from ray.tune import CLIReporter
 
-    from sweeps.final import check_points, describe, front_configs, retrain_points, spread
+    from sweeps.retrain import check_points, describe, front_configs, retrain_points, spread
 
-    name, final_dir = Path(exp_dir).name, sweep_uri(exp_dir, FINAL_EXPERIMENT)
-    if resume and tune.Tuner.can_restore(final_dir):
-        set_aside_truncated_state(final_dir)
-        log.info("Resuming the retrain stage of %s from %s", name, final_dir)
-        return tune.Tuner.restore(final_dir, trainable=trainable, resume_errored=True).fit()
-    configs = spread(front_configs(searched), final["max_configs"])
+    name, retrain_dir, settings = Path(exp_dir).name, sweep_uri(exp_dir, experiment), sweep["retrain"]
+    if resume and tune.Tuner.can_restore(retrain_dir):
+        set_aside_truncated_state(retrain_dir)
+        log.info("Resuming the retrain stage of %s from %s", name, retrain_dir)
+        return tune.Tuner.restore(retrain_dir, trainable=trainable, resume_errored=True).fit()
+    configs = spread(front_configs(searched), settings["max_configs"])
     if not configs:
         raise ValueError(f"Sweep {name!r} has no front trial to retrain: every trial errored or broke the budget.")
-    points = retrain_points(configs, base_config, final)
+    points = retrain_points(configs, base_config, settings)
     check_points(points, base_config)
-    print(describe(configs, points, final), flush=True)
+    print(describe(configs, points, settings), flush=True)
     reporter = CLIReporter(metric_columns={"epoch": "epoch", ACCURACY: ACCURACY, "test_acc": "test_acc"},
-                           parameter_columns={f"grid_point/retrain.{k}": k for k in ("front_trial", "role")}
+                           parameter_columns={f"grid_point/origin.{k}": k for k in ("front_trial", "role")}
                            | {"grid_point/train.seed": "seed"}, max_report_frequency=30, sort_by_metric=False)
     tuner = tune.Tuner(
         trainable,
         param_space={"grid_point": tune.grid_search(points)},
         tune_config=tune.TuneConfig(max_concurrent_trials=sweep["resources"]["max_concurrent_trials"],
                                     reuse_actors=True),
-        run_config=tune_run_config(FINAL_EXPERIMENT, exp_dir, callbacks, reporter, sweep["resources"]["max_failures"]),
+        run_config=tune_run_config(experiment, exp_dir, callbacks, reporter, sweep["resources"]["max_failures"]),
     )
     return tuner.fit()
 

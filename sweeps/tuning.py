@@ -13,7 +13,7 @@ from ray.tune.search.optuna import OptunaSearch
 from common.config import RUNG_METRIC_MODES, Sampler, SchedulerName, values
 from common.objectives import ACCURACY, objectives
 from search_spaces.schema import SearchSpace
-from sweeps.budget import FEASIBLE, Budget, measured_is_final, predicted_constraints
+from sweeps.budget import FEASIBLE, Budget, measured_at_end, predicted_constraints, upgrade_pickled
 from sweeps.pareto_asha import ParetoASHA
 from trainable.run_config import trial_config
 
@@ -33,11 +33,12 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
     raise ValueError(f"search.sampler={name!r}; choose one of {SAMPLERS}.")
 
 
-class FinalResultOptunaSearch(OptunaSearch):
-    """OptunaSearch that gives the study final results only.
+class LastEpochOptunaSearch(OptunaSearch):
+    """OptunaSearch that gives the study the results of the search's last epoch only.
 
     Ray's OptunaSearch tells Optuna a trial the scheduler stopped at epoch 2 as COMPLETE with its epoch-2
-    accuracy, and TPE then learns from it as if it were final. Here a trial that ended before `final_epoch` is
+    accuracy, and TPE then learns from it as if it had trained to the end. Here a trial that ended before
+    `last_epoch` is
     told without values, which Ray's OptunaSearch records as PRUNED (Optuna's own state for a trial stopped
     early), and an errored trial as FAIL, whatever it reported before the error.
 
@@ -57,13 +58,21 @@ class FinalResultOptunaSearch(OptunaSearch):
 
     MAX_SCREENED = 200
 
-    def __init__(self, *args: Any, final_epoch: int, budget: Budget | None = None,
+    def __init__(self, *args: Any, last_epoch: int, budget: Budget | None = None,
                  base_config: dict[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.final_epoch = final_epoch
+        self.last_epoch = last_epoch
         self.budget = budget
         self.base_config = base_config
         self.screened = 0
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        upgrade_pickled(self)
+
+    def restore(self, checkpoint_path: str) -> None:
+        super().restore(checkpoint_path)  # Ray's OptunaSearch: __dict__.update(the pickled __dict__)
+        upgrade_pickled(self)
 
     def suggest(self, trial_id: str) -> dict | None:
         suggestion = super().suggest(trial_id)
@@ -93,7 +102,7 @@ class FinalResultOptunaSearch(OptunaSearch):
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if self.budget is not None and result and not error and trial_id not in self._completed_trials:
             self._set_constraints(trial_id, result)
-        if error or (result is not None and result.get("epoch", self.final_epoch) < self.final_epoch):
+        if error or (result is not None and result.get("epoch", self.last_epoch) < self.last_epoch):
             result = None
         super().on_trial_complete(trial_id, result=result, error=error)
 
@@ -101,13 +110,17 @@ class FinalResultOptunaSearch(OptunaSearch):
         ot_trial = self._ot_trials.get(trial_id)
         if ot_trial is None:
             return
-        final = measured_is_final(result, result.get("epoch", 0), self.final_epoch)
+        at_end = measured_at_end(result, result.get("epoch", 0), self.last_epoch)
         try:
-            constraints = self.budget.constraints(result, final)
+            constraints = self.budget.constraints(result, at_end)
         except ValueError as err:  # told without constraints (feasible for Optuna): the trainable's bug, said once
             log.warning("trial %s told to Optuna without budget constraints: %s", trial_id, err)
             return
         _record_constraints(ot_trial, constraints)
+
+
+# Sweeps made before the rename pickled their searcher (tuner.pkl, searcher state) under this name: keep it loading.
+FinalResultOptunaSearch = LastEpochOptunaSearch
 
 
 def _record_constraints(ot_trial: optuna.Trial, constraints: dict[str, float]) -> None:
@@ -117,18 +130,18 @@ def _record_constraints(ot_trial: optuna.Trial, constraints: dict[str, float]) -
     ot_trial.set_user_attr(FEASIBLE, all(value <= 0 for value in constraints.values()))
 
 
-def make_searcher(space: SearchSpace, sampler: str, objective: str, seed: int, final_epoch: int,
+def make_searcher(space: SearchSpace, sampler: str, objective: str, seed: int, last_epoch: int,
                   budget: Budget | None = None, base_config: dict[str, Any] | None = None) -> OptunaSearch | None:
     """Multi-objective OptunaSearch by default (metric/mode live here, never in TuneConfig); budgets reach the
     study as constraints, and with `base_config` over-budget suggestions are screened out before they train
-    (FinalResultOptunaSearch)."""
+    (LastEpochOptunaSearch)."""
     if space.searcher == "grid":
         return None
     chosen = objectives(objective)
     metric, mode = (list(chosen), list(chosen.values())) if len(chosen) > 1 else (ACCURACY, chosen[ACCURACY])
-    return FinalResultOptunaSearch(space=space.define_by_run, metric=metric, mode=mode,
-                                   sampler=make_sampler(sampler, seed), final_epoch=final_epoch, budget=budget,
-                                   base_config=base_config)
+    return LastEpochOptunaSearch(space=space.define_by_run, metric=metric, mode=mode,
+                                 sampler=make_sampler(sampler, seed), last_epoch=last_epoch, budget=budget,
+                                 base_config=base_config)
 
 
 DEFAULT_NUM_SAMPLES = 50

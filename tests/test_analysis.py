@@ -77,11 +77,11 @@ def test_pareto_writes_csv_plot_report_and_mlflow_run(workdir):
     reference = 1.1 * points[:, 1].max()
     expected_hv = hypervolume(points / [1.0, reference], [0.0, 1.0], [True, False])
     assert f"{expected_hv:.4f}" in report and f"{reference:,.0f}" in report
-    # not retrained (the test sweeps run with final.enabled=false): the report says how, and compares the search
+    # not retrained (the test sweeps run with retrain.enabled=false): the report says how, and compares the search
     # trials within MACs bins instead; the quick space has no KD-off trial
-    assert "Not retrained yet: run <code>python sweeps/run.py stage=final name=ana</code>" in report
+    assert "Not retrained yet: run <code>python sweeps/run.py stage=retrain name=ana</code>" in report
     assert "KD vs no KD at matched MACs (search trials, exploratory)" in report and "n too small" in report
-    assert "Retrained front: not retrained yet: run python sweeps/run.py stage=final name=ana" in out.stdout
+    assert "Retrained front: not retrained yet: run python sweeps/run.py stage=retrain name=ana" in out.stdout
     # what one reads last: where the plot, the report and the table are
     assert out.stdout.rstrip().splitlines()[-3:] == [f"Plot:   {sweep_dir / 'pareto.png'}",
                                                      f"Report: {sweep_dir / 'report.html'}",
@@ -225,7 +225,7 @@ def test_overlaid_sweeps_share_one_hypervolume_reference():
 
 def synthetic_trial(trial_id: str, val_acc: float, target_macs: float, macs: float, mode: str = "single"):
     """A trial as analysis/results.py loads it; `macs` is what it measured at its last epoch."""
-    from common.trial_table import Trial
+    from common.trial_table import TrialRecord
 
     config = {"kd": {"enabled": True, "T": 3.0, "alpha": 0.5}, "features": {"n_mels": 64},
               "student": {"width_mult": 1.0}, "train": {"lr": 1e-3, "epochs": 8},
@@ -233,7 +233,7 @@ def synthetic_trial(trial_id: str, val_acc: float, target_macs: float, macs: flo
                           "step_epochs": 1}}
     metrics = {"val_acc": val_acc, "val_macro_f1": val_acc, "target_macs": target_macs, "macs": macs,
                "params": 1000, "epoch": 2}
-    return Trial(sweep="s", trial_id=trial_id, trial_dir=Path(trial_id), config=config, metrics=metrics,
+    return TrialRecord(sweep="s", trial_id=trial_id, trial_dir=Path(trial_id), config=config, metrics=metrics,
                  checkpoint=None, status="stopped")
 
 

@@ -58,14 +58,14 @@ def test_constraint_values_and_result_annotations():
     budget = Budget(max_macs=1e6, max_params=200_000, max_kb=128, precision="int8")
     result = {"epoch": 1, "target_macs": 5e5, "macs": 2e6, "params": 256_000, "pruning_step": 0}
     # before its pruning is done a trial is judged on its target MACs (known) and its current params (measured)
-    assert budget.constraints(result, final=False) == pytest.approx(
+    assert budget.constraints(result, at_end=False) == pytest.approx(
         {"max_macs": -0.5, "max_params": 0.28, "max_kb": 1.0})
-    assert budget.broken(result, final=False) == {}  # params may still fall with pruning
-    assert budget.broken(result, final=True) == {"max_macs": 2e6, "max_params": 256_000, "max_kb": 256.0}
-    notes = budget.annotations(result, final=False)
+    assert budget.broken(result, at_end=False) == {}  # params may still fall with pruning
+    assert budget.broken(result, at_end=True) == {"max_macs": 2e6, "max_params": 256_000, "max_kb": 256.0}
+    notes = budget.annotations(result, at_end=False)
     assert notes["feasible"] == 0 and notes["param_kb"] == 256.0
     assert notes["constraint_max_macs"] == pytest.approx(-0.5) and notes["constraint_max_kb"] == pytest.approx(1.0)
-    assert Budget(max_macs=1e6).annotations(result, final=False) == {"feasible": 1, "constraint_max_macs": -0.5}
+    assert Budget(max_macs=1e6).annotations(result, at_end=False) == {"feasible": 1, "constraint_max_macs": -0.5}
 
 
 # ---- constraints reach the Optuna study ---------------------------------------------------------------------
@@ -78,7 +78,7 @@ def test_constraints_reach_the_study_for_complete_and_pruned_trials():
     from sweeps.tuning import make_searcher
 
     budget = Budget(max_macs=2e6, max_kb=100, precision="int8")
-    searcher = make_searcher(load_space("quick", QUICK), "tpe", "multi", seed=0, final_epoch=3, budget=budget)
+    searcher = make_searcher(load_space("quick", QUICK), "tpe", "multi", seed=0, last_epoch=3, budget=budget)
     searcher.set_search_properties(None, None, {})
     for trial_id in ("over_macs", "feasible", "over_kb", "stopped_ok", "errored"):
         assert searcher.suggest(trial_id)
@@ -110,7 +110,7 @@ def test_constraints_reach_the_study_for_complete_and_pruned_trials():
     assert [_get_infeasible_trial_score(t) for t in trials[:4]] == pytest.approx([0.5, 0.0, 0.5, 0.0])
     assert [t.number for t in _get_feasible_trials(trials[:4])] == [feasible.number, stopped_ok.number]
     # past its 10 random start-up trials, TPE samples from a study with infeasible trials (its constrained split)
-    again = make_searcher(load_space("quick", QUICK), "tpe", "multi", seed=1, final_epoch=3, budget=budget)
+    again = make_searcher(load_space("quick", QUICK), "tpe", "multi", seed=1, last_epoch=3, budget=budget)
     again.set_search_properties(None, None, {})
     for n in range(12):
         assert again.suggest(f"t{n}")
@@ -202,7 +202,7 @@ def test_screening_spends_every_suggestion_inside_the_budget_and_tells_the_study
     from trainable.run_config import trial_config
 
     budget = Budget(max_macs=2e6, max_kb=300)
-    searcher = make_searcher(quick_space(quick_base), "tpe", "multi", seed=0, final_epoch=3, budget=budget,
+    searcher = make_searcher(quick_space(quick_base), "tpe", "multi", seed=0, last_epoch=3, budget=budget,
                              base_config=quick_base)
     searcher.set_search_properties(None, None, {})
     suggestions = [searcher.suggest(f"t{n}") for n in range(6)]

@@ -497,7 +497,7 @@ def test_sweep_on_a_cluster_survives_losing_a_worker_node(sandbox):
     project folder is empty: the code reaches them with the job."""
     import optuna
 
-    from tests.test_sweep import ROOT, final_results, mlflow_runs, rung_records, searcher_study, sweep_cmd, trial_epochs
+    from tests.test_sweep import ROOT, last_results, mlflow_runs, rung_records, searcher_study, sweep_cmd, trial_epochs
 
     tmp, home, work = sandbox / "mn", sandbox / "mn_home", sandbox / "mn_work"
     for folder in (tmp, home, work):
@@ -559,7 +559,7 @@ def test_sweep_on_a_cluster_survives_losing_a_worker_node(sandbox):
     ids = {json.loads((exp_dir / k / "result.json").read_text().splitlines()[0])["trial_id"] for k in epochs}
     assert set(rung_records(exp_dir)[1]) == ids  # ParetoASHA recorded every trial at its first rung, once
     study = searcher_study(exp_dir).get_trials(deepcopy=False)
-    finished = [r for r in final_results(exp_dir).values() if r["epoch"] == 3]
+    finished = [r for r in last_results(exp_dir).values() if r["epoch"] == 3]
     assert len(study) == 3 and not [t for t in study if t.state == optuna.trial.TrialState.RUNNING], study
     assert sorted(t.values for t in study if t.state == optuna.trial.TrialState.COMPLETE) == sorted(
         [r["val_acc"], r["target_macs"]] for r in finished)  # the study learned each final result once

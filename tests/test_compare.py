@@ -33,7 +33,7 @@ def run(front_trial: str, role: str, seed: int, kd: str, pruning: str, test: flo
     """A retraining run as compare.retrained_row makes it; test None = not finished (missing)."""
     return {"sweep": sweep, "trial_id": f"{front_trial}-{role}-{seed}", "front_trial": front_trial, "role": role,
             "seed": seed, "kd": kd, "pruning": pruning, "target_macs_ratio": ratio, "width_mult": width,
-            "status": "completed", "epochs": 4, "final_epochs": 4, "test_acc": test, "val_acc": val,
+            "status": "completed", "epochs": 4, "train_epochs": 4, "test_acc": test, "val_acc": val,
             "target_macs": target_macs, "macs": target_macs if macs is None else macs, "params": params}
 
 
@@ -124,7 +124,7 @@ def test_retrained_comparisons_pool_seeds_and_configurations():
     assert pruning.question == PRUNING_QUESTION and pruning.n == 5
     assert pruning.mean == pytest.approx((0.02 - 0.01 + 0.02 - 0.01 + 0.02) / 5)
     assert pruning.excludes_zero is False and "no detectable difference at this n" in pruning.sentence
-    # without ablation runs (final.ablations=false) there is nothing to compare
+    # without ablation runs (retrain.ablations=false) there is nothing to compare
     assert retrained_comparisons([r for r in RUNS if r["role"] == "front"]) == []
 
 
@@ -155,12 +155,12 @@ def test_dense_pairs_are_pruned_minus_dense_of_the_same_seed_with_each_sides_mac
 
 def test_retrained_extra_folder_accuracies_reach_the_rows_and_the_table(tiny_config):
     from analysis.compare import extra_folders, retrained_row
-    from common.trial_table import Trial
+    from common.trial_table import TrialRecord
     from trainable.run_config import trial_config
 
-    config = trial_config(tiny_config, {"retrain.front_trial": "fa", "retrain.role": "front", "train.epochs": 4,
+    config = trial_config(tiny_config, {"origin.front_trial": "fa", "origin.role": "front", "train.epochs": 4,
                                         "pruning.mode": "single"})
-    trial = Trial(sweep="s", trial_id="r0", trial_dir=Path("."), config=config, status="completed", checkpoint=None,
+    trial = TrialRecord(sweep="s", trial_id="r0", trial_dir=Path("."), config=config, status="completed", checkpoint=None,
                   metrics={"epoch": 4, "val_acc": 0.5, "test_acc": 0.61, "test_macro_f1": 0.6, "target_macs": 1e6,
                            "macs": 1e6, "params": 100})
     evaluation = {"test_acc": 0.60, "test_macro_f1": 0.59,
@@ -198,12 +198,12 @@ SCENARIOS = {"nokd_noprune": (False, "none"), "nokd_single": (False, "single"),
 
 
 def scenario_trial(scenario: str, seed: int, val: float, status: str = "completed"):
-    from common.trial_table import Trial
+    from common.trial_table import TrialRecord
 
     kd, mode = SCENARIOS[scenario]
     config = {"kd": {"enabled": kd}, "pruning": {"mode": mode}, "train": {"seed": seed}}
     metrics = {"val_acc": val, "config": {"grid_point": {"scenario": scenario, "train.seed": seed}}}
-    return Trial(sweep="g", trial_id=f"{scenario}-{seed}", trial_dir=Path("."), config=config, metrics=metrics,
+    return TrialRecord(sweep="g", trial_id=f"{scenario}-{seed}", trial_dir=Path("."), config=config, metrics=metrics,
                  checkpoint=None, status=status)
 
 
@@ -241,7 +241,7 @@ def test_scenarios_grid_pairs_by_pruning_mode_and_seed_then_by_kd_and_seed():
 
 # --- on disk: the loader, pareto.py's files and printed end ---------------------------------------------------------
 
-def write_result(folder: Path, trial_id: str, params: dict, epochs: int, final_epochs: int, val: float,
+def write_result(folder: Path, trial_id: str, params: dict, epochs: int, train_epochs: int, val: float,
                  test: float | None = None, target_macs: float = 2e6, torn_line: bool = False) -> None:
     """result.json as Ray Tune writes it: one JSON line per epoch; test_acc on the last epoch of a finished run."""
     folder.mkdir(parents=True)
@@ -249,16 +249,16 @@ def write_result(folder: Path, trial_id: str, params: dict, epochs: int, final_e
     for epoch in range(1, epochs + 1):
         line = {"val_acc": val, "val_macro_f1": val, "target_macs": target_macs, "macs": target_macs,
                 "params": 1000, "epoch": epoch, "trial_id": trial_id, "config": params}
-        if epoch == final_epochs and test is not None:
+        if epoch == train_epochs and test is not None:
             line |= {"test_acc": test, "test_macro_f1": test}
         lines.append(json.dumps(line))
     (folder / "result.json").write_text("\n".join(lines) + ("\n{\"val_acc\": 0.9, \"ep" if torn_line else "\n"))
 
 
-def retrain_point(front_trial: str, role: str, seed: int, kd: bool, mode: str, final_epochs: int = 4) -> dict:
+def retrain_point(front_trial: str, role: str, seed: int, kd: bool, mode: str, train_epochs: int = 4) -> dict:
     return {"grid_point": {"kd.enabled": kd, "pruning.mode": mode, "pruning.target_macs_ratio": 0.5,
-                           "train.epochs": final_epochs, "train.seed": seed, "train.test_at_end": True,
-                           "retrain.front_trial": front_trial, "retrain.role": role}}
+                           "train.epochs": train_epochs, "train.seed": seed, "train.test_at_end": True,
+                           "origin.front_trial": front_trial, "origin.role": role}}
 
 
 @pytest.fixture
@@ -273,22 +273,41 @@ def sweep_dir(tmp_path, tiny_config) -> Path:
     write_result(folder / "trial_front1", "front1", search, 3, 3, 0.66)
     write_result(folder / "trial_other", "other", search | {"pruning.target_macs_ratio": 0.9}, 3, 3, 0.60,
                  target_macs=4e6)
-    final = folder / "final"
-    write_result(final / "run_a", "ra", retrain_point("front1", "front", 0, False, "single"), 4, 4, 0.70, 0.68)
-    write_result(final / "run_b", "rb", retrain_point("front1", "front", 1, False, "single"), 4, 4, 0.72, 0.72,
+    retrain = folder / "retrain"
+    write_result(retrain / "run_a", "ra", retrain_point("front1", "front", 0, False, "single"), 4, 4, 0.70, 0.68)
+    write_result(retrain / "run_b", "rb", retrain_point("front1", "front", 1, False, "single"), 4, 4, 0.72, 0.72,
                  torn_line=True)
-    write_result(final / "run_c", "rc", retrain_point("front1", "kd_toggled", 0, True, "single"), 4, 4, 0.75, 0.74)
-    write_result(final / "run_d", "rd", retrain_point("front1", "kd_toggled", 1, True, "single"), 2, 4, 0.40)
-    (final / "experiment_state.json").write_text("{}")  # Tune's own files next to the run folders are not runs
+    write_result(retrain / "run_c", "rc", retrain_point("front1", "kd_toggled", 0, True, "single"), 4, 4, 0.75, 0.74)
+    write_result(retrain / "run_d", "rd", retrain_point("front1", "kd_toggled", 1, True, "single"), 2, 4, 0.40)
+    (retrain / "experiment_state.json").write_text("{}")  # Tune's own files next to the run folders are not runs
     return folder
 
 
-def test_load_retrained_reads_the_final_stage_runs(sweep_dir):
+def test_a_sweep_saved_before_the_rename_loads_its_final_folder_and_retrain_labels(sweep_dir):
+    """Sweeps made before issue 20 kept the retrain stage in `<sweep>/final/`, its settings under `final`, and
+    labelled its runs `retrain.front_trial` / `retrain.role`: they still load, in today's names."""
+    from analysis.compare import retrained_row
+    from analysis.results import load_retrained, load_sweep
+
+    (sweep_dir / "retrain").rename(sweep_dir / "final")
+    for result in (sweep_dir / "final").glob("*/result.json"):
+        result.write_text(result.read_text().replace('"origin.', '"retrain.'))
+    state = json.loads((sweep_dir / "sweep_config.json").read_text())
+    state["sweep"]["final"] = {"enabled": True, "epochs": 4}
+    (sweep_dir / "sweep_config.json").write_text(json.dumps(state))
+    sweep = load_sweep(sweep_dir)
+    assert sweep.settings["retrain"] == {"enabled": True, "epochs": 4} and "final" not in sweep.settings
+    runs = {r["trial_id"]: r for r in map(retrained_row, load_retrained(sweep))}
+    assert set(runs) == {"ra", "rb", "rc", "rd"}
+    assert (runs["rc"]["front_trial"], runs["rc"]["role"]) == ("front1", "kd_toggled")
+
+
+def test_load_retrained_reads_the_retrain_stage_runs(sweep_dir):
     from analysis.compare import retrained_row
     from analysis.results import load_retrained, load_sweep
 
     sweep = load_sweep(sweep_dir)
-    assert sorted(t.trial_id for t in sweep.trials) == ["front1", "other"]  # final/ is not a search trial
+    assert sorted(t.trial_id for t in sweep.trials) == ["front1", "other"]  # retrain/ is not a search trial
     runs = [retrained_row(t) for t in load_retrained(sweep)]
     by_id = {r["trial_id"]: r for r in runs}
     assert set(by_id) == {"ra", "rb", "rc", "rd"}
@@ -297,7 +316,7 @@ def test_load_retrained_reads_the_final_stage_runs(sweep_dir):
         ("front", 0, "off", 0.68), ("front", 1, "off", 0.72), ("kd_toggled", 0, "on", 0.74),
         ("kd_toggled", 1, "on", None)]
     assert by_id["rb"]["epochs"] == 4 and by_id["rb"]["status"] == "completed"  # the torn last line is skipped
-    assert by_id["rd"]["status"] == "stopped" and by_id["rd"]["epochs"] == 2 and by_id["rd"]["final_epochs"] == 4
+    assert by_id["rd"]["status"] == "stopped" and by_id["rd"]["epochs"] == 2 and by_id["rd"]["train_epochs"] == 4
     assert by_id["ra"]["pruning"] == "single" and by_id["ra"]["target_macs_ratio"] == 0.5
     (config,) = retrained_front_table(runs)
     assert config.n == 2 and config.test_mean == pytest.approx(0.70)
@@ -325,9 +344,9 @@ def test_trial_retrained_selects_the_finished_front_runs_of_every_seed(sweep_dir
     from analysis.results import load_sweep
 
     assert [t.trial_id for t in select_trials([load_sweep(sweep_dir)], "retrained")] == ["ra", "rb"]
-    shutil.rmtree(sweep_dir / "final")
+    shutil.rmtree(sweep_dir / "retrain")
     with pytest.raises(ValueError, match=r"^trial=retrained: sweep\(s\) sw have no finished retraining run yet; run "
-                                         r"python sweeps/run.py stage=final name=sw"):
+                                         r"python sweeps/run.py stage=retrain name=sw"):
         select_trials([load_sweep(sweep_dir)], "retrained")
 
 
@@ -368,7 +387,7 @@ def test_load_retrained_is_empty_before_the_retrain_stage(sweep_dir):
 
     from analysis.results import load_retrained, load_sweep
 
-    shutil.rmtree(sweep_dir / "final")
+    shutil.rmtree(sweep_dir / "retrain")
     assert load_retrained(load_sweep(sweep_dir)) == []
 
 
@@ -413,15 +432,15 @@ def test_report_and_summary_say_how_to_retrain_before_the_stage_ran(sweep_dir, m
     import analysis.pareto as pareto
     from analysis.results import load_sweep
 
-    shutil.rmtree(sweep_dir / "final")
+    shutil.rmtree(sweep_dir / "retrain")
     monkeypatch.setattr(pareto, "log_to_mlflow", lambda *args: "run-id")
     analysis = pareto.analyse([load_sweep(sweep_dir)], None, "sqlite:///unused.db")
     assert not (sweep_dir / "retrained.csv").exists() and len(analysis.files) == 3
     report = (sweep_dir / "report.html").read_text()
-    assert "Not retrained yet: run <code>python sweeps/run.py stage=final name=sw</code>" in report
+    assert "Not retrained yet: run <code>python sweeps/run.py stage=retrain name=sw</code>" in report
     assert "KD vs no KD at matched MACs (search trials, exploratory)" in report
     text = pareto.summary(analysis, "sqlite:///unused.db", "sw")
-    assert "Retrained front: not retrained yet: run python sweeps/run.py stage=final name=sw" in text
+    assert "Retrained front: not retrained yet: run python sweeps/run.py stage=retrain name=sw" in text
     assert text.splitlines()[-1] == f"Table:  {sweep_dir / 'pareto.csv'}"
 
 

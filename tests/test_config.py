@@ -54,7 +54,7 @@ def test_only_the_run_config_reaches_trials():
     assert set(run) == {f.name for f in dataclasses.fields(RunConfig)}
     sweep_only = {f.name for f in dataclasses.fields(SweepConfig)} - set(run)
     assert sweep_only == {"space", "num_samples", "name", "resume", "storage_path", "search", "scheduler",
-                          "resources", "ray", "mlflow", "budget", "stage", "final"}
+                          "resources", "ray", "mlflow", "budget", "stage", "retrain"}
     assert not sweep_only & set(trial_config(run, {"kd.T": 4.0}))
 
 

@@ -11,9 +11,6 @@ import numpy as np
 import pytest
 
 from data_prep import gm_render, soundfonts
-from data_prep.layout import FAMILIES as NSYNTH_FAMILIES
-from data_prep.layout import NOTE_STR_RE, SPLITS, split_dir
-from data_prep.layout import SOURCES as NSYNTH_SOURCES
 from data_prep.gm_render import (
     GM_PROGRAM_FAMILIES,
     NSYNTH_VELOCITIES,
@@ -29,6 +26,9 @@ from data_prep.gm_render import (
     render_note,
     render_notes,
 )
+from data_prep.layout import FAMILIES as NSYNTH_FAMILIES
+from data_prep.layout import NOTE_STR_RE, SPLITS, split_dir
+from data_prep.layout import SOURCES as NSYNTH_SOURCES
 from data_prep.soundfonts import default_soundfont, load_soundfont, resolve_soundfonts
 from data_prep.sources import render_gm
 from data_prep.splits import quota_counts

@@ -173,7 +173,7 @@ def test_one_run_per_trial_with_params_tags_metrics_and_artifacts(tmp_path, trac
     assert all(math.isnan(m.value) for m in client.get_metric_history(run.info.run_id, "kd_loss"))
     assert "config/kd.T" in run.data.metrics and "time_this_iter_s" in run.data.metrics
     assert not {"done", "flag", "note", "date", "trial_id", "config/kd.enabled"} & set(run.data.metrics)
-    assert artifact_paths(client, run.info.run_id) == {"config.json", "final/history.json", "final/checkpoint.pt"}
+    assert artifact_paths(client, run.info.run_id) == {"config.json", "last_checkpoint/history.json", "last_checkpoint/checkpoint.pt"}
     logged = json.loads(Path(client.download_artifacts(run.info.run_id, "config.json", str(tmp_path / "dl")))
                         .read_text())
     assert logged == json.loads(json.dumps(trial_config(base_config, params_a)))
@@ -182,7 +182,7 @@ def test_one_run_per_trial_with_params_tags_metrics_and_artifacts(tmp_path, trac
     assert other.data.tags["kd"] == "off" and other.data.tags["pruning_mode"] == "none"
     assert other.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(other.info.run_id, "val_acc")] == [7]  # no epoch: iteration
-    assert artifact_paths(client, other.info.run_id) == {"config.json"}  # no checkpoint, no final files
+    assert artifact_paths(client, other.info.run_id) == {"config.json"}  # no checkpoint, no last-checkpoint files
 
 
 @pytest.mark.parametrize("restart", ["fresh_object", "unpickled_from_tuner_pkl"])
@@ -217,7 +217,7 @@ def test_restored_trial_continues_its_run_after_a_driver_restart(tmp_path, track
     assert len(runs[0].data.params) == n_params
     history = client.get_metric_history(runs[0].info.run_id, "val_acc")
     assert [m.step for m in history] == [1, 2, 3]
-    assert {"final/history.json", "final/checkpoint.pt"} <= artifact_paths(client, runs[0].info.run_id)
+    assert {"last_checkpoint/history.json", "last_checkpoint/checkpoint.pt"} <= artifact_paths(client, runs[0].info.run_id)
 
 
 def test_errored_trial_tags_error_and_fails_then_resume_errored_reopens_it(tmp_path, tracking, base_config):
@@ -257,8 +257,8 @@ def test_remote_checkpoint_is_materialised_before_logging(tmp_path, tracking, ba
     client, runs = client_and_runs(tracking)
     run_id = runs[0].info.run_id
     assert len(fake.downloaded_to) == 1 and not fake.downloaded_to[0].exists()  # temp dir cleaned up
-    assert artifact_paths(client, run_id) == {"config.json", "final/history.json", "final/checkpoint.pt"}
-    local = Path(client.download_artifacts(run_id, "final/checkpoint.pt", str(tmp_path / "dl")))
+    assert artifact_paths(client, run_id) == {"config.json", "last_checkpoint/history.json", "last_checkpoint/checkpoint.pt"}
+    local = Path(client.download_artifacts(run_id, "last_checkpoint/checkpoint.pt", str(tmp_path / "dl")))
     assert local.read_bytes() == b"remote weights"
 
 
@@ -277,8 +277,8 @@ def test_real_checkpoint_on_a_non_local_pyarrow_filesystem(tmp_path, tracking, b
         complete(callback, trial)
     assert spy.call_count == 1
     client, runs = client_and_runs(tracking)
-    assert artifact_paths(client, runs[0].info.run_id) == {"config.json", "final/history.json",
-                                                           "final/checkpoint.pt"}
+    assert artifact_paths(client, runs[0].info.run_id) == {"config.json", "last_checkpoint/history.json",
+                                                           "last_checkpoint/checkpoint.pt"}
 
 
 def test_params_are_batched_at_most_100_and_long_values_truncated(tracking, base_config, monkeypatch):
@@ -308,16 +308,16 @@ def test_params_are_batched_at_most_100_and_long_values_truncated(tracking, base
 
 
 def retrain_point(front_trial: str, role: str, seed: int) -> dict[str, Any]:
-    """A grid point of the retrain stage, as sweeps/final.py makes it."""
+    """A grid point of the retrain stage, as sweeps/retrain.py makes it."""
     return {"grid_point": {"kd.enabled": role == "kd_toggled", "pruning.mode": "none", "train.epochs": 4,
-                           "train.seed": seed, "train.test_at_end": True, "retrain.front_trial": front_trial,
-                           "retrain.role": role}}
+                           "train.seed": seed, "train.test_at_end": True, "origin.front_trial": front_trial,
+                           "origin.role": role}}
 
 
 @pytest.mark.parametrize("stage_tag", ["final", "retrain", None])
 def test_retrain_runs_are_named_by_configuration_role_and_seed(tracking, base_config, stage_tag):
-    """sweeps/run.py tags the retrain stage `final` (its CLI name): runs carry `retrain`, and without any stage
-    tag a run whose config names a front trial is a retrain run too."""
+    """Runs of the retrain stage carry tag stage=retrain (also from a sweep made before the rename, which tagged
+    it `final`), and without any stage tag a run whose config names a front trial is a retrain run too."""
     tags = TAGS if stage_tag is None else TAGS | {"stage": stage_tag}
     callback = make_callback(tracking, base_config, tags=tags)
     trials = [FakeTrial(f"r000{i}", retrain_point("abc12_00007", role, seed))
@@ -330,7 +330,18 @@ def test_retrain_runs_are_named_by_configuration_role_and_seed(tracking, base_co
                                                      "retrain-abc12_00007-front-seed43",
                                                      "retrain-abc12_00007-kd_toggled-seed42"]
     assert {r.data.tags["stage"] for r in runs} == {"retrain"}
-    assert {r.data.params["retrain.role"] for r in runs} == {"front", "kd_toggled"}
+    assert {r.data.params["origin.role"] for r in runs} == {"front", "kd_toggled"}
+
+
+def test_retrain_runs_of_a_sweep_made_before_the_rename_are_named_from_their_old_labels(tracking, base_config):
+    """An old sweep's retrain runs, resumed, carry `retrain.front_trial` / `retrain.role` (today `origin.*`)."""
+    callback = make_callback(tracking, base_config, tags=TAGS | {"stage": "final"})
+    point = retrain_point("abc12_00007", "front", 42)["grid_point"]
+    old = {key.replace("origin.", "retrain."): value for key, value in point.items()}
+    start(callback, FakeTrial("r0001", {"grid_point": old}))
+    _, runs = client_and_runs(tracking)
+    assert runs[0].info.run_name == "retrain-abc12_00007-front-seed42"
+    assert runs[0].data.params["origin.front_trial"] == "abc12_00007" and runs[0].data.tags["stage"] == "retrain"
 
 
 def test_search_runs_without_a_stage_tag_are_search_runs(tracking, base_config):
@@ -349,7 +360,7 @@ def test_unknown_stage_tag_is_refused_with_the_accepted_values(tracking, base_co
 def test_stage_enum_member_is_read_as_its_value(tracking, base_config):
     from common.config import Stage
 
-    assert make_callback(tracking, base_config, setup=False, tags={"stage": Stage.final}).tags == {"stage": "retrain"}
+    assert make_callback(tracking, base_config, setup=False, tags={"stage": Stage.retrain}).tags == {"stage": "retrain"}
 
 
 def test_trial_started_again_in_the_same_driver_keeps_its_run(tracking, base_config):

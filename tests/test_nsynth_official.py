@@ -15,7 +15,7 @@ import pytest
 import soundfile as sf
 
 from data_prep.layout import REQUIRED_FIELDS, make_note_str, split_dir, wav_path
-from tests.nsynth_fixtures import SAMPLE_EXAMPLES, synth_note, write_official_layout
+from tests.nsynth_fixtures import SAMPLE_EXAMPLES, synth_note
 
 ROOT = Path(__file__).resolve().parent.parent
 SIX = "[bass,keyboard,reed,string,vocal,synth_lead]"

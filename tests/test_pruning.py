@@ -7,8 +7,16 @@ import torch.nn.functional as F
 
 from trainable.models import create_student
 from trainable.pruning import (
-    MACS_TOLERANCE, PruneStep, count_macs_params, load_model_state, model_state, prune_to_macs,
-    pruning_schedule, unstructured_prune, weight_sparsity, apply_masks,
+    MACS_TOLERANCE,
+    PruneStep,
+    apply_masks,
+    count_macs_params,
+    load_model_state,
+    model_state,
+    prune_to_macs,
+    pruning_schedule,
+    unstructured_prune,
+    weight_sparsity,
 )
 
 torch.set_num_threads(1)

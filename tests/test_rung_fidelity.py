@@ -19,12 +19,12 @@ AT_2 = [0.30, 0.50, 0.40, 0.20, 0.60, 0.35]
 AT_4 = [0.50, 0.55, 0.70, 0.40, 0.65, 0.45]
 
 
-def curve(trial_id: str, accs: dict[int, float], final_epoch: int = 4, clips: int | None = 100,
+def curve(trial_id: str, accs: dict[int, float], last_epoch: int = 4, clips: int | None = 100,
           classes: int = 4) -> Curve:
     """A trial's results: val_acc per epoch, val_loss = 1 - val_acc, val_macro_f1 = val_acc / 2."""
     results = {e: {"val_acc": a, "val_loss": 1 - a, "val_macro_f1": a / 2} | ({"val_clips": clips} if clips else {})
                for e, a in accs.items()}
-    return Curve(trial_id, final_epoch, classes, results)
+    return Curve(trial_id, last_epoch, classes, results)
 
 
 def synthetic() -> list[Curve]:
@@ -48,7 +48,7 @@ def test_rank_agreement_matches_a_hand_computation():
     assert epoch2.agreements["val_loss"].rho == pytest.approx(rho)
     assert epoch2.agreements["val_macro_f1"].rho == pytest.approx(rho)
     assert fidelity.epochs[0].agreements["val_acc"].rho is None  # every trial scored 0.25 at epoch 1: no ranking
-    assert [e.epoch for e in fidelity.epochs] == [1, 2, 3] and fidelity.final_epoch == 4
+    assert [e.epoch for e in fidelity.epochs] == [1, 2, 3] and fidelity.last_epoch == 4
     assert (fidelity.trials, fidelity.finished, fidelity.early_stopping) == (7, 6, True)
     assert fidelity.first_rung is epoch2
 
@@ -67,7 +67,7 @@ def test_trials_at_chance_are_those_a_uniform_guesser_matches():
     fidelity = rung_fidelity(synthetic(), rungs=[2])
     # epoch 1: all seven at 0.20-0.25; epoch 2: 0.20, 0.26, 0.30 are at chance (<= 32 of 100), 0.35 and up are not
     assert [e.at_chance for e in fidelity.epochs[:2]] == [7, 3]
-    no_size = rung_fidelity([curve("a", {1: 0.3, 2: 0.4}, final_epoch=2, clips=None)])
+    no_size = rung_fidelity([curve("a", {1: 0.3, 2: 0.4}, last_epoch=2, clips=None)])
     assert no_size.epochs[0].at_chance is None
 
 
@@ -102,7 +102,7 @@ def test_an_unknown_rung_metric_is_refused():
         rung_fidelity(synthetic(), "val_top5")
 
 
-@pytest.mark.parametrize("scheduler, final_epoch, grid, expected", [
+@pytest.mark.parametrize("scheduler, last_epoch, grid, expected", [
     ({"name": "pareto_asha", "grace_period": 2, "reduction_factor": 3}, 10, False, (2, 6)),
     ({"name": None, "grace_period": 2, "reduction_factor": 3}, 10, False, (2, 6)),  # null: the default rung scheduler
     ({"name": None, "grace_period": 2, "reduction_factor": 3}, 10, True, ()),      # null on a grid: fifo
@@ -111,18 +111,18 @@ def test_an_unknown_rung_metric_is_refused():
     ({"name": "pareto_asha", "grace_period": 12, "reduction_factor": 3}, 10, False, ()),  # grace clipped to the end
     ({"name": "fifo", "grace_period": 2, "reduction_factor": 3}, 10, False, ()),
 ])
-def test_rung_epochs_are_the_schedulers(scheduler, final_epoch, grid, expected):
-    assert rung_epochs(scheduler, final_epoch, grid) == expected
+def test_rung_epochs_are_the_schedulers(scheduler, last_epoch, grid, expected):
+    assert rung_epochs(scheduler, last_epoch, grid) == expected
 
 
 # --- on disk: a sweep's result.json files, the report and the printed summary --------------------------------------
 
-def write_trial(folder: Path, trial_id: str, accs: list[float], final_epochs: int, resumed_at: int | None = None):
+def write_trial(folder: Path, trial_id: str, accs: list[float], train_epochs: int, resumed_at: int | None = None):
     """result.json with one line per epoch; `resumed_at`: the trial was restored from its checkpoint of that epoch
     and reported the later epochs again (the first time with a different val_acc)."""
     folder.mkdir(parents=True)
     lines = [{"epoch": e, "val_acc": a, "val_loss": 2 - a, "val_macro_f1": a, "val_clips": 100, "target_macs": 1e6,
-              "macs": 1e6, "params": 1000, "trial_id": trial_id, "config": {"train.epochs": final_epochs}}
+              "macs": 1e6, "params": 1000, "trial_id": trial_id, "config": {"train.epochs": train_epochs}}
              for e, a in enumerate(accs, 1)]
     if resumed_at is not None:
         lines = [line | {"val_acc": 0.99} for line in lines[resumed_at:]] + lines
@@ -152,7 +152,7 @@ def test_sweep_fidelity_reads_each_epochs_last_report(rung_sweep):
     curves = {c.trial_id: c for c in trial_curves(sweep)}
     assert sorted(curves["t0"].results) == [1, 2, 3, 4] and curves["t0"].results[3]["val_acc"] == AT_4[0]
     fidelity = sweep_fidelity(sweep)
-    assert (fidelity.metric, fidelity.rungs, fidelity.final_epoch) == ("val_loss", (2,), 4)
+    assert (fidelity.metric, fidelity.rungs, fidelity.last_epoch) == ("val_loss", (2,), 4)
     epoch2 = fidelity.epochs[1]
     assert epoch2.agreements["val_loss"].rho == pytest.approx(1 - 6 * 8 / (6 * 35))
     # three families: uniform guessing scores up to 41 of 100 clips (95th percentile): 0.20 to 0.40 are at chance

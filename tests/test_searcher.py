@@ -13,7 +13,7 @@ def quick_searcher():
                                  "student.width_mult": 1.0, "pruning.mode": "none", "pruning.target_macs_ratio": 0.5,
                                  "pruning.steps": 2, "pruning.step_epochs": 1, "pruning.at_epoch": 2,
                                  "train.epochs": 3, "train.warmup_epochs": 0})
-    searcher = make_searcher(space, "tpe", "multi", seed=0, final_epoch=3)
+    searcher = make_searcher(space, "tpe", "multi", seed=0, last_epoch=3)
     searcher.set_search_properties(None, None, {})
     return searcher
 

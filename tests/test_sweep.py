@@ -17,7 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["data.per_family=12", "data.families=[bass,keyboard,organ]", "data.clip_seconds=0.5",
         "teacher.epochs=2", "teacher.features.n_mels=32", "ray.num_cpus=2", "scheduler.grace_period=1",
-        "train.batch_size=16", "final.enabled=false"]
+        "train.batch_size=16", "retrain.enabled=false"]
 
 
 def sweep_cmd(workdir: Path, *args: str) -> list[str]:
@@ -198,7 +198,7 @@ def searcher_study(exp_dir: Path):
     raise AssertionError(f"no Optuna study in {newest}")
 
 
-def final_results(exp_dir: Path) -> dict[str, dict]:
+def last_results(exp_dir: Path) -> dict[str, dict]:
     return {result.parent.name: json.loads(result.read_text().splitlines()[-1])
             for result in exp_dir.glob("*/result.json")}
 
@@ -241,7 +241,7 @@ def test_default_paretoasha_sweep_survives_kills_at_every_stage(tmp_path):
     import optuna
 
     study = searcher_study(exp_dir).get_trials(deepcopy=False)
-    finished = [r for r in final_results(exp_dir).values() if r["epoch"] == 3]
+    finished = [r for r in last_results(exp_dir).values() if r["epoch"] == 3]
     if torn:
         study = [t for t in study if t.state != optuna.trial.TrialState.RUNNING]  # only what the resume told it
         assert all(t.state == optuna.trial.TrialState.PRUNED or t.values for t in study), torn
@@ -274,9 +274,9 @@ def test_invalid_space_and_unwritable_workdir(tmp_path):
     from hydra import compose, initialize_config_dir
 
     from common.cli import plain
-    from search_spaces.schema import load_space
-    from common.tracking import flatten
     from common.io import check_workdir
+    from common.tracking import flatten
+    from search_spaces.schema import load_space
     from sweeps.run import accepted_values, check_space_configs
     from tests.conftest import CONF_DIR
 

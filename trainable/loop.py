@@ -25,13 +25,18 @@ import torch.nn.functional as F
 from common.config import FeatureConfig
 from common.io import atomic_write_text
 from data_prep.waveform_cache import WaveformData
-from trainable.kd import Mixup, kd_loss, mixed_cross_entropy
-from trainable.pruning import (
-    apply_masks, count_macs_params, model_state, prune_to_macs, unstructured_prune, weight_sparsity,
-    zero_masks,
-)
 from trainable.checkpoints import CHECKPOINT_NAME, build_model, load_checkpoint, restore_model, save_checkpoint
 from trainable.evaluation import amp_settings, evaluate, make_pipeline
+from trainable.kd import Mixup, kd_loss, mixed_cross_entropy
+from trainable.pruning import (
+    apply_masks,
+    count_macs_params,
+    model_state,
+    prune_to_macs,
+    unstructured_prune,
+    weight_sparsity,
+    zero_masks,
+)
 from trainable.run_config import pick_device, pruning_plan, validate_config
 
 log = logging.getLogger(__name__)

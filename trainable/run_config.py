@@ -17,7 +17,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from common.config import CONF_DIR, FeatureConfig, PruningMode, RunConfig, available_scenarios, values
+from common.config import (
+    CONF_DIR,
+    FeatureConfig,
+    PruningMode,
+    RunConfig,
+    available_scenarios,
+    upgrade_saved_point,
+    values,
+)
 from trainable.pruning import pruning_schedule
 
 
@@ -131,7 +139,8 @@ def trial_config(base_config: Mapping[str, Any], trial_params: Mapping[str, Any]
     Grid spaces hand each trial its whole grid point under "grid_point" (see sweeps/tuning.py). Keys are set
     with OmegaConf over the typed RunConfig, so an unknown key or a value of the wrong type is an error.
     """
-    params = {k: v for k, v in trial_params.items() if k != "grid_point"} | dict(trial_params.get("grid_point", {}))
+    params = upgrade_saved_point({k: v for k, v in trial_params.items() if k != "grid_point"}
+                                 | dict(trial_params.get("grid_point", {})))
     base = dict(base_config)
     if "scenario" in params:  # the preset goes first so that sampled keys override it, never the other way round
         base["scenario"] = params.pop("scenario")

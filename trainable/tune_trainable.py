@@ -16,8 +16,8 @@ from ray import tune
 
 from data_prep.waveform_cache import load_waveform_cache
 from trainable.checkpoints import CHECKPOINT_NAME
-from trainable.run_config import pick_device, trial_config
 from trainable.loop import train
+from trainable.run_config import pick_device, trial_config
 
 
 def run_trial(trial_params: dict[str, Any], base_config: dict[str, Any], data_dir: str,

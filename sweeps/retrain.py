@@ -1,12 +1,12 @@
 """The retrain stage: the search's front configurations trained again, longer and with seeds, scored on test.
 
 A search ranks configurations by validation accuracy after a few epochs, one seed each: good enough to choose
-candidates, not to quote. Here up to `final.max_configs` front configurations, spread over the front's MACs range,
-are retrained for `final.epochs` epochs with `final.seeds` seeds, and with `final.ablations` each also with KD
+candidates, not to quote. Here up to `retrain.max_configs` front configurations, spread over the front's MACs range,
+are retrained for `retrain.epochs` epochs with `retrain.seeds` seeds, and with `retrain.ablations` each also with KD
 toggled, with the other structured pruning mode at the same MACs target and, for a pruned configuration, as a
 dense (unpruned) student whose width gives about the pruned model's MACs (`dense_same_macs`), so that "does KD
 help", "does progressive pruning help" and "does pruning beat training a smaller dense model" have paired answers.
-The runs are one more Ray Tune experiment (a grid), in the sweep's folder as `final/`, logged to the sweep's MLflow
+The runs are one more Ray Tune experiment (a grid), in the sweep's folder as `retrain/`, logged to the sweep's MLflow
 experiment with tag stage=retrain, resumable like the search.
 Each run reports `test_acc` at its last epoch (`train.test_at_end`), so nothing here needs the analysis scripts.
 """
@@ -15,20 +15,21 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from common.config import PruningMode, RetrainRole
-from common.objectives import ACCURACY, MACS, front_mask
-from sweeps.budget import measured_is_final
+from common.config import OLD_RETRAIN_STAGE, PruningMode, RetrainRole, Stage
+from common.objectives import ACCURACY, MEASURED_MACS, TARGET_MACS, front_mask
+from sweeps.budget import measured_at_end
 
 log = logging.getLogger(__name__)
 
-# The experiment name of the retrain stage, under the sweep's own folder: <storage>/<sweep>/final/.
-FINAL_EXPERIMENT = "final"
+# The experiment name of the retrain stage, under the sweep's own folder: <storage>/<sweep>/retrain/. Sweeps made
+# before the stage was renamed have it as <sweep>/final/ (retrain_experiment finds either).
+RETRAIN_EXPERIMENT = Stage.retrain.value
 STRUCTURED_MODES = (PruningMode.single.value, PruningMode.progressive.value)
 
 
@@ -40,7 +41,7 @@ class FrontConfig:
     params: dict[str, Any]
     target_macs: float
     val_acc: float
-    macs: float | None = None  # measured MACs of its final model, once its pruning was done (else None)
+    macs: float | None = None  # measured MACs of its pruned model, once its pruning was done (else None)
 
 
 def sampled_keys(trial_params: Mapping[str, Any]) -> dict[str, Any]:
@@ -49,11 +50,20 @@ def sampled_keys(trial_params: Mapping[str, Any]) -> dict[str, Any]:
     return params | dict(trial_params.get("grid_point", {}))
 
 
-def check_final_settings(final: Mapping[str, Any]) -> None:
+def retrain_experiment(has_experiment: Callable[[str], bool]) -> str:
+    """The name of the sweep's retrain experiment: `retrain`, or `final` for a sweep that has only that one (made
+    before the rename). `has_experiment(name)`: whether the sweep's folder holds that experiment."""
+    if not has_experiment(RETRAIN_EXPERIMENT) and has_experiment(OLD_RETRAIN_STAGE):
+        return OLD_RETRAIN_STAGE
+    return RETRAIN_EXPERIMENT
+
+
+def check_retrain_settings(settings: Mapping[str, Any]) -> None:
     """The retrain settings the schema's types cannot check, refused before any data or teacher work."""
     for key in ("seeds", "epochs", "max_configs"):
-        if final[key] < 1:
-            raise ValueError(f"final.{key}={final[key]} must be >= 1 (or final.enabled=false to skip retraining).")
+        if settings[key] < 1:
+            raise ValueError(f"retrain.{key}={settings[key]} must be >= 1 (or retrain.enabled=false to skip "
+                             "retraining).")
 
 
 def front_configs(results: Iterable[Any]) -> list[FrontConfig]:
@@ -62,15 +72,15 @@ def front_configs(results: Iterable[Any]) -> list[FrontConfig]:
     usable = [r for r in results if not r.error and r.metrics and ACCURACY in r.metrics]
     on_front = front_mask([r.metrics for r in usable]) if usable else []
     front = [FrontConfig(trial_id=str(r.metrics["trial_id"]), params=sampled_keys(r.config),
-                         target_macs=float(r.metrics[MACS]), val_acc=float(r.metrics[ACCURACY]),
-                         macs=float(r.metrics["macs"]) if pruning_done(r.metrics) else None)
+                         target_macs=float(r.metrics[TARGET_MACS]), val_acc=float(r.metrics[ACCURACY]),
+                         macs=float(r.metrics[MEASURED_MACS]) if pruning_done(r.metrics) else None)
              for r, on in zip(usable, on_front) if on]
     return sorted(front, key=lambda c: (c.target_macs, -c.val_acc))
 
 
 def pruning_done(metrics: Mapping[str, Any]) -> bool:
-    """Whether a result's measured `macs` are those of the trial's final model (its last pruning step is done)."""
-    return "macs" in metrics and measured_is_final(metrics, metrics.get("epoch", 0), math.inf)
+    """Whether a result's measured `macs` are those of the trial's pruned model (its last pruning step is done)."""
+    return MEASURED_MACS in metrics and measured_at_end(metrics, metrics.get("epoch", 0), math.inf)
 
 
 def spread(front: Sequence[FrontConfig], max_configs: int) -> list[FrontConfig]:
@@ -171,8 +181,8 @@ def dense_role(front: FrontConfig, config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def retrain_points(configs: Sequence[FrontConfig], base_config: Mapping[str, Any],
-                   final: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The grid of the retrain stage: every configuration (and its ablations) x `final.seeds` seeds.
+                   settings: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The grid of the retrain stage: every configuration (and its ablations) x `retrain.seeds` seeds.
 
     A point is a front trial's sampled keys plus the retrain settings; ablation keys come last so they win.
     """
@@ -181,37 +191,37 @@ def retrain_points(configs: Sequence[FrontConfig], base_config: Mapping[str, Any
     points = []
     for front in configs:
         roles = {RetrainRole.front.value: {}}
-        if final["ablations"]:
+        if settings["ablations"]:
             config = trial_config(base_config, front.params)
             roles |= ablations(config, base_config["pruning"])
             if config["pruning"]["mode"] in STRUCTURED_MODES:
                 roles[RetrainRole.dense_same_macs.value] = dense_role(front, config)
         for role, changes in roles.items():
-            for seed in range(base_config["train"]["seed"], base_config["train"]["seed"] + final["seeds"]):
+            for seed in range(base_config["train"]["seed"], base_config["train"]["seed"] + settings["seeds"]):
                 points.append(front.params | changes | {
-                    "train.epochs": final["epochs"], "train.seed": seed, "train.test_at_end": True,
-                    "retrain.front_trial": front.trial_id, "retrain.role": role})
+                    "train.epochs": settings["epochs"], "train.seed": seed, "train.test_at_end": True,
+                    "origin.front_trial": front.trial_id, "origin.role": role})
     return points
 
 
 def check_points(points: Sequence[Mapping[str, Any]], base_config: Mapping[str, Any]) -> None:
-    """Every retrain run is a valid run config (e.g. the pruning schedule fits final.epochs), checked now."""
+    """Every retrain run is a valid run config (e.g. the pruning schedule fits retrain.epochs), checked now."""
     from trainable.run_config import trial_config, validate_config
 
     for point in points:
         try:
             validate_config(trial_config(base_config, {"grid_point": point}))
         except ValueError as err:
-            raise ValueError(f"final stage: the run {point['retrain.role']} of front trial "
-                             f"{point['retrain.front_trial']} is invalid: {err} (set final.epochs at least as high as "
+            raise ValueError(f"retrain stage: the run {point['origin.role']} of front trial "
+                             f"{point['origin.front_trial']} is invalid: {err} (set retrain.epochs at least as high as "
                              "the search's train.epochs)") from None
 
 
-def describe(configs: Sequence[FrontConfig], points: Sequence[Mapping[str, Any]], final: Mapping[str, Any]) -> str:
+def describe(configs: Sequence[FrontConfig], points: Sequence[Mapping[str, Any]], settings: Mapping[str, Any]) -> str:
     """One paragraph for the console: what will be retrained."""
-    roles = sorted({p["retrain.role"] for p in points})
-    lines = [f"{len(points)} runs: {len(configs)} front configuration(s) x {final['seeds']} seed(s) x roles "
-             f"{roles}, {final['epochs']} epochs each"]
+    roles = sorted({p["origin.role"] for p in points})
+    lines = [f"{len(points)} runs: {len(configs)} front configuration(s) x {settings['seeds']} seed(s) x roles "
+             f"{roles}, {settings['epochs']} epochs each"]
     lines += [f"  {c.trial_id}: target MACs {c.target_macs / 1e6:.2f}M, search val_acc {c.val_acc:.3f}"
               for c in configs]
     return "\n".join(lines)

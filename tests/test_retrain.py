@@ -1,5 +1,5 @@
-"""The retrain stage (sweeps/final.py): which configurations and runs it makes, and the real CLI end to end
-(seeds x (front + ablations) runs in MLflow with test metrics, early errors, kill + resume of stage=final)."""
+"""The retrain stage (sweeps/retrain.py): which configurations and runs it makes, and the real CLI end to end
+(seeds x (front + ablations) runs in MLflow with test metrics, early errors, kill + resume of stage=retrain)."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from sweeps.final import FrontConfig, ablations, check_final_settings, front_configs, retrain_points, spread
+from sweeps.retrain import FrontConfig, ablations, check_retrain_settings, front_configs, retrain_points, spread
 from tests.test_sweep import ROOT, sweep_cmd
 
-FINAL = ["final.max_configs=2", "final.seeds=2", "final.epochs=3"]
+RETRAIN = ["retrain.max_configs=2", "retrain.seeds=2", "retrain.epochs=3"]
 
 
 def result(trial_id: str, val_acc: float, target_macs: float, error: bool = False, **metrics) -> SimpleNamespace:
@@ -51,27 +51,27 @@ def test_retrain_points_are_configs_x_roles_x_seeds_with_matched_ablations(tiny_
     single = FrontConfig("t1", {"pruning.mode": "single", "pruning.target_macs_ratio": 0.4, "kd.enabled": True},
                          1e6, .5)
     unpruned = FrontConfig("t2", {"pruning.mode": "none", "kd.enabled": False}, 2e6, .6)
-    final = {"seeds": 2, "epochs": 4, "ablations": True}
-    points = retrain_points([single, unpruned], base, final)
-    roles = [(p["retrain.front_trial"], p["retrain.role"], p["train.seed"]) for p in points]
+    settings = {"seeds": 2, "epochs": 4, "ablations": True}
+    points = retrain_points([single, unpruned], base, settings)
+    roles = [(p["origin.front_trial"], p["origin.role"], p["train.seed"]) for p in points]
     assert roles == [("t1", "front", 5), ("t1", "front", 6), ("t1", "kd_toggled", 5), ("t1", "kd_toggled", 6),
                      ("t1", "pruning_toggled", 5), ("t1", "pruning_toggled", 6),
                      ("t1", "dense_same_macs", 5), ("t1", "dense_same_macs", 6),  # pruned: its dense twin too
                      ("t2", "front", 5), ("t2", "front", 6), ("t2", "kd_toggled", 5), ("t2", "kd_toggled", 6)]
     assert all(p["train.epochs"] == 4 and p["train.test_at_end"] for p in points)
-    toggled = next(p for p in points if p["retrain.role"] == "pruning_toggled")
+    toggled = next(p for p in points if p["origin.role"] == "pruning_toggled")
     # the other mode at the same MACs target, with the base config's progressive schedule
     assert toggled["pruning.mode"] == "progressive" and toggled["pruning.target_macs_ratio"] == 0.4
     assert toggled["pruning.steps"] == base["pruning"]["steps"] and toggled["kd.enabled"] is True
-    assert next(p for p in points if p["retrain.front_trial"] == "t2" and p["retrain.role"] == "kd_toggled")[
+    assert next(p for p in points if p["origin.front_trial"] == "t2" and p["origin.role"] == "kd_toggled")[
         "kd.enabled"] is True  # KD switched on for a configuration that searched without it
-    dense = next(p for p in points if p["retrain.role"] == "dense_same_macs")
+    dense = next(p for p in points if p["origin.role"] == "dense_same_macs")
     # unpruned, narrower, same KD setting, epochs and seeds as the front run
     assert dense["pruning.mode"] == "none" and dense["student.width_mult"] < base["student"]["width_mult"]
     assert dense["kd.enabled"] is True and dense["train.epochs"] == 4
     assert ablations({"kd": {"enabled": True}, "pruning": {"mode": "progressive"}}, base["pruning"])[
         "pruning_toggled"] == {"pruning.mode": "single"}
-    assert len(retrain_points([single], base, final | {"ablations": False})) == 2
+    assert len(retrain_points([single], base, settings | {"ablations": False})) == 2
 
 
 @pytest.mark.parametrize("width, n_mels, ratio, mode", [(0.75, 64, 0.5, "single"), (1.0, 128, 0.2, "progressive"),
@@ -82,7 +82,7 @@ def test_dense_width_lands_within_the_pruners_tolerance_of_the_pruned_models_mac
     the real pruner ran (within trainable.pruning.MACS_TOLERANCE here), and no other allowed width is closer."""
     import torch
 
-    from sweeps.final import WIDTH_STEP, dense_width
+    from sweeps.retrain import WIDTH_STEP, dense_width
     from trainable.models import create_student
     from trainable.pruning import MACS_TOLERANCE, count_macs_params, prune_to_macs
     from trainable.run_config import trial_config
@@ -104,12 +104,12 @@ def test_dense_width_lands_within_the_pruners_tolerance_of_the_pruned_models_mac
 
 
 def test_a_target_below_every_width_takes_the_narrowest_and_says_so(tiny_config, caplog):
-    from sweeps.final import WIDTH_STEP, FrontConfig, dense_role
+    from sweeps.retrain import WIDTH_STEP, FrontConfig, dense_role
     from trainable.run_config import trial_config
 
     config = trial_config(tiny_config, {"pruning.mode": "single", "pruning.target_macs_ratio": 0.5})
     front = FrontConfig("tiny", {}, target_macs=1000.0, val_acc=0.5)  # 1,000 MACs: below any MobileNet
-    with caplog.at_level("INFO", logger="sweeps.final"):
+    with caplog.at_level("INFO", logger="sweeps.retrain"):
         keys = dense_role(front, config)
     assert keys == {"pruning.mode": "none", "student.width_mult": WIDTH_STEP}
     assert "the closest width_mult allows, outside the pruner's +-5 % tolerance" in caplog.text
@@ -118,17 +118,17 @@ def test_a_target_below_every_width_takes_the_narrowest_and_says_so(tiny_config,
 
 
 @pytest.mark.parametrize("key", ["seeds", "epochs", "max_configs"])
-def test_final_settings_below_one_are_refused(key):
-    with pytest.raises(ValueError, match=f"final.{key}=0 must be >= 1"):
-        check_final_settings({"seeds": 3, "epochs": 10, "max_configs": 3} | {key: 0})
+def test_retrain_settings_below_one_are_refused(key):
+    with pytest.raises(ValueError, match=f"retrain.{key}=0 must be >= 1"):
+        check_retrain_settings({"seeds": 3, "epochs": 10, "max_configs": 3} | {key: 0})
 
 
 # ---- the real CLI ------------------------------------------------------------------------------------------
 
-def final_runs(exp_dir: Path) -> dict[str, dict]:
+def retrain_runs(exp_dir: Path) -> dict[str, dict]:
     """Last result of every retrain run that reached its test evaluation, by trial folder."""
     out = {}
-    for path in (exp_dir / "final").glob("*/result.json"):
+    for path in (exp_dir / "retrain").glob("*/result.json"):
         lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         if lines and "test_acc" in lines[-1]:
             out[path.parent.name] = lines[-1]
@@ -144,67 +144,67 @@ def stage_runs(workdir: Path, stage: str) -> int:
 def searched(tmp_path_factory) -> Path:
     """A finished quick search with no retrain stage. Its saved state names this workdir (data, MLflow), so the
     tests below share it: the refusals first (they must leave it untouched), then the retrain stage itself."""
-    workdir = tmp_path_factory.mktemp("final")
+    workdir = tmp_path_factory.mktemp("retrain")
     out = subprocess.run(sweep_cmd(workdir, "space=quick", "num_samples=3", "name=s", "scheduler.name=fifo"),
                          capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert not (workdir / "ray_results" / "s" / "final").exists()  # final.enabled=false in the tiny config
+    assert not (workdir / "ray_results" / "s" / "retrain").exists()  # retrain.enabled=false in the tiny config
     return workdir
 
 
 @pytest.mark.parametrize("args, message", [
-    (["final.seeds=0"], "final.seeds=0 must be >= 1"),
+    (["retrain.seeds=0"], "retrain.seeds=0 must be >= 1"),
     (["name=nosuch"], "No sweep named 'nosuch'"),
-    (["final.epochs=2"], "final.epochs=2 is below the search's train.epochs=3"),
+    (["retrain.epochs=2"], "retrain.epochs=2 is below the search's train.epochs=3"),
 ])
 @pytest.mark.slow
-def test_stage_final_errors_are_one_line_before_work(searched, args, message):
+def test_stage_retrain_errors_are_one_line_before_work(searched, args, message):
     workdir = searched
-    out = subprocess.run(sweep_cmd(workdir, "stage=final", "name=s", *args), capture_output=True, text=True,
+    out = subprocess.run(sweep_cmd(workdir, "stage=retrain", "name=s", *args), capture_output=True, text=True,
                          timeout=300, cwd=ROOT)
     assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
-    assert not (workdir / "ray_results" / "s" / "final").exists()
+    assert not (workdir / "ray_results" / "s" / "retrain").exists()
 
 
 @pytest.mark.slow
-def test_stage_final_on_a_sweep_without_finished_trials_is_refused(searched):
+def test_stage_retrain_on_a_sweep_without_finished_trials_is_refused(searched):
     workdir = searched
     empty = workdir / "ray_results" / "empty"
     empty.mkdir()
     shutil.copy(workdir / "ray_results" / "s" / "sweep_config.json", empty)
-    out = subprocess.run(sweep_cmd(workdir, "stage=final", "name=empty"), capture_output=True, text=True,
+    out = subprocess.run(sweep_cmd(workdir, "stage=retrain", "name=empty"), capture_output=True, text=True,
                          timeout=300, cwd=ROOT)
     assert out.returncode == 2 and "has no finished trial to retrain" in out.stderr, out.stderr[-2000:]
     assert sorted(p.name for p in empty.iterdir()) == ["sweep_config.json"]  # nothing written, nothing lost
 
 
 @pytest.mark.slow
-def test_stage_final_retrains_seeds_x_roles_in_mlflow_and_resumes_after_a_kill(searched):
+def test_stage_retrain_retrains_seeds_x_roles_in_mlflow_and_resumes_after_a_kill(searched):
     workdir = searched
     exp_dir = workdir / "ray_results" / "s"
     search_runs = stage_runs(workdir, "search")
-    driver = subprocess.Popen(sweep_cmd(workdir, "stage=final", "name=s", *FINAL, "resources.max_concurrent_trials=1",
-                                        "final.export=true"),
+    driver = subprocess.Popen(sweep_cmd(workdir, "stage=retrain", "name=s", *RETRAIN, "resources.max_concurrent_trials=1",
+                                        "retrain.export=true"),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT, start_new_session=True)
     deadline = time.time() + 400
     try:
-        while len(final_runs(exp_dir)) < 2:  # kill after some runs finished and before all did
+        while len(retrain_runs(exp_dir)) < 2:  # kill after some runs finished and before all did
             if time.time() > deadline or driver.poll() is not None:
                 pytest.fail("the retrain stage did not finish two runs in time")
             time.sleep(0.3)
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
-    done_before = set(final_runs(exp_dir))
-    again = subprocess.run(sweep_cmd(workdir, "stage=final", "name=s", *FINAL), capture_output=True, text=True,
+    done_before = set(retrain_runs(exp_dir))
+    again = subprocess.run(sweep_cmd(workdir, "stage=retrain", "name=s", *RETRAIN), capture_output=True, text=True,
                            timeout=300, cwd=ROOT)
-    assert again.returncode == 2 and "resume=true stage=final" in again.stderr  # never overwritten
-    out = subprocess.run(sweep_cmd(workdir, "resume=true", "stage=final", "name=s"), capture_output=True, text=True,
+    assert again.returncode == 2 and "resume=true stage=retrain" in again.stderr  # never overwritten
+    out = subprocess.run(sweep_cmd(workdir, "resume=true", "stage=retrain", "name=s"), capture_output=True, text=True,
                          timeout=600, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
-    runs = final_runs(exp_dir)
+    runs = retrain_runs(exp_dir)
     assert done_before <= set(runs)  # finished runs were kept, not rerun
-    labels = sorted((r["config"]["grid_point"]["retrain.front_trial"], r["config"]["grid_point"]["retrain.role"],
+    labels = sorted((r["config"]["grid_point"]["origin.front_trial"], r["config"]["grid_point"]["origin.role"],
                      r["config"]["grid_point"]["train.seed"]) for r in runs.values())
     configs = {label[0] for label in labels}
     assert 1 <= len(configs) <= 2 and len(labels) == len(set(labels))
@@ -226,8 +226,8 @@ def test_stage_final_retrains_seeds_x_roles_in_mlflow_and_resumes_after_a_kill(s
     # the sweep ends with the answer: the report's files, paths printed
     for name in ("pareto.png", "report.html", "pareto.csv"):
         assert (exp_dir / name).is_file() and str(exp_dir / name) in out.stdout
-    # final.export=true (kept by the resume): every finished seed of the retrained front exported, int8, timed
-    front_runs = {r["trial_id"] for r in runs.values() if r["config"]["grid_point"]["retrain.role"] == "front"}
+    # retrain.export=true (kept by the resume): every finished seed of the retrained front exported, int8, timed
+    front_runs = {r["trial_id"] for r in runs.values() if r["config"]["grid_point"]["origin.role"] == "front"}
     manifest = json.loads((exp_dir / "export" / "export.json").read_text())
     assert set(manifest) == front_runs
     assert all(Path(e["int8"]["onnx"]).is_file() and e["latency"]["int8"]["runs"] == 100 for e in manifest.values())
@@ -235,7 +235,7 @@ def test_stage_final_retrains_seeds_x_roles_in_mlflow_and_resumes_after_a_kill(s
     table = out.stdout.split("ONNX export (opset")[1].splitlines()
     assert table[1].split()[:3] == ["trial", "retrains", "seed"]  # which configuration and seed each model is
     assert {(line.split()[1], int(line.split()[2])) for line in table[2:2 + len(front_runs)]} == {
-        (r["config"]["grid_point"]["retrain.front_trial"], r["config"]["grid_point"]["train.seed"])
+        (r["config"]["grid_point"]["origin.front_trial"], r["config"]["grid_point"]["train.seed"])
         for r in runs.values() if r["trial_id"] in front_runs}
     report = (exp_dir / "report.html").read_text()
     assert "exported seeds" in report and "No deployment numbers yet" not in report
@@ -254,8 +254,8 @@ def test_evaluate_trial_retrained_lists_the_retrained_models_and_their_extra_fol
 
     workdir = searched
     exp_dir = workdir / "ray_results" / "s"
-    if not final_runs(exp_dir):  # run on its own: retrain first (the test above leaves a finished stage)
-        out = subprocess.run(sweep_cmd(workdir, "stage=final", "name=s", *FINAL), capture_output=True, text=True,
+    if not retrain_runs(exp_dir):  # run on its own: retrain first (the test above leaves a finished stage)
+        out = subprocess.run(sweep_cmd(workdir, "stage=retrain", "name=s", *RETRAIN), capture_output=True, text=True,
                              timeout=600, cwd=ROOT)
         assert out.returncode == 0, out.stderr[-3000:]
     extra = tmp_path / "nsynth-extra"
@@ -264,7 +264,7 @@ def test_evaluate_trial_retrained_lists_the_retrained_models_and_their_extra_fol
                           "trial=retrained", f"eval.extra=[{extra}]"], capture_output=True, text=True, timeout=600,
                          cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
-    front = {k: r for k, r in final_runs(exp_dir).items() if r["config"]["grid_point"]["retrain.role"] == "front"}
+    front = {k: r for k, r in retrain_runs(exp_dir).items() if r["config"]["grid_point"]["origin.role"] == "front"}
     assert f"Evaluated {len(front)} model(s) on the test split and 1 extra folder(s):" in out.stdout
     table = out.stdout.split("extra folder(s):\n")[1].splitlines()
     assert table[0].split()[:6] == ["trial", "retrains", "role", "seed", "val", "acc"]
