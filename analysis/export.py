@@ -239,7 +239,8 @@ def check_settings(config: dict[str, Any]) -> None:
     if quant["qat_epochs"] < 0:
         raise ValueError(f"quant.qat_epochs={quant['qat_epochs']} must be 0 (no QAT) or more.")
     if quant["qat_epochs"] > 0 and not quant["enabled"]:
-        raise ValueError(f"quant.qat_epochs={quant['qat_epochs']} fine-tunes for the int8 model, but quant.enabled=false "
+        raise ValueError(f"quant.qat_epochs={quant['qat_epochs']} fine-tunes for the int8 model, but "
+                         "quant.enabled=false "
                          "writes none; set quant.enabled=true or quant.qat_epochs=0.")
     if quant["qat_epochs"] > 0 and not quant["qat_lr"] > 0:
         raise ValueError(f"quant.qat_lr={quant['qat_lr']} must be positive.")

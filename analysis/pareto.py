@@ -12,7 +12,8 @@ appear once analysis/evaluate.py has run, deployment columns (precision, kB, int
 analysis/export.py has (both regenerate these files). `objectives.third_objective=latency` ranks on the latency
 export.py measured (fp32, 1 thread, median ms): the front is then chosen among the trials measured so far.
 
-The retrain stage's runs (`<sweep>/retrain/`, sweeps/retrain.py) go to `retrained.csv`, one row per run (pareto.csv keeps
+The retrain stage's runs (`<sweep>/retrain/`, sweeps/retrain.py) go to `retrained.csv`, one row per run
+(pareto.csv keeps
 one row per search trial), and into the plot and the report: the retrained front and the paired KD / pruning
 comparisons (analysis/compare.py). The printed summary ends with the paths of the plot, the report and the CSVs.
 """
@@ -109,7 +110,8 @@ def retrained_front_runs(sweeps: Sequence[Sweep]) -> list[TrialRecord]:
                                        t.config["train"]["seed"]))
 
 
-def select_trials(sweeps: Sequence[Sweep], which: str | list[str], third_objective: str | None = None) -> list[TrialRecord]:
+def select_trials(sweeps: Sequence[Sweep], which: str | list[str],
+                  third_objective: str | None = None) -> list[TrialRecord]:
     """`front` -> the front's trials (ordered by MACs); `all` -> every trial (e.g. to score a whole scenarios grid on
     the test split); `retrained` -> the retrain stage's runs of the front configurations, every seed; otherwise the
     trial id(s) given (a trial id is a string: the entry points read `trial=` as typed, see

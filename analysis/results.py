@@ -122,12 +122,14 @@ def load_sweep(path: Path) -> Sweep:
         raise ValueError(f"Sweep {path.name!r} ({path}) has no finished trials: no trial folder has a result.json "
                          "with val_acc yet. Wait for its trials to report an epoch, or check their error.txt.")
     log.info("Sweep %s: %d trials with results", path.name, len(trials))
-    return Sweep(name=path.name, path=path, base_config=base_config, settings=upgrade_saved_settings(state["sweep"]), trials=trials)
+    return Sweep(name=path.name, path=path, base_config=base_config, settings=upgrade_saved_settings(state["sweep"]),
+                 trials=trials)
 
 
 def load_retrained(sweep: Sweep) -> list[TrialRecord]:
     """The runs of the sweep's retrain stage (`<sweep>/retrain/<run>/result.json`; `final/` in sweeps made before
-    the rename) that reported an epoch, read like the search's trials (their config labels them: `origin.front_trial`, `origin.role`, `train.seed`); a run
+    the rename) that reported an epoch, read like the search's trials (their config labels them: `origin.front_trial`,
+    `origin.role`, `train.seed`); a run
     still going or killed has no `test_acc` in its last result yet. [] before the stage has run."""
     folder = sweep.path / retrain_experiment(lambda experiment: (sweep.path / experiment).is_dir())
     if not folder.is_dir():

@@ -9,7 +9,8 @@ number of optimizer steps (train.steps_per_epoch) and one validation pass.
     python benchmarks/scale.py [--sizes 2000,20000,100000] [--steps 60] [--keep]
 
 Per N: preparation seconds, disk (wavs, waveform cache, log-mel caches), the driver's peak private memory (RssAnon
-of build.py and its decode workers together; the cache pages it writes are file-backed and not counted), each trial's peak private memory (RssAnon: what a trial holds itself) and peak file-backed
+of build.py and its decode workers together; the cache pages it writes are file-backed and not counted), each
+trial's peak private memory (RssAnon: what a trial holds itself) and peak file-backed
 resident memory (RssFile: memory-mapped caches, shared by all trials of a node through the page cache), and each
 trial's training clips/s. 305,979 notes (the full release) need about 305979 x 128 kB = 39 GB of wavs plus
 305979 x (32 kB waveform + 26 kB log-mel per feature config) of caches: pass it with --sizes when the disk allows.

@@ -1,4 +1,5 @@
-"""What every Hydra entry point shares: the typed config registered, plain-dict config, logging, one-line user errors."""
+"""What every Hydra entry point shares: the typed config registered, plain-dict config, logging, one-line user
+errors."""
 
 from __future__ import annotations
 

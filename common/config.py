@@ -307,7 +307,8 @@ class TeacherConfig:
     """
 
     # Any timm model name (timm.list_models()), or hf:<hub id or local save_pretrained folder> for a Hugging Face
-    # AutoModelForAudioClassification with its own AutoFeatureExtractor (e.g. hf:MIT/ast-finetuned-audioset-10-10-0.4593)
+    # AutoModelForAudioClassification with its own AutoFeatureExtractor
+    # (e.g. hf:MIT/ast-finetuned-audioset-10-10-0.4593)
     name: str = "resnet10t"
     # timm only: none (train from scratch) | imagenet (timm's own weights, downloaded by name) | <local weights file>
     # (ImageNet format: 3-channel stem summed to one, 1000-class head replaced). hf: models start from their weights.
@@ -538,7 +539,8 @@ class AnalysisConfig(RunConfig):
     path: Any = None                         # or the sweep folder itself; a list overlays
     storage_path: str = "./runs/ray_results"
     objectives: ObjectivesConfig = field(default_factory=ObjectivesConfig)
-    trial: Any = "front"                     # evaluate.py / export.py: front | retrained | all | <trial_id> | [<id>, ...]
+    trial: Any = "front"                     # evaluate.py / export.py: front | retrained | all | <trial_id>
+                                             # | [<id>, ...]
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)

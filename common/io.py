@@ -74,7 +74,7 @@ def build_once(target: Path, build: Callable[[Path], None], *, poll_s: float = 0
         stop = threading.Event()
 
         def heartbeat() -> None:
-            while not stop.wait(stale_s / 5):
+            while not stop.wait(stale_s / 5):  # noqa: B023 - runs and is joined within this iteration
                 try:
                     os.utime(lock)
                 except OSError:
@@ -101,4 +101,5 @@ def check_workdir(workdir: Path | str) -> None:
         probe.write_text("ok")
         probe.unlink()
     except OSError as err:
-        raise PermissionError(f"workdir={workdir} is not writable ({err.strerror}); pass workdir=<a writable dir>.")
+        raise PermissionError(f"workdir={workdir} is not writable ({err.strerror}); pass workdir=<a writable dir>.") \
+            from None

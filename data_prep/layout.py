@@ -116,7 +116,8 @@ def read_split(root: Path | str, split: str) -> list[NoteRecord]:
         missing = [f for f in ("instrument", "instrument_str", "instrument_family_str", "pitch", "velocity")
                    if f not in ex]
         if missing:
-            raise ValueError(f"{path}: entry {key!r} lacks fields {missing}; this is not NSynth's examples.json format.")
+            raise ValueError(f"{path}: entry {key!r} lacks fields {missing}; this is not NSynth's examples.json "
+                             "format.")
         note_str = ex.get("note_str", key)
         records.append(NoteRecord(
             split=split, note_str=note_str, family=ex["instrument_family_str"],

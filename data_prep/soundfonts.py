@@ -89,7 +89,7 @@ def read_bank0_programs(path: Path) -> tuple[frozenset[int], tuple[int, int], bo
             if chunk_id != b"LIST":
                 continue
             form = f.read(4)
-            for sub_id, sub_start, sub_size in _chunks(f, start + size):
+            for sub_id, _sub_start, sub_size in _chunks(f, start + size):
                 if form == b"INFO" and sub_id == b"ifil" and sub_size >= 4:
                     version = struct.unpack("<HH", f.read(4))
                 elif form == b"pdta" and sub_id == b"phdr":

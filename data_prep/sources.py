@@ -264,8 +264,8 @@ def stream_hub_nsynth(root: Path, hf_id: str, hf_splits: Mapping[str, str], fami
         after_last_note = position.get("stream")  # the stream's position just after the last note written
 
         def save(done: bool = False) -> None:
-            write_examples(root, split, examples)
-            positions[split] = {"stream": after_last_note, "done": done}
+            write_examples(root, split, examples)  # noqa: B023 - called within this iteration only
+            positions[split] = {"stream": after_last_note, "done": done}  # noqa: B023 - the same
             atomic_write_text(state_path, json.dumps(positions))
 
         progress = tqdm(total=sum(want.values()) if want else None, desc=f"hub {split}", unit="note",

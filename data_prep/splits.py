@@ -31,7 +31,8 @@ def check_families(families: Sequence[str]) -> list[str]:
 
 def check_fractions(fractions: Mapping[str, float]) -> dict[str, float]:
     if set(fractions) != set(SPLITS) or any(v <= 0 for v in fractions.values()):
-        raise ValueError(f"data.split_fractions must give a positive fraction for each of {SPLITS}, got {dict(fractions)}.")
+        raise ValueError(f"data.split_fractions must give a positive fraction for each of {SPLITS}, "
+                         f"got {dict(fractions)}.")
     total = sum(fractions.values())
     return {s: fractions[s] / total for s in SPLITS}
 
@@ -147,7 +148,7 @@ def cap_per_split(out: dict[str, list[NoteRecord]], split_caps: Mapping[str, int
         for r in sorted(out[split], key=lambda r: r.note_str):
             by_family[r.family].append(r)
         kept = []
-        for family, group in by_family.items():
+        for group in by_family.values():
             rng.shuffle(group)
             kept.extend(group[:split_caps[split]])
         bound = sorted(f for f, g in by_family.items() if len(g) > split_caps[split])

@@ -155,8 +155,9 @@ def load_space(name_or_path: str, valid_keys: Mapping[str, Any],
             continue
         kind = spec.get("type")
         if kind not in SEARCHER_TYPES[searcher]:
-            raise fail(key, f"{'type' if str(kind) in FIELDS else 'unknown type'} {kind!r} cannot be used with searcher "
-                            f"{searcher!r}; use {', '.join(SEARCHER_TYPES[searcher])}, or a plain value to pin the key")
+            raise fail(key, f"{'type' if str(kind) in FIELDS else 'unknown type'} {kind!r} cannot be used with "
+                            f"searcher {searcher!r}; use {', '.join(SEARCHER_TYPES[searcher])}, or a plain value "
+                            "to pin the key")
         unknown = [name for name in spec if name not in (*FIELDS[kind], "type", "when")]
         missing = [name for name in FIELDS[kind] if name not in (*spec, "log", "step")]
         if unknown or missing:

@@ -176,7 +176,8 @@ def predicted_constraints(budget: Budget, config: Mapping[str, Any]) -> dict[str
     need_params = budget.max_params is not None or budget.max_kb is not None
     target_macs, params, pruned, _ = _student_costs([dict(config)], need_params)[0]
     margin = PREDICTED_PARAMS_MARGIN if pruned else 1.0
-    return budget.constraints({TARGET_MACS: target_macs, MEASURED_MACS: target_macs, PARAMS: params / margin}, at_end=True)
+    return budget.constraints({TARGET_MACS: target_macs, MEASURED_MACS: target_macs, PARAMS: params / margin},
+                              at_end=True)
 
 
 class BudgetCallback(Callback):

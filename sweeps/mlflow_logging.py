@@ -70,7 +70,8 @@ def _is_local(checkpoint: Checkpoint) -> bool:
 
 
 def _stage_tags(tags: dict[str, Any] | None) -> dict[str, str]:
-    """The sweep's tags as strings, `stage` normalised (an old sweep's final -> retrain); an unknown stage is refused."""
+    """The sweep's tags as strings, `stage` normalised (an old sweep's final -> retrain); an unknown stage is
+    refused."""
     tags = dict(tags or {})
     if "stage" in tags:
         stage = getattr(tags["stage"], "value", tags["stage"])  # common.config.Stage members too
@@ -102,8 +103,8 @@ class SweepMLflowCallback(MLflowLoggerCallback):
     - log_trial_result logs every numeric value of the (flattened) result, at step = epoch (else
       training_iteration; Ray's uses timesteps_total), in batches of MLflow's limit.
     - log_trial_end logs `config.json`, `last_checkpoint/history.json` and `last_checkpoint/checkpoint.pt` from
-      the trial's last checkpoint (downloaded first when Ray's storage is remote), with save_artifact also the trial's folder as
-      Ray does, the error text as tag `error` on failure, and ends the run FINISHED or FAILED.
+      the trial's last checkpoint (downloaded first when Ray's storage is remote), with save_artifact also the
+      trial's folder as Ray does, the error text as tag `error` on failure, and ends the run FINISHED or FAILED.
 
     Pickles into Tune's tuner.pkl without a live connection: the MlflowClient is created lazily and dropped from
     the pickled state; runs are remembered by trial_id string, not by Trial object.

@@ -117,7 +117,8 @@ def summarize(results: Any, name: str, base_config: dict[str, Any]) -> str:
         over = f", {len(rows) - len(feasible)} over the budget" + (
             f" ({early} of them stopped by the scheduler before their last pruning step: the model they left is "
             "unpruned)" if early else "")
-    return "\n".join([f"Trials with results: {len(rows)}{over}", "", "Best by val_acc:", format_table([best], columns), "",
+    return "\n".join([f"Trials with results: {len(rows)}{over}", "", "Best by val_acc:", format_table([best], columns),
+                      "",
                       f"Pareto set (val_acc up, target MACs down), {len(front)} trials:",
                       format_table(front, columns)])
 
@@ -170,7 +171,8 @@ def main(cfg: DictConfig) -> None:
 
     if config["resume"] or config["stage"] == "retrain":
         if not config["name"]:
-            raise ValueError(f"{'resume=true' if config['resume'] else 'stage=retrain'} needs name=<sweep>; sweeps here: "
+            raise ValueError(f"{'resume=true' if config['resume'] else 'stage=retrain'} needs name=<sweep>; "
+                             "sweeps here: "
                              + (", ".join(list_sweeps(storage)) or "none"))
         if name not in list_sweeps(storage):
             raise FileNotFoundError(f"No sweep named {name!r} under {storage}; sweeps here: "
@@ -248,7 +250,8 @@ def progress_reporter(space: SearchSpace) -> Any:
         params = {f"grid_point/{key}": label for key, label in wanted.items() if key in space.keys()}
     else:
         params = {key: label for key, label in wanted.items() if key in space.keys()}
-    return CLIReporter(metric_columns={"epoch": "epoch", ACCURACY: ACCURACY, TARGET_MACS: "MACs"}, parameter_columns=params,
+    return CLIReporter(metric_columns={"epoch": "epoch", ACCURACY: ACCURACY, TARGET_MACS: "MACs"},
+                       parameter_columns=params,
                        max_report_frequency=30, sort_by_metric=False)
 
 

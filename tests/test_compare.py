@@ -160,7 +160,8 @@ def test_retrained_extra_folder_accuracies_reach_the_rows_and_the_table(tiny_con
 
     config = trial_config(tiny_config, {"origin.front_trial": "fa", "origin.role": "front", "train.epochs": 4,
                                         "pruning.mode": "single"})
-    trial = TrialRecord(sweep="s", trial_id="r0", trial_dir=Path("."), config=config, status="completed", checkpoint=None,
+    trial = TrialRecord(sweep="s", trial_id="r0", trial_dir=Path("."), config=config, status="completed",
+                        checkpoint=None,
                   metrics={"epoch": 4, "val_acc": 0.5, "test_acc": 0.61, "test_macro_f1": 0.6, "target_macs": 1e6,
                            "macs": 1e6, "params": 100})
     evaluation = {"test_acc": 0.60, "test_macro_f1": 0.59,

@@ -57,7 +57,8 @@ def test_clip_starts_at_onset(official_root, tmp_path):
     sf.write(path, np.concatenate([np.zeros(4000, np.float32), audio[:-4000]]), sr, subtype="PCM_16")
     data = prepare_data(nsynth_cfg(official_root), tmp_path / "work")
     row = data.splits["train"].ids.index(path.stem)
-    assert abs(data.splits["train"].waveforms[row][0]) > 0 or np.abs(data.splits["train"].waveforms[row][:50]).max() > 1e-3
+    waveform = data.splits["train"].waveforms[row]
+    assert abs(waveform[0]) > 0 or np.abs(waveform[:50]).max() > 1e-3
 
 
 def test_cache_fingerprint_reuse_and_invalidation(official_root, tmp_path):
@@ -169,7 +170,8 @@ def test_resplit_by_instrument_and_by_note_is_disjoint_and_seeded(tmp_path):
     for split_by in ("instrument", "note"):
         out = select(pooled, FIVE, None, None, split_by, {"train": .6, "valid": .2, "test": .2}, 4.0, seed=3)
         again = select(pooled, FIVE, None, None, split_by, {"train": .6, "valid": .2, "test": .2}, 4.0, seed=3)
-        assert {s: [r.note_str for r in v] for s, v in out.items()} == {s: [r.note_str for r in v] for s, v in again.items()}
+        assert ({s: [r.note_str for r in v] for s, v in out.items()}
+                == {s: [r.note_str for r in v] for s, v in again.items()})
         assert sum(len(v) for v in out.values()) == len(pooled)
         key = (lambda r: r.instrument) if split_by == "instrument" else (lambda r: r.note_str)
         seen = [{key(r) for r in out[s]} for s in out]
@@ -215,7 +217,8 @@ def test_instrument_table_counts_base_and_derived_instruments_per_split():
         record("test", "bass", "bass_electronic_035", 30),
         record("test", "bass", "bass_electronic_1035", 31, "bass_electronic_035"),
     ]
-    rows = {line.split()[0]: line.split() for line in instrument_table(records, min_eval_instruments=2).splitlines()[2:]}
+    table = instrument_table(records, min_eval_instruments=2)
+    rows = {line.split()[0]: line.split() for line in table.splitlines()[2:]}
     #                       train        valid        test         all
     assert rows["bass"][:9] == ["bass", "1+0", "1", "1+0", "1", "1+1", "2", "3+1", "4"]
     assert rows["organ"][:9] == ["organ", "2+3", "5", "2+0", "2", "1+1", "1", "5+4", "8"]

@@ -173,7 +173,8 @@ def test_one_run_per_trial_with_params_tags_metrics_and_artifacts(tmp_path, trac
     assert all(math.isnan(m.value) for m in client.get_metric_history(run.info.run_id, "kd_loss"))
     assert "config/kd.T" in run.data.metrics and "time_this_iter_s" in run.data.metrics
     assert not {"done", "flag", "note", "date", "trial_id", "config/kd.enabled"} & set(run.data.metrics)
-    assert artifact_paths(client, run.info.run_id) == {"config.json", "last_checkpoint/history.json", "last_checkpoint/checkpoint.pt"}
+    assert artifact_paths(client, run.info.run_id) == {"config.json", "last_checkpoint/history.json",
+                                                       "last_checkpoint/checkpoint.pt"}
     logged = json.loads(Path(client.download_artifacts(run.info.run_id, "config.json", str(tmp_path / "dl")))
                         .read_text())
     assert logged == json.loads(json.dumps(trial_config(base_config, params_a)))
@@ -217,7 +218,8 @@ def test_restored_trial_continues_its_run_after_a_driver_restart(tmp_path, track
     assert len(runs[0].data.params) == n_params
     history = client.get_metric_history(runs[0].info.run_id, "val_acc")
     assert [m.step for m in history] == [1, 2, 3]
-    assert {"last_checkpoint/history.json", "last_checkpoint/checkpoint.pt"} <= artifact_paths(client, runs[0].info.run_id)
+    assert {"last_checkpoint/history.json", "last_checkpoint/checkpoint.pt"} <= artifact_paths(client,
+                                                                                               runs[0].info.run_id)
 
 
 def test_errored_trial_tags_error_and_fails_then_resume_errored_reopens_it(tmp_path, tracking, base_config):
@@ -257,7 +259,8 @@ def test_remote_checkpoint_is_materialised_before_logging(tmp_path, tracking, ba
     client, runs = client_and_runs(tracking)
     run_id = runs[0].info.run_id
     assert len(fake.downloaded_to) == 1 and not fake.downloaded_to[0].exists()  # temp dir cleaned up
-    assert artifact_paths(client, run_id) == {"config.json", "last_checkpoint/history.json", "last_checkpoint/checkpoint.pt"}
+    assert artifact_paths(client, run_id) == {"config.json", "last_checkpoint/history.json",
+                                              "last_checkpoint/checkpoint.pt"}
     local = Path(client.download_artifacts(run_id, "last_checkpoint/checkpoint.pt", str(tmp_path / "dl")))
     assert local.read_bytes() == b"remote weights"
 

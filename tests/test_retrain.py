@@ -183,7 +183,8 @@ def test_stage_retrain_retrains_seeds_x_roles_in_mlflow_and_resumes_after_a_kill
     workdir = searched
     exp_dir = workdir / "ray_results" / "s"
     search_runs = stage_runs(workdir, "search")
-    driver = subprocess.Popen(sweep_cmd(workdir, "stage=retrain", "name=s", *RETRAIN, "resources.max_concurrent_trials=1",
+    driver = subprocess.Popen(sweep_cmd(workdir, "stage=retrain", "name=s", *RETRAIN,
+                                        "resources.max_concurrent_trials=1",
                                         "retrain.export=true"),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT, start_new_session=True)
     deadline = time.time() + 400

@@ -217,7 +217,8 @@ def test_invalid_yaml_is_one_line(load, tmp_path):
         # bounds: Optuna's own checks, as one-line SpaceErrors
         ("kd.T: {type: float, low: 8.0, high: 1.0}", "kd.T", "`low <= high` must hold"),
         ("pruning.steps: {type: int, low: 4, high: 2}", "pruning.steps", "`low <= high` must hold"),
-        ("train.lr: {type: float, low: 0.0, high: 1.0e-2, log: true}", "train.lr", "`low > 0` must hold for `log=True`"),
+        ("train.lr: {type: float, low: 0.0, high: 1.0e-2, log: true}", "train.lr",
+         "`low > 0` must hold for `log=True`"),
         ("pruning.steps: {type: int, low: 0, high: 4, log: true}", "pruning.steps", "`low >= 1` must hold"),
         ("kd.T: {type: float, low: 1.0, high: 2.0, log: true, step: 0.5}", "kd.T", "`step` is not supported"),
         ("kd.T: {type: float, low: 1.0, high: 2.0, step: -0.5}", "kd.T", "`step > 0` must hold"),
@@ -270,7 +271,8 @@ def test_invalid_yaml_is_one_line(load, tmp_path):
             "'kd.T', not a pin or categorical/grid param",
         ),
         ("train.seed: {type: grid, values: [0, 1]}", "train.seed", "type 'grid' cannot be used with searcher 'optuna'"),
-        ("kd.T: {type: float, low: 1.0, high: 2.0}\n  kd.T: {type: float, low: 1.0, high: 3.0}", "kd.T", "duplicate key"),
+        ("kd.T: {type: float, low: 1.0, high: 2.0}\n  kd.T: {type: float, low: 1.0, high: 3.0}", "kd.T",
+         "duplicate key"),
         ("kd.T: 2.0\n  kd.T: {type: float, low: 1.0, high: 3.0}", "kd.T", "duplicate key"),
     ],
 )

@@ -168,7 +168,8 @@ def synced_rung_records(exp_dir: Path) -> bool:
 def test_resume_sets_aside_state_files_a_kill_left_truncated(tmp_path):
     from sweeps.run import set_aside_truncated_state
 
-    good, cut = tmp_path / "callback-states-2026-01-01_00-00-00.pkl", tmp_path / "callback-states-2026-01-02_00-00-00.pkl"
+    good = tmp_path / "callback-states-2026-01-01_00-00-00.pkl"
+    cut = tmp_path / "callback-states-2026-01-02_00-00-00.pkl"
     import ray.cloudpickle as cloudpickle
 
     good.write_bytes(cloudpickle.dumps({0: {"records": {}}}))
@@ -257,8 +258,10 @@ def test_default_paretoasha_sweep_survives_kills_at_every_stage(tmp_path):
     (["space=quick", "resources.gpus_per_trial=1"], "no CUDA GPU"),
     (["space=quick", "ray.address=127.0.0.1:1"], "unreachable"),
     (["space=quick", "num_samples=0"], "num_samples=0 must be >= 1"),
-    (["space=quick", "mlflow.tracking_uri=http://127.0.0.1:9"], "mlflow.tracking_uri=http://127.0.0.1:9 is unreachable"),
-    (["space=quick", "teacher.epochs=1", "train.warmup_epochs=1"], "teacher.epochs=1 must be above train.warmup_epochs=1"),
+    (["space=quick", "mlflow.tracking_uri=http://127.0.0.1:9"],
+     "mlflow.tracking_uri=http://127.0.0.1:9 is unreachable"),
+    (["space=quick", "teacher.epochs=1", "train.warmup_epochs=1"],
+     "teacher.epochs=1 must be above train.warmup_epochs=1"),
 ])
 @pytest.mark.slow
 def test_cli_errors_are_one_clear_line_before_work_starts(tmp_path, args, message):

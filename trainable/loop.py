@@ -164,7 +164,8 @@ def train(config: dict[str, Any], data: WaveformData, run_dir: Path | str, *,
             else:
                 calib = next(pipelines["train"].batches(batch_size, train=False))
                 prune_to_macs(model, calib.features[:1], base_macs, plan[epoch], pcfg["importance"],
-                              pcfg.get("round_to"), lambda m: F.cross_entropy(m(calib.features), calib.labels))
+                              pcfg.get("round_to"),
+                              lambda m: F.cross_entropy(m(calib.features), calib.labels))  # noqa: B023 - used at once
             optimizer = make_optimizer()
             macs, params = count_macs_params(model, input_shape)
             log.info("pruning step %d at epoch %d: MACs %.2fM (%.1f%% of %.2fM), params %d", pruning_step,

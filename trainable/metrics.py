@@ -6,12 +6,10 @@ scikit-learn's (see `macro_f1`).
 
 from __future__ import annotations
 
-from typing import Union
-
 import numpy as np
 import torch
 
-Labels = Union[np.ndarray, torch.Tensor, list[int]]
+Labels = np.ndarray | torch.Tensor | list[int]
 
 
 def _as_label_array(labels: Labels, name: str) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""The on-disk log-mel cache: one .npy per (waveforms, deterministic feature params), built once (common.io.build_once)."""
+"""The on-disk log-mel cache: one .npy per (waveforms, deterministic feature params), built once
+(common.io.build_once)."""
 
 from __future__ import annotations
 

@@ -64,7 +64,8 @@ class FeaturePipeline:
         self.cache_dir = Path(cache_dir)
         self.cache_batch_size = cache_batch_size
         self.memory_share = memory_share
-        self.labels = torch.as_tensor(np.array(labels, dtype=np.int64)).to(self.device)  # a copy: labels may be a read-only memmap
+        # a copy: labels may be a read-only memmap
+        self.labels = torch.as_tensor(np.array(labels, dtype=np.int64)).to(self.device)
         self.logmel = LogMel(cfg).to(self.device)
         self.waveform_augment = WaveformAugment(cfg)
         self.spec_augment = SpecAugment(cfg)
