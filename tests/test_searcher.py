@@ -1,4 +1,4 @@
-"""The sweep's Optuna searcher tells the study final results only (stopped trials are PRUNED)."""
+"""The sweep's Optuna searcher tells the study last-epoch results only (stopped trials are PRUNED)."""
 
 from __future__ import annotations
 

@@ -226,7 +226,7 @@ def train(config: dict[str, Any], data: WaveformData, run_dir: Path | str, *,
             "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": time.perf_counter() - t0,
             "clips_per_second": seen / train_seconds,  # training throughput (pruning step included)
         }
-        if epoch == tcfg["epochs"] and tcfg["test_at_end"]:  # the retrain stage's number to quote (sweeps/final.py)
+        if epoch == tcfg["epochs"] and tcfg["test_at_end"]:  # the retrain stage's number to quote (sweeps/retrain.py)
             test = evaluate(model, make_inputs("test"), batch_size,
                             data.num_classes, amp)
             metrics |= {"test_acc": test["acc"], "test_macro_f1": test["macro_f1"], "test_loss": test["loss"]}
