@@ -461,7 +461,9 @@ class RetrainConfig:
     max_configs: int = 3                     # front configurations retrained, spread over the front's MACs range
     epochs: int = 15                         # epochs of each retraining run (the search's trials run 10)
     seeds: int = 3                           # seeds per configuration: train.seed = seed, seed+1, ...
-    ablations: bool = True                   # also retrain each config with KD toggled and the other pruning mode
+    # also retrain each config with KD toggled, with the other pruning mode and (pruned ones) as a dense student of
+    # about the same MACs (dense_same_macs)
+    ablations: bool = True
     export: bool | None = None            # then ONNX + int8 + CPU latency of the retrained front (analysis/export.py
                                              # trial=retrained); null = only when a budget is set
 
