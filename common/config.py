@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
+import json
 import math
 import numbers
 import warnings
@@ -641,9 +643,36 @@ def upgrade_saved_config(base_config: Mapping[str, Any]) -> dict[str, Any]:
     data = dict(config.get("data") or {})
     if "soundfont" in data:
         data["soundfonts"] = [data.pop("soundfont") or "default"]
-        data.setdefault("variants", 0)
+    data.setdefault("variants", 0)  # every dataset saved without the key was rendered without derived instruments
     config["data"] = data
-    return absolute_paths(config)  # sweeps saved with a relative workdir: relative to where they are resumed
+    teacher = dict(config.get("teacher") or {})
+    if teacher and "pretrained" not in teacher:  # before teacher.pretrained, freeze=true only meant "a fixed target"
+        teacher["freeze"] = False
+        config["teacher"] = teacher
+    return absolute_paths(_with_defaults(config, run_defaults()))  # relative paths: relative to where it resumes
+
+
+@functools.lru_cache(maxsize=1)
+def _run_defaults() -> str:
+    from omegaconf import OmegaConf
+
+    return json.dumps(OmegaConf.to_container(OmegaConf.structured(RunConfig), enum_to_str=True))
+
+
+def run_defaults() -> dict[str, Any]:
+    """Every RunConfig key with its default, as a plain dict."""
+    return json.loads(_run_defaults())
+
+
+def _with_defaults(config: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """`config` with every key it lacks (a key added after it was saved) taken from `defaults`, recursively."""
+    out = dict(config)
+    for key, default in defaults.items():
+        if key not in out:
+            out[key] = default
+        elif isinstance(default, Mapping) and isinstance(out[key], Mapping) and default:
+            out[key] = _with_defaults(out[key], default)
+    return out
 
 
 def register() -> None:

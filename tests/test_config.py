@@ -100,3 +100,23 @@ def test_every_local_path_is_made_absolute_for_trials_in_other_working_directori
     assert config["teacher"]["members"] == [{"name": "hf:MIT/ast-finetuned", "pretrained": "imagenet"},
                                             {"name": "resnet18", "pretrained": str(tmp_path / "w.pth")}]
     assert config["mlflow"]["tracking_uri"] == f"sqlite:///{tmp_path / 'runs/mlflow.db'}"
+
+
+def test_a_sweep_saved_before_new_keys_resumes_with_their_defaults():
+    """A saved base config predates keys added since (teacher.pretrained, data.split_caps, train.steps_per_epoch,
+    origin.*): resuming fills them with their defaults, and its old teacher.freeze=true (then: 'a fixed target')
+    is not read as today's linear probe, which needs weights."""
+    from common.config import run_defaults, upgrade_saved_config
+    from trainable.run_config import validate_teacher
+
+    saved = {"workdir": "/tmp/old-sweep", "data": {"root": "/tmp/old-sweep/data", "soundfont": None},
+             "teacher": {"name": "resnet10t", "checkpoint": None, "freeze": True, "epochs": 15, "lr": 3e-3,
+                         "batch_size": 64, "members": 1, "mixup_alpha": 0.0, "features": {"n_mels": 128}},
+             "train": {"epochs": 10}, "retrain": {"front_trial": "ab12", "role": "front"}}
+    config = upgrade_saved_config(saved)
+    assert config["data"]["soundfonts"] == ["default"] and config["data"]["variants"] == 0
+    assert config["teacher"]["pretrained"] == "none" and config["teacher"]["freeze"] is False
+    assert config["train"]["epochs"] == 10 and config["train"]["steps_per_epoch"] is None
+    assert config["origin"] == {"front_trial": "ab12", "role": "front"} and "retrain" not in config
+    assert set(run_defaults()) <= set(config)
+    validate_teacher(config)
