@@ -20,6 +20,21 @@ log = logging.getLogger(__name__)
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, KeyError)
 
 
+def compose(config_name: str | None, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """A config of conf/ as the command line would give it (`plain`), for code that starts a stage without a command
+    line of its own: the sweep's report stage, scenario groups of grid trials, benchmarks and tests. Works inside a
+    running Hydra app (its config dir is this one) and outside one. `config_name=None` composes only what the
+    overrides add: `compose(None, ["+scenario=kd_single"])` is that group option as Hydra places it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        return plain(hydra_compose(config_name, overrides=list(overrides)))
+    with initialize_config_dir(config_dir=str(common.config.CONF_DIR), version_base="1.3"):
+        return plain(hydra_compose(config_name, overrides=list(overrides)))
+
+
 def plain(cfg: DictConfig) -> dict[str, Any]:
     """Resolved plain-dict config with every local path absolute (common.config.absolute_paths): picklable for
     Ray, loggable to MLflow, valid in any process's working directory, no OmegaConf in library code."""
