@@ -56,15 +56,6 @@ SAMPLE_RATE, CLIP_SAMPLES = 16000, 16000
 DRY_RUN = {"clips": 256, "epochs": 2, "k": [1, 2]}
 
 
-def compose_config(overrides: list[str]) -> dict[str, Any]:
-    from hydra import compose, initialize_config_dir
-
-    from common.cli import plain
-
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return plain(compose("config", overrides=overrides))
-
-
 def write_clips(folder: Path, split: str, n: int, seed: int) -> None:
     """n synthetic notes as int16 rows of a memory-mappable .npy: a class-dependent harmonic tone at one of 12
     pitches, a random gain and a little noise (the training signal is realistic enough to keep the loss moving)."""
@@ -243,9 +234,12 @@ def main() -> None:
             write_clips(folder, "valid", max(1, args.clips // 10), seed=1)
             print(f"synthetic clips: {args.clips} train + {max(1, args.clips // 10)} valid, 1 s int16, written in "
                   f"{time.time() - t0:.1f} s to {folder}", flush=True)
-        config = compose_config([f"workdir={work}", "device=cuda" if gpu else "device=cpu", "train.warmup_epochs=0",
-                                 f"train.epochs={args.epochs}", *([f"train.batch_size={args.batch_size}"]
-                                                                 if args.batch_size else []), *args.overrides])
+        from common.cli import compose  # after sys.path has the project root (run as a script)
+
+        config = compose("config", [f"workdir={work}", "device=cuda" if gpu else "device=cpu",
+                                    "train.warmup_epochs=0", f"train.epochs={args.epochs}",
+                                    *([f"train.batch_size={args.batch_size}"] if args.batch_size else []),
+                                    *args.overrides])
         rows = []
         for k in ks:
             rows.append(measure(k, config, folder, args.timeout))

@@ -23,9 +23,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from hydra import compose, initialize_config_dir
 
-from common.cli import plain
+from common.cli import compose
 from common.config import FeatureConfig
 from data_prep.dataset import prepare_data
 from data_prep.waveform_cache import WaveformData
@@ -38,14 +37,8 @@ from trainable.teacher import ensure_teacher, kd_inputs
 
 log = logging.getLogger("benchmarks.kd_epoch")
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 KD_MODES = ("cached", "online")
 PRUNE_KEEP_RATIO = 0.5
-
-
-def compose_config(overrides: list[str]) -> dict[str, Any]:
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return plain(compose("config", overrides=overrides))
 
 
 def warm_student_features(config: dict[str, Any], data: WaveformData) -> None:
@@ -95,11 +88,11 @@ def main() -> None:
         parser.error("--families must be >= 2 and --per-family >= 10 so every split gets clips")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
-    default_config = compose_config([])
+    default_config = compose("config", [])
     families = default_config["data"]["families"][: args.families]
     with ExitStack() as stack:
         workdir = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kd_epoch-")))
-        config = compose_config([
+        config = compose("config", [
             f"workdir={workdir.resolve()}", f"data.families=[{','.join(families)}]",
             f"data.per_family={args.per_family}", "data.clip_seconds=1.0", "kd.enabled=true", "pruning.mode=none",
             f"train.epochs={args.epochs}", "train.warmup_epochs=1", f"train.num_threads={args.threads}",

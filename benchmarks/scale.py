@@ -201,9 +201,7 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     if any(n < 200 for n in sizes) or args.steps < 1:
         parser.error("--sizes must be >= 200 clips each and --steps >= 1")
-    from hydra import compose, initialize_config_dir
-
-    from common.cli import plain
+    from common.cli import compose
 
     base_dir = Path(args.workdir or tempfile.mkdtemp(prefix="scale-", dir=str(ROOT / "runs")
                                                      if (ROOT / "runs").is_dir() else None)).resolve()
@@ -223,8 +221,7 @@ def main() -> None:
         if build.returncode:
             raise SystemExit(f"build.py failed for N={n}:\n{err[-2000:]}")
         prep_s = time.perf_counter() - t0
-        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-            config = plain(compose("config", overrides=overrides))
+        config = compose("config", overrides)
         (cache_dir,) = (work / "cache" / "waveforms").glob("*/meta.json")
         trials = run_trials(config, str(cache_dir.parent), args.steps)
         row = {"clips": n, "train/valid/test": "/".join(str(counts[s]) for s in SPLITS), "generate_s": generate_s,

@@ -18,23 +18,14 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
 
 import timm
 import torch
-from hydra import compose, initialize_config_dir
 
-from common.cli import plain
+from common.cli import compose
 from data_prep.dataset import prepare_data
 from trainable.teacher import MEMBER_FILE, TEACHER_FILE, teacher_dir, teacher_inputs
 from trainable.teacher_spec import member_specs
-
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-
-
-def compose_config(overrides: list[str]) -> dict[str, Any]:
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return plain(compose("config", overrides=overrides))
 
 
 def small_ast(folder: Path, sample_rate: int, clip_seconds: float) -> Path:
@@ -64,7 +55,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     workdir = args.workdir.resolve()
     base = [f"workdir={workdir}", "kd.enabled=true", f"teacher.epochs={args.epochs}"]
-    data = prepare_data(compose_config(base)["data"], workdir)
+    data = prepare_data(compose("config", base)["data"], workdir)
     weights = args.imagenet_file
     if weights is None:
         weights = workdir / "bench-weights" / "resnet10t-imagenet-format.pth"
@@ -73,7 +64,7 @@ def main() -> None:
             torch.manual_seed(0)
             torch.save(timm.create_model("resnet10t", pretrained=False).state_dict(), weights)
     ast = args.hf or small_ast(workdir / "bench-weights" / "ast-small", data.sample_rate,
-                               compose_config(base)["data"]["clip_seconds"])
+                               compose("config", base)["data"]["clip_seconds"])
     hf = [f"teacher.name=hf:{ast}", f"teacher.epochs={args.hf_epochs}", "teacher.lr=1e-4", "teacher.batch_size=32"]
     options = {
         "scratch": [],
@@ -86,7 +77,7 @@ def main() -> None:
     wanted = args.only.split(",") if args.only else list(options)
     rows = []
     for label in wanted:
-        config = compose_config(base + options[label])
+        config = compose("config", base + options[label])
         start = time.perf_counter()
         teacher_inputs(config, data)
         seconds = time.perf_counter() - start

@@ -33,25 +33,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from hydra import compose, initialize_config_dir
 
-from common.cli import plain
+from common.cli import compose
 from common.config import FeatureConfig
 from data_prep.dataset import prepare_data
 from data_prep.waveform_cache import WaveformData
 from trainable.checkpoints import CHECKPOINT_NAME, load_checkpoint, restore_model
 from trainable.evaluation import amp_settings, evaluate, make_pipeline
 from trainable.loop import train
-from trainable.run_config import apply_scenario, pick_device
+from trainable.run_config import pick_device
 
 log = logging.getLogger("benchmarks.variants")
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-
-
-def compose_config(overrides: list[str]) -> dict[str, Any]:
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return plain(compose("config", overrides=overrides))
 
 
 def finished(run_dir: Path, config: dict[str, Any], data: WaveformData) -> bool:
@@ -89,7 +82,7 @@ def main() -> None:
         parser.error("--per-family must be >= 10, --epochs and --seeds >= 1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
-    k = compose_config([])["data"]["variants"] if args.variants is None else args.variants
+    k = compose("config", [])["data"]["variants"] if args.variants is None else args.variants
     if k < 1:
         parser.error("--variants must be >= 1 (the 'with' dataset)")
     if args.threads < 1:
@@ -99,11 +92,11 @@ def main() -> None:
         workdir = (args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="variants-")))).resolve()
         configs, datasets, seconds = {}, {}, {}
         for name, variants in (("without", 0), ("with", k)):
-            configs[name] = apply_scenario(compose_config([
+            configs[name] = compose("config", [  # the scenario group, composed by Hydra like on the command line
                 f"workdir={workdir}", f"data.root={workdir}/data/variants{variants}", f"data.variants={variants}",
                 f"data.per_family={args.per_family}", "scenario=nokd_noprune", f"train.epochs={args.epochs}",
                 f"train.warmup_epochs={min(1, args.epochs - 1)}", *threads,
-            ]))
+            ])
             start = time.perf_counter()
             datasets[name] = prepare_data(configs[name]["data"], configs[name]["workdir"])
             seconds[f"data {name}"] = time.perf_counter() - start

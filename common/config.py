@@ -310,7 +310,8 @@ class TeacherConfig:
 
     # Any timm model name (timm.list_models()), or hf:<hub id or local save_pretrained folder> for a Hugging Face
     # AutoModelForAudioClassification with its own AutoFeatureExtractor
-    # (e.g. hf:MIT/ast-finetuned-audioset-10-10-0.4593)
+    # (e.g. hf:MIT/ast-finetuned-audioset-10-10-0.4593). resnet10t: the fastest CPU training step of the timm CNNs
+    # measured (docs/teachers.md)
     name: str = "resnet10t"
     # timm only: none (train from scratch) | imagenet (timm's own weights, downloaded by name) | <local weights file>
     # (ImageNet format: 3-channel stem summed to one, 1000-class head replaced). hf: models start from their weights.

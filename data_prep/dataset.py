@@ -27,13 +27,13 @@ def check_data(data_cfg: Mapping[str, Any], read_metadata: bool = True) -> None:
     `read_metadata` parses every split's examples.json (the sweep's early check); `prepare_data` skips it, since the
     layout it reads next parses them anyway, before any decoding (a 305 k-note examples.json is ~100 MB)."""
     check_families(data_cfg["families"])
-    check_split_caps(data_cfg.get("split_caps"))
+    check_split_caps(data_cfg["split_caps"])
     for key in ("per_family", "max_total_size_mb", "prep_workers"):
-        value = data_cfg.get(key)
+        value = data_cfg[key]
         if value is not None and value <= 0:
             raise ValueError(f"data.{key}={value} must be > 0, or null for no limit"
                              + (" (all CPUs)." if key == "prep_workers" else "."))
-    if data_cfg["source"] == "nsynth" and not data_cfg.get("hf_id"):
+    if data_cfg["source"] == "nsynth" and not data_cfg["hf_id"]:
         check_local_nsynth(Path(data_cfg["root"]))
         for split in SPLITS if read_metadata else ():
             read_split(data_cfg["root"], split)  # an examples.json that does not parse: one line, now
@@ -54,8 +54,8 @@ def prepare_data(data_cfg: Mapping[str, Any], workdir: str | Path, *, sample_rat
     records = read_layout(data_cfg["root"])
     split_records = select(records, families, data_cfg["per_family"], data_cfg["max_total_size_mb"],
                            data_cfg["split_by"], data_cfg["split_fractions"], NSYNTH_SECONDS, data_cfg["seed"],
-                           data_cfg.get("min_eval_instruments", 0), data_cfg.get("split_caps"))
-    workers = data_cfg.get("prep_workers") or len(os.sched_getaffinity(0))
+                           data_cfg["min_eval_instruments"], data_cfg["split_caps"])
+    workers = data_cfg["prep_workers"] or len(os.sched_getaffinity(0))
     return build_waveform_cache(split_records, families, clip_seconds or data_cfg["clip_seconds"],
                                 sample_rate or data_cfg["sample_rate"], Path(workdir) / "cache" / "waveforms",
                                 data_cfg["root"], workers)

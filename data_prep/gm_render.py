@@ -506,7 +506,7 @@ def _render_with(soundfont_bytes: Sequence[bytes], spec: NoteSpec, sample_rate: 
 def render_notes(
     soundfonts: Path | Sequence[Path],
     specs: Iterable[NoteSpec],
-    workers: int = 2,
+    workers: int,
     sample_rate: int = 16000,
     seconds: float = 4.0,
     hold_seconds: float = 3.0,

@@ -36,7 +36,7 @@ from data_prep.layout import (
     wav_path,
     write_examples,
 )
-from data_prep.soundfonts import DEFAULT_ENTRY, SoundFont, check_programs, resolve_soundfonts
+from data_prep.soundfonts import SoundFont, check_programs, resolve_soundfonts
 from data_prep.splits import check_families, check_fractions, size_cap_per_family, split_counts
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ def check_variant_settings(variants: Any, min_eval_instruments: Any) -> tuple[in
 
 def render_gm(root: Path, soundfonts: Sequence[str | None] | str | None, families: Sequence[str],
               per_family: int | None, max_total_size_mb: float | None, fractions: Mapping[str, float], seed: int,
-              workers: int = 2, variants: int = 0, min_eval_instruments: int = 0) -> dict[str, int]:
+              workers: int, variants: int, min_eval_instruments: int) -> dict[str, int]:
     """Render the planned notes into <root>/nsynth-<split>/, disjoint by base instrument.
 
     Every (SoundFont, GM program) is a base instrument and goes to one split with its ``variants``
@@ -309,16 +309,16 @@ def materialize(data_cfg: Mapping[str, Any]) -> dict[str, int]:
     root = Path(data_cfg["root"])
     source = data_cfg["source"]
     if source == "gm_render":
-        return render_gm(root, data_cfg.get("soundfonts", [DEFAULT_ENTRY]), data_cfg["families"],
+        return render_gm(root, data_cfg["soundfonts"], data_cfg["families"],
                          data_cfg["per_family"], data_cfg["max_total_size_mb"], data_cfg["split_fractions"],
-                         data_cfg["seed"], data_cfg.get("render_workers", 2), data_cfg.get("variants", 0),
-                         data_cfg.get("min_eval_instruments", 0))
+                         data_cfg["seed"], data_cfg["render_workers"], data_cfg["variants"],
+                         data_cfg["min_eval_instruments"])
     if source == "nsynth":
         stats = {}
-        if data_cfg.get("hf_id"):
+        if data_cfg["hf_id"]:
             stats = stream_hub_nsynth(root, data_cfg["hf_id"], data_cfg["hf_splits"], data_cfg["families"],
                                       data_cfg["per_family"], data_cfg["max_total_size_mb"], data_cfg["seed"],
-                                      data_cfg["split_fractions"], data_cfg.get("split_caps"))
+                                      data_cfg["split_fractions"], data_cfg["split_caps"])
         check_local_nsynth(root)
         return stats
     raise ValueError(f"Unknown data.source {source!r}; use data=gm_render or data=nsynth.")

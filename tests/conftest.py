@@ -21,19 +21,15 @@ def official_root(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_config(tmp_path_factory) -> dict:
     """The real composed Hydra config, shrunk: 3 families rendered from the GM SoundFont, 0.5 s clips."""
-    from hydra import compose, initialize_config_dir
-
-    from common.cli import plain
+    from common.cli import compose
 
     workdir = tmp_path_factory.mktemp("work")
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=[
-            f"workdir={workdir}", "data.families=[bass,keyboard,organ]", "data.per_family=15",
-            "data.clip_seconds=0.5", "data.render_workers=1", "features.n_mels=32", "train.epochs=3",
-            "train.batch_size=16", "train.warmup_epochs=0", "train.num_threads=1", "teacher.epochs=3",
-            "teacher.features.n_mels=32", "pruning.at_epoch=2",
-        ])
-    return plain(cfg)
+    return compose("config", [
+        f"workdir={workdir}", "data.families=[bass,keyboard,organ]", "data.per_family=15",
+        "data.clip_seconds=0.5", "data.render_workers=1", "features.n_mels=32", "train.epochs=3",
+        "train.batch_size=16", "train.warmup_epochs=0", "train.num_threads=1", "teacher.epochs=3",
+        "teacher.features.n_mels=32", "pruning.at_epoch=2",
+    ])
 
 
 @pytest.fixture(scope="session")

@@ -6,17 +6,15 @@ import copy
 import dataclasses
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
-from common.cli import plain
-from common.config import CONF_DIR, FeatureConfig, RunConfig, SweepConfig, run_section
+from common.cli import compose
+from common.config import FeatureConfig, RunConfig, SweepConfig, run_section
 from trainable.run_config import trial_config
 
 
 def composed(name: str, *overrides: str) -> dict:
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return plain(compose(name, overrides=list(overrides)))
+    return compose(name, overrides)
 
 
 @pytest.mark.parametrize("mode", ["none", "single", "progressive", "unstructured"])

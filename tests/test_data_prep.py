@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from common.config import run_defaults
 from data_prep.dataset import cached_records, instrument_table, prepare_data, summary_table
 from data_prep.layout import FAMILIES, NOTE_STR_RE, REQUIRED_FIELDS, NoteRecord, read_layout, split_dir, wav_path
 from data_prep.splits import select, split_counts
@@ -19,10 +20,9 @@ FIVE = ["bass", "keyboard", "reed", "string", "vocal"]  # the families of the re
 
 
 def nsynth_cfg(root: Path, **over) -> dict:
-    cfg = {"source": "nsynth", "root": str(root), "hf_id": None, "families": FIVE, "per_family": None,
-           "max_total_size_mb": None, "split_by": "instrument",
-           "split_fractions": {"train": 0.7, "valid": 0.15, "test": 0.15}, "clip_seconds": 0.5,
-           "sample_rate": 16000, "seed": 0, "hf_splits": {"train": "train", "valid": "valid", "test": "test"}}
+    """A complete data config (every key at its schema default) for local NSynth-layout data at `root`."""
+    cfg = run_defaults()["data"] | {"source": "nsynth", "root": str(root), "families": FIVE, "per_family": None,
+                                    "max_total_size_mb": None, "clip_seconds": 0.5}
     return cfg | over
 
 

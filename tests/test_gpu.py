@@ -33,20 +33,17 @@ FAMILIES = ["bass", "keyboard", "reed", "string", "vocal"]  # the released NSynt
 def gpu_run(tmp_path_factory) -> tuple[dict[str, Any], Any]:
     """The composed run config on the device, and NSynth-layout data (synthetic audio, 40 notes per split) prepared
     through the real data path."""
-    from hydra import compose, initialize_config_dir
-
-    from common.cli import plain
+    from common.cli import compose
     from data_prep.dataset import prepare_data
     from tests.nsynth_fixtures import write_official_layout
 
     work = tmp_path_factory.mktemp("gpu")
     write_official_layout(work / "nsynth", copies_per_split=8)
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        config = plain(compose("config", overrides=[
-            f"workdir={work}", "data=nsynth", f"data.root={work / 'nsynth'}", f"data.families=[{','.join(FAMILIES)}]",
-            "features.n_mels=32", "train.epochs=2", "train.batch_size=16", "train.warmup_epochs=0",
-            "train.num_threads=2", "teacher.epochs=2", "teacher.batch_size=16", "teacher.features.n_mels=32",
-            f"device={DEVICE}"]))
+    config = compose("config", [
+        f"workdir={work}", "data=nsynth", f"data.root={work / 'nsynth'}", f"data.families=[{','.join(FAMILIES)}]",
+        "features.n_mels=32", "train.epochs=2", "train.batch_size=16", "train.warmup_epochs=0",
+        "train.num_threads=2", "teacher.epochs=2", "teacher.batch_size=16", "teacher.features.n_mels=32",
+        f"device={DEVICE}"])
     return config, prepare_data(config["data"], config["workdir"])
 
 

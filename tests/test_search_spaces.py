@@ -7,7 +7,6 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 
 from search_spaces import SpaceError, available_spaces, load_space
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 SCENARIOS = ["nokd_noprune", "nokd_single", "nokd_progressive", "kd_noprune", "kd_single", "kd_progressive"]
 
 optuna.logging.set_verbosity(logging.WARNING)
@@ -16,16 +15,12 @@ optuna.logging.set_verbosity(logging.WARNING)
 @pytest.fixture(scope="module")
 def valid_keys() -> dict:
     """The real composed sweep config as the driver sees it: run config only (no sweep keys), flattened
-    to dotted keys. resolve=False: interpolations need not resolve to list the keys."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
+    to dotted keys."""
+    from common.cli import compose
     from common.tracking import flatten
     from sweeps.run import sweep_settings
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("sweep")
-    base_config, _ = sweep_settings(OmegaConf.to_container(cfg, resolve=False))
+    base_config, _ = sweep_settings(compose("sweep"))
     return flatten(base_config)
 
 

@@ -84,13 +84,35 @@ def test_config_errors_are_clear(tiny_config):
     with pytest.raises(ValueError, match="train.epochs"):
         pruning_plan({"mode": "progressive", "target_macs_ratio": 0.5, "at_epoch": 3, "steps": 3, "step_epochs": 1,
                       "schedule": "cubic"}, epochs=4)
-    with pytest.raises(ValueError, match="Unknown scenario"):
+    with pytest.raises(ValueError, match=r"Unknown scenario 'kd_everything'; choose one of \[.*'kd_single'") as err:
         apply_scenario(with_(tiny_config, scenario="kd_everything"))
+    assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match="n_mels"):
         validate_config(with_(tiny_config, features={"n_mels": 1000}))
     assert pruning_plan({"mode": "progressive", "target_macs_ratio": 0.3, "at_epoch": 2, "steps": 3,
                          "step_epochs": 2, "schedule": "linear"}, epochs=8) == pytest.approx(
         {2: 1 - 0.7 / 3, 4: 1 - 1.4 / 3, 6: 0.3})
+
+
+def test_checkpoints_of_earlier_versions_rebuild_with_the_schema_defaults(tiny_config, tmp_path):
+    """A model spec written before student.dropout / teacher.pretrained / teacher.freeze existed: the keys come
+    back at their schema defaults, in load_checkpoint alone."""
+    from common.config import StudentConfig, TeacherConfig
+    from trainable.checkpoints import CHECKPOINT_NAME, build_model, save_checkpoint
+    from trainable.pruning import model_state
+
+    student = {"role": "student", "arch": "mobilenet_v3_small", "width_mult": 0.5}
+    teacher = {"role": "teacher", "name": "resnet10t"}
+    for old in (student, teacher):
+        path = tmp_path / old["role"] / CHECKPOINT_NAME
+        path.parent.mkdir()
+        save_checkpoint(path, {"model_spec": old, "num_classes": 3,
+                               "model_state": model_state(build_model({**old, "dropout": 0.2, "pretrained": "none",
+                                                                       "freeze": False}, 3))})
+        spec = load_checkpoint(path)["model_spec"]
+        assert spec == old | ({"dropout": StudentConfig.dropout} if old is student else
+                              {"pretrained": TeacherConfig.pretrained, "freeze": TeacherConfig.freeze})
+    assert restore_model(load_checkpoint(tmp_path / "student"))(torch.zeros(1, 1, 32, 51)).shape == (1, 3)
 
 
 def test_trial_config_sampled_keys_override_the_scenario_preset(tiny_config):

@@ -25,7 +25,14 @@ import torch.nn.functional as F
 from common.config import FeatureConfig
 from common.io import atomic_write_text
 from data_prep.waveform_cache import WaveformData
-from trainable.checkpoints import CHECKPOINT_NAME, build_model, load_checkpoint, restore_model, save_checkpoint
+from trainable.checkpoints import (
+    CHECKPOINT_NAME,
+    build_model,
+    load_checkpoint,
+    make_model_spec,
+    restore_model,
+    save_checkpoint,
+)
 from trainable.evaluation import amp_settings, evaluate, make_pipeline
 from trainable.kd import Mixup, kd_loss, mixed_cross_entropy
 from trainable.pruning import (
@@ -54,7 +61,7 @@ class Inputs(Protocol):
 
 
 def student_spec(config: dict[str, Any]) -> dict[str, Any]:
-    return {"role": "student", **config["student"]}
+    return make_model_spec("student", config["student"])
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float) -> float:
@@ -96,8 +103,8 @@ def train(config: dict[str, Any], data: WaveformData, run_dir: Path | str, *,
     validate_config(config)
     tcfg, kcfg, pcfg = config["train"], config["kd"], config["pruning"]
     run_dir = Path(run_dir)
-    device = pick_device(config.get("device", "auto"))
-    torch.set_num_threads(tcfg.get("num_threads") or len(os.sched_getaffinity(0)))
+    device = pick_device(config["device"])
+    torch.set_num_threads(tcfg["num_threads"] or len(os.sched_getaffinity(0)))
     amp = amp_settings(device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp[0] and amp[1] == torch.float16)
     random.seed(tcfg["seed"])
@@ -164,7 +171,7 @@ def train(config: dict[str, Any], data: WaveformData, run_dir: Path | str, *,
             else:
                 calib = next(pipelines["train"].batches(batch_size, train=False))
                 prune_to_macs(model, calib.features[:1], base_macs, plan[epoch], pcfg["importance"],
-                              pcfg.get("round_to"),
+                              pcfg["round_to"],
                               lambda m: F.cross_entropy(m(calib.features), calib.labels))  # noqa: B023 - used at once
             optimizer = make_optimizer()
             macs, params = count_macs_params(model, input_shape)

@@ -25,7 +25,6 @@ _STUDENT_FACTORIES: dict[str, Callable[..., nn.Module]] = {
     StudentArch.mobilenet_v3_large.value: tv_models.mobilenet_v3_large,
 }
 STUDENT_ARCHS: tuple[str, ...] = values(StudentArch)
-DEFAULT_TEACHER = "resnet10t"  # the fastest CPU training step of the timm CNNs measured (docs/teachers.md)
 BN_MOMENTUM = 0.1
 
 
@@ -64,7 +63,7 @@ def create_student(
 
 
 def create_teacher(
-    name: str = DEFAULT_TEACHER,
+    name: str,
     num_classes: int = 11,
     pretrained: str | Path = "none",
     freeze_backbone: bool = False,

@@ -17,8 +17,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
+from common.cli import compose
 from common.config import (
-    CONF_DIR,
     FeatureConfig,
     PruningMode,
     RunConfig,
@@ -29,7 +29,7 @@ from common.config import (
 from trainable.pruning import pruning_schedule
 
 
-def pick_device(name: str = "auto") -> torch.device:
+def pick_device(name: str) -> torch.device:
     """`auto` = CUDA when present, else CPU; an explicit CUDA request on a machine without one is an error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -39,18 +39,30 @@ def pick_device(name: str = "auto") -> torch.device:
     return device
 
 
-def apply_scenario(config: dict[str, Any]) -> dict[str, Any]:
-    """Merge the scenario group's file (conf/scenario/<config['scenario']>.yaml) over a plain config.
+@functools.cache
+def _scenario(name: str) -> dict[str, Any]:
+    from hydra.errors import MissingConfigException, OverrideParseException
 
-    On the command line `scenario=<name>` is a Hydra group; grid trials that sweep `scenario` get the same file.
-    """
-    name = config.get("scenario")
-    if not name:
+    try:
+        return compose(None, [f"+scenario={name}"])
+    except (MissingConfigException, OverrideParseException):  # no such option, or no name an option could have
+        raise ValueError(f"Unknown scenario {name!r}; choose one of {available_scenarios()}.") from None
+
+
+def scenario_preset(name: str) -> dict[str, Any]:
+    """The scenario group option `name` as Hydra composes it (conf/scenario/<name>.yaml, placed at the top level):
+    what `scenario=<name>` on the command line merges in. Composed once per name and process."""
+    return copy.deepcopy(_scenario(name))
+
+
+def apply_scenario(config: dict[str, Any]) -> dict[str, Any]:
+    """A plain config with its scenario group (config['scenario'], if any) merged over it.
+
+    On the command line `scenario=<name>` is a Hydra group; grid trials that sweep `scenario` get the same option,
+    composed by Hydra too."""
+    if not config["scenario"]:
         return config
-    path = CONF_DIR / "scenario" / f"{name}.yaml"
-    if not path.is_file():
-        raise ValueError(f"Unknown scenario {name!r}; choose one of {available_scenarios()}.")
-    merged = OmegaConf.merge(OmegaConf.create(config), OmegaConf.load(path))
+    merged = OmegaConf.merge(OmegaConf.create(config), scenario_preset(config["scenario"]))
     return OmegaConf.to_container(merged, resolve=True)
 
 

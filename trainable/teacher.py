@@ -33,7 +33,7 @@ from common.config import FeatureConfig
 from common.io import atomic_path, atomic_write_text, build_once
 from data_prep.layout import SPLITS
 from data_prep.waveform_cache import WaveformData, load_waveform_cache
-from trainable.checkpoints import CHECKPOINT_NAME, load_checkpoint, restore_model
+from trainable.checkpoints import CHECKPOINT_NAME, load_checkpoint, make_model_spec, restore_model
 from trainable.evaluation import make_pipeline
 from trainable.loop import train
 from trainable.metrics import accuracy, confusion_matrix, macro_f1
@@ -153,8 +153,7 @@ def _fit_member(spec: Mapping[str, Any], config: Mapping[str, Any], data: Wavefo
         how = ("linear probe of" if spec["freeze"] else "fine-tuning") if _has_weights(spec) else "training"
         log.info("Teacher member %s: %s it for %d epochs into %s", spec["name"], how, spec["epochs"], out)
         train(member_run_config(spec, config), data, out, resume_from=ckpt_path if ckpt is not None else None,
-              model_spec={"role": "teacher", "name": spec["name"], "pretrained": spec["pretrained"],
-                          "freeze": spec["freeze"]}, inputs=inputs)
+              model_spec=make_model_spec("teacher", spec), inputs=inputs)
     return ckpt_path
 
 
@@ -190,7 +189,7 @@ def ensure_member(spec: Mapping[str, Any], config: Mapping[str, Any], data: Wave
     out = member_dir(spec, config, data)
 
     def build(target: Path) -> None:
-        device = pick_device(config.get("device", "auto"))
+        device = pick_device(config["device"])
         mdata = member_data(spec, config, data)
         inputs = _member_inputs(spec, mdata, device)
         ckpt_path = _fit_member(spec, config, mdata, out, inputs)
@@ -298,7 +297,7 @@ def kd_inputs(config: Mapping[str, Any], data: WaveformData) -> dict[str, Any]:
     """In one process (train.py, benchmarks): `kd_arguments(teacher_inputs(...))` when KD is on, else nothing."""
     if not config["kd"]["enabled"]:
         return {}
-    return kd_arguments(teacher_inputs(config, data), data, pick_device(config.get("device", "auto")))
+    return kd_arguments(teacher_inputs(config, data), data, pick_device(config["device"]))
 
 
 def reference_student(config: dict[str, Any], data: WaveformData) -> dict[str, Any]:

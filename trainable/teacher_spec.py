@@ -63,7 +63,7 @@ def member_specs(config: Mapping[str, Any]) -> list[dict[str, Any]]:
                              f"{list(MEMBER_KEYS)}.")
         spec = {**base, **copy.deepcopy(dict(override))}
         spec["seed"] = config["seed"] + int(override.get("seed", 0))
-        spec["features"] = {**config["features"], **(teacher.get("features") or {}), **(override.get("features") or {})}
+        spec["features"] = {**config["features"], **teacher["features"], **(override.get("features") or {})}
         if spec["checkpoint"]:
             trained = trained_checkpoint(spec["checkpoint"])
             if trained is None:  # a plain weights file: fine-tuned like teacher.pretrained=<file>

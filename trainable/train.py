@@ -40,9 +40,9 @@ def main(cfg: DictConfig) -> None:
     if config["kd"]["enabled"]:
         validate_teacher(config)
     data = prepare_data(config["data"], config["workdir"])
-    label = config.get("scenario") or "run"
+    label = config["scenario"] or "run"
     run_dir = Path(config["workdir"]) / "train" / f"{label}-{time.strftime('%Y%m%d-%H%M%S')}"
-    final = train(config, data, run_dir, resume_from=config.get("resume_from"), **kd_inputs(config, data))
+    final = train(config, data, run_dir, resume_from=config["resume_from"], **kd_inputs(config, data))
     # A resume_from that had already finished trains no epoch here: its history is in its checkpoint.
     history_file = run_dir / "history.json"
     history = json.loads(history_file.read_text()) if history_file.is_file() else load_checkpoint(
