@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from common.config import RetrainRole
+from common.objectives import FEASIBLE, within_budget
 from common.trial_table import TrialRecord, evaluation_columns
 
 CONFIDENCE = 0.95
@@ -135,6 +136,7 @@ def retrained_row(trial: TrialRecord, evaluation: Mapping[str, Any] | None = Non
         "test_acc": float(test_acc) if _number(test_acc) else None,
         "test_macro_f1": metrics.get("test_macro_f1"), "val_acc": float(metrics["val_acc"]),
         "target_macs": metrics.get("target_macs"), "macs": metrics.get("macs"), "params": metrics.get("params"),
+        FEASIBLE: within_budget(metrics),
     }
 
 
@@ -161,6 +163,8 @@ class RetrainedConfig:
     target_macs_ratio: float | None
     target_macs: float | None   # mean over the finished seeds (over all runs while none has finished)
     params: float | None        # mean over the finished seeds
+    macs: float | None          # measured MACs, mean over the finished seeds
+    feasible: bool              # every finished seed within the sweep's budget (BudgetCallback's `feasible`)
     n: int                      # finished seeds
     missing: int                # runs without test_acc yet (running, stopped, killed)
     test_mean: float | None
@@ -205,7 +209,8 @@ def retrained_front_table(runs: Sequence[Mapping[str, Any]]) -> list[RetrainedCo
             sweep=sweep, front_trial=front_trial, kd=members[0]["kd"], pruning=members[0]["pruning"],
             target_macs_ratio=members[0]["target_macs_ratio"],
             target_macs=_mean([r["target_macs"] for r in (done or members)]), params=_mean([r["params"] for r in done]),
-            n=len(done), missing=len(members) - len(done), test_mean=test_mean, test_std=test_std,
+            macs=_mean([r["macs"] for r in done]), feasible=all(r[FEASIBLE] for r in done), n=len(done),
+            missing=len(members) - len(done), test_mean=test_mean, test_std=test_std,
             val_mean=_mean([r["val_acc"] for r in done]), seeds=tuple(sorted(r["seed"] for r in done)),
             extra={label: _spread([r.get(f"{label}_acc") for r in done]) for label in folders},
             exported=sum(1 for r in done if r.get("onnx_bytes") is not None),

@@ -258,10 +258,9 @@ def write_manifest(out_dir: Path, exports: dict[str, dict[str, Any]]) -> None:
     atomic_write_text(path, json.dumps(merged, indent=2, sort_keys=True))
 
 
-@hydra.main(config_path="../conf", config_name="analysis", version_base="1.3")
-@entry_point
-def main(cfg: DictConfig) -> None:
-    config = string_overrides(plain(cfg), NAME_KEYS)
+def export_models(config: dict[str, Any]) -> bool:
+    """Export, quantize and time the models `trial=` names, print their table, then write the report with these
+    columns; False when some model was not exported (the lines above say which; the others are written)."""
     check_settings(config)
     opset, tolerance = config["export"]["opset"], config["export"]["tolerance"]
     quant, latency = config["quant"], config["latency"]
@@ -287,7 +286,7 @@ def main(cfg: DictConfig) -> None:
             except Exception as err:  # one failing model must not stop the other exports
                 log.error("trial %s not exported: %s", trial.trial_id, err)
                 exports[trial.trial_id] = {"onnx": None, "error": one_line(err)}
-            retrained_from = (trial.config.get("origin") or {}).get("front_trial")
+            retrained_from = trial.config["origin"]["front_trial"]
             rows.append({"trial_id": trial.trial_id, "sweep": sweep.name, "val_acc": trial.metrics["val_acc"],
                          "macs": trial.metrics["macs"], **exports[trial.trial_id],
                          **export_columns(exports[trial.trial_id]),
@@ -319,8 +318,14 @@ def main(cfg: DictConfig) -> None:
         print(line)
     if rows:
         tracking_uri = config["mlflow"]["tracking_uri"]
-        print("\n" + summary(analyse(sweeps, third, tracking_uri), tracking_uri, sweeps[0].name))
-    if any(r["error"] for r in rows):
+        print("\n" + summary(analyse(sweeps, third, tracking_uri), tracking_uri, sweeps[0].name), flush=True)
+    return not any(r["error"] for r in rows)
+
+
+@hydra.main(config_path="../conf", config_name="analysis", version_base="1.3")
+@entry_point
+def main(cfg: DictConfig) -> None:
+    if not export_models(string_overrides(plain(cfg), NAME_KEYS)):
         sys.exit(1)
 
 

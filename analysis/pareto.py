@@ -43,12 +43,19 @@ from analysis.compare import (
 )
 from analysis.plot import plot_front
 from analysis.report import render_report
-from analysis.results import NAME_KEYS, Sweep, load_retrained, load_sweeps, read_evaluations, sweep_fidelity
+from analysis.results import (
+    NAME_KEYS,
+    Sweep,
+    load_retrained,
+    load_sweeps,
+    read_evaluations,
+    sweep_fidelity,
+    trials_line,
+)
 from analysis.rung_fidelity import RungFidelity
 from analysis.sweep_stats import Hypervolumes, normalised_hypervolumes
 from common.cli import entry_point, plain, string_overrides
-from common.config import bytes_per_param
-from common.objectives import ACCURACY, LATENCY, TARGET_MACS, front_mask, objectives
+from common.objectives import ACCURACY, FEASIBLE, LATENCY, MEASURED_MACS, PARAMS, TARGET_MACS, front_mask, objectives
 from common.trial_table import (
     TrialRecord,
     export_columns,
@@ -59,6 +66,7 @@ from common.trial_table import (
     table_columns,
     trial_row,
 )
+from sweeps.budget import Budget
 
 OUTPUT_FILES = ("pareto.csv", "pareto.png", "report.html")
 RETRAINED_CSV = "retrained.csv"  # one row per run of the retrain stage, written once there is one
@@ -172,17 +180,17 @@ def build_rows(sweeps: Sequence[Sweep], third_objective: str | None = None) -> l
     return rows
 
 
-def sweep_budget(sweeps: Sequence[Sweep]) -> dict[str, Any]:
-    """The budget the (first) sweep ran under ({} without one), as sweeps/run.py saved it."""
-    budget = (sweeps[0].settings.get("budget") or {}) if sweeps else {}
-    return budget if any(budget.get(key) is not None for key in ("max_macs", "max_params", "max_kb")) else {}
+def sweep_budget(sweeps: Sequence[Sweep]) -> Budget | None:
+    """The budget the (first) sweep ran under (None without one), as sweeps/run.py saved it."""
+    return Budget.from_config(sweeps[0].settings["budget"]) if sweeps else None
 
 
 def retrained_candidate(config: RetrainedConfig) -> dict[str, Any]:
     """A retrained front configuration as a row best_under_budget and budget_line read: validation and test means
     over its finished seeds, and the means of what analysis/export.py measured of them."""
     return {"trial_id": config.front_trial, "retrained": f"retrained, {config.n} seed{'s' if config.n > 1 else ''}",
-            ACCURACY: config.val_mean, TARGET_MACS: config.target_macs, "params": config.params,
+            ACCURACY: config.val_mean, TARGET_MACS: config.target_macs, MEASURED_MACS: config.macs,
+            PARAMS: config.params, FEASIBLE: int(config.feasible),
             "test_acc": config.test_mean, "int8_test_acc": config.int8_test_mean,
             "kb_fp32": param_kb(config.params, "fp32") if config.exported else None,
             "kb_int8": param_kb(config.params, "int8") if config.exported else None,
@@ -191,19 +199,17 @@ def retrained_candidate(config: RetrainedConfig) -> dict[str, Any]:
 
 
 def best_to_ship(rows: Sequence[dict[str, Any]], retrained: Sequence[RetrainedConfig],
-                 budget: Mapping[str, Any]) -> dict[str, Any] | None:
+                 budget: Budget) -> dict[str, Any] | None:
     """The model to ship under the budget: among the retrained front configurations when the retrain stage has
     finished runs (their numbers are the ones to quote), else (or when none of them fits) among the search's trials."""
     candidates = [retrained_candidate(c) for c in retrained if c.n and c.params is not None]
     return best_under_budget(candidates, budget) or best_under_budget(rows, budget)
 
 
-def budget_line(budget: Mapping[str, Any], best: dict[str, Any] | None) -> str:
+def budget_line(budget: Budget, best: dict[str, Any] | None) -> str:
     """One line naming the model to ship under the budget, with its numbers (means over seeds for a retrained
     configuration)."""
-    limits = ", ".join(f"{key} {budget[key]:,.6g}" for key in ("max_macs", "max_params", "max_kb")
-                       if budget.get(key) is not None)
-    head = f"Best under budget ({limits}; {budget.get('precision') or 'int8'})"
+    head = f"Best under budget ({budget.describe()})"
     if best is None:
         return f"{head}: no trial fits."
     numbers = {"val acc": best.get(ACCURACY), "test acc fp32/int8": (best.get("fp32_test_acc") or best.get("test_acc"),
@@ -260,6 +266,7 @@ class Analysis:
     best_under_budget: str | None = None  # the "best under budget" line, when the sweep had a budget
     retrained_runs: list[dict[str, Any]] = field(default_factory=list)  # compare.retrained_row of each retrain/ run
     retrained: list[RetrainedConfig] = field(default_factory=list)      # the retrained front, per configuration
+    trials: str = ""                                                    # how the trials ended (results.trials_line)
     comparisons: list[PairedComparison] = field(default_factory=list)   # retrained front, then scenarios grid
     fidelity: dict[str, RungFidelity] = field(default_factory=dict)     # sweep -> its rung fidelity
 
@@ -289,7 +296,7 @@ def analyse(sweeps: Sequence[Sweep], third_objective: str | None, tracking_uri: 
     write_csv(rows, csv_path)
     names = ", ".join(s.name for s in sweeps)
     budget = sweep_budget(sweeps)
-    best = budget_line(budget, best_to_ship(rows, retrained, budget)) if budget else None
+    best = budget_line(budget, best_to_ship(rows, retrained, budget)) if budget is not None else None
     plot_front(rows, png_path, f"Accuracy vs MACs: {names} ({len(rows)} trials, "
                                f"{sum(r['on_front'] for r in rows)} on the front)", budget, retrained)
     chosen = objectives(third_objective=third_objective)
@@ -308,7 +315,8 @@ def analyse(sweeps: Sequence[Sweep], third_objective: str | None, tracking_uri: 
         **({"retrained_runs_finished": float(sum(finished(r) for r in retrained_runs))} if retrained_runs else {}),
         **({"first_rung_spearman": first_rho.rho} if first_rho and first_rho.rho is not None else {})})
     return Analysis(rows=rows, files=files, hypervolumes=hypervolumes, mlflow_run_id=run_id, best_under_budget=best,
-                    retrained_runs=retrained_runs, retrained=retrained, comparisons=comparisons, fidelity=fidelity)
+                    retrained_runs=retrained_runs, retrained=retrained, comparisons=comparisons, fidelity=fidelity,
+                    trials=trials_line([t for s in sweeps for t in s.trials]))
 
 
 def retrained_lines(analysis: Analysis, sweeps: Sequence[str]) -> list[str]:
@@ -360,7 +368,7 @@ def summary(analysis: Analysis, tracking_uri: str, experiment: str, next_steps: 
     tables = str(by_name["pareto.csv"]) + (f" (search trials); {by_name[RETRAINED_CSV]} (retrained runs)"
                                            if RETRAINED_CSV in by_name else "")
     return "\n".join([
-        f"Trials with results: {len(rows)}; Pareto front ({', '.join(reference)}): {len(front)}", "",
+        f"{analysis.trials}; Pareto front ({', '.join(reference)}): {len(front)}", "",
         format_table(front, table_columns(rows, len(sweeps) > 1)), "",
         *([analysis.best_under_budget] if analysis.best_under_budget else []),
         f"Hypervolume (costs / reference; reference {ref}): {hv}",
@@ -374,43 +382,34 @@ def summary(analysis: Analysis, tracking_uri: str, experiment: str, next_steps: 
     ])
 
 
-def best_under_budget(rows: Sequence[dict[str, Any]], budget: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The best row that fits a deployment budget, or None when none does.
-
-    `budget` has the keys of the sweep's `budget` group, any subset, None = no limit: `max_macs` (on the MACs
-    objective, `target_macs`), `max_params`, `max_kb` (parameter kB at `precision`, params x bytes / 1000) and
-    `precision` (int8 | fp16 | fp32, default int8). At int8, a row whose int8 export failed (`int8_error`) does not
+def best_under_budget(rows: Sequence[dict[str, Any]], budget: Budget) -> dict[str, Any] | None:
+    """The best row that ships within the budget (`Budget.fits`: the sweep's verdict, and measured MACs, params and
+    kB at budget.precision), or None when none does. At int8, a row whose int8 export failed (`int8_error`) does not
     fit: it cannot be deployed at that precision. Best = highest validation accuracy (the selection metric; test
-    accuracy stays for reporting), then fewer target MACs, then fewer parameters.
-    """
-    precision = str(budget.get("precision") or "int8")
-    bytes_per_param(precision, "budget.precision")
-    limits = {TARGET_MACS: budget.get("max_macs"), "params": budget.get("max_params")}
+    accuracy stays for reporting), then fewer target MACs, then fewer parameters."""
+    fitting = [r for r in rows if _number(r.get(ACCURACY)) and budget.fits(r)
+               and not (budget.precision == "int8" and r.get("int8_error"))]
+    return min(fitting, key=lambda r: (-r[ACCURACY], r[TARGET_MACS], r[PARAMS]), default=None)
 
-    def fits(row: dict[str, Any]) -> bool:
-        if not _number(row.get(ACCURACY)) or not row.get("feasible", True):  # the sweep judged it over the budget
-            return False
-        if any(limit is not None and not row.get(key, math.inf) <= limit for key, limit in limits.items()):
-            return False
-        if budget.get("max_kb") is not None and not param_kb(row["params"], precision) <= budget["max_kb"]:
-            return False
-        return not (precision == "int8" and row.get("int8_error"))
 
-    feasible = [r for r in rows if fits(r)]
-    return min(feasible, key=lambda r: (-r[ACCURACY], r[TARGET_MACS], r["params"]), default=None)
+NEXT_STEPS = ("Next: python analysis/evaluate.py (same name=/path=): test-set accuracy of the front models; "
+              "python analysis/export.py trial=retrained (the retrained front; trial=front: the search's): ONNX files, "
+              "int8 versions and CPU latency")
+
+
+def write_report(config: Mapping[str, Any], next_steps: str | None = NEXT_STEPS) -> Analysis:
+    """The report of the sweeps an analysis config names: the files, the MLflow run, and the printed summary."""
+    sweeps = load_sweeps(config)
+    tracking_uri = config["mlflow"]["tracking_uri"]
+    analysis = analyse(sweeps, config["objectives"]["third_objective"], tracking_uri)
+    print("\n" + summary(analysis, tracking_uri, sweeps[0].name, next_steps=next_steps), flush=True)
+    return analysis
 
 
 @hydra.main(config_path="../conf", config_name="analysis", version_base="1.3")
 @entry_point
 def main(cfg: DictConfig) -> None:
-    config = string_overrides(plain(cfg), NAME_KEYS)
-    sweeps = load_sweeps(config)
-    third = config["objectives"]["third_objective"]
-    analysis = analyse(sweeps, third, config["mlflow"]["tracking_uri"])
-    print("\n" + summary(analysis, config["mlflow"]["tracking_uri"], sweeps[0].name, next_steps=(
-        "Next: python analysis/evaluate.py (same name=/path=): test-set accuracy of the front models; "
-        "python analysis/export.py trial=retrained (the retrained front; trial=front: the search's): ONNX files, "
-        "int8 versions and CPU latency")))
+    write_report(string_overrides(plain(cfg), NAME_KEYS))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ test accuracy, mean with +- one standard deviation over its seeds, at its target
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ import numpy as np
 
 from analysis.compare import RetrainedConfig
 from common.objectives import ACCURACY, LABELS, TARGET_MACS, front_mask
+from sweeps.budget import Budget
 
 KD_COLOURS = {"on": "tab:blue", "off": "tab:orange"}
 PRUNING_MARKERS = {"none": "o", "single": "s", "progressive": "^", "unstructured": "D"}
@@ -45,7 +46,7 @@ def _attainment(macs: np.ndarray, acc: np.ndarray, right: float) -> tuple[np.nda
     return np.append(x, right), np.append(y, y[-1])
 
 
-def front_figure(rows: Sequence[dict[str, Any]], title: str, budget: Mapping[str, Any] | None = None,
+def front_figure(rows: Sequence[dict[str, Any]], title: str, budget: Budget | None = None,
                  retrained: Sequence[RetrainedConfig] = ()) -> Any:
     """The matplotlib Figure of the rows (each needs `on_front`, `kd`, `pruning`, `sweep`, `trial_id`); with a sweep
     budget, its MACs limit as a line and the trials over any budget as grey crosses; with `retrained`
@@ -81,9 +82,9 @@ def front_figure(rows: Sequence[dict[str, Any]], title: str, budget: Mapping[str
     if over.any():
         ax.scatter(macs[over], acc[over], s=40, marker="x", color="gray", alpha=0.7, zorder=1,
                    label="over the budget (never on the front)")
-    if budget and budget.get("max_macs") is not None:
-        ax.axvline(budget["max_macs"] / 1e6, color="tab:red", linestyle=":", linewidth=1.4,
-                   label=f"budget.max_macs = {budget['max_macs'] / 1e6:g}M")
+    if budget is not None and budget.max_macs is not None:
+        ax.axvline(budget.max_macs / 1e6, color="tab:red", linestyle=":", linewidth=1.4,
+                   label=f"budget.max_macs = {budget.max_macs / 1e6:g}M")
     for (kd, mode), members in _groups(rows).items():
         index = np.array(members)[~over[np.array(members)]]
         colour, marker = KD_COLOURS[kd], PRUNING_MARKERS[mode]
@@ -150,7 +151,7 @@ def front_figure(rows: Sequence[dict[str, Any]], title: str, budget: Mapping[str
     return fig
 
 
-def plot_front(rows: Sequence[dict[str, Any]], path: Path, title: str, budget: Mapping[str, Any] | None = None,
+def plot_front(rows: Sequence[dict[str, Any]], path: Path, title: str, budget: Budget | None = None,
                retrained: Sequence[RetrainedConfig] = ()) -> None:
     """Draw the rows (and the retrained front; see front_figure) into an image file."""
     import matplotlib.pyplot as plt

@@ -20,10 +20,12 @@ from typing import Any
 from analysis.rung_fidelity import Curve, RungFidelity, last_epoch, rung_epochs, rung_fidelity
 from common.config import upgrade_saved_config, upgrade_saved_settings
 from common.io import atomic_write_text
+from common.objectives import within_budget
 from common.sweep_layout import STATE_FILE, list_sweeps
-from common.trial_table import TrialRecord
+from common.trial_table import TrialRecord, trial_status
 from data_prep.dataset import prepare_data
 from data_prep.waveform_cache import WaveformData, load_waveform_cache
+from sweeps.budget import measured_at_end
 from sweeps.retrain import retrain_experiment
 from trainable.checkpoints import CHECKPOINT_NAME
 from trainable.run_config import trial_config
@@ -93,19 +95,15 @@ def last_checkpoint(trial_dir: Path, last_result: dict[str, Any]) -> Path | None
 
 
 def load_trial(sweep: str, trial_dir: Path, base_config: dict[str, Any]) -> TrialRecord | None:
+    """A trial (or retraining run) as Tune left it, with its status (common.trial_table.trial_status)."""
     results = read_results(trial_dir / "result.json")
     if not results:
         return None
     last = results[-1]
     config = trial_config(base_config, last.get("config", {}))
-    if last["epoch"] >= config["train"]["epochs"]:  # a resumed trial keeps its old error.txt
-        status = "completed"
-    elif (trial_dir / "error.txt").is_file():
-        status = "errored"
-    else:
-        status = "stopped"
+    status = trial_status(last["epoch"], config["train"]["epochs"], (trial_dir / "error.txt").is_file())
     return TrialRecord(sweep=sweep, trial_id=str(last["trial_id"]), trial_dir=trial_dir, config=config, metrics=last,
-                 checkpoint=last_checkpoint(trial_dir, last), status=status)
+                       checkpoint=last_checkpoint(trial_dir, last), status=status)
 
 
 def load_sweep(path: Path) -> Sweep:
@@ -139,6 +137,21 @@ def load_retrained(sweep: Sweep) -> list[TrialRecord]:
     return [run for run in runs if run is not None]
 
 
+def trials_line(trials: Sequence[TrialRecord]) -> str:
+    """How the trials ended, one line: printed when the search ends (sweeps/run.py) and atop every analysis summary.
+    Trials over the budget are counted, and among them those the scheduler stopped before their last pruning step:
+    pruning only lowers params, so the unpruned model they left may be over a params/kB budget its schedule met."""
+    counts = {status: sum(t.status == status for t in trials) for status in ("completed", "stopped", "errored")}
+    over = [t for t in trials if not within_budget(t.metrics)]
+    early = sum(1 for t in over if t.status == "stopped" and t.config["pruning"]["mode"] in ("single", "progressive")
+                and t.metrics.get("constraint_max_macs", -1.0) <= 0  # over on params/kB only
+                and not measured_at_end(t.metrics, t.metrics["epoch"], t.config["train"]["epochs"]))
+    line = f"Trials with results: {len(trials)} (" + ", ".join(f"{n} {status}" for status, n in counts.items() if n)
+    line += ")" + (f", {len(over)} over the budget" if over else "")
+    return line + (f" ({early} of them stopped by the scheduler before their last pruning step: the model they left "
+                   "is unpruned)" if early else "")
+
+
 def trial_curves(sweep: Sweep) -> list[Curve]:
     """Every trial's reported epochs (result.json), the last line of an epoch winning (a resumed trial reports the
     epochs after its checkpoint again)."""
@@ -152,17 +165,16 @@ def trial_curves(sweep: Sweep) -> list[Curve]:
 
 
 def sweep_fidelity(sweep: Sweep) -> RungFidelity:
-    """The sweep's rung fidelity (analysis/rung_fidelity.py) on the metric and rungs its scheduler used (sweeps saved
-    before `scheduler.metric` existed ranked on val_acc)."""
+    """The sweep's rung fidelity (analysis/rung_fidelity.py) on the metric and rungs its scheduler used."""
     curves = trial_curves(sweep)
-    scheduler = sweep.settings.get("scheduler") or {"name": "fifo"}
+    scheduler = sweep.settings["scheduler"]
     grid = any("grid_point" in (t.metrics.get("config") or {}) for t in sweep.trials)
-    return rung_fidelity(curves, scheduler.get("metric") or "val_acc", rung_epochs(scheduler, last_epoch(curves), grid))
+    return rung_fidelity(curves, scheduler["metric"], rung_epochs(scheduler, last_epoch(curves), grid))
 
 
 def load_sweeps(config: dict[str, Any]) -> list[Sweep]:
     """The sweeps an analysis config names (`name=` and/or `path=`, under `storage_path`)."""
-    return [load_sweep(d) for d in sweep_dirs(config.get("name"), config.get("path"), config["storage_path"])]
+    return [load_sweep(d) for d in sweep_dirs(config["name"], config["path"], config["storage_path"])]
 
 
 def read_evaluations(sweep_dir: Path) -> dict[str, dict[str, Any]]:

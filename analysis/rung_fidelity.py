@@ -212,7 +212,7 @@ def rung_epochs(scheduler: Mapping[str, Any], last_epoch: int, grid: bool = Fals
     grid space (`grid`), else a rung scheduler."""
     from sweeps.pareto_asha import ParetoASHA
 
-    name = scheduler.get("name") or ("fifo" if grid else "pareto_asha")
+    name = scheduler["name"] or ("fifo" if grid else "pareto_asha")
     if name == "fifo":
         return ()
     grace = min(scheduler["grace_period"], last_epoch)  # as sweeps/tuning.py make_scheduler clips it

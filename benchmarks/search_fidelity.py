@@ -128,7 +128,7 @@ def print_fidelity(title: str, fidelity: RungFidelity) -> None:
 def fifo_sweep(sweep: Sweep, samples: int, storage: Path) -> Sweep:
     """`<sweep>-fifo<samples>`: the same space, base config and sweep settings without early stopping or retraining;
     run now (resumed when a run of it was cut, returned at once when finished)."""
-    from sweeps.run import run_sweep
+    from sweeps.run import configure_environment, run_sweep
 
     name = f"{sweep.name}-fifo{samples}"
     resume = sweep_exists(str(storage), name)
@@ -138,9 +138,10 @@ def fifo_sweep(sweep: Sweep, samples: int, storage: Path) -> Sweep:
             return done
     settings = dict(sweep.settings) | {"num_samples": samples, "name": name, "resume": resume,
                                        "scheduler": dict(sweep.settings["scheduler"]) | {"name": "fifo"},
-                                       "retrain": dict(sweep.settings.get("retrain") or {}) | {"enabled": False}}
+                                       "retrain": dict(sweep.settings["retrain"]) | {"enabled": False}}
     print(f"(d) sweep {name}: {samples} trials of space {settings['space']} without early stopping "
           f"({'resuming' if resume else 'new'})", flush=True)
+    configure_environment()
     run_sweep(name, sweep.base_config, settings, str(storage), resume=resume)
     return load_sweep(storage / name)
 

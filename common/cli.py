@@ -118,7 +118,7 @@ def entry_point(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
 
     @functools.wraps(fn)
     def wrapper(cfg: DictConfig) -> Any:
-        logging.getLogger().setLevel(cfg.get("log_level", "INFO"))
+        logging.getLogger().setLevel(cfg.log_level)  # every entry point's schema extends RunConfig
         try:
             return fn(cfg)
         except USER_ERRORS as err:

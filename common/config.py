@@ -631,7 +631,23 @@ def upgrade_saved_settings(sweep: Mapping[str, Any]) -> dict[str, Any]:
         settings[Stage.retrain.value] = settings.pop(OLD_RETRAIN_STAGE)
     if settings.get("stage") == OLD_RETRAIN_STAGE:
         settings["stage"] = Stage.retrain.value
-    return settings
+    if Stage.retrain.value not in settings:  # saved before the retrain stage existed: such a sweep never retrained
+        settings[Stage.retrain.value] = {"enabled": False}
+    settings.setdefault("scheduler", {"name": "fifo"})  # the first sweeps, before schedulers, ran every trial out
+    return _with_defaults(settings, sweep_defaults())  # keys added since (budget.*, scheduler.metric, ...)
+
+
+@functools.lru_cache(maxsize=1)
+def _sweep_defaults() -> str:
+    from omegaconf import OmegaConf
+
+    every = OmegaConf.to_container(OmegaConf.structured(SweepConfig), enum_to_str=True)
+    return json.dumps({key: value for key, value in every.items() if key not in run_defaults()})
+
+
+def sweep_defaults() -> dict[str, Any]:
+    """Every key of a sweep's own settings (SweepConfig minus RunConfig) with its default, as a plain dict."""
+    return json.loads(_sweep_defaults())
 
 
 def upgrade_saved_config(base_config: Mapping[str, Any]) -> dict[str, Any]:

@@ -20,6 +20,12 @@ ACCURACY = "val_acc"
 TARGET_MACS = "target_macs"  # MACs the pruning schedule reaches at its end (the objective)
 MEASURED_MACS = "macs"       # MACs of the model as last measured
 PARAMS = "params"            # parameters of the model as last measured
+FEASIBLE = "feasible"        # 1/0: within the sweep's budget.* (sweeps/budget.py adds it; absent = no budget)
+
+
+def within_budget(result: Mapping[str, Any]) -> bool:
+    """The sweep's budget verdict on a result (true for a sweep without a budget)."""
+    return bool(result.get(FEASIBLE, 1))
 # result key -> "max" | "min", in the order the searcher and the scheduler receive them.
 OBJECTIVES: dict[str, str] = {ACCURACY: "max", TARGET_MACS: "min"}
 SINGLE_OBJECTIVE: dict[str, str] = {ACCURACY: "max"}
@@ -58,5 +64,5 @@ def front_mask(results: Sequence[Mapping[str, Any]], chosen: Mapping[str, str] =
     """Which results are non-dominated under the chosen objectives. A result over the sweep's budget (`feasible`
     false, set by sweeps/budget.py) cannot ship: it is never on the front and dominates nothing (a NaN row)."""
     points = objective_points(results, chosen)
-    points[[not result.get("feasible", True) for result in results]] = np.nan
+    points[[not within_budget(result) for result in results]] = np.nan
     return pareto_mask(points, [mode == "max" for mode in chosen.values()])

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from common.config import bytes_per_param
-from common.objectives import LATENCY, TARGET_MACS
+from common.objectives import FEASIBLE, LATENCY, TARGET_MACS, within_budget
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,16 @@ class TrialRecord:
     config: dict[str, Any]   # the effective run config: trial_config(base_config, sampled keys)
     metrics: dict[str, Any]  # its last reported result
     checkpoint: Path | None  # checkpoint.pt of the last checkpoint Tune kept
-    status: str              # completed | stopped (early, or still running) | errored
+    status: str              # trial_status: completed | stopped (early, or still running) | errored
+
+
+def trial_status(last_epoch: int, epochs: int, errored: bool) -> str:
+    """completed | stopped | errored: the one rule, for the analysis (from the files Tune wrote) and the retrain
+    stage (from Tune's ResultGrid). A trial that reached its last epoch completed, even with an error from before a
+    resume; one that ended earlier errored or was stopped (by the scheduler, or it is still running)."""
+    if last_epoch >= epochs:
+        return "completed"
+    return "errored" if errored else "stopped"
 
 
 # (column, header) of the front tables, in order; evaluation columns are inserted after val_macro_f1.
@@ -122,7 +131,7 @@ def trial_row(trial: TrialRecord, evaluation: dict[str, Any] | None = None,
     progressive = mode == "progressive"
     return {
         "sweep": trial.sweep, "trial_id": trial.trial_id, "status": trial.status, "on_front": False,
-        "feasible": bool(metrics.get("feasible", 1)),  # within the sweep's budget.* (always, without one)
+        FEASIBLE: within_budget(metrics),
         "val_acc": float(metrics["val_acc"]), "val_macro_f1": float(metrics["val_macro_f1"]),
         "target_macs": int(metrics["target_macs"]), "macs": int(metrics["macs"]), "params": int(metrics["params"]),
         "epochs": int(metrics["epoch"]), "kd": "on" if kd_on else "off", "T": cfg["kd"]["T"] if kd_on else None,

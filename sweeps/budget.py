@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 from ray.tune import Callback
 
 from common.config import Precision, bytes_per_param, is_finite_number, values
-from common.objectives import MEASURED_MACS, PARAMS, TARGET_MACS
+from common.objectives import FEASIBLE, MEASURED_MACS, PARAMS, TARGET_MACS, within_budget
 from common.trial_table import param_kb
 
 if TYPE_CHECKING:
@@ -53,8 +53,7 @@ BUDGETS: dict[str, str] = {"max_macs": "MACs", "max_params": "parameters", "max_
 # Result keys: the trainable reports these every epoch (trainable/loop.py).
 PRUNING_STEP = "pruning_step"
 PRUNING_STEPS = "pruning_steps"  # the plan's number of steps; optional (without it params are final at the end)
-# Result keys the budget adds (BudgetCallback): feasible (1/0) and one constraint value per set budget.
-FEASIBLE = "feasible"
+# Result keys the budget adds (BudgetCallback): FEASIBLE (common/objectives.py) and one constraint value per budget.
 CONSTRAINT_PREFIX = "constraint_"
 PARAM_KB = "param_kb"
 
@@ -91,22 +90,22 @@ class Budget:
     precision: str = "int8"
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any] | None) -> Budget | None:
-        """The sweep's `budget` group, validated (one-line ValueErrors); None when no budget is set."""
-        config = dict(config or {})
+    def from_config(cls, config: Mapping[str, Any]) -> Budget | None:
+        """The sweep's `budget` section (every key of BudgetConfig), validated (one-line ValueErrors); None when no
+        budget is set."""
         unknown = sorted(set(config) - {*BUDGETS, "precision", "screen"})
         if unknown:
             raise ValueError(f"budget.{unknown[0]} is not a budget; the budgets are "
                              f"{', '.join(f'budget.{name} ({quantity})' for name, quantity in BUDGETS.items())}, "
                              f"with budget.precision={'|'.join(values(Precision))} for budget.max_kb.")
-        precision = str(config.get("precision") or Precision.int8.value)
+        precision = str(config["precision"])
         bytes_per_param(precision, "budget.precision")
         for name, quantity in BUDGETS.items():
-            limit = config.get(name)
+            limit = config[name]
             if limit is not None and not (is_finite_number(limit) and limit > 0):
                 raise ValueError(f"budget.{name}={limit!r} must be a number > 0 (the most {quantity} a trial's final "
                                  f"model may have), or null for no limit.")
-        budget = cls(**{name: None if config.get(name) is None else float(config[name]) for name in BUDGETS},
+        budget = cls(**{name: None if config[name] is None else float(config[name]) for name in BUDGETS},
                      precision=precision)
         return budget if budget.limits else None
 
@@ -152,6 +151,12 @@ class Budget:
         limits = self.limits
         return {name: value for name, value in self.quantities(result, at_end).items()
                 if value > limits[name] and (at_end or name == "max_macs")}
+
+    def fits(self, model: Mapping[str, Any]) -> bool:
+        """Whether a finished model (a trial's or retraining run's last result, or a table row of one) ships within
+        every budget: the sweep's own verdict (`feasible`) and its final numbers judged as at a trial's end. The one
+        fit check, for the search and the analysis's "best under budget" alike."""
+        return within_budget(model) and not self.broken(model, at_end=True)
 
     def annotations(self, result: Mapping[str, Any], at_end: bool) -> dict[str, Any]:
         """The keys every result gets: `feasible` (1/0: every budget met by what the result knows),

@@ -475,7 +475,7 @@ def _teacher_task(config: dict[str, Any], data: Any) -> dict[str, Any]:
     """trainable.teacher.teacher_inputs in a Ray worker, with the run's log level (a worker logs WARNING only)."""
     from trainable.teacher import teacher_inputs
 
-    logging.basicConfig(level=config.get("log_level", "INFO"), format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=config["log_level"], format="%(levelname)s %(name)s: %(message)s")
     return teacher_inputs(config, data)
 
 

@@ -23,7 +23,9 @@ import numpy as np
 
 from common.config import OLD_RETRAIN_STAGE, PruningMode, RetrainRole, Stage
 from common.objectives import ACCURACY, MEASURED_MACS, TARGET_MACS, front_mask
+from common.trial_table import trial_status
 from sweeps.budget import measured_at_end
+from trainable.run_config import trial_config
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +68,12 @@ def check_retrain_settings(settings: Mapping[str, Any]) -> None:
                              "retraining).")
 
 
-def front_configs(results: Iterable[Any]) -> list[FrontConfig]:
+def front_configs(results: Iterable[Any], base_config: Mapping[str, Any]) -> list[FrontConfig]:
     """The search's front (val_acc up, target MACs down; over-budget results excluded, as everywhere: see
-    common.objectives.front_mask) among the trials that reported a result and did not error, ordered by MACs."""
-    usable = [r for r in results if not r.error and r.metrics and ACCURACY in r.metrics]
+    common.objectives.front_mask) among the trials of Tune's ResultGrid that reported a result and did not error
+    (common.trial_table.trial_status, as the analysis reads them), ordered by MACs."""
+    usable = [r for r in results if r.metrics and ACCURACY in r.metrics and trial_status(
+        r.metrics["epoch"], trial_config(base_config, r.config)["train"]["epochs"], bool(r.error)) != "errored"]
     on_front = front_mask([r.metrics for r in usable]) if usable else []
     front = [FrontConfig(trial_id=str(r.metrics["trial_id"]), params=sampled_keys(r.config),
                          target_macs=float(r.metrics[TARGET_MACS]), val_acc=float(r.metrics[ACCURACY]),

@@ -12,36 +12,78 @@ import os
 import shutil
 import sys
 import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-# Tune writes its experiment state at most every TUNE_GLOBAL_CHECKPOINT_S seconds (default >= 10 s);
-# after a kill, trials restart from the checkpoint recorded there, so record it after every result.
-os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
-# Ray's documented switch for its "snapshotting has been triggered multiple times" warning: the snapshot forced
-# after every checkpoint (num_to_keep=1 below) is what makes a SIGKILL lose nothing, not a bottleneck to warn of.
-os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-# The classic table reporter, whose columns we choose (progress_reporter below).
-os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+import hydra
+import optuna
+import ray
+import ray.cloudpickle as cloudpickle
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+from ray import tune
+from ray.tune import CLIReporter, ExperimentAnalysis, ResultGrid
 
-import hydra  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
-
-from common.cli import entry_point, plain, string_overrides  # noqa: E402
-from common.config import Stage, accepted_values, run_section, upgrade_saved_config, upgrade_saved_settings  # noqa: E402
-from common.io import check_workdir  # noqa: E402
-from common.objectives import ACCURACY, TARGET_MACS  # noqa: E402
-from common.sweep_layout import check_storage, list_sweeps, read_state, sweep_exists, sweep_uri, write_state  # noqa: E402
-
-if TYPE_CHECKING:
-    from search_spaces.schema import SearchSpace
+from analysis.export import export_models
+from analysis.pareto import write_report
+from analysis.results import load_sweep, trials_line
+from common.cli import USER_ERRORS, compose, entry_point, plain, string_overrides, value_as_typed
+from common.config import Stage, accepted_values, run_section, upgrade_saved_config, upgrade_saved_settings
+from common.io import check_workdir
+from common.objectives import ACCURACY, TARGET_MACS
+from common.sweep_layout import check_storage, list_sweeps, read_state, sweep_exists, sweep_uri, write_state
+from common.tracking import ensure_experiment, flatten, runs_page
+from data_prep.dataset import check_data, prepare_data
+from data_prep.waveform_cache import WaveformData
+from search_spaces.schema import SearchSpace, load_space
+from sweeps.budget import Budget, BudgetCallback, check_reachable
+from sweeps.cluster import (
+    TrialResources,
+    check_shared_folders,
+    cluster_nodes,
+    code_runtime_env,
+    is_local_address,
+    plan_resources,
+    requested_share,
+    run_teacher,
+    start_ray,
+)
+from sweeps.mlflow_logging import SweepMLflowCallback
+from sweeps.pareto_asha import ParetoASHA, ParetoASHAStateCallback
+from sweeps.retrain import (
+    check_points,
+    check_retrain_settings,
+    describe,
+    front_configs,
+    retrain_experiment,
+    retrain_points,
+    spread,
+)
+from sweeps.tuning import default_scheduler, make_scheduler, make_searcher, num_samples, param_space
+from trainable.run_config import trial_config, validate_config, validate_teacher
+from trainable.tune_trainable import run_trial
 
 log = logging.getLogger("sweeps.run")
 
+
+def configure_environment() -> None:
+    """Ray Tune's settings that only environment variables reach; Ray reads them when the tuner runs. Called by the
+    entry point (and by code that runs a sweep without it), never at import."""
+    # Tune writes its experiment state at most every TUNE_GLOBAL_CHECKPOINT_S seconds (default >= 10 s); after a
+    # kill, trials restart from the checkpoint recorded there, so record it after every result.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
+    # Ray's documented switch for its "snapshotting has been triggered multiple times" warning: the snapshot forced
+    # after every checkpoint (num_to_keep=1, tune_run_config) is what makes a SIGKILL lose nothing.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # The classic table reporter, whose columns we choose (progress_reporter).
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+
+
 def may_use_kd(space: SearchSpace, base_config: dict[str, Any]) -> bool:
     """Whether any trial of the space can run with KD (then the teacher is prepared up front)."""
-    from trainable.run_config import trial_config
-
     if space.searcher == "grid":
         return any(trial_config(base_config, {"grid_point": point})["kd"]["enabled"] for point in space.grid())
     possible = space.possible_values("kd.enabled")
@@ -51,10 +93,6 @@ def may_use_kd(space: SearchSpace, base_config: dict[str, Any]) -> bool:
 def check_space_configs(space: SearchSpace, base_config: dict[str, Any], samples: int = 200) -> None:
     """Validate the run configs the space can produce (grid points, or random draws) before Ray starts,
     so impossible combinations (e.g. pruning steps beyond train.epochs) fail now, not in every trial."""
-    import optuna
-
-    from trainable.run_config import trial_config, validate_config
-
     if space.searcher == "grid":
         points = [{"grid_point": p} for p in space.grid()]
     else:
@@ -75,59 +113,8 @@ def sweep_settings(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, An
     return base, {k: v for k, v in config.items() if k not in base}
 
 
-def summarize(results: Any, name: str, base_config: dict[str, Any]) -> str:
-    """Best trial by val_acc and the Pareto set, ranked on the objectives the search used (common.objectives),
-    in the analysis scripts' table format."""
-    from common.objectives import front_mask
-    from common.trial_table import TrialRecord, format_table, front_rows, table_columns, trial_row
-    from trainable.run_config import trial_config
-
-    trials = []
-    for result in results:
-        metrics = result.metrics or {}
-        if "val_acc" not in metrics:
-            continue
-        config = trial_config(base_config, result.config)
-        status = "errored" if result.error else (
-            "completed" if metrics["epoch"] >= config["train"]["epochs"] else "stopped")
-        trials.append(TrialRecord(sweep=name, trial_id=str(metrics.get("trial_id", "?")), trial_dir=Path(result.path),
-                            config=config, metrics=metrics, checkpoint=None, status=status))
-    if not trials:
-        return "No trial reported a result (see the errors above)."
-    rows = [trial_row(t) for t in trials]
-    # trials over a budget (budget.*) are neither on the front (see front_mask) nor the best: they cannot ship
-    feasible = [row for row in rows if row["feasible"]]
-    if not feasible:
-        return f"Trials with results: {len(rows)}, none within the budget."
-    for row, on_front in zip(rows, front_mask(rows)):
-        row["on_front"] = bool(on_front)
-    columns = table_columns(rows, several_sweeps=False)
-    front = front_rows(feasible)
-    best = max(feasible, key=lambda r: r["val_acc"])
-    over = ""
-    if len(feasible) < len(rows):
-        from sweeps.budget import measured_at_end
-
-        # pruning only lowers params: a trial stopped before its last pruning step left an unpruned model, over a
-        # params/kB budget its schedule would have met
-        early = sum(1 for t, row in zip(trials, rows) if not row["feasible"] and t.status == "stopped"
-                    and t.config["pruning"]["mode"] in ("single", "progressive")
-                    and t.metrics.get("constraint_max_macs", -1.0) <= 0  # over on params/kB only
-                    and not measured_at_end(t.metrics, t.metrics["epoch"], t.config["train"]["epochs"]))
-        over = f", {len(rows) - len(feasible)} over the budget" + (
-            f" ({early} of them stopped by the scheduler before their last pruning step: the model they left is "
-            "unpruned)" if early else "")
-    return "\n".join([f"Trials with results: {len(rows)}{over}", "", "Best by val_acc:", format_table([best], columns),
-                      "",
-                      f"Pareto set (val_acc up, target MACs down), {len(front)} trials:",
-                      format_table(front, columns)])
-
-
 def check_tracking_uri(uri: str, timeout_s: float = 3.0) -> None:
     """An MLflow server that does not answer would retry for minutes after the data and teacher work; ask now."""
-    import urllib.error
-    import urllib.request
-
     if not uri.startswith(("http://", "https://")):
         return  # sqlite:/// and file: stores live under a path the workdir check already covers
     try:
@@ -143,8 +130,6 @@ def check_tracking_uri(uri: str, timeout_s: float = 3.0) -> None:
 
 def check_sweep_settings(sweep: dict[str, Any]) -> None:
     """Sweep settings that the schema's types cannot check, refused before any data or teacher work."""
-    from sweeps.cluster import requested_share
-
     resources = sweep["resources"]
     for key in ("cpus_per_trial", "gpus_per_trial"):  # auto is decided by the cluster, after connecting
         requested_share(f"resources.{key}", resources[key])
@@ -163,6 +148,7 @@ def check_sweep_settings(sweep: dict[str, Any]) -> None:
 @hydra.main(config_path="../conf", config_name="sweep", version_base="1.3")
 @entry_point
 def main(cfg: DictConfig) -> None:
+    configure_environment()
     config = string_overrides(plain(cfg), ("name",))  # name=1e5 stays the string the user typed
     workdir = Path(config["workdir"]).resolve()
     check_workdir(workdir)
@@ -197,10 +183,6 @@ RUNTIME_SECTIONS = ("ray", "resources")
 
 def runtime_settings(config: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
     """A saved sweep's settings with ray.* and resources.* as given now (RUNTIME_SECTIONS)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    from common.cli import value_as_typed
-
     given = {value_as_typed(o)[0] for o in HydraConfig.get().overrides.task} if HydraConfig.initialized() else set()
     return saved | {section: {**config[section], **saved.get(section, {}),
                               **{k: v for k, v in config[section].items() if f"{section}.{k}" in given}}
@@ -214,8 +196,6 @@ def set_aside_truncated_state(exp_dir: str) -> None:
     SIGKILL during that copy leaves a truncated pickle, and Tuner.restore then fails on it ("Ran out of input").
     Local storage only: remote stores write objects whole.
     """
-    import ray.cloudpickle as cloudpickle
-
     if "://" in exp_dir:
         return
     names = ("callback-states-", "searcher-state-", "experiment_state-", "search_gen_state-")
@@ -235,15 +215,11 @@ def set_aside_truncated_state(exp_dir: str) -> None:
 
 
 def max_epochs(base_config: dict[str, Any], space: SearchSpace) -> int:
-    from trainable.run_config import trial_config
-
     return trial_config(base_config, dict(space.pinned))["train"]["epochs"]
 
 
-def progress_reporter(space: SearchSpace) -> Any:
+def progress_reporter(space: SearchSpace) -> CLIReporter:
     """Ray's table with the columns that matter: epoch, val_acc, MACs, and the KD/pruning/T/n_mels of each trial."""
-    from ray.tune import CLIReporter
-
     wanted = {"kd.enabled": "KD", "pruning.mode": "pruning", "kd.T": "T", "features.n_mels": "n_mels",
               "scenario": "scenario", "train.seed": "seed"}
     if space.searcher == "grid":  # grid trials carry their whole point under grid_point (sweeps/tuning.py)
@@ -255,174 +231,147 @@ def progress_reporter(space: SearchSpace) -> Any:
                        max_report_frequency=30, sort_by_metric=False)
 
 
-def search_results(exp_dir: str, name: str) -> Any:
+def search_results(exp_dir: str, name: str, base_config: dict[str, Any]) -> Any:
     """The search's results as Tune recorded them (a ResultGrid), for `stage=retrain`; none finished is an error."""
-    from ray.tune import ExperimentAnalysis, ResultGrid
-
-    from sweeps.retrain import front_configs
-
     try:
         results = ResultGrid(ExperimentAnalysis(exp_dir))
     except (FileNotFoundError, ValueError):
         results = []
-    if not front_configs(results):
+    if not front_configs(results, base_config):
         raise ValueError(f"stage=retrain: sweep {name!r} has no finished trial to retrain (no trial reported a result "
                          f"in {exp_dir}). Resume its search first: python sweeps/run.py resume=true name={name}")
     return results
 
 
-def run_sweep(name: str, base_config: dict[str, Any], sweep: dict[str, Any], storage: str, resume: bool,
-              stage: str = "search") -> None:
-    """Search (stage=search), then retrain its front and write the report (retrain.enabled); stage=retrain: only the
-    retraining and the report, for a sweep that has searched. resume=true continues whichever stage was cut."""
-    import ray
-    from ray import tune
+@dataclass
+class SweepPlan:
+    """A sweep checked and ready to run: what each stage needs, decided before any work."""
 
-    from common.tracking import ensure_experiment, flatten, runs_page
-    from data_prep.dataset import check_data, prepare_data
-    from search_spaces.schema import load_space
-    from sweeps.budget import Budget, BudgetCallback, check_reachable
-    from sweeps.cluster import (
-        check_shared_folders,
-        cluster_nodes,
-        code_runtime_env,
-        is_local_address,
-        plan_resources,
-        run_teacher,
-        start_ray,
-    )
-    from sweeps.mlflow_logging import SweepMLflowCallback
-    from sweeps.pareto_asha import ParetoASHA, ParetoASHAStateCallback
-    from sweeps.retrain import check_retrain_settings, retrain_experiment
-    from sweeps.tuning import default_scheduler, make_scheduler, make_searcher, num_samples, param_space
-    from trainable.run_config import validate_teacher
-    from trainable.tune_trainable import run_trial
+    name: str
+    base_config: dict[str, Any]
+    settings: dict[str, Any]     # the sweep's own keys (SweepConfig minus RunConfig), as saved
+    storage: str
+    stage: str                   # search (then retrain, when retrain.enabled) | retrain
+    resume: bool
+    space: SearchSpace
+    trials: int                  # trials of the search
+    budget: Budget | None
+    last_epoch: int              # the search's train.epochs
+    retrain: bool                # whether the retrain stage runs
+    kd_possible: bool            # whether some trial (or retraining run) distils: the teacher is needed
+    exp_dir: str                 # the sweep's folder: the search's Tune experiment
+    retrain_name: str            # the retrain stage's Tune experiment, inside exp_dir
+    searched: Any = None         # stage=retrain: the search's ResultGrid, read up front
+    experiment_id: str = ""      # the sweep's MLflow experiment, made when Ray is up (connect)
 
-    # Everything that can be refused is refused here, before data, teacher or Ray work.
-    budget = Budget.from_config(sweep.get("budget"))  # sweeps saved before budgets existed have none
-    space = load_space(sweep["space"], flatten(base_config), accepted_values())
-    trials = num_samples(space, sweep["num_samples"])
-    settings = sweep.get("retrain") or {"enabled": False}  # sweeps saved before the retrain stage have none
-    retrain = stage == "retrain" or settings["enabled"]
-    check_sweep_settings(sweep)
+    @property
+    def workdir(self) -> Path:
+        return Path(self.base_config["workdir"])
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.settings["mlflow"]["tracking_uri"]
+
+    @property
+    def steps(self) -> list[str]:
+        return (["data"] + (["teacher"] if self.kd_possible else []) + (["search"] if self.stage == "search" else [])
+                + (["retrain"] if self.retrain else []) + ["report"])
+
+    def step(self, label: str, what: str) -> None:
+        print(f"[{self.steps.index(label) + 1}/{len(self.steps)}] {label}: {what}", flush=True)
+
+    def callbacks(self, stage: str, last_epoch: int, tags: dict[str, str]) -> list[Any]:
+        """A stage's Tune callbacks: the budget's annotations first (the others record them), then MLflow."""
+        tags = {"space": self.settings["space"], "sampler": self.settings["search"]["sampler"], "stage": stage} | tags
+        mlflow = SweepMLflowCallback(self.tracking_uri, experiment_name=self.name, base_config=self.base_config,
+                                     tags=tags)
+        return ([BudgetCallback(self.budget, last_epoch)] if self.budget is not None else []) + [mlflow]
+
+
+def plan_sweep(name: str, base_config: dict[str, Any], settings: dict[str, Any], storage: str, resume: bool,
+               stage: str) -> SweepPlan:
+    """Everything that can be refused is refused here, before data, teacher or Ray work."""
+    budget = Budget.from_config(settings["budget"])
+    space = load_space(settings["space"], flatten(base_config), accepted_values())
+    retrain_settings = settings["retrain"]
+    retrain = stage == "retrain" or retrain_settings["enabled"]
+    check_sweep_settings(settings)
     check_data(base_config["data"])  # data root, examples.json, caps: before any rendering or decoding
     check_space_configs(space, base_config)
     check_reachable(budget, space, base_config)  # a budget no trial can meet, with the smallest reachable value
     last_epoch = max_epochs(base_config, space)
     if retrain:
-        check_retrain_settings(settings)
-        if settings["epochs"] < last_epoch:
-            raise ValueError(f"retrain.epochs={settings['epochs']} is below the search's train.epochs={last_epoch}: "
-                             "the retrained models would train less than the searched ones; raise retrain.epochs.")
+        check_retrain_settings(retrain_settings)
+        if retrain_settings["epochs"] < last_epoch:
+            raise ValueError(f"retrain.epochs={retrain_settings['epochs']} is below the search's train.epochs="
+                             f"{last_epoch}: the retrained models would train less than the searched ones; raise "
+                             "retrain.epochs.")
     exp_dir = sweep_uri(storage, name)
     # the retrain stage's Tune experiment, inside the sweep's folder (`final` in sweeps made before the rename)
     retrain_name = retrain_experiment(lambda experiment: tune.Tuner.can_restore(sweep_uri(exp_dir, experiment)))
-    retrain_dir = sweep_uri(exp_dir, retrain_name)
     searched = None
     if stage == "retrain":
-        searched = search_results(exp_dir, name)
-        if not resume and tune.Tuner.can_restore(retrain_dir):
+        searched = search_results(exp_dir, name, base_config)
+        if not resume and tune.Tuner.can_restore(sweep_uri(exp_dir, retrain_name)):
             raise FileExistsError(f"Sweep {name!r} already has a retrain stage; continue it with "
                                   f"`python sweeps/run.py resume=true stage=retrain name={name}`.")
     # KD ablations switch KD on for configurations that searched without it: they need the teacher too.
-    kd_possible = may_use_kd(space, base_config) or (retrain and settings["ablations"])
+    kd_possible = may_use_kd(space, base_config) or (retrain and retrain_settings["ablations"])
     if kd_possible:
         validate_teacher(base_config)  # the teacher trains on the base config, whatever the trials sample
-    workdir = Path(base_config["workdir"]).resolve()
-    address = sweep["ray"]["address"]
-    code = None if is_local_address(address) else code_runtime_env([str(workdir), storage, base_config["data"]["root"]])
-    start_ray(address, sweep["ray"]["num_cpus"], code)  # a cluster that refuses us leaves no sweep
-    # What trials ask for comes from the cluster's nodes, not this machine's hardware (which may have no GPU).
+    return SweepPlan(name=name, base_config=base_config, settings=settings, storage=storage, stage=stage,
+                     resume=resume, space=space, trials=num_samples(space, settings["num_samples"]), budget=budget,
+                     last_epoch=last_epoch, retrain=retrain, kd_possible=kd_possible, exp_dir=exp_dir,
+                     retrain_name=retrain_name, searched=searched)
+
+
+def connect(plan: SweepPlan) -> TrialResources:
+    """Join or start Ray, size the trials from the cluster's nodes (not this machine's hardware, which may have no
+    GPU), check the folders every node must share, and record the sweep so that a kill at any moment resumes."""
+    address = plan.settings["ray"]["address"]
+    code = None if is_local_address(address) else code_runtime_env(
+        [str(plan.workdir), plan.storage, plan.base_config["data"]["root"]])
+    start_ray(address, plan.settings["ray"]["num_cpus"], code)  # a cluster that refuses us leaves no sweep
     nodes = cluster_nodes()
-    resources = plan_resources(sweep["resources"]["cpus_per_trial"], sweep["resources"]["gpus_per_trial"], nodes,
-                               base_config["device"])
-    check_shared_folders(len(nodes), {"storage_path": storage, "workdir": str(workdir)}, sweep["ray"]["shared_storage"])
-    if not resume:  # recorded before any work, so a kill at any moment can be resumed
-        write_state(storage, name, {"base_config": base_config, "sweep": sweep})
-    steps = (["data"] + (["teacher"] if kd_possible else []) + (["search"] if stage == "search" else [])
-             + (["retrain"] if retrain else []) + ["report"])
-
-    def step(label: str, what: str) -> None:
-        print(f"[{steps.index(label) + 1}/{len(steps)}] {label}: {what}", flush=True)
-
-    print(f"Sweep {name} ({'retraining the front of ' if stage == 'retrain' else f'{trials} trials of space '}"
-          f"{sweep['space']}); if interrupted, continue it with:\n"
-          f"  python sweeps/run.py resume=true name={name}{' stage=retrain' if stage == 'retrain' else ''}\n"
+    resources = plan_resources(plan.settings["resources"]["cpus_per_trial"],
+                               plan.settings["resources"]["gpus_per_trial"], nodes, plan.base_config["device"])
+    check_shared_folders(len(nodes), {"storage_path": plan.storage, "workdir": str(plan.workdir)},
+                         plan.settings["ray"]["shared_storage"])
+    if not plan.resume:
+        write_state(plan.storage, plan.name, {"base_config": plan.base_config, "sweep": plan.settings})
+    # made here, with its artifact folder under the workdir, before any trial's MLflow run
+    plan.experiment_id = ensure_experiment(plan.tracking_uri, plan.name, plan.workdir / "mlflow-artifacts" / plan.name)
+    retraining = plan.stage == "retrain"
+    print(f"Sweep {plan.name} ({'retraining the front of ' if retraining else f'{plan.trials} trials of space '}"
+          f"{plan.settings['space']}); if interrupted, continue it with:\n"
+          f"  python sweeps/run.py resume=true name={plan.name}{' stage=retrain' if retraining else ''}\n"
           f"Ray: {resources.summary}", flush=True)
-
-    step("data", "preparing the dataset and its waveform cache")
-    data = prepare_data(base_config["data"], workdir)
-    kd_inputs = {}
-    if kd_possible:
-        step("teacher", "training or loading it and caching its logits")
-        kd_inputs = run_teacher(base_config, data, resources)  # a Ray task: the driver never trains nor uses CUDA
-    cpus = resources.cpus_per_trial
-    threads = max(1, int(cpus))  # torch threads per trial follow its CPU share (at least one)
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base_config={**base_config, "train": {**base_config["train"],
-                                                                            "num_threads": threads}},
-                             data_dir=str(data.cache_dir), kd_inputs=kd_inputs),
-        {"cpu": cpus, "gpu": resources.gpus_per_trial})
-    tracking_uri = sweep["mlflow"]["tracking_uri"]
-    experiment_id = ensure_experiment(tracking_uri, name, workdir / "mlflow-artifacts" / name)
-    objective = sweep["search"]["objective"]
-    tags = {"space": sweep["space"], "sampler": sweep["search"]["sampler"]}
-    if stage == "search":
-        step("search", f"{trials} trials; progress table every 30 s")
-        if resume and tune.Tuner.can_restore(exp_dir):
-            set_aside_truncated_state(exp_dir)
-            log.info("Resuming sweep %s from %s", name, exp_dir)
-            # scheduler, searcher and callbacks come back from the sweep's own pickled state (tuner.pkl)
-            tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_errored=True)
-        else:  # a new sweep, or one killed before its first trial started: data and teacher come from their caches
-            scheduler_name = sweep["scheduler"]["name"] or default_scheduler(space, objective)
-            scheduler = make_scheduler(scheduler_name, objective, last_epoch,
-                                       sweep["scheduler"]["grace_period"], sweep["scheduler"]["reduction_factor"],
-                                       budget=budget, metric=sweep["scheduler"].get("metric", "val_acc"))
-            callback = SweepMLflowCallback(tracking_uri, experiment_name=name, base_config=base_config,
-                                           tags=tags | {"scheduler": scheduler_name, "stage": "search"})
-            callbacks = [callback] + ([ParetoASHAStateCallback(scheduler)] if isinstance(scheduler, ParetoASHA) else [])
-            if budget is not None:  # first: it adds `feasible` and the constraint values to results the others record
-                callbacks.insert(0, BudgetCallback(budget, last_epoch))
-            tuner = tune.Tuner(
-                trainable,
-                param_space=param_space(space),
-                tune_config=tune.TuneConfig(  # no metric/mode here: it would make OptunaSearch single-objective
-                    search_alg=make_searcher(space, sweep["search"]["sampler"], objective, base_config["seed"],
-                                             last_epoch, budget=budget,
-                                             base_config=base_config if sweep["budget"].get("screen", True) else None),
-                    scheduler=scheduler,
-                    num_samples=trials,
-                    max_concurrent_trials=sweep["resources"]["max_concurrent_trials"],
-                    reuse_actors=True),
-                run_config=tune_run_config(name, storage, callbacks, progress_reporter(space),
-                                           sweep["resources"]["max_failures"]),
-            )
-        searched = tuner.fit()
-        errors = [r for r in searched if r.error]
-        print("\n" + summarize(searched, name, base_config))
-        if errors:
-            print(f"\n{len(errors)} trial(s) errored; their messages are in MLflow (tag 'error') and {exp_dir}.")
-    if retrain:
-        step("retrain", "the front's configurations, longer and with seeds, scored on the test split")
-        callbacks = [SweepMLflowCallback(tracking_uri, experiment_name=name, base_config=base_config,
-                                         tags=tags | {"stage": Stage.retrain.value})]
-        if budget is not None:
-            callbacks.insert(0, BudgetCallback(budget, settings["epochs"]))
-        retrained = run_retrain(searched, trainable, exp_dir, retrain_name, base_config, sweep, resume, callbacks)
-        finished = sum(1 for r in retrained if not r.error)
-        print(f"\nRetrained: {finished} of {len(retrained)} runs finished ({retrain_dir}).")
-    shutil.rmtree(workdir / "trial-scratch", ignore_errors=True)  # trials' working files (trainable/tune_trainable.py)
-    ray.shutdown()
-    print(f"\nRay results: {exp_dir}\nMLflow:      {tracking_uri} (experiment {name!r})\n"
-          f"      mlflow ui --backend-store-uri {tracking_uri}   # then open {runs_page(experiment_id)}\n", flush=True)
-    export = retrain and (settings["export"] if settings.get("export") is not None else budget is not None)
-    step("report", ("ONNX, int8 and CPU latency of the retrained front models, then " if export else "")
-         + "front, plot, retrained numbers and conclusions")  # last: the report's file paths end the output
-    write_report(name, storage, workdir, tracking_uri, export)
+    return resources
 
 
-def tune_run_config(name: str, storage: str, callbacks: list[Any], reporter: Any, max_failures: int) -> Any:
+def data_stage(plan: SweepPlan) -> WaveformData:
+    plan.step("data", "preparing the dataset and its waveform cache")
+    return prepare_data(plan.base_config["data"], plan.workdir)
+
+
+def teacher_stage(plan: SweepPlan, data: WaveformData, resources: TrialResources) -> dict[str, Any]:
+    """The teacher's logits, cached, for the trials that distil ({} when none can)."""
+    if not plan.kd_possible:
+        return {}
+    plan.step("teacher", "training or loading it and caching its logits")
+    return run_teacher(plan.base_config, data, resources)  # a Ray task: the driver never trains nor uses CUDA
+
+
+def make_trainable(plan: SweepPlan, data: WaveformData, kd_inputs: dict[str, Any], resources: TrialResources) -> Any:
+    """The trial function with what every trial shares (paths, not arrays) and the resources each one asks for."""
+    threads = max(1, int(resources.cpus_per_trial))  # torch threads per trial follow its CPU share (at least one)
+    base_config = {**plan.base_config, "train": {**plan.base_config["train"], "num_threads": threads}}
+    return tune.with_resources(
+        tune.with_parameters(run_trial, base_config=base_config, data_dir=str(data.cache_dir), kd_inputs=kd_inputs),
+        {"cpu": resources.cpus_per_trial, "gpu": resources.gpus_per_trial})
+
+
+def tune_run_config(name: str, storage: str, callbacks: list[Any], reporter: Any, max_failures: int) -> tune.RunConfig:
     """Where and how Tune keeps a stage: storage, callbacks, console table, a checkpoint after every epoch, and
     `max_failures` restarts of a failed trial (a node lost, a process killed) from that checkpoint, on any node.
 
@@ -430,73 +379,155 @@ def tune_run_config(name: str, storage: str, callbacks: list[Any], reporter: Any
     puts the state in storage at once (unforced syncs wait for SyncConfig.sync_period). With 2, a SIGKILL lost the
     rung records of the last epochs (measured in the kill/resume test).
     """
-    from ray import tune
-
     return tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks, verbose=1, progress_reporter=reporter,
                           checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                           failure_config=tune.FailureConfig(max_failures=max_failures))
 
 
-def run_retrain(searched: Any, trainable: Any, exp_dir: str, experiment: str, base_config: dict[str, Any],
-                sweep: dict[str, Any], resume: bool, callbacks: list[Any]) -> Any:
-    """Retrain the front (sweeps/retrain.py) as the Tune experiment <sweep folder>/<experiment> (retrain); resumes
-    it when asked."""
-    from ray import tune
-    from ray.tune import CLIReporter
-
-    from sweeps.retrain import check_points, describe, front_configs, retrain_points, spread
-
-    name, retrain_dir, settings = Path(exp_dir).name, sweep_uri(exp_dir, experiment), sweep["retrain"]
-    if resume and tune.Tuner.can_restore(retrain_dir):
-        set_aside_truncated_state(retrain_dir)
-        log.info("Resuming the retrain stage of %s from %s", name, retrain_dir)
-        return tune.Tuner.restore(retrain_dir, trainable=trainable, resume_errored=True).fit()
-    configs = spread(front_configs(searched), settings["max_configs"])
-    if not configs:
-        raise ValueError(f"Sweep {name!r} has no front trial to retrain: every trial errored or broke the budget.")
-    points = retrain_points(configs, base_config, settings)
-    check_points(points, base_config)
-    print(describe(configs, points, settings), flush=True)
-    reporter = CLIReporter(metric_columns={"epoch": "epoch", ACCURACY: ACCURACY, "test_acc": "test_acc"},
-                           parameter_columns={f"grid_point/origin.{k}": k for k in ("front_trial", "role")}
-                           | {"grid_point/train.seed": "seed"}, max_report_frequency=30, sort_by_metric=False)
-    tuner = tune.Tuner(
-        trainable,
-        param_space={"grid_point": tune.grid_search(points)},
-        tune_config=tune.TuneConfig(max_concurrent_trials=sweep["resources"]["max_concurrent_trials"],
-                                    reuse_actors=True),
-        run_config=tune_run_config(experiment, exp_dir, callbacks, reporter, sweep["resources"]["max_failures"]),
-    )
-    return tuner.fit()
+def restore(experiment_dir: str, trainable: Any, what: str) -> tune.Tuner:
+    """A stage's Tuner from its own pickled state (scheduler, searcher, callbacks), after a kill."""
+    set_aside_truncated_state(experiment_dir)
+    log.info("Resuming %s from %s", what, experiment_dir)
+    return tune.Tuner.restore(experiment_dir, trainable=trainable, resume_errored=True)
 
 
-def write_report(name: str, storage: str, workdir: Path, tracking_uri: str, export: bool = False) -> None:
-    """The analysis script (front, plot, report with the retrained numbers) run on the finished sweep, in its own
-    process: the sweep ends with the answer, and the analysis stays a separate entry point (imports flow one way).
-    With `export`, analysis/export.py trial=retrained first: it exports, quantizes and times the retrained front models,
-    then writes the same files, so the report names the model to ship with its int8 and latency numbers. It exits 1
-    when some model was not exported (the report is written, the lines above say which) and 2 when it could not start
-    (e.g. no retraining run finished); then pareto.py still writes the report."""
-    import subprocess
+def search_stage(plan: SweepPlan, trainable: Any) -> ResultGrid:
+    """The search: Optuna suggests, the scheduler stops, MLflow records; continued where it stopped on resume."""
+    plan.step("search", f"{plan.trials} trials; progress table every 30 s")
+    settings = plan.settings
+    if plan.resume and tune.Tuner.can_restore(plan.exp_dir):
+        tuner = restore(plan.exp_dir, trainable, f"sweep {plan.name}")
+    else:  # a new sweep, or one killed before its first trial started: data and teacher come from their caches
+        objective = settings["search"]["objective"]
+        scheduler_name = settings["scheduler"]["name"] or default_scheduler(plan.space, objective)
+        scheduler = make_scheduler(scheduler_name, objective, plan.last_epoch, settings["scheduler"]["grace_period"],
+                                   settings["scheduler"]["reduction_factor"], budget=plan.budget,
+                                   metric=settings["scheduler"]["metric"])
+        callbacks = plan.callbacks(Stage.search.value, plan.last_epoch, {"scheduler": scheduler_name})
+        if isinstance(scheduler, ParetoASHA):
+            callbacks.append(ParetoASHAStateCallback(scheduler))
+        searcher = make_searcher(plan.space, settings["search"]["sampler"], objective, plan.base_config["seed"],
+                                 plan.last_epoch, budget=plan.budget,
+                                 base_config=plan.base_config if settings["budget"]["screen"] else None)
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space(plan.space),
+            tune_config=tune.TuneConfig(  # no metric/mode here: it would make OptunaSearch single-objective
+                search_alg=searcher, scheduler=scheduler, num_samples=plan.trials,
+                max_concurrent_trials=settings["resources"]["max_concurrent_trials"], reuse_actors=True),
+            run_config=tune_run_config(plan.name, plan.storage, callbacks, progress_reporter(plan.space),
+                                       settings["resources"]["max_failures"]),
+        )
+    searched = tuner.fit()
+    print("\n" + search_line(plan), flush=True)
+    errors = sum(1 for r in searched if r.error)
+    if errors:
+        print(f"{errors} trial(s) errored; their messages are in MLflow (tag 'error') and {plan.exp_dir}.")
+    return searched
 
-    analysis = Path(__file__).resolve().parent.parent / "analysis"
-    keys = [f"name={name}", f"storage_path={storage}", f"workdir={workdir}", f"mlflow.tracking_uri={tracking_uri}"]
-    if "://" in storage:
+
+def search_line(plan: SweepPlan) -> str:
+    """How the search's trials ended, as the analysis counts them (analysis.results.trials_line)."""
+    if "://" in plan.storage:
+        return f"Search done; its trials are in {plan.exp_dir}."
+    try:
+        return trials_line(load_sweep(Path(plan.exp_dir)).trials)
+    except ValueError:
+        return "No trial reported a result (see the errors above)."
+
+
+def retrain_stage(plan: SweepPlan, searched: Any, trainable: Any) -> None:
+    """Retrain the front (sweeps/retrain.py) as the Tune experiment <sweep folder>/<retrain_name>; resumed when
+    asked."""
+    plan.step("retrain", "the front's configurations, longer and with seeds, scored on the test split")
+    settings = plan.settings["retrain"]
+    retrain_dir = sweep_uri(plan.exp_dir, plan.retrain_name)
+    if plan.resume and tune.Tuner.can_restore(retrain_dir):
+        tuner = restore(retrain_dir, trainable, f"the retrain stage of {plan.name}")
+    else:
+        configs = spread(front_configs(searched, plan.base_config), settings["max_configs"])
+        if not configs:
+            raise ValueError(f"Sweep {plan.name!r} has no front trial to retrain: every trial errored or broke the "
+                             "budget.")
+        points = retrain_points(configs, plan.base_config, settings)
+        check_points(points, plan.base_config)
+        print(describe(configs, points, settings), flush=True)
+        reporter = CLIReporter(metric_columns={"epoch": "epoch", ACCURACY: ACCURACY, "test_acc": "test_acc"},
+                               parameter_columns={f"grid_point/origin.{k}": k for k in ("front_trial", "role")}
+                               | {"grid_point/train.seed": "seed"}, max_report_frequency=30, sort_by_metric=False)
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"grid_point": tune.grid_search(points)},
+            tune_config=tune.TuneConfig(max_concurrent_trials=plan.settings["resources"]["max_concurrent_trials"],
+                                        reuse_actors=True),
+            run_config=tune_run_config(plan.retrain_name, plan.exp_dir,
+                                       plan.callbacks(Stage.retrain.value, settings["epochs"], {}), reporter,
+                                       plan.settings["resources"]["max_failures"]),
+        )
+    retrained = tuner.fit()
+    finished = sum(1 for r in retrained if not r.error)
+    print(f"\nRetrained: {finished} of {len(retrained)} runs finished ({retrain_dir}).", flush=True)
+
+
+def close(plan: SweepPlan) -> None:
+    """Trials' scratch files removed, Ray left, and where the results are."""
+    shutil.rmtree(plan.workdir / "trial-scratch", ignore_errors=True)  # trials' working files (tune_trainable.py)
+    ray.shutdown()
+    print(f"\nRay results: {plan.exp_dir}\nMLflow:      {plan.tracking_uri} (experiment {plan.name!r})\n"
+          f"      mlflow ui --backend-store-uri {plan.tracking_uri}   # then open {runs_page(plan.experiment_id)}\n",
+          flush=True)
+
+
+def report_stage(plan: SweepPlan) -> None:
+    """The analysis of the finished sweep, in this process: front, plot, retrained numbers and conclusions; first,
+    when asked (retrain.export, or a budget), ONNX, int8 and CPU latency of the retrained front models, so the report
+    names the model to ship with them. A failing report loses nothing: the sweep is done, the lines say how to rerun
+    it."""
+    export = plan.retrain and (plan.settings["retrain"]["export"] if plan.settings["retrain"]["export"] is not None
+                               else plan.budget is not None)
+    plan.step("report", ("ONNX, int8 and CPU latency of the retrained front models, then " if export else "")
+              + "front, plot, retrained numbers and conclusions")  # last: the report's file paths end the output
+    if "://" in plan.storage:
         print("Storage is remote; the analysis reads local folders. Copy the sweep folder here, then run:\n  "
               f"python analysis/{'export.py trial=retrained' if export else 'pareto.py'} path=<local sweep folder>")
         return
+    config = compose("analysis") | {"name": plan.name, "storage_path": plan.storage, "workdir": str(plan.workdir),
+                                    "trial": "retrained"}
+    config["mlflow"] = {**config["mlflow"], "tracking_uri": plan.tracking_uri}
     if export:
-        code = subprocess.run([sys.executable, str(analysis / "export.py"), *keys, "trial=retrained"]).returncode
-        if code == 0:
+        retry = f"python analysis/export.py name={plan.name} trial=retrained"
+        try:
+            if not export_models(config):
+                print(f"Some retrained models were not exported (lines above); the report is written. Retry them "
+                      f"with: {retry}")
             return
-        if code == 1:
-            print(f"Some retrained models were not exported (lines above); the report is written. Retry them with: "
-                  f"python analysis/export.py name={name} trial=retrained")
-            return
-        print(f"The export of the retrained models failed (see above); writing the report without it. Retry with: "
-              f"python analysis/export.py name={name} trial=retrained")
-    if subprocess.run([sys.executable, str(analysis / "pareto.py"), *keys]).returncode != 0:
-        print(f"The report failed (see above); rerun it with: python analysis/pareto.py name={name}")
+        except USER_ERRORS as err:
+            print(f"The retrained models were not exported ({err}); writing the report without them. Retry with: "
+                  f"{retry}")
+        except Exception:  # noqa: BLE001 - the sweep's results stay; the report is written without the export
+            log.exception("The export of the retrained models failed; writing the report without it. Retry with: %s",
+                          retry)
+    try:
+        write_report(config)
+    except Exception:  # noqa: BLE001 - the sweep is done and saved; only its report is missing
+        log.exception("The report failed; rerun it with: python analysis/pareto.py name=%s", plan.name)
+
+
+def run_sweep(name: str, base_config: dict[str, Any], settings: dict[str, Any], storage: str, resume: bool,
+              stage: str = "search") -> None:
+    """The sweep's stages, in order: search (stage=search), then retrain its front (retrain.enabled), then the report;
+    stage=retrain: only the retraining and the report, for a sweep that has searched. resume=true continues whichever
+    stage was cut."""
+    plan = plan_sweep(name, base_config, settings, storage, resume, stage)  # every refusal, before any work
+    resources = connect(plan)
+    data = data_stage(plan)
+    kd_inputs = teacher_stage(plan, data, resources)
+    trainable = make_trainable(plan, data, kd_inputs, resources)
+    searched = search_stage(plan, trainable) if stage == "search" else plan.searched
+    if plan.retrain:
+        retrain_stage(plan, searched, trainable)
+    close(plan)
+    report_stage(plan)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,9 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from common.config import RUNG_METRIC_MODES, Sampler, SchedulerName, values
-from common.objectives import ACCURACY, objectives
+from common.objectives import ACCURACY, FEASIBLE, objectives
 from search_spaces.schema import SearchSpace
-from sweeps.budget import FEASIBLE, Budget, measured_at_end, predicted_constraints, upgrade_pickled
+from sweeps.budget import Budget, measured_at_end, predicted_constraints, upgrade_pickled
 from sweeps.pareto_asha import ParetoASHA
 from trainable.run_config import trial_config
 

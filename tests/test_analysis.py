@@ -508,17 +508,20 @@ def test_budget_keeps_over_budget_trials_off_the_front_and_names_the_best_under_
     trials = [synthetic_trial(*t) for t in DISAGREEING]
     # the sweep's callback marked "a" (the most accurate) infeasible: it broke budget.max_macs
     trials[0] = dataclasses.replace(trials[0], metrics={**trials[0].metrics, "feasible": 0})
-    budget = {"max_macs": 3.5e6, "max_params": None, "max_kb": 128.0, "precision": "int8"}
-    sweep = Sweep(name="s", path=tmp_path, base_config={}, settings={"budget": budget}, trials=trials)
+    section = {"max_macs": 3.5e6, "max_params": None, "max_kb": 128.0, "precision": "int8", "screen": True}
+    sweep = Sweep(name="s", path=tmp_path, base_config={}, settings={"budget": section}, trials=trials)
     rows = build_rows([sweep])
     assert {r["trial_id"] for r in rows if r["on_front"]} == {"b", "d"}  # a is never on the front
     assert [t.trial_id for t in select_trials([sweep], "front")] == ["d", "b"]  # nor exported/evaluated as one
-    assert sweep_budget([sweep]) == budget
-    assert sweep_budget([dataclasses.replace(sweep, settings={})]) == {}
+    budget = sweep_budget([sweep])
+    assert budget.limits == {"max_macs": 3.5e6, "max_kb": 128.0}
+    assert sweep_budget([dataclasses.replace(sweep, settings={"budget": section | {"max_macs": None,
+                                                                                   "max_kb": None}})]) is None
     best = best_under_budget(rows, budget)
     assert best["trial_id"] == "b"  # c is less accurate; a is over the budget
     line = budget_line(budget, best)
-    assert line.startswith("Best under budget (max_macs 3.5e+06, max_kb 128; int8): trial b: val acc 0.7")
+    assert line.startswith("Best under budget (budget.max_macs=3,500,000, budget.max_kb=128 at int8): trial b: "
+                           "val acc 0.7")
     assert budget_line(budget, None).endswith("no trial fits.")
     fig = front_figure(rows, "t", budget)
     labels = fig.axes[0].get_legend().get_texts()

@@ -48,7 +48,6 @@ def test_invalid_budgets_are_one_clear_line(config, message):
 
 
 def test_no_budget_set_means_no_budget():
-    assert Budget.from_config(None) is None
     assert Budget.from_config({"max_macs": None, "max_params": None, "max_kb": None, "precision": "fp32"}) is None
     budget = Budget.from_config({"max_macs": 3e6, "max_params": None, "max_kb": 128, "precision": "int8"})
     assert budget.limits == {"max_macs": 3e6, "max_kb": 128.0}
@@ -271,24 +270,27 @@ def test_sweep_over_budget_trials_stopped_at_epoch_1_or_screened_before_training
 
 
 def test_sweep_summary_counts_over_budget_trials_and_those_stopped_before_their_pruning(quick_base):
-    from types import SimpleNamespace
-
-    from sweeps.run import summarize
+    """The line the sweep prints when its search ends, and atop every analysis summary (analysis.results)."""
+    from analysis.results import trials_line
+    from common.trial_table import TrialRecord
+    from trainable.run_config import trial_config
 
     epochs = quick_base["train"]["epochs"]
+    config = trial_config(quick_base, {"pruning.mode": "single"})
 
-    def result(trial_id, epoch, feasible, pruning_step, val, macs_constraint=-0.5):
-        metrics = {"trial_id": trial_id, "epoch": epoch, "val_acc": val, "val_macro_f1": val, "feasible": feasible,
+    def trial(trial_id, epoch, feasible, pruning_step, status, macs_constraint=-0.5):
+        metrics = {"trial_id": trial_id, "epoch": epoch, "val_acc": 0.5, "val_macro_f1": 0.5, "feasible": feasible,
                    "target_macs": 1e6, "macs": 1e6, "params": 50_000, "pruning_step": pruning_step,
                    "pruning_steps": 1, "constraint_max_macs": macs_constraint}
-        return SimpleNamespace(metrics=metrics, config={"pruning.mode": "single"}, error=None, path="/nonexistent")
+        return TrialRecord(sweep="s", trial_id=trial_id, trial_dir=Path("/nonexistent"), config=config,
+                           metrics=metrics, checkpoint=None, status=status)
 
-    results = [result("done", epochs, 1, 1, 0.5),            # finished inside the budget
-               result("big", epochs, 0, 1, 0.9),             # finished, measured over the budget
-               result("early", 1, 0, 0, 0.3),                # stopped before its pruning step: params not final
-               result("wide", 1, 0, 0, 0.2, 0.5)]            # stopped early, but over the MACs budget anyway
-    text = summarize(results, "s", quick_base)
-    assert text.startswith("Trials with results: 4, 3 over the budget (1 of them stopped by the scheduler before "
-                           "their last pruning step: the model they left is unpruned)")
-    best = text.split("Best by val_acc:\n")[1].split("\n\n")[0].splitlines()
-    assert len(best) == 2 and best[1].lstrip().startswith("done")  # "big" is more accurate but over the budget
+    trials = [trial("done", epochs, 1, 1, "completed"),              # finished inside the budget
+              trial("big", epochs, 0, 1, "completed"),               # finished, measured over the budget
+              trial("early", 1, 0, 0, "stopped"),                    # stopped before its pruning step: unpruned
+              trial("wide", 1, 0, 0, "stopped", 0.5),                # stopped early, but over the MACs budget anyway
+              trial("crash", 1, 1, 0, "errored")]
+    assert trials_line(trials) == (
+        "Trials with results: 5 (2 completed, 2 stopped, 1 errored), 3 over the budget (1 of them stopped by the "
+        "scheduler before their last pruning step: the model they left is unpruned)")
+    assert trials_line(trials[:1]) == "Trials with results: 1 (1 completed)"

@@ -34,7 +34,8 @@ def run(front_trial: str, role: str, seed: int, kd: str, pruning: str, test: flo
     return {"sweep": sweep, "trial_id": f"{front_trial}-{role}-{seed}", "front_trial": front_trial, "role": role,
             "seed": seed, "kd": kd, "pruning": pruning, "target_macs_ratio": ratio, "width_mult": width,
             "status": "completed", "epochs": 4, "train_epochs": 4, "test_acc": test, "val_acc": val,
-            "target_macs": target_macs, "macs": target_macs if macs is None else macs, "params": params}
+            "target_macs": target_macs, "macs": target_macs if macs is None else macs, "params": params,
+            "feasible": True}
 
 
 # Two front configurations x 3 seeds with both ablations; some runs have no test accuracy yet.
@@ -297,7 +298,9 @@ def test_a_sweep_saved_before_the_rename_loads_its_final_folder_and_retrain_labe
     state["sweep"]["final"] = {"enabled": True, "epochs": 4}
     (sweep_dir / "sweep_config.json").write_text(json.dumps(state))
     sweep = load_sweep(sweep_dir)
-    assert sweep.settings["retrain"] == {"enabled": True, "epochs": 4} and "final" not in sweep.settings
+    assert "final" not in sweep.settings  # today's name, with today's defaults for keys it predates
+    assert sweep.settings["retrain"] == {"enabled": True, "epochs": 4, "max_configs": 3, "seeds": 3, "ablations": True,
+                                         "export": None}
     runs = {r["trial_id"]: r for r in map(retrained_row, load_retrained(sweep))}
     assert set(runs) == {"ra", "rb", "rc", "rd"}
     assert (runs["rc"]["front_trial"], runs["rc"]["role"]) == ("front1", "kd_toggled")
@@ -359,6 +362,7 @@ def exported(test_int8: float, ms: float, int8_ms: float, int8_error: str | None
 
 def test_best_to_ship_is_the_retrained_config_inside_the_budget_with_the_best_validation_mean():
     from analysis.pareto import best_to_ship, budget_line
+    from sweeps.budget import Budget
 
     runs = [  # fa: 2e6 MACs, 1,000 params; fb: 1e6 MACs, 500 params, less accurate on validation
         *[run("fa", "front", s, "off", "single", t, val=v) | exported(t - 0.01, 0.2, 0.1)
@@ -368,17 +372,21 @@ def test_best_to_ship_is_the_retrained_config_inside_the_budget_with_the_best_va
         run("fa", "kd_toggled", 0, "on", "single", 0.99, val=0.99),  # an ablation is never shipped
     ]
     table = retrained_front_table(runs)
-    search_rows = [{"trial_id": "t1", "val_acc": 0.9, "target_macs": 1e5, "params": 100}]
-    budget = {"max_macs": 3e6, "max_params": None, "max_kb": None, "precision": "int8"}
+    search_rows = [{"trial_id": "t1", "val_acc": 0.9, "target_macs": 1e5, "macs": 1e5, "params": 100}]
+    budget = Budget(max_macs=3e6)
     best = best_to_ship(search_rows, table, budget)
     assert best["trial_id"] == "fa" and best["val_acc"] == pytest.approx(0.82)  # validation chooses, not test
     line = budget_line(budget, best)
-    assert line == ("Best under budget (max_macs 3e+06; int8): front configuration fa (retrained, 2 seeds; means): "
+    assert line == ("Best under budget (budget.max_macs=3,000,000): front configuration fa (retrained, 2 seeds; "
+                    "means): "
                     "val acc 0.82, test acc fp32/int8 0.72/0.71, target MACs 2,000,000, params 1,000, "
                     "kB fp32/int8 4/1, "
                     "latency ms 1 thread fp32/int8 0.2/0.1")
-    assert best_to_ship(search_rows, table, budget | {"max_macs": 1.5e6})["trial_id"] == "fb"
-    assert best_to_ship(search_rows, table, budget | {"max_kb": 0.2})["trial_id"] == "t1"  # no retrained one fits
+    assert best_to_ship(search_rows, table, Budget(max_macs=1.5e6))["trial_id"] == "fb"
+    assert best_to_ship(search_rows, table, Budget(max_macs=3e6, max_kb=0.2))["trial_id"] == "t1"  # none retrained fits
+    over = retrained_front_table([r | ({"feasible": False} if r["front_trial"] == "fb" and r["seed"] else {})
+                                  for r in runs])
+    assert best_to_ship(search_rows, over, Budget(max_macs=1.5e6))["trial_id"] == "t1"  # a seed of fb broke the budget
     broken = retrained_front_table([r | ({"int8_error": "x"} if r["front_trial"] == "fa" else {}) for r in runs])
     assert best_to_ship(search_rows, broken, budget)["trial_id"] == "fb"  # fa cannot ship as int8
 

@@ -180,11 +180,12 @@ def test_activation_type_follows_the_architecture():
 
 
 def budget_rows() -> list[dict]:
-    return [{"trial_id": "big", "val_acc": 0.9, "target_macs": 8e6, "params": 200_000},
+    rows = [{"trial_id": "big", "val_acc": 0.9, "target_macs": 8e6, "params": 200_000},
             {"trial_id": "mid", "val_acc": 0.8, "target_macs": 4e6, "params": 100_000},
             {"trial_id": "mid2", "val_acc": 0.8, "target_macs": 3e6, "params": 120_000},
             {"trial_id": "small", "val_acc": 0.6, "target_macs": 1e6, "params": 20_000},
             {"trial_id": "broken", "val_acc": 0.95, "target_macs": 1e6, "params": 40_000, "int8_error": "x"}]
+    return [row | {"macs": row["target_macs"]} for row in rows]  # finished models: measured MACs = their target
 
 
 @pytest.mark.parametrize("budget, best", [
@@ -199,17 +200,23 @@ def budget_rows() -> list[dict]:
 ])
 def test_best_under_budget(budget, best):
     from analysis.pareto import best_under_budget
+    from sweeps.budget import Budget
 
-    budget = {"max_macs": None, "max_params": None, "max_kb": None, "precision": "fp32"} | budget
-    found = best_under_budget(budget_rows(), budget)
+    found = best_under_budget(budget_rows(), Budget(**{"precision": "fp32"} | budget))
     assert (found or {}).get("trial_id") == best
 
 
-def test_best_under_budget_rejects_an_unknown_precision():
+def test_best_under_budget_judges_measured_macs_and_the_sweeps_verdict():
+    """The one fit check (sweeps.budget.Budget.fits): a finished model's measured MACs, not its target, and a trial
+    the sweep marked over the budget never fits."""
     from analysis.pareto import best_under_budget
+    from sweeps.budget import Budget
 
-    with pytest.raises(ValueError, match="budget.precision='int4'"):
-        best_under_budget(budget_rows(), {"precision": "int4"})
+    rows = budget_rows()
+    rows[2]["macs"] = 5.2e6  # mid2's pruner landed above its 3e6 target, and above the budget
+    assert best_under_budget(rows, Budget(max_macs=5e6))["trial_id"] == "mid"
+    rows[1]["feasible"] = 0  # the sweep judged mid over the budget (e.g. before its last pruning step)
+    assert best_under_budget(rows, Budget(max_macs=5e6))["trial_id"] == "small"
 
 
 def latency_record(ms: float) -> dict:

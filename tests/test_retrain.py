@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from common.config import run_defaults
 from sweeps.retrain import FrontConfig, ablations, check_retrain_settings, front_configs, retrain_points, spread
 from tests.test_sweep import ROOT, sweep_cmd
 
@@ -24,20 +25,23 @@ RETRAIN = ["retrain.max_configs=2", "retrain.seeds=2", "retrain.epochs=3"]
 
 def result(trial_id: str, val_acc: float, target_macs: float, error: bool = False, **metrics) -> SimpleNamespace:
     """A Tune Result as front_configs reads it: last metrics, sampled config, error."""
-    return SimpleNamespace(metrics={"trial_id": trial_id, "val_acc": val_acc, "target_macs": target_macs, **metrics},
-                           config={"kd.T": 2.0, "pruning.mode": "single"}, error=error)
+    return SimpleNamespace(metrics={"trial_id": trial_id, "val_acc": val_acc, "target_macs": target_macs, "epoch": 1,
+                                    **metrics},
+                           config={"kd.T": 2.0, "pruning.mode": "single", "train.epochs": 10}, error=error)
 
 
 def test_front_configs_keep_the_non_dominated_feasible_finished_trials_by_macs():
+    base = run_defaults()
     results = [result("a", 0.5, 3e6), result("b", 0.4, 1e6), result("c", 0.3, 2e6),  # c is dominated by b
                result("d", 0.9, 0.5e6, error=True),                                     # errored: never retrained
-               result("e", 0.8, 0.4e6, feasible=0)]                                     # over the budget
-    assert [c.trial_id for c in front_configs(results)] == ["b", "a"]
+               result("e", 0.8, 0.4e6, feasible=0),                                     # over the budget
+               result("f", 0.2, 0.1e6, error=True, epoch=10)]  # errored once, then resumed to its end: completed
+    assert [c.trial_id for c in front_configs(results, base)] == ["f", "b", "a"]
     # the measured MACs of a front trial whose pruning was done (else None: the target is what is known)
     done = result("p", 0.95, 0.3e6, macs=0.31e6, pruning_step=2, pruning_steps=2, epoch=10)
     early = result("q", 0.96, 0.35e6, macs=3e6, pruning_step=0, pruning_steps=2, epoch=2)
-    assert [(c.trial_id, c.macs) for c in front_configs([done, early])] == [("p", 0.31e6), ("q", None)]
-    assert front_configs([SimpleNamespace(metrics={}, config={}, error=False)]) == []
+    assert [(c.trial_id, c.macs) for c in front_configs([done, early], base)] == [("p", 0.31e6), ("q", None)]
+    assert front_configs([SimpleNamespace(metrics={}, config={}, error=False)], base) == []
 
 
 def test_spread_keeps_both_ends_of_the_front():
@@ -282,28 +286,47 @@ def test_evaluate_trial_retrained_lists_the_retrained_models_and_their_extra_fol
     assert "<th>nsynth_<wbr>extra acc (mean &plusmn; std)</th>" in report
 
 
-@pytest.mark.parametrize("export_code, scripts, message", [
-    (0, ["export.py"], None),
-    (1, ["export.py"], "Some retrained models were not exported (lines above); the report is written."),
-    (2, ["export.py", "pareto.py"], "The export of the retrained models failed (see above); writing the report "
-                                    "without it."),
+@pytest.mark.parametrize("exported, calls, message", [
+    (True, ["export"], None),
+    (False, ["export"], "Some retrained models were not exported (lines above); the report is written."),
+    (ValueError("no finished retraining run"), ["export", "report"],
+     "The retrained models were not exported (no finished retraining run); writing the report without them."),
+    (RuntimeError("onnx broke"), ["export", "report"], None),  # logged with its traceback, then the report
 ])
-def test_a_sweep_that_exports_still_ends_with_its_report(monkeypatch, capsys, tmp_path, export_code, scripts,
+def test_a_sweep_that_exports_still_ends_with_its_report(monkeypatch, capsys, caplog, tmp_path, exported, calls,
                                                            message):
-    from sweeps.run import write_report
+    """The report stage runs the analysis in the sweep's process: export first when asked, then the report; a failing
+    export or report is a message (the sweep's results are saved), never a lost sweep."""
+    import sweeps.run as run
 
-    ran = []
+    called, configs = [], []
 
-    def fake_run(command, **kwargs):
-        ran.append(Path(command[1]).name)
-        assert "name=s" in command and ("trial=retrained" in command) == (ran[-1] == "export.py")
-        return SimpleNamespace(returncode=export_code if ran[-1] == "export.py" else 0)
+    def fake_export(config):
+        called.append("export")
+        configs.append(config)
+        if isinstance(exported, Exception):
+            raise exported
+        return exported
 
-    monkeypatch.setattr(subprocess, "run", fake_run)
-    write_report("s", str(tmp_path), tmp_path, "sqlite:///x.db", export=True)
-    assert ran == scripts
+    def fake_report(config):
+        called.append("report")
+        configs.append(config)
+
+    monkeypatch.setattr(run, "export_models", fake_export)
+    monkeypatch.setattr(run, "write_report", fake_report)
+    plan = SimpleNamespace(name="s", storage=str(tmp_path), workdir=tmp_path, tracking_uri="sqlite:///x.db",
+                           retrain=True, budget=None, settings={"retrain": {"export": True}}, step=lambda *a: None)
+    run.report_stage(plan)
+    assert called == calls
+    assert all(c["name"] == "s" and c["trial"] == "retrained" and c["storage_path"] == str(tmp_path)
+               and c["mlflow"]["tracking_uri"] == "sqlite:///x.db" for c in configs)
     out = capsys.readouterr().out
-    assert (message in out) if message else out == ""
-    ran.clear()
-    write_report("s", str(tmp_path), tmp_path, "sqlite:///x.db", export=False)
-    assert ran == ["pareto.py"]
+    assert (message in out) if message else "not exported" not in out
+    if isinstance(exported, RuntimeError):
+        assert "The export of the retrained models failed" in caplog.text
+    called.clear()
+    run.report_stage(SimpleNamespace(**{**vars(plan), "settings": {"retrain": {"export": None}}}))  # no budget
+    assert called == ["report"]
+    monkeypatch.setattr(run, "write_report", lambda config: 1 / 0)
+    run.report_stage(SimpleNamespace(**{**vars(plan), "settings": {"retrain": {"export": False}}}))
+    assert "The report failed; rerun it with: python analysis/pareto.py name=s" in caplog.text
