@@ -24,7 +24,7 @@ import logging
 import re
 import sys
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,8 +114,9 @@ def load_extra_folder(folder: Path, sample_rate: int, clip_samples: int) -> Extr
 
 
 def score_extra(model: torch.nn.Module, extra: ExtraSet, classes: list[str], feats: FeatureConfig,
-                device: torch.device, batch_size: int, workdir: str | Path) -> dict[str, Any]:
-    """Accuracy and macro-F1 on the notes of families the model knows; the others are counted as skipped."""
+                device: torch.device, batch_size: int, run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """Accuracy and macro-F1 on the notes of families the model knows; the others are counted as skipped. Their
+    log-mels are cached like the run's (`run_config`: the trial's workdir, train.device_data_share)."""
     index = {name: i for i, name in enumerate(classes)}
     known = np.array([family in index for family in extra.families])
     result = {"folder": str(extra.folder), "n": int(known.sum()), "unreadable": len(extra.unreadable),
@@ -126,7 +127,8 @@ def score_extra(model: torch.nn.Module, extra: ExtraSet, classes: list[str], fea
     labels = np.array([index[family] for family in extra.families[known]], dtype=np.int64)
     classes_digest = hashlib.sha256(",".join(classes).encode()).hexdigest()[:8]
     pipeline = FeaturePipeline(extra.waveforms[known], labels, f"{extra.fingerprint}-{classes_digest}", feats, device,
-                               Path(workdir) / "cache" / "features")
+                               Path(run_config["workdir"]) / "cache" / "features",
+                               run_config["train"]["device_data_share"])
     metrics = evaluate(model, pipeline, batch_size, len(classes), amp_settings(device))
     return result | {"acc": metrics["acc"], "macro_f1": metrics["macro_f1"]}
 
@@ -141,16 +143,16 @@ def evaluate_trial(trial: TrialRecord, data: WaveformData, extras: Sequence[Extr
         raise ValueError(f"the model's classes {ckpt['classes']} differ from the sweep data's {data.classes}")
     model = restore_model(ckpt, device).eval()
     feats = FeatureConfig.from_mapping(ckpt["config"]["features"])
-    workdir = trial.config["workdir"]
-    test = evaluate(model, make_pipeline(data, "test", feats, device, workdir), batch_size, data.num_classes,
-                    amp_settings(device))
+    test = evaluate(model, make_pipeline(data, "test", feats, device, trial.config["workdir"],
+                                         trial.config["train"]["device_data_share"]),
+                    batch_size, data.num_classes, amp_settings(device))
     data_changed = ckpt.get("data_fingerprint") != data.fingerprint
     if data_changed:
         log.warning("trial %s was trained on waveform cache %s, the data is now %s: files changed since the sweep",
                     trial.trial_id, ckpt.get("data_fingerprint"), data.fingerprint)
     return {"checkpoint": str(trial.checkpoint), "epoch": ckpt["epoch"], "test_acc": test["acc"],
             "test_macro_f1": test["macro_f1"], "test_n": len(data.splits["test"]), "data_changed": data_changed,
-            "extra": {e.label: score_extra(model, e, ckpt["classes"], feats, device, batch_size, workdir)
+            "extra": {e.label: score_extra(model, e, ckpt["classes"], feats, device, batch_size, trial.config)
                       for e in extras},
             "error": None}
 

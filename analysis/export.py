@@ -29,7 +29,7 @@ import logging
 import os
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -81,9 +81,11 @@ def max_abs_difference(session: Any, model: torch.nn.Module, inputs: torch.Tenso
 
 
 def split_features(data: WaveformData, split: str, feats: FeatureConfig,
-                   workdir: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """(features (N, 1, n_mels, frames) float32, labels (N,)) of a whole split, in clip order, no augmentation."""
-    pipeline = make_pipeline(data, split, feats, torch.device("cpu"), workdir)
+                   run_config: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """(features (N, 1, n_mels, frames) float32, labels (N,)) of a whole split, in clip order, no augmentation;
+    its log-mel cache is the one of `run_config` (a trial's config: workdir, train.*)."""
+    pipeline = make_pipeline(data, split, feats, torch.device("cpu"), run_config["workdir"],
+                             run_config["train"]["device_data_share"])
     batches = list(pipeline.batches(FEATURE_BATCH, train=False))
     if not batches:
         raise ValueError(f"the {split} split has no clips")
@@ -103,8 +105,8 @@ def one_line(err: BaseException, limit: int = 400) -> str:
 
 
 def export_trial(trial: TrialRecord, data: WaveformData, out_dir: Path, opset: int, tolerance: float,
-                 quant: dict[str, Any] | None = None, latency: dict[str, Any] | None = None,
-                 seed: int = 0, device: str = "auto") -> dict[str, Any]:
+                 quant: dict[str, Any], latency: dict[str, Any] | None, seed: int,
+                 device: str) -> dict[str, Any]:
     """Export one trial's last checkpoint; the .onnx file only appears once parity holds. Then, when `quant`
     (the quant.* keys) enables it, its int8 version, fp32/int8 test accuracy under ONNX Runtime, and, when `latency`
     (latency.* keys) is given, CPU latency of both. An int8 or latency failure is recorded in the entry (error),
@@ -118,7 +120,7 @@ def export_trial(trial: TrialRecord, data: WaveformData, out_dir: Path, opset: i
     model = restore_model(ckpt, "cpu").eval()
     input_shape = tuple(ckpt["input_shape"])
     feats = FeatureConfig.from_mapping(ckpt["config"]["features"])
-    test_x, test_y = split_features(data, "test", feats, trial.config["workdir"])
+    test_x, test_y = split_features(data, "test", feats, trial.config)
     real = torch.from_numpy(test_x[:PARITY_BATCH])
     if tuple(real.shape[1:]) != input_shape[1:]:
         raise ValueError(f"test features have shape {tuple(real.shape[1:])} but the model was trained on "
@@ -146,16 +148,17 @@ def export_trial(trial: TrialRecord, data: WaveformData, out_dir: Path, opset: i
         "params": params, "kb": {"fp32": param_kb(params, "fp32"), "int8": param_kb(params, "int8")},
         "test_n": int(len(test_y)), "int8": None, "latency": None}
     int8_path = out_dir / f"{trial.trial_id}.int8.onnx"
-    if quant and quant["enabled"]:
+    if quant["enabled"]:
         def calibration() -> np.ndarray:
-            train_x, _ = split_features(data, "train", feats, trial.config["workdir"])
+            train_x, _ = split_features(data, "train", feats, trial.config)
             return train_x[calibration_indices(len(train_x), quant["calibration_clips"], seed)]
 
         def qat(tuned_path: Path) -> dict[str, Any]:
             """Fine-tune a copy of the model under simulated int8 and export it (fp32) to `tuned_path`."""
             where = pick_device(device)
             tuned = restore_model(ckpt, where)
-            pipeline = make_pipeline(data, "train", feats, where, trial.config["workdir"])
+            pipeline = make_pipeline(data, "train", feats, where, trial.config["workdir"],
+                                     trial.config["train"]["device_data_share"])
             history = qat_finetune(tuned, pipeline, quant["qat_epochs"], quant["qat_lr"],
                                    ckpt["config"]["train"]["batch_size"], seed)
             export_onnx(tuned.cpu(), input_shape, tuned_path, opset)

@@ -55,7 +55,16 @@ from analysis.results import (
 from analysis.rung_fidelity import RungFidelity
 from analysis.sweep_stats import Hypervolumes, normalised_hypervolumes
 from common.cli import entry_point, plain, string_overrides
-from common.objectives import ACCURACY, FEASIBLE, LATENCY, MEASURED_MACS, PARAMS, TARGET_MACS, front_mask, objectives
+from common.objectives import (
+    ACCURACY,
+    FEASIBLE,
+    LATENCY,
+    MEASURED_MACS,
+    PARAMS,
+    TARGET_MACS,
+    front_mask,
+    front_objectives,
+)
 from common.trial_table import (
     TrialRecord,
     export_columns,
@@ -119,7 +128,7 @@ def retrained_front_runs(sweeps: Sequence[Sweep]) -> list[TrialRecord]:
 
 
 def select_trials(sweeps: Sequence[Sweep], which: str | list[str],
-                  third_objective: str | None = None) -> list[TrialRecord]:
+                  third_objective: str | None) -> list[TrialRecord]:
     """`front` -> the front's trials (ordered by MACs); `all` -> every trial (e.g. to score a whole scenarios grid on
     the test split); `retrained` -> the retrain stage's runs of the front configurations, every seed; otherwise the
     trial id(s) given (a trial id is a string: the entry points read `trial=` as typed, see
@@ -136,7 +145,7 @@ def select_trials(sweeps: Sequence[Sweep], which: str | list[str],
             exports = exports_by_trial(sweeps)
             values = [t.metrics | export_columns(exports.get((t.sweep, t.trial_id))) for t in trials]
             require_latency(values, sweeps, third_objective)
-        on_front = front_mask(values, objectives(third_objective=third_objective))
+        on_front = front_mask(values, front_objectives(third_objective))
         return sorted((t for t, on in zip(trials, on_front) if on), key=lambda t: t.metrics[TARGET_MACS])
     by_id = {t.trial_id: t for t in trials}
     wanted = [str(w) for w in (which if isinstance(which, (list, tuple)) else [which])]
@@ -167,7 +176,7 @@ def chosen_by_sweep(sweeps: Sequence[Sweep], config: Mapping[str, Any]) -> list[
     return [(sweep, trials) for sweep, trials in grouped if trials]
 
 
-def build_rows(sweeps: Sequence[Sweep], third_objective: str | None = None) -> list[dict[str, Any]]:
+def build_rows(sweeps: Sequence[Sweep], third_objective: str | None) -> list[dict[str, Any]]:
     """Every trial of every sweep as a row, with `on_front` over all of them together (with third_objective=latency:
     over the trials whose latency has been measured; the others are never on the front)."""
     trials = [t for s in sweeps for t in s.trials]
@@ -175,7 +184,7 @@ def build_rows(sweeps: Sequence[Sweep], third_objective: str | None = None) -> l
     exports = exports_by_trial(sweeps)
     rows = [trial_row(t, evaluations.get((t.sweep, t.trial_id)), exports.get((t.sweep, t.trial_id))) for t in trials]
     require_latency(rows, sweeps, third_objective)
-    for row, on_front in zip(rows, front_mask(rows, objectives(third_objective=third_objective))):
+    for row, on_front in zip(rows, front_mask(rows, front_objectives(third_objective))):
         row["on_front"] = bool(on_front)  # never for a trial over the sweep's budget (see front_mask)
     return rows
 
@@ -299,7 +308,7 @@ def analyse(sweeps: Sequence[Sweep], third_objective: str | None, tracking_uri: 
     best = budget_line(budget, best_to_ship(rows, retrained, budget)) if budget is not None else None
     plot_front(rows, png_path, f"Accuracy vs MACs: {names} ({len(rows)} trials, "
                                f"{sum(r['on_front'] for r in rows)} on the front)", budget, retrained)
-    chosen = objectives(third_objective=third_objective)
+    chosen = front_objectives(third_objective)
     hypervolumes = normalised_hypervolumes([r for r in rows if all(_number(r.get(k)) for k in chosen)], third_objective)
     html_path.write_text(render_report(rows, hypervolumes, png_path.read_bytes(), third_objective, best,
                                        retrained_runs, comparisons, fidelity))

@@ -45,6 +45,7 @@ log = logging.getLogger("analysis.quantize")
 
 X86_MACHINES = frozenset({"x86_64", "amd64", "i386", "i686", "x86"})
 CALIBRATION_BATCH = 1  # the histogram (Percentile) calibrator stacks per-batch outputs: every batch must have one shape
+PREDICT_BATCH = 64  # clips per ONNX Runtime call when scoring a model: memory, not results (no batch statistics)
 # Graph plumbing that carries no arithmetic worth quantizing: never reported as "left in fp32".
 PLUMBING_OPS = frozenset({"Constant", "ConstantOfShape", "Shape", "Identity", "Cast", "Dropout", "Flatten", "Reshape",
                           "Squeeze", "Unsqueeze", "Concat", "Gather", "Slice", "Transpose", "QuantizeLinear",
@@ -175,11 +176,11 @@ def _quantize(prepared: Path, out: Path, calibration: np.ndarray, settings: dict
                         calibrate_method=CalibrationMethod[settings["calibrate_method"]], extra_options=extra)
 
 
-def predict(sess: Any, features: np.ndarray, batch_size: int = 64) -> np.ndarray:
+def predict(sess: Any, features: np.ndarray) -> np.ndarray:
     """Predicted class per input row under an InferenceSession."""
     name = sess.get_inputs()[0].name
-    preds = [sess.run(None, {name: np.ascontiguousarray(features[i:i + batch_size], dtype=np.float32)})[0].argmax(1)
-             for i in range(0, len(features), batch_size)]
+    preds = [sess.run(None, {name: np.ascontiguousarray(features[i:i + PREDICT_BATCH], dtype=np.float32)})[0].argmax(1)
+             for i in range(0, len(features), PREDICT_BATCH)]
     return np.concatenate(preds) if preds else np.empty(0, dtype=np.int64)
 
 

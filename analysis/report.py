@@ -33,7 +33,7 @@ from analysis.sweep_stats import (
     matched_difference,
     matched_macs_comparison,
 )
-from common.objectives import ACCURACY, LABELS, TARGET_MACS, objectives
+from common.objectives import ACCURACY, LABELS, TARGET_MACS, front_objectives
 from common.trial_table import format_value, front_rows, table_columns
 
 # Tables sit in a box that scrolls sideways when they are wider than the page (many evaluation columns, overlaid
@@ -309,7 +309,7 @@ def _deployment_html(rows: Sequence[dict[str, Any]], names: str) -> str:
 
 
 def render_report(rows: Sequence[dict[str, Any]], hypervolumes: Hypervolumes, png: bytes,
-                  third_objective: str | None = None, best_under_budget: str | None = None,
+                  third_objective: str | None, best_under_budget: str | None = None,
                   retrained_runs: Sequence[dict[str, Any]] = (),
                   comparisons: Sequence[PairedComparison] = (),
                   fidelity: Mapping[str, RungFidelity] | None = None) -> str:
@@ -320,7 +320,7 @@ def render_report(rows: Sequence[dict[str, Any]], hypervolumes: Hypervolumes, pn
     front = front_rows(rows)
     statuses = ", ".join(f"{n} {s}" for s, n in sorted(Counter(r["status"] for r in rows).items()))
     objective_text = ", ".join(f"{LABELS[key]} (<code>{key}</code>, {'higher' if mode == 'max' else 'lower'} is better)"
-                               for key, mode in objectives(third_objective=third_objective).items())
+                               for key, mode in front_objectives(third_objective).items())
     cost_refs = ", ".join(f"{key} = {REFERENCE_MARGIN} &times; the largest {key} seen = "
                           + (f"{value:,.0f}" if value >= 100 else f"{value:.3g}")
                           for key, value in hypervolumes.reference.items() if key != ACCURACY)

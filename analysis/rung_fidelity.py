@@ -179,7 +179,7 @@ def last_epoch(curves: Sequence[Curve]) -> int:
     return max(set(planned), key=planned.count)
 
 
-def rung_fidelity(curves: Sequence[Curve], metric: str = ACCURACY, rungs: Sequence[int] = (),
+def rung_fidelity(curves: Sequence[Curve], metric: str, rungs: Sequence[int] = (),
                   early_stopping: bool | None = None) -> RungFidelity:
     """Rank agreement of every epoch before the last with the last epoch (for each rung metric the results carry;
     `metric` is the sweep's), and the trials at chance per epoch.

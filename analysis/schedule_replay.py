@@ -21,7 +21,7 @@ import numpy as np
 from analysis.results import Sweep, read_results, trial_curves
 from analysis.rung_fidelity import RUNG_METRICS, Curve, last_epoch, rung_epochs, rung_fidelity
 from analysis.sweep_stats import normalised_hypervolumes
-from common.objectives import front_mask
+from common.objectives import ACCURACY, front_mask
 
 
 @dataclass(frozen=True)
@@ -115,18 +115,18 @@ def reached_rows(curves: Sequence[Curve], reached: Mapping[str, int]) -> list[di
 
 
 def replays(curves: Sequence[Curve], objective: str, reduction_factor: float, workers: int, orders: int = 20,
-            seed: int = 0) -> list[Replay]:
+            shuffle_seed: int = 0) -> list[Replay]:
     """Every candidate first rung (1 .. last epoch - 1) on every rung metric, replayed on the finished curves,
-    `workers` at a time, in the order given and `orders - 1` seeded shuffles of it; share and front are against
-    stopping nothing."""
+    `workers` at a time, in the order given and `orders - 1` shuffles of it (seeded by `shuffle_seed`); share and
+    front are against stopping nothing."""
     curves = [c for c in curves if c.finished]
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(shuffle_seed)
     arrivals = [list(curves)] + [[curves[i] for i in rng.permutation(len(curves))] for _ in range(orders - 1)]
     last = last_epoch(curves)
     full_rows = reached_rows(curves, {c.trial_id: last for c in curves})
     full_front = {r["trial_id"] for r, on in zip(full_rows, front_mask(full_rows)) if on}
     full_seconds = sum(_epoch_seconds(c, e) for c in curves for e in range(1, last + 1))
-    fidelity = rung_fidelity(curves, early_stopping=False)
+    fidelity = rung_fidelity(curves, ACCURACY, early_stopping=False)  # the agreements of every rung metric
     out = []
     for grace in range(1, last):
         rungs = rung_epochs({"name": "pareto_asha", "grace_period": grace, "reduction_factor": reduction_factor},
@@ -138,7 +138,7 @@ def replays(curves: Sequence[Curve], objective: str, reduction_factor: float, wo
                 reached, spent = replay(order, objective, grace, reduction_factor, metric, workers)
                 seconds.append(spent)
                 # same trials, so the same hypervolume reference point (1.1 x their largest MACs) for every setting
-                volumes.append(normalised_hypervolumes(reached_rows(curves, reached)).by_sweep["replay"])
+                volumes.append(normalised_hypervolumes(reached_rows(curves, reached), None).by_sweep["replay"])
                 kept.append(sum(reached[t] == last for t in full_front))
             agreement = first.agreements.get(metric)
             shares = np.array(seconds) / full_seconds

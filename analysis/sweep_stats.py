@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from common.front import hypervolume
-from common.objectives import ACCURACY, TARGET_MACS, objective_points, objectives
+from common.objectives import ACCURACY, TARGET_MACS, front_objectives, objective_points
 
 # Reference point of the hypervolume: accuracy 0 and this multiple of the largest MACs (params) seen.
 REFERENCE_MARGIN = 1.1
@@ -28,13 +28,13 @@ class Hypervolumes:
     by_sweep: dict[str, float]   # sweep (and "all sweeps" when several) -> normalised hypervolume
 
 
-def normalised_hypervolumes(rows: Sequence[dict[str, Any]], third_objective: str | None = None) -> Hypervolumes:
+def normalised_hypervolumes(rows: Sequence[dict[str, Any]], third_objective: str | None) -> Hypervolumes:
     """Hypervolume with cost objectives divided by their reference, so every value lies in [0, 1].
 
     Reference: accuracy 0 and REFERENCE_MARGIN × the largest MACs (params) over all rows, so sweeps
     overlaid in one report are measured against the same point and can be compared.
     """
-    chosen = objectives(third_objective=third_objective)
+    chosen = front_objectives(third_objective)
     maximize = [mode == "max" for mode in chosen.values()]
     reference = {key: 0.0 if up else REFERENCE_MARGIN * max(r[key] for r in rows) for key, up in zip(chosen, maximize)}
     scale = np.array([1.0 if up else reference[key] for key, up in zip(chosen, maximize)])

@@ -25,7 +25,7 @@ import torch
 import torchaudio
 from torch.utils.data import DataLoader, Dataset
 
-from common.config import FeatureConfig
+from common.config import FeatureConfig, run_defaults
 from trainable.features.pipeline import FeaturePipeline
 
 NUM_CLASSES = 11
@@ -102,6 +102,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     cfg = FeatureConfig()
+    device_data_share = run_defaults()["train"]["device_data_share"]
     device = torch.device(args.device)
     clip_samples = int(args.clip_seconds * cfg.sample_rate)
     torch.manual_seed(0)
@@ -120,7 +121,7 @@ def main() -> None:
         waveform_array_s = time.perf_counter() - start
 
         generator = torch.Generator().manual_seed(0)
-        pipeline = FeaturePipeline(waveforms, labels, "bench", cfg, device, tmp_dir / "features")
+        pipeline = FeaturePipeline(waveforms, labels, "bench", cfg, device, tmp_dir / "features", device_data_share)
         pipeline_epochs = [
             timed_epoch(pipeline.batches(args.batch_size, train=True, generator=generator), device)
             for _ in range(args.epochs)
@@ -128,7 +129,8 @@ def main() -> None:
 
         # Waveform augmentation forces the log-mel per batch: batching without the cache.
         noisy_cfg = FeatureConfig(noise_snr_db=30.0)
-        uncached = FeaturePipeline(waveforms, labels, "bench", noisy_cfg, device, tmp_dir / "features")
+        uncached = FeaturePipeline(waveforms, labels, "bench", noisy_cfg, device, tmp_dir / "features",
+                                   device_data_share)
         uncached_s = timed_epoch(uncached.batches(args.batch_size, train=True, generator=generator), device)
 
     def clips_per_s(seconds: float) -> float:

@@ -46,7 +46,8 @@ def warm_student_features(config: dict[str, Any], data: WaveformData) -> None:
     feats = FeatureConfig.from_mapping(config["features"])
     device = pick_device(config["device"])
     for split in ("train", "valid"):
-        next(make_pipeline(data, split, feats, device, config["workdir"]).batches(1, train=False))
+        next(make_pipeline(data, split, feats, device, config["workdir"], config["train"]["device_data_share"])
+             .batches(1, train=False))
 
 
 def kd_epoch_seconds(config: dict[str, Any], data: WaveformData, mode: str, run_dir: Path) -> tuple[list[float], float]:
@@ -67,7 +68,7 @@ def student_costs(config: dict[str, Any], num_classes: int) -> tuple[tuple[int, 
     model = create_student(student["arch"], student["width_mult"], num_classes, student["dropout"])
     base_macs, base_params = count_macs_params(model, input_shape)
     step = prune_to_macs(model, torch.randn(input_shape, generator=torch.Generator().manual_seed(0)), base_macs,
-                         PRUNE_KEEP_RATIO, config["pruning"]["importance"])
+                         PRUNE_KEEP_RATIO, config["pruning"]["importance"], config["pruning"]["round_to"])
     return (base_macs, base_params), (step.macs, step.params), input_shape
 
 

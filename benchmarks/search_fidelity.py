@@ -56,6 +56,7 @@ from analysis.rung_fidelity import RUNG_METRICS, RungFidelity, last_epoch, rung_
 from analysis.schedule_replay import concurrency, curves_in_order, reached_rows, replays
 from analysis.sweep_stats import normalised_hypervolumes
 from common.cli import entry_point, plain, string_overrides
+from common.config import Stage
 from common.objectives import front_mask
 from common.sweep_layout import sweep_exists
 from common.trial_table import TrialRecord
@@ -142,14 +143,14 @@ def fifo_sweep(sweep: Sweep, samples: int, storage: Path) -> Sweep:
     print(f"(d) sweep {name}: {samples} trials of space {settings['space']} without early stopping "
           f"({'resuming' if resume else 'new'})", flush=True)
     configure_environment()
-    run_sweep(name, sweep.base_config, settings, str(storage), resume=resume)
+    run_sweep(name, sweep.base_config, settings, str(storage), resume=resume, stage=Stage.search.value)
     return load_sweep(storage / name)
 
 
 def print_replays(sweep: Sweep, objective: str, reduction_factor: float) -> None:
     curves = [c for c in trial_curves(sweep) if c.finished]
     rows = reached_rows(curves, {c.trial_id: c.epochs for c in curves})
-    full_hv = normalised_hypervolumes(rows).by_sweep["replay"]
+    full_hv = normalised_hypervolumes(rows, None).by_sweep["replay"]
     results = replays(curves_in_order(sweep), objective, reduction_factor, concurrency(sweep))
     print(f"    ParetoASHA replayed on these {len(curves)} full-length curves ({concurrency(sweep)} at a time, "
           f"reduction_factor={reduction_factor:g}; the sweep's trial order and {results[0].orders - 1} shuffles: "

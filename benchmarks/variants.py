@@ -64,7 +64,8 @@ def test_accuracy(run_dir: Path, config: dict[str, Any], data: WaveformData) -> 
     """Accuracy of the run's final checkpoint on ``data``'s test split."""
     device = pick_device(config["device"])
     model = restore_model(load_checkpoint(run_dir / "checkpoint" / CHECKPOINT_NAME), device)
-    pipeline = make_pipeline(data, "test", FeatureConfig.from_mapping(config["features"]), device, config["workdir"])
+    pipeline = make_pipeline(data, "test", FeatureConfig.from_mapping(config["features"]), device, config["workdir"],
+                             config["train"]["device_data_share"])
     return evaluate(model, pipeline, config["train"]["batch_size"], data.num_classes, amp_settings(device))["acc"]
 
 

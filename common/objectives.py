@@ -41,14 +41,19 @@ LABELS: dict[str, str] = {ACCURACY: "validation accuracy", TARGET_MACS: "MACs at
                           LATENCY: "ONNX Runtime CPU latency, batch 1, 1 thread (fp32, median ms)"}
 
 
-def objectives(search_objective: str = "multi", third_objective: str | None = None) -> dict[str, str]:
-    """The objectives of a sweep (`search.objective` multi|single) or of a front (plus an optional third)."""
+def objectives(search_objective: str) -> dict[str, str]:
+    """The objectives a sweep searches on (`search.objective` multi|single)."""
     if search_objective not in ("multi", "single"):
         raise ValueError(f"search.objective={search_objective!r}; use multi or single.")
+    return dict(OBJECTIVES if search_objective == "multi" else SINGLE_OBJECTIVE)
+
+
+def front_objectives(third_objective: str | None) -> dict[str, str]:
+    """The objectives of an analysis front: accuracy vs MACs, plus `objectives.third_objective` (null: none)."""
     if third_objective is not None and third_objective not in THIRD_OBJECTIVES:
         raise ValueError(f"objectives.third_objective={third_objective!r} is not supported; "
                          f"use one of {[None, *THIRD_OBJECTIVES]} (null = accuracy vs MACs only).")
-    chosen = dict(OBJECTIVES if search_objective == "multi" else SINGLE_OBJECTIVE)
+    chosen = dict(OBJECTIVES)
     if third_objective:
         chosen[THIRD_OBJECTIVE_KEYS[third_objective]] = THIRD_OBJECTIVES[third_objective]
     return chosen

@@ -80,7 +80,7 @@ def cached_records(data: WaveformData, records: Sequence[NoteRecord]) -> list[No
             for split in SPLITS for note_str in data.splits[split].ids if note_str in by_note]
 
 
-def instrument_table(records: Sequence[NoteRecord], min_eval_instruments: int = 0) -> str:
+def instrument_table(records: Sequence[NoteRecord], min_eval_instruments: int) -> str:
     """Per-family, per-split instruments and notes, as a fixed-width table.
 
     For each split: ``base+derived`` = distinct base instruments (a SoundFont's GM program, or a real

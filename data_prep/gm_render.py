@@ -64,7 +64,7 @@ import torchaudio.functional
 
 from data_prep import variants
 from data_prep.layout import FAMILIES as NSYNTH_FAMILIES
-from data_prep.layout import SPLITS, make_note_str
+from data_prep.layout import NSYNTH_SAMPLE_RATE, NSYNTH_SECONDS, SPLITS, make_note_str
 from data_prep.splits import apportion, check_fractions, quota_counts, split_counts
 from data_prep.variants import Timbre, draw_timbre
 
@@ -342,9 +342,8 @@ class RenderPlan:
         return self.split_of[spec.base]
 
 
-def plan_dataset(families: Sequence[str], notes_per_family: int, seed: int,
-                 fractions: Mapping[str, float] | None = None, soundfonts: int = 1, variants: int = 0,
-                 min_eval_instruments: int = 0) -> RenderPlan:
+def plan_dataset(families: Sequence[str], notes_per_family: int, seed: int, fractions: Mapping[str, float],
+                 soundfonts: int, variants: int, min_eval_instruments: int) -> RenderPlan:
     """Choose ``notes_per_family`` distinct notes per family over its base and derived instruments.
 
     Base instruments are every (SoundFont index < ``soundfonts``, mapped GM program) of the family; they
@@ -369,7 +368,7 @@ def plan_dataset(families: Sequence[str], notes_per_family: int, seed: int,
         raise ValueError(f"no GM program maps to families {unknown}; valid families: {valid}")
     if len(set(families)) != len(families):
         raise ValueError(f"families {list(families)} lists a family twice; list each once")
-    fractions = check_fractions(fractions or {"train": 0.7, "valid": 0.15, "test": 0.15})
+    fractions = check_fractions(fractions)
     seed32 = int(seed) % 2**32
 
     specs: list[NoteSpec] = []
@@ -450,8 +449,8 @@ def _render_raw(soundfont_bytes: bytes, program: int, pitch: int, velocity: int,
 def render_note(
     soundfont_bytes: bytes,
     spec: NoteSpec,
-    sample_rate: int = 16000,
-    seconds: float = 4.0,
+    sample_rate: int = NSYNTH_SAMPLE_RATE,
+    seconds: float = NSYNTH_SECONDS,
     hold_seconds: float = 3.0,
 ) -> np.ndarray:
     """Render one note alone: float32 mono, exactly ``round(seconds * sample_rate)`` samples.
@@ -507,8 +506,8 @@ def render_notes(
     soundfonts: Path | Sequence[Path],
     specs: Iterable[NoteSpec],
     workers: int,
-    sample_rate: int = 16000,
-    seconds: float = 4.0,
+    sample_rate: int = NSYNTH_SAMPLE_RATE,
+    seconds: float = NSYNTH_SECONDS,
     hold_seconds: float = 3.0,
 ) -> Iterator[tuple[NoteSpec, np.ndarray | None]]:
     """Render notes in ``workers`` processes, yielding ``(spec, audio)`` in input order.

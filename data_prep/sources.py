@@ -227,7 +227,7 @@ def hub_caps(split: str, families: Sequence[str], per_family: int | None, max_to
 
 def stream_hub_nsynth(root: Path, hf_id: str, hf_splits: Mapping[str, str], families: Sequence[str],
                       per_family: int | None, max_total_size_mb: float | None, seed: int,
-                      fractions: Mapping[str, float], split_caps: Mapping[str, int] | None = None) -> dict[str, int]:
+                      fractions: Mapping[str, float], split_caps: Mapping[str, int | None]) -> dict[str, int]:
     """Stream a hub dataset with NSynth's fields into the layout, keeping the hub's own splits.
 
     Audio is read undecoded (`Audio(decode=False)`) and decoded with soundfile, so no extra audio backend is

@@ -59,29 +59,30 @@ def split_counts(n: int, fractions: Mapping[str, float]) -> dict[str, int]:
     return counts
 
 
-def quota_counts(n: int, fractions: Mapping[str, float], min_eval: int = 0) -> dict[str, int]:
-    """Instruments per split: ``split_counts``, then valid and test raised to ``min_eval`` each (taken from
-    train) when there are enough instruments for that and one in train (n >= 2 * min_eval + 1).
+def quota_counts(n: int, fractions: Mapping[str, float], min_eval_instruments: int) -> dict[str, int]:
+    """Instruments per split: ``split_counts``, then valid and test raised to ``min_eval_instruments`` each (taken
+    from train) when there are enough instruments for that and one in train (n >= 2 * min_eval_instruments + 1).
 
     With fewer instruments the quota is not applied (it cannot be met without emptying train), and the
-    plain counts stand: e.g. 3 instruments -> 1/1/1 whatever ``min_eval`` is.
+    plain counts stand: e.g. 3 instruments -> 1/1/1 whatever ``min_eval_instruments`` is.
     """
-    if min_eval < 0:
-        raise ValueError(f"data.min_eval_instruments must be >= 0, got {min_eval}")
+    if min_eval_instruments < 0:
+        raise ValueError(f"data.min_eval_instruments must be >= 0, got {min_eval_instruments}")
     counts = split_counts(n, fractions)
-    if min_eval and n >= 2 * min_eval + 1:
+    if min_eval_instruments and n >= 2 * min_eval_instruments + 1:
         for s in ("valid", "test"):
-            while counts[s] < min_eval:
+            while counts[s] < min_eval_instruments:
                 counts[s] += 1
                 counts["train"] -= 1
     return counts
 
 
-def assign_groups(keys: Sequence, fractions: Mapping[str, float], rng: random.Random, min_eval: int = 0) -> dict:
+def assign_groups(keys: Sequence, fractions: Mapping[str, float], rng: random.Random,
+                  min_eval_instruments: int) -> dict:
     """Shuffle keys (instruments or notes) and deal them to splits by fraction (``quota_counts``)."""
     keys = sorted(keys)
     rng.shuffle(keys)
-    counts = quota_counts(len(keys), fractions, min_eval)
+    counts = quota_counts(len(keys), fractions, min_eval_instruments)
     assignment, start = {}, 0
     for split in SPLITS:
         for key in keys[start:start + counts[split]]:
@@ -91,7 +92,7 @@ def assign_groups(keys: Sequence, fractions: Mapping[str, float], rng: random.Ra
 
 
 def _resplit(records: list[NoteRecord], split_by: str, fractions: Mapping[str, float],
-             rng: random.Random, min_eval: int = 0) -> dict[str, list[NoteRecord]]:
+             rng: random.Random, min_eval_instruments: int) -> dict[str, list[NoteRecord]]:
     """Pool and re-split per family: by base instrument (a base and its derived instruments stay together)
     with the eval quota, or by note."""
     by_family: dict[str, list[NoteRecord]] = defaultdict(list)
@@ -101,7 +102,7 @@ def _resplit(records: list[NoteRecord], split_by: str, fractions: Mapping[str, f
     for family in sorted(by_family):
         group = by_family[family]
         if split_by == "instrument":
-            key, quota = (lambda r: r.base_instrument_str), min_eval
+            key, quota = (lambda r: r.base_instrument_str), min_eval_instruments
         else:
             key, quota = (lambda r: r.note_str), 0
         assignment = assign_groups({key(r) for r in group}, fractions, rng, quota)
@@ -169,8 +170,8 @@ def missing_families(out: Mapping[str, Sequence[NoteRecord]], families: Sequence
 
 def select(records: Sequence[NoteRecord], families: Sequence[str], per_family: int | None,
            max_total_size_mb: float | None, split_by: str, fractions: Mapping[str, float],
-           clip_file_seconds: float, seed: int, min_eval_instruments: int = 0,
-           split_caps: Mapping[str, int] | None = None) -> dict[str, list[NoteRecord]]:
+           clip_file_seconds: float, seed: int, min_eval_instruments: int,
+           split_caps: Mapping[str, int | None]) -> dict[str, list[NoteRecord]]:
     """Filter to families, cap per family and total size, and split (instrument-disjoint by default).
 
     With split_by=instrument and all three split folders present, the folders' own splits are kept

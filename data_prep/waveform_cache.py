@@ -245,7 +245,7 @@ def _decode_all(final_dir: Path, split_records: dict[str, list[NoteRecord]], cla
 
 
 def build_waveform_cache(split_records: dict[str, list[NoteRecord]], classes: list[str], clip_seconds: float,
-                         sample_rate: int, cache_root: Path, root: Path | str, workers: int = 1) -> WaveformData:
+                         sample_rate: int, cache_root: Path, root: Path | str, workers: int) -> WaveformData:
     """Return the cache for this selection, decoding the wavs only when its fingerprint is new."""
     fp = fingerprint(split_records, classes, clip_seconds, sample_rate, root)
     final_dir = Path(cache_root) / fp

@@ -82,12 +82,13 @@ def fmt(value: float) -> str:
 @dataclass(frozen=True)
 class Budget:
     """The set budgets (None = no limit) and the precision of `max_kb`; plain values, so it pickles with the
-    searcher, the scheduler and the callback into Tune's experiment state."""
+    searcher, the scheduler and the callback into Tune's experiment state. Built from the sweep's budget.* section
+    (`from_config`), every field given."""
 
-    max_macs: float | None = None
-    max_params: float | None = None
-    max_kb: float | None = None
-    precision: str = "int8"
+    max_macs: float | None
+    max_params: float | None
+    max_kb: float | None
+    precision: str
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Budget | None:
@@ -267,7 +268,8 @@ def _student_costs(configs: Iterable[dict[str, Any]], need_params: bool) -> list
             frames = int(round(data["clip_seconds"] * data["sample_rate"])) // features["hop_length"] + 1
             shape = (1, 1, features["n_mels"], frames)
             ratio = float(pruning["target_macs_ratio"]) if pruning["mode"] in _STRUCTURED else 1.0
-            key = (student["arch"], student["width_mult"], student["dropout"], classes, shape, ratio)
+            key = (student["arch"], student["width_mult"], student["dropout"], classes, shape, ratio,
+                   pruning["round_to"])
             if key in seen:
                 continue
             seen.add(key)
@@ -278,7 +280,10 @@ def _student_costs(configs: Iterable[dict[str, Any]], need_params: bool) -> list
                 quiet = logging.getLogger("trainable.pruning")
                 level, quiet.level = quiet.level, logging.WARNING  # a probe, not a pruning step worth a log line
                 try:
-                    params = prune_to_macs(model, torch.zeros(shape), base_macs, ratio).params
+                    # the channels each layer keeps follow from the ratio and round_to, not the criterion, which
+                    # only picks them (trainable/pruning.py): L1 scores, which need no data, count the same
+                    params = prune_to_macs(model, torch.zeros(shape), base_macs, ratio, "l1",
+                                           pruning["round_to"]).params
                 finally:
                     quiet.setLevel(level)
             how = (f"{student['arch']} width_mult={student['width_mult']:g}, {shape[2]} mels x {frames} frames"

@@ -376,8 +376,7 @@ class TrialResources:
     summary: str                             # e.g. "2 nodes, 16 CPUs, 4 GPUs: 0.25 GPU per trial, ..."
 
 
-def plan_resources(cpus_per_trial: Any, gpus_per_trial: Any, nodes: list[Node],
-                   device: str = "auto") -> TrialResources:
+def plan_resources(cpus_per_trial: Any, gpus_per_trial: Any, nodes: list[Node], device: str) -> TrialResources:
     """resources.* resolved against the cluster's nodes: auto values decided, and requests no node can hold refused.
 
     gpus_per_trial=auto: 1/TRIALS_PER_GPU of a card on a cluster with GPUs (fewer trials per card when a GPU node has

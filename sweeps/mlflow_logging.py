@@ -110,7 +110,7 @@ class SweepMLflowCallback(MLflowLoggerCallback):
     the pickled state; runs are remembered by trial_id string, not by Trial object.
     """
 
-    def __init__(self, tracking_uri: str | None = None, *, experiment_name: str, base_config: dict[str, Any],
+    def __init__(self, tracking_uri: str | None, *, experiment_name: str, base_config: dict[str, Any],
                  registry_uri: str | None = None, tags: dict[str, Any] | None = None,
                  tracking_token: str | None = None, save_artifact: bool = False,
                  log_params_on_trial_end: bool = False):

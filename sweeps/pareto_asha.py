@@ -63,9 +63,9 @@ class ParetoASHA(FIFOScheduler):
     Args:
         objectives: result key -> ``"max"`` or ``"min"``; every result must report all of them.
         time_attr: monotonically increasing progress key of the result (epochs here).
-        max_t: trials are stopped once ``time_attr`` reaches this.
-        grace_period: first rung; no trial is stopped before it.
-        reduction_factor: η; about 1/η of the trials at a rung continue.
+        max_t: trials are stopped once ``time_attr`` reaches this (the sweep's last epoch).
+        grace_period: first rung; no trial is stopped before it (scheduler.grace_period).
+        reduction_factor: η; about 1/η of the trials at a rung continue (scheduler.reduction_factor).
         budget: hard budgets (sweeps.budget.Budget); a trial known to break one is stopped at once.
 
     ``TuneConfig(metric=..., mode=...)`` may stay unset (needed by multi-objective
@@ -76,9 +76,10 @@ class ParetoASHA(FIFOScheduler):
         self,
         objectives: Mapping[str, str] | None = None,
         time_attr: str = "training_iteration",
-        max_t: float = 100,
-        grace_period: float = 1,
-        reduction_factor: float = 3,
+        *,
+        max_t: float,
+        grace_period: float,
+        reduction_factor: float,
         budget: Budget | None = None,
     ):
         super().__init__()

@@ -514,7 +514,7 @@ def report_stage(plan: SweepPlan) -> None:
 
 
 def run_sweep(name: str, base_config: dict[str, Any], settings: dict[str, Any], storage: str, resume: bool,
-              stage: str = "search") -> None:
+              stage: str) -> None:
     """The sweep's stages, in order: search (stage=search), then retrain its front (retrain.enabled), then the report;
     stage=retrain: only the retraining and the report, for a sweep that has searched. resume=true continues whichever
     stage was cut."""

@@ -163,7 +163,7 @@ def num_samples(space: SearchSpace, requested: int | None) -> int:
     return requested
 
 
-def rung_objectives(objective: str, metric: str = ACCURACY) -> dict[str, str]:
+def rung_objectives(objective: str, metric: str) -> dict[str, str]:
     """What a rung scheduler ranks on: the search's objectives with validation accuracy replaced by `metric`
     (scheduler.metric), which may be steadier early in training; the searcher and the front keep val_acc."""
     if metric not in RUNG_METRIC_MODES:
@@ -172,8 +172,8 @@ def rung_objectives(objective: str, metric: str = ACCURACY) -> dict[str, str]:
             for key, mode in objectives(objective).items()}
 
 
-def make_scheduler(name: str, objective: str, max_epochs: int, grace_period: int,
-                   reduction_factor: float, budget: Budget | None = None, metric: str = ACCURACY) -> TrialScheduler:
+def make_scheduler(name: str, objective: str, max_epochs: int, grace_period: int, reduction_factor: float,
+                   metric: str, budget: Budget | None = None) -> TrialScheduler:
     """Rung schedulers rank on `rung_objectives(objective, metric)`. ParetoASHA also stops trials that break a
     budget; asha and fifo run them on (their results still say `feasible`, and the searcher still learns the
     constraints)."""

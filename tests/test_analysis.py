@@ -214,12 +214,12 @@ def test_overlaid_sweeps_share_one_hypervolume_reference():
 
     rows = [{"sweep": "a", "val_acc": 0.5, "target_macs": 1e6, "macs": 5e6, "params": 10},
             {"sweep": "b", "val_acc": 0.8, "target_macs": 2e6, "macs": 2e6, "params": 20}]
-    hv = normalised_hypervolumes(rows)
+    hv = normalised_hypervolumes(rows, None)
     assert hv.reference == {"val_acc": 0.0, "target_macs": pytest.approx(2.2e6)}
     assert hv.by_sweep["a"] == pytest.approx(0.5 * (1 - 1 / 2.2))
     assert hv.by_sweep["b"] == pytest.approx(0.8 * (1 - 2 / 2.2))
     assert hv.by_sweep["all sweeps"] == pytest.approx(0.5 * (1 - 1 / 2.2) + 0.3 * (1 - 2 / 2.2))
-    with_params = normalised_hypervolumes(rows, third_objective="params")
+    with_params = normalised_hypervolumes(rows, "params")
     assert with_params.reference == {"val_acc": 0.0, "target_macs": pytest.approx(2.2e6), "params": pytest.approx(22)}
 
 
@@ -250,8 +250,8 @@ def test_front_is_chosen_on_target_macs_not_on_measured_macs(tmp_path):
 
     trials = [synthetic_trial(*t) for t in DISAGREEING]
     sweep = Sweep(name="s", path=tmp_path, base_config={}, settings={}, trials=trials)
-    assert [t.trial_id for t in select_trials([sweep], "front")] == ["d", "a"]
-    rows = build_rows([sweep])
+    assert [t.trial_id for t in select_trials([sweep], "front", None)] == ["d", "a"]
+    rows = build_rows([sweep], None)
     assert {r["trial_id"] for r in rows if r["on_front"]} == {"d", "a"}
     assert [r["trial_id"] for r in front_rows(rows)] == ["d", "a"]
     assert [r["macs"] for r in rows] == [4e6, 2e6, 1e6, 5e6]  # the measured MACs stay a column
@@ -278,7 +278,7 @@ def test_plot_x_axis_is_target_macs_and_its_label_says_so(tmp_path):
 
     sweep = Sweep(name="s", path=tmp_path, base_config={}, settings={},
                   trials=[synthetic_trial(*t) for t in DISAGREEING])
-    fig = front_figure(build_rows([sweep]), "title")
+    fig = front_figure(build_rows([sweep], None), "title")
     try:
         ax = fig.axes[0]
         assert LABELS["target_macs"] in ax.get_xlabel() and "millions" in ax.get_xlabel()
@@ -392,7 +392,7 @@ def test_report_tables_scroll_sideways_inside_the_page():
     rows = stopped_and_completed_rows()
     for row in rows:  # many evaluation columns: the widest front table the report can get
         row |= {f"nsynth_extra_{i}_acc": 0.5 for i in range(8)}
-    page = render_report(rows, normalised_hypervolumes(rows), b"png")
+    page = render_report(rows, normalised_hypervolumes(rows, None), b"png", None)
 
     class Tables(HTMLParser):
         def __init__(self):
@@ -510,9 +510,9 @@ def test_budget_keeps_over_budget_trials_off_the_front_and_names_the_best_under_
     trials[0] = dataclasses.replace(trials[0], metrics={**trials[0].metrics, "feasible": 0})
     section = {"max_macs": 3.5e6, "max_params": None, "max_kb": 128.0, "precision": "int8", "screen": True}
     sweep = Sweep(name="s", path=tmp_path, base_config={}, settings={"budget": section}, trials=trials)
-    rows = build_rows([sweep])
+    rows = build_rows([sweep], None)
     assert {r["trial_id"] for r in rows if r["on_front"]} == {"b", "d"}  # a is never on the front
-    assert [t.trial_id for t in select_trials([sweep], "front")] == ["d", "b"]  # nor exported/evaluated as one
+    assert [t.trial_id for t in select_trials([sweep], "front", None)] == ["d", "b"]  # nor exported/evaluated as one
     budget = sweep_budget([sweep])
     assert budget.limits == {"max_macs": 3.5e6, "max_kb": 128.0}
     assert sweep_budget([dataclasses.replace(sweep, settings={"budget": section | {"max_macs": None,
@@ -538,7 +538,7 @@ def test_a_front_model_without_checkpoint_is_one_line_before_any_scoring(workdir
     from analysis.results import load_sweep
 
     copy = plain_copy(workdir, f"nockpt-{script[:-3]}")
-    lost = select_trials([load_sweep(copy)], "front")[0]
+    lost = select_trials([load_sweep(copy)], "front", None)[0]
     for folder in lost.trial_dir.glob("checkpoint_*"):
         shutil.rmtree(folder)
     out = run(script, workdir, f"name={copy.name}")

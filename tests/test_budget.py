@@ -13,6 +13,7 @@ from pathlib import Path
 import optuna
 import pytest
 
+from common.config import sweep_defaults
 from common.trial_table import param_kb
 from sweeps.budget import Budget, check_reachable, smallest_reachable
 
@@ -20,6 +21,13 @@ ROOT = Path(__file__).resolve().parent.parent
 QUICK = {"kd.enabled": True, "kd.T": 3.0, "kd.alpha": 0.5, "features.n_mels": 64, "student.width_mult": 1.0,
          "pruning.mode": "none", "pruning.target_macs_ratio": 0.5, "pruning.steps": 2, "pruning.step_epochs": 1,
          "pruning.at_epoch": 2, "train.epochs": 3, "train.warmup_epochs": 0}
+
+
+
+
+def budget_of(**settings) -> Budget | None:
+    """The Budget of a sweep's budget.* section: the schema's (common.config.sweep_defaults), `settings` over it."""
+    return Budget.from_config(sweep_defaults()["budget"] | settings)
 
 
 # ---- kB, validation, constraint values ---------------------------------------------------------------------
@@ -43,13 +51,13 @@ def test_parameter_kb_is_bytes_per_parameter_over_1000():
 ])
 def test_invalid_budgets_are_one_clear_line(config, message):
     with pytest.raises(ValueError) as error:
-        Budget.from_config({"max_macs": None, "max_params": None, "max_kb": None, "precision": "int8"} | config)
+        budget_of(**config)
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
 def test_no_budget_set_means_no_budget():
-    assert Budget.from_config({"max_macs": None, "max_params": None, "max_kb": None, "precision": "fp32"}) is None
-    budget = Budget.from_config({"max_macs": 3e6, "max_params": None, "max_kb": 128, "precision": "int8"})
+    assert budget_of(precision="fp32") is None
+    budget = budget_of(max_macs=3e6, max_kb=128, precision="int8")
     assert budget.limits == {"max_macs": 3e6, "max_kb": 128.0}
 
 
@@ -64,7 +72,7 @@ def test_constraint_values_and_result_annotations():
     notes = budget.annotations(result, at_end=False)
     assert notes["feasible"] == 0 and notes["param_kb"] == 256.0
     assert notes["constraint_max_macs"] == pytest.approx(-0.5) and notes["constraint_max_kb"] == pytest.approx(1.0)
-    assert Budget(max_macs=1e6).annotations(result, at_end=False) == {"feasible": 1, "constraint_max_macs": -0.5}
+    assert budget_of(max_macs=1e6).annotations(result, at_end=False) == {"feasible": 1, "constraint_max_macs": -0.5}
 
 
 # ---- constraints reach the Optuna study ---------------------------------------------------------------------
@@ -76,7 +84,7 @@ def test_constraints_reach_the_study_for_complete_and_pruned_trials():
     from search_spaces.schema import load_space
     from sweeps.tuning import make_searcher
 
-    budget = Budget(max_macs=2e6, max_kb=100, precision="int8")
+    budget = budget_of(max_macs=2e6, max_kb=100, precision="int8")
     searcher = make_searcher(load_space("quick", QUICK), "tpe", "multi", seed=0, last_epoch=3, budget=budget)
     searcher.set_search_properties(None, None, {})
     for trial_id in ("over_macs", "feasible", "over_kb", "stopped_ok", "errored"):
@@ -122,14 +130,10 @@ def test_constraints_reach_the_study_for_complete_and_pruned_trials():
 
 @pytest.fixture(scope="module")
 def quick_base():
-    from hydra import compose, initialize_config_dir
+    from common.cli import compose
+    from common.config import run_section
 
-    from common.cli import plain
-    from common.config import CONF_DIR, run_section
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        config = plain(compose("sweep", overrides=["data.families=[bass,keyboard,organ]", "data.clip_seconds=0.5"]))
-    return run_section(config)
+    return run_section(compose("sweep", ["data.families=[bass,keyboard,organ]", "data.clip_seconds=0.5"]))
 
 
 def quick_space(base):
@@ -144,21 +148,34 @@ def quick_space(base):
 def test_unreachable_budget_is_refused_naming_the_smallest_reachable_value(quick_base):
     space = quick_space(quick_base)
     started = time.monotonic()
-    reach = smallest_reachable(Budget(max_macs=1, max_params=1), space, quick_base)
+    reach = smallest_reachable(budget_of(max_macs=1, max_params=1), space, quick_base)
     assert time.monotonic() - started < 20  # a few model builds and one pruning run
     # the smallest quick-space student: width 0.5, 32 mels x 51 frames (0.5 s clips), 30 % of its MACs kept
     assert reach["max_macs"].value == 305_529
     assert "width_mult=0.5" in reach["max_macs"].how and "target_macs_ratio=0.3" in reach["max_macs"].how
     with pytest.raises(ValueError, match=r"budget.max_macs=300,000 cannot be met by any trial of space quick: the "
                                          r"smallest it reaches is 305,529 MACs"):
-        check_reachable(Budget(max_macs=300_000), space, quick_base)
-    check_reachable(Budget(max_macs=305_529), space, quick_base)  # exactly reachable: accepted
+        check_reachable(budget_of(max_macs=300_000), space, quick_base)
+    check_reachable(budget_of(max_macs=305_529), space, quick_base)  # exactly reachable: accepted
     params = reach["max_params"].value
     with pytest.raises(ValueError, match=rf"budget.max_kb=10 cannot be met .* about {params / 1000:,.1f} kB of "
                                          r"parameters at int8"):
-        check_reachable(Budget(max_kb=10), space, quick_base)
-    check_reachable(Budget(max_params=params, max_kb=params / 1000), space, quick_base)
+        check_reachable(budget_of(max_kb=10), space, quick_base)
+    check_reachable(budget_of(max_params=params, max_kb=params / 1000), space, quick_base)
     check_reachable(None, space, quick_base)
+
+
+def test_the_params_probe_prunes_like_the_trial_with_its_round_to(quick_base):
+    """A trial with pruning.round_to prunes to channel counts in its multiples: the params probe prunes the same way
+    (it once pruned every student without round_to, whatever the trial's was)."""
+    from sweeps.budget import _student_costs
+    from trainable.run_config import trial_config
+
+    config = trial_config(quick_base, {"pruning.mode": "single", "pruning.target_macs_ratio": 0.3,
+                                       "student.width_mult": 0.5, "features.n_mels": 32})
+    params = {round_to: _student_costs([config | {"pruning": config["pruning"] | {"round_to": round_to}}], True)[0][1]
+              for round_to in (None, 16)}
+    assert params[16] != params[None]  # the same MACs target, reached with channel counts in multiples of 16
 
 
 # ---- the real CLI ------------------------------------------------------------------------------------------
@@ -200,7 +217,7 @@ def test_screening_spends_every_suggestion_inside_the_budget_and_tells_the_study
     from sweeps.tuning import make_searcher
     from trainable.run_config import trial_config
 
-    budget = Budget(max_macs=2e6, max_kb=300)
+    budget = budget_of(max_macs=2e6, max_kb=300)
     searcher = make_searcher(quick_space(quick_base), "tpe", "multi", seed=0, last_epoch=3, budget=budget,
                              base_config=quick_base)
     searcher.set_search_properties(None, None, {})

@@ -22,8 +22,10 @@ from pathlib import Path
 
 import pytest
 
+from common.config import run_defaults
 from sweeps.cluster import start_ray
 
+DEVICE = run_defaults()["device"]  # the schema's device= (auto)
 REPO = Path(__file__).resolve().parents[1]
 RAY_CLI = str(Path(sys.executable).with_name("ray"))
 TOKEN = "akds-test-token-0123456789abcdef0123456789abcdef"
@@ -321,18 +323,18 @@ def test_cpu_only_head_with_gpu_workers_gets_gpu_trials():
     from sweeps.cluster import Node, plan_resources
 
     head, workers = Node(cpus=8, gpus=0), [Node(cpus=16, gpus=4), Node(cpus=16, gpus=4)]
-    plan = plan_resources("auto", "auto", [head, *workers])
+    plan = plan_resources("auto", "auto", [head, *workers], DEVICE)
     assert plan.gpus_per_trial == 0.25 and plan.cpus_per_trial == 1 and plan.concurrent == 32
     assert plan.summary.startswith("3 nodes, 40 CPUs, 8 GPUs: 0.25 GPU per trial (4 per card), 1 CPU per trial")
     assert (plan.teacher_gpus, plan.teacher_cpus) == (1, 4)  # a whole card, and that card's share of its node
     # a GPU node with few CPUs gets fewer trials per card, each with a CPU
-    assert plan_resources("auto", "auto", [head, Node(cpus=2, gpus=1)]).gpus_per_trial == 0.5
+    assert plan_resources("auto", "auto", [head, Node(cpus=2, gpus=1)], DEVICE).gpus_per_trial == 0.5
     # device=cpu: no GPU trials and no GPU for the teacher, whatever the cluster has
     on_cpu = plan_resources("auto", "auto", [head, *workers], device="cpu")
     assert on_cpu.gpus_per_trial == 0 and on_cpu.teacher_gpus == 0 and on_cpu.teacher_cpus == 16
     # the CPU default follows the GPU share: half-card trials put 8 trials on a 16-CPU, 4-GPU node
-    assert plan_resources("auto", 0.5, [head, *workers]).cpus_per_trial == 2
-    assert plan_resources("auto", "auto", [Node(cpus=2, gpus=0)]).summary == (
+    assert plan_resources("auto", 0.5, [head, *workers], DEVICE).cpus_per_trial == 2
+    assert plan_resources("auto", "auto", [Node(cpus=2, gpus=0)], DEVICE).summary == (
         "1 node, 2 CPUs, no GPU: CPU trials, 1 CPU per trial, up to 2 trials at once")
 
 
@@ -350,7 +352,7 @@ def test_resources_the_cluster_cannot_hold_are_one_line_errors(cpus, gpus, nodes
     from sweeps.cluster import Node, plan_resources
 
     with pytest.raises(ValueError, match=message) as err:
-        plan_resources(cpus, gpus, [Node(c, g) for c, g in nodes])
+        plan_resources(cpus, gpus, [Node(c, g) for c, g in nodes], DEVICE)
     assert "\n" not in str(err.value)
 
 
@@ -358,8 +360,8 @@ def test_fractions_that_fill_cards_are_accepted():
     from sweeps.cluster import Node, plan_resources
 
     for gpus, per_card in ((0.5, 2), (0.25, 4), (0.33, 3), (1 / 3, 3), (0.2, 5)):
-        assert plan_resources(1, gpus, [Node(16, 1)]).concurrent == per_card, gpus
-    assert plan_resources(1, 2, [Node(16, 4)]).concurrent == 2
+        assert plan_resources(1, gpus, [Node(16, 1)], DEVICE).concurrent == per_card, gpus
+    assert plan_resources(1, 2, [Node(16, 4)], DEVICE).concurrent == 2
 
 
 def test_multi_node_cluster_refuses_folders_only_this_machine_sees(tmp_path):
@@ -630,13 +632,13 @@ def test_resume_takes_where_to_run_from_its_command_line():
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
 
-    from common.cli import plain
+    from common import cli
     from sweeps.run import runtime_settings
     from tests.conftest import CONF_DIR
 
     overrides = ["resume=true", "name=old", "ray.address=newhead:6379"]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        config = plain(compose("sweep", overrides=overrides))
+        config = cli.compose("sweep", overrides)
         with_hydra = compose("sweep", overrides=overrides, return_hydra_config=True)  # what @hydra.main records
     saved = {"space": "quick", "ray": {"address": "oldhead:6379", "num_cpus": None},
              "resources": {"cpus_per_trial": 2, "gpus_per_trial": 0.5, "max_concurrent_trials": None}}

@@ -335,8 +335,8 @@ def test_trial_all_selects_every_search_trial(sweep_dir):
     from analysis.results import load_sweep
 
     sweep = load_sweep(sweep_dir)
-    assert [t.trial_id for t in select_trials([sweep], "all")] == ["front1", "other"]
-    assert [t.trial_id for t in select_trials([sweep], "front")] == ["front1"]
+    assert [t.trial_id for t in select_trials([sweep], "all", None)] == ["front1", "other"]
+    assert [t.trial_id for t in select_trials([sweep], "front", None)] == ["front1"]
 
 
 def test_trial_retrained_selects_the_finished_front_runs_of_every_seed(sweep_dir):
@@ -347,11 +347,11 @@ def test_trial_retrained_selects_the_finished_front_runs_of_every_seed(sweep_dir
     from analysis.pareto import select_trials
     from analysis.results import load_sweep
 
-    assert [t.trial_id for t in select_trials([load_sweep(sweep_dir)], "retrained")] == ["ra", "rb"]
+    assert [t.trial_id for t in select_trials([load_sweep(sweep_dir)], "retrained", None)] == ["ra", "rb"]
     shutil.rmtree(sweep_dir / "retrain")
     with pytest.raises(ValueError, match=r"^trial=retrained: sweep\(s\) sw have no finished retraining run yet; run "
                                          r"python sweeps/run.py stage=retrain name=sw"):
-        select_trials([load_sweep(sweep_dir)], "retrained")
+        select_trials([load_sweep(sweep_dir)], "retrained", None)
 
 
 def exported(test_int8: float, ms: float, int8_ms: float, int8_error: str | None = None) -> dict:
@@ -362,7 +362,7 @@ def exported(test_int8: float, ms: float, int8_ms: float, int8_error: str | None
 
 def test_best_to_ship_is_the_retrained_config_inside_the_budget_with_the_best_validation_mean():
     from analysis.pareto import best_to_ship, budget_line
-    from sweeps.budget import Budget
+    from tests.test_budget import budget_of
 
     runs = [  # fa: 2e6 MACs, 1,000 params; fb: 1e6 MACs, 500 params, less accurate on validation
         *[run("fa", "front", s, "off", "single", t, val=v) | exported(t - 0.01, 0.2, 0.1)
@@ -373,7 +373,7 @@ def test_best_to_ship_is_the_retrained_config_inside_the_budget_with_the_best_va
     ]
     table = retrained_front_table(runs)
     search_rows = [{"trial_id": "t1", "val_acc": 0.9, "target_macs": 1e5, "macs": 1e5, "params": 100}]
-    budget = Budget(max_macs=3e6)
+    budget = budget_of(max_macs=3e6)
     best = best_to_ship(search_rows, table, budget)
     assert best["trial_id"] == "fa" and best["val_acc"] == pytest.approx(0.82)  # validation chooses, not test
     line = budget_line(budget, best)
@@ -382,11 +382,13 @@ def test_best_to_ship_is_the_retrained_config_inside_the_budget_with_the_best_va
                     "val acc 0.82, test acc fp32/int8 0.72/0.71, target MACs 2,000,000, params 1,000, "
                     "kB fp32/int8 4/1, "
                     "latency ms 1 thread fp32/int8 0.2/0.1")
-    assert best_to_ship(search_rows, table, Budget(max_macs=1.5e6))["trial_id"] == "fb"
-    assert best_to_ship(search_rows, table, Budget(max_macs=3e6, max_kb=0.2))["trial_id"] == "t1"  # none retrained fits
+    assert best_to_ship(search_rows, table, budget_of(max_macs=1.5e6))["trial_id"] == "fb"
+    # none retrained fits
+    assert best_to_ship(search_rows, table, budget_of(max_macs=3e6, max_kb=0.2))["trial_id"] == "t1"
     over = retrained_front_table([r | ({"feasible": False} if r["front_trial"] == "fb" and r["seed"] else {})
                                   for r in runs])
-    assert best_to_ship(search_rows, over, Budget(max_macs=1.5e6))["trial_id"] == "t1"  # a seed of fb broke the budget
+    # a seed of fb broke the budget
+    assert best_to_ship(search_rows, over, budget_of(max_macs=1.5e6))["trial_id"] == "t1"
     broken = retrained_front_table([r | ({"int8_error": "x"} if r["front_trial"] == "fa" else {}) for r in runs])
     assert best_to_ship(search_rows, broken, budget)["trial_id"] == "fb"  # fa cannot ship as int8
 
@@ -460,7 +462,8 @@ def test_report_shows_the_retrained_table_and_every_verdict():
     rows = [{"sweep": "s", "trial_id": "fa", "status": "completed", "on_front": True, "kd": "off", "pruning": "single",
              "val_acc": 0.8, "target_macs": 2e6, "macs": 2e6, "params": 1000, "epochs": 3}]
     comparisons = retrained_comparisons(RUNS)
-    page = render_report(rows, normalised_hypervolumes(rows), b"png", retrained_runs=RUNS, comparisons=comparisons)
+    page = render_report(rows, normalised_hypervolumes(rows, None), b"png", None, retrained_runs=RUNS,
+                         comparisons=comparisons)
     for c in comparisons:
         assert c.sentence in page
     assert "KD adds +3.8 points of test accuracy (95% CI +1.4 to +6.1, n=4): the interval excludes 0." in page
@@ -474,7 +477,7 @@ def test_report_shows_the_retrained_table_and_every_verdict():
     assert DENSE_QUESTION not in page  # no dense_same_macs runs
     runs = [r | ({"nsynth_test_acc": 0.3 + 0.02 * r["seed"], "nsynth_test_n": 40} if r["role"] == "front" else {})
             for r in RUNS + DENSE]  # analysis/evaluate.py trial=retrained eval.extra=[.../nsynth-test] has run
-    page = render_report(rows, normalised_hypervolumes(rows), b"png", retrained_runs=runs,
+    page = render_report(rows, normalised_hypervolumes(rows, None), b"png", None, retrained_runs=runs,
                          comparisons=retrained_comparisons(runs))
     assert "<th>nsynth_<wbr>test acc (mean &plusmn; std)</th>" in page
     assert ("<td>0.740 &plusmn; 0.040</td><td>0.500</td><td>0.800</td><td>3</td><td>0</td>"

@@ -17,6 +17,8 @@ from data_prep.splits import select, split_counts
 from tests.nsynth_fixtures import SAMPLE_EXAMPLES, synth_note, write_official_layout
 
 FIVE = ["bass", "keyboard", "reed", "string", "vocal"]  # the families of the released sample
+DATA = run_defaults()["data"]  # the schema's data.*
+QUOTA_AND_CAPS = {"min_eval_instruments": DATA["min_eval_instruments"], "split_caps": DATA["split_caps"]}
 
 
 def nsynth_cfg(root: Path, **over) -> dict:
@@ -93,7 +95,8 @@ def test_moved_data_folder_hits_every_cache(official_root, tmp_path):
 
     work = tmp_path / "work"
     first = prepare_data(nsynth_cfg(official_root), work)
-    make_pipeline(first, "train", FeatureConfig(n_mels=32), torch.device("cpu"), work)._features_source()
+    share = run_defaults()["train"]["device_data_share"]
+    make_pipeline(first, "train", FeatureConfig(n_mels=32), torch.device("cpu"), work, share)._features_source()
     caches = sorted(p.name for p in (work / "cache").rglob("*") if p.is_file())
     moved = shutil.copytree(official_root, tmp_path / "elsewhere" / "nsynth")  # new paths, new mtimes
     for wav in moved.rglob("*.wav"):
@@ -101,7 +104,7 @@ def test_moved_data_folder_hits_every_cache(official_root, tmp_path):
     shutil.rmtree(official_root)
     again = prepare_data(nsynth_cfg(moved), work)
     assert again.cache_dir == first.cache_dir
-    make_pipeline(again, "train", FeatureConfig(n_mels=32), torch.device("cpu"), work)._features_source()
+    make_pipeline(again, "train", FeatureConfig(n_mels=32), torch.device("cpu"), work, share)._features_source()
     assert sorted(p.name for p in (work / "cache").rglob("*") if p.is_file()) == caches  # nothing new was built
 
 
@@ -168,8 +171,10 @@ def test_resplit_by_instrument_and_by_note_is_disjoint_and_seeded(tmp_path):
     # one pooled folder (3 instruments per family): must be re-split
     pooled = [dataclasses.replace(r, split="train") for r in read_layout(root)]
     for split_by in ("instrument", "note"):
-        out = select(pooled, FIVE, None, None, split_by, {"train": .6, "valid": .2, "test": .2}, 4.0, seed=3)
-        again = select(pooled, FIVE, None, None, split_by, {"train": .6, "valid": .2, "test": .2}, 4.0, seed=3)
+        out = select(pooled, FIVE, None, None, split_by, {"train": .6, "valid": .2, "test": .2}, 4.0, seed=3,
+                     **QUOTA_AND_CAPS)
+        again = select(pooled, FIVE, None, None, split_by, {"train": .6, "valid": .2, "test": .2}, 4.0, seed=3,
+                       **QUOTA_AND_CAPS)
         assert ({s: [r.note_str for r in v] for s, v in out.items()}
                 == {s: [r.note_str for r in v] for s, v in again.items()})
         assert sum(len(v) for v in out.values()) == len(pooled)
@@ -180,11 +185,12 @@ def test_resplit_by_instrument_and_by_note_is_disjoint_and_seeded(tmp_path):
 
 def test_per_family_cap_and_size_cap(official_root):
     records = read_layout(official_root)
-    out = select(records, FIVE, 6, None, "instrument", {"train": .7, "valid": .15, "test": .15}, 4.0, 0)
+    out = select(records, FIVE, 6, None, "instrument", {"train": .7, "valid": .15, "test": .15}, 4.0, 0,
+                 **QUOTA_AND_CAPS)
     per_family = {f: sum(r.family == f for v in out.values() for r in v) for f in FIVE}
     assert set(per_family.values()) == {6}
     tiny = select(records, FIVE, None, 5 * 3 * 128_000 / 2**20, "instrument",
-                  {"train": .7, "valid": .15, "test": .15}, 4.0, 0)
+                  {"train": .7, "valid": .15, "test": .15}, 4.0, 0, **QUOTA_AND_CAPS)
     assert sum(len(v) for v in tiny.values()) == 15
 
 
@@ -225,15 +231,16 @@ def test_instrument_table_counts_base_and_derived_instruments_per_split():
     assert rows["total"] == ["total", "3+3", "6", "3+0", "3", "2+2", "3", "8+5", "12"]
     assert "valid/test < 2 base" in " ".join(rows["bass"]) and "test < 2 base" in " ".join(rows["organ"])
     assert "valid" not in " ".join(rows["organ"][9:])
-    assert [line.split()[0] for line in instrument_table(records).splitlines()[2:]] == ["bass", "organ", "total"]
-    assert "<" not in instrument_table(records)
+    unflagged = instrument_table(records, min_eval_instruments=0)  # no quota: nothing to flag
+    assert [line.split()[0] for line in unflagged.splitlines()[2:]] == ["bass", "organ", "total"]
+    assert "<" not in unflagged
 
 
 def test_resplit_keeps_derived_instruments_with_their_base_and_applies_the_quota():
     records = [record("train", "organ", f"organ_electronic_{v * 1000 + p:03d}", pitch, f"organ_electronic_{p:03d}")
                for p in range(16, 21) for v in range(4) for pitch in (60, 61)]
     out = select(records, ["organ"], None, None, "instrument", {"train": .7, "valid": .15, "test": .15}, 4.0,
-                 seed=1, min_eval_instruments=2)
+                 seed=1, min_eval_instruments=2, split_caps=DATA["split_caps"])
     split_of = {}
     for split, recs in out.items():
         for r in recs:
@@ -246,7 +253,7 @@ def test_cached_records_follow_the_cache(official_root, tmp_path):
     data = prepare_data(nsynth_cfg(official_root), tmp_path / "work")
     records = cached_records(data, read_layout(official_root))
     assert [r.note_str for r in records if r.split == "valid"] == data.splits["valid"].ids
-    table = instrument_table(records)
+    table = instrument_table(records, DATA["min_eval_instruments"])
     assert table.splitlines()[-1].split()[1:3] == ["5+0", "15"]  # 5 families x 1 instrument x 3 notes in train
 
 

@@ -7,10 +7,12 @@ import torch
 import torchaudio
 from omegaconf import OmegaConf
 
-from common.config import FeatureConfig
+from common.config import FeatureConfig, run_defaults
 from trainable.features.cache import cached_logmel, feature_fingerprint
 from trainable.features.pipeline import FeaturePipeline
 from trainable.features.transforms import LogMel, SpecAugment, WaveformAugment
+
+DEVICE_DATA_SHARE = run_defaults()["train"]["device_data_share"]  # the schema's
 
 SAMPLE_RATE = 16000
 
@@ -279,7 +281,7 @@ def test_cache_with_wrong_shape_is_rejected(tmp_path):
 
 def make_pipeline(tmp_path, cfg: FeatureConfig, num_clips: int = 10) -> FeaturePipeline:
     labels = np.arange(num_clips) % 3 + 5
-    return FeaturePipeline(synth_waveforms(num_clips), labels, "wave-a", cfg, "cpu", tmp_path)
+    return FeaturePipeline(synth_waveforms(num_clips), labels, "wave-a", cfg, "cpu", tmp_path, DEVICE_DATA_SHARE)
 
 
 @pytest.mark.parametrize("train", [True, False])
@@ -349,7 +351,7 @@ def test_pipeline_with_waveform_augmentation_recomputes_train_batches(tmp_path, 
 
 def test_pipeline_rejects_mismatched_inputs(tmp_path):
     with pytest.raises(ValueError, match="9 labels for 10 waveforms"):
-        FeaturePipeline(synth_waveforms(10), np.zeros(9), "w", FeatureConfig(), "cpu", tmp_path)
+        FeaturePipeline(synth_waveforms(10), np.zeros(9), "w", FeatureConfig(), "cpu", tmp_path, DEVICE_DATA_SHARE)
     with pytest.raises(ValueError, match="batch_size=0"):
         next(make_pipeline(tmp_path, FeatureConfig()).batches(0, train=False))
 

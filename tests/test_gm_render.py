@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common.config import run_defaults
 from data_prep import gm_render, soundfonts
 from data_prep.gm_render import (
     GM_PROGRAM_FAMILIES,
@@ -73,8 +74,12 @@ def test_family_table_markdown_lists_every_family_and_program():
         assert re.search(rf"(\| |, ){program} ", table), f"program {program} missing from the table"
 
 
+# One SoundFont, no derived instruments, no eval quota: the plain plan most tests here are about.
+PLAIN = {"soundfonts": 1, "variants": 0, "min_eval_instruments": 0}
+
+
 def plan_notes(families, notes_per_family, seed, **kwargs):
-    return plan_dataset(families, notes_per_family, seed, FRACTIONS, **kwargs).specs
+    return plan_dataset(families, notes_per_family, seed, FRACTIONS, **(PLAIN | kwargs)).specs
 
 
 def test_plan_notes_is_deterministic_balanced_and_valid():
@@ -91,7 +96,7 @@ def test_plan_notes_is_deterministic_balanced_and_valid():
         assert NOTE_STR_PATTERN.match(spec.note_str) and NOTE_STR_RE.match(spec.note_str), spec.note_str
         assert spec.note_str.startswith(f"{spec.family}_{spec.source}_{spec.program:03d}-")
         assert spec.instrument_str == spec.base_instrument_str and spec.variant == 0
-    full = plan_dataset(NSYNTH_FAMILIES, 40, 7, FRACTIONS)
+    full = plan_dataset(NSYNTH_FAMILIES, 40, 7, FRACTIONS, **PLAIN)
     for family in NSYNTH_FAMILIES:
         for split in SPLITS:  # within a split, notes are spread evenly over its base instruments
             per_program = collections.Counter(s.program for s in plan if s.family == family and full.split(s) == split)
@@ -139,7 +144,10 @@ def test_split_quotas_for_families_with_five_or_more_base_instruments():
     assert quota_counts(4, FRACTIONS, 2) == {"train": 2, "valid": 1, "test": 1}
     assert quota_counts(5, FRACTIONS, 0) == {"train": 3, "valid": 1, "test": 1}
     # the defaults (180 notes per family, 19 variants, 2 eval instruments) on every family
-    plan = plan_dataset(NSYNTH_FAMILIES, 180, 0, FRACTIONS, variants=19, min_eval_instruments=2)
+    data = run_defaults()["data"]
+    plan = plan_dataset(NSYNTH_FAMILIES, 180, 0, FRACTIONS, len(data["soundfonts"]), data["variants"],
+                        data["min_eval_instruments"])
+    assert (data["per_family"], data["variants"], data["min_eval_instruments"]) == (180, 19, 2)
     for family in NSYNTH_FAMILIES:
         bases = {split: {s.base for s in plan.specs if s.family == family and plan.split(s) == split}
                  for split in SPLITS}

@@ -116,7 +116,8 @@ def test_data_teacher_and_logits_live_on_the_trials_device(gpu_run, seen):
     from trainable.teacher import kd_arguments, teacher_inputs
 
     config, data = gpu_run
-    pipeline = make_pipeline(data, "train", FeatureConfig.from_mapping(config["features"]), DEVICE, config["workdir"])
+    pipeline = make_pipeline(data, "train", FeatureConfig.from_mapping(config["features"]), DEVICE, config["workdir"],
+                             config["train"]["device_data_share"])
     pipeline.prepare(train=True)
     batch = next(pipeline.batches(8, train=True, generator=torch.Generator().manual_seed(0)))
     assert {batch.features.device.type, batch.labels.device.type, batch.indices.device.type} == {DEVICE.type}
@@ -165,12 +166,14 @@ def test_pruning_and_macs_on_a_cuda_model(gpu_run, seen):
 
     config, data = gpu_run
     shape = (1, 1, 32, 101)
-    model = create_student("mobilenet_v3_small", 0.75, data.num_classes).to(DEVICE)
+    dropout = config["student"]["dropout"]
+    model = create_student("mobilenet_v3_small", 0.75, data.num_classes, dropout).to(DEVICE)
     on_device = count_macs_params(model, shape)
-    cpu_model = create_student("mobilenet_v3_small", 0.75, data.num_classes)
+    cpu_model = create_student("mobilenet_v3_small", 0.75, data.num_classes, dropout)
     cpu_model.load_state_dict({k: v.cpu() for k, v in model.state_dict().items()})
     assert on_device == count_macs_params(cpu_model, shape)
-    step = prune_to_macs(model, torch.zeros(shape, device=DEVICE), on_device[0], 0.5)
+    step = prune_to_macs(model, torch.zeros(shape, device=DEVICE), on_device[0], 0.5, config["pruning"]["importance"],
+                         config["pruning"]["round_to"])
     assert abs(step.macs_ratio_reached - 0.5) <= MACS_TOLERANCE * 0.5
     assert {p.device.type for p in model.parameters()} == {DEVICE.type}
     with torch.autocast(DEVICE.type, dtype=torch.bfloat16):

@@ -3,7 +3,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from common.config import run_defaults
 from trainable.kd import KDLoss, Mixup, kd_loss
+
+KD = {key: run_defaults()["kd"][key] for key in ("T", "alpha")}  # the schema's kd.T and kd.alpha
 
 
 def _log_softmax(z: np.ndarray) -> np.ndarray:
@@ -63,22 +66,22 @@ def test_mixup_mixes_teacher_targets_and_labels_with_the_same_lambda_and_order(l
 
 def test_alpha_zero_is_plain_cross_entropy_and_alpha_one_is_pure_kd():
     student, teacher, targets = _batch(1)
-    assert kd_loss(student, teacher, targets, alpha=0.0).total.item() == pytest.approx(
+    assert kd_loss(student, teacher, targets, KD["T"], alpha=0.0).total.item() == pytest.approx(
         F.cross_entropy(student, targets).item(), rel=1e-12)
-    pure = kd_loss(student, teacher, targets, alpha=1.0)
+    pure = kd_loss(student, teacher, targets, KD["T"], alpha=1.0)
     assert pure.total.item() == pytest.approx(pure.kd.item(), rel=1e-12)
 
 
 def test_kd_term_vanishes_when_student_copies_teacher():
     student, _, targets = _batch(2)
-    assert kd_loss(student, student.clone(), targets).kd.item() == pytest.approx(0.0, abs=1e-12)
+    assert kd_loss(student, student.clone(), targets, **KD).kd.item() == pytest.approx(0.0, abs=1e-12)
 
 
 def test_gradients_reach_student_logits_only():
     student, teacher, targets = _batch(3)
     student.requires_grad_(True)
     teacher.requires_grad_(True)
-    kd_loss(student, teacher, targets).total.backward()
+    kd_loss(student, teacher, targets, **KD).total.backward()
     assert teacher.grad is None
     assert student.grad is not None and student.grad.abs().sum() > 0
 
@@ -92,12 +95,12 @@ def test_gradients_reach_student_logits_only():
 def test_rejects_bad_hyperparameters(kwargs, message):
     student, teacher, targets = _batch()
     with pytest.raises(ValueError, match=message):
-        kd_loss(student, teacher, targets, **kwargs)
+        kd_loss(student, teacher, targets, **(KD | kwargs))
 
 
 def test_rejects_mismatched_shapes():
     student, teacher, targets = _batch()
     with pytest.raises(ValueError, match="num_classes"):
-        kd_loss(student, teacher[:, :10], targets)
+        kd_loss(student, teacher[:, :10], targets, **KD)
     with pytest.raises(ValueError, match="targets"):
-        kd_loss(student, teacher, targets[:3])
+        kd_loss(student, teacher, targets[:3], **KD)

@@ -52,13 +52,9 @@ class FakeRemoteCheckpoint:
 
 @pytest.fixture(scope="module")
 def base_config(tmp_path_factory) -> dict:
-    from hydra import compose, initialize_config_dir
+    from common.cli import compose
 
-    from common.cli import plain
-
-    workdir = tmp_path_factory.mktemp("work")
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return plain(compose("config", overrides=[f"workdir={workdir}"]))
+    return compose("config", [f"workdir={tmp_path_factory.mktemp('work')}"])
 
 
 @pytest.fixture(scope="module")

@@ -107,6 +107,7 @@ def hub_dataset(folder: Path, per_split: int) -> None:
 
 
 def test_interrupted_hub_stream_resumes_without_fetching_finished_notes(tmp_path, monkeypatch):
+    from common.config import run_defaults
     from data_prep import sources
 
     hub = tmp_path / "hub"
@@ -114,7 +115,8 @@ def test_interrupted_hub_stream_resumes_without_fetching_finished_notes(tmp_path
     root = tmp_path / "materialised"
     monkeypatch.setattr(sources, "SAVE_EVERY", 8)
     args = (root, str(hub), {"train": "train", "valid": "validation", "test": "test"},
-            ["bass", "keyboard", "reed", "string", "vocal"], None, None, 0, {"train": .8, "valid": .1, "test": .1})
+            ["bass", "keyboard", "reed", "string", "vocal"], None, None, 0, {"train": .8, "valid": .1, "test": .1},
+            run_defaults()["data"]["split_caps"])
     decoded: list[str] = []
     real_decode = sources._decode_hub_audio
 

@@ -5,9 +5,11 @@ from ray.tune.callback import CallbackList
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 
+from common.config import sweep_defaults
 from sweeps.pareto_asha import ParetoASHA, ParetoASHAStateCallback
 
 CONTINUE, STOP = TrialScheduler.CONTINUE, TrialScheduler.STOP
+METRIC = sweep_defaults()["scheduler"]["metric"]  # the schema's scheduler.metric
 
 
 def _trial(trial_id: str) -> Trial:
@@ -111,13 +113,13 @@ def test_missing_objective_is_a_clear_error():
 
 def test_invalid_construction_is_rejected():
     with pytest.raises(ValueError, match="'max' or 'min'"):
-        ParetoASHA(objectives={"val_acc": "maximize"})
+        ParetoASHA(objectives={"val_acc": "maximize"}, max_t=10, grace_period=1, reduction_factor=3)
     with pytest.raises(ValueError, match="reduction_factor"):
-        ParetoASHA(reduction_factor=1)
+        ParetoASHA(max_t=10, grace_period=1, reduction_factor=1)
 
 
 def test_tune_metric_and_mode_are_accepted_but_do_not_change_the_objectives():
-    scheduler = ParetoASHA(max_t=10)
+    scheduler = _scheduler()
     assert scheduler.set_search_properties("val_acc", "max", config={}) is True
     assert scheduler.metric is None  # Tune then does not demand a single scheduler metric
     with pytest.raises(ValueError, match="target_macs"):
@@ -148,7 +150,7 @@ def test_save_and_restore_files(tmp_path):
     fresh = _scheduler()
     fresh.restore(str(tmp_path / "scheduler.pkl"))
     assert fresh.get_state() == scheduler.get_state()
-    mismatched = ParetoASHA(max_t=100)
+    mismatched = ParetoASHA(max_t=100, grace_period=1, reduction_factor=3)
     with pytest.raises(ValueError, match="same max_t"):
         mismatched.restore(str(tmp_path / "scheduler.pkl"))
 
@@ -175,9 +177,9 @@ def test_state_callback_restores_rungs_the_way_tuner_restore_does(tmp_path):
 # Budgets (sweeps/budget.py): a trial known to break one is stopped at once and never ranked.
 
 def _budgeted(**limits) -> ParetoASHA:
-    from sweeps.budget import Budget
+    from tests.test_budget import budget_of
 
-    scheduler = ParetoASHA(time_attr="epoch", max_t=10, grace_period=1, reduction_factor=3, budget=Budget(**limits))
+    scheduler = ParetoASHA(time_attr="epoch", max_t=10, grace_period=1, reduction_factor=3, budget=budget_of(**limits))
     scheduler.set_search_properties(None, None)
     return scheduler
 
@@ -275,11 +277,11 @@ def test_a_first_rung_at_or_after_the_last_epoch_is_said(caplog):
     from sweeps.tuning import make_scheduler
 
     with caplog.at_level("WARNING", logger="sweeps.tuning"):
-        scheduler = make_scheduler("pareto_asha", "multi", 3, 6, 3)
+        scheduler = make_scheduler("pareto_asha", "multi", 3, 6, 3, METRIC)
     assert scheduler.rung_milestones == []
     assert "scheduler.grace_period=6 is not below train.epochs=3: pareto_asha has no rung" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="sweeps.tuning"):
-        make_scheduler("pareto_asha", "multi", 10, 6, 3)
-        make_scheduler("fifo", "multi", 3, 6, 3)
+        make_scheduler("pareto_asha", "multi", 10, 6, 3, METRIC)
+        make_scheduler("fifo", "multi", 3, 6, 3, METRIC)
     assert caplog.text == ""

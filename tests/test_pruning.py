@@ -5,7 +5,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trainable.models import create_student
+from common.config import run_defaults
+from tests.test_models import student_model
 from trainable.pruning import (
     MACS_TOLERANCE,
     PruneStep,
@@ -21,11 +22,18 @@ from trainable.pruning import (
 
 torch.set_num_threads(1)
 SMALL_INPUT = (1, 1, 32, 40)
+PRUNING = run_defaults()["pruning"]  # the schema's pruning.*
 
 
 def _student(arch: str = "mobilenet_v3_small") -> nn.Module:
     torch.manual_seed(0)
-    return create_student(arch, width_mult=0.75, num_classes=11).eval()
+    return student_model(arch=arch, width_mult=0.75, num_classes=11).eval()
+
+
+def prune(model: nn.Module, example: torch.Tensor, base_macs: int, ratio: float, **given) -> PruneStep:
+    """prune_to_macs with the schema's pruning.importance and pruning.round_to, `given` over them."""
+    return prune_to_macs(model, example, base_macs, ratio,
+                         **({"importance": PRUNING["importance"], "round_to": PRUNING["round_to"]} | given))
 
 
 def _n_params(model: nn.Module) -> int:
@@ -51,17 +59,17 @@ def test_schedule_cubic_and_linear_by_hand():
 
 
 def test_schedule_other_modes():
-    assert pruning_schedule("single", 0.5, steps=5) == [0.5]
-    assert pruning_schedule("unstructured", 0.4) == [0.4]
-    assert pruning_schedule("none", 0.5) == []
-    assert pruning_schedule("progressive", 0.5, 1) == [0.5]
+    assert pruning_schedule("single", 0.5, 5, PRUNING["schedule"]) == [0.5]
+    assert pruning_schedule("unstructured", 0.4, PRUNING["steps"], PRUNING["schedule"]) == [0.4]
+    assert pruning_schedule("none", 0.5, PRUNING["steps"], PRUNING["schedule"]) == []
+    assert pruning_schedule("progressive", 0.5, 1, PRUNING["schedule"]) == [0.5]
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (("cut", 0.5), "mode"),
-    (("single", 0.0), "target_macs_ratio"),
-    (("single", 1.2), "target_macs_ratio"),
-    (("progressive", 0.5, 0), "steps"),
+    (("cut", 0.5, 3, "cubic"), "mode"),
+    (("single", 0.0, 3, "cubic"), "target_macs_ratio"),
+    (("single", 1.2, 3, "cubic"), "target_macs_ratio"),
+    (("progressive", 0.5, 0, "cubic"), "steps"),
     (("progressive", 0.5, 3, "exp"), "schedule"),
 ])
 def test_schedule_rejects_bad_arguments(args, message):
@@ -91,7 +99,7 @@ def test_single_shot_reaches_half_the_macs(arch, n_mels):
     model = _student(arch)
     input_shape = (1, 1, n_mels, 40)
     base_macs, base_params = count_macs_params(model, input_shape)
-    step = prune_to_macs(model, torch.randn(input_shape), base_macs, 0.5)
+    step = prune(model, torch.randn(input_shape), base_macs, 0.5)
     _assert_on_target(model, step, base_macs, input_shape)
     assert step.params < 0.75 * base_params
 
@@ -102,7 +110,7 @@ def test_progressive_cubic_steps_to_thirty_percent():
     example = torch.randn(SMALL_INPUT)
     params = base_params
     for keep in pruning_schedule("progressive", 0.3, 3, "cubic"):
-        step = prune_to_macs(model, example, base_macs, keep)
+        step = prune(model, example, base_macs, keep)
         _assert_on_target(model, step, base_macs, SMALL_INPUT)
         assert step.params < params
         params = step.params
@@ -116,8 +124,8 @@ def test_every_importance_prunes_and_ranks_channels_differently(caplog):
     for importance in ("l1", "l2", "taylor", "random"):
         model = _student().train()  # as in a fine-tuning loop
         base_macs, _ = count_macs_params(model, SMALL_INPUT)
-        step = prune_to_macs(model, example, base_macs, 0.5, importance=importance,
-                             calibration=lambda m: F.cross_entropy(m(calibration_x), calibration_y))
+        step = prune(model, example, base_macs, 0.5, importance=importance,
+                     calibration=lambda m: F.cross_entropy(m(calibration_x), calibration_y))
         assert model.training
         _assert_on_target(model.eval(), step, base_macs, SMALL_INPUT)
         assert all(p.grad is None for p in model.parameters())  # taylor's calibration gradients are cleared
@@ -132,7 +140,7 @@ def test_round_to_keeps_channel_counts_multiples_of_it():
     def odd_widths(round_to: int | None) -> list[int]:
         model = _student()
         base_macs, _ = count_macs_params(model, SMALL_INPUT)
-        prune_to_macs(model, torch.randn(SMALL_INPUT), base_macs, 0.5, round_to=round_to)
+        prune(model, torch.randn(SMALL_INPUT), base_macs, 0.5, round_to=round_to)
         return [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d) and m.out_channels % 8]
     assert odd_widths(None)  # otherwise this test could not tell round_to apart from luck
     assert odd_widths(8) == []
@@ -143,20 +151,20 @@ def test_unreachable_target_and_bad_arguments_raise():
     example = torch.randn(SMALL_INPUT)
     base_macs, _ = count_macs_params(model, SMALL_INPUT)
     with pytest.raises(ValueError, match="cannot prune"):
-        prune_to_macs(copy.deepcopy(model), example, base_macs, 0.001)
+        prune(copy.deepcopy(model), example, base_macs, 0.001)
     with pytest.raises(ValueError, match="l1"):
-        prune_to_macs(model, example, base_macs, 0.5, importance="l3")
+        prune(model, example, base_macs, 0.5, importance="l3")
     with pytest.raises(ValueError, match="calibration"):
-        prune_to_macs(model, example, base_macs, 0.5, importance="taylor")
+        prune(model, example, base_macs, 0.5, importance="taylor")
     with pytest.raises(ValueError, match="target_macs_ratio"):
-        prune_to_macs(model, example, base_macs, 0.0)
+        prune(model, example, base_macs, 0.0)
     assert count_macs_params(model, SMALL_INPUT)[0] == base_macs  # failed calls left the model alone
 
 
 def test_target_already_met_changes_nothing():
     model = _student()
     base_macs, base_params = count_macs_params(model, SMALL_INPUT)
-    step = prune_to_macs(model, torch.randn(SMALL_INPUT), base_macs, 1.0)
+    step = prune(model, torch.randn(SMALL_INPUT), base_macs, 1.0)
     assert (step.macs, step.params, step.macs_ratio_reached) == (base_macs, base_params, 1.0)
 
 
@@ -189,11 +197,11 @@ def test_unstructured_zeroes_weights_but_not_macs():
 def test_pruned_model_round_trips_through_weights_only_checkpoint(tmp_path):
     model = _student()
     base_macs, _ = count_macs_params(model, SMALL_INPUT)
-    prune_to_macs(model, torch.randn(SMALL_INPUT), base_macs, 0.4)
+    prune(model, torch.randn(SMALL_INPUT), base_macs, 0.4)
     path = tmp_path / "pruned.pt"
     torch.save(model_state(model), path)
 
-    fresh = create_student("mobilenet_v3_small", width_mult=0.75, num_classes=11)
+    fresh = student_model(arch="mobilenet_v3_small", width_mult=0.75, num_classes=11)
     with pytest.raises(RuntimeError, match="size mismatch"):  # why a plain state_dict is not enough
         fresh.load_state_dict(model.state_dict())
     restored = load_model_state(fresh, torch.load(path, weights_only=True)).eval()
@@ -207,7 +215,7 @@ def test_pruned_model_round_trips_through_weights_only_checkpoint(tmp_path):
 def test_loading_into_another_arch_is_rejected():
     state = model_state(_student("mobilenet_v3_small"))
     with pytest.raises(ValueError, match="same arch"):
-        load_model_state(create_student("mobilenet_v2"), state)
+        load_model_state(student_model(arch="mobilenet_v2"), state)
 
 
 def test_a_late_small_step_that_can_only_overshoot_prunes_past_the_target(caplog):
@@ -215,9 +223,9 @@ def test_a_late_small_step_that_can_only_overshoot_prunes_past_the_target(caplog
     # 5 % fewer MACs and one channel per layer already removes 10 %
     shape = (1, 1, 64, 101)
     torch.manual_seed(0)
-    model = create_student("mobilenet_v3_small", width_mult=0.5, num_classes=11)
+    model = student_model(arch="mobilenet_v3_small", width_mult=0.5, num_classes=11)
     base_macs, _ = count_macs_params(model, shape)
     for ratio in pruning_schedule("progressive", 0.2398, 4, "cubic"):
-        step = prune_to_macs(model, torch.randn(shape), base_macs, ratio)
+        step = prune(model, torch.randn(shape), base_macs, ratio)
     assert step.macs < 0.2398 * base_macs * (1 - MACS_TOLERANCE) and step.macs == count_macs_params(model, shape)[0]
     assert "lands at" in caplog.text and "below" in caplog.text

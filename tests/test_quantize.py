@@ -16,7 +16,7 @@ INPUT_SHAPE = (1, 1, 32, 26)  # (batch, channel, n_mels, frames) of a 0.4 s clip
 def fp32_model(tmp_path_factory) -> tuple[Path, np.ndarray, np.ndarray]:
     """A MobileNetV3-small student exported to ONNX, with calibration and 'test' features and labels."""
     from analysis.export import export_onnx
-    from trainable.models import create_student
+    from tests.test_models import student_model
 
     torch.manual_seed(0)
     torch.set_num_threads(1)
@@ -24,7 +24,7 @@ def fp32_model(tmp_path_factory) -> tuple[Path, np.ndarray, np.ndarray]:
     features = rng.standard_normal((40, *INPUT_SHAPE[1:])).astype(np.float32)
     features[:, :, :16] += 1.5 * rng.standard_normal((40, 1, 1, 1)).astype(np.float32)  # some spread between clips
     labels = rng.integers(0, 3, 40)
-    model = create_student("mobilenet_v3_small", 0.5, 3)
+    model = student_model(width_mult=0.5, num_classes=3)
     for module in model.modules():  # BatchNorm statistics of these inputs, as training would leave them
         if isinstance(module, torch.nn.BatchNorm2d):
             module.momentum = None
@@ -200,9 +200,10 @@ def budget_rows() -> list[dict]:
 ])
 def test_best_under_budget(budget, best):
     from analysis.pareto import best_under_budget
-    from sweeps.budget import Budget
+    from sweeps.budget import BUDGETS, Budget
 
-    found = best_under_budget(budget_rows(), Budget(**{"precision": "fp32"} | budget))
+    no_limits = dict.fromkeys(BUDGETS) | {"precision": "fp32"}  # a Budget with none set, which from_config never gives
+    found = best_under_budget(budget_rows(), Budget(**no_limits | budget))
     assert (found or {}).get("trial_id") == best
 
 
@@ -210,13 +211,13 @@ def test_best_under_budget_judges_measured_macs_and_the_sweeps_verdict():
     """The one fit check (sweeps.budget.Budget.fits): a finished model's measured MACs, not its target, and a trial
     the sweep marked over the budget never fits."""
     from analysis.pareto import best_under_budget
-    from sweeps.budget import Budget
+    from tests.test_budget import budget_of
 
     rows = budget_rows()
     rows[2]["macs"] = 5.2e6  # mid2's pruner landed above its 3e6 target, and above the budget
-    assert best_under_budget(rows, Budget(max_macs=5e6))["trial_id"] == "mid"
+    assert best_under_budget(rows, budget_of(max_macs=5e6))["trial_id"] == "mid"
     rows[1]["feasible"] = 0  # the sweep judged mid over the budget (e.g. before its last pruning step)
-    assert best_under_budget(rows, Budget(max_macs=5e6))["trial_id"] == "small"
+    assert best_under_budget(rows, budget_of(max_macs=5e6))["trial_id"] == "small"
 
 
 def latency_record(ms: float) -> dict:
@@ -228,10 +229,10 @@ def latency_record(ms: float) -> dict:
 def test_third_objective_latency_needs_measurements_then_ranks_on_them(tmp_path):
     from analysis.pareto import build_rows, select_trials
     from analysis.results import Sweep
-    from common.objectives import objectives
+    from common.objectives import front_objectives
     from tests.test_analysis import synthetic_trial
 
-    assert list(objectives(third_objective="latency")) == ["val_acc", "target_macs", "latency_ms_1thread"]
+    assert list(front_objectives("latency")) == ["val_acc", "target_macs", "latency_ms_1thread"]
     # a dominates b on (accuracy, MACs); b is faster, so on (accuracy, MACs, latency) both are on the front
     trials = [synthetic_trial("a", 0.8, 1e6, 1e6), synthetic_trial("b", 0.7, 2e6, 2e6),
               synthetic_trial("c", 0.9, 3e6, 3e6)]
@@ -247,7 +248,7 @@ def test_third_objective_latency_needs_measurements_then_ranks_on_them(tmp_path)
     rows = build_rows([sweep], "latency")
     assert {r["trial_id"] for r in rows if r["on_front"]} == {"a", "b"}  # c has no latency: never on this front
     assert [t.trial_id for t in select_trials([sweep], "front", "latency")] == ["a", "b"]
-    assert {r["trial_id"] for r in build_rows([sweep]) if r["on_front"]} == {"a", "c"}
+    assert {r["trial_id"] for r in build_rows([sweep], None) if r["on_front"]} == {"a", "c"}
     by_id = {r["trial_id"]: r for r in rows}
     assert by_id["b"]["latency_ms_1thread"] == 1.0 and by_id["b"]["latency_p90_ms_1thread"] == pytest.approx(1.2)
     assert by_id["b"]["latency_cpu"] == "Test CPU" and by_id["b"]["precision"] == "fp32"
@@ -259,11 +260,11 @@ def test_qat_simulates_ort_int8_grids_then_leaves_a_plain_fp32_model():
     from onnxruntime.quantization.quant_utils import compute_scale_zp, get_qmin_qmax_for_qType
     from torch.nn.utils import parametrize
 
-    from trainable.models import create_student
+    from tests.test_models import student_model
     from trainable.qat import quantized_layers, simulated_int8
 
     torch.manual_seed(0)
-    model = create_student("mobilenet_v3_small", 0.5, 3).eval()
+    model = student_model(width_mult=0.5, num_classes=3).eval()
     keys = set(model.state_dict())
     x = torch.randn(2, *INPUT_SHAPE[1:])
     with torch.no_grad():
@@ -309,21 +310,23 @@ def test_qat_finetune_changes_weights_and_records_epochs():
             for i in range(0, len(self) - batch_size + 1, batch_size):
                 yield Batch(self.features[i:i + batch_size], self.labels[i:i + batch_size])
 
-    from trainable.models import create_student
+    from common.config import run_defaults
+    from tests.test_models import student_model
 
+    seed = run_defaults()["seed"]
     torch.manual_seed(0)
-    model = create_student("mobilenet_v3_small", 0.5, 3)
+    model = student_model(width_mult=0.5, num_classes=3)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    history = qat_finetune(model, Pipeline(16), epochs=2, lr=1e-3, batch_size=8)
+    history = qat_finetune(model, Pipeline(16), epochs=2, lr=1e-3, batch_size=8, seed=seed)
     assert [h["epoch"] for h in history] == [1, 2] and all(np.isfinite(h["train_loss"]) for h in history)
     after = model.state_dict()
     assert set(after) == set(before) and not model.training
     assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith("weight"))
     with pytest.raises(ValueError, match="quant.qat_epochs=0"):
-        qat_finetune(model, Pipeline(16), epochs=0, lr=1e-3, batch_size=8)
+        qat_finetune(model, Pipeline(16), epochs=0, lr=1e-3, batch_size=8, seed=seed)
     with torch.no_grad():  # unstructured pruning's zeros stay zero through QAT
         model.classifier[-1].weight[:, ::2] = 0.0
-    qat_finetune(model, Pipeline(16), epochs=1, lr=1e-2, batch_size=8)
+    qat_finetune(model, Pipeline(16), epochs=1, lr=1e-2, batch_size=8, seed=seed)
     assert (model.classifier[-1].weight[:, ::2] == 0).all() and (model.classifier[-1].weight[:, 1::2] != 0).any()
 
 

@@ -97,7 +97,8 @@ def test_dense_width_lands_within_the_pruners_tolerance_of_the_pruned_models_mac
     shape = (1, 1, n_mels, int(round(data["clip_seconds"] * data["sample_rate"])) // 160 + 1)
     model = create_student(student["arch"], width, len(data["families"]), student["dropout"])
     base_macs, _ = count_macs_params(model, shape)
-    pruned = prune_to_macs(model, torch.zeros(shape), base_macs, ratio).macs
+    pruned = prune_to_macs(model, torch.zeros(shape), base_macs, ratio, config["pruning"]["importance"],
+                           config["pruning"]["round_to"]).macs
     choice = dense_width(config, pruned)
     assert choice.target_macs == pruned and abs(choice.gap) <= MACS_TOLERANCE, choice
     dense = create_student(student["arch"], choice.width_mult, len(data["families"]), student["dropout"])

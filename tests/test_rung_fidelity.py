@@ -64,29 +64,29 @@ def test_trials_at_chance_are_those_a_uniform_guesser_matches():
     assert threshold == 32
     assert at_chance({"val_acc": 0.32, "val_clips": 100}, 4) and not at_chance({"val_acc": 0.33, "val_clips": 100}, 4)
     assert at_chance({"val_acc": 0.9}, 4) is None  # a result without the validation size says nothing
-    fidelity = rung_fidelity(synthetic(), rungs=[2])
+    fidelity = rung_fidelity(synthetic(), "val_acc", rungs=[2])
     # epoch 1: all seven at 0.20-0.25; epoch 2: 0.20, 0.26, 0.30 are at chance (<= 32 of 100), 0.35 and up are not
     assert [e.at_chance for e in fidelity.epochs[:2]] == [7, 3]
-    no_size = rung_fidelity([curve("a", {1: 0.3, 2: 0.4}, last_epoch=2, clips=None)])
+    no_size = rung_fidelity([curve("a", {1: 0.3, 2: 0.4}, last_epoch=2, clips=None)], "val_acc")
     assert no_size.epochs[0].at_chance is None
 
 
 def test_sentences_say_how_far_a_rung_can_be_trusted_and_name_the_selection_bias():
-    fidelity = rung_fidelity(synthetic(), rungs=[2])
+    fidelity = rung_fidelity(synthetic(), "val_acc", rungs=[2])
     assert fidelity.sentence() == (
         "The epoch-2 rung ranks trials like their last epoch with ρ = 0.77 (95 % CI -0.26 to 0.98, n = 6, val_acc): "
         "stopping there mostly keeps the better trials, with some mistakes. 3 of 7 trials were still at chance there.")
     assert "survivors" in fidelity.bias_note and "fidelity.fifo_samples" in fidelity.bias_note
     # reversed ranks: close to random or worse
     flipped = [curve(f"t{i}", {2: a2, 4: 1 - a2}) for i, a2 in enumerate(AT_2)]
-    unbiased = rung_fidelity(flipped, early_stopping=False)
+    unbiased = rung_fidelity(flipped, "val_acc", early_stopping=False)
     assert unbiased.first_rung is None and unbiased.sentence(unbiased.epochs[1]).endswith(
         "with ρ = -1.00 (95 % CI -1.00 to -1.00, n = 6, val_acc): stopping there is close to random. 2 of 6 trials "
         "were still at chance there.")
     assert "no selection bias" in unbiased.bias_note
     assert unbiased.sentence() == ("No rung: the scheduler stopped no trial early (6 trials ran all 4 epochs). No "
                                    "earlier epoch ranks trials like the last with ρ >= 0.5 (val_acc).")
-    fifo = rung_fidelity(synthetic(), early_stopping=False)  # epoch 2 is the first with rho >= 0.5
+    fifo = rung_fidelity(synthetic(), "val_acc", early_stopping=False)  # epoch 2 is the first with rho >= 0.5
     assert fifo.earliest() is fifo.epochs[1] and fifo.earliest(0.9) is fifo.epochs[2]
     assert fifo.sentence().endswith("is 2: the epoch-2 result ranks trials like their last epoch with ρ = 0.77 (95 % "
                                     "CI -0.26 to 0.98, n = 6, val_acc): stopping there mostly keeps the better trials, "

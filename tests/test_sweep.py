@@ -278,17 +278,13 @@ def test_cli_errors_are_one_clear_line_before_work_starts(tmp_path, args, messag
 
 
 def test_invalid_space_and_unwritable_workdir(tmp_path):
-    from hydra import compose, initialize_config_dir
-
-    from common.cli import plain
+    from common.cli import compose
     from common.io import check_workdir
     from common.tracking import flatten
     from search_spaces.schema import load_space
     from sweeps.run import accepted_values, check_space_configs
-    from tests.conftest import CONF_DIR
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        base = plain(compose("config"))
+    base = compose("config")
     bad = tmp_path / "bad.yaml"
     bad.write_text("params:\n  pruning.mode: progressive\n"
                    "  pruning.steps: {type: int, low: 6, high: 8}\n")
@@ -305,6 +301,7 @@ def test_invalid_space_and_unwritable_workdir(tmp_path):
 
 
 def test_grid_spaces_default_to_one_fifo_pass_and_searches_to_pareto_asha():
+    from common.config import sweep_defaults
     from search_spaces.schema import SearchSpace
     from sweeps.pareto_asha import ParetoASHA
     from sweeps.tuning import default_scheduler, make_scheduler, num_samples
@@ -314,9 +311,10 @@ def test_grid_spaces_default_to_one_fifo_pass_and_searches_to_pareto_asha():
     assert num_samples(grid, None) == 1 and num_samples(search, None) == 50 and num_samples(grid, 3) == 3
     assert default_scheduler(grid, "multi") == "fifo"
     assert default_scheduler(search, "multi") == "pareto_asha" and default_scheduler(search, "single") == "asha"
-    assert isinstance(make_scheduler("pareto_asha", "multi", 10, 2, 3), ParetoASHA)
+    metric = sweep_defaults()["scheduler"]["metric"]
+    assert isinstance(make_scheduler("pareto_asha", "multi", 10, 2, 3, metric), ParetoASHA)
     with pytest.raises(ValueError, match="scheduler.name"):
-        make_scheduler("hyperband", "multi", 10, 2, 3)
+        make_scheduler("hyperband", "multi", 10, 2, 3, metric)
     with pytest.raises(ValueError, match="num_samples"):
         num_samples(search, 0)
 

@@ -15,12 +15,13 @@ from trainable.metrics import accuracy, macro_f1
 
 
 def make_pipeline(data: WaveformData, split: str, feats: FeatureConfig, device: torch.device,
-                  workdir: str | Path, memory_share: float = 0.5) -> FeaturePipeline:
+                  workdir: str | Path, device_data_share: float) -> FeaturePipeline:
     """Batches of one split; its log-mel cache (<workdir>/cache/features, `workdir` absolute) is shared by every
-    run with the same data + feature config. `memory_share`: of the GPU, for this split's data (train.*)."""
+    run with the same data + feature config. `device_data_share` (train.device_data_share): of the GPU, for this
+    split's data."""
     part = data.splits[split]
     return FeaturePipeline(part.waveforms, part.labels, f"{data.fingerprint}-{split}", feats, device,
-                           Path(workdir) / "cache" / "features", memory_share=memory_share)
+                           Path(workdir) / "cache" / "features", device_data_share=device_data_share)
 
 
 def amp_settings(device: torch.device) -> tuple[bool, torch.dtype]:

@@ -40,8 +40,8 @@ def kd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     targets: torch.Tensor,
-    T: float = 3.0,
-    alpha: float = 0.7,
+    T: float,
+    alpha: float,
     mix: Mixup | None = None,
 ) -> KDLoss:
     """total = alpha * T^2 * KL(p_t || softmax(s/T)) + (1 - alpha) * CE(s, y), with p_t = softmax(t/T).

@@ -115,9 +115,9 @@ def train(config: dict[str, Any], data: WaveformData, run_dir: Path | str, *,
     feat_cfg = FeatureConfig.from_mapping(config["features"])
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels once
-    share = tcfg["device_data_share"]
     make_inputs = inputs.pipeline if inputs else partial(make_pipeline, data, feats=feat_cfg, device=device,
-                                                         workdir=config["workdir"], memory_share=share)
+                                                         workdir=config["workdir"],
+                                                         device_data_share=tcfg["device_data_share"])
     pipelines = {split: make_inputs(split) for split in ("train", "valid")}
     for split, pipeline in pipelines.items():  # caches built or opened now: epoch times measure training
         pipeline.prepare(train=split == "train")

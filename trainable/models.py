@@ -29,10 +29,10 @@ BN_MOMENTUM = 0.1
 
 
 def create_student(
-    arch: str = "mobilenet_v3_small",
-    width_mult: float = 0.75,
-    num_classes: int = 11,
-    dropout: float = 0.2,
+    arch: str,
+    width_mult: float,
+    num_classes: int,
+    dropout: float,
 ) -> nn.Module:
     """A randomly initialised torchvision MobileNet whose stem conv takes one (log-mel) channel.
 
@@ -64,9 +64,9 @@ def create_student(
 
 def create_teacher(
     name: str,
-    num_classes: int = 11,
-    pretrained: str | Path = "none",
-    freeze_backbone: bool = False,
+    num_classes: int,
+    pretrained: str | Path,
+    freeze_backbone: bool,
     drop_rate: float = 0.0,
 ) -> nn.Module:
     """A teacher with a fresh `num_classes` head: any timm model with a 1-channel stem, or `hf:<hub id or folder>`.

@@ -64,7 +64,7 @@ def _profile(disposable_model: nn.Module, example_input: torch.Tensor) -> tuple[
     return int(macs), int(params)
 
 
-def pruning_schedule(mode: str, ratio: float, steps: int = 1, schedule: str = "cubic") -> list[float]:
+def pruning_schedule(mode: str, ratio: float, steps: int, schedule: str) -> list[float]:
     """Fractions to keep after each pruning step (fine-tuning goes between steps): of the unpruned MACs, with
     `ratio` = pruning.target_macs_ratio, or of the weights in `unstructured` mode (ratio = pruning.weight_keep_ratio).
 
@@ -94,8 +94,8 @@ def prune_to_macs(
     example_input: torch.Tensor,
     base_macs: int,
     target_macs_ratio: float,
-    importance: str = "l1",
-    round_to: int | None = None,
+    importance: str,
+    round_to: int | None,
     calibration: Callable[[nn.Module], torch.Tensor] | None = None,
 ) -> PruneStep:
     """Channel-prune `model` in place until its MACs are `target_macs_ratio * base_macs` (within MACS_TOLERANCE).

@@ -79,7 +79,7 @@ def simulated_int8(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def qat_finetune(model: nn.Module, pipeline: FeaturePipeline, epochs: int, lr: float, batch_size: int,
-                 seed: int = 0) -> list[dict[str, Any]]:
+                 seed: int) -> list[dict[str, Any]]:
     """Fine-tune `model` in place for `epochs` epochs under simulated int8; returns per-epoch train loss/accuracy."""
     if epochs < 1:
         raise ValueError(f"quant.qat_epochs={epochs}: QAT needs at least 1 epoch")

@@ -161,11 +161,12 @@ def _has_weights(spec: Mapping[str, Any]) -> bool:
     return is_hf_teacher(spec["name"]) or spec["pretrained"] != "none"
 
 
-def _scoring_pipeline(spec: Mapping[str, Any], data: WaveformData, split: str, device: torch.device,
-                      workdir: str, inputs: ExtractorInputs | None) -> Any:
+def _scoring_pipeline(spec: Mapping[str, Any], config: Mapping[str, Any], data: WaveformData, split: str,
+                      device: torch.device, inputs: ExtractorInputs | None) -> Any:
     if inputs is not None:
         return inputs.pipeline(split)
-    return make_pipeline(data, split, FeatureConfig.from_mapping(spec["features"]), device, workdir)
+    return make_pipeline(data, split, FeatureConfig.from_mapping(spec["features"]), device, config["workdir"],
+                         config["train"]["device_data_share"])
 
 
 @torch.no_grad()
@@ -199,7 +200,7 @@ def ensure_member(spec: Mapping[str, Any], config: Mapping[str, Any], data: Wave
         model = freeze(restore_model(ckpt, device))
         report: dict[str, Any] = {}
         for split in SPLITS:
-            logits = _split_logits(model, _scoring_pipeline(spec, mdata, split, device, config["workdir"], inputs))
+            logits = _split_logits(model, _scoring_pipeline(spec, config, mdata, split, device, inputs))
             with atomic_path(out / f"logits-{split}.npz") as tmp, open(tmp, "wb") as f:
                 np.savez(f, logits=logits, ids=np.asarray(mdata.splits[split].ids))
             if split != "train":

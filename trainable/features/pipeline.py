@@ -36,7 +36,7 @@ class FeaturePipeline:
     Eval batches, and train batches without waveform augmentation, are slices of the cached
     log-mel; with waveform augmentation, train batches are recomputed from augmented
     waveforms (int16 on disk, converted per batch). SpecAugment is applied to train batches.
-    On a GPU a split is moved to the device once when it fits in `memory_share` of the card
+    On a GPU a split is moved to the device once when it fits in `device_data_share` of the card
     (a Ray trial's share of it: trials packed on one card must not all claim it); otherwise
     batches are gathered from the memory-mapped cache into pinned memory on a background
     thread, one batch ahead, and copied asynchronously.
@@ -50,8 +50,8 @@ class FeaturePipeline:
         cfg: FeatureConfig,
         device: torch.device | str,
         cache_dir: Path | str,
+        device_data_share: float,
         cache_batch_size: int | None = None,
-        memory_share: float = 0.5,
     ) -> None:
         if waveforms.ndim != 2:
             raise ValueError(f"waveforms must be (clips, samples), got shape {waveforms.shape}")
@@ -63,7 +63,7 @@ class FeaturePipeline:
         self.wave_fingerprint = wave_fingerprint
         self.cache_dir = Path(cache_dir)
         self.cache_batch_size = cache_batch_size
-        self.memory_share = memory_share
+        self.device_data_share = device_data_share
         # a copy: labels may be a read-only memmap
         self.labels = torch.as_tensor(np.array(labels, dtype=np.int64)).to(self.device)
         self.logmel = LogMel(cfg).to(self.device)
@@ -123,7 +123,7 @@ class FeaturePipeline:
             features = cached_logmel(
                 self.waveforms, self.wave_fingerprint, self.cfg, self.cache_dir, self.device, self.cache_batch_size
             )
-            self._features = _to_device_if_it_fits(features, self.device, self.memory_share)
+            self._features = _to_device_if_it_fits(features, self.device, self.device_data_share)
         return self._features
 
     def _waveforms_source(self) -> torch.Tensor:
@@ -132,7 +132,7 @@ class FeaturePipeline:
                 # Read-only memmaps are fine: every augmentation is out of place, nothing writes to them.
                 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
                 waveforms = torch.from_numpy(self.waveforms)  # int16, still memory-mapped
-            self._device_waveforms = _to_device_if_it_fits(waveforms, self.device, self.memory_share)
+            self._device_waveforms = _to_device_if_it_fits(waveforms, self.device, self.device_data_share)
         return self._device_waveforms
 
 
@@ -156,16 +156,16 @@ def _host_batches(source: torch.Tensor, order: torch.Tensor, starts: range, batc
             yield rows.to(device, non_blocking=True)
 
 
-def _to_device_if_it_fits(tensor: torch.Tensor, device: torch.device, memory_share: float) -> torch.Tensor:
-    """Move a whole split to the GPU once when it fits in `memory_share` of the card (and in the free memory);
+def _to_device_if_it_fits(tensor: torch.Tensor, device: torch.device, device_data_share: float) -> torch.Tensor:
+    """Move a whole split to the GPU once when it fits in `device_data_share` of the card (and in the free memory);
     otherwise it stays in host memory (memory-mapped) and batches are copied."""
     if device.type != "cuda":
         return tensor  # the memmap itself: shared through the page cache, never copied
     free_bytes, total_bytes = torch.cuda.mem_get_info(device)
-    budget = min(total_bytes * memory_share, free_bytes * _FREE_MEMORY_SHARE)
+    budget = min(total_bytes * device_data_share, free_bytes * _FREE_MEMORY_SHARE)
     if tensor.nbytes > budget:
         log.info("split data (%.2f GiB) kept on the host: over this run's %.2f GiB of the GPU (%.0f%% of the "
                  "card); batches are prefetched through pinned memory", tensor.nbytes / 2**30, budget / 2**30,
-                 100 * memory_share)
+                 100 * device_data_share)
         return tensor
     return tensor.to(device)
