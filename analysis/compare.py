@@ -34,9 +34,12 @@ from common.objectives import FEASIBLE, within_budget
 from common.trial_table import TrialRecord, evaluation_columns
 
 CONFIDENCE = 0.95
-FRONT, KD_TOGGLED, PRUNING_TOGGLED, DENSE_SAME_MACS = (RetrainRole.front.value, RetrainRole.kd_toggled.value,
-                                                       RetrainRole.pruning_toggled.value,
-                                                       RetrainRole.dense_same_macs.value)
+FRONT, KD_TOGGLED, PRUNING_TOGGLED, DENSE_SAME_MACS = (
+    RetrainRole.front.value,
+    RetrainRole.kd_toggled.value,
+    RetrainRole.pruning_toggled.value,
+    RetrainRole.dense_same_macs.value,
+)
 KD_QUESTION = "KD vs no KD"
 PRUNING_QUESTION = "Progressive vs single-shot pruning"
 DENSE_QUESTION = "Pruning vs a dense model of the same MACs"
@@ -44,8 +47,11 @@ KD_SUBJECT = "KD"
 PRUNING_SUBJECT = "Progressive pruning (instead of single-shot, same MACs target)"
 DENSE_SUBJECT = "Pruning (instead of training a dense student of about the same MACs)"
 # (question, subject, treated minus control) of each comparison, as the report's table headers say.
-DIFFERENCES = {KD_QUESTION: "KD on minus KD off", PRUNING_QUESTION: "progressive minus single-shot",
-               DENSE_QUESTION: "pruned minus dense"}
+DIFFERENCES = {
+    KD_QUESTION: "KD on minus KD off",
+    PRUNING_QUESTION: "progressive minus single-shot",
+    DENSE_QUESTION: "pruned minus dense",
+}
 STRUCTURED = ("single", "progressive")
 
 
@@ -62,16 +68,16 @@ def _points(value: float) -> str:
 class PairedComparison:
     """Mean paired difference (treated minus control, accuracy as a fraction) with its 95 % t interval."""
 
-    question: str            # KD_QUESTION | PRUNING_QUESTION
-    source: str              # where the pairs come from, e.g. "retrained front" | "scenarios grid"
-    subject: str             # what the sentence credits, e.g. "KD"
-    metric: str              # "test accuracy" | "validation accuracy"
-    n: int                   # pairs
-    mean: float | None       # mean difference (None without pairs)
-    sd: float | None         # sample standard deviation of the differences (n >= 2)
-    low: float | None        # 95 % interval (n >= 2)
+    question: str  # KD_QUESTION | PRUNING_QUESTION
+    source: str  # where the pairs come from, e.g. "retrained front" | "scenarios grid"
+    subject: str  # what the sentence credits, e.g. "KD"
+    metric: str  # "test accuracy" | "validation accuracy"
+    n: int  # pairs
+    mean: float | None  # mean difference (None without pairs)
+    sd: float | None  # sample standard deviation of the differences (n >= 2)
+    low: float | None  # 95 % interval (n >= 2)
     high: float | None
-    unmatched: int = 0       # finished runs left out because their partner has not finished (or does not exist)
+    unmatched: int = 0  # finished runs left out because their partner has not finished (or does not exist)
 
     @property
     def excludes_zero(self) -> bool | None:
@@ -86,11 +92,16 @@ class PairedComparison:
         interval excludes 0.'"""
         if self.n == 0 or self.mean is None:
             return f"{self.question} ({self.source}): no finished pairs yet."
-        effect = (f"{self.subject} adds {_points(self.mean)} points" if self.mean >= 0 else
-                  f"{self.subject} costs {100 * -self.mean:.1f} points")
+        effect = (
+            f"{self.subject} adds {_points(self.mean)} points"
+            if self.mean >= 0
+            else f"{self.subject} costs {100 * -self.mean:.1f} points"
+        )
         if self.low is None or self.high is None:
-            return (f"{effect} of {self.metric} (n=1: a single pair gives no interval; more seeds or configurations "
-                    "are needed).")
+            return (
+                f"{effect} of {self.metric} (n=1: a single pair gives no interval; more seeds or configurations "
+                "are needed)."
+            )
         level = f"{100 * CONFIDENCE:g}%"
         head = f"{effect} of {self.metric} ({level} CI {_points(self.low)} to {_points(self.high)}, n={self.n})"
         if self.excludes_zero:
@@ -98,9 +109,14 @@ class PairedComparison:
         return f"{head}: the interval includes 0: no detectable difference at this n."
 
 
-def paired_comparison(pairs: Sequence[tuple[float, float]], subject: str = "The treatment",
-                      metric: str = "accuracy", question: str = "", source: str = "",
-                      unmatched: int = 0) -> PairedComparison:
+def paired_comparison(
+    pairs: Sequence[tuple[float, float]],
+    subject: str = "The treatment",
+    metric: str = "accuracy",
+    question: str = "",
+    source: str = "",
+    unmatched: int = 0,
+) -> PairedComparison:
     """Statistics of (treated, control) pairs: n, mean of treated - control, and the 95 % t interval
     mean +- t(0.975, n-1) * sd / sqrt(n) (sd with ddof=1); one pair has a mean but no interval."""
     from scipy import stats
@@ -113,11 +129,22 @@ def paired_comparison(pairs: Sequence[tuple[float, float]], subject: str = "The 
         sd = float(differences.std(ddof=1))
         half = float(stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1)) * sd / math.sqrt(n)
         low, high = mean - half, mean + half
-    return PairedComparison(question=question, source=source, subject=subject, metric=metric, n=n, mean=mean,
-                            sd=sd, low=low, high=high, unmatched=unmatched)
+    return PairedComparison(
+        question=question,
+        source=source,
+        subject=subject,
+        metric=metric,
+        n=n,
+        mean=mean,
+        sd=sd,
+        low=low,
+        high=high,
+        unmatched=unmatched,
+    )
 
 
 # --- the retrain stage ------------------------------------------------------------------------------------------
+
 
 def retrained_row(trial: TrialRecord, evaluation: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """One retraining run as a row (also a line of retrained.csv); `test_acc` is None until its last epoch. With
@@ -127,15 +154,24 @@ def retrained_row(trial: TrialRecord, evaluation: Mapping[str, Any] | None = Non
     mode = cfg["pruning"]["mode"]
     test_acc = metrics.get("test_acc")
     return evaluation_columns(dict(evaluation) if evaluation else None) | {
-        "sweep": trial.sweep, "trial_id": trial.trial_id, "front_trial": str(cfg["origin"]["front_trial"]),
-        "role": str(cfg["origin"]["role"]), "seed": int(cfg["train"]["seed"]),
-        "kd": "on" if cfg["kd"]["enabled"] else "off", "pruning": mode,
+        "sweep": trial.sweep,
+        "trial_id": trial.trial_id,
+        "front_trial": str(cfg["origin"]["front_trial"]),
+        "role": str(cfg["origin"]["role"]),
+        "seed": int(cfg["train"]["seed"]),
+        "kd": "on" if cfg["kd"]["enabled"] else "off",
+        "pruning": mode,
         "target_macs_ratio": cfg["pruning"]["target_macs_ratio"] if mode in STRUCTURED else None,
         "width_mult": cfg["student"]["width_mult"],
-        "status": trial.status, "epochs": int(metrics["epoch"]), "train_epochs": int(cfg["train"]["epochs"]),
+        "status": trial.status,
+        "epochs": int(metrics["epoch"]),
+        "train_epochs": int(cfg["train"]["epochs"]),
         "test_acc": float(test_acc) if _number(test_acc) else None,
-        "test_macro_f1": metrics.get("test_macro_f1"), "val_acc": float(metrics["val_acc"]),
-        "target_macs": metrics.get("target_macs"), "macs": metrics.get("macs"), "params": metrics.get("params"),
+        "test_macro_f1": metrics.get("test_macro_f1"),
+        "val_acc": float(metrics["val_acc"]),
+        "target_macs": metrics.get("target_macs"),
+        "macs": metrics.get("macs"),
+        "params": metrics.get("params"),
         FEASIBLE: within_budget(metrics),
     }
 
@@ -161,22 +197,22 @@ class RetrainedConfig:
     kd: str
     pruning: str
     target_macs_ratio: float | None
-    target_macs: float | None   # mean over the finished seeds (over all runs while none has finished)
-    params: float | None        # mean over the finished seeds
-    macs: float | None          # measured MACs, mean over the finished seeds
-    feasible: bool              # every finished seed within the sweep's budget (BudgetCallback's `feasible`)
-    n: int                      # finished seeds
-    missing: int                # runs without test_acc yet (running, stopped, killed)
+    target_macs: float | None  # mean over the finished seeds (over all runs while none has finished)
+    params: float | None  # mean over the finished seeds
+    macs: float | None  # measured MACs, mean over the finished seeds
+    feasible: bool  # every finished seed within the sweep's budget (BudgetCallback's `feasible`)
+    n: int  # finished seeds
+    missing: int  # runs without test_acc yet (running, stopped, killed)
     test_mean: float | None
-    test_std: float | None      # sample standard deviation over seeds (n >= 2)
+    test_std: float | None  # sample standard deviation over seeds (n >= 2)
     val_mean: float | None
-    seeds: tuple[int, ...]      # the finished seeds
+    seeds: tuple[int, ...]  # the finished seeds
     # analysis/export.py's numbers (trial=retrained), means over the finished seeds it exported (None before):
-    exported: int = 0           # finished seeds with an fp32 ONNX model
+    exported: int = 0  # finished seeds with an fp32 ONNX model
     int8_test_mean: float | None = None
-    latency_ms: float | None = None       # fp32, 1 thread, median ms
+    latency_ms: float | None = None  # fp32, 1 thread, median ms
     int8_latency_ms: float | None = None  # int8, 1 thread, median ms
-    int8_error: str | None = None         # an int8 export of one of its seeds failed (not deployable at int8)
+    int8_error: str | None = None  # an int8 export of one of its seeds failed (not deployable at int8)
     # analysis/evaluate.py's extra folders: label -> (mean, sample std (n >= 2), n) of accuracy over the finished
     # seeds it scored
     extra: dict[str, tuple[float | None, float | None, int]] = field(default_factory=dict)
@@ -205,24 +241,37 @@ def retrained_front_table(runs: Sequence[Mapping[str, Any]]) -> list[RetrainedCo
     for (sweep, front_trial), members in groups.items():
         done = [r for r in members if finished(r)]
         test_mean, test_std, _ = _spread([r["test_acc"] for r in done])
-        table.append(RetrainedConfig(
-            sweep=sweep, front_trial=front_trial, kd=members[0]["kd"], pruning=members[0]["pruning"],
-            target_macs_ratio=members[0]["target_macs_ratio"],
-            target_macs=_mean([r["target_macs"] for r in (done or members)]), params=_mean([r["params"] for r in done]),
-            macs=_mean([r["macs"] for r in done]), feasible=all(r[FEASIBLE] for r in done), n=len(done),
-            missing=len(members) - len(done), test_mean=test_mean, test_std=test_std,
-            val_mean=_mean([r["val_acc"] for r in done]), seeds=tuple(sorted(r["seed"] for r in done)),
-            extra={label: _spread([r.get(f"{label}_acc") for r in done]) for label in folders},
-            exported=sum(1 for r in done if r.get("onnx_bytes") is not None),
-            int8_test_mean=_mean([r.get("int8_test_acc") for r in done]),
-            latency_ms=_mean([r.get("latency_ms_1thread") for r in done]),
-            int8_latency_ms=_mean([r.get("int8_latency_ms_1thread") for r in done]),
-            int8_error=next((r["int8_error"] for r in done if r.get("int8_error")), None)))
+        table.append(
+            RetrainedConfig(
+                sweep=sweep,
+                front_trial=front_trial,
+                kd=members[0]["kd"],
+                pruning=members[0]["pruning"],
+                target_macs_ratio=members[0]["target_macs_ratio"],
+                target_macs=_mean([r["target_macs"] for r in (done or members)]),
+                params=_mean([r["params"] for r in done]),
+                macs=_mean([r["macs"] for r in done]),
+                feasible=all(r[FEASIBLE] for r in done),
+                n=len(done),
+                missing=len(members) - len(done),
+                test_mean=test_mean,
+                test_std=test_std,
+                val_mean=_mean([r["val_acc"] for r in done]),
+                seeds=tuple(sorted(r["seed"] for r in done)),
+                extra={label: _spread([r.get(f"{label}_acc") for r in done]) for label in folders},
+                exported=sum(1 for r in done if r.get("onnx_bytes") is not None),
+                int8_test_mean=_mean([r.get("int8_test_acc") for r in done]),
+                latency_ms=_mean([r.get("latency_ms_1thread") for r in done]),
+                int8_latency_ms=_mean([r.get("int8_latency_ms_1thread") for r in done]),
+                int8_error=next((r["int8_error"] for r in done if r.get("int8_error")), None),
+            )
+        )
     return sorted(table, key=lambda c: (c.target_macs if c.target_macs is not None else math.inf, c.front_trial))
 
 
-def _matched_runs(runs: Sequence[Mapping[str, Any]], role: str,
-                  orient: Callable[..., tuple[float, float] | None]) -> tuple[list[tuple[Mapping[str, Any], ...]], int]:
+def _matched_runs(
+    runs: Sequence[Mapping[str, Any]], role: str, orient: Callable[..., tuple[float, float] | None]
+) -> tuple[list[tuple[Mapping[str, Any], ...]], int]:
     """Each finished `front` run with its finished `role` run of the same front configuration and seed, where
     `orient` accepts the two as a pair; and how many finished runs of the two roles found no partner."""
     done = [r for r in runs if finished(r) and r["role"] in (FRONT, role)]
@@ -238,8 +287,9 @@ def _matched_runs(runs: Sequence[Mapping[str, Any]], role: str,
     return matched, len(done) - 2 * len(matched)
 
 
-def _retrain_pairs(runs: Sequence[Mapping[str, Any]], role: str,
-                   orient: Callable[..., tuple[float, float] | None]) -> tuple[list[tuple[float, float]], int]:
+def _retrain_pairs(
+    runs: Sequence[Mapping[str, Any]], role: str, orient: Callable[..., tuple[float, float] | None]
+) -> tuple[list[tuple[float, float]], int]:
     """(treated, control) test accuracies of each finished `front` run and its finished `role` run of the same
     front configuration and seed, and how many finished runs of the two roles found no partner."""
     matched, unmatched = _matched_runs(runs, role, orient)
@@ -312,9 +362,19 @@ def dense_macs_pairs(runs: Sequence[Mapping[str, Any]]) -> list[MacsPair]:
     """The pairs of the dense comparison with each side's measured MACs (the report shows the MACs difference
     within each pair), by configuration and seed."""
     matched, _ = _matched_runs(runs, DENSE_SAME_MACS, _dense_orient)
-    pairs = [MacsPair(sweep=run["sweep"], front_trial=run["front_trial"], seed=run["seed"], pruned_macs=run["macs"],
-                      dense_macs=dense["macs"], dense_width=dense["width_mult"], pruned_test=run["test_acc"],
-                      dense_test=dense["test_acc"]) for run, dense in matched]
+    pairs = [
+        MacsPair(
+            sweep=run["sweep"],
+            front_trial=run["front_trial"],
+            seed=run["seed"],
+            pruned_macs=run["macs"],
+            dense_macs=dense["macs"],
+            dense_width=dense["width_mult"],
+            pruned_test=run["test_acc"],
+            dense_test=dense["test_acc"],
+        )
+        for run, dense in matched
+    ]
     return sorted(pairs, key=lambda p: (p.sweep, p.front_trial, p.seed))
 
 
@@ -323,17 +383,21 @@ def retrained_comparisons(runs: Sequence[Mapping[str, Any]]) -> list[PairedCompa
     each only when the retrain stage has runs of that ablation (retrain.ablations; the pruning ones only for
     configurations with structured pruning)."""
     comparisons = []
-    for role, question, subject, pairing in ((KD_TOGGLED, KD_QUESTION, KD_SUBJECT, kd_pairs),
-                                             (PRUNING_TOGGLED, PRUNING_QUESTION, PRUNING_SUBJECT, pruning_pairs),
-                                             (DENSE_SAME_MACS, DENSE_QUESTION, DENSE_SUBJECT, dense_pairs)):
+    for role, question, subject, pairing in (
+        (KD_TOGGLED, KD_QUESTION, KD_SUBJECT, kd_pairs),
+        (PRUNING_TOGGLED, PRUNING_QUESTION, PRUNING_SUBJECT, pruning_pairs),
+        (DENSE_SAME_MACS, DENSE_QUESTION, DENSE_SUBJECT, dense_pairs),
+    ):
         if any(r["role"] == role for r in runs):
             pairs, unmatched = pairing(runs)
-            comparisons.append(paired_comparison(pairs, subject, "test accuracy", question, "retrained front",
-                                                 unmatched))
+            comparisons.append(
+                paired_comparison(pairs, subject, "test accuracy", question, "retrained front", unmatched)
+            )
     return comparisons
 
 
 # --- the scenarios grid -----------------------------------------------------------------------------------------
+
 
 def scenario_cell(trial: TrialRecord) -> tuple[Any, ...] | None:
     """For a trial of a grid over `scenario`: (sweep, its other grid keys and values), the cell whose scenarios
@@ -344,8 +408,9 @@ def scenario_cell(trial: TrialRecord) -> tuple[Any, ...] | None:
     return (trial.sweep, *sorted((k, json.dumps(v, sort_keys=True)) for k, v in point.items() if k != "scenario"))
 
 
-def scenario_comparisons(trials: Sequence[TrialRecord],
-                         test_accs: Mapping[tuple[str, str], Any]) -> list[PairedComparison]:
+def scenario_comparisons(
+    trials: Sequence[TrialRecord], test_accs: Mapping[tuple[str, str], Any]
+) -> list[PairedComparison]:
     """KD vs no KD paired by (pruning mode, other grid keys such as train.seed) and progressive vs single paired by
     (KD on/off, other grid keys), over the completed trials of a grid over `scenario`; [] without such trials.
 
@@ -379,5 +444,7 @@ def scenario_comparisons(trials: Sequence[TrialRecord],
                     unmatched += int(treated in side) + int(control in side)
         return paired_comparison(pairs, subject, metric, question, "scenarios grid", unmatched)
 
-    return [compare(KD_QUESTION, KD_SUBJECT, 0, "on", "off"),
-            compare(PRUNING_QUESTION, PRUNING_SUBJECT, 1, "progressive", "single")]
+    return [
+        compare(KD_QUESTION, KD_SUBJECT, 0, "on", "off"),
+        compare(PRUNING_QUESTION, PRUNING_SUBJECT, 1, "progressive", "single"),
+    ]

@@ -52,11 +52,11 @@ log = logging.getLogger("analysis.evaluate")
 class ExtraSet:
     """The decodable clips of one extra folder, at the sweep data's sample rate and clip length."""
 
-    label: str               # column prefix in pareto.csv
+    label: str  # column prefix in pareto.csv
     folder: Path
-    families: np.ndarray     # (N,) instrument_family_str per clip
-    waveforms: np.ndarray    # (N, clip_samples) float32
-    fingerprint: str         # identifies the clips, so their log-mel cache is reused
+    families: np.ndarray  # (N,) instrument_family_str per clip
+    waveforms: np.ndarray  # (N, clip_samples) float32
+    fingerprint: str  # identifies the clips, so their log-mel cache is reused
     unreadable: dict[str, str]  # note_str -> why it was skipped
 
 
@@ -70,13 +70,17 @@ def check_extra_folders(folders: Sequence[str | Path]) -> list[Path]:
     paths = [Path(f) for f in folders]
     for path in paths:
         if not (path / "examples.json").is_file():
-            raise FileNotFoundError(f"eval.extra folder {path} has no examples.json: pass NSynth split folders "
-                                    "(examples.json + audio/), e.g. eval.extra=[/data/nsynth/nsynth-test].")
+            raise FileNotFoundError(
+                f"eval.extra folder {path} has no examples.json: pass NSynth split folders "
+                "(examples.json + audio/), e.g. eval.extra=[/data/nsynth/nsynth-test]."
+            )
     labels = Counter(extra_label(p) for p in paths)
     clashes = [label for label, n in labels.items() if n > 1]
     if clashes:
-        raise ValueError(f"eval.extra folders {[str(p) for p in paths]} share the column name(s) {clashes}; "
-                         "give each folder a distinct name (e.g. a symlink).")
+        raise ValueError(
+            f"eval.extra folders {[str(p) for p in paths]} share the column name(s) {clashes}; "
+            "give each folder a distinct name (e.g. a symlink)."
+        )
     return paths
 
 
@@ -91,8 +95,10 @@ def load_extra_folder(folder: Path, sample_rate: int, clip_samples: int) -> Extr
     clips, families, unreadable = [], [], {}
     for key, example in sorted(examples.items()):
         if "instrument_family_str" not in example:
-            raise ValueError(f"{examples_file}: entry {key!r} has no instrument_family_str; this is not NSynth's "
-                             "examples.json format.")
+            raise ValueError(
+                f"{examples_file}: entry {key!r} has no instrument_family_str; this is not NSynth's "
+                "examples.json format."
+            )
         note_str = example.get("note_str", key)
         path = folder / "audio" / f"{note_str}.wav"
         try:
@@ -105,36 +111,63 @@ def load_extra_folder(folder: Path, sample_rate: int, clip_samples: int) -> Extr
         clips.append(clip)
         families.append(example["instrument_family_str"])
     if not clips:
-        raise ValueError(f"eval.extra folder {folder}: none of its {len(examples)} notes could be decoded "
-                         f"(e.g. {next(iter(unreadable.items()), ('-', '-'))}).")
+        raise ValueError(
+            f"eval.extra folder {folder}: none of its {len(examples)} notes could be decoded "
+            f"(e.g. {next(iter(unreadable.items()), ('-', '-'))})."
+        )
     if unreadable:
         log.warning("%s: skipped %d unreadable notes", folder, len(unreadable))
-    return ExtraSet(label=extra_label(folder), folder=folder, families=np.array(families),
-                    waveforms=np.stack(clips), fingerprint=f"extra-{digest.hexdigest()[:20]}", unreadable=unreadable)
+    return ExtraSet(
+        label=extra_label(folder),
+        folder=folder,
+        families=np.array(families),
+        waveforms=np.stack(clips),
+        fingerprint=f"extra-{digest.hexdigest()[:20]}",
+        unreadable=unreadable,
+    )
 
 
-def score_extra(model: torch.nn.Module, extra: ExtraSet, classes: list[str], feats: FeatureConfig,
-                device: torch.device, batch_size: int, run_config: Mapping[str, Any]) -> dict[str, Any]:
+def score_extra(
+    model: torch.nn.Module,
+    extra: ExtraSet,
+    classes: list[str],
+    feats: FeatureConfig,
+    device: torch.device,
+    batch_size: int,
+    run_config: Mapping[str, Any],
+) -> dict[str, Any]:
     """Accuracy and macro-F1 on the notes of families the model knows; the others are counted as skipped. Their
     log-mels are cached like the run's (`run_config`: the trial's workdir, train.device_data_share)."""
     index = {name: i for i, name in enumerate(classes)}
     known = np.array([family in index for family in extra.families])
-    result = {"folder": str(extra.folder), "n": int(known.sum()), "unreadable": len(extra.unreadable),
-              "skipped_families": dict(sorted(Counter(extra.families[~known].tolist()).items())),
-              "acc": None, "macro_f1": None}
+    result = {
+        "folder": str(extra.folder),
+        "n": int(known.sum()),
+        "unreadable": len(extra.unreadable),
+        "skipped_families": dict(sorted(Counter(extra.families[~known].tolist()).items())),
+        "acc": None,
+        "macro_f1": None,
+    }
     if not known.any():
         return result
     labels = np.array([index[family] for family in extra.families[known]], dtype=np.int64)
     classes_digest = hashlib.sha256(",".join(classes).encode()).hexdigest()[:8]
-    pipeline = FeaturePipeline(extra.waveforms[known], labels, f"{extra.fingerprint}-{classes_digest}", feats, device,
-                               Path(run_config["workdir"]) / "cache" / "features",
-                               run_config["train"]["device_data_share"])
+    pipeline = FeaturePipeline(
+        extra.waveforms[known],
+        labels,
+        f"{extra.fingerprint}-{classes_digest}",
+        feats,
+        device,
+        Path(run_config["workdir"]) / "cache" / "features",
+        run_config["train"]["device_data_share"],
+    )
     metrics = evaluate(model, pipeline, batch_size, len(classes), amp_settings(device))
     return result | {"acc": metrics["acc"], "macro_f1": metrics["macro_f1"]}
 
 
-def evaluate_trial(trial: TrialRecord, data: WaveformData, extras: Sequence[ExtraSet], device: torch.device,
-                   batch_size: int) -> dict[str, Any]:
+def evaluate_trial(
+    trial: TrialRecord, data: WaveformData, extras: Sequence[ExtraSet], device: torch.device, batch_size: int
+) -> dict[str, Any]:
     """Test-split (and extra folders') metrics of one trial's last checkpoint."""
     if trial.checkpoint is None:
         raise FileNotFoundError(f"no checkpoint kept in {trial.trial_dir}")
@@ -143,22 +176,38 @@ def evaluate_trial(trial: TrialRecord, data: WaveformData, extras: Sequence[Extr
         raise ValueError(f"the model's classes {ckpt['classes']} differ from the sweep data's {data.classes}")
     model = restore_model(ckpt, device).eval()
     feats = FeatureConfig.from_mapping(ckpt["config"]["features"])
-    test = evaluate(model, make_pipeline(data, "test", feats, device, trial.config["workdir"],
-                                         trial.config["train"]["device_data_share"]),
-                    batch_size, data.num_classes, amp_settings(device))
+    test = evaluate(
+        model,
+        make_pipeline(data, "test", feats, device, trial.config["workdir"], trial.config["train"]["device_data_share"]),
+        batch_size,
+        data.num_classes,
+        amp_settings(device),
+    )
     data_changed = ckpt.get("data_fingerprint") != data.fingerprint
     if data_changed:
-        log.warning("trial %s was trained on waveform cache %s, the data is now %s: files changed since the sweep",
-                    trial.trial_id, ckpt.get("data_fingerprint"), data.fingerprint)
-    return {"checkpoint": str(trial.checkpoint), "epoch": ckpt["epoch"], "test_acc": test["acc"],
-            "test_macro_f1": test["macro_f1"], "test_n": len(data.splits["test"]), "data_changed": data_changed,
-            "extra": {e.label: score_extra(model, e, ckpt["classes"], feats, device, batch_size, trial.config)
-                      for e in extras},
-            "error": None}
+        log.warning(
+            "trial %s was trained on waveform cache %s, the data is now %s: files changed since the sweep",
+            trial.trial_id,
+            ckpt.get("data_fingerprint"),
+            data.fingerprint,
+        )
+    return {
+        "checkpoint": str(trial.checkpoint),
+        "epoch": ckpt["epoch"],
+        "test_acc": test["acc"],
+        "test_macro_f1": test["macro_f1"],
+        "test_n": len(data.splits["test"]),
+        "data_changed": data_changed,
+        "extra": {
+            e.label: score_extra(model, e, ckpt["classes"], feats, device, batch_size, trial.config) for e in extras
+        },
+        "error": None,
+    }
 
 
-def evaluate_trials(trials: Sequence[TrialRecord], data: WaveformData, extras: Sequence[ExtraSet], device: torch.device,
-                    batch_size: int) -> dict[str, dict[str, Any]]:
+def evaluate_trials(
+    trials: Sequence[TrialRecord], data: WaveformData, extras: Sequence[ExtraSet], device: torch.device, batch_size: int
+) -> dict[str, dict[str, Any]]:
     """trial_id -> its metrics, or {"error": ...} for a trial whose checkpoint cannot be loaded or scored."""
     results = {}
     for trial in trials:
@@ -177,8 +226,10 @@ def skipped_report(evaluations: dict[str, dict[str, Any]]) -> list[str]:
     for trial_id, evaluation in evaluations.items():
         for label, extra in (evaluation.get("extra") or {}).items():
             skipped = ", ".join(f"{family} {n}" for family, n in extra["skipped_families"].items())
-            text = (f"{label}: {extra['n']} notes scored; skipped (family unknown to the model): {skipped or 'none'}"
-                    f"; unreadable: {extra['unreadable']}")
+            text = (
+                f"{label}: {extra['n']} notes scored; skipped (family unknown to the model): {skipped or 'none'}"
+                f"; unreadable: {extra['unreadable']}"
+            )
             lines.setdefault(text, []).append(trial_id)
     return [f"{text}  [trials: {', '.join(ids)}]" for text, ids in lines.items()]
 
@@ -210,13 +261,23 @@ def main(cfg: DictConfig) -> None:
     analysis = analyse(sweeps, third, tracking_uri)
     # search trials and retrained runs alike (trial=retrained): the rows analyse() built with these evaluations
     evaluated = [r for r in [*analysis.rows, *analysis.retrained_runs] if (r["sweep"], r["trial_id"]) in evaluations]
-    retrained = [("front_trial", "retrains"), ("role", "role"), ("seed", "seed")] if any(
-        "front_trial" in r for r in evaluated) else []
+    retrained = (
+        [("front_trial", "retrains"), ("role", "role"), ("seed", "seed")]
+        if any("front_trial" in r for r in evaluated)
+        else []
+    )
     measured = [evaluation_columns(e) for e in evaluations.values()]
-    columns = [("trial_id", "trial"), *retrained, ("val_acc", "val acc"),
-               *[c for c in evaluation_headers(measured) if c[0] != "eval_error"]]
-    print(f"\nEvaluated {len(evaluated)} model(s) on the test split"
-          + (f" and {len(extra_folders)} extra folder(s)" if extra_folders else "") + ":")
+    columns = [
+        ("trial_id", "trial"),
+        *retrained,
+        ("val_acc", "val acc"),
+        *[c for c in evaluation_headers(measured) if c[0] != "eval_error"],
+    ]
+    print(
+        f"\nEvaluated {len(evaluated)} model(s) on the test split"
+        + (f" and {len(extra_folders)} extra folder(s)" if extra_folders else "")
+        + ":"
+    )
     print(format_table(evaluated, columns))
     for line in skipped_report({trial_id: e for (_, trial_id), e in evaluations.items()}):
         print(line)

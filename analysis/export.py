@@ -66,10 +66,19 @@ def export_onnx(model: torch.nn.Module, input_shape: Sequence[int], path: Path, 
     # dynamo=False: the TorchScript exporter. The torch.export-based default needs onnxscript,
     # which is not a dependency of this project; its deprecation notice is expected, not news.
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="You are using the legacy TorchScript-based ONNX export",
-                                category=DeprecationWarning)
-        torch.onnx.export(model, (example,), str(path), opset_version=opset, dynamo=False, input_names=["features"],
-                          output_names=["logits"], dynamic_axes={"features": {0: "batch"}, "logits": {0: "batch"}})
+        warnings.filterwarnings(
+            "ignore", message="You are using the legacy TorchScript-based ONNX export", category=DeprecationWarning
+        )
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            opset_version=opset,
+            dynamo=False,
+            input_names=["features"],
+            output_names=["logits"],
+            dynamic_axes={"features": {0: "batch"}, "logits": {0: "batch"}},
+        )
 
 
 def max_abs_difference(session: Any, model: torch.nn.Module, inputs: torch.Tensor) -> float:
@@ -80,17 +89,21 @@ def max_abs_difference(session: Any, model: torch.nn.Module, inputs: torch.Tenso
     return float(np.abs(actual - expected).max())
 
 
-def split_features(data: WaveformData, split: str, feats: FeatureConfig,
-                   run_config: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+def split_features(
+    data: WaveformData, split: str, feats: FeatureConfig, run_config: Mapping[str, Any]
+) -> tuple[np.ndarray, np.ndarray]:
     """(features (N, 1, n_mels, frames) float32, labels (N,)) of a whole split, in clip order, no augmentation;
     its log-mel cache is the one of `run_config` (a trial's config: workdir, train.*)."""
-    pipeline = make_pipeline(data, split, feats, torch.device("cpu"), run_config["workdir"],
-                             run_config["train"]["device_data_share"])
+    pipeline = make_pipeline(
+        data, split, feats, torch.device("cpu"), run_config["workdir"], run_config["train"]["device_data_share"]
+    )
     batches = list(pipeline.batches(FEATURE_BATCH, train=False))
     if not batches:
         raise ValueError(f"the {split} split has no clips")
-    return (np.concatenate([b.features.numpy() for b in batches]).astype(np.float32),
-            np.concatenate([b.labels.numpy() for b in batches]))
+    return (
+        np.concatenate([b.features.numpy() for b in batches]).astype(np.float32),
+        np.concatenate([b.labels.numpy() for b in batches]),
+    )
 
 
 def count_params(model: torch.nn.Module) -> int:
@@ -101,12 +114,20 @@ def count_params(model: torch.nn.Module) -> int:
 def one_line(err: BaseException, limit: int = 400) -> str:
     """`Type: message` on one line (ONNX Runtime's messages span several), cut at `limit` characters."""
     text = " ".join(f"{type(err).__name__}: {err}".split())
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def export_trial(trial: TrialRecord, data: WaveformData, out_dir: Path, opset: int, tolerance: float,
-                 quant: dict[str, Any], latency: dict[str, Any] | None, seed: int,
-                 device: str) -> dict[str, Any]:
+def export_trial(
+    trial: TrialRecord,
+    data: WaveformData,
+    out_dir: Path,
+    opset: int,
+    tolerance: float,
+    quant: dict[str, Any],
+    latency: dict[str, Any] | None,
+    seed: int,
+    device: str,
+) -> dict[str, Any]:
     """Export one trial's last checkpoint; the .onnx file only appears once parity holds. Then, when `quant`
     (the quant.* keys) enables it, its int8 version, fp32/int8 test accuracy under ONNX Runtime, and, when `latency`
     (latency.* keys) is given, CPU latency of both. An int8 or latency failure is recorded in the entry (error),
@@ -123,8 +144,10 @@ def export_trial(trial: TrialRecord, data: WaveformData, out_dir: Path, opset: i
     test_x, test_y = split_features(data, "test", feats, trial.config)
     real = torch.from_numpy(test_x[:PARITY_BATCH])
     if tuple(real.shape[1:]) != input_shape[1:]:
-        raise ValueError(f"test features have shape {tuple(real.shape[1:])} but the model was trained on "
-                         f"{input_shape[1:]}: the sweep's data (clip length) changed since training")
+        raise ValueError(
+            f"test features have shape {tuple(real.shape[1:])} but the model was trained on "
+            f"{input_shape[1:]}: the sweep's data (clip length) changed since training"
+        )
     random_inputs = torch.randn(3, *input_shape[1:], generator=torch.Generator().manual_seed(1))
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{trial.trial_id}.onnx"
@@ -133,22 +156,36 @@ def export_trial(trial: TrialRecord, data: WaveformData, out_dir: Path, opset: i
         export_onnx(model, input_shape, tmp, opset)
         onnx.checker.check_model(str(tmp))
         session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-        diffs = {"random": max_abs_difference(session, model, random_inputs),
-                 "real": max_abs_difference(session, model, real)}
+        diffs = {
+            "random": max_abs_difference(session, model, random_inputs),
+            "real": max_abs_difference(session, model, real),
+        }
         if max(diffs.values()) > tolerance:
-            raise ValueError(f"ONNX Runtime differs from PyTorch by {max(diffs.values()):.2e} "
-                             f"(random {diffs['random']:.2e}, real {diffs['real']:.2e}) > export.tolerance={tolerance}")
+            raise ValueError(
+                f"ONNX Runtime differs from PyTorch by {max(diffs.values()):.2e} "
+                f"(random {diffs['random']:.2e}, real {diffs['real']:.2e}) > export.tolerance={tolerance}"
+            )
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     params = count_params(model)
     entry: dict[str, Any] = {
-        "onnx": str(path), "bytes": path.stat().st_size, "opset": opset, "input_shape": list(input_shape),
-        "max_abs_diff_random": diffs["random"], "max_abs_diff_real": diffs["real"], "error": None,
-        "params": params, "kb": {"fp32": param_kb(params, "fp32"), "int8": param_kb(params, "int8")},
-        "test_n": int(len(test_y)), "int8": None, "latency": None}
+        "onnx": str(path),
+        "bytes": path.stat().st_size,
+        "opset": opset,
+        "input_shape": list(input_shape),
+        "max_abs_diff_random": diffs["random"],
+        "max_abs_diff_real": diffs["real"],
+        "error": None,
+        "params": params,
+        "kb": {"fp32": param_kb(params, "fp32"), "int8": param_kb(params, "int8")},
+        "test_n": int(len(test_y)),
+        "int8": None,
+        "latency": None,
+    }
     int8_path = out_dir / f"{trial.trial_id}.int8.onnx"
     if quant["enabled"]:
+
         def calibration() -> np.ndarray:
             train_x, _ = split_features(data, "train", feats, trial.config)
             return train_x[calibration_indices(len(train_x), quant["calibration_clips"], seed)]
@@ -157,27 +194,42 @@ def export_trial(trial: TrialRecord, data: WaveformData, out_dir: Path, opset: i
             """Fine-tune a copy of the model under simulated int8 and export it (fp32) to `tuned_path`."""
             where = pick_device(device)
             tuned = restore_model(ckpt, where)
-            pipeline = make_pipeline(data, "train", feats, where, trial.config["workdir"],
-                                     trial.config["train"]["device_data_share"])
-            history = qat_finetune(tuned, pipeline, quant["qat_epochs"], quant["qat_lr"],
-                                   ckpt["config"]["train"]["batch_size"], seed)
+            pipeline = make_pipeline(
+                data, "train", feats, where, trial.config["workdir"], trial.config["train"]["device_data_share"]
+            )
+            history = qat_finetune(
+                tuned, pipeline, quant["qat_epochs"], quant["qat_lr"], ckpt["config"]["train"]["batch_size"], seed
+            )
             export_onnx(tuned.cpu(), input_shape, tuned_path, opset)
             return {"epochs": quant["qat_epochs"], "lr": quant["qat_lr"], "history": history}
 
-        entry["int8"] = int8_entry(path, int8_path, calibration, test_x, test_y,
-                                   qat if quant["qat_epochs"] > 0 else None)
+        entry["int8"] = int8_entry(
+            path, int8_path, calibration, test_x, test_y, qat if quant["qat_epochs"] > 0 else None
+        )
     else:
         int8_path.unlink(missing_ok=True)  # an int8 model of an earlier export would not match this fp32 one
-    entry["fp32_test_acc"] = ((entry["int8"] or {}).get("fp32_test_acc")
-                              or compare_models(path, None, test_x, test_y)["fp32_acc"])
+    entry["fp32_test_acc"] = (entry["int8"] or {}).get("fp32_test_acc") or compare_models(path, None, test_x, test_y)[
+        "fp32_acc"
+    ]
     if latency:
-        entry["latency"] = latency_entry(path, int8_path if (entry["int8"] or {}).get("onnx") else None, input_shape,
-                                         latency["warmup"], latency["runs"])
+        entry["latency"] = latency_entry(
+            path,
+            int8_path if (entry["int8"] or {}).get("onnx") else None,
+            input_shape,
+            latency["warmup"],
+            latency["runs"],
+        )
     return entry
 
 
-def int8_entry(fp32_path: Path, int8_path: Path, calibration: Callable[[], np.ndarray], test_x: np.ndarray,
-               test_y: np.ndarray, qat: Callable[[Path], dict[str, Any]] | None = None) -> dict[str, Any]:
+def int8_entry(
+    fp32_path: Path,
+    int8_path: Path,
+    calibration: Callable[[], np.ndarray],
+    test_x: np.ndarray,
+    test_y: np.ndarray,
+    qat: Callable[[Path], dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """Quantize (calibrated on `calibration()`: train-split features) and score the int8 model against the fp32 one
     on the test split; on any failure the int8 file is removed and the entry says why, in one line, with the
     operators the quantizer has no int8 form for. With `qat`, the model quantized is the one `qat(path)` fine-tunes
@@ -192,9 +244,14 @@ def int8_entry(fp32_path: Path, int8_path: Path, calibration: Callable[[], np.nd
             return {"onnx": None, "ops_in_fp32": [], "error": f"quantization-aware fine-tune failed: {one_line(err)}"}
         done = quantize_onnx(tuned_path if qat else fp32_path, int8_path, calibration())
         scores = compare_models(fp32_path, int8_path, test_x, test_y)
-        return done | {"test_acc": scores["int8_acc"], "fp32_test_acc": scores["fp32_acc"],
-                       "acc_drop": scores["acc_drop"], "agreement": scores["agreement"], "test_n": scores["n"],
-                       "qat": qat_record}
+        return done | {
+            "test_acc": scores["int8_acc"],
+            "fp32_test_acc": scores["fp32_acc"],
+            "acc_drop": scores["acc_drop"],
+            "agreement": scores["agreement"],
+            "test_n": scores["n"],
+            "qat": qat_record,
+        }
     except Exception as err:  # an operator the quantizer or ONNX Runtime cannot handle: keep fp32, say why
         int8_path.unlink(missing_ok=True)
         log.debug("int8 export of %s failed", fp32_path, exc_info=True)
@@ -207,12 +264,15 @@ def int8_entry(fp32_path: Path, int8_path: Path, calibration: Callable[[], np.nd
         tuned_path.unlink(missing_ok=True)
 
 
-def latency_entry(fp32_path: Path, int8_path: Path | None, input_shape: tuple[int, ...], warmup: int,
-                  runs: int) -> dict[str, Any]:
+def latency_entry(
+    fp32_path: Path, int8_path: Path | None, input_shape: tuple[int, ...], warmup: int, runs: int
+) -> dict[str, Any]:
     """{"fp32": record, "int8": record | None} (analysis/latency.py), or {"error": ...} when timing fails."""
     try:
-        return {"fp32": measure_latency(fp32_path, input_shape, warmup, runs),
-                "int8": measure_latency(int8_path, input_shape, warmup, runs) if int8_path else None}
+        return {
+            "fp32": measure_latency(fp32_path, input_shape, warmup, runs),
+            "int8": measure_latency(int8_path, input_shape, warmup, runs) if int8_path else None,
+        }
     except Exception as err:
         return {"error": one_line(err)}
 
@@ -227,8 +287,10 @@ def problem_lines(rows: list[dict[str, Any]]) -> list[str]:
         int8 = row.get("int8") or {}
         if int8.get("error"):
             ops = ", ".join(int8.get("ops_in_fp32") or [])
-            lines.append(f"trial {row['trial_id']}: int8 not exported, fp32 kept: {int8['error']}"
-                         + (f" (operators the quantizer has no int8 form for: {ops})" if ops else ""))
+            lines.append(
+                f"trial {row['trial_id']}: int8 not exported, fp32 kept: {int8['error']}"
+                + (f" (operators the quantizer has no int8 form for: {ops})" if ops else "")
+            )
         if (row.get("latency") or {}).get("error"):
             lines.append(f"trial {row['trial_id']}: latency not measured: {row['latency']['error']}")
     return lines
@@ -242,16 +304,19 @@ def check_settings(config: dict[str, Any]) -> None:
     if quant["qat_epochs"] < 0:
         raise ValueError(f"quant.qat_epochs={quant['qat_epochs']} must be 0 (no QAT) or more.")
     if quant["qat_epochs"] > 0 and not quant["enabled"]:
-        raise ValueError(f"quant.qat_epochs={quant['qat_epochs']} fine-tunes for the int8 model, but "
-                         "quant.enabled=false "
-                         "writes none; set quant.enabled=true or quant.qat_epochs=0.")
+        raise ValueError(
+            f"quant.qat_epochs={quant['qat_epochs']} fine-tunes for the int8 model, but "
+            "quant.enabled=false "
+            "writes none; set quant.enabled=true or quant.qat_epochs=0."
+        )
     if quant["qat_epochs"] > 0 and not quant["qat_lr"] > 0:
         raise ValueError(f"quant.qat_lr={quant['qat_lr']} must be positive.")
     if quant["enabled"] and quant["calibration_clips"] < 1:
         raise ValueError(f"quant.calibration_clips={quant['calibration_clips']} must be at least 1.")
     if latency["runs"] < 1 or latency["warmup"] < 0:
-        raise ValueError(f"latency.runs={latency['runs']} must be at least 1 and latency.warmup={latency['warmup']} "
-                         "at least 0.")
+        raise ValueError(
+            f"latency.runs={latency['runs']} must be at least 1 and latency.warmup={latency['warmup']} at least 0."
+        )
 
 
 def write_manifest(out_dir: Path, exports: dict[str, dict[str, Any]]) -> None:
@@ -276,47 +341,85 @@ def export_models(config: dict[str, Any]) -> bool:
         exports = {}
         for trial in trials:
             try:
-                exports[trial.trial_id] = done = export_trial(trial, data, out_dir, opset, tolerance, quant, latency,
-                                                              config["seed"], config["device"])
-                print(f"exported {done['onnx']}: {done['bytes']} bytes; max |onnxruntime - torch| "
-                      f"random {done['max_abs_diff_random']:.2e}, real {done['max_abs_diff_real']:.2e}")
+                exports[trial.trial_id] = done = export_trial(
+                    trial, data, out_dir, opset, tolerance, quant, latency, config["seed"], config["device"]
+                )
+                print(
+                    f"exported {done['onnx']}: {done['bytes']} bytes; max |onnxruntime - torch| "
+                    f"random {done['max_abs_diff_random']:.2e}, real {done['max_abs_diff_real']:.2e}"
+                )
                 int8 = done["int8"] or {}
                 if int8.get("onnx"):
-                    print(f"  int8 {int8['onnx']}: {int8['bytes']} bytes; predicts the same class as fp32 on "
-                          f"{int8['agreement']:.1%} of the {int8['test_n']} test clips; test accuracy fp32 "
-                          f"{int8['fp32_test_acc']:.3f}, int8 {int8['test_acc']:.3f} (drop {int8['acc_drop']:+.3f})"
-                          + (f" after {int8['qat']['epochs']} QAT epoch(s)" if int8.get("qat") else ""))
+                    print(
+                        f"  int8 {int8['onnx']}: {int8['bytes']} bytes; predicts the same class as fp32 on "
+                        f"{int8['agreement']:.1%} of the {int8['test_n']} test clips; test accuracy fp32 "
+                        f"{int8['fp32_test_acc']:.3f}, int8 {int8['test_acc']:.3f} (drop {int8['acc_drop']:+.3f})"
+                        + (f" after {int8['qat']['epochs']} QAT epoch(s)" if int8.get("qat") else "")
+                    )
             except Exception as err:  # one failing model must not stop the other exports
                 log.error("trial %s not exported: %s", trial.trial_id, err)
                 exports[trial.trial_id] = {"onnx": None, "error": one_line(err)}
             retrained_from = trial.config["origin"]["front_trial"]
-            rows.append({"trial_id": trial.trial_id, "sweep": sweep.name, "val_acc": trial.metrics["val_acc"],
-                         "macs": trial.metrics["macs"], **exports[trial.trial_id],
-                         **export_columns(exports[trial.trial_id]),
-                         **({"front_trial": str(retrained_from), "seed": trial.config["train"]["seed"]}
-                            if retrained_from else {})})
+            rows.append(
+                {
+                    "trial_id": trial.trial_id,
+                    "sweep": sweep.name,
+                    "val_acc": trial.metrics["val_acc"],
+                    "macs": trial.metrics["macs"],
+                    **exports[trial.trial_id],
+                    **export_columns(exports[trial.trial_id]),
+                    **(
+                        {"front_trial": str(retrained_from), "seed": trial.config["train"]["seed"]}
+                        if retrained_from
+                        else {}
+                    ),
+                }
+            )
         write_manifest(out_dir, exports)
     retrained_columns = [("front_trial", "retrains"), ("seed", "seed")] if any("seed" in r for r in rows) else []
-    columns = [("trial_id", "trial"), *retrained_columns, ("sweep", "sweep"), ("val_acc", "val acc"),
-               ("macs", "measured MACs"),
-               ("params", "params"), ("kb_fp32", "kB fp32"), ("kb_int8", "kB int8"), ("bytes", "ONNX bytes"),
-               ("int8_onnx_bytes", "int8 bytes"), ("max_abs_diff_random", "diff random"),
-               ("max_abs_diff_real", "diff real"), ("fp32_test_acc", "fp32 test acc"),
-               ("int8_test_acc", "int8 test acc"), ("int8_acc_drop", "int8 drop"), ("int8_agreement", "agreement"),
-               ("latency_ms_1thread", "fp32 ms 1T"), ("latency_p90_ms_1thread", "p90"),
-               ("int8_latency_ms_1thread", "int8 ms 1T"), ("int8_latency_p90_ms_1thread", "p90"),
-               ("latency_ms_allthreads", "fp32 ms allT"), ("int8_latency_ms_allthreads", "int8 ms allT")]
-    int8_kind = (f"{quant['qat_epochs']} QAT epoch(s), then static quantization" if quant["qat_epochs"]
-                 else "post-training static quantization")
-    print(f"\nONNX export (opset {opset}, tolerance {tolerance:g}"
-          + (f", int8: {int8_kind}" if quant["enabled"] else "") + f"), {len(rows)} model(s):")
+    columns = [
+        ("trial_id", "trial"),
+        *retrained_columns,
+        ("sweep", "sweep"),
+        ("val_acc", "val acc"),
+        ("macs", "measured MACs"),
+        ("params", "params"),
+        ("kb_fp32", "kB fp32"),
+        ("kb_int8", "kB int8"),
+        ("bytes", "ONNX bytes"),
+        ("int8_onnx_bytes", "int8 bytes"),
+        ("max_abs_diff_random", "diff random"),
+        ("max_abs_diff_real", "diff real"),
+        ("fp32_test_acc", "fp32 test acc"),
+        ("int8_test_acc", "int8 test acc"),
+        ("int8_acc_drop", "int8 drop"),
+        ("int8_agreement", "agreement"),
+        ("latency_ms_1thread", "fp32 ms 1T"),
+        ("latency_p90_ms_1thread", "p90"),
+        ("int8_latency_ms_1thread", "int8 ms 1T"),
+        ("int8_latency_p90_ms_1thread", "p90"),
+        ("latency_ms_allthreads", "fp32 ms allT"),
+        ("int8_latency_ms_allthreads", "int8 ms allT"),
+    ]
+    int8_kind = (
+        f"{quant['qat_epochs']} QAT epoch(s), then static quantization"
+        if quant["qat_epochs"]
+        else "post-training static quantization"
+    )
+    print(
+        f"\nONNX export (opset {opset}, tolerance {tolerance:g}"
+        + (f", int8: {int8_kind}" if quant["enabled"] else "")
+        + f"), {len(rows)} model(s):"
+    )
     print(format_table(rows, columns))
     measured = [r for r in rows if r.get("latency_cpu")]
     if measured:
         record = measured[0]["latency"]["fp32"]
-        print(f"Latency: ONNX Runtime {record['onnxruntime']} CPU on {record['cpu']!r} ({record['cores']} cores), "
-              f"batch 1, median (p90) ms of {record['runs']} runs after {record['warmup']} warm-up runs; "
-              f"1T = 1 thread, allT = {record['all_threads']} threads. Comparable only on this machine.")
+        print(
+            f"Latency: ONNX Runtime {record['onnxruntime']} CPU on {record['cpu']!r} ({record['cores']} cores), "
+            f"batch 1, median (p90) ms of {record['runs']} runs after {record['warmup']} warm-up runs; "
+            f"1T = 1 thread, allT = {record['all_threads']} threads. Comparable only on this machine."
+        )
     for line in problem_lines(rows):
         print(line)
     if rows:

@@ -63,12 +63,22 @@ def time_session(sess: Any, inputs: np.ndarray, warmup: int, runs: int) -> dict[
         sess.run(None, feed)
         times[i] = time.perf_counter() - start
     ms = times * 1e3
-    return {"median_ms": float(np.median(ms)), "p90_ms": float(np.percentile(ms, 90)), "mean_ms": float(ms.mean()),
-            "min_ms": float(ms.min()), "max_ms": float(ms.max())}
+    return {
+        "median_ms": float(np.median(ms)),
+        "p90_ms": float(np.percentile(ms, 90)),
+        "mean_ms": float(ms.mean()),
+        "min_ms": float(ms.min()),
+        "max_ms": float(ms.max()),
+    }
 
 
-def measure_latency(onnx_path: str | Path, input_shape: tuple[int, ...] | list[int], warmup: int, runs: int,
-                    thread_counts: tuple[int, ...] | None = None) -> dict[str, Any]:
+def measure_latency(
+    onnx_path: str | Path,
+    input_shape: tuple[int, ...] | list[int],
+    warmup: int,
+    runs: int,
+    thread_counts: tuple[int, ...] | None = None,
+) -> dict[str, Any]:
     """Latency record of one model: {"cpu", "onnxruntime", "batch", "warmup", "runs", "threads": {"1": {...},
     "<all>": {...}}} with median_ms/p90_ms/... per thread count (all = the cores this process may use)."""
     import onnxruntime
@@ -77,5 +87,14 @@ def measure_latency(onnx_path: str | Path, input_shape: tuple[int, ...] | list[i
     counts = thread_counts or tuple(dict.fromkeys((1, cores)))
     inputs = np.random.default_rng(0).standard_normal((1, *input_shape[1:])).astype(np.float32)
     by_threads = {str(n): time_session(session(onnx_path, n), inputs, warmup, runs) for n in counts}
-    return {"cpu": cpu_model(), "machine": platform.machine(), "onnxruntime": onnxruntime.__version__,
-            "cores": cores, "all_threads": cores, "batch": 1, "warmup": warmup, "runs": runs, "threads": by_threads}
+    return {
+        "cpu": cpu_model(),
+        "machine": platform.machine(),
+        "onnxruntime": onnxruntime.__version__,
+        "cores": cores,
+        "all_threads": cores,
+        "batch": 1,
+        "warmup": warmup,
+        "runs": runs,
+        "threads": by_threads,
+    }

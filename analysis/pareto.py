@@ -106,9 +106,11 @@ def require_latency(values: Sequence[Mapping[str, Any]], sweeps: Sequence[Sweep]
         return
     names = ",".join(s.name for s in sweeps)
     names = names if len(sweeps) == 1 else f"[{names}]"
-    raise ValueError(f"objectives.third_objective=latency: no latency has been measured yet in sweep(s) {names}; "
-                     f"run analysis/export.py first (python analysis/export.py name={names} trial=front measures "
-                     "ONNX Runtime CPU latency of the exported models).")
+    raise ValueError(
+        f"objectives.third_objective=latency: no latency has been measured yet in sweep(s) {names}; "
+        f"run analysis/export.py first (python analysis/export.py name={names} trial=front measures "
+        "ONNX Runtime CPU latency of the exported models)."
+    )
 
 
 def _number(value: Any) -> bool:
@@ -117,18 +119,24 @@ def _number(value: Any) -> bool:
 
 def retrained_front_runs(sweeps: Sequence[Sweep]) -> list[TrialRecord]:
     """The finished runs of the retrained front configurations (role `front`, every seed): the models to ship."""
-    runs = [run for s in sweeps for run in load_retrained(s)
-            if str(run.config["origin"]["role"]) == FRONT and finished(retrained_row(run))]
+    runs = [
+        run
+        for s in sweeps
+        for run in load_retrained(s)
+        if str(run.config["origin"]["role"]) == FRONT and finished(retrained_row(run))
+    ]
     if not runs:
         names = sweeps[0].name if len(sweeps) == 1 else f"[{','.join(s.name for s in sweeps)}]"
-        raise ValueError(f"trial=retrained: sweep(s) {names} have no finished retraining run yet; run "
-                         f"python sweeps/run.py stage=retrain name={names} (or resume=true to finish it) first.")
-    return sorted(runs, key=lambda t: (t.metrics[TARGET_MACS], str(t.config["origin"]["front_trial"]),
-                                       t.config["train"]["seed"]))
+        raise ValueError(
+            f"trial=retrained: sweep(s) {names} have no finished retraining run yet; run "
+            f"python sweeps/run.py stage=retrain name={names} (or resume=true to finish it) first."
+        )
+    return sorted(
+        runs, key=lambda t: (t.metrics[TARGET_MACS], str(t.config["origin"]["front_trial"]), t.config["train"]["seed"])
+    )
 
 
-def select_trials(sweeps: Sequence[Sweep], which: str | list[str],
-                  third_objective: str | None) -> list[TrialRecord]:
+def select_trials(sweeps: Sequence[Sweep], which: str | list[str], third_objective: str | None) -> list[TrialRecord]:
     """`front` -> the front's trials (ordered by MACs); `all` -> every trial (e.g. to score a whole scenarios grid on
     the test split); `retrained` -> the retrain stage's runs of the front configurations, every seed; otherwise the
     trial id(s) given (a trial id is a string: the entry points read `trial=` as typed, see
@@ -151,8 +159,10 @@ def select_trials(sweeps: Sequence[Sweep], which: str | list[str],
     wanted = [str(w) for w in (which if isinstance(which, (list, tuple)) else [which])]
     missing = [w for w in wanted if w not in by_id]
     if missing:
-        raise ValueError(f"trial={missing} not found in sweep(s) {[s.name for s in sweeps]}; use trial=front, all or "
-                         f"one of: {', '.join(sorted(by_id))}.")
+        raise ValueError(
+            f"trial={missing} not found in sweep(s) {[s.name for s in sweeps]}; use trial=front, all or "
+            f"one of: {', '.join(sorted(by_id))}."
+        )
     return [by_id[w] for w in wanted]
 
 
@@ -163,7 +173,8 @@ def require_checkpoints(trials: Sequence[TrialRecord]) -> None:
         raise FileNotFoundError(
             f"trial(s) {', '.join(t.trial_id for t in missing)} of sweep {missing[0].sweep} have no checkpoint "
             f"(e.g. {missing[0].trial_dir} has no checkpoint_*/checkpoint.pt: deleted, or the trial errored before "
-            "its first epoch); nothing was scored. Pass trial=<id> or [<id>, ...] of trials that kept theirs.")
+            "its first epoch); nothing was scored. Pass trial=<id> or [<id>, ...] of trials that kept theirs."
+        )
 
 
 def chosen_by_sweep(sweeps: Sequence[Sweep], config: Mapping[str, Any]) -> list[tuple[Sweep, list[TrialRecord]]]:
@@ -197,18 +208,27 @@ def sweep_budget(sweeps: Sequence[Sweep]) -> Budget | None:
 def retrained_candidate(config: RetrainedConfig) -> dict[str, Any]:
     """A retrained front configuration as a row best_under_budget and budget_line read: validation and test means
     over its finished seeds, and the means of what analysis/export.py measured of them."""
-    return {"trial_id": config.front_trial, "retrained": f"retrained, {config.n} seed{'s' if config.n > 1 else ''}",
-            ACCURACY: config.val_mean, TARGET_MACS: config.target_macs, MEASURED_MACS: config.macs,
-            PARAMS: config.params, FEASIBLE: int(config.feasible),
-            "test_acc": config.test_mean, "int8_test_acc": config.int8_test_mean,
-            "kb_fp32": param_kb(config.params, "fp32") if config.exported else None,
-            "kb_int8": param_kb(config.params, "int8") if config.exported else None,
-            LATENCY: config.latency_ms, "int8_latency_ms_1thread": config.int8_latency_ms,
-            "int8_error": config.int8_error}
+    return {
+        "trial_id": config.front_trial,
+        "retrained": f"retrained, {config.n} seed{'s' if config.n > 1 else ''}",
+        ACCURACY: config.val_mean,
+        TARGET_MACS: config.target_macs,
+        MEASURED_MACS: config.macs,
+        PARAMS: config.params,
+        FEASIBLE: int(config.feasible),
+        "test_acc": config.test_mean,
+        "int8_test_acc": config.int8_test_mean,
+        "kb_fp32": param_kb(config.params, "fp32") if config.exported else None,
+        "kb_int8": param_kb(config.params, "int8") if config.exported else None,
+        LATENCY: config.latency_ms,
+        "int8_latency_ms_1thread": config.int8_latency_ms,
+        "int8_error": config.int8_error,
+    }
 
 
-def best_to_ship(rows: Sequence[dict[str, Any]], retrained: Sequence[RetrainedConfig],
-                 budget: Budget) -> dict[str, Any] | None:
+def best_to_ship(
+    rows: Sequence[dict[str, Any]], retrained: Sequence[RetrainedConfig], budget: Budget
+) -> dict[str, Any] | None:
     """The model to ship under the budget: among the retrained front configurations when the retrain stage has
     finished runs (their numbers are the ones to quote), else (or when none of them fits) among the search's trials."""
     candidates = [retrained_candidate(c) for c in retrained if c.n and c.params is not None]
@@ -221,20 +241,27 @@ def budget_line(budget: Budget, best: dict[str, Any] | None) -> str:
     head = f"Best under budget ({budget.describe()})"
     if best is None:
         return f"{head}: no trial fits."
-    numbers = {"val acc": best.get(ACCURACY), "test acc fp32/int8": (best.get("fp32_test_acc") or best.get("test_acc"),
-                                                                 best.get("int8_test_acc")),
-               "target MACs": best.get(TARGET_MACS), "params": best.get("params"),
-               "kB fp32/int8": (best.get("kb_fp32"), best.get("kb_int8")),
-               "latency ms 1 thread fp32/int8": (best.get(LATENCY), best.get("int8_latency_ms_1thread"))}
+    numbers = {
+        "val acc": best.get(ACCURACY),
+        "test acc fp32/int8": (best.get("fp32_test_acc") or best.get("test_acc"), best.get("int8_test_acc")),
+        "target MACs": best.get(TARGET_MACS),
+        "params": best.get("params"),
+        "kB fp32/int8": (best.get("kb_fp32"), best.get("kb_int8")),
+        "latency ms 1 thread fp32/int8": (best.get(LATENCY), best.get("int8_latency_ms_1thread")),
+    }
     shown = []
     for name, value in numbers.items():
         values = value if isinstance(value, tuple) else (value,)
         if all(v is None for v in values):
             continue
-        shown.append(f"{name} " + "/".join("-" if v is None else f"{v:,.0f}" if v >= 1000 else f"{v:.3g}"
-                                            for v in values))
-    what = (f"front configuration {best['trial_id']} ({best['retrained']}; means)" if best.get("retrained")
-            else f"trial {best['trial_id']}")
+        shown.append(
+            f"{name} " + "/".join("-" if v is None else f"{v:,.0f}" if v >= 1000 else f"{v:.3g}" for v in values)
+        )
+    what = (
+        f"front configuration {best['trial_id']} ({best['retrained']}; means)"
+        if best.get("retrained")
+        else f"trial {best['trial_id']}"
+    )
     return f"{head}: {what}: " + ", ".join(shown)
 
 
@@ -256,8 +283,11 @@ def log_to_mlflow(tracking_uri: str, sweep: Sweep, files: Sequence[Path], metric
     experiment_id = ensure_experiment(tracking_uri, sweep.name, artifact_root)
     client = MlflowClient(tracking_uri)
     found = client.search_runs([experiment_id], "tags.analysis = 'true'", max_results=1)
-    run_id = (found[0].info.run_id if found else
-              client.create_run(experiment_id, run_name="analysis", tags={"analysis": "true"}).info.run_id)
+    run_id = (
+        found[0].info.run_id
+        if found
+        else client.create_run(experiment_id, run_name="analysis", tags={"analysis": "true"}).info.run_id
+    )
     for path in files:
         client.log_artifact(run_id, str(path))
     for key, value in metrics.items():
@@ -274,19 +304,21 @@ class Analysis:
     mlflow_run_id: str
     best_under_budget: str | None = None  # the "best under budget" line, when the sweep had a budget
     retrained_runs: list[dict[str, Any]] = field(default_factory=list)  # compare.retrained_row of each retrain/ run
-    retrained: list[RetrainedConfig] = field(default_factory=list)      # the retrained front, per configuration
-    trials: str = ""                                                    # how the trials ended (results.trials_line)
-    comparisons: list[PairedComparison] = field(default_factory=list)   # retrained front, then scenarios grid
-    fidelity: dict[str, RungFidelity] = field(default_factory=dict)     # sweep -> its rung fidelity
+    retrained: list[RetrainedConfig] = field(default_factory=list)  # the retrained front, per configuration
+    trials: str = ""  # how the trials ended (results.trials_line)
+    comparisons: list[PairedComparison] = field(default_factory=list)  # retrained front, then scenarios grid
+    fidelity: dict[str, RungFidelity] = field(default_factory=dict)  # sweep -> its rung fidelity
 
 
-def comparisons_of(sweeps: Sequence[Sweep], rows: Sequence[dict[str, Any]],
-                   retrained_runs: Sequence[dict[str, Any]]) -> list[PairedComparison]:
+def comparisons_of(
+    sweeps: Sequence[Sweep], rows: Sequence[dict[str, Any]], retrained_runs: Sequence[dict[str, Any]]
+) -> list[PairedComparison]:
     """The paired comparisons the data allows: the retrain stage's ablations, then a grid over `scenario` (on test
     accuracy where analysis/evaluate.py scored every grid trial)."""
     test_accs = {(r["sweep"], r["trial_id"]): r.get("test_acc") for r in rows}
-    return retrained_comparisons(retrained_runs) + scenario_comparisons([t for s in sweeps for t in s.trials],
-                                                                        test_accs)
+    return retrained_comparisons(retrained_runs) + scenario_comparisons(
+        [t for s in sweeps for t in s.trials], test_accs
+    )
 
 
 def analyse(sweeps: Sequence[Sweep], third_objective: str | None, tracking_uri: str) -> Analysis:
@@ -294,9 +326,12 @@ def analyse(sweeps: Sequence[Sweep], third_objective: str | None, tracking_uri: 
     sweep's folder and log them to MLflow."""
     rows = build_rows(sweeps, third_objective)
     exports, evaluations = exports_by_trial(sweeps), evaluations_by_trial(sweeps)
-    retrained_runs = [retrained_row(run, evaluations.get((s.name, run.trial_id)))
-                      | export_columns(exports.get((s.name, run.trial_id)))
-                      for s in sweeps for run in load_retrained(s)]
+    retrained_runs = [
+        retrained_row(run, evaluations.get((s.name, run.trial_id)))
+        | export_columns(exports.get((s.name, run.trial_id)))
+        for s in sweeps
+        for run in load_retrained(s)
+    ]
     retrained = retrained_front_table(retrained_runs)
     comparisons = comparisons_of(sweeps, rows, retrained_runs)
     fidelity = {s.name: sweep_fidelity(s) for s in sweeps}
@@ -306,43 +341,77 @@ def analyse(sweeps: Sequence[Sweep], third_objective: str | None, tracking_uri: 
     names = ", ".join(s.name for s in sweeps)
     budget = sweep_budget(sweeps)
     best = budget_line(budget, best_to_ship(rows, retrained, budget)) if budget is not None else None
-    plot_front(rows, png_path, f"Accuracy vs MACs: {names} ({len(rows)} trials, "
-                               f"{sum(r['on_front'] for r in rows)} on the front)", budget, retrained)
+    plot_front(
+        rows,
+        png_path,
+        f"Accuracy vs MACs: {names} ({len(rows)} trials, {sum(r['on_front'] for r in rows)} on the front)",
+        budget,
+        retrained,
+    )
     chosen = front_objectives(third_objective)
     hypervolumes = normalised_hypervolumes([r for r in rows if all(_number(r.get(k)) for k in chosen)], third_objective)
-    html_path.write_text(render_report(rows, hypervolumes, png_path.read_bytes(), third_objective, best,
-                                       retrained_runs, comparisons, fidelity))
+    html_path.write_text(
+        render_report(
+            rows, hypervolumes, png_path.read_bytes(), third_objective, best, retrained_runs, comparisons, fidelity
+        )
+    )
     files = [csv_path, png_path, html_path]
     if retrained_runs:
         write_csv(retrained_runs, out_dir / RETRAINED_CSV)
         files.append(out_dir / RETRAINED_CSV)
     first_rung = fidelity[sweeps[0].name].first_rung
     first_rho = first_rung.agreements.get(fidelity[sweeps[0].name].metric) if first_rung else None
-    run_id = log_to_mlflow(tracking_uri, sweeps[0], files, {
-        "hypervolume": hypervolumes.by_sweep.get("all sweeps", hypervolumes.by_sweep[sweeps[0].name]),
-        "front_size": float(sum(r["on_front"] for r in rows)), "trials": float(len(rows)),
-        **({"retrained_runs_finished": float(sum(finished(r) for r in retrained_runs))} if retrained_runs else {}),
-        **({"first_rung_spearman": first_rho.rho} if first_rho and first_rho.rho is not None else {})})
-    return Analysis(rows=rows, files=files, hypervolumes=hypervolumes, mlflow_run_id=run_id, best_under_budget=best,
-                    retrained_runs=retrained_runs, retrained=retrained, comparisons=comparisons, fidelity=fidelity,
-                    trials=trials_line([t for s in sweeps for t in s.trials]))
+    run_id = log_to_mlflow(
+        tracking_uri,
+        sweeps[0],
+        files,
+        {
+            "hypervolume": hypervolumes.by_sweep.get("all sweeps", hypervolumes.by_sweep[sweeps[0].name]),
+            "front_size": float(sum(r["on_front"] for r in rows)),
+            "trials": float(len(rows)),
+            **({"retrained_runs_finished": float(sum(finished(r) for r in retrained_runs))} if retrained_runs else {}),
+            **({"first_rung_spearman": first_rho.rho} if first_rho and first_rho.rho is not None else {}),
+        },
+    )
+    return Analysis(
+        rows=rows,
+        files=files,
+        hypervolumes=hypervolumes,
+        mlflow_run_id=run_id,
+        best_under_budget=best,
+        retrained_runs=retrained_runs,
+        retrained=retrained,
+        comparisons=comparisons,
+        fidelity=fidelity,
+        trials=trials_line([t for s in sweeps for t in s.trials]),
+    )
 
 
 def retrained_lines(analysis: Analysis, sweeps: Sequence[str]) -> list[str]:
     """The printed retrained front (one line per configuration) and the comparisons' verdicts."""
     runs = analysis.retrained_runs
     if not runs:
-        lines = ["Retrained front: not retrained yet: run "
-                 + "; ".join(f"python sweeps/run.py stage=retrain name={s}" for s in sweeps)]
+        lines = [
+            "Retrained front: not retrained yet: run "
+            + "; ".join(f"python sweeps/run.py stage=retrain name={s}" for s in sweeps)
+        ]
     else:
         done = sum(finished(r) for r in runs)
-        lines = [f"Retrained front (test accuracy, mean ± std over seeds; {done} of {len(runs)} runs finished"
-                 + (f", {len(runs) - done} missing" if done < len(runs) else "") + "):"]
+        lines = [
+            f"Retrained front (test accuracy, mean ± std over seeds; {done} of {len(runs)} runs finished"
+            + (f", {len(runs) - done} missing" if done < len(runs) else "")
+            + "):"
+        ]
         for c in analysis.retrained:
-            test = ("no finished seed" if c.test_mean is None else
-                    f"{c.test_mean:.3f}" + ("" if c.test_std is None else f" ± {c.test_std:.3f}"))
-            lines.append(f"  {c.front_trial}: target MACs {format_value('target_macs', c.target_macs)}, KD {c.kd}, "
-                         f"{c.pruning}: test acc {test} (n={c.n})")
+            test = (
+                "no finished seed"
+                if c.test_mean is None
+                else f"{c.test_mean:.3f}" + ("" if c.test_std is None else f" ± {c.test_std:.3f}")
+            )
+            lines.append(
+                f"  {c.front_trial}: target MACs {format_value('target_macs', c.target_macs)}, KD {c.kd}, "
+                f"{c.pruning}: test acc {test} (n={c.n})"
+            )
     if analysis.comparisons:
         lines.append("Conclusions:")
         lines += [f"  {c.source.capitalize()}: {c.sentence}" for c in analysis.comparisons]
@@ -355,8 +424,10 @@ def fidelity_lines(analysis: Analysis) -> list[str]:
     several = len(analysis.fidelity) > 1
     for name, fidelity in analysis.fidelity.items():
         rungs = [e for e in fidelity.epochs if e.rung]
-        lines.append(f"Rung fidelity{f' of {name}' if several else ''} (rung metric {fidelity.metric} against the "
-                     f"last epoch's {ACCURACY}):")
+        lines.append(
+            f"Rung fidelity{f' of {name}' if several else ''} (rung metric {fidelity.metric} against the "
+            f"last epoch's {ACCURACY}):"
+        )
         lines += [f"  {fidelity.sentence(row)}" for row in rungs] or [f"  {fidelity.sentence()}"]
         if fidelity.early_stopping:
             lines.append(f"  {fidelity.bias_note}")
@@ -371,24 +442,31 @@ def summary(analysis: Analysis, tracking_uri: str, experiment: str, next_steps: 
     front = front_rows(rows)
     hv = ", ".join(f"{name} {value:.4f}" for name, value in analysis.hypervolumes.by_sweep.items())
     reference = analysis.hypervolumes.reference  # one entry per objective, in order
-    ref = ", ".join(f"{k} 0" if k == ACCURACY else f"{k} {v:,.0f}" if v >= 100 else f"{k} {v:.3g}"
-                    for k, v in reference.items())
+    ref = ", ".join(
+        f"{k} 0" if k == ACCURACY else f"{k} {v:,.0f}" if v >= 100 else f"{k} {v:.3g}" for k, v in reference.items()
+    )
     by_name = {path.name: path for path in analysis.files}
-    tables = str(by_name["pareto.csv"]) + (f" (search trials); {by_name[RETRAINED_CSV]} (retrained runs)"
-                                           if RETRAINED_CSV in by_name else "")
-    return "\n".join([
-        f"{analysis.trials}; Pareto front ({', '.join(reference)}): {len(front)}", "",
-        format_table(front, table_columns(rows, len(sweeps) > 1)), "",
-        *([analysis.best_under_budget] if analysis.best_under_budget else []),
-        f"Hypervolume (costs / reference; reference {ref}): {hv}",
-        *fidelity_lines(analysis),
-        *retrained_lines(analysis, sweeps),
-        f"MLflow: run {analysis.mlflow_run_id} ('analysis') in experiment {experiment!r} at {tracking_uri}",
-        *([next_steps] if next_steps else []), "",
-        f"Plot:   {by_name['pareto.png']}",
-        f"Report: {by_name['report.html']}",
-        f"Table:  {tables}",
-    ])
+    tables = str(by_name["pareto.csv"]) + (
+        f" (search trials); {by_name[RETRAINED_CSV]} (retrained runs)" if RETRAINED_CSV in by_name else ""
+    )
+    return "\n".join(
+        [
+            f"{analysis.trials}; Pareto front ({', '.join(reference)}): {len(front)}",
+            "",
+            format_table(front, table_columns(rows, len(sweeps) > 1)),
+            "",
+            *([analysis.best_under_budget] if analysis.best_under_budget else []),
+            f"Hypervolume (costs / reference; reference {ref}): {hv}",
+            *fidelity_lines(analysis),
+            *retrained_lines(analysis, sweeps),
+            f"MLflow: run {analysis.mlflow_run_id} ('analysis') in experiment {experiment!r} at {tracking_uri}",
+            *([next_steps] if next_steps else []),
+            "",
+            f"Plot:   {by_name['pareto.png']}",
+            f"Report: {by_name['report.html']}",
+            f"Table:  {tables}",
+        ]
+    )
 
 
 def best_under_budget(rows: Sequence[dict[str, Any]], budget: Budget) -> dict[str, Any] | None:
@@ -396,14 +474,19 @@ def best_under_budget(rows: Sequence[dict[str, Any]], budget: Budget) -> dict[st
     kB at budget.precision), or None when none does. At int8, a row whose int8 export failed (`int8_error`) does not
     fit: it cannot be deployed at that precision. Best = highest validation accuracy (the selection metric; test
     accuracy stays for reporting), then fewer target MACs, then fewer parameters."""
-    fitting = [r for r in rows if _number(r.get(ACCURACY)) and budget.fits(r)
-               and not (budget.precision == "int8" and r.get("int8_error"))]
+    fitting = [
+        r
+        for r in rows
+        if _number(r.get(ACCURACY)) and budget.fits(r) and not (budget.precision == "int8" and r.get("int8_error"))
+    ]
     return min(fitting, key=lambda r: (-r[ACCURACY], r[TARGET_MACS], r[PARAMS]), default=None)
 
 
-NEXT_STEPS = ("Next: python analysis/evaluate.py (same name=/path=): test-set accuracy of the front models; "
-              "python analysis/export.py trial=retrained (the retrained front; trial=front: the search's): ONNX files, "
-              "int8 versions and CPU latency")
+NEXT_STEPS = (
+    "Next: python analysis/evaluate.py (same name=/path=): test-set accuracy of the front models; "
+    "python analysis/export.py trial=retrained (the retrained front; trial=front: the search's): ONNX files, "
+    "int8 versions and CPU latency"
+)
 
 
 def write_report(config: Mapping[str, Any], next_steps: str | None = NEXT_STEPS) -> Analysis:

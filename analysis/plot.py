@@ -19,8 +19,12 @@ from sweeps.budget import Budget
 
 KD_COLOURS = {"on": "tab:blue", "off": "tab:orange"}
 PRUNING_MARKERS = {"none": "o", "single": "s", "progressive": "^", "unstructured": "D"}
-PRUNING_NAMES = {"none": "no pruning", "single": "single-shot", "progressive": "progressive",
-                 "unstructured": "unstructured (masks)"}
+PRUNING_NAMES = {
+    "none": "no pruning",
+    "single": "single-shot",
+    "progressive": "progressive",
+    "unstructured": "unstructured (masks)",
+}
 SWEEP_LINE_COLOURS = ("tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
 X_LABEL = f"{LABELS[TARGET_MACS]} (millions per clip, log scale)"
 STOPPED_ALPHA = 0.45  # trials stopped before their last epoch: hollow and this faint (off the front)
@@ -46,8 +50,9 @@ def _attainment(macs: np.ndarray, acc: np.ndarray, right: float) -> tuple[np.nda
     return np.append(x, right), np.append(y, y[-1])
 
 
-def front_figure(rows: Sequence[dict[str, Any]], title: str, budget: Budget | None = None,
-                 retrained: Sequence[RetrainedConfig] = ()) -> Any:
+def front_figure(
+    rows: Sequence[dict[str, Any]], title: str, budget: Budget | None = None, retrained: Sequence[RetrainedConfig] = ()
+) -> Any:
     """The matplotlib Figure of the rows (each needs `on_front`, `kd`, `pruning`, `sweep`, `trial_id`); with a sweep
     budget, its MACs limit as a line and the trials over any budget as grey crosses; with `retrained`
     (analysis.compare.retrained_front_table), the configurations with a finished seed as error bars."""
@@ -73,18 +78,43 @@ def front_figure(rows: Sequence[dict[str, Any]], title: str, budget: Budget | No
         for name, colour in zip(sweeps, SWEEP_LINE_COLOURS * len(sweeps)):
             own = np.array([r["sweep"] == name for r in rows])
             own_front = front_mask([r for r, mine in zip(rows, own) if mine])
-            ax.step(*_attainment(macs[own][own_front], acc[own][own_front], right), where="post", color=colour,
-                    linestyle="--", linewidth=1.2, label=f"front of {name}")
-    ax.step(*_attainment(macs[front], acc[front], right), where="post", color="black", linewidth=1.6,
-            label="Pareto front", zorder=2)
+            ax.step(
+                *_attainment(macs[own][own_front], acc[own][own_front], right),
+                where="post",
+                color=colour,
+                linestyle="--",
+                linewidth=1.2,
+                label=f"front of {name}",
+            )
+    ax.step(
+        *_attainment(macs[front], acc[front], right),
+        where="post",
+        color="black",
+        linewidth=1.6,
+        label="Pareto front",
+        zorder=2,
+    )
     complete = np.array([completed(r) for r in rows], dtype=bool)
     over = np.array([not r.get("feasible", True) for r in rows], dtype=bool)
     if over.any():
-        ax.scatter(macs[over], acc[over], s=40, marker="x", color="gray", alpha=0.7, zorder=1,
-                   label="over the budget (never on the front)")
+        ax.scatter(
+            macs[over],
+            acc[over],
+            s=40,
+            marker="x",
+            color="gray",
+            alpha=0.7,
+            zorder=1,
+            label="over the budget (never on the front)",
+        )
     if budget is not None and budget.max_macs is not None:
-        ax.axvline(budget.max_macs / 1e6, color="tab:red", linestyle=":", linewidth=1.4,
-                   label=f"budget.max_macs = {budget.max_macs / 1e6:g}M")
+        ax.axvline(
+            budget.max_macs / 1e6,
+            color="tab:red",
+            linestyle=":",
+            linewidth=1.4,
+            label=f"budget.max_macs = {budget.max_macs / 1e6:g}M",
+        )
     for (kd, mode), members in _groups(rows).items():
         index = np.array(members)[~over[np.array(members)]]
         colour, marker = KD_COLOURS[kd], PRUNING_MARKERS[mode]
@@ -95,20 +125,58 @@ def front_figure(rows: Sequence[dict[str, Any]], title: str, budget: Budget | No
                     continue
                 size = 110 if on else 45
                 if full:  # filled; a front point gets a black edge
-                    ax.scatter(macs[chosen], acc[chosen], s=size, c=colour, marker=marker,
-                               edgecolors="black" if on else "none", linewidths=1.2, alpha=0.95 if on else 0.6,
-                               zorder=3 if on else 2)
+                    ax.scatter(
+                        macs[chosen],
+                        acc[chosen],
+                        s=size,
+                        c=colour,
+                        marker=marker,
+                        edgecolors="black" if on else "none",
+                        linewidths=1.2,
+                        alpha=0.95 if on else 0.6,
+                        zorder=3 if on else 2,
+                    )
                 else:  # hollow, outlined in the KD colour, fainter unless on the front
-                    ax.scatter(macs[chosen], acc[chosen], s=size, facecolors="none", edgecolors=colour,
-                               marker=marker, linewidths=1.8 if on else 1.0, alpha=0.95 if on else STOPPED_ALPHA,
-                               zorder=3 if on else 1)
+                    ax.scatter(
+                        macs[chosen],
+                        acc[chosen],
+                        s=size,
+                        facecolors="none",
+                        edgecolors=colour,
+                        marker=marker,
+                        linewidths=1.8 if on else 1.0,
+                        alpha=0.95 if on else STOPPED_ALPHA,
+                        zorder=3 if on else 1,
+                    )
     if drawn:
-        ax.errorbar(retrained_x, retrained_y, yerr=retrained_err, fmt=RETRAINED_MARKER, color=RETRAINED_COLOUR,
-                    markersize=13, markeredgecolor="black", markeredgewidth=0.6, ecolor=RETRAINED_COLOUR,
-                    elinewidth=1.6, capsize=5, zorder=5, label=retrained_label(drawn))
+        ax.errorbar(
+            retrained_x,
+            retrained_y,
+            yerr=retrained_err,
+            fmt=RETRAINED_MARKER,
+            color=RETRAINED_COLOUR,
+            markersize=13,
+            markeredgecolor="black",
+            markeredgewidth=0.6,
+            ecolor=RETRAINED_COLOUR,
+            elinewidth=1.6,
+            capsize=5,
+            zorder=5,
+            label=retrained_label(drawn),
+        )
     for j in np.flatnonzero(~complete & ~front & ~over):  # front points say their epoch in their label
-        ax.annotate(str(rows[j]["epochs"]), (macs[j], acc[j]), xytext=(4, -2), textcoords="offset points",
-                    ha="left", va="top", fontsize=6.5, color=KD_COLOURS[rows[j]["kd"]], alpha=0.9, zorder=1)
+        ax.annotate(
+            str(rows[j]["epochs"]),
+            (macs[j], acc[j]),
+            xytext=(4, -2),
+            textcoords="offset points",
+            ha="left",
+            va="top",
+            fontsize=6.5,
+            color=KD_COLOURS[rows[j]["kd"]],
+            alpha=0.9,
+            zorder=1,
+        )
     labels: dict[tuple[float, float], list[str]] = {}  # trials at the same point share one label
     for j in np.flatnonzero(front)[np.argsort(macs[front], kind="stable")]:
         text = rows[j]["trial_id"] + ("" if complete[j] else f" (epoch {rows[j]['epochs']})")
@@ -127,19 +195,45 @@ def front_figure(rows: Sequence[dict[str, Any]], title: str, budget: Budget | No
     ax.grid(True, which="both", alpha=0.3)
     kd_values, modes = {r["kd"] for r in rows}, {r["pruning"] for r in rows}
     handles = ax.get_legend_handles_labels()[0]
-    handles += [Line2D([], [], linestyle="", marker="o", color=KD_COLOURS[kd], label=f"KD {kd}")
-                for kd in KD_COLOURS if kd in kd_values]
-    handles += [Line2D([], [], linestyle="", marker=PRUNING_MARKERS[m], color="gray", label=PRUNING_NAMES[m])
-                for m in PRUNING_MARKERS if m in modes]
-    handles.append(Line2D([], [], linestyle="", marker="o", markerfacecolor="lightgray", markeredgecolor="black",
-                          markersize=9, label="on the front (black edge, labelled)"))
+    handles += [
+        Line2D([], [], linestyle="", marker="o", color=KD_COLOURS[kd], label=f"KD {kd}")
+        for kd in KD_COLOURS
+        if kd in kd_values
+    ]
+    handles += [
+        Line2D([], [], linestyle="", marker=PRUNING_MARKERS[m], color="gray", label=PRUNING_NAMES[m])
+        for m in PRUNING_MARKERS
+        if m in modes
+    ]
+    handles.append(
+        Line2D(
+            [],
+            [],
+            linestyle="",
+            marker="o",
+            markerfacecolor="lightgray",
+            markeredgecolor="black",
+            markersize=9,
+            label="on the front (black edge, labelled)",
+        )
+    )
     if not complete.all():
         handles.append(Line2D([], [], linestyle="", marker="o", color="gray", label="ran all epochs (filled)"))
-        handles.append(Line2D([], [], linestyle="", marker="o", markerfacecolor="none", markeredgecolor="gray",
-                              label="stopped early (hollow; number = epoch reached)"))
+        handles.append(
+            Line2D(
+                [],
+                [],
+                linestyle="",
+                marker="o",
+                markerfacecolor="none",
+                markeredgecolor="gray",
+                label="stopped early (hollow; number = epoch reached)",
+            )
+        )
     # outside the axes: near-chance trials stopped early fill the bottom, the front the top
-    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, fontsize=8,
-              framealpha=0.9)
+    ax.legend(
+        handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, fontsize=8, framealpha=0.9
+    )
     # Labels are spaced in display units, so they are placed once the axes have their final size: lay out,
     # label, lay out again (labels sticking out of the axes take room), then place them again in that layout.
     fig.tight_layout()
@@ -151,8 +245,13 @@ def front_figure(rows: Sequence[dict[str, Any]], title: str, budget: Budget | No
     return fig
 
 
-def plot_front(rows: Sequence[dict[str, Any]], path: Path, title: str, budget: Budget | None = None,
-               retrained: Sequence[RetrainedConfig] = ()) -> None:
+def plot_front(
+    rows: Sequence[dict[str, Any]],
+    path: Path,
+    title: str,
+    budget: Budget | None = None,
+    retrained: Sequence[RetrainedConfig] = (),
+) -> None:
     """Draw the rows (and the retrained front; see front_figure) into an image file."""
     import matplotlib.pyplot as plt
 
@@ -165,8 +264,14 @@ def _label_points(ax: Any, labels: dict[tuple[float, float], list[str]]) -> list
     """Label each point up-left (nothing dominates a front point, so that area is empty), moving a label up
     until it overlaps no earlier one; a moved label gets a leader line."""
     renderer = ax.figure.canvas.get_renderer()
-    style = {"textcoords": "offset points", "ha": "right", "va": "bottom", "fontsize": 8, "zorder": 4,
-             "bbox": {"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.75}}
+    style = {
+        "textcoords": "offset points",
+        "ha": "right",
+        "va": "bottom",
+        "fontsize": 8,
+        "zorder": 4,
+        "bbox": {"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.75},
+    }
     placed, drawn = [], []
     for (x, y), ids in labels.items():
         text = "\n".join(ids)
@@ -176,8 +281,15 @@ def _label_points(ax: Any, labels: dict[tuple[float, float], list[str]]) -> list
             label.remove()
             if not any(box.overlaps(other) for other in placed):
                 break
-        drawn.append(ax.annotate(text, (x, y), xytext=(-5, 5 + lift), **style,
-                                 arrowprops={"arrowstyle": "-", "color": "gray", "lw": 0.6} if lift else None))
+        drawn.append(
+            ax.annotate(
+                text,
+                (x, y),
+                xytext=(-5, 5 + lift),
+                **style,
+                arrowprops={"arrowstyle": "-", "color": "gray", "lw": 0.6} if lift else None,
+            )
+        )
         placed.append(box)
     return drawn
 

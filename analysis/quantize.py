@@ -47,28 +47,54 @@ X86_MACHINES = frozenset({"x86_64", "amd64", "i386", "i686", "x86"})
 CALIBRATION_BATCH = 1  # the histogram (Percentile) calibrator stacks per-batch outputs: every batch must have one shape
 PREDICT_BATCH = 64  # clips per ONNX Runtime call when scoring a model: memory, not results (no batch statistics)
 # Graph plumbing that carries no arithmetic worth quantizing: never reported as "left in fp32".
-PLUMBING_OPS = frozenset({"Constant", "ConstantOfShape", "Shape", "Identity", "Cast", "Dropout", "Flatten", "Reshape",
-                          "Squeeze", "Unsqueeze", "Concat", "Gather", "Slice", "Transpose", "QuantizeLinear",
-                          "DequantizeLinear"})
+PLUMBING_OPS = frozenset(
+    {
+        "Constant",
+        "ConstantOfShape",
+        "Shape",
+        "Identity",
+        "Cast",
+        "Dropout",
+        "Flatten",
+        "Reshape",
+        "Squeeze",
+        "Unsqueeze",
+        "Concat",
+        "Gather",
+        "Slice",
+        "Transpose",
+        "QuantizeLinear",
+        "DequantizeLinear",
+    }
+)
 
 
 def recipe(machine: str | None = None) -> dict[str, Any]:
     """How the int8 models are made on this machine's architecture; recorded with every int8 model."""
     x86 = (machine or platform.machine()).lower() in X86_MACHINES
-    return {"quantizer": "onnxruntime.quantize_static", "format": "QDQ", "weight_type": "QInt8",
-            "activation_type": "QUInt8" if x86 else "QInt8", "per_channel": True, "calibrate_method": "Percentile",
-            "calibrate_percentile": 99.999}
+    return {
+        "quantizer": "onnxruntime.quantize_static",
+        "format": "QDQ",
+        "weight_type": "QInt8",
+        "activation_type": "QUInt8" if x86 else "QInt8",
+        "per_channel": True,
+        "calibrate_method": "Percentile",
+        "calibrate_percentile": 99.999,
+    }
 
 
 def describe(settings: dict[str, Any], clips: int) -> str:
     """One line saying how an int8 model was made."""
     activations = "uint8" if settings["activation_type"] == "QUInt8" else "int8"
     channels = "per channel" if settings["per_channel"] else "per tensor"
-    calibration = settings["calibrate_method"] + (f" {settings['calibrate_percentile']:g}"
-                                                  if settings.get("calibrate_percentile") else "")
+    calibration = settings["calibrate_method"] + (
+        f" {settings['calibrate_percentile']:g}" if settings.get("calibrate_percentile") else ""
+    )
     fallback = f"; {settings['calibration_fallback']}" if settings.get("calibration_fallback") else ""
-    return (f"onnxruntime static {settings['format']}: int8 weights {channels}, {activations} activations "
-            f"({calibration} calibration on {clips} train clips{fallback})")
+    return (
+        f"onnxruntime static {settings['format']}: int8 weights {channels}, {activations} activations "
+        f"({calibration} calibration on {clips} train clips{fallback})"
+    )
 
 
 def quantizable_op_types() -> set[str]:
@@ -113,8 +139,10 @@ def make_reader(features: np.ndarray, input_name: str = "features", batch_size: 
             return None if batch is None else {input_name: batch}
 
         def rewind(self) -> None:
-            self._batches = (np.ascontiguousarray(features[i:i + batch_size], dtype=np.float32)
-                             for i in range(0, len(features), batch_size))
+            self._batches = (
+                np.ascontiguousarray(features[i : i + batch_size], dtype=np.float32)
+                for i in range(0, len(features), batch_size)
+            )
 
     return FeatureReader()
 
@@ -148,44 +176,68 @@ def quantize_onnx(fp32_path: str | Path, int8_path: str | Path, calibration: np.
         except ValueError as err:  # e.g. numpy cannot bin an activation whose range is ~0: MinMax can
             if settings["calibrate_method"] == "MinMax":
                 raise
-            log.warning("%s: %s calibration failed (%s); calibrating with MinMax instead", fp32_path,
-                        settings["calibrate_method"], err)
-            settings |= {"calibrate_method": "MinMax", "calibrate_percentile": None,
-                         "calibration_fallback": f"{settings['calibrate_method']} failed: {err}"}
+            log.warning(
+                "%s: %s calibration failed (%s); calibrating with MinMax instead",
+                fp32_path,
+                settings["calibrate_method"],
+                err,
+            )
+            settings |= {
+                "calibrate_method": "MinMax",
+                "calibrate_percentile": None,
+                "calibration_fallback": f"{settings['calibrate_method']} failed: {err}",
+            }
             _quantize(prepared, tmp, calibration, settings, chatter)
         session(tmp, 1)  # ONNX Runtime must be able to run it (a missing int8 kernel fails here)
         os.replace(tmp, int8_path)
     finally:
         for path in (prepared, tmp, prepared.with_suffix(".onnx.data")):
             path.unlink(missing_ok=True)
-    return {**settings, "method": describe(settings, len(calibration)), "onnx": str(int8_path),
-            "bytes": int8_path.stat().st_size, "calibration_clips": int(len(calibration)), "ops_in_fp32": in_fp32,
-            "error": None}
+    return {
+        **settings,
+        "method": describe(settings, len(calibration)),
+        "onnx": str(int8_path),
+        "bytes": int8_path.stat().st_size,
+        "calibration_clips": int(len(calibration)),
+        "ops_in_fp32": in_fp32,
+        "error": None,
+    }
 
 
-def _quantize(prepared: Path, out: Path, calibration: np.ndarray, settings: dict[str, Any],
-              chatter: io.StringIO) -> None:
+def _quantize(
+    prepared: Path, out: Path, calibration: np.ndarray, settings: dict[str, Any], chatter: io.StringIO
+) -> None:
     """One quantize_static run with `settings` (see recipe()); its progress prints go to `chatter`."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     extra = {"CalibPercentile": settings["calibrate_percentile"]} if settings["calibrate_percentile"] else {}
     with contextlib.redirect_stdout(chatter):
-        quantize_static(str(prepared), str(out), make_reader(calibration), quant_format=QuantFormat.QDQ,
-                        per_channel=settings["per_channel"], activation_type=QuantType[settings["activation_type"]],
-                        weight_type=QuantType[settings["weight_type"]],
-                        calibrate_method=CalibrationMethod[settings["calibrate_method"]], extra_options=extra)
+        quantize_static(
+            str(prepared),
+            str(out),
+            make_reader(calibration),
+            quant_format=QuantFormat.QDQ,
+            per_channel=settings["per_channel"],
+            activation_type=QuantType[settings["activation_type"]],
+            weight_type=QuantType[settings["weight_type"]],
+            calibrate_method=CalibrationMethod[settings["calibrate_method"]],
+            extra_options=extra,
+        )
 
 
 def predict(sess: Any, features: np.ndarray) -> np.ndarray:
     """Predicted class per input row under an InferenceSession."""
     name = sess.get_inputs()[0].name
-    preds = [sess.run(None, {name: np.ascontiguousarray(features[i:i + PREDICT_BATCH], dtype=np.float32)})[0].argmax(1)
-             for i in range(0, len(features), PREDICT_BATCH)]
+    preds = [
+        sess.run(None, {name: np.ascontiguousarray(features[i : i + PREDICT_BATCH], dtype=np.float32)})[0].argmax(1)
+        for i in range(0, len(features), PREDICT_BATCH)
+    ]
     return np.concatenate(preds) if preds else np.empty(0, dtype=np.int64)
 
 
-def compare_models(fp32_path: str | Path, int8_path: str | Path | None, features: np.ndarray,
-                   labels: np.ndarray) -> dict[str, Any]:
+def compare_models(
+    fp32_path: str | Path, int8_path: str | Path | None, features: np.ndarray, labels: np.ndarray
+) -> dict[str, Any]:
     """Test accuracy of the fp32 model and, when given, of the int8 one, both under ONNX Runtime (so they
     compare), with the int8 accuracy drop (fp32 minus int8) and the share of clips where both predict the same."""
     from analysis.latency import session

@@ -62,13 +62,17 @@ def sweep_dirs(names: str | list[str] | None, paths: str | list[str] | None, sto
     available = ", ".join(list_sweeps(str(storage))) or "none"
     names, paths = _as_list(names), _as_list(paths)
     if not names and not paths:
-        raise ValueError(f"Pass name=<sweep> (sweeps under {storage}: {available}) or path=<sweep folder>; "
-                         "name=[a,b] overlays several sweeps.")
+        raise ValueError(
+            f"Pass name=<sweep> (sweeps under {storage}: {available}) or path=<sweep folder>; "
+            "name=[a,b] overlays several sweeps."
+        )
     folders = [storage / name for name in names] + [Path(p) for p in paths]
     for folder, given in zip(folders, [f"name={n}" for n in names] + [f"path={p}" for p in paths]):
         if not (folder / STATE_FILE).is_file():
-            raise FileNotFoundError(f"No sweep at {folder} ({given}): it has no {STATE_FILE}. "
-                                    f"Sweeps under storage_path={storage}: {available}.")
+            raise FileNotFoundError(
+                f"No sweep at {folder} ({given}): it has no {STATE_FILE}. "
+                f"Sweeps under storage_path={storage}: {available}."
+            )
     return folders
 
 
@@ -102,8 +106,15 @@ def load_trial(sweep: str, trial_dir: Path, base_config: dict[str, Any]) -> Tria
     last = results[-1]
     config = trial_config(base_config, last.get("config", {}))
     status = trial_status(last["epoch"], config["train"]["epochs"], (trial_dir / "error.txt").is_file())
-    return TrialRecord(sweep=sweep, trial_id=str(last["trial_id"]), trial_dir=trial_dir, config=config, metrics=last,
-                       checkpoint=last_checkpoint(trial_dir, last), status=status)
+    return TrialRecord(
+        sweep=sweep,
+        trial_id=str(last["trial_id"]),
+        trial_dir=trial_dir,
+        config=config,
+        metrics=last,
+        checkpoint=last_checkpoint(trial_dir, last),
+        status=status,
+    )
 
 
 def load_sweep(path: Path) -> Sweep:
@@ -117,11 +128,18 @@ def load_sweep(path: Path) -> Sweep:
         if trial is not None:
             trials.append(trial)
     if not trials:
-        raise ValueError(f"Sweep {path.name!r} ({path}) has no finished trials: no trial folder has a result.json "
-                         "with val_acc yet. Wait for its trials to report an epoch, or check their error.txt.")
+        raise ValueError(
+            f"Sweep {path.name!r} ({path}) has no finished trials: no trial folder has a result.json "
+            "with val_acc yet. Wait for its trials to report an epoch, or check their error.txt."
+        )
     log.info("Sweep %s: %d trials with results", path.name, len(trials))
-    return Sweep(name=path.name, path=path, base_config=base_config, settings=upgrade_saved_settings(state["sweep"]),
-                 trials=trials)
+    return Sweep(
+        name=path.name,
+        path=path,
+        base_config=base_config,
+        settings=upgrade_saved_settings(state["sweep"]),
+        trials=trials,
+    )
 
 
 def load_retrained(sweep: Sweep) -> list[TrialRecord]:
@@ -132,8 +150,11 @@ def load_retrained(sweep: Sweep) -> list[TrialRecord]:
     folder = sweep.path / retrain_experiment(lambda experiment: (sweep.path / experiment).is_dir())
     if not folder.is_dir():
         return []
-    runs = [load_trial(sweep.name, run_dir, sweep.base_config) for run_dir in sorted(folder.iterdir())
-            if (run_dir / "result.json").is_file()]
+    runs = [
+        load_trial(sweep.name, run_dir, sweep.base_config)
+        for run_dir in sorted(folder.iterdir())
+        if (run_dir / "result.json").is_file()
+    ]
     return [run for run in runs if run is not None]
 
 
@@ -143,13 +164,21 @@ def trials_line(trials: Sequence[TrialRecord]) -> str:
     pruning only lowers params, so the unpruned model they left may be over a params/kB budget its schedule met."""
     counts = {status: sum(t.status == status for t in trials) for status in ("completed", "stopped", "errored")}
     over = [t for t in trials if not within_budget(t.metrics)]
-    early = sum(1 for t in over if t.status == "stopped" and t.config["pruning"]["mode"] in ("single", "progressive")
-                and t.metrics.get("constraint_max_macs", -1.0) <= 0  # over on params/kB only
-                and not measured_at_end(t.metrics, t.metrics["epoch"], t.config["train"]["epochs"]))
+    early = sum(
+        1
+        for t in over
+        if t.status == "stopped"
+        and t.config["pruning"]["mode"] in ("single", "progressive")
+        and t.metrics.get("constraint_max_macs", -1.0) <= 0  # over on params/kB only
+        and not measured_at_end(t.metrics, t.metrics["epoch"], t.config["train"]["epochs"])
+    )
     line = f"Trials with results: {len(trials)} (" + ", ".join(f"{n} {status}" for status, n in counts.items() if n)
     line += ")" + (f", {len(over)} over the budget" if over else "")
-    return line + (f" ({early} of them stopped by the scheduler before their last pruning step: the model they left "
-                   "is unpruned)" if early else "")
+    return line + (
+        f" ({early} of them stopped by the scheduler before their last pruning step: the model they left is unpruned)"
+        if early
+        else ""
+    )
 
 
 def trial_curves(sweep: Sweep) -> list[Curve]:
@@ -159,8 +188,14 @@ def trial_curves(sweep: Sweep) -> list[Curve]:
     for trial in sweep.trials:
         by_epoch = {int(r["epoch"]): r for r in read_results(trial.trial_dir / "result.json") if "epoch" in r}
         if by_epoch:
-            curves.append(Curve(trial.trial_id, int(trial.config["train"]["epochs"]),
-                                len(trial.config["data"]["families"]), by_epoch))
+            curves.append(
+                Curve(
+                    trial.trial_id,
+                    int(trial.config["train"]["epochs"]),
+                    len(trial.config["data"]["families"]),
+                    by_epoch,
+                )
+            )
     return curves
 
 

@@ -31,10 +31,12 @@ CONFIDENCE = 0.95
 CHANCE_QUANTILE = 0.95  # at chance: accuracy at or below this quantile of a uniform guesser's
 TARGET_RHO = 0.5  # a first rung should rank trials at least this much like their last epoch (issue 19)
 # Words for a rank correlation between a rung and the last epoch (lower bounds, checked in order).
-VERDICTS = ((0.8, "stopping there keeps the better trials"),
-            (0.5, "stopping there mostly keeps the better trials, with some mistakes"),
-            (0.3, "stopping there is a weak guess"),
-            (-1.0, "stopping there is close to random"))
+VERDICTS = (
+    (0.8, "stopping there keeps the better trials"),
+    (0.5, "stopping there mostly keeps the better trials, with some mistakes"),
+    (0.3, "stopping there is a weak guess"),
+    (-1.0, "stopping there is close to random"),
+)
 RUNG_METRICS = tuple(RUNG_METRIC_MODES)
 
 
@@ -43,7 +45,7 @@ class Curve:
     """One trial's reported epochs: epoch -> that epoch's result (the last one reported for it, after a resume)."""
 
     trial_id: str
-    epochs: int                            # the trial's train.epochs
+    epochs: int  # the trial's train.epochs
     num_classes: int
     results: Mapping[int, Mapping[str, Any]]
 
@@ -61,28 +63,28 @@ class Agreement:
     """Spearman's rho between a metric at an epoch and the last epoch's accuracy, with its 95 % interval."""
 
     n: int
-    rho: float | None      # None with fewer than 3 trials or a constant metric
-    low: float | None      # 95 % interval (n >= 4)
+    rho: float | None  # None with fewer than 3 trials or a constant metric
+    low: float | None  # 95 % interval (n >= 4)
     high: float | None
 
 
 @dataclass(frozen=True)
 class EpochFidelity:
     epoch: int
-    rung: bool                 # a rung of the sweep's scheduler
-    reported: int              # trials with a result at this epoch
-    at_chance: int | None      # of those, at chance (None: the results do not say how many validation clips)
+    rung: bool  # a rung of the sweep's scheduler
+    reported: int  # trials with a result at this epoch
+    at_chance: int | None  # of those, at chance (None: the results do not say how many validation clips)
     agreements: Mapping[str, Agreement]  # rung metric -> its agreement, over the trials that reached the last epoch
 
 
 @dataclass(frozen=True)
 class RungFidelity:
-    metric: str                       # the rung metric (scheduler.metric)
+    metric: str  # the rung metric (scheduler.metric)
     last_epoch: int
-    rungs: tuple[int, ...]            # the scheduler's rung epochs (none without early stopping)
-    early_stopping: bool              # whether the scheduler stopped trials (then rho is over survivors)
+    rungs: tuple[int, ...]  # the scheduler's rung epochs (none without early stopping)
+    early_stopping: bool  # whether the scheduler stopped trials (then rho is over survivors)
     trials: int
-    finished: int                     # trials that reached the last epoch
+    finished: int  # trials that reached the last epoch
     epochs: tuple[EpochFidelity, ...]  # every epoch before the last
 
     @property
@@ -94,42 +96,59 @@ class RungFidelity:
         n = 24): stopping there is close to random. 13 of 50 trials were still at chance there.'"""
         row = row or self.first_rung
         if row is None:
-            text = (f"No rung: the scheduler stopped no trial early ({self.finished} trials ran all "
-                    f"{self.last_epoch} epochs).")
+            text = (
+                f"No rung: the scheduler stopped no trial early ({self.finished} trials ran all "
+                f"{self.last_epoch} epochs)."
+            )
             signal = self.earliest()
             if signal is None:
                 return text + f" No earlier epoch ranks trials like the last with ρ >= {TARGET_RHO:g} ({self.metric})."
             said = self.sentence(signal)
-            return (f"{text} The earliest epoch that ranks them like the last with ρ >= {TARGET_RHO:g} is "
-                    f"{signal.epoch}: {said[0].lower()}{said[1:]} A first rung decides on signal from there "
-                    f"(scheduler.grace_period={signal.epoch}).")
+            return (
+                f"{text} The earliest epoch that ranks them like the last with ρ >= {TARGET_RHO:g} is "
+                f"{signal.epoch}: {said[0].lower()}{said[1:]} A first rung decides on signal from there "
+                f"(scheduler.grace_period={signal.epoch})."
+            )
         what = f"The epoch-{row.epoch} {'rung' if row.rung else 'result'}"
         a = row.agreements.get(self.metric, Agreement(0, None, None, None))
         if a.rho is None:
-            text = (f"{what} cannot be compared with the last epoch: {a.n} trial(s) reached both "
-                    + ("(at least 3 are needed)." if a.n < 3 else "and the metric does not vary among them."))
+            text = f"{what} cannot be compared with the last epoch: {a.n} trial(s) reached both " + (
+                "(at least 3 are needed)." if a.n < 3 else "and the metric does not vary among them."
+            )
         else:
             interval = "" if a.low is None else f"95 % CI {a.low:.2f} to {a.high:.2f}, "
-            text = (f"{what} ranks trials like their last epoch with ρ = {a.rho:.2f} ({interval}n = {a.n}, "
-                    f"{self.metric}): {verdict(a.rho)}.")
+            text = (
+                f"{what} ranks trials like their last epoch with ρ = {a.rho:.2f} ({interval}n = {a.n}, "
+                f"{self.metric}): {verdict(a.rho)}."
+            )
         if row.at_chance is not None:
             text += f" {row.at_chance} of {row.reported} trials were still at chance there."
         return text
 
     def earliest(self, target: float = TARGET_RHO) -> EpochFidelity | None:
         """The first epoch whose rung metric ranks trials like the last epoch with rho >= `target`."""
-        return next((e for e in self.epochs if (a := e.agreements.get(self.metric)) is not None
-                     and a.rho is not None and a.rho >= target), None)
+        return next(
+            (
+                e
+                for e in self.epochs
+                if (a := e.agreements.get(self.metric)) is not None and a.rho is not None and a.rho >= target
+            ),
+            None,
+        )
 
     @property
     def bias_note(self) -> str:
         if not self.early_stopping:
-            return ("No trial was stopped early, so every trial's last epoch is known: these correlations carry no "
-                    "selection bias.")
-        return (f"Only the {self.finished} trials the scheduler let through reached epoch {self.last_epoch}, and "
-                "they were chosen on this very metric: rho is measured on survivors, a restricted range, which "
-                "usually understates it. A sweep that stops no trial measures it without that bias "
-                "(benchmarks/search_fidelity.py fidelity.fifo_samples=<n>).")
+            return (
+                "No trial was stopped early, so every trial's last epoch is known: these correlations carry no "
+                "selection bias."
+            )
+        return (
+            f"Only the {self.finished} trials the scheduler let through reached epoch {self.last_epoch}, and "
+            "they were chosen on this very metric: rho is measured on survivors, a restricted range, which "
+            "usually understates it. A sweep that stops no trial measures it without that bias "
+            "(benchmarks/search_fidelity.py fidelity.fifo_samples=<n>)."
+        )
 
 
 def verdict(rho: float) -> str:
@@ -155,7 +174,7 @@ def spearman_interval(x: Sequence[float], y: Sequence[float]) -> Agreement:
     if n < 4:
         return Agreement(n, rho, None, None)
     z = math.atanh(max(-0.999999, min(0.999999, rho)))
-    half = float(stats.norm.ppf(0.5 + CONFIDENCE / 2)) * math.sqrt((1 + rho ** 2 / 2) / (n - 3))
+    half = float(stats.norm.ppf(0.5 + CONFIDENCE / 2)) * math.sqrt((1 + rho**2 / 2) / (n - 3))
     return Agreement(n, rho, math.tanh(z - half), math.tanh(z + half))
 
 
@@ -179,8 +198,9 @@ def last_epoch(curves: Sequence[Curve]) -> int:
     return max(set(planned), key=planned.count)
 
 
-def rung_fidelity(curves: Sequence[Curve], metric: str, rungs: Sequence[int] = (),
-                  early_stopping: bool | None = None) -> RungFidelity:
+def rung_fidelity(
+    curves: Sequence[Curve], metric: str, rungs: Sequence[int] = (), early_stopping: bool | None = None
+) -> RungFidelity:
     """Rank agreement of every epoch before the last with the last epoch (for each rung metric the results carry;
     `metric` is the sweep's), and the trials at chance per epoch.
 
@@ -195,14 +215,29 @@ def rung_fidelity(curves: Sequence[Curve], metric: str, rungs: Sequence[int] = (
         chance = [at_chance(c.results[epoch], c.num_classes) for c in reporting]
         paired = [c for c in done if epoch in c.results]
         last = [float(c.results[end][ACCURACY]) for c in paired]
-        agreements = {name: spearman_interval([oriented(name, float(c.results[epoch][name])) for c in paired], last)
-                      for name in RUNG_METRICS if all(name in c.results[epoch] for c in paired)}
-        epochs.append(EpochFidelity(epoch=epoch, rung=epoch in rungs, reported=len(reporting),
-                                    at_chance=None if None in chance else sum(chance), agreements=agreements))
-    return RungFidelity(metric=metric, last_epoch=end,
-                        rungs=tuple(sorted(r for r in rungs if r < end)),
-                        early_stopping=bool(rungs) if early_stopping is None else early_stopping,
-                        trials=len(curves), finished=len(done), epochs=tuple(epochs))
+        agreements = {
+            name: spearman_interval([oriented(name, float(c.results[epoch][name])) for c in paired], last)
+            for name in RUNG_METRICS
+            if all(name in c.results[epoch] for c in paired)
+        }
+        epochs.append(
+            EpochFidelity(
+                epoch=epoch,
+                rung=epoch in rungs,
+                reported=len(reporting),
+                at_chance=None if None in chance else sum(chance),
+                agreements=agreements,
+            )
+        )
+    return RungFidelity(
+        metric=metric,
+        last_epoch=end,
+        rungs=tuple(sorted(r for r in rungs if r < end)),
+        early_stopping=bool(rungs) if early_stopping is None else early_stopping,
+        trials=len(curves),
+        finished=len(done),
+        epochs=tuple(epochs),
+    )
 
 
 def rung_epochs(scheduler: Mapping[str, Any], last_epoch: int, grid: bool = False) -> tuple[int, ...]:
@@ -216,6 +251,7 @@ def rung_epochs(scheduler: Mapping[str, Any], last_epoch: int, grid: bool = Fals
     if name == "fifo":
         return ()
     grace = min(scheduler["grace_period"], last_epoch)  # as sweeps/tuning.py make_scheduler clips it
-    milestones = ParetoASHA(max_t=last_epoch, grace_period=grace,
-                            reduction_factor=scheduler["reduction_factor"]).rung_milestones
+    milestones = ParetoASHA(
+        max_t=last_epoch, grace_period=grace, reduction_factor=scheduler["reduction_factor"]
+    ).rung_milestones
     return tuple(sorted({math.ceil(m) for m in milestones}))  # a trial is ranked at the first epoch >= a milestone

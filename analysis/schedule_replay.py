@@ -33,13 +33,13 @@ class Replay:
     metric: str
     rungs: tuple[int, ...]
     first_rung_rho: float | None
-    at_chance: int | None          # trials at chance at the first rung
-    seconds: float                 # epoch-seconds trained (mean over orders)
-    share: float                   # of stopping nothing (mean)
+    at_chance: int | None  # trials at chance at the first rung
+    seconds: float  # epoch-seconds trained (mean over orders)
+    share: float  # of stopping nothing (mean)
     share_sd: float
-    hypervolume: float             # of the front the schedule ends with (mean; every trial at its last epoch trained)
+    hypervolume: float  # of the front the schedule ends with (mean; every trial at its last epoch trained)
     hypervolume_sd: float
-    front_kept: float              # trials of the full-length front that the schedule ran to the end (mean)
+    front_kept: float  # trials of the full-length front that the schedule ran to the end (mean)
     front_size: int
     orders: int
 
@@ -47,8 +47,12 @@ class Replay:
 def curves_in_order(sweep: Sweep) -> list[Curve]:
     """The sweep's curves in the order its trials first reported (Tune's result timestamps), as the replay feeds
     them to the scheduler."""
-    started = {t.trial_id: min((r.get("timestamp", math.inf) for r in read_results(t.trial_dir / "result.json")),
-                               default=math.inf) for t in sweep.trials}
+    started = {
+        t.trial_id: min(
+            (r.get("timestamp", math.inf) for r in read_results(t.trial_dir / "result.json")), default=math.inf
+        )
+        for t in sweep.trials
+    }
     return sorted(trial_curves(sweep), key=lambda c: (started.get(c.trial_id, math.inf), c.trial_id))
 
 
@@ -68,8 +72,9 @@ def concurrency(sweep: Sweep) -> int:
     return max(1, most)
 
 
-def replay(curves: Sequence[Curve], objective: str, grace_period: int, reduction_factor: float, metric: str,
-           workers: int) -> tuple[dict[str, int], float]:
+def replay(
+    curves: Sequence[Curve], objective: str, grace_period: int, reduction_factor: float, metric: str, workers: int
+) -> tuple[dict[str, int], float]:
     """Run the real ParetoASHA (sweeps/tuning.py make_scheduler) over recorded full-length curves: `workers` trials
     at a time in the given order, each epoch taking the time it took; returns (trial_id -> last epoch trained,
     epoch-seconds trained)."""
@@ -109,13 +114,26 @@ def reached_rows(curves: Sequence[Curve], reached: Mapping[str, int]) -> list[di
     rows = []
     for c in curves:
         result = c.results[reached[c.trial_id]]
-        rows.append({"sweep": "replay", "trial_id": c.trial_id, "val_acc": result["val_acc"],
-                     "target_macs": result["target_macs"], "feasible": bool(result.get("feasible", 1))})
+        rows.append(
+            {
+                "sweep": "replay",
+                "trial_id": c.trial_id,
+                "val_acc": result["val_acc"],
+                "target_macs": result["target_macs"],
+                "feasible": bool(result.get("feasible", 1)),
+            }
+        )
     return rows
 
 
-def replays(curves: Sequence[Curve], objective: str, reduction_factor: float, workers: int, orders: int = 20,
-            shuffle_seed: int = 0) -> list[Replay]:
+def replays(
+    curves: Sequence[Curve],
+    objective: str,
+    reduction_factor: float,
+    workers: int,
+    orders: int = 20,
+    shuffle_seed: int = 0,
+) -> list[Replay]:
     """Every candidate first rung (1 .. last epoch - 1) on every rung metric, replayed on the finished curves,
     `workers` at a time, in the order given and `orders - 1` shuffles of it (seeded by `shuffle_seed`); share and
     front are against stopping nothing."""
@@ -129,8 +147,7 @@ def replays(curves: Sequence[Curve], objective: str, reduction_factor: float, wo
     fidelity = rung_fidelity(curves, ACCURACY, early_stopping=False)  # the agreements of every rung metric
     out = []
     for grace in range(1, last):
-        rungs = rung_epochs({"name": "pareto_asha", "grace_period": grace, "reduction_factor": reduction_factor},
-                            last)
+        rungs = rung_epochs({"name": "pareto_asha", "grace_period": grace, "reduction_factor": reduction_factor}, last)
         first = fidelity.epochs[rungs[0] - 1]
         for metric in RUNG_METRICS:
             seconds, volumes, kept = [], [], []
@@ -142,12 +159,23 @@ def replays(curves: Sequence[Curve], objective: str, reduction_factor: float, wo
                 kept.append(sum(reached[t] == last for t in full_front))
             agreement = first.agreements.get(metric)
             shares = np.array(seconds) / full_seconds
-            out.append(Replay(
-                grace_period=grace, metric=metric, rungs=rungs,
-                first_rung_rho=None if agreement is None else agreement.rho, at_chance=first.at_chance,
-                seconds=float(np.mean(seconds)), share=float(shares.mean()), share_sd=_sd(shares),
-                hypervolume=float(np.mean(volumes)), hypervolume_sd=_sd(volumes), front_kept=float(np.mean(kept)),
-                front_size=len(full_front), orders=len(arrivals)))
+            out.append(
+                Replay(
+                    grace_period=grace,
+                    metric=metric,
+                    rungs=rungs,
+                    first_rung_rho=None if agreement is None else agreement.rho,
+                    at_chance=first.at_chance,
+                    seconds=float(np.mean(seconds)),
+                    share=float(shares.mean()),
+                    share_sd=_sd(shares),
+                    hypervolume=float(np.mean(volumes)),
+                    hypervolume_sd=_sd(volumes),
+                    front_kept=float(np.mean(kept)),
+                    front_size=len(full_front),
+                    orders=len(arrivals),
+                )
+            )
     return out
 
 

@@ -25,7 +25,7 @@ MIN_GROUP_SIZE = 2
 @dataclass(frozen=True)
 class Hypervolumes:
     reference: dict[str, float]  # objective -> raw reference value
-    by_sweep: dict[str, float]   # sweep (and "all sweeps" when several) -> normalised hypervolume
+    by_sweep: dict[str, float]  # sweep (and "all sweeps" when several) -> normalised hypervolume
 
 
 def normalised_hypervolumes(rows: Sequence[dict[str, Any]], third_objective: str | None) -> Hypervolumes:
@@ -42,8 +42,10 @@ def normalised_hypervolumes(rows: Sequence[dict[str, Any]], third_objective: str
     groups = {name: [r for r in rows if r["sweep"] == name] for name in dict.fromkeys(r["sweep"] for r in rows)}
     if len(groups) > 1:
         groups["all sweeps"] = list(rows)
-    by_sweep = {name: hypervolume(objective_points(group, chosen) / scale, ref_point, maximize)
-                for name, group in groups.items()}
+    by_sweep = {
+        name: hypervolume(objective_points(group, chosen) / scale, ref_point, maximize)
+        for name, group in groups.items()
+    }
     return Hypervolumes(reference=reference, by_sweep=by_sweep)
 
 
@@ -56,9 +58,9 @@ class GroupStats:
 
 @dataclass(frozen=True)
 class BinComparison:
-    label: str                              # the MACs range of the bin
+    label: str  # the MACs range of the bin
     groups: tuple[GroupStats, GroupStats]
-    difference: float | None                # mean val_acc of group a minus b; None when a group has n < 2
+    difference: float | None  # mean val_acc of group a minus b; None when a group has n < 2
 
 
 def _group_stats(rows: Sequence[dict[str, Any]]) -> GroupStats:
@@ -82,7 +84,7 @@ def matched_macs_comparison(rows: Sequence[dict[str, Any]], key: str, groups: tu
     bins: dict[int, list[dict[str, Any]]] = {}
     for row in members:  # bin k holds [2^k, 2^(k+1)) million MACs
         bins.setdefault(math.floor(math.log2(max(row[TARGET_MACS], 1) / 1e6)), []).append(row)
-    comparisons = [_compare(f"{2.0 ** k:g}-{2.0 ** (k + 1):g}M", bins[k], key, groups) for k in sorted(bins)]
+    comparisons = [_compare(f"{2.0**k:g}-{2.0 ** (k + 1):g}M", bins[k], key, groups) for k in sorted(bins)]
     return comparisons + [_compare("all MACs (not matched)", members, key, groups)]
 
 

@@ -92,7 +92,9 @@ def main() -> None:
     parser.add_argument("--clip-seconds", type=float, default=1.0, help="length both methods trim clips to")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
-        "--threads", type=int, default=1,
+        "--threads",
+        type=int,
+        default=1,
         help="torch intra-op threads in this process (Ray Tune runs a 1-CPU trial with OMP_NUM_THREADS=1; "
         "DataLoader workers always use 1)",
     )
@@ -129,8 +131,9 @@ def main() -> None:
 
         # Waveform augmentation forces the log-mel per batch: batching without the cache.
         noisy_cfg = FeatureConfig(noise_snr_db=30.0)
-        uncached = FeaturePipeline(waveforms, labels, "bench", noisy_cfg, device, tmp_dir / "features",
-                                   device_data_share)
+        uncached = FeaturePipeline(
+            waveforms, labels, "bench", noisy_cfg, device, tmp_dir / "features", device_data_share
+        )
         uncached_s = timed_epoch(uncached.batches(args.batch_size, train=True, generator=generator), device)
 
     def clips_per_s(seconds: float) -> float:
@@ -139,8 +142,10 @@ def main() -> None:
     baseline_steady = clips_per_s(float(np.mean(baseline[1:])))
     pipeline_steady = clips_per_s(float(np.mean(pipeline_epochs[1:])))
     print(f"device={device} torch_threads={torch.get_num_threads()} clips={args.clips} batch={args.batch_size}")
-    print(f"baseline (per-item wav + MelSpectrogram, {args.workers} workers): "
-          f"first epoch {clips_per_s(baseline[0]):.0f} clips/s, steady {baseline_steady:.0f} clips/s")
+    print(
+        f"baseline (per-item wav + MelSpectrogram, {args.workers} workers): "
+        f"first epoch {clips_per_s(baseline[0]):.0f} clips/s, steady {baseline_steady:.0f} clips/s"
+    )
     print(f"pipeline first epoch (builds log-mel cache): {clips_per_s(pipeline_epochs[0]):.0f} clips/s")
     print(f"pipeline steady (cache hit + SpecAugment on {device}): {pipeline_steady:.0f} clips/s")
     print(f"pipeline with waveform augmentation (batched log-mel, no cache): {clips_per_s(uncached_s):.0f} clips/s")

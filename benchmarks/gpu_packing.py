@@ -66,8 +66,9 @@ def write_clips(folder: Path, split: str, n: int, seed: int) -> None:
         for p in range(12):
             f0 = 110.0 * 2 ** ((p + 3 * c) / 12)
             tilt = 0.5 + 0.2 * c
-            templates[c, p] = sum(np.sin(2 * np.pi * f0 * k * t) / k**tilt for k in range(1, 7)
-                                  if f0 * k < SAMPLE_RATE / 2) * np.exp(-t * (1 + c / 4))
+            templates[c, p] = sum(
+                np.sin(2 * np.pi * f0 * k * t) / k**tilt for k in range(1, 7) if f0 * k < SAMPLE_RATE / 2
+            ) * np.exp(-t * (1 + c / 4))
     templates /= np.abs(templates).max(axis=-1, keepdims=True)
     labels = rng.integers(len(CLASSES), size=n)
     waves = np.lib.format.open_memmap(folder / f"{split}.npy", mode="w+", dtype=np.int16, shape=(n, CLIP_SAMPLES))
@@ -89,11 +90,18 @@ def open_data(folder: Path) -> Any:
     splits = {}
     for split in ("train", "valid"):
         labels = np.load(folder / f"{split}_labels.npy")
-        splits[split] = WaveformSplit(np.load(folder / f"{split}.npy", mmap_mode="r"), labels,
-                                      [f"{split}-{i}" for i in range(len(labels))])
+        splits[split] = WaveformSplit(
+            np.load(folder / f"{split}.npy", mmap_mode="r"), labels, [f"{split}-{i}" for i in range(len(labels))]
+        )
     splits["test"] = splits["valid"]
-    return WaveformData(fingerprint=f"packing-{folder.name}", classes=CLASSES, sample_rate=SAMPLE_RATE,
-                        clip_samples=CLIP_SAMPLES, splits=splits, cache_dir=folder)
+    return WaveformData(
+        fingerprint=f"packing-{folder.name}",
+        classes=CLASSES,
+        sample_rate=SAMPLE_RATE,
+        clip_samples=CLIP_SAMPLES,
+        splits=splits,
+        cache_dir=folder,
+    )
 
 
 def trainer(rank: int, k: int, config: dict[str, Any], folder: str, barrier: Any, results: Any) -> None:
@@ -124,10 +132,17 @@ def trainer(rank: int, k: int, config: dict[str, Any], folder: str, barrier: Any
         train(config, data, Path(folder) / "runs" / f"k{k}-{rank}", report=report)
         amp = amp_settings(device)
         batch = min(config["train"]["batch_size"], len(data.splits["train"]))
-        results.put({"rank": rank, "start": start, "ends": ends, "memory": memory if cuda else None,
-                     "clips_per_epoch": len(data.splits["train"]) // batch * batch,
-                     "device": torch.cuda.get_device_name(device) if cuda else "cpu",
-                     "amp": str(amp[1]).removeprefix("torch.") if amp[0] else "off"})
+        results.put(
+            {
+                "rank": rank,
+                "start": start,
+                "ends": ends,
+                "memory": memory if cuda else None,
+                "clips_per_epoch": len(data.splits["train"]) // batch * batch,
+                "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+                "amp": str(amp[1]).removeprefix("torch.") if amp[0] else "off",
+            }
+        )
     except BaseException:  # noqa: BLE001 - the parent reports it and stops
         results.put({"rank": rank, "error": traceback.format_exc()})
 
@@ -142,11 +157,21 @@ def measure(k: int, config: dict[str, Any], folder: Path, timeout_s: float) -> d
     context = mp.get_context("spawn")  # CUDA cannot be forked
     barrier, results = context.Barrier(k), context.Queue()
     threads = max(1, (os.cpu_count() or 1) // k) if config["device"] != "cpu" else 1
-    share = {"num_threads": threads,
-             "device_data_share": config["train"]["device_data_share"] / k}
-    procs = [context.Process(target=trainer, args=(rank, k, {**config, "train": {**config["train"], **share,
-                                                                                 "seed": rank}},
-                                                   str(folder), barrier, results)) for rank in range(k)]
+    share = {"num_threads": threads, "device_data_share": config["train"]["device_data_share"] / k}
+    procs = [
+        context.Process(
+            target=trainer,
+            args=(
+                rank,
+                k,
+                {**config, "train": {**config["train"], **share, "seed": rank}},
+                str(folder),
+                barrier,
+                results,
+            ),
+        )
+        for rank in range(k)
+    ]
     for proc in procs:
         proc.start()
     out, deadline = [], time.time() + timeout_s
@@ -169,15 +194,23 @@ def measure(k: int, config: dict[str, Any], folder: Path, timeout_s: float) -> d
     per_process = [clips * (epochs - 1) / (r["ends"][-1] - r["ends"][0]) for r in out]
     # epoch e (e >= 2) runs from the end of epoch e-1 to the end of e in each process; the card's throughput over
     # an epoch is every process's clips over the span of all of them
-    per_card = [k * clips / (max(r["ends"][e] for r in out) - min(r["ends"][e - 1] for r in out))
-                for e in range(1, epochs)]
+    per_card = [
+        k * clips / (max(r["ends"][e] for r in out) - min(r["ends"][e - 1] for r in out)) for e in range(1, epochs)
+    ]
     memory = [r["memory"] for r in out if r["memory"]]
-    return {"k": k, "per_process": mean_sd(per_process), "per_card": mean_sd(per_card), "epochs": epochs,
-            "epoch_s": statistics.fmean(r["ends"][-1] - r["ends"][0] for r in out) / (epochs - 1),
-            "allocated": max((m["allocated"] for m in memory), default=None),
-            "reserved": max((m["reserved"] for m in memory), default=None),
-            "device_used": max((m["device_used"] for m in memory), default=None),
-            "device": out[0]["device"], "amp": out[0]["amp"], "clips": clips}
+    return {
+        "k": k,
+        "per_process": mean_sd(per_process),
+        "per_card": mean_sd(per_card),
+        "epochs": epochs,
+        "epoch_s": statistics.fmean(r["ends"][-1] - r["ends"][0] for r in out) / (epochs - 1),
+        "allocated": max((m["allocated"] for m in memory), default=None),
+        "reserved": max((m["reserved"] for m in memory), default=None),
+        "device_used": max((m["device_used"] for m in memory), default=None),
+        "device": out[0]["device"],
+        "amp": out[0]["amp"],
+        "clips": clips,
+    }
 
 
 def mib(value: float | None) -> str:
@@ -185,12 +218,16 @@ def mib(value: float | None) -> str:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = [f"{'K':>3}{'clips/s/process':>22}{'clips/s/card':>20}{'epoch s':>9}{'alloc MiB':>11}{'resv MiB':>10}"
-             f"{'card MiB':>10}"]
+    lines = [
+        f"{'K':>3}{'clips/s/process':>22}{'clips/s/card':>20}{'epoch s':>9}{'alloc MiB':>11}{'resv MiB':>10}"
+        f"{'card MiB':>10}"
+    ]
     for r in rows:
         (pp, pp_sd), (pc, pc_sd) = r["per_process"], r["per_card"]
-        lines.append(f"{r['k']:>3}{f'{pp:.0f} +- {pp_sd:.0f}':>22}{f'{pc:.0f} +- {pc_sd:.0f}':>20}"
-                     f"{r['epoch_s']:>9.2f}{mib(r['allocated']):>11}{mib(r['reserved']):>10}{mib(r['device_used']):>10}")
+        lines.append(
+            f"{r['k']:>3}{f'{pp:.0f} +- {pp_sd:.0f}':>22}{f'{pc:.0f} +- {pc_sd:.0f}':>20}"
+            f"{r['epoch_s']:>9.2f}{mib(r['allocated']):>11}{mib(r['reserved']):>10}{mib(r['device_used']):>10}"
+        )
     return "\n".join(lines)
 
 
@@ -222,8 +259,11 @@ def main() -> None:
     if not gpu:
         why = "--cpu given" if args.cpu else "no CUDA GPU present"
         ks, args.clips, args.epochs = DRY_RUN["k"], DRY_RUN["clips"], DRY_RUN["epochs"]
-        print(f"{why}: CPU dry run of the harness ({', '.join(map(str, ks))} processes at once on the CPU, "
-              f"{args.clips} clips, {args.epochs} epochs); no GPU figures, ratio=nan", flush=True)
+        print(
+            f"{why}: CPU dry run of the harness ({', '.join(map(str, ks))} processes at once on the CPU, "
+            f"{args.clips} clips, {args.epochs} epochs); no GPU figures, ratio=nan",
+            flush=True,
+        )
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="gpu-packing-"))
     folder = work / f"clips-{args.clips}"
     try:
@@ -232,23 +272,35 @@ def main() -> None:
             t0 = time.time()
             write_clips(folder, "train", args.clips, seed=0)
             write_clips(folder, "valid", max(1, args.clips // 10), seed=1)
-            print(f"synthetic clips: {args.clips} train + {max(1, args.clips // 10)} valid, 1 s int16, written in "
-                  f"{time.time() - t0:.1f} s to {folder}", flush=True)
+            print(
+                f"synthetic clips: {args.clips} train + {max(1, args.clips // 10)} valid, 1 s int16, written in "
+                f"{time.time() - t0:.1f} s to {folder}",
+                flush=True,
+            )
         from common.cli import compose  # after sys.path has the project root (run as a script)
 
-        config = compose("config", [f"workdir={work}", "device=cuda" if gpu else "device=cpu",
-                                    "train.warmup_epochs=0", f"train.epochs={args.epochs}",
-                                    *([f"train.batch_size={args.batch_size}"] if args.batch_size else []),
-                                    *args.overrides])
+        config = compose(
+            "config",
+            [
+                f"workdir={work}",
+                "device=cuda" if gpu else "device=cpu",
+                "train.warmup_epochs=0",
+                f"train.epochs={args.epochs}",
+                *([f"train.batch_size={args.batch_size}"] if args.batch_size else []),
+                *args.overrides,
+            ],
+        )
         rows = []
         for k in ks:
             rows.append(measure(k, config, folder, args.timeout))
             print(f"K={k}: {rows[-1]['per_card'][0]:.0f} clips/s per card", flush=True)
         first = rows[0]
         student = config["student"]
-        print(f"\n{first['device']}, AMP {first['amp']}: {student['arch']} x{student['width_mult']}, "
-              f"batch {config['train']['batch_size']}, {first['clips']} training clips per epoch, epochs 2-"
-              f"{args.epochs} measured (mean +- sd over processes / over epochs)")
+        print(
+            f"\n{first['device']}, AMP {first['amp']}: {student['arch']} x{student['width_mult']}, "
+            f"batch {config['train']['batch_size']}, {first['clips']} training clips per epoch, epochs 2-"
+            f"{args.epochs} measured (mean +- sd over processes / over epochs)"
+        )
         print(table(rows))
         value, sd = ratio(rows) if gpu else (math.nan, math.nan)
         if math.isfinite(value):

@@ -46,8 +46,11 @@ def warm_student_features(config: dict[str, Any], data: WaveformData) -> None:
     feats = FeatureConfig.from_mapping(config["features"])
     device = pick_device(config["device"])
     for split in ("train", "valid"):
-        next(make_pipeline(data, split, feats, device, config["workdir"], config["train"]["device_data_share"])
-             .batches(1, train=False))
+        next(
+            make_pipeline(data, split, feats, device, config["workdir"], config["train"]["device_data_share"]).batches(
+                1, train=False
+            )
+        )
 
 
 def kd_epoch_seconds(config: dict[str, Any], data: WaveformData, mode: str, run_dir: Path) -> tuple[list[float], float]:
@@ -67,21 +70,32 @@ def student_costs(config: dict[str, Any], num_classes: int) -> tuple[tuple[int, 
     input_shape = (1, 1, feats.n_mels, feats.frames(int(config["data"]["clip_seconds"] * feats.sample_rate)))
     model = create_student(student["arch"], student["width_mult"], num_classes, student["dropout"])
     base_macs, base_params = count_macs_params(model, input_shape)
-    step = prune_to_macs(model, torch.randn(input_shape, generator=torch.Generator().manual_seed(0)), base_macs,
-                         PRUNE_KEEP_RATIO, config["pruning"]["importance"], config["pruning"]["round_to"])
+    step = prune_to_macs(
+        model,
+        torch.randn(input_shape, generator=torch.Generator().manual_seed(0)),
+        base_macs,
+        PRUNE_KEEP_RATIO,
+        config["pruning"]["importance"],
+        config["pruning"]["round_to"],
+    )
     return (base_macs, base_params), (step.macs, step.params), input_shape
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", type=Path, default=None,
-                        help="data, caches, teacher and runs go here (default: a temp dir under /tmp, removed after)")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="data, caches, teacher and runs go here (default: a temp dir under /tmp, removed after)",
+    )
     parser.add_argument("--families", type=int, default=6, help="the first N of the default data.families")
     parser.add_argument("--per-family", type=int, default=60, help="notes per family (all splits)")
     parser.add_argument("--epochs", type=int, default=4, help="KD epochs per mode; epoch 1 is reported as warm-up")
     parser.add_argument("--teacher-epochs", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads for training (a sweep trial gets 1 CPU, hence 1 thread)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads for training (a sweep trial gets 1 CPU, hence 1 thread)"
+    )
     args = parser.parse_args()
     if args.epochs < 2:
         parser.error("--epochs must be >= 2: epoch 1 is warm-up, later ones are measured")
@@ -93,12 +107,21 @@ def main() -> None:
     families = default_config["data"]["families"][: args.families]
     with ExitStack() as stack:
         workdir = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kd_epoch-")))
-        config = compose("config", [
-            f"workdir={workdir.resolve()}", f"data.families=[{','.join(families)}]",
-            f"data.per_family={args.per_family}", "data.clip_seconds=1.0", "kd.enabled=true", "pruning.mode=none",
-            f"train.epochs={args.epochs}", "train.warmup_epochs=1", f"train.num_threads={args.threads}",
-            f"teacher.epochs={args.teacher_epochs}",
-        ])
+        config = compose(
+            "config",
+            [
+                f"workdir={workdir.resolve()}",
+                f"data.families=[{','.join(families)}]",
+                f"data.per_family={args.per_family}",
+                "data.clip_seconds=1.0",
+                "kd.enabled=true",
+                "pruning.mode=none",
+                f"train.epochs={args.epochs}",
+                "train.warmup_epochs=1",
+                f"train.num_threads={args.threads}",
+                f"teacher.epochs={args.teacher_epochs}",
+            ],
+        )
         data = prepare_data(config["data"], config["workdir"])
         torch.set_num_threads(args.threads)  # the teacher's logits and metrics run in this process too
         start = time.perf_counter()
@@ -109,20 +132,27 @@ def main() -> None:
         train_clips = len(data.splits["train"])
 
     (base_macs, base_params), (pruned_macs, pruned_params), input_shape = student_costs(
-        default_config, len(default_config["data"]["families"]))
+        default_config, len(default_config["data"]["families"])
+    )
     steady = {mode: float(np.mean(seconds[1:])) for mode, (seconds, _) in results.items()}
     device = pick_device(config["device"])
     student = config["student"]
-    print(f"\ndevice={device} torch_threads={args.threads} families={len(families)} "
-          f"train_clips={train_clips} batch={config['train']['batch_size']} epochs={args.epochs}")
-    print(f"teacher {config['teacher']['name']} ({config['teacher']['epochs']} epochs, "
-          f"{config['teacher']['features']['n_mels']} mels): trained in {teacher_seconds:.1f} s")
+    print(
+        f"\ndevice={device} torch_threads={args.threads} families={len(families)} "
+        f"train_clips={train_clips} batch={config['train']['batch_size']} epochs={args.epochs}"
+    )
+    print(
+        f"teacher {config['teacher']['name']} ({config['teacher']['epochs']} epochs, "
+        f"{config['teacher']['features']['n_mels']} mels): trained in {teacher_seconds:.1f} s"
+    )
     print(f"{'teacher_logits':<15}{'setup s':>9}{'epoch 1 s':>11}{'s/epoch (2..E)':>16}")
     for mode, (seconds, setup_seconds) in results.items():
         print(f"{mode:<15}{setup_seconds:>9.2f}{seconds[0]:>11.2f}{steady[mode]:>16.2f}")
     print("(setup: cached = computing the logits of every train clip once; online = loading the teacher)")
-    print(f"\nstudent {student['arch']} width {student['width_mult']}, input {input_shape}, "
-          f"{len(default_config['data']['families'])} classes:")
+    print(
+        f"\nstudent {student['arch']} width {student['width_mult']}, input {input_shape}, "
+        f"{len(default_config['data']['families'])} classes:"
+    )
     print(f"{'':<22}{'MACs':>14}{'params':>12}")
     print(f"{'unpruned':<22}{base_macs:>14,}{base_params:>12,}")
     print(f"{f'pruned (keep {PRUNE_KEEP_RATIO:.0%} MACs)':<22}{pruned_macs:>14,}{pruned_params:>12,}")

@@ -41,10 +41,17 @@ def ensure_exported(config: dict[str, Any]) -> list[tuple[Any, dict[str, Any]]]:
             for trial in missing:
                 print(f"exporting and quantizing trial {trial.trial_id} ...")
                 try:
-                    fresh[trial.trial_id] = export_trial(trial, data, sweep.path / EXPORT_DIR,
-                                                         config["export"]["opset"], config["export"]["tolerance"],
-                                                         config["quant"] | {"enabled": True}, None, config["seed"],
-                                                         config["device"])
+                    fresh[trial.trial_id] = export_trial(
+                        trial,
+                        data,
+                        sweep.path / EXPORT_DIR,
+                        config["export"]["opset"],
+                        config["export"]["tolerance"],
+                        config["quant"] | {"enabled": True},
+                        None,
+                        config["seed"],
+                        config["device"],
+                    )
                 except Exception as err:  # reported below; the other models go on
                     fresh[trial.trial_id] = {"onnx": None, "error": f"{type(err).__name__}: {err}"}
             write_manifest(sweep.path / EXPORT_DIR, fresh)
@@ -61,33 +68,65 @@ def main(cfg: DictConfig) -> None:
     warmup, runs = config["latency"]["warmup"], config["latency"]["runs"]
     rows, cpu = [], None
     for trial, entry in ensure_exported(config):
-        row = {"trial_id": trial.trial_id, "macs": trial.metrics["macs"], "params": entry.get("params"),
-               "error": entry.get("error"), "int8": entry.get("int8"), "latency": None}
+        row = {
+            "trial_id": trial.trial_id,
+            "macs": trial.metrics["macs"],
+            "params": entry.get("params"),
+            "error": entry.get("error"),
+            "int8": entry.get("int8"),
+            "latency": None,
+        }
         if entry.get("onnx"):
             int8 = entry.get("int8") or {}
-            row |= {"kb_fp32": entry["kb"]["fp32"], "kb_int8": entry["kb"]["int8"], "fp32_bytes": entry["bytes"],
-                    "fp32_test_acc": entry["fp32_test_acc"]}
+            row |= {
+                "kb_fp32": entry["kb"]["fp32"],
+                "kb_int8": entry["kb"]["int8"],
+                "fp32_bytes": entry["bytes"],
+                "fp32_test_acc": entry["fp32_test_acc"],
+            }
             shape = tuple(entry["input_shape"])
             fp32 = measure_latency(entry["onnx"], shape, warmup, runs)
             cpu, all_threads = fp32["cpu"], fp32["all_threads"]
-            row |= {"fp32_ms_1": fp32["threads"]["1"]["median_ms"], "fp32_p90_ms_1": fp32["threads"]["1"]["p90_ms"],
-                    "fp32_ms_all": fp32["threads"][str(all_threads)]["median_ms"]}
+            row |= {
+                "fp32_ms_1": fp32["threads"]["1"]["median_ms"],
+                "fp32_p90_ms_1": fp32["threads"]["1"]["p90_ms"],
+                "fp32_ms_all": fp32["threads"][str(all_threads)]["median_ms"],
+            }
             if int8.get("onnx"):
                 q = measure_latency(int8["onnx"], shape, warmup, runs)
-                row |= {"int8_bytes": int8["bytes"], "int8_test_acc": int8["test_acc"],
-                        "int8_agreement": int8["agreement"],
-                        "int8_ms_1": q["threads"]["1"]["median_ms"], "int8_p90_ms_1": q["threads"]["1"]["p90_ms"],
-                        "int8_ms_all": q["threads"][str(all_threads)]["median_ms"]}
+                row |= {
+                    "int8_bytes": int8["bytes"],
+                    "int8_test_acc": int8["test_acc"],
+                    "int8_agreement": int8["agreement"],
+                    "int8_ms_1": q["threads"]["1"]["median_ms"],
+                    "int8_p90_ms_1": q["threads"]["1"]["p90_ms"],
+                    "int8_ms_all": q["threads"][str(all_threads)]["median_ms"],
+                }
                 row["speedup_1"] = row["fp32_ms_1"] / row["int8_ms_1"]
         rows.append(row)
-    columns = [("trial_id", "trial"), ("macs", "MACs"), ("params", "params"), ("kb_fp32", "kB fp32"),
-               ("kb_int8", "kB int8"), ("fp32_bytes", "fp32 bytes"), ("int8_bytes", "int8 bytes"),
-               ("fp32_test_acc", "fp32 test acc"), ("int8_test_acc", "int8 test acc"), ("int8_agreement", "agreement"),
-               ("fp32_ms_1", "fp32 ms 1T"), ("fp32_p90_ms_1", "p90"), ("int8_ms_1", "int8 ms 1T"),
-               ("int8_p90_ms_1", "p90"), ("fp32_ms_all", "fp32 ms allT"), ("int8_ms_all", "int8 ms allT"),
-               ("speedup_1", "fp32/int8 1T")]
-    print(f"\nfp32 vs int8, {len(rows)} model(s); latency: ONNX Runtime CPU on {cpu!r}, batch 1, median (and p90) ms "
-          f"of {runs} runs after {warmup} warm-up runs, 1T = 1 thread, allT = all threads")
+    columns = [
+        ("trial_id", "trial"),
+        ("macs", "MACs"),
+        ("params", "params"),
+        ("kb_fp32", "kB fp32"),
+        ("kb_int8", "kB int8"),
+        ("fp32_bytes", "fp32 bytes"),
+        ("int8_bytes", "int8 bytes"),
+        ("fp32_test_acc", "fp32 test acc"),
+        ("int8_test_acc", "int8 test acc"),
+        ("int8_agreement", "agreement"),
+        ("fp32_ms_1", "fp32 ms 1T"),
+        ("fp32_p90_ms_1", "p90"),
+        ("int8_ms_1", "int8 ms 1T"),
+        ("int8_p90_ms_1", "p90"),
+        ("fp32_ms_all", "fp32 ms allT"),
+        ("int8_ms_all", "int8 ms allT"),
+        ("speedup_1", "fp32/int8 1T"),
+    ]
+    print(
+        f"\nfp32 vs int8, {len(rows)} model(s); latency: ONNX Runtime CPU on {cpu!r}, batch 1, median (and p90) ms "
+        f"of {runs} runs after {warmup} warm-up runs, 1T = 1 thread, allT = all threads"
+    )
     print(format_table(rows, columns))
     for line in problem_lines(rows):
         print(line)

@@ -50,7 +50,7 @@ def _note(family: int, instrument: int, pitch: int, velocity: int) -> np.ndarray
     t = np.arange(int(SECONDS * SAMPLE_RATE), dtype=np.float32) / SAMPLE_RATE
     f0 = 440.0 * 2 ** ((pitch - 69) / 12)
     tilt = 0.5 + 0.15 * family + 0.02 * instrument
-    tone = sum(np.sin(2 * np.pi * f0 * k * t) / k ** tilt for k in range(1, 8) if f0 * k < SAMPLE_RATE / 2)
+    tone = sum(np.sin(2 * np.pi * f0 * k * t) / k**tilt for k in range(1, 8) if f0 * k < SAMPLE_RATE / 2)
     return (0.5 * velocity / 127 * np.exp(-t * (0.5 + family / 4)) * tone / 2).astype(np.float32)
 
 
@@ -84,7 +84,7 @@ def make_synthetic_nsynth(root: Path | str, n_clips: int, seed: int = 0, workers
         split = SPLIT_OF_INSTRUMENT[slot % len(SPLIT_OF_INSTRUMENT)]
         examples[split][ex["note_str"]] = ex
         notes.append((split, ex["note_str"], family, slot, pitch, velocity))
-    chunks = [(str(root), notes[i:i + 500]) for i in range(0, len(notes), 500)]
+    chunks = [(str(root), notes[i : i + 500]) for i in range(0, len(notes), 500)]
     with ProcessPoolExecutor(workers) as pool:
         list(pool.map(_write_notes, chunks))
     for split in SPLITS:
@@ -102,8 +102,11 @@ def _status(pid: int) -> dict[str, int]:
         text = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return {}
-    return {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in text.splitlines())
-            if k in ("VmRSS", "RssAnon", "RssFile")}
+    return {
+        k: int(v.split()[0])
+        for k, v in (line.split(":", 1) for line in text.splitlines())
+        if k in ("VmRSS", "RssAnon", "RssFile")
+    }
 
 
 def _tree(pid: int) -> list[int]:
@@ -134,7 +137,7 @@ class PeakMemory:
     def _run(self) -> None:
         while not self._stop.wait(0.1):
             total: dict[str, int] = {}
-            for pid in (_tree(self.pid) if self.tree else [self.pid]):
+            for pid in _tree(self.pid) if self.tree else [self.pid]:
                 for k, v in _status(pid).items():
                     total[k] = total.get(k, 0) + v
             for k, v in total.items():
@@ -169,15 +172,20 @@ def run_trials(config: dict[str, Any], data_dir: str, steps: int) -> list[dict[s
     from ray import tune
 
     out_dir = tempfile.mkdtemp(prefix="scale-mem-")
-    base = {**config, "train": {**config["train"], "epochs": 1, "warmup_epochs": 0, "steps_per_epoch": steps,
-                                "num_threads": 1}}
+    base = {
+        **config,
+        "train": {**config["train"], "epochs": 1, "warmup_epochs": 0, "steps_per_epoch": steps, "num_threads": 1},
+    }
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     try:
-        trainable = tune.with_resources(tune.with_parameters(measured_trial, base_config=base, data_dir=data_dir,
-                                                             out_dir=out_dir), {"cpu": 1})
-        results = tune.Tuner(trainable, param_space={"train.seed": tune.grid_search([0, 1])},
-                             run_config=tune.RunConfig(storage_path=tempfile.mkdtemp(prefix="scale-ray-"),
-                                                       verbose=0)).fit()
+        trainable = tune.with_resources(
+            tune.with_parameters(measured_trial, base_config=base, data_dir=data_dir, out_dir=out_dir), {"cpu": 1}
+        )
+        results = tune.Tuner(
+            trainable,
+            param_space={"train.seed": tune.grid_search([0, 1])},
+            run_config=tune.RunConfig(storage_path=tempfile.mkdtemp(prefix="scale-ray-"), verbose=0),
+        ).fit()
     finally:
         ray.shutdown()
     rows = []
@@ -185,8 +193,13 @@ def run_trials(config: dict[str, Any], data_dir: str, steps: int) -> list[dict[s
         if result.error:
             raise RuntimeError(f"a trial failed: {result.error}")
         peak = json.loads(Path(out_dir, f"{result.metrics['trial_id']}.json").read_text())
-        rows.append({"anon_mb": peak["RssAnon"] / 1024, "file_mb": peak["RssFile"] / 1024,
-                     "clips_per_s": result.metrics["clips_per_second"]})
+        rows.append(
+            {
+                "anon_mb": peak["RssAnon"] / 1024,
+                "file_mb": peak["RssFile"] / 1024,
+                "clips_per_s": result.metrics["clips_per_second"],
+            }
+        )
     shutil.rmtree(out_dir, ignore_errors=True)
     return rows
 
@@ -203,19 +216,33 @@ def main() -> None:
         parser.error("--sizes must be >= 200 clips each and --steps >= 1")
     from common.cli import compose
 
-    base_dir = Path(args.workdir or tempfile.mkdtemp(prefix="scale-", dir=str(ROOT / "runs")
-                                                     if (ROOT / "runs").is_dir() else None)).resolve()
+    base_dir = Path(
+        args.workdir or tempfile.mkdtemp(prefix="scale-", dir=str(ROOT / "runs") if (ROOT / "runs").is_dir() else None)
+    ).resolve()
     table = []
     for n in sizes:
         work, data_root = base_dir / f"n{n}", base_dir / f"n{n}" / "nsynth"
         t0 = time.perf_counter()
         counts = make_synthetic_nsynth(data_root, n)
         generate_s = time.perf_counter() - t0
-        overrides = [f"workdir={work}", "data=nsynth", f"data.root={data_root}", "features.n_mels=64",
-                     "student.width_mult=0.5", "kd.enabled=false", "pruning.mode=none", "train.batch_size=64"]
+        overrides = [
+            f"workdir={work}",
+            "data=nsynth",
+            f"data.root={data_root}",
+            "features.n_mels=64",
+            "student.width_mult=0.5",
+            "kd.enabled=false",
+            "pruning.mode=none",
+            "train.batch_size=64",
+        ]
         t0 = time.perf_counter()
-        build = subprocess.Popen([sys.executable, str(ROOT / "data_prep" / "build.py"), *overrides],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        build = subprocess.Popen(
+            [sys.executable, str(ROOT / "data_prep" / "build.py"), *overrides],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
         with PeakMemory(build.pid, tree=True) as driver:
             _, err = build.communicate()
         if build.returncode:
@@ -224,25 +251,40 @@ def main() -> None:
         config = compose("config", overrides)
         (cache_dir,) = (work / "cache" / "waveforms").glob("*/meta.json")
         trials = run_trials(config, str(cache_dir.parent), args.steps)
-        row = {"clips": n, "train/valid/test": "/".join(str(counts[s]) for s in SPLITS), "generate_s": generate_s,
-               "prep_s": prep_s, "wav_gb": du(data_root) / 1e9, "wave_cache_gb": du(work / "cache" / "waveforms") / 1e9,
-               "logmel_gb": du(work / "cache" / "features") / 1e9, "driver_peak_mb": driver.peak["RssAnon"] / 1024,
-               "trial_anon_mb": max(t["anon_mb"] for t in trials), "trial_file_mb": max(t["file_mb"] for t in trials),
-               "clips_per_s": [round(t["clips_per_s"], 1) for t in trials]}
+        row = {
+            "clips": n,
+            "train/valid/test": "/".join(str(counts[s]) for s in SPLITS),
+            "generate_s": generate_s,
+            "prep_s": prep_s,
+            "wav_gb": du(data_root) / 1e9,
+            "wave_cache_gb": du(work / "cache" / "waveforms") / 1e9,
+            "logmel_gb": du(work / "cache" / "features") / 1e9,
+            "driver_peak_mb": driver.peak["RssAnon"] / 1024,
+            "trial_anon_mb": max(t["anon_mb"] for t in trials),
+            "trial_file_mb": max(t["file_mb"] for t in trials),
+            "clips_per_s": [round(t["clips_per_s"], 1) for t in trials],
+        }
         table.append(row)
         print(json.dumps(row), flush=True)
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    print(f"\n{'clips':>8} {'tr/va/te':>18} {'gen s':>7} {'prep s':>7} {'wav GB':>7} {'wave GB':>8} {'mel GB':>7} "
-          f"{'driver anon MB':>14} {'trial anon MB':>14} {'trial file MB':>14} {'clips/s per trial':>18}")
+    print(
+        f"\n{'clips':>8} {'tr/va/te':>18} {'gen s':>7} {'prep s':>7} {'wav GB':>7} {'wave GB':>8} {'mel GB':>7} "
+        f"{'driver anon MB':>14} {'trial anon MB':>14} {'trial file MB':>14} {'clips/s per trial':>18}"
+    )
     for r in table:
-        print(f"{r['clips']:>8} {r['train/valid/test']:>18} {r['generate_s']:>7.0f} {r['prep_s']:>7.0f} "
-              f"{r['wav_gb']:>7.2f} {r['wave_cache_gb']:>8.2f} {r['logmel_gb']:>7.2f} {r['driver_peak_mb']:>14.0f} "
-              f"{r['trial_anon_mb']:>14.0f} {r['trial_file_mb']:>14.0f} {str(r['clips_per_s']):>18}")
+        print(
+            f"{r['clips']:>8} {r['train/valid/test']:>18} {r['generate_s']:>7.0f} {r['prep_s']:>7.0f} "
+            f"{r['wav_gb']:>7.2f} {r['wave_cache_gb']:>8.2f} {r['logmel_gb']:>7.2f} {r['driver_peak_mb']:>14.0f} "
+            f"{r['trial_anon_mb']:>14.0f} {r['trial_file_mb']:>14.0f} {str(r['clips_per_s']):>18}"
+        )
     first, last = table[0], table[-1]
     speed = np.mean(last["clips_per_s"]) / np.mean(first["clips_per_s"])
-    print("prep s per 1k clips: " + ", ".join(f"{r['prep_s'] / r['clips'] * 1000:.2f}" for r in table)
-          + f"; clips/s per trial at {last['clips']} vs {first['clips']}: {speed:.2f}x")
+    print(
+        "prep s per 1k clips: "
+        + ", ".join(f"{r['prep_s'] / r['clips'] * 1000:.2f}" for r in table)
+        + f"; clips/s per trial at {last['clips']} vs {first['clips']}: {speed:.2f}x"
+    )
     if not args.keep and args.workdir is None:
         shutil.rmtree(base_dir, ignore_errors=True)
     print(f"ratio={last['trial_anon_mb'] / first['trial_anon_mb']:.3f}")

@@ -40,8 +40,13 @@ log = logging.getLogger("benchmarks.sweep_overhead")
 ROOT = Path(__file__).resolve().parent.parent
 SWEEP_NAME = "overhead"
 # Tiny data and teacher, as in tests/test_sweep.py: the trials stay short, so overhead shows.
-TINY_DATA = ["data.families=[bass,keyboard,organ]", "data.clip_seconds=0.5", "teacher.epochs=2",
-             "teacher.features.n_mels=32", "train.batch_size=16"]
+TINY_DATA = [
+    "data.families=[bass,keyboard,organ]",
+    "data.clip_seconds=0.5",
+    "teacher.epochs=2",
+    "teacher.features.n_mels=32",
+    "train.batch_size=16",
+]
 
 
 @dataclass(frozen=True)
@@ -60,9 +65,14 @@ def trial_timings(exp_dir: Path) -> list[TrialTiming]:
         if not results:
             continue
         first, last = results[0], results[-1]
-        timings.append(TrialTiming(training_seconds=sum(r["epoch_seconds"] for r in results),
-                                   stepped_seconds=last["time_total_s"],
-                                   start=first["timestamp"] - first["time_total_s"], end=last["timestamp"]))
+        timings.append(
+            TrialTiming(
+                training_seconds=sum(r["epoch_seconds"] for r in results),
+                stepped_seconds=last["time_total_s"],
+                start=first["timestamp"] - first["time_total_s"],
+                end=last["timestamp"],
+            )
+        )
     return timings
 
 
@@ -76,9 +86,19 @@ def experiment_start(exp_dir: Path) -> float | None:
 
 def run_sweep(workdir: Path, num_samples: int, concurrency: int, per_family: int) -> float:
     """Run the sweep CLI; returns its wall time. A failed sweep exits with its stderr's tail."""
-    command = [sys.executable, str(ROOT / "sweeps" / "run.py"), f"workdir={workdir}", f"name={SWEEP_NAME}",
-               "space=quick", f"num_samples={num_samples}", f"resources.max_concurrent_trials={concurrency}",
-               f"ray.num_cpus={concurrency}", "scheduler.name=fifo", f"data.per_family={per_family}", *TINY_DATA]
+    command = [
+        sys.executable,
+        str(ROOT / "sweeps" / "run.py"),
+        f"workdir={workdir}",
+        f"name={SWEEP_NAME}",
+        "space=quick",
+        f"num_samples={num_samples}",
+        f"resources.max_concurrent_trials={concurrency}",
+        f"ray.num_cpus={concurrency}",
+        "scheduler.name=fifo",
+        f"data.per_family={per_family}",
+        *TINY_DATA,
+    ]
     log.info("running: %s", " ".join(command))
     start = time.perf_counter()
     finished = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
@@ -93,10 +113,18 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=6, help="trials")
     parser.add_argument("--concurrency", type=int, default=2, help="trials at a time (and Ray CPUs)")
     parser.add_argument("--per-family", type=int, default=12, help="notes per family; more = longer trials")
-    parser.add_argument("--workdir", type=Path, default=None,
-                        help="sweep workdir, without a sweep named 'overhead' yet (default: a temp dir, removed after)")
-    parser.add_argument("--existing", type=Path, default=None,
-                        help="measure a finished sweep's folder (e.g. runs/ray_results/<name>) instead of running one")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="sweep workdir, without a sweep named 'overhead' yet (default: a temp dir, removed after)",
+    )
+    parser.add_argument(
+        "--existing",
+        type=Path,
+        default=None,
+        help="measure a finished sweep's folder (e.g. runs/ray_results/<name>) instead of running one",
+    )
     args = parser.parse_args()
     if args.num_samples < 1 or args.concurrency < 1:
         parser.error("--num-samples and --concurrency must be >= 1")

@@ -46,7 +46,6 @@ from trainable.run_config import pick_device
 log = logging.getLogger("benchmarks.variants")
 
 
-
 def finished(run_dir: Path, config: dict[str, Any], data: WaveformData) -> bool:
     """Whether ``run_dir`` already holds this run's last epoch (same data, seed and epochs): a rerun with the
     same --workdir skips it."""
@@ -55,8 +54,10 @@ def finished(run_dir: Path, config: dict[str, Any], data: WaveformData) -> bool:
         return False
     ckpt = load_checkpoint(path)
     saved = ckpt["config"]
-    same = all(saved[section] == {k: config[section].get(k) for k in saved[section]}  # keys added later: defaults
-               for section in ("train", "student", "features", "kd", "pruning"))
+    same = all(
+        saved[section] == {k: config[section].get(k) for k in saved[section]}  # keys added later: defaults
+        for section in ("train", "student", "features", "kd", "pruning")
+    )
     return ckpt["epoch"] == config["train"]["epochs"] and ckpt["data_fingerprint"] == data.fingerprint and same
 
 
@@ -64,15 +65,25 @@ def test_accuracy(run_dir: Path, config: dict[str, Any], data: WaveformData) -> 
     """Accuracy of the run's final checkpoint on ``data``'s test split."""
     device = pick_device(config["device"])
     model = restore_model(load_checkpoint(run_dir / "checkpoint" / CHECKPOINT_NAME), device)
-    pipeline = make_pipeline(data, "test", FeatureConfig.from_mapping(config["features"]), device, config["workdir"],
-                             config["train"]["device_data_share"])
+    pipeline = make_pipeline(
+        data,
+        "test",
+        FeatureConfig.from_mapping(config["features"]),
+        device,
+        config["workdir"],
+        config["train"]["device_data_share"],
+    )
     return evaluate(model, pipeline, config["train"]["batch_size"], data.num_classes, amp_settings(device))["acc"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", type=Path, default=None,
-                        help="datasets, caches and runs go here (default: a temp dir under /tmp, removed after)")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="datasets, caches and runs go here (default: a temp dir under /tmp, removed after)",
+    )
     parser.add_argument("--per-family", type=int, default=180, help="notes per family (all splits), both datasets")
     parser.add_argument("--epochs", type=int, default=20, help="training epochs, every run")
     parser.add_argument("--variants", type=int, default=None, help="K of the 'with' dataset (default: data.variants)")
@@ -93,11 +104,19 @@ def main() -> None:
         workdir = (args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="variants-")))).resolve()
         configs, datasets, seconds = {}, {}, {}
         for name, variants in (("without", 0), ("with", k)):
-            configs[name] = compose("config", [  # the scenario group, composed by Hydra like on the command line
-                f"workdir={workdir}", f"data.root={workdir}/data/variants{variants}", f"data.variants={variants}",
-                f"data.per_family={args.per_family}", "scenario=nokd_noprune", f"train.epochs={args.epochs}",
-                f"train.warmup_epochs={min(1, args.epochs - 1)}", *threads,
-            ])
+            configs[name] = compose(
+                "config",
+                [  # the scenario group, composed by Hydra like on the command line
+                    f"workdir={workdir}",
+                    f"data.root={workdir}/data/variants{variants}",
+                    f"data.variants={variants}",
+                    f"data.per_family={args.per_family}",
+                    "scenario=nokd_noprune",
+                    f"train.epochs={args.epochs}",
+                    f"train.warmup_epochs={min(1, args.epochs - 1)}",
+                    *threads,
+                ],
+            )
             start = time.perf_counter()
             datasets[name] = prepare_data(configs[name]["data"], configs[name]["workdir"])
             seconds[f"data {name}"] = time.perf_counter() - start
@@ -113,23 +132,30 @@ def main() -> None:
                 else:
                     train(config, datasets[name], run_dir)
                     seconds[f"train {name}"] = seconds.get(f"train {name}", 0.0) + time.perf_counter() - start
-                scores[name].append((test_accuracy(run_dir, config, reference),
-                                     test_accuracy(run_dir, config, datasets[name])))
+                scores[name].append(
+                    (test_accuracy(run_dir, config, reference), test_accuracy(run_dir, config, datasets[name]))
+                )
 
-    print(f"\nstudent {configs['with']['student']['arch']} width {configs['with']['student']['width_mult']}, "
-          f"no KD, no pruning, {args.epochs} epochs, seeds 0..{args.seeds - 1}, {torch.get_num_threads()} threads")
+    print(
+        f"\nstudent {configs['with']['student']['arch']} width {configs['with']['student']['width_mult']}, "
+        f"no KD, no pruning, {args.epochs} epochs, seeds 0..{args.seeds - 1}, {torch.get_num_threads()} threads"
+    )
     print(f"{'dataset':<22}{'train clips':>12}{'test clips':>11}  seconds")
     for name, variants in (("without", 0), ("with", k)):
         data = datasets[name]
-        print(f"{f'variants={variants}':<22}{len(data.splits['train']):>12}{len(data.splits['test']):>11}"
-              f"  data {seconds[f'data {name}']:.0f}, train {seconds.get(f'train {name}', 0.0):.0f}")
+        print(
+            f"{f'variants={variants}':<22}{len(data.splits['train']):>12}{len(data.splits['test']):>11}"
+            f"  data {seconds[f'data {name}']:.0f}, train {seconds.get(f'train {name}', 0.0):.0f}"
+        )
     print(f"{'model':<22}{'test acc (base test split)':>28}{'own test split':>16}")
     means = {}
     for name in ("without", "with"):
         shared, own = np.array(scores[name]).T
         means[name] = float(shared.mean())
-        print(f"{name + ' variants':<22}{means[name]:>28.3f}{float(own.mean()):>16.3f}"
-              + (f"   per seed {', '.join(f'{a:.3f}' for a in shared)}" if args.seeds > 1 else ""))
+        print(
+            f"{name + ' variants':<22}{means[name]:>28.3f}{float(own.mean()):>16.3f}"
+            + (f"   per seed {', '.join(f'{a:.3f}' for a in shared)}" if args.seeds > 1 else "")
+        )
     print(f"ratio={means['with'] / means['without']:.3f}")
 
 

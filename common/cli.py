@@ -39,7 +39,8 @@ def plain(cfg: DictConfig) -> dict[str, Any]:
     """Resolved plain-dict config with every local path absolute (common.config.absolute_paths): picklable for
     Ray, loggable to MLflow, valid in any process's working directory, no OmegaConf in library code."""
     return common.config.absolute_paths(
-        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True, enum_to_str=True))
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True, enum_to_str=True)
+    )
 
 
 # A plain token of the override grammar: what Hydra reads as an int, float or bool when it looks like one.

@@ -116,20 +116,23 @@ class RungMetric(str, enum.Enum):
 
 
 # "max" | "min": which way each rung metric is better.
-RUNG_METRIC_MODES: dict[str, str] = {RungMetric.val_acc.value: "max", RungMetric.val_loss.value: "min",
-                                     RungMetric.val_macro_f1.value: "max"}
+RUNG_METRIC_MODES: dict[str, str] = {
+    RungMetric.val_acc.value: "max",
+    RungMetric.val_loss.value: "min",
+    RungMetric.val_macro_f1.value: "max",
+}
 
 
 class Stage(str, enum.Enum):
-    search = "search"    # search, then (retrain.enabled) retrain the front
+    search = "search"  # search, then (retrain.enabled) retrain the front
     retrain = "retrain"  # retrain the front of an existing sweep (name=<sweep>)
 
 
 class RetrainRole(str, enum.Enum):
     """What a retraining run is, relative to the front configuration it comes from."""
 
-    front = "front"                      # the front configuration itself
-    kd_toggled = "kd_toggled"            # the same with KD switched (on -> off, off -> on)
+    front = "front"  # the front configuration itself
+    kd_toggled = "kd_toggled"  # the same with KD switched (on -> off, off -> on)
     pruning_toggled = "pruning_toggled"  # the same MACs target with the other structured mode (single <-> progressive)
     dense_same_macs = "dense_same_macs"  # structured-pruned configs: unpruned, at the width whose MACs are closest
 
@@ -140,8 +143,19 @@ def values(choices: type[enum.Enum]) -> tuple[str, ...]:
 
 
 # NSynth's instrument families, in its `instrument_family` index order (data_prep/layout.py reads labels with it).
-FAMILIES: tuple[str, ...] = ("bass", "brass", "flute", "guitar", "keyboard", "mallet", "organ", "reed", "string",
-                             "synth_lead", "vocal")
+FAMILIES: tuple[str, ...] = (
+    "bass",
+    "brass",
+    "flute",
+    "guitar",
+    "keyboard",
+    "mallet",
+    "organ",
+    "reed",
+    "string",
+    "synth_lead",
+    "vocal",
+)
 
 
 @dataclass
@@ -149,28 +163,26 @@ class DataConfig:
     """Dataset selection and waveform cache (data_prep/). `data=gm_render|nsynth` sets source and root."""
 
     source: DataSource = DataSource.gm_render
-    root: str = "./runs/data/gm_render"      # NSynth-layout folder: <root>/nsynth-<split>/{examples.json,audio/}
+    root: str = "./runs/data/gm_render"  # NSynth-layout folder: <root>/nsynth-<split>/{examples.json,audio/}
     families: list[str] = field(default_factory=lambda: list(FAMILIES))
-    per_family: int | None = 180          # cap on notes per family (all splits together); null = no cap
+    per_family: int | None = 180  # cap on notes per family (all splits together); null = no cap
     max_total_size_mb: float | None = 1000  # cap on the selected audio on disk (16-bit wav); null = no cap
     # cap on notes per family in each split (data=nsynth_subset: train 650, valid 50, test 50); null = no cap
-    split_caps: dict[str, int | None] = field(default_factory=lambda: {"train": None, "valid": None,
-                                                                           "test": None})
-    split_by: SplitBy = SplitBy.instrument   # instrument (no instrument in two splits) | note
+    split_caps: dict[str, int | None] = field(default_factory=lambda: {"train": None, "valid": None, "test": None})
+    split_by: SplitBy = SplitBy.instrument  # instrument (no instrument in two splits) | note
     split_fractions: dict[str, float] = field(default_factory=lambda: {"train": 0.7, "valid": 0.15, "test": 0.15})
-    clip_seconds: float = 1.0                # the waveform cache keeps this much from the onset
+    clip_seconds: float = 1.0  # the waveform cache keeps this much from the onset
     sample_rate: int = 16000
     seed: int = 0
     # gm_render: GM SoundFonts; each (SoundFont, program) is one base instrument. `default` (or null) = TimGM6mb.sf2
     # inside pretty_midi; any .sf2 path. The order fixes instrument ids (data_prep/soundfonts.py).
     soundfonts: list[str | None] = field(default_factory=lambda: ["default"])
-    variants: int = 19                       # gm_render: derived instruments (seeded timbre transforms) per base one
-    min_eval_instruments: int = 2            # base instruments valid and test each get per family (if >= 2n+1 exist)
-    render_workers: int = 2                  # gm_render: rendering processes
-    prep_workers: int | None = None       # processes decoding wavs into the waveform cache; null = all CPUs here
-    hf_id: str | None = None              # nsynth: stream a capped subset from this hub dataset
-    hf_splits: dict[str, str] = field(default_factory=lambda: {"train": "train", "valid": "validation",
-                                                                "test": "test"})
+    variants: int = 19  # gm_render: derived instruments (seeded timbre transforms) per base one
+    min_eval_instruments: int = 2  # base instruments valid and test each get per family (if >= 2n+1 exist)
+    render_workers: int = 2  # gm_render: rendering processes
+    prep_workers: int | None = None  # processes decoding wavs into the waveform cache; null = all CPUs here
+    hf_id: str | None = None  # nsynth: stream a capped subset from this hub dataset
+    hf_splits: dict[str, str] = field(default_factory=lambda: {"train": "train", "valid": "validation", "test": "test"})
 
 
 # Added to the standard deviation so silent clips (std 0) normalise to 0 instead of NaN (used by the features).
@@ -191,14 +203,14 @@ class FeatureConfig:
     n_mels: int = 64
     f_min: float = 20.0
     f_max: float = 8000.0
-    normalize: str = "per_band"              # per_band | global | none (per-clip standardisation)
+    normalize: str = "per_band"  # per_band | global | none (per-clip standardisation)
     log_floor: float = 1e-6
-    freq_masks: int = 2                      # SpecAugment, train mode only; 0 disables
+    freq_masks: int = 2  # SpecAugment, train mode only; 0 disables
     freq_mask_param: int = 8
     time_masks: int = 2
     time_mask_param: int = 10
-    gain_db: float = 0.0                     # waveform augmentation (off): random gain +-gain_db
-    noise_snr_db: float | None = None     # waveform augmentation (off): white noise at this SNR
+    gain_db: float = 0.0  # waveform augmentation (off): random gain +-gain_db
+    noise_snr_db: float | None = None  # waveform augmentation (off): white noise at this SNR
 
     def __post_init__(self) -> None:
         self.validate()
@@ -231,27 +243,49 @@ class FeatureConfig:
             _require(is_finite_number(value), key, value, "must be a finite number")
         nyquist = self.sample_rate / 2
         _require(self.f_min >= 0, "f_min", self.f_min, "must be >= 0 Hz")
-        _require(self.f_max <= nyquist, "f_max", self.f_max,
-                 f"exceeds the Nyquist frequency sample_rate/2={nyquist:g}; set f_max <= {nyquist:g}")
-        _require(self.f_min < self.f_max, "f_min", self.f_min,
-                 f"must be below f_max={self.f_max}; lower f_min or raise f_max")
-        _require(self.normalize in values(Normalize), "normalize", self.normalize,
-                 f"must be one of {values(Normalize)}")
+        _require(
+            self.f_max <= nyquist,
+            "f_max",
+            self.f_max,
+            f"exceeds the Nyquist frequency sample_rate/2={nyquist:g}; set f_max <= {nyquist:g}",
+        )
+        _require(
+            self.f_min < self.f_max,
+            "f_min",
+            self.f_min,
+            f"must be below f_max={self.f_max}; lower f_min or raise f_max",
+        )
+        _require(
+            self.normalize in values(Normalize), "normalize", self.normalize, f"must be one of {values(Normalize)}"
+        )
         _require(self.log_floor > 0, "log_floor", self.log_floor, "must be > 0 (log(0) is -inf); e.g. 1e-6")
-        _require(self.freq_mask_param <= self.n_mels, "freq_mask_param", self.freq_mask_param,
-                 f"is wider than the mel axis (n_mels={self.n_mels}); lower freq_mask_param")
+        _require(
+            self.freq_mask_param <= self.n_mels,
+            "freq_mask_param",
+            self.freq_mask_param,
+            f"is wider than the mel axis (n_mels={self.n_mels}); lower freq_mask_param",
+        )
         _require(self.gain_db >= 0, "gain_db", self.gain_db, "is the half-width of the random gain; use 0 to disable")
-        _require(self.gain_db == 0 or self.normalize == "none", "gain_db", self.gain_db,
-                 f"has no effect with normalize={self.normalize!r} (per-clip standardisation removes any gain) "
-                 "but forces a per-batch STFT; set gain_db=0 or normalize='none'")
-        _require(self.noise_snr_db is None or is_finite_number(self.noise_snr_db), "noise_snr_db", self.noise_snr_db,
-                 "must be a finite SNR in dB, or None to disable added noise")
+        _require(
+            self.gain_db == 0 or self.normalize == "none",
+            "gain_db",
+            self.gain_db,
+            f"has no effect with normalize={self.normalize!r} (per-clip standardisation removes any gain) "
+            "but forces a per-batch STFT; set gain_db=0 or normalize='none'",
+        )
+        _require(
+            self.noise_snr_db is None or is_finite_number(self.noise_snr_db),
+            "noise_snr_db",
+            self.noise_snr_db,
+            "must be a finite SNR in dB, or None to disable added noise",
+        )
         empty_filters = _empty_mel_filters(self)
         if empty_filters:
             raise ValueError(
                 f"feature config n_mels={self.n_mels} is too high for n_fft={self.n_fft} between "
                 f"f_min={self.f_min} and f_max={self.f_max} Hz: mel filter(s) {empty_filters} cover no FFT bin "
-                "and would output constant features; lower n_mels or raise n_fft")
+                "and would output constant features; lower n_mels or raise n_fft"
+            )
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any]) -> FeatureConfig:
@@ -278,8 +312,7 @@ def is_finite_number(value: Any) -> bool:
     """A finite real (numpy scalars included), not a bool: what a numeric config value or budget must be."""
     import numpy as np
 
-    return (isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
-            and math.isfinite(value))
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and math.isfinite(value)
 
 
 def _empty_mel_filters(cfg: FeatureConfig) -> list[int]:
@@ -290,7 +323,8 @@ def _empty_mel_filters(cfg: FeatureConfig) -> list[int]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         filterbank = torchaudio.functional.melscale_fbanks(
-            cfg.n_fft // 2 + 1, float(cfg.f_min), float(cfg.f_max), cfg.n_mels, cfg.sample_rate)
+            cfg.n_fft // 2 + 1, float(cfg.f_min), float(cfg.f_max), cfg.n_mels, cfg.sample_rate
+        )
     return torch.nonzero(filterbank.amax(dim=0) == 0).flatten().tolist()
 
 
@@ -319,15 +353,15 @@ class TeacherConfig:
     # A finished teacher used as it is: our checkpoint.pt (or a list of them: an ensemble). A plain weights file here
     # is fine-tuned like teacher.pretrained=<file>.
     checkpoint: Any = None
-    freeze: bool = False                     # true: linear probe (backbone frozen, new head trained); needs weights
-    epochs: int = 15                         # training / fine-tuning epochs (hf teachers: a few, e.g. 3-5)
-    lr: float = 3.0e-3                       # its AdamW lr (fine-tuning pretrained weights wants less, e.g. 1e-4)
+    freeze: bool = False  # true: linear probe (backbone frozen, new head trained); needs weights
+    epochs: int = 15  # training / fine-tuning epochs (hf teachers: a few, e.g. 3-5)
+    lr: float = 3.0e-3  # its AdamW lr (fine-tuning pretrained weights wants less, e.g. 1e-4)
     batch_size: int = 64
     # An int n: n copies of this teacher with seeds seed, seed+1, ... ; or a list of member dicts mixing architectures,
     # e.g. [{name: resnet18, pretrained: imagenet}, {name: 'hf:MIT/ast-...', lr: 5e-5, epochs: 3}]. Members' logits
     # are averaged; each is trained and cached once (a member's `seed` key offsets the global seed).
     members: Any = 1
-    mixup_alpha: float = 0.0                 # the teacher's train.mixup_alpha
+    mixup_alpha: float = 0.0  # the teacher's train.mixup_alpha
     # timm teachers' own features, merged over features.* (the student's may differ); hf teachers use their extractor.
     features: dict[str, Any] = field(default_factory=lambda: {"n_mels": 128})
 
@@ -336,21 +370,21 @@ class TeacherConfig:
 class KDConfig:
     enabled: bool = False
     T: float = 3.0
-    alpha: float = 0.7                       # loss weight of the KD term, in [0, 0.99] (1 - alpha goes to the labels)
+    alpha: float = 0.7  # loss weight of the KD term, in [0, 0.99] (1 - alpha goes to the labels)
     teacher_logits: TeacherLogits = TeacherLogits.cached  # cached (once per dataset+teacher) | online (per batch)
 
 
 @dataclass
 class PruningConfig:
     mode: PruningMode = PruningMode.none
-    target_macs_ratio: float = 0.5           # single/progressive: fraction of the unpruned MACs to keep
-    weight_keep_ratio: float = 0.5           # unstructured: fraction of conv/linear weights kept (MACs unchanged)
-    at_epoch: int = 3                        # epoch (1-based) at whose start the first pruning step happens
-    steps: int = 3                           # progressive: number of steps
-    step_epochs: int = 1                     # progressive: fine-tune epochs between steps
+    target_macs_ratio: float = 0.5  # single/progressive: fraction of the unpruned MACs to keep
+    weight_keep_ratio: float = 0.5  # unstructured: fraction of conv/linear weights kept (MACs unchanged)
+    at_epoch: int = 3  # epoch (1-based) at whose start the first pruning step happens
+    steps: int = 3  # progressive: number of steps
+    step_epochs: int = 1  # progressive: fine-tune epochs between steps
     schedule: PruningSchedule = PruningSchedule.cubic  # progressive: cubic (AGP) | linear
     importance: Importance = Importance.l1
-    round_to: int | None = None           # keep channel counts multiples of this (e.g. 8 for fast kernels)
+    round_to: int | None = None  # keep channel counts multiples of this (e.g. 8 for fast kernels)
 
 
 @dataclass
@@ -362,33 +396,33 @@ class TrainConfig:
     warmup_epochs: int = 1
     grad_clip: float = 5.0
     seed: int = 0
-    num_threads: int | None = None        # CPU threads; null = the CPUs this process may use
-    test_at_end: bool = False                # score the test split after the last epoch (retrain stage: test_acc)
-    mixup_alpha: float = 0.0                 # > 0: mixup of log-mels, labels and KD targets, lambda ~ Beta(a, a)
-    steps_per_epoch: int | None = None    # cap on optimizer steps per epoch (a fresh random draw each); null = a
-                                             # full pass over train
-    device_data_share: float = 0.5           # GPU: share of the card a split's data may occupy on the device (a Ray
-                                             # trial: x its gpus_per_trial); larger splits stream via pinned memory
+    num_threads: int | None = None  # CPU threads; null = the CPUs this process may use
+    test_at_end: bool = False  # score the test split after the last epoch (retrain stage: test_acc)
+    mixup_alpha: float = 0.0  # > 0: mixup of log-mels, labels and KD targets, lambda ~ Beta(a, a)
+    steps_per_epoch: int | None = None  # cap on optimizer steps per epoch (a fresh random draw each); null = a
+    # full pass over train
+    device_data_share: float = 0.5  # GPU: share of the card a split's data may occupy on the device (a Ray
+    # trial: x its gpus_per_trial); larger splits stream via pinned memory
 
 
 @dataclass
 class RetrainOrigin:
     """Set on the runs of the retrain stage (sweeps/retrain.py): which front trial a run retrains, and as what."""
 
-    front_trial: str | None = None        # trial id of the search's front configuration
-    role: RetrainRole | None = None       # front | kd_toggled | pruning_toggled | dense_same_macs
+    front_trial: str | None = None  # trial id of the search's front configuration
+    role: RetrainRole | None = None  # front | kd_toggled | pruning_toggled | dense_same_macs
 
 
 @dataclass
 class RunConfig:
     """What one training run needs: every trial of a sweep gets exactly this (with its sampled keys)."""
 
-    workdir: str = "./runs"                  # every generated artefact: dataset, caches, teacher, results, MLflow
-    seed: int = 0                            # global seed: data subset/splits and training
-    device: str = "auto"                     # auto = CUDA when available, else CPU; or cpu, cuda, cuda:1, ...
+    workdir: str = "./runs"  # every generated artefact: dataset, caches, teacher, results, MLflow
+    seed: int = 0  # global seed: data subset/splits and training
+    device: str = "auto"  # auto = CUDA when available, else CPU; or cpu, cuda, cuda:1, ...
     log_level: str = "INFO"
-    scenario: str | None = None           # set by the scenario group (conf/scenario/<name>.yaml)
-    resume_from: str | None = None        # trainable/train.py: continue from this checkpoint.pt (or its folder)
+    scenario: str | None = None  # set by the scenario group (conf/scenario/<name>.yaml)
+    resume_from: str | None = None  # trainable/train.py: continue from this checkpoint.pt (or its folder)
     data: DataConfig = field(default_factory=DataConfig)
     features: FeatureConfig = field(default_factory=FeatureConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
@@ -407,7 +441,7 @@ class SearchConfig:
 
 @dataclass
 class SchedulerConfig:
-    name: SchedulerName | None = None     # null = pareto_asha (multi), asha (single), fifo (grid spaces)
+    name: SchedulerName | None = None  # null = pareto_asha (multi), asha (single), fifo (grid spaces)
     # Epochs before the first rung. 6 of the default spaces' 10: measured without early stopping on the default data
     # (docs/search.md), epoch 2 ranked trials like their last epoch with Spearman rho -0.11 (22 of 30 at chance),
     # epochs 3-5 with 0.3, epoch 6 with 0.79 (95 % CI 0.56-0.90). Other train.epochs: see the report's rung fidelity.
@@ -423,21 +457,21 @@ class SchedulerConfig:
 class ResourcesConfig:
     """What one trial asks Ray for, decided from the cluster's nodes after connecting (sweeps/cluster.py)."""
 
-    cpus_per_trial: Any = "auto"             # auto = 1 for CPU trials; GPU trials: a GPU node's CPUs split among the
-                                             # trials its cards hold; or a number > 0
-    gpus_per_trial: Any = "auto"             # auto = 1/4 of a card when the cluster has GPUs (fewer per card when the
-                                             # node lacks the CPUs), else 0; or 1/k (k trials per card), or whole cards
+    cpus_per_trial: Any = "auto"  # auto = 1 for CPU trials; GPU trials: a GPU node's CPUs split among the
+    # trials its cards hold; or a number > 0
+    gpus_per_trial: Any = "auto"  # auto = 1/4 of a card when the cluster has GPUs (fewer per card when the
+    # node lacks the CPUs), else 0; or 1/k (k trials per card), or whole cards
     max_concurrent_trials: int | None = None  # null = as many as the resources allow
-    max_failures: int = 3                    # restarts of a failed trial (dead node or process, or an error), each
-                                             # from its last checkpoint; -1 = no limit, 0 = none
+    max_failures: int = 3  # restarts of a failed trial (dead node or process, or an error), each
+    # from its last checkpoint; -1 = no limit, 0 = none
 
 
 @dataclass
 class RayConfig:
-    address: str | None = None            # null = start a local Ray; auto or ray://host:port joins a cluster
-    num_cpus: int | None = None           # local Ray only: CPUs to use (null = all)
-    shared_storage: bool = False             # workdir and storage_path are folders every node mounts at the same path
-                                             # (NFS, ...): lets a multi-node cluster use them (network mounts are known)
+    address: str | None = None  # null = start a local Ray; auto or ray://host:port joins a cluster
+    num_cpus: int | None = None  # local Ray only: CPUs to use (null = all)
+    shared_storage: bool = False  # workdir and storage_path are folders every node mounts at the same path
+    # (NFS, ...): lets a multi-node cluster use them (network mounts are known)
 
 
 @dataclass
@@ -449,36 +483,36 @@ class MlflowConfig:
 class BudgetConfig:
     """Hard deployment budgets (any subset; null = no limit): constraints of the search, not objectives."""
 
-    max_macs: float | None = None         # MACs per clip of the trained (pruned) model
-    max_params: float | None = None       # parameters of the trained model
-    max_kb: float | None = None           # parameter memory in kB at budget.precision (DCASE: int8 = 1 byte)
-    precision: Precision = Precision.int8    # int8 (1 byte per parameter) | fp16 (2) | fp32 (4)
-    screen: bool = True                      # reject suggestions known to break a budget before they train
+    max_macs: float | None = None  # MACs per clip of the trained (pruned) model
+    max_params: float | None = None  # parameters of the trained model
+    max_kb: float | None = None  # parameter memory in kB at budget.precision (DCASE: int8 = 1 byte)
+    precision: Precision = Precision.int8  # int8 (1 byte per parameter) | fp16 (2) | fp32 (4)
+    screen: bool = True  # reject suggestions known to break a budget before they train
 
 
 @dataclass
 class RetrainConfig:
     """The retrain stage: the search's front configurations retrained longer, with seeds, and scored on test."""
 
-    enabled: bool = True                     # false: stop after the search
-    max_configs: int = 3                     # front configurations retrained, spread over the front's MACs range
-    epochs: int = 15                         # epochs of each retraining run (the search's trials run 10)
-    seeds: int = 3                           # seeds per configuration: train.seed = seed, seed+1, ...
+    enabled: bool = True  # false: stop after the search
+    max_configs: int = 3  # front configurations retrained, spread over the front's MACs range
+    epochs: int = 15  # epochs of each retraining run (the search's trials run 10)
+    seeds: int = 3  # seeds per configuration: train.seed = seed, seed+1, ...
     # also retrain each config with KD toggled, with the other pruning mode and (pruned ones) as a dense student of
     # about the same MACs (dense_same_macs)
     ablations: bool = True
-    export: bool | None = None            # then ONNX + int8 + CPU latency of the retrained front (analysis/export.py
-                                             # trial=retrained); null = only when a budget is set
+    export: bool | None = None  # then ONNX + int8 + CPU latency of the retrained front (analysis/export.py
+    # trial=retrained); null = only when a budget is set
 
 
 @dataclass
 class SweepConfig(RunConfig):
     """sweeps/run.py: the run config plus the sweep's own keys (never passed to trials)."""
 
-    space: str = "kd_prune"                  # search_spaces/<space>.yaml or a path
-    num_samples: int | None = None        # trials; null = 50 (searcher spaces) or 1 pass over the grid
-    name: str | None = None               # sweep name; null = <space>-<timestamp>
-    resume: bool = False                     # true + name=<sweep>: continue an interrupted sweep
+    space: str = "kd_prune"  # search_spaces/<space>.yaml or a path
+    num_samples: int | None = None  # trials; null = 50 (searcher spaces) or 1 pass over the grid
+    name: str | None = None  # sweep name; null = <space>-<timestamp>
+    resume: bool = False  # true + name=<sweep>: continue an interrupted sweep
     storage_path: str = "./runs/ray_results"  # local dir or any pyarrow filesystem URI Ray accepts
     search: SearchConfig = field(default_factory=SearchConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -486,14 +520,14 @@ class SweepConfig(RunConfig):
     ray: RayConfig = field(default_factory=RayConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
-    stage: Stage = Stage.search              # search (then retrain when retrain.enabled) | retrain: retrain
-                                             # name=<sweep>'s front
+    stage: Stage = Stage.search  # search (then retrain when retrain.enabled) | retrain: retrain
+    # name=<sweep>'s front
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
 
 
 @dataclass
 class ObjectivesConfig:
-    third_objective: str | None = None    # null (accuracy vs MACs) | params | latency (measured by export.py)
+    third_objective: str | None = None  # null (accuracy vs MACs) | params | latency (measured by export.py)
 
 
 @dataclass
@@ -504,26 +538,26 @@ class EvalConfig:
 
 @dataclass
 class ExportConfig:
-    opset: int = 17                          # ONNX opset (>= 17)
-    tolerance: float = 1.0e-3                # max |ONNX Runtime - PyTorch| allowed on the parity check
+    opset: int = 17  # ONNX opset (>= 17)
+    tolerance: float = 1.0e-3  # max |ONNX Runtime - PyTorch| allowed on the parity check
 
 
 @dataclass
 class QuantConfig:
     """Post-training int8 quantization of the exported front models (analysis/export.py)."""
 
-    enabled: bool = True                     # also write and check an int8 model next to each fp32 one
-    calibration_clips: int = 256             # train-split clips used to calibrate activation ranges
-    qat_epochs: int = 0                      # > 0: the int8 model comes from a quantization-aware fine-tune first
-    qat_lr: float = 1.0e-4                   # its AdamW learning rate (cosine to 0)
+    enabled: bool = True  # also write and check an int8 model next to each fp32 one
+    calibration_clips: int = 256  # train-split clips used to calibrate activation ranges
+    qat_epochs: int = 0  # > 0: the int8 model comes from a quantization-aware fine-tune first
+    qat_lr: float = 1.0e-4  # its AdamW learning rate (cosine to 0)
 
 
 @dataclass
 class LatencyConfig:
     """ONNX Runtime CPU latency of the exported models, batch 1."""
 
-    warmup: int = 10                         # runs discarded before timing
-    runs: int = 100                          # timed runs; median and p90 are reported
+    warmup: int = 10  # runs discarded before timing
+    runs: int = 100  # timed runs; median and p90 are reported
 
 
 @dataclass
@@ -533,19 +567,19 @@ class FidelityConfig:
     # > 0: also run (or reuse) <sweep>-fifo<n>, n trials of the sweep's space and settings that stop nothing, to
     # measure the rung fidelity without selection bias and replay the scheduler on its curves; 0 = skip
     fifo_samples: int = 20
-    seed_spread: bool = True                 # retrain the best trial with 3 seeds (the seed noise of one config)
+    seed_spread: bool = True  # retrain the best trial with 3 seeds (the seed noise of one config)
 
 
 @dataclass
 class AnalysisConfig(RunConfig):
     """analysis/*.py: the run config plus the analysis keys."""
 
-    name: Any = None                         # sweep under storage_path; a list [a,b] overlays sweeps
-    path: Any = None                         # or the sweep folder itself; a list overlays
+    name: Any = None  # sweep under storage_path; a list [a,b] overlays sweeps
+    path: Any = None  # or the sweep folder itself; a list overlays
     storage_path: str = "./runs/ray_results"
     objectives: ObjectivesConfig = field(default_factory=ObjectivesConfig)
-    trial: Any = "front"                     # evaluate.py / export.py: front | retrained | all | <trial_id>
-                                             # | [<id>, ...]
+    trial: Any = "front"  # evaluate.py / export.py: front | retrained | all | <trial_id>
+    # | [<id>, ...]
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
@@ -607,7 +641,7 @@ def absolute_paths(config: Mapping[str, Any]) -> dict[str, Any]:
         out["teacher"] = teacher
     uri = (out.get("mlflow") or {}).get("tracking_uri")
     if isinstance(uri, str) and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        out["mlflow"] = {**out["mlflow"], "tracking_uri": f"sqlite:///{_absolute(uri[len('sqlite:///'):])}"}
+        out["mlflow"] = {**out["mlflow"], "tracking_uri": f"sqlite:///{_absolute(uri[len('sqlite:///') :])}"}
     return out
 
 
@@ -620,7 +654,7 @@ OLD_ORIGIN_SECTION = "retrain"
 def upgrade_saved_point(params: Mapping[str, Any]) -> dict[str, Any]:
     """A trial's sampled keys as saved by an earlier version, in today's keys (`retrain.role` -> `origin.role`)."""
     prefix = f"{OLD_ORIGIN_SECTION}."
-    return {(f"origin.{key[len(prefix):]}" if key.startswith(prefix) else key): value for key, value in params.items()}
+    return {(f"origin.{key[len(prefix) :]}" if key.startswith(prefix) else key): value for key, value in params.items()}
 
 
 def upgrade_saved_settings(sweep: Mapping[str, Any]) -> dict[str, Any]:

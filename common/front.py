@@ -32,8 +32,7 @@ def _as_gains(points: np.ndarray, maximize: Sequence[bool]) -> np.ndarray:
     directions = np.asarray(maximize, dtype=bool)
     if directions.shape != (array.shape[1],):
         raise ValueError(
-            f"maximize needs one flag per objective: {array.shape[1]} objectives, "
-            f"{directions.size} flags given"
+            f"maximize needs one flag per objective: {array.shape[1]} objectives, {directions.size} flags given"
         )
     return np.where(directions, array, -array)
 

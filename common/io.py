@@ -39,8 +39,9 @@ def atomic_write_text(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
-def build_once(target: Path, build: Callable[[Path], None], *, poll_s: float = 0.5, stale_s: float = 300.0,
-               what: str | None = None) -> Path:
+def build_once(
+    target: Path, build: Callable[[Path], None], *, poll_s: float = 0.5, stale_s: float = 300.0, what: str | None = None
+) -> Path:
     """Make `target` (a file or a folder) exist, building it in exactly one process of all that share the disk.
 
     Every trial, teacher task and driver that needs the same cache calls this; one takes a lock folder next to
@@ -101,5 +102,6 @@ def check_workdir(workdir: Path | str) -> None:
         probe.write_text("ok")
         probe.unlink()
     except OSError as err:
-        raise PermissionError(f"workdir={workdir} is not writable ({err.strerror}); pass workdir=<a writable dir>.") \
-            from None
+        raise PermissionError(
+            f"workdir={workdir} is not writable ({err.strerror}); pass workdir=<a writable dir>."
+        ) from None

@@ -18,14 +18,16 @@ from common.front import pareto_mask
 # Result keys, named once: the searcher, the schedulers, the budgets (sweeps/budget.py) and the reports use these.
 ACCURACY = "val_acc"
 TARGET_MACS = "target_macs"  # MACs the pruning schedule reaches at its end (the objective)
-MEASURED_MACS = "macs"       # MACs of the model as last measured
-PARAMS = "params"            # parameters of the model as last measured
-FEASIBLE = "feasible"        # 1/0: within the sweep's budget.* (sweeps/budget.py adds it; absent = no budget)
+MEASURED_MACS = "macs"  # MACs of the model as last measured
+PARAMS = "params"  # parameters of the model as last measured
+FEASIBLE = "feasible"  # 1/0: within the sweep's budget.* (sweeps/budget.py adds it; absent = no budget)
 
 
 def within_budget(result: Mapping[str, Any]) -> bool:
     """The sweep's budget verdict on a result (true for a sweep without a budget)."""
     return bool(result.get(FEASIBLE, 1))
+
+
 # result key -> "max" | "min", in the order the searcher and the scheduler receive them.
 OBJECTIVES: dict[str, str] = {ACCURACY: "max", TARGET_MACS: "min"}
 SINGLE_OBJECTIVE: dict[str, str] = {ACCURACY: "max"}
@@ -36,9 +38,12 @@ LATENCY = "latency_ms_1thread"
 THIRD_OBJECTIVES: dict[str, str] = {"params": "min", "latency": "min"}
 THIRD_OBJECTIVE_KEYS: dict[str, str] = {"params": PARAMS, "latency": LATENCY}
 # Axis labels and table headers that say which quantity is meant.
-LABELS: dict[str, str] = {ACCURACY: "validation accuracy", TARGET_MACS: "MACs at the end of the pruning schedule",
-                          PARAMS: "parameters",
-                          LATENCY: "ONNX Runtime CPU latency, batch 1, 1 thread (fp32, median ms)"}
+LABELS: dict[str, str] = {
+    ACCURACY: "validation accuracy",
+    TARGET_MACS: "MACs at the end of the pruning schedule",
+    PARAMS: "parameters",
+    LATENCY: "ONNX Runtime CPU latency, batch 1, 1 thread (fp32, median ms)",
+}
 
 
 def objectives(search_objective: str) -> dict[str, str]:
@@ -51,8 +56,10 @@ def objectives(search_objective: str) -> dict[str, str]:
 def front_objectives(third_objective: str | None) -> dict[str, str]:
     """The objectives of an analysis front: accuracy vs MACs, plus `objectives.third_objective` (null: none)."""
     if third_objective is not None and third_objective not in THIRD_OBJECTIVES:
-        raise ValueError(f"objectives.third_objective={third_objective!r} is not supported; "
-                         f"use one of {[None, *THIRD_OBJECTIVES]} (null = accuracy vs MACs only).")
+        raise ValueError(
+            f"objectives.third_objective={third_objective!r} is not supported; "
+            f"use one of {[None, *THIRD_OBJECTIVES]} (null = accuracy vs MACs only)."
+        )
     chosen = dict(OBJECTIVES)
     if third_objective:
         chosen[THIRD_OBJECTIVE_KEYS[third_objective]] = THIRD_OBJECTIVES[third_objective]

@@ -24,9 +24,16 @@ def normalize_storage(storage: str | Path) -> str:
 
 
 # URI scheme -> the pyarrow.fs class Ray Tune writes through (absent from a pyarrow built without it).
-PYARROW_FILESYSTEMS = {"file": "LocalFileSystem", "s3": "S3FileSystem", "gs": "GcsFileSystem",
-                       "gcs": "GcsFileSystem", "hdfs": "HadoopFileSystem", "viewfs": "HadoopFileSystem",
-                       "abfs": "AzureFileSystem", "abfss": "AzureFileSystem"}
+PYARROW_FILESYSTEMS = {
+    "file": "LocalFileSystem",
+    "s3": "S3FileSystem",
+    "gs": "GcsFileSystem",
+    "gcs": "GcsFileSystem",
+    "hdfs": "HadoopFileSystem",
+    "viewfs": "HadoopFileSystem",
+    "abfs": "AzureFileSystem",
+    "abfss": "AzureFileSystem",
+}
 
 
 def check_storage(storage: str | Path) -> str:
@@ -38,19 +45,25 @@ def check_storage(storage: str | Path) -> str:
     scheme = uri.split("://", 1)[0].lower()
     needed = PYARROW_FILESYSTEMS.get(scheme)
     if needed is None:
-        raise ValueError(f"storage_path={uri}: pyarrow, through which Ray Tune writes, has no {scheme}:// filesystem; "
-                         "use a folder (shared by every node on a cluster) or an s3://, gs://, hdfs:// or abfs:// URI.")
+        raise ValueError(
+            f"storage_path={uri}: pyarrow, through which Ray Tune writes, has no {scheme}:// filesystem; "
+            "use a folder (shared by every node on a cluster) or an s3://, gs://, hdfs:// or abfs:// URI."
+        )
     if not hasattr(pafs, needed):
-        raise ValueError(f"storage_path={uri} needs pyarrow.fs.{needed}, which this pyarrow {pa.__version__} was "
-                         "built without; install a pyarrow that has it (`pip install --force-reinstall pyarrow`: "
-                         "the PyPI wheels include S3, GCS, HDFS and Azure).")
+        raise ValueError(
+            f"storage_path={uri} needs pyarrow.fs.{needed}, which this pyarrow {pa.__version__} was "
+            "built without; install a pyarrow that has it (`pip install --force-reinstall pyarrow`: "
+            "the PyPI wheels include S3, GCS, HDFS and Azure)."
+        )
     try:
         pafs.FileSystem.from_uri(uri)
     except Exception as err:  # noqa: BLE001 - pyarrow raises ArrowInvalid, OSError, ... for a store it cannot open
         reason = " ".join(str(err).split())[:300]
-        raise ValueError(f"storage_path={uri} could not be opened ({type(err).__name__}: {reason}); fix what it "
-                         "names (credentials and endpoint come from the environment; hdfs:// also needs Java and "
-                         "libhdfs).") from None
+        raise ValueError(
+            f"storage_path={uri} could not be opened ({type(err).__name__}: {reason}); fix what it "
+            "names (credentials and endpoint come from the environment; hdfs:// also needs Java and "
+            "libhdfs)."
+        ) from None
     return uri
 
 
@@ -86,5 +99,6 @@ def list_sweeps(storage: str | Path) -> list[str]:
     if fs.get_file_info(root).type != pafs.FileType.Directory:
         return []
     folders = [info for info in fs.get_file_info(pafs.FileSelector(root)) if info.type == pafs.FileType.Directory]
-    return sorted(info.base_name for info in folders
-                  if fs.get_file_info(f"{info.path}/{STATE_FILE}").type == pafs.FileType.File)
+    return sorted(
+        info.base_name for info in folders if fs.get_file_info(f"{info.path}/{STATE_FILE}").type == pafs.FileType.File
+    )

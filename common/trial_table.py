@@ -24,10 +24,10 @@ class TrialRecord:
     sweep: str
     trial_id: str
     trial_dir: Path
-    config: dict[str, Any]   # the effective run config: trial_config(base_config, sampled keys)
+    config: dict[str, Any]  # the effective run config: trial_config(base_config, sampled keys)
     metrics: dict[str, Any]  # its last reported result
     checkpoint: Path | None  # checkpoint.pt of the last checkpoint Tune kept
-    status: str              # trial_status: completed | stopped (early, or still running) | errored
+    status: str  # trial_status: completed | stopped (early, or still running) | errored
 
 
 def trial_status(last_epoch: int, epochs: int, errored: bool) -> str:
@@ -41,11 +41,27 @@ def trial_status(last_epoch: int, epochs: int, errored: bool) -> str:
 
 # (column, header) of the front tables, in order; evaluation columns are inserted after val_macro_f1.
 # target_macs is the objective (MACs once the pruning schedule is done); macs is the model as last measured.
-FRONT_COLUMNS = [("trial_id", "trial"), ("sweep", "sweep"), ("status", "status"), ("val_acc", "val acc"),
-                 ("val_macro_f1", "val F1"), ("target_macs", "target MACs"), ("macs", "measured MACs"),
-                 ("params", "params"), ("epochs", "ep"), ("kd", "KD"), ("T", "T"), ("alpha", "alpha"),
-                 ("n_mels", "mels"), ("width", "width"), ("pruning", "pruning"),
-                 ("target_macs_ratio", "MACs ratio"), ("steps", "steps"), ("step_epochs", "step ep"), ("lr", "lr")]
+FRONT_COLUMNS = [
+    ("trial_id", "trial"),
+    ("sweep", "sweep"),
+    ("status", "status"),
+    ("val_acc", "val acc"),
+    ("val_macro_f1", "val F1"),
+    ("target_macs", "target MACs"),
+    ("macs", "measured MACs"),
+    ("params", "params"),
+    ("epochs", "ep"),
+    ("kd", "KD"),
+    ("T", "T"),
+    ("alpha", "alpha"),
+    ("n_mels", "mels"),
+    ("width", "width"),
+    ("pruning", "pruning"),
+    ("target_macs_ratio", "MACs ratio"),
+    ("steps", "steps"),
+    ("step_epochs", "step ep"),
+    ("lr", "lr"),
+]
 
 
 # The kB of parameter memory: params x bytes per parameter (common.config.BYTES_PER_PARAM) / 1000, the DCASE task 1
@@ -61,17 +77,36 @@ def param_kb(params: float, precision: str) -> float:
 # (column, header) of what analysis/export.py measured (export/export.json): deployment precision(s), parameter kB,
 # file sizes, fp32 and int8 test accuracy under ONNX Runtime, and CPU latency (batch 1, median ms). In the front
 # tables after the evaluation columns; EXPORT_DETAIL_KEYS go to pareto.csv only.
-EXPORT_COLUMNS = [("precision", "precision"), ("kb_fp32", "kB fp32"), ("kb_int8", "kB int8"),
-                  ("onnx_bytes", "ONNX bytes"), ("int8_onnx_bytes", "int8 ONNX bytes"),
-                  ("fp32_test_acc", "ORT fp32 test acc"), ("int8_test_acc", "int8 test acc"),
-                  ("int8_acc_drop", "int8 acc drop"), ("int8_agreement", "int8 agreement"),
-                  (LATENCY, "fp32 ms 1 thread"), ("int8_latency_ms_1thread", "int8 ms 1 thread"),
-                  ("latency_ms_allthreads", "fp32 ms all threads"),
-                  ("int8_latency_ms_allthreads", "int8 ms all threads")]
-EXPORT_DETAIL_KEYS = ("latency_p90_ms_1thread", "int8_latency_p90_ms_1thread", "latency_p90_ms_allthreads",
-                      "int8_latency_p90_ms_allthreads", "latency_threads_all", "latency_cpu", "latency_runs",
-                      "latency_warmup", "int8_method", "int8_ops_in_fp32", "export_error", "int8_error",
-                      "latency_error")
+EXPORT_COLUMNS = [
+    ("precision", "precision"),
+    ("kb_fp32", "kB fp32"),
+    ("kb_int8", "kB int8"),
+    ("onnx_bytes", "ONNX bytes"),
+    ("int8_onnx_bytes", "int8 ONNX bytes"),
+    ("fp32_test_acc", "ORT fp32 test acc"),
+    ("int8_test_acc", "int8 test acc"),
+    ("int8_acc_drop", "int8 acc drop"),
+    ("int8_agreement", "int8 agreement"),
+    (LATENCY, "fp32 ms 1 thread"),
+    ("int8_latency_ms_1thread", "int8 ms 1 thread"),
+    ("latency_ms_allthreads", "fp32 ms all threads"),
+    ("int8_latency_ms_allthreads", "int8 ms all threads"),
+]
+EXPORT_DETAIL_KEYS = (
+    "latency_p90_ms_1thread",
+    "int8_latency_p90_ms_1thread",
+    "latency_p90_ms_allthreads",
+    "int8_latency_p90_ms_allthreads",
+    "latency_threads_all",
+    "latency_cpu",
+    "latency_runs",
+    "latency_warmup",
+    "int8_method",
+    "int8_ops_in_fp32",
+    "export_error",
+    "int8_error",
+    "latency_error",
+)
 
 
 def _latency_columns(record: dict[str, Any] | None, prefix: str) -> dict[str, Any]:
@@ -79,9 +114,12 @@ def _latency_columns(record: dict[str, Any] | None, prefix: str) -> dict[str, An
     if not record or record.get("error"):
         return {}
     one, every = record["threads"].get("1", {}), record["threads"].get(str(record["all_threads"]), {})
-    return {f"{prefix}latency_ms_1thread": one.get("median_ms"), f"{prefix}latency_p90_ms_1thread": one.get("p90_ms"),
-            f"{prefix}latency_ms_allthreads": every.get("median_ms"),
-            f"{prefix}latency_p90_ms_allthreads": every.get("p90_ms")}
+    return {
+        f"{prefix}latency_ms_1thread": one.get("median_ms"),
+        f"{prefix}latency_p90_ms_1thread": one.get("p90_ms"),
+        f"{prefix}latency_ms_allthreads": every.get("median_ms"),
+        f"{prefix}latency_p90_ms_allthreads": every.get("p90_ms"),
+    }
 
 
 def export_columns(export: dict[str, Any] | None) -> dict[str, Any]:
@@ -94,21 +132,33 @@ def export_columns(export: dict[str, Any] | None) -> dict[str, Any]:
     int8_ok = bool(int8.get("onnx"))
     latency = export.get("latency") or {}
     fp32_latency = latency.get("fp32")
-    columns = {"precision": "fp32+int8" if int8_ok else "fp32",
-               "kb_fp32": export.get("kb", {}).get("fp32"), "kb_int8": export.get("kb", {}).get("int8"),
-               "onnx_bytes": export.get("bytes"), "int8_onnx_bytes": int8.get("bytes") if int8_ok else None,
-               "fp32_test_acc": export.get("fp32_test_acc"),
-               "int8_test_acc": int8.get("test_acc") if int8_ok else None,
-               "int8_acc_drop": int8.get("acc_drop") if int8_ok else None,
-               "int8_agreement": int8.get("agreement") if int8_ok else None}
+    columns = {
+        "precision": "fp32+int8" if int8_ok else "fp32",
+        "kb_fp32": export.get("kb", {}).get("fp32"),
+        "kb_int8": export.get("kb", {}).get("int8"),
+        "onnx_bytes": export.get("bytes"),
+        "int8_onnx_bytes": int8.get("bytes") if int8_ok else None,
+        "fp32_test_acc": export.get("fp32_test_acc"),
+        "int8_test_acc": int8.get("test_acc") if int8_ok else None,
+        "int8_acc_drop": int8.get("acc_drop") if int8_ok else None,
+        "int8_agreement": int8.get("agreement") if int8_ok else None,
+    }
     columns |= _latency_columns(fp32_latency, "") | _latency_columns(latency.get("int8"), "int8_")
     if fp32_latency and not fp32_latency.get("error"):
-        columns |= {"latency_threads_all": fp32_latency["all_threads"], "latency_cpu": fp32_latency["cpu"],
-                    "latency_runs": fp32_latency["runs"], "latency_warmup": fp32_latency["warmup"]}
+        columns |= {
+            "latency_threads_all": fp32_latency["all_threads"],
+            "latency_cpu": fp32_latency["cpu"],
+            "latency_runs": fp32_latency["runs"],
+            "latency_warmup": fp32_latency["warmup"],
+        }
     if int8_ok:
         columns |= {"int8_method": int8.get("method"), "int8_ops_in_fp32": " ".join(int8.get("ops_in_fp32", []))}
-    errors = {"int8_error": int8.get("error"), "latency_error": latency.get("error")
-              or (fp32_latency or {}).get("error") or (latency.get("int8") or {}).get("error")}
+    errors = {
+        "int8_error": int8.get("error"),
+        "latency_error": latency.get("error")
+        or (fp32_latency or {}).get("error")
+        or (latency.get("int8") or {}).get("error"),
+    }
     return columns | {key: value for key, value in errors.items() if value}
 
 
@@ -118,29 +168,48 @@ def evaluation_columns(evaluation: dict[str, Any] | None) -> dict[str, Any]:
         return {}
     columns = {"test_acc": evaluation.get("test_acc"), "test_macro_f1": evaluation.get("test_macro_f1")}
     for label, extra in evaluation.get("extra", {}).items():
-        columns |= {f"{label}_acc": extra.get("acc"), f"{label}_macro_f1": extra.get("macro_f1"),
-                    f"{label}_n": extra.get("n")}
+        columns |= {
+            f"{label}_acc": extra.get("acc"),
+            f"{label}_macro_f1": extra.get("macro_f1"),
+            f"{label}_n": extra.get("n"),
+        }
     return columns | ({"eval_error": evaluation["error"]} if evaluation.get("error") else {})
 
 
-def trial_row(trial: TrialRecord, evaluation: dict[str, Any] | None = None,
-              export: dict[str, Any] | None = None) -> dict[str, Any]:
+def trial_row(
+    trial: TrialRecord, evaluation: dict[str, Any] | None = None, export: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """One table row: metrics, key hyperparameters (None where they do not apply), evaluation and export results."""
     cfg, metrics = trial.config, trial.metrics
     kd_on, mode = cfg["kd"]["enabled"], cfg["pruning"]["mode"]
     progressive = mode == "progressive"
-    return {
-        "sweep": trial.sweep, "trial_id": trial.trial_id, "status": trial.status, "on_front": False,
-        FEASIBLE: within_budget(metrics),
-        "val_acc": float(metrics["val_acc"]), "val_macro_f1": float(metrics["val_macro_f1"]),
-        "target_macs": int(metrics["target_macs"]), "macs": int(metrics["macs"]), "params": int(metrics["params"]),
-        "epochs": int(metrics["epoch"]), "kd": "on" if kd_on else "off", "T": cfg["kd"]["T"] if kd_on else None,
-        "alpha": cfg["kd"]["alpha"] if kd_on else None, "n_mels": cfg["features"]["n_mels"],
-        "width": cfg["student"]["width_mult"], "pruning": mode,
-        "target_macs_ratio": cfg["pruning"]["target_macs_ratio"] if mode in ("single", "progressive") else None,
-        "steps": cfg["pruning"]["steps"] if progressive else None,
-        "step_epochs": cfg["pruning"]["step_epochs"] if progressive else None, "lr": cfg["train"]["lr"],
-    } | evaluation_columns(evaluation) | export_columns(export)
+    return (
+        {
+            "sweep": trial.sweep,
+            "trial_id": trial.trial_id,
+            "status": trial.status,
+            "on_front": False,
+            FEASIBLE: within_budget(metrics),
+            "val_acc": float(metrics["val_acc"]),
+            "val_macro_f1": float(metrics["val_macro_f1"]),
+            "target_macs": int(metrics["target_macs"]),
+            "macs": int(metrics["macs"]),
+            "params": int(metrics["params"]),
+            "epochs": int(metrics["epoch"]),
+            "kd": "on" if kd_on else "off",
+            "T": cfg["kd"]["T"] if kd_on else None,
+            "alpha": cfg["kd"]["alpha"] if kd_on else None,
+            "n_mels": cfg["features"]["n_mels"],
+            "width": cfg["student"]["width_mult"],
+            "pruning": mode,
+            "target_macs_ratio": cfg["pruning"]["target_macs_ratio"] if mode in ("single", "progressive") else None,
+            "steps": cfg["pruning"]["steps"] if progressive else None,
+            "step_epochs": cfg["pruning"]["step_epochs"] if progressive else None,
+            "lr": cfg["train"]["lr"],
+        }
+        | evaluation_columns(evaluation)
+        | export_columns(export)
+    )
 
 
 def front_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -18,17 +18,26 @@ def main(cfg: DictConfig) -> None:
     config = plain(cfg)
     data = prepare_data(config["data"], config["workdir"])
     print(f"\nDataset: data.source={config['data']['source']}  root={config['data']['root']}")
-    print(f"Waveform cache: {data.cache_dir}  ({data.clip_samples / data.sample_rate:.2f} s clips "
-          f"@ {data.sample_rate} Hz, fingerprint {data.fingerprint})")
+    print(
+        f"Waveform cache: {data.cache_dir}  ({data.clip_samples / data.sample_rate:.2f} s clips "
+        f"@ {data.sample_rate} Hz, fingerprint {data.fingerprint})"
+    )
     print(summary_table(data))
-    print("\nInstruments per split (base+derived: base instruments, i.e. SoundFont programs or real NSynth "
-          "instruments, + derived variants):")
-    print(instrument_table(cached_records(data, read_layout(config["data"]["root"])),
-                           config["data"]["min_eval_instruments"]))
+    print(
+        "\nInstruments per split (base+derived: base instruments, i.e. SoundFont programs or real NSynth "
+        "instruments, + derived variants):"
+    )
+    print(
+        instrument_table(
+            cached_records(data, read_layout(config["data"]["root"])), config["data"]["min_eval_instruments"]
+        )
+    )
     report = data.report
     if report.get("skipped") or report.get("repaired"):
-        print(f"Prep report: {report['skipped']} skipped {json.dumps(report['skipped_by_reason'])}, "
-              f"repaired {json.dumps(report['repaired'])} -> {data.cache_dir / 'prep_report.json'}")
+        print(
+            f"Prep report: {report['skipped']} skipped {json.dumps(report['skipped_by_reason'])}, "
+            f"repaired {json.dumps(report['repaired'])} -> {data.cache_dir / 'prep_report.json'}"
+        )
     print(f"Classes (index order): {data.classes}")
 
 

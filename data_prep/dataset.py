@@ -31,16 +31,23 @@ def check_data(data_cfg: Mapping[str, Any], read_metadata: bool = True) -> None:
     for key in ("per_family", "max_total_size_mb", "prep_workers"):
         value = data_cfg[key]
         if value is not None and value <= 0:
-            raise ValueError(f"data.{key}={value} must be > 0, or null for no limit"
-                             + (" (all CPUs)." if key == "prep_workers" else "."))
+            raise ValueError(
+                f"data.{key}={value} must be > 0, or null for no limit"
+                + (" (all CPUs)." if key == "prep_workers" else ".")
+            )
     if data_cfg["source"] == "nsynth" and not data_cfg["hf_id"]:
         check_local_nsynth(Path(data_cfg["root"]))
         for split in SPLITS if read_metadata else ():
             read_split(data_cfg["root"], split)  # an examples.json that does not parse: one line, now
 
 
-def prepare_data(data_cfg: Mapping[str, Any], workdir: str | Path, *, sample_rate: int | None = None,
-                 clip_seconds: float | None = None) -> WaveformData:
+def prepare_data(
+    data_cfg: Mapping[str, Any],
+    workdir: str | Path,
+    *,
+    sample_rate: int | None = None,
+    clip_seconds: float | None = None,
+) -> WaveformData:
     """Materialise the source into the NSynth layout (only what is missing) and return its waveform cache.
 
     Class indices follow the order of data.families; the mapping is saved as classes.json in the cache.
@@ -52,13 +59,28 @@ def prepare_data(data_cfg: Mapping[str, Any], workdir: str | Path, *, sample_rat
     families = check_families(data_cfg["families"])
     materialize(data_cfg)
     records = read_layout(data_cfg["root"])
-    split_records = select(records, families, data_cfg["per_family"], data_cfg["max_total_size_mb"],
-                           data_cfg["split_by"], data_cfg["split_fractions"], NSYNTH_SECONDS, data_cfg["seed"],
-                           data_cfg["min_eval_instruments"], data_cfg["split_caps"])
+    split_records = select(
+        records,
+        families,
+        data_cfg["per_family"],
+        data_cfg["max_total_size_mb"],
+        data_cfg["split_by"],
+        data_cfg["split_fractions"],
+        NSYNTH_SECONDS,
+        data_cfg["seed"],
+        data_cfg["min_eval_instruments"],
+        data_cfg["split_caps"],
+    )
     workers = data_cfg["prep_workers"] or len(os.sched_getaffinity(0))
-    return build_waveform_cache(split_records, families, clip_seconds or data_cfg["clip_seconds"],
-                                sample_rate or data_cfg["sample_rate"], Path(workdir) / "cache" / "waveforms",
-                                data_cfg["root"], workers)
+    return build_waveform_cache(
+        split_records,
+        families,
+        clip_seconds or data_cfg["clip_seconds"],
+        sample_rate or data_cfg["sample_rate"],
+        Path(workdir) / "cache" / "waveforms",
+        data_cfg["root"],
+        workers,
+    )
 
 
 def summary_table(data: WaveformData) -> str:
@@ -76,8 +98,12 @@ def summary_table(data: WaveformData) -> str:
 def cached_records(data: WaveformData, records: Sequence[NoteRecord]) -> list[NoteRecord]:
     """The records of the clips the cache holds, each with the split the cache put it in."""
     by_note = {r.note_str: r for r in records}
-    return [dataclasses.replace(by_note[note_str], split=split)
-            for split in SPLITS for note_str in data.splits[split].ids if note_str in by_note]
+    return [
+        dataclasses.replace(by_note[note_str], split=split)
+        for split in SPLITS
+        for note_str in data.splits[split].ids
+        if note_str in by_note
+    ]
 
 
 def instrument_table(records: Sequence[NoteRecord], min_eval_instruments: int) -> str:
@@ -105,15 +131,25 @@ def instrument_table(records: Sequence[NoteRecord], min_eval_instruments: int) -
     def cells(b: set[str], d: set[str], n: int) -> str:
         return f"{f'{len(b)}+{len(d)}':>13}{n:>6}"
 
-    lines = [f"{'':<12}" + "".join(f"{c:>19}" for c in columns),
-             f"{'family':<12}" + "".join(f"{'base+derived':>13}{'notes':>6}" for _ in columns)]
+    lines = [
+        f"{'':<12}" + "".join(f"{c:>19}" for c in columns),
+        f"{'family':<12}" + "".join(f"{'base+derived':>13}{'notes':>6}" for _ in columns),
+    ]
     for family in families:
         row = f"{family:<12}" + "".join(cells(base[family, c], derived[family, c], notes[family, c]) for c in columns)
         short = [s for s in SPLITS[1:] if len(base[family, s]) < min_eval_instruments]
         if min_eval_instruments and short:
             row += f"  {'/'.join(short)} < {min_eval_instruments} base instruments"
         lines.append(row)
-    lines.append(f"{'total':<12}" + "".join(
-        cells(set().union(*(base[f, c] for f in families)), set().union(*(derived[f, c] for f in families)),
-              sum(notes[f, c] for f in families)) for c in columns))
+    lines.append(
+        f"{'total':<12}"
+        + "".join(
+            cells(
+                set().union(*(base[f, c] for f in families)),
+                set().union(*(derived[f, c] for f in families)),
+                sum(notes[f, c] for f in families),
+            )
+            for c in columns
+        )
+    )
     return "\n".join(lines)

@@ -287,8 +287,10 @@ class NoteSpec:
         if not 1 <= self.velocity <= 127:
             raise ValueError(f"velocity {self.velocity} is not a MIDI note-on velocity (1-127)")
         if self.soundfont < 0 or not 0 <= self.variant <= MAX_VARIANTS:
-            raise ValueError(f"soundfont index must be >= 0 and variant in 0..{MAX_VARIANTS}, "
-                             f"got {self.soundfont} and {self.variant}")
+            raise ValueError(
+                f"soundfont index must be >= 0 and variant in 0..{MAX_VARIANTS}, "
+                f"got {self.soundfont} and {self.variant}"
+            )
         if (self.variant == 0) != (self.timbre is None):
             raise ValueError("a variant > 0 needs its timbre (variants.draw_timbre), the base instrument none")
         family, source = GM_PROGRAM_FAMILIES[self.program]
@@ -342,8 +344,15 @@ class RenderPlan:
         return self.split_of[spec.base]
 
 
-def plan_dataset(families: Sequence[str], notes_per_family: int, seed: int, fractions: Mapping[str, float],
-                 soundfonts: int, variants: int, min_eval_instruments: int) -> RenderPlan:
+def plan_dataset(
+    families: Sequence[str],
+    notes_per_family: int,
+    seed: int,
+    fractions: Mapping[str, float],
+    soundfonts: int,
+    variants: int,
+    min_eval_instruments: int,
+) -> RenderPlan:
     """Choose ``notes_per_family`` distinct notes per family over its base and derived instruments.
 
     Base instruments are every (SoundFont index < ``soundfonts``, mapped GM program) of the family; they
@@ -387,34 +396,47 @@ def plan_dataset(families: Sequence[str], notes_per_family: int, seed: int, frac
         counts = quota_counts(len(bases), fractions, min_eval_instruments)
         family_split, start = {}, 0
         for split in SPLITS:
-            family_split.update(dict.fromkeys(order[start:start + counts[split]], split))
+            family_split.update(dict.fromkeys(order[start : start + counts[split]], split))
             start += counts[split]
         split_of.update(family_split)
         used = [s for s in SPLITS if counts[s]]
         # a family with fewer than three base instruments leaves a split without any: the others share its notes
-        note_counts = split_counts(notes_per_family, fractions) if len(used) == len(SPLITS) \
+        note_counts = (
+            split_counts(notes_per_family, fractions)
+            if len(used) == len(SPLITS)
             else apportion(notes_per_family, {s: fractions[s] for s in used})
+        )
 
         rng = np.random.default_rng([seed32, family_index])
         family_specs = []
         for split in used:
             split_bases = sorted(b for b in bases if family_split[b] == split)
             base_order = [split_bases[i] for i in rng.permutation(len(split_bases))]
-            per_base = _allocate_evenly({b: (variants + 1) * capacity[b] for b in split_bases},
-                                        note_counts[split], base_order)
+            per_base = _allocate_evenly(
+                {b: (variants + 1) * capacity[b] for b in split_bases}, note_counts[split], base_order
+            )
             for (sf, program), base_count in per_base.items():
                 low = playable_range(program)[0]
                 timbre_order = [0] + [int(v) + 1 for v in rng.permutation(variants)]
-                per_timbre = _allocate_evenly(dict.fromkeys(timbre_order, capacity[(sf, program)]), base_count,
-                                              timbre_order)
+                per_timbre = _allocate_evenly(
+                    dict.fromkeys(timbre_order, capacity[(sf, program)]), base_count, timbre_order
+                )
                 for variant, count in per_timbre.items():
                     if not count:
                         continue
                     timbre = draw_timbre(seed, sf, program, variant) if variant else None
                     for combo in rng.choice(capacity[(sf, program)], size=count, replace=False):
                         pitch_offset, velocity_index = divmod(int(combo), len(NSYNTH_VELOCITIES))
-                        family_specs.append(NoteSpec(program, low + pitch_offset, NSYNTH_VELOCITIES[velocity_index],
-                                                     soundfont=sf, variant=variant, timbre=timbre))
+                        family_specs.append(
+                            NoteSpec(
+                                program,
+                                low + pitch_offset,
+                                NSYNTH_VELOCITIES[velocity_index],
+                                soundfont=sf,
+                                variant=variant,
+                                timbre=timbre,
+                            )
+                        )
         specs += sorted(family_specs, key=lambda spec: spec.note_str)
     return RenderPlan(specs=specs, split_of=split_of)
 
@@ -431,11 +453,19 @@ def _note_midi_bytes(program: int, pitch: int, velocity: int, seconds: float, ho
     return buffer.getvalue()
 
 
-def _render_raw(soundfont_bytes: bytes, program: int, pitch: int, velocity: int, sample_rate: int,
-                seconds: float, hold_seconds: float) -> np.ndarray:
+def _render_raw(
+    soundfont_bytes: bytes,
+    program: int,
+    pitch: int,
+    velocity: int,
+    sample_rate: int,
+    seconds: float,
+    hold_seconds: float,
+) -> np.ndarray:
     """The renderer's mono output at ``sample_rate``, ``round(seconds * sample_rate)`` samples, no gain."""
-    wav = midirenderer.render_wave_from(soundfont_bytes,
-                                        _note_midi_bytes(program, pitch, velocity, seconds, hold_seconds))
+    wav = midirenderer.render_wave_from(
+        soundfont_bytes, _note_midi_bytes(program, pitch, velocity, seconds, hold_seconds)
+    )
     stereo, native_rate = soundfile.read(io.BytesIO(wav), dtype="float32", always_2d=True)
     mono = torch.from_numpy(stereo[: round(seconds * native_rate)].mean(axis=1))
     if native_rate != sample_rate:
@@ -464,13 +494,21 @@ def render_note(
         raise ValueError(f"hold_seconds must lie in [0, seconds={seconds}], got {hold_seconds}")
     timbre = spec.timbre
     if timbre is None:
-        audio = _render_raw(soundfont_bytes, spec.program, spec.pitch, spec.velocity, sample_rate, seconds,
-                            hold_seconds)
+        audio = _render_raw(
+            soundfont_bytes, spec.program, spec.pitch, spec.velocity, sample_rate, seconds, hold_seconds
+        )
         return np.clip(audio * OUTPUT_GAIN, -1.0, 1.0)
     shift = variants.feasible_shift(timbre.shift, spec.pitch)
     ratio = float(variants.shift_ratio(shift))  # render shorter (higher) by this much, stretch back below
-    raw = _render_raw(soundfont_bytes, spec.program, spec.pitch + shift, spec.velocity, sample_rate,
-                      seconds / ratio, hold_seconds / ratio)
+    raw = _render_raw(
+        soundfont_bytes,
+        spec.program,
+        spec.pitch + shift,
+        spec.velocity,
+        sample_rate,
+        seconds / ratio,
+        hold_seconds / ratio,
+    )
     audio = variants.apply_linear(variants.unshift(raw, shift, round(seconds * sample_rate)), timbre, sample_rate)
     return np.clip(variants.apply_drive(audio * OUTPUT_GAIN, timbre), -1.0, 1.0).astype(np.float32)
 
@@ -497,8 +535,9 @@ def _render_in_worker(spec: NoteSpec, sample_rate: int, seconds: float, hold_sec
     return render_note(_worker_soundfont_bytes[spec.soundfont], spec, sample_rate, seconds, hold_seconds)
 
 
-def _render_with(soundfont_bytes: Sequence[bytes], spec: NoteSpec, sample_rate: int, seconds: float,
-                 hold_seconds: float) -> np.ndarray:
+def _render_with(
+    soundfont_bytes: Sequence[bytes], spec: NoteSpec, sample_rate: int, seconds: float, hold_seconds: float
+) -> np.ndarray:
     return render_note(soundfont_bytes[spec.soundfont], spec, sample_rate, seconds, hold_seconds)
 
 
@@ -528,8 +567,13 @@ def render_notes(
     if out_of_range:
         raise ValueError(f"notes ask for SoundFont indices {out_of_range} but only {len(paths)} SoundFont(s) given")
     if workers == 1:
-        render = partial(_render_with, [path.read_bytes() for path in paths], sample_rate=sample_rate,
-                         seconds=seconds, hold_seconds=hold_seconds)
+        render = partial(
+            _render_with,
+            [path.read_bytes() for path in paths],
+            sample_rate=sample_rate,
+            seconds=seconds,
+            hold_seconds=hold_seconds,
+        )
         yield from _mark_silent(specs, map(render, specs))
         return
     pool = ProcessPoolExecutor(

@@ -1,7 +1,7 @@
 """NSynth "jsonwav" layout: the one on-disk format both data sources produce and one loader reads.
 
-    <root>/nsynth-<split>/examples.json     dict keyed by note_str, fields as in the official release
-    <root>/nsynth-<split>/audio/<note_str>.wav   16 kHz mono, 4 s
+<root>/nsynth-<split>/examples.json     dict keyed by note_str, fields as in the official release
+<root>/nsynth-<split>/audio/<note_str>.wav   16 kHz mono, 4 s
 """
 
 from __future__ import annotations
@@ -20,15 +20,32 @@ SOURCES: tuple[str, ...] = ("acoustic", "electronic", "synthetic")
 SOURCE_INDEX: dict[str, int] = {name: i for i, name in enumerate(SOURCES)}
 SPLITS: tuple[str, ...] = ("train", "valid", "test")
 QUALITIES: tuple[str, ...] = (
-    "bright", "dark", "distortion", "fast_decay", "long_release",
-    "multiphonic", "nonlinear_env", "percussive", "reverb", "tempo-synced",
+    "bright",
+    "dark",
+    "distortion",
+    "fast_decay",
+    "long_release",
+    "multiphonic",
+    "nonlinear_env",
+    "percussive",
+    "reverb",
+    "tempo-synced",
 )
 NSYNTH_SAMPLE_RATE = 16000
 NSYNTH_SECONDS = 4.0
 REQUIRED_FIELDS: tuple[str, ...] = (
-    "note_str", "instrument", "instrument_str", "instrument_family", "instrument_family_str",
-    "instrument_source", "instrument_source_str", "pitch", "velocity", "sample_rate",
-    "qualities", "qualities_str",
+    "note_str",
+    "instrument",
+    "instrument_str",
+    "instrument_family",
+    "instrument_family_str",
+    "instrument_source",
+    "instrument_source_str",
+    "pitch",
+    "velocity",
+    "sample_rate",
+    "qualities",
+    "qualities_str",
 )
 NOTE_STR_RE = re.compile(r"^(?P<instrument_str>[a-z_]+_(acoustic|electronic|synthetic)_\d{3,})-(\d{3})-(\d{3})$")
 """NSynth's note_str; the instrument number has 3 digits in NSynth and at least 3 here (a rendered derived
@@ -47,9 +64,17 @@ def make_note_str(instrument_str: str, pitch: int, velocity: int) -> str:
     return f"{instrument_str}-{pitch:03d}-{velocity:03d}"
 
 
-def make_example(family: str, source: str, instrument: int, instrument_str: str, pitch: int,
-                 velocity: int, note: int = 0, qualities_str: tuple[str, ...] = (),
-                 base_instrument_str: str | None = None) -> dict[str, Any]:
+def make_example(
+    family: str,
+    source: str,
+    instrument: int,
+    instrument_str: str,
+    pitch: int,
+    velocity: int,
+    note: int = 0,
+    qualities_str: tuple[str, ...] = (),
+    base_instrument_str: str | None = None,
+) -> dict[str, Any]:
     """One examples.json entry: the official field names and types, plus ``base_instrument_str``.
 
     ``base_instrument_str`` names the base instrument a derived (rendered variant) instrument comes from;
@@ -113,19 +138,27 @@ def read_split(root: Path | str, split: str) -> list[NoteRecord]:
         raise ValueError(f"{path} is not valid JSON ({err}); re-download or rebuild that split.") from err
     records = []
     for key, ex in examples.items():
-        missing = [f for f in ("instrument", "instrument_str", "instrument_family_str", "pitch", "velocity")
-                   if f not in ex]
+        missing = [
+            f for f in ("instrument", "instrument_str", "instrument_family_str", "pitch", "velocity") if f not in ex
+        ]
         if missing:
-            raise ValueError(f"{path}: entry {key!r} lacks fields {missing}; this is not NSynth's examples.json "
-                             "format.")
+            raise ValueError(
+                f"{path}: entry {key!r} lacks fields {missing}; this is not NSynth's examples.json format."
+            )
         note_str = ex.get("note_str", key)
-        records.append(NoteRecord(
-            split=split, note_str=note_str, family=ex["instrument_family_str"],
-            instrument=int(ex["instrument"]), instrument_str=ex["instrument_str"],
-            pitch=int(ex["pitch"]), velocity=int(ex["velocity"]),
-            path=wav_path(root, split, note_str),
-            base_instrument_str=ex.get("base_instrument_str") or ex["instrument_str"],
-        ))
+        records.append(
+            NoteRecord(
+                split=split,
+                note_str=note_str,
+                family=ex["instrument_family_str"],
+                instrument=int(ex["instrument"]),
+                instrument_str=ex["instrument_str"],
+                pitch=int(ex["pitch"]),
+                velocity=int(ex["velocity"]),
+                path=wav_path(root, split, note_str),
+                base_instrument_str=ex.get("base_instrument_str") or ex["instrument_str"],
+            )
+        )
     return records
 
 

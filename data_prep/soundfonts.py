@@ -95,8 +95,9 @@ def read_bank0_programs(path: Path) -> tuple[frozenset[int], tuple[int, int], bo
                 elif form == b"pdta" and sub_id == b"phdr":
                     phdr = f.read(sub_size)
                 elif form == b"pdta" and sub_id == b"shdr":
-                    compressed = any(record[-1] & _SF3_COMPRESSED
-                                     for record in _records(_SHDR_RECORD, f.read(sub_size)))
+                    compressed = any(
+                        record[-1] & _SF3_COMPRESSED for record in _records(_SHDR_RECORD, f.read(sub_size))
+                    )
     if phdr is None or len(phdr) < 2 * _PHDR_RECORD.size:
         raise ValueError(f"SoundFont {path} has no preset headers (pdta/phdr); the file is truncated or corrupt; {fix}")
     records = _records(_PHDR_RECORD, phdr)[:-1]  # the last record is the terminal "EOP"
@@ -110,22 +111,33 @@ def load_soundfont(entry: str | None, index: int = 0) -> SoundFont:
     path = default_soundfont() if default else Path(str(entry)).expanduser()
     if not path.is_file():
         if default:
-            fix = ("the default TimGM6mb.sf2 ships with pretty_midi: reinstall it (pip install --force-reinstall "
-                   "pretty_midi) or list another file in data.soundfonts=[<path to .sf2>]")
+            fix = (
+                "the default TimGM6mb.sf2 ships with pretty_midi: reinstall it (pip install --force-reinstall "
+                "pretty_midi) or list another file in data.soundfonts=[<path to .sf2>]"
+            )
         else:
             fix = "fix the path in data.soundfonts=[...] (an existing .sf2 file), or use data.soundfonts=[default]"
         raise FileNotFoundError(f"SoundFont not found: {path}; {fix}")
     try:
         programs, _, compressed = read_bank0_programs(path)
     except (OSError, struct.error) as err:
-        raise ValueError(f"SoundFont {path} is unreadable ({type(err).__name__}: {err}); fix or replace the file "
-                         "listed in data.soundfonts") from err
+        raise ValueError(
+            f"SoundFont {path} is unreadable ({type(err).__name__}: {err}); fix or replace the file "
+            "listed in data.soundfonts"
+        ) from err
     if compressed:
-        raise ValueError(f"SoundFont {path} is an SF3 (Ogg Vorbis-compressed samples), which the renderer "
-                         "(midirenderer/RustySynth) cannot play; convert it to .sf2 (e.g. with Polyphone) and list "
-                         "the .sf2 in data.soundfonts")
-    return SoundFont(index=index, path=path.resolve(), entry=DEFAULT_ENTRY if default else str(entry),
-                     programs=programs, size=path.stat().st_size)
+        raise ValueError(
+            f"SoundFont {path} is an SF3 (Ogg Vorbis-compressed samples), which the renderer "
+            "(midirenderer/RustySynth) cannot play; convert it to .sf2 (e.g. with Polyphone) and list "
+            "the .sf2 in data.soundfonts"
+        )
+    return SoundFont(
+        index=index,
+        path=path.resolve(),
+        entry=DEFAULT_ENTRY if default else str(entry),
+        programs=programs,
+        size=path.stat().st_size,
+    )
 
 
 def resolve_soundfonts(entries: Sequence[str | None] | str | None) -> list[SoundFont]:
@@ -139,8 +151,10 @@ def resolve_soundfonts(entries: Sequence[str | None] | str | None) -> list[Sound
     seen: dict[Path, int] = {}
     for sf in soundfonts:
         if sf.path in seen:
-            raise ValueError(f"SoundFont {sf.path} is listed twice in data.soundfonts (entries {seen[sf.path]} and "
-                             f"{sf.index}); list each file once")
+            raise ValueError(
+                f"SoundFont {sf.path} is listed twice in data.soundfonts (entries {seen[sf.path]} and "
+                f"{sf.index}); list each file once"
+            )
         seen[sf.path] = sf.index
     return soundfonts
 
@@ -156,4 +170,5 @@ def check_programs(soundfonts: Sequence[SoundFont], programs: Iterable[int]) -> 
             raise ValueError(
                 f"SoundFont {sf.path} lacks bank-0 presets for GM programs {names}{more} that data.families "
                 f"needs; use a full General-MIDI SoundFont, remove it from data.soundfonts, or drop those "
-                f"families from data.families")
+                f"families from data.families"
+            )

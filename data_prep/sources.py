@@ -84,17 +84,28 @@ def _read_tags(path: Path) -> dict[str, str]:
 
 def check_variant_settings(variants: Any, min_eval_instruments: Any) -> tuple[int, int]:
     """data.variants and data.min_eval_instruments as ints, or a ValueError naming the key and the fix."""
-    for key, value, high in (("variants", variants, gm_render.MAX_VARIANTS), ("min_eval_instruments",
-                                                                             min_eval_instruments, None)):
+    for key, value, high in (
+        ("variants", variants, gm_render.MAX_VARIANTS),
+        ("min_eval_instruments", min_eval_instruments, None),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0 or (high is not None and value > high):
             bound = f"0..{high}" if high is not None else ">= 0"
             raise ValueError(f"data.{key} must be an integer {bound}, got {value!r}")
     return variants, min_eval_instruments
 
 
-def render_gm(root: Path, soundfonts: Sequence[str | None] | str | None, families: Sequence[str],
-              per_family: int | None, max_total_size_mb: float | None, fractions: Mapping[str, float], seed: int,
-              workers: int, variants: int, min_eval_instruments: int) -> dict[str, int]:
+def render_gm(
+    root: Path,
+    soundfonts: Sequence[str | None] | str | None,
+    families: Sequence[str],
+    per_family: int | None,
+    max_total_size_mb: float | None,
+    fractions: Mapping[str, float],
+    seed: int,
+    workers: int,
+    variants: int,
+    min_eval_instruments: int,
+) -> dict[str, int]:
     """Render the planned notes into <root>/nsynth-<split>/, disjoint by base instrument.
 
     Every (SoundFont, GM program) is a base instrument and goes to one split with its ``variants``
@@ -105,9 +116,15 @@ def render_gm(root: Path, soundfonts: Sequence[str | None] | str | None, familie
     fractions = check_fractions(fractions)
     variants, min_eval_instruments = check_variant_settings(variants, min_eval_instruments)
     sfs = resolve_soundfonts(soundfonts)
-    plan = gm_render.plan_dataset(families, notes_per_family(per_family, max_total_size_mb, len(families)), seed,
-                                  fractions, soundfonts=len(sfs), variants=variants,
-                                  min_eval_instruments=min_eval_instruments)
+    plan = gm_render.plan_dataset(
+        families,
+        notes_per_family(per_family, max_total_size_mb, len(families)),
+        seed,
+        fractions,
+        soundfonts=len(sfs),
+        variants=variants,
+        min_eval_instruments=min_eval_instruments,
+    )
     check_programs(sfs, {spec.program for spec in plan.specs})
 
     index_path, rejected_path = root / RENDER_INDEX, root / RENDER_REJECTED
@@ -129,12 +146,17 @@ def render_gm(root: Path, soundfonts: Sequence[str | None] | str | None, familie
         else:
             todo.append(spec)
     if todo:
-        log.info("Rendering %d notes from %s with %d workers", len(todo), ", ".join(sf.path.name for sf in sfs),
-                 workers)
+        log.info(
+            "Rendering %d notes from %s with %d workers", len(todo), ", ".join(sf.path.name for sf in sfs), workers
+        )
         root.mkdir(parents=True, exist_ok=True)
         try:
-            for spec, audio in tqdm(gm_render.render_notes([sf.path for sf in sfs], todo, workers=workers),
-                                    total=len(todo), desc="render", unit="note"):
+            for spec, audio in tqdm(
+                gm_render.render_notes([sf.path for sf in sfs], todo, workers=workers),
+                total=len(todo),
+                desc="render",
+                unit="note",
+            ):
                 index.pop(spec.note_str, None)
                 if audio is None:
                     rejected[spec.note_str] = tags[spec.note_str]
@@ -158,15 +180,27 @@ def render_gm(root: Path, soundfonts: Sequence[str | None] | str | None, familie
         split = plan.split(spec)
         if spec.instrument_str not in instruments:
             instruments[spec.instrument_str] = {
-                "base_instrument_str": spec.base_instrument_str, "split": split, "family": spec.family,
-                "soundfont": sfs[spec.soundfont].entry, "soundfont_file": sfs[spec.soundfont].path.name,
-                "program": spec.program, "program_name": pretty_midi.program_to_instrument_name(spec.program),
-                "variant": spec.variant, "timbre": json.loads(spec.timbre.describe()) if spec.timbre else {},
+                "base_instrument_str": spec.base_instrument_str,
+                "split": split,
+                "family": spec.family,
+                "soundfont": sfs[spec.soundfont].entry,
+                "soundfont_file": sfs[spec.soundfont].path.name,
+                "program": spec.program,
+                "program_name": pretty_midi.program_to_instrument_name(spec.program),
+                "variant": spec.variant,
+                "timbre": json.loads(spec.timbre.describe()) if spec.timbre else {},
             }
         if wav_path(root, split, spec.note_str).is_file():
             examples[split][spec.note_str] = make_example(
-                spec.family, spec.source, spec.instrument, spec.instrument_str, spec.pitch, spec.velocity, note=i,
-                base_instrument_str=spec.base_instrument_str)
+                spec.family,
+                spec.source,
+                spec.instrument,
+                spec.instrument_str,
+                spec.pitch,
+                spec.velocity,
+                note=i,
+                base_instrument_str=spec.base_instrument_str,
+            )
     for split in SPLITS:
         write_examples(root, split, examples[split])
     atomic_write_text(root / INSTRUMENTS, json.dumps(instruments, indent=1, sort_keys=True))
@@ -181,7 +215,8 @@ def check_local_nsynth(root: Path) -> None:
         raise FileNotFoundError(
             f"data=nsynth: data.root={root} lacks {', '.join(f'nsynth-{s}/examples.json' for s in missing)}. Extract "
             "the official nsynth-train.jsonwav.tar.gz, nsynth-valid and nsynth-test there (so that "
-            f"{root}/nsynth-train/examples.json exists), or set data.hf_id=<hub dataset> to stream it.")
+            f"{root}/nsynth-train/examples.json exists), or set data.hf_id=<hub dataset> to stream it."
+        )
 
 
 def _example_from_hub(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -195,8 +230,16 @@ def _example_from_hub(row: Mapping[str, Any]) -> dict[str, Any]:
     pitch, velocity = int(row["pitch"]), int(row["velocity"])
     instrument_str = row.get("instrument_str") or f"{family}_{source}_{int(row['instrument']) % 1000:03d}"
     qualities = tuple(row.get("qualities_str") or ())
-    return make_example(family, source, int(row["instrument"]), instrument_str, pitch, velocity,
-                        note=int(row.get("note", 0)), qualities_str=qualities)
+    return make_example(
+        family,
+        source,
+        int(row["instrument"]),
+        instrument_str,
+        pitch,
+        velocity,
+        note=int(row.get("note", 0)),
+        qualities_str=qualities,
+    )
 
 
 def _decode_hub_audio(audio: Mapping[str, Any]) -> tuple[np.ndarray, int]:
@@ -213,8 +256,14 @@ examples.json written, so an interrupted download resumes there instead of strea
 SAVE_EVERY = 256  # notes between index writes while streaming
 
 
-def hub_caps(split: str, families: Sequence[str], per_family: int | None, max_total_size_mb: float | None,
-             split_caps: Mapping[str, int] | None, fractions: Mapping[str, float]) -> dict[str, int] | None:
+def hub_caps(
+    split: str,
+    families: Sequence[str],
+    per_family: int | None,
+    max_total_size_mb: float | None,
+    split_caps: Mapping[str, int] | None,
+    fractions: Mapping[str, float],
+) -> dict[str, int] | None:
     """Notes per family to take from one hub split: data.split_caps, else per_family/max_total_size_mb dealt by
     data.split_fractions, else None (every note)."""
     if split_caps and split_caps.get(split) is not None:
@@ -225,9 +274,17 @@ def hub_caps(split: str, families: Sequence[str], per_family: int | None, max_to
     return {f: split_counts(cap, check_fractions(fractions))[split] for f in families}
 
 
-def stream_hub_nsynth(root: Path, hf_id: str, hf_splits: Mapping[str, str], families: Sequence[str],
-                      per_family: int | None, max_total_size_mb: float | None, seed: int,
-                      fractions: Mapping[str, float], split_caps: Mapping[str, int | None]) -> dict[str, int]:
+def stream_hub_nsynth(
+    root: Path,
+    hf_id: str,
+    hf_splits: Mapping[str, str],
+    families: Sequence[str],
+    per_family: int | None,
+    max_total_size_mb: float | None,
+    seed: int,
+    fractions: Mapping[str, float],
+    split_caps: Mapping[str, int | None],
+) -> dict[str, int]:
     """Stream a hub dataset with NSynth's fields into the layout, keeping the hub's own splits.
 
     Audio is read undecoded (`Audio(decode=False)`) and decoded with soundfile, so no extra audio backend is
@@ -244,8 +301,11 @@ def stream_hub_nsynth(root: Path, hf_id: str, hf_splits: Mapping[str, str], fami
     for split in SPLITS:
         if split not in hf_splits:
             continue
-        examples = json.loads((split_dir(root, split) / "examples.json").read_text()) \
-            if (split_dir(root, split) / "examples.json").is_file() else {}
+        examples = (
+            json.loads((split_dir(root, split) / "examples.json").read_text())
+            if (split_dir(root, split) / "examples.json").is_file()
+            else {}
+        )
         counts = Counter(ex["instrument_family_str"] for ex in examples.values())
         want = hub_caps(split, families, per_family, max_total_size_mb, split_caps, fractions)
         position = positions.get(split, {})
@@ -258,8 +318,9 @@ def stream_hub_nsynth(root: Path, hf_id: str, hf_splits: Mapping[str, str], fami
             stream = stream.shuffle(seed=seed, buffer_size=1000)
         if position.get("stream"):
             stream.load_state_dict(position["stream"])
-            log.info("Resuming the hub stream of %s at its last saved position (%d notes on disk)", split,
-                     len(examples))
+            log.info(
+                "Resuming the hub stream of %s at its last saved position (%d notes on disk)", split, len(examples)
+            )
 
         after_last_note = position.get("stream")  # the stream's position just after the last note written
 
@@ -268,8 +329,12 @@ def stream_hub_nsynth(root: Path, hf_id: str, hf_splits: Mapping[str, str], fami
             positions[split] = {"stream": after_last_note, "done": done}  # noqa: B023 - the same
             atomic_write_text(state_path, json.dumps(positions))
 
-        progress = tqdm(total=sum(want.values()) if want else None, desc=f"hub {split}", unit="note",
-                        initial=sum(min(counts[f], want[f]) for f in families) if want else len(examples))
+        progress = tqdm(
+            total=sum(want.values()) if want else None,
+            desc=f"hub {split}",
+            unit="note",
+            initial=sum(min(counts[f], want[f]) for f in families) if want else len(examples),
+        )
         finished, unsaved = True, 0
         try:
             for row in stream:
@@ -309,17 +374,32 @@ def materialize(data_cfg: Mapping[str, Any]) -> dict[str, int]:
     root = Path(data_cfg["root"])
     source = data_cfg["source"]
     if source == "gm_render":
-        return render_gm(root, data_cfg["soundfonts"], data_cfg["families"],
-                         data_cfg["per_family"], data_cfg["max_total_size_mb"], data_cfg["split_fractions"],
-                         data_cfg["seed"], data_cfg["render_workers"], data_cfg["variants"],
-                         data_cfg["min_eval_instruments"])
+        return render_gm(
+            root,
+            data_cfg["soundfonts"],
+            data_cfg["families"],
+            data_cfg["per_family"],
+            data_cfg["max_total_size_mb"],
+            data_cfg["split_fractions"],
+            data_cfg["seed"],
+            data_cfg["render_workers"],
+            data_cfg["variants"],
+            data_cfg["min_eval_instruments"],
+        )
     if source == "nsynth":
         stats = {}
         if data_cfg["hf_id"]:
-            stats = stream_hub_nsynth(root, data_cfg["hf_id"], data_cfg["hf_splits"], data_cfg["families"],
-                                      data_cfg["per_family"], data_cfg["max_total_size_mb"], data_cfg["seed"],
-                                      data_cfg["split_fractions"], data_cfg["split_caps"])
+            stats = stream_hub_nsynth(
+                root,
+                data_cfg["hf_id"],
+                data_cfg["hf_splits"],
+                data_cfg["families"],
+                data_cfg["per_family"],
+                data_cfg["max_total_size_mb"],
+                data_cfg["seed"],
+                data_cfg["split_fractions"],
+                data_cfg["split_caps"],
+            )
         check_local_nsynth(root)
         return stats
     raise ValueError(f"Unknown data.source {source!r}; use data=gm_render or data=nsynth.")
-

@@ -31,8 +31,9 @@ def check_families(families: Sequence[str]) -> list[str]:
 
 def check_fractions(fractions: Mapping[str, float]) -> dict[str, float]:
     if set(fractions) != set(SPLITS) or any(v <= 0 for v in fractions.values()):
-        raise ValueError(f"data.split_fractions must give a positive fraction for each of {SPLITS}, "
-                         f"got {dict(fractions)}.")
+        raise ValueError(
+            f"data.split_fractions must give a positive fraction for each of {SPLITS}, got {dict(fractions)}."
+        )
     total = sum(fractions.values())
     return {s: fractions[s] / total for s in SPLITS}
 
@@ -77,22 +78,28 @@ def quota_counts(n: int, fractions: Mapping[str, float], min_eval_instruments: i
     return counts
 
 
-def assign_groups(keys: Sequence, fractions: Mapping[str, float], rng: random.Random,
-                  min_eval_instruments: int) -> dict:
+def assign_groups(
+    keys: Sequence, fractions: Mapping[str, float], rng: random.Random, min_eval_instruments: int
+) -> dict:
     """Shuffle keys (instruments or notes) and deal them to splits by fraction (``quota_counts``)."""
     keys = sorted(keys)
     rng.shuffle(keys)
     counts = quota_counts(len(keys), fractions, min_eval_instruments)
     assignment, start = {}, 0
     for split in SPLITS:
-        for key in keys[start:start + counts[split]]:
+        for key in keys[start : start + counts[split]]:
             assignment[key] = split
         start += counts[split]
     return assignment
 
 
-def _resplit(records: list[NoteRecord], split_by: str, fractions: Mapping[str, float],
-             rng: random.Random, min_eval_instruments: int) -> dict[str, list[NoteRecord]]:
+def _resplit(
+    records: list[NoteRecord],
+    split_by: str,
+    fractions: Mapping[str, float],
+    rng: random.Random,
+    min_eval_instruments: int,
+) -> dict[str, list[NoteRecord]]:
     """Pool and re-split per family: by base instrument (a base and its derived instruments stay together)
     with the eval quota, or by note."""
     by_family: dict[str, list[NoteRecord]] = defaultdict(list)
@@ -129,15 +136,21 @@ def _cap(records: list[NoteRecord], cap: int, rng: random.Random) -> list[NoteRe
 def check_split_caps(split_caps: Mapping[str, int | None] | None) -> None:
     if not split_caps:
         return
-    bad = {k: v for k, v in split_caps.items() if k not in SPLITS or (v is not None and (
-        isinstance(v, bool) or not isinstance(v, int) or v < 1))}
+    bad = {
+        k: v
+        for k, v in split_caps.items()
+        if k not in SPLITS or (v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1))
+    }
     if bad:
-        raise ValueError(f"data.split_caps has {bad}: each of data.split_caps.{{{','.join(SPLITS)}}} is a whole "
-                         "number >= 1 of notes per family in that split, or null for no cap.")
+        raise ValueError(
+            f"data.split_caps has {bad}: each of data.split_caps.{{{','.join(SPLITS)}}} is a whole "
+            "number >= 1 of notes per family in that split, or null for no cap."
+        )
 
 
-def cap_per_split(out: dict[str, list[NoteRecord]], split_caps: Mapping[str, int | None],
-                  rng: random.Random) -> dict[str, list[NoteRecord]]:
+def cap_per_split(
+    out: dict[str, list[NoteRecord]], split_caps: Mapping[str, int | None], rng: random.Random
+) -> dict[str, list[NoteRecord]]:
     """At most split_caps[split] notes per family in each split, drawn with `rng`; binding caps are logged with
     what they dropped."""
     capped: dict[str, list[NoteRecord]] = {}
@@ -151,12 +164,21 @@ def cap_per_split(out: dict[str, list[NoteRecord]], split_caps: Mapping[str, int
         kept = []
         for group in by_family.values():
             rng.shuffle(group)
-            kept.extend(group[:split_caps[split]])
+            kept.extend(group[: split_caps[split]])
         bound = sorted(f for f, g in by_family.items() if len(g) > split_caps[split])
         if bound:
-            log.warning("data.split_caps.%s=%d binds for %d famil%s (%s): kept %d of %d %s notes, dropped %d",
-                        split, split_caps[split], len(bound), "y" if len(bound) == 1 else "ies", ", ".join(bound),
-                        len(kept), len(out[split]), split, len(out[split]) - len(kept))
+            log.warning(
+                "data.split_caps.%s=%d binds for %d famil%s (%s): kept %d of %d %s notes, dropped %d",
+                split,
+                split_caps[split],
+                len(bound),
+                "y" if len(bound) == 1 else "ies",
+                ", ".join(bound),
+                len(kept),
+                len(out[split]),
+                split,
+                len(out[split]) - len(kept),
+            )
         capped[split] = kept
     return capped
 
@@ -164,14 +186,25 @@ def cap_per_split(out: dict[str, list[NoteRecord]], split_caps: Mapping[str, int
 def missing_families(out: Mapping[str, Sequence[NoteRecord]], families: Sequence[str]) -> dict[str, list[str]]:
     """{split: the requested families with no note there} (NSynth's official valid/test have no synth_lead)."""
     present = {split: {r.family for r in recs} for split, recs in out.items()}
-    return {split: [f for f in families if f not in present[split]] for split in out
-            if any(f not in present[split] for f in families)}
+    return {
+        split: [f for f in families if f not in present[split]]
+        for split in out
+        if any(f not in present[split] for f in families)
+    }
 
 
-def select(records: Sequence[NoteRecord], families: Sequence[str], per_family: int | None,
-           max_total_size_mb: float | None, split_by: str, fractions: Mapping[str, float],
-           clip_file_seconds: float, seed: int, min_eval_instruments: int,
-           split_caps: Mapping[str, int | None]) -> dict[str, list[NoteRecord]]:
+def select(
+    records: Sequence[NoteRecord],
+    families: Sequence[str],
+    per_family: int | None,
+    max_total_size_mb: float | None,
+    split_by: str,
+    fractions: Mapping[str, float],
+    clip_file_seconds: float,
+    seed: int,
+    min_eval_instruments: int,
+    split_caps: Mapping[str, int | None],
+) -> dict[str, list[NoteRecord]]:
     """Filter to families, cap per family and total size, and split (instrument-disjoint by default).
 
     With split_by=instrument and all three split folders present, the folders' own splits are kept
@@ -196,9 +229,14 @@ def select(records: Sequence[NoteRecord], families: Sequence[str], per_family: i
     if max_total_size_mb is not None:
         size_cap = size_cap_per_family(max_total_size_mb, len(families), clip_file_seconds)
         if (per_family is None or size_cap < per_family) and any(
-                sum(r.family == f for r in wanted) > size_cap for f in families):
-            log.warning("data.max_total_size_mb=%s limits each family to %d notes (of %d notes in all)",
-                        max_total_size_mb, size_cap, len(wanted))
+            sum(r.family == f for r in wanted) > size_cap for f in families
+        ):
+            log.warning(
+                "data.max_total_size_mb=%s limits each family to %d notes (of %d notes in all)",
+                max_total_size_mb,
+                size_cap,
+                len(wanted),
+            )
         if per_family is None or size_cap < per_family:
             per_family = size_cap
     if per_family is not None and per_family < len(SPLITS):
@@ -213,16 +251,22 @@ def select(records: Sequence[NoteRecord], families: Sequence[str], per_family: i
         train_instruments = {r.base_instrument_str for r in out["train"]}
         shared = {r.base_instrument_str for s in ("valid", "test") for r in out[s]} & train_instruments
         if shared:
-            log.warning("%d base instruments appear in train and valid/test folders: %s", len(shared),
-                        sorted(shared)[:5])
+            log.warning(
+                "%d base instruments appear in train and valid/test folders: %s", len(shared), sorted(shared)[:5]
+            )
     else:
         out = _resplit(capped, split_by, fractions, rng, min_eval_instruments)
     if split_caps and any(v is not None for v in split_caps.values()):
         out = cap_per_split(out, split_caps, rng)
     for split, absent in missing_families(out, families).items():
-        log.warning("The %s split has no notes of %s: its accuracy and macro-F1 cover the other %d famil%s "
-                    "(NSynth's official valid and test splits hold no synth_lead)", split, ", ".join(absent),
-                    len(families) - len(absent), "y" if len(families) - len(absent) == 1 else "ies")
+        log.warning(
+            "The %s split has no notes of %s: its accuracy and macro-F1 cover the other %d famil%s "
+            "(NSynth's official valid and test splits hold no synth_lead)",
+            split,
+            ", ".join(absent),
+            len(families) - len(absent),
+            "y" if len(families) - len(absent) == 1 else "ies",
+        )
     for split, recs in out.items():
         if not recs:
             raise ValueError(f"The {split} split is empty after selection; add data or raise data.per_family.")

@@ -40,20 +40,20 @@ _SEED_TAG = 0x7A1B  # separates these draws from the note plans' streams under t
 class Timbre:
     """One derived instrument's transform; every field at its neutral value is the identity."""
 
-    shift: int = 0                           # body size: render this many semitones away and resample back
-    tilt_db: float = 0.0                     # low shelf +tilt/2, high shelf -tilt/2 (positive = darker)
-    peak_hz: float = 1000.0                  # peaking EQ band centre
-    peak_db: float = 0.0                     # its gain (0 = no band)
+    shift: int = 0  # body size: render this many semitones away and resample back
+    tilt_db: float = 0.0  # low shelf +tilt/2, high shelf -tilt/2 (positive = darker)
+    peak_hz: float = 1000.0  # peaking EQ band centre
+    peak_db: float = 0.0  # its gain (0 = no band)
     peak_q: float = 1.0
-    attack_s: float = 0.0                    # linear fade-in over this long (0 = untouched attack)
-    decay_s: float = 0.0                     # extra exp(-t / decay_s) (0 = none)
+    attack_s: float = 0.0  # linear fade-in over this long (0 = untouched attack)
+    decay_s: float = 0.0  # extra exp(-t / decay_s) (0 = none)
     tremolo_hz: float = 0.0
-    tremolo_depth: float = 0.0               # fraction of amplitude removed at the trough (0 = none)
+    tremolo_depth: float = 0.0  # fraction of amplitude removed at the trough (0 = none)
     vibrato_hz: float = 0.0
-    vibrato_cents: float = 0.0               # peak pitch deviation (0 = none)
-    double_cents: float = 0.0                # detune of the doubled copy (0 = no doubling)
+    vibrato_cents: float = 0.0  # peak pitch deviation (0 = none)
+    double_cents: float = 0.0  # detune of the doubled copy (0 = no doubling)
     double_mix: float = 0.0
-    drive: float = 0.0                       # tanh saturation gain after OUTPUT_GAIN (0 = none)
+    drive: float = 0.0  # tanh saturation gain after OUTPUT_GAIN (0 = none)
 
     def describe(self) -> str:
         """Compact JSON of the non-neutral parameters (instruments.json lists one per variant)."""
@@ -71,8 +71,11 @@ def draw_timbre(seed: int, soundfont: int, program: int, variant: int) -> Timbre
     if u() < 0.6:
         params["shift"] = int(rng.choice([-1, 1])) * int(rng.integers(1, MAX_SHIFT + 1))
     if u() < 0.7:
-        params |= {"peak_hz": float(np.exp(u(np.log(250), np.log(5000)))),
-                   "peak_db": float(rng.choice([-1, 1]) * u(2, 8)), "peak_q": float(u(0.7, 2.5))}
+        params |= {
+            "peak_hz": float(np.exp(u(np.log(250), np.log(5000)))),
+            "peak_db": float(rng.choice([-1, 1]) * u(2, 8)),
+            "peak_q": float(u(0.7, 2.5)),
+        }
     if u() < 0.35:
         params["attack_s"] = float(u(0.01, 0.04))
     if u() < 0.35:
@@ -110,8 +113,11 @@ def unshift(audio: np.ndarray, semitones: int, num_samples: int) -> np.ndarray:
     if semitones == 0:
         return _fit(audio, num_samples)
     ratio = shift_ratio(semitones)
-    stretched = AF.resample(torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32)),
-                            orig_freq=ratio.denominator, new_freq=ratio.numerator)
+    stretched = AF.resample(
+        torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32)),
+        orig_freq=ratio.denominator,
+        new_freq=ratio.numerator,
+    )
     return _fit(stretched.numpy(), num_samples)
 
 

@@ -36,9 +36,9 @@ log = logging.getLogger(__name__)
 
 CACHE_VERSION = 2  # 2: int16 samples, relocatable fingerprint
 ONSET_THRESHOLD = 0.01  # fraction of the clip's peak (-40 dB) that marks the onset
-SILENCE_PEAK = 1e-4     # a file whose peak is below this carries no note
-INT16_SCALE = 32768.0   # PCM_16 full scale: soundfile reads sample s as s / 32768
-CHUNK = 64              # clips per worker task
+SILENCE_PEAK = 1e-4  # a file whose peak is below this carries no note
+INT16_SCALE = 32768.0  # PCM_16 full scale: soundfile reads sample s as s / 32768
+CHUNK = 64  # clips per worker task
 
 
 def as_float(rows: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -50,8 +50,8 @@ def as_float(rows: np.ndarray | torch.Tensor) -> torch.Tensor:
 @dataclass
 class WaveformSplit:
     waveforms: np.ndarray  # (N, clip_samples) int16, memory-mapped read-only
-    labels: np.ndarray     # (N,) int64 class indices into WaveformData.classes
-    ids: list[str]         # note_str per row
+    labels: np.ndarray  # (N,) int64 class indices into WaveformData.classes
+    ids: list[str]  # note_str per row
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -87,8 +87,13 @@ def _digest_file(h: Any, path: Path) -> None:
             h.update(block)
 
 
-def fingerprint(split_records: dict[str, list[NoteRecord]], classes: list[str], clip_seconds: float,
-                sample_rate: int, root: Path | str) -> str:
+def fingerprint(
+    split_records: dict[str, list[NoteRecord]],
+    classes: list[str],
+    clip_seconds: float,
+    sample_rate: int,
+    root: Path | str,
+) -> str:
     """Hash of what the cache holds, independent of where the data folder is mounted.
 
     Which notes go to which split (paths relative to the data root, file sizes), how they are decoded, and the
@@ -97,8 +102,11 @@ def fingerprint(split_records: dict[str, list[NoteRecord]], classes: list[str], 
     """
     root = Path(root).resolve()
     h = hashlib.sha256()
-    h.update(json.dumps({"v": CACHE_VERSION, "classes": classes, "clip_seconds": clip_seconds,
-                         "sample_rate": sample_rate}).encode())
+    h.update(
+        json.dumps(
+            {"v": CACHE_VERSION, "classes": classes, "clip_seconds": clip_seconds, "sample_rate": sample_rate}
+        ).encode()
+    )
     metadata = sorted(root.glob("*.json")) + sorted(root.glob("nsynth-*/examples.json"))
     for path in metadata:
         h.update(path.relative_to(root).as_posix().encode())
@@ -146,7 +154,7 @@ def load_clip(path: Path, sample_rate: int, clip_samples: int) -> tuple[np.ndarr
     if not np.isfinite(peak) or peak < SILENCE_PEAK:
         raise ValueError("silent or non-finite audio")
     onset = int(np.argmax(np.abs(mono) >= ONSET_THRESHOLD * peak))
-    clip = mono[onset:onset + clip_samples]
+    clip = mono[onset : onset + clip_samples]
     if len(clip) < clip_samples:
         clip = np.pad(clip, (0, clip_samples - len(clip)))
         repairs.append("padded")
@@ -166,13 +174,22 @@ def _decode_chunk(task: tuple[list[str], int, int]) -> list[tuple[np.ndarray | N
     return out
 
 
-def _write_split(out_dir: Path, split: str, records: Sequence[NoteRecord], class_index: dict[str, int],
-                 sample_rate: int, clip_samples: int, skipped: list[dict], repaired: Counter,
-                 pool: ProcessPoolExecutor | None) -> int:
-    waves = np.lib.format.open_memmap(out_dir / f"{split}.npy", mode="w+", dtype=np.int16,
-                                      shape=(len(records), clip_samples))
+def _write_split(
+    out_dir: Path,
+    split: str,
+    records: Sequence[NoteRecord],
+    class_index: dict[str, int],
+    sample_rate: int,
+    clip_samples: int,
+    skipped: list[dict],
+    repaired: Counter,
+    pool: ProcessPoolExecutor | None,
+) -> int:
+    waves = np.lib.format.open_memmap(
+        out_dir / f"{split}.npy", mode="w+", dtype=np.int16, shape=(len(records), clip_samples)
+    )
     labels, ids = [], []
-    chunks = [records[i:i + CHUNK] for i in range(0, len(records), CHUNK)]
+    chunks = [records[i : i + CHUNK] for i in range(0, len(records), CHUNK)]
     tasks = [([str(r.path) for r in chunk], sample_rate, clip_samples) for chunk in chunks]
     decoded = pool.map(_decode_chunk, tasks) if pool is not None else map(_decode_chunk, tasks)
     with tqdm(total=len(records), desc=f"decode {split}", unit="clip", delay=2.0) as progress:
@@ -190,8 +207,9 @@ def _write_split(out_dir: Path, split: str, records: Sequence[NoteRecord], class
     del waves
     if len(labels) < len(records):  # shrink to the clips that decoded, copying block by block
         full = np.load(out_dir / f"{split}.npy", mmap_mode="r")
-        kept = np.lib.format.open_memmap(out_dir / f"{split}.tmp.npy", mode="w+", dtype=np.int16,
-                                         shape=(len(labels), clip_samples))
+        kept = np.lib.format.open_memmap(
+            out_dir / f"{split}.tmp.npy", mode="w+", dtype=np.int16, shape=(len(labels), clip_samples)
+        )
         for start in range(0, len(labels), 4096):
             stop = min(start + 4096, len(labels))
             kept[start:stop] = full[start:stop]
@@ -203,8 +221,14 @@ def _write_split(out_dir: Path, split: str, records: Sequence[NoteRecord], class
     return len(labels)
 
 
-def _decode_all(final_dir: Path, split_records: dict[str, list[NoteRecord]], classes: list[str],
-                clip_seconds: float, sample_rate: int, workers: int) -> None:
+def _decode_all(
+    final_dir: Path,
+    split_records: dict[str, list[NoteRecord]],
+    classes: list[str],
+    clip_seconds: float,
+    sample_rate: int,
+    workers: int,
+) -> None:
     """Decode every split into a temp folder next to `final_dir`, then rename it into place."""
     fp = final_dir.name
     clip_samples = int(round(clip_seconds * sample_rate))
@@ -217,18 +241,36 @@ def _decode_all(final_dir: Path, split_records: dict[str, list[NoteRecord]], cla
     try:
         skipped: list[dict] = []
         repaired: Counter = Counter()
-        counts = {s: _write_split(tmp_dir, s, split_records[s], class_index, sample_rate, clip_samples,
-                                  skipped, repaired, pool) for s in SPLITS}
-        report = {"kept": counts, "skipped": len(skipped), "skipped_by_reason": dict(Counter(
-            s["reason"].split(" (")[0] for s in skipped)), "repaired": dict(repaired), "skipped_files": skipped}
+        counts = {
+            s: _write_split(
+                tmp_dir, s, split_records[s], class_index, sample_rate, clip_samples, skipped, repaired, pool
+            )
+            for s in SPLITS
+        }
+        report = {
+            "kept": counts,
+            "skipped": len(skipped),
+            "skipped_by_reason": dict(Counter(s["reason"].split(" (")[0] for s in skipped)),
+            "repaired": dict(repaired),
+            "skipped_files": skipped,
+        }
         for split, n in counts.items():
             if n == 0:
-                raise ValueError(f"No usable clips in the {split} split ({len(skipped)} files skipped; "
-                                 f"see the reasons above). Check the data under data.root or rebuild it.")
+                raise ValueError(
+                    f"No usable clips in the {split} split ({len(skipped)} files skipped; "
+                    f"see the reasons above). Check the data under data.root or rebuild it."
+                )
         (tmp_dir / "prep_report.json").write_text(json.dumps(report, indent=2))
         (tmp_dir / "classes.json").write_text(json.dumps(classes))
-        meta = {"fingerprint": fp, "classes": classes, "sample_rate": sample_rate, "dtype": "int16",
-                "clip_samples": clip_samples, "clip_seconds": clip_seconds, "counts": counts}
+        meta = {
+            "fingerprint": fp,
+            "classes": classes,
+            "sample_rate": sample_rate,
+            "dtype": "int16",
+            "clip_samples": clip_samples,
+            "clip_seconds": clip_seconds,
+            "counts": counts,
+        }
         atomic_write_text(tmp_dir / "meta.json", json.dumps(meta, indent=2))
         os.rename(tmp_dir, final_dir)
     except BaseException:
@@ -238,21 +280,35 @@ def _decode_all(final_dir: Path, split_records: dict[str, list[NoteRecord]], cla
         if pool is not None:
             pool.shutdown(cancel_futures=True)
     if skipped:
-        log.warning("Skipped %d unusable files (%s); listed in %s", len(skipped),
-                    report["skipped_by_reason"], final_dir / "prep_report.json")
+        log.warning(
+            "Skipped %d unusable files (%s); listed in %s",
+            len(skipped),
+            report["skipped_by_reason"],
+            final_dir / "prep_report.json",
+        )
     if repaired:
         log.info("Repaired on load: %s", dict(repaired))
 
 
-def build_waveform_cache(split_records: dict[str, list[NoteRecord]], classes: list[str], clip_seconds: float,
-                         sample_rate: int, cache_root: Path, root: Path | str, workers: int) -> WaveformData:
+def build_waveform_cache(
+    split_records: dict[str, list[NoteRecord]],
+    classes: list[str],
+    clip_seconds: float,
+    sample_rate: int,
+    cache_root: Path,
+    root: Path | str,
+    workers: int,
+) -> WaveformData:
     """Return the cache for this selection, decoding the wavs only when its fingerprint is new."""
     fp = fingerprint(split_records, classes, clip_seconds, sample_rate, root)
     final_dir = Path(cache_root) / fp
     if final_dir.is_dir():
         log.info("Waveform cache hit: %s", final_dir)
-    build_once(final_dir, lambda target: _decode_all(target, split_records, classes, clip_seconds, sample_rate,
-                                                     workers), what=f"the waveform cache {final_dir}")
+    build_once(
+        final_dir,
+        lambda target: _decode_all(target, split_records, classes, clip_seconds, sample_rate, workers),
+        what=f"the waveform cache {final_dir}",
+    )
     return load_waveform_cache(final_dir)
 
 
@@ -271,6 +327,12 @@ def load_waveform_cache(cache_dir: Path | str) -> WaveformData:
         )
         for s in SPLITS
     }
-    return WaveformData(fingerprint=meta["fingerprint"], classes=meta["classes"], sample_rate=meta["sample_rate"],
-                        clip_samples=meta["clip_samples"], splits=splits, cache_dir=cache_dir,
-                        report=json.loads(report_path.read_text()) if report_path.is_file() else {})
+    return WaveformData(
+        fingerprint=meta["fingerprint"],
+        classes=meta["classes"],
+        sample_rate=meta["sample_rate"],
+        clip_samples=meta["clip_samples"],
+        splits=splits,
+        cache_dir=cache_dir,
+        report=json.loads(report_path.read_text()) if report_path.is_file() else {},
+    )

@@ -36,8 +36,12 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 SPACES_DIR = Path(__file__).resolve().parent
 TOP_LEVEL_FIELDS = ("description", "searcher", "params")
 DISTRIBUTIONS = {"float": FloatDistribution, "int": IntDistribution, "categorical": CategoricalDistribution}
-FIELDS = {"float": ("low", "high", "log", "step"), "int": ("low", "high", "log", "step"),
-          "categorical": ("choices",), "grid": ("values",)}
+FIELDS = {
+    "float": ("low", "high", "log", "step"),
+    "int": ("low", "high", "log", "step"),
+    "categorical": ("choices",),
+    "grid": ("values",),
+}
 SEARCHER_TYPES = {"optuna": ("float", "int", "categorical"), "grid": ("grid",)}
 
 
@@ -95,8 +99,11 @@ class SearchSpace:
         self._require_searcher("grid", "grid()")
         configs: list[dict[str, Any]] = [dict(self.pinned)]
         for param in self.params.values():
-            configs = [grown for config in configs for grown in
-                       ([{**config, param.key: v} for v in param.values] if param.is_active(config) else [config])]
+            configs = [
+                grown
+                for config in configs
+                for grown in ([{**config, param.key: v} for v in param.values] if param.is_active(config) else [config])
+            ]
         return configs
 
     def _require_searcher(self, searcher: str, method: str) -> None:
@@ -109,16 +116,19 @@ def available_spaces() -> list[str]:
     return sorted(path.stem for path in SPACES_DIR.glob("*.yaml"))
 
 
-def load_space(name_or_path: str, valid_keys: Mapping[str, Any],
-               accepted_values: Mapping[str, Collection[Any]] | None = None) -> SearchSpace:
+def load_space(
+    name_or_path: str, valid_keys: Mapping[str, Any], accepted_values: Mapping[str, Collection[Any]] | None = None
+) -> SearchSpace:
     """Load and validate a space against the flattened composed config (dotted key -> default) and
     the values the code accepts for some keys (e.g. ``pruning.mode``)."""
     path = Path(name_or_path)
     if path.suffix not in (".yaml", ".yml") and len(path.parts) == 1:
         path = SPACES_DIR / f"{name_or_path}.yaml"
         if not path.is_file():
-            raise SpaceError(f"unknown search space {name_or_path!r}; available: {', '.join(available_spaces())} "
-                             "(or pass a path to a .yaml file)")
+            raise SpaceError(
+                f"unknown search space {name_or_path!r}; available: {', '.join(available_spaces())} "
+                "(or pass a path to a .yaml file)"
+            )
     elif not path.is_file():
         raise SpaceError(f"{path}: no such search-space file")
     try:  # OmegaConf's loader rejects duplicate keys and reads 1e-3 as a float (plain YAML 1.1: a string)
@@ -155,14 +165,21 @@ def load_space(name_or_path: str, valid_keys: Mapping[str, Any],
             continue
         kind = spec.get("type")
         if kind not in SEARCHER_TYPES[searcher]:
-            raise fail(key, f"{'type' if str(kind) in FIELDS else 'unknown type'} {kind!r} cannot be used with "
-                            f"searcher {searcher!r}; use {', '.join(SEARCHER_TYPES[searcher])}, or a plain value "
-                            "to pin the key")
+            raise fail(
+                key,
+                f"{'type' if str(kind) in FIELDS else 'unknown type'} {kind!r} cannot be used with "
+                f"searcher {searcher!r}; use {', '.join(SEARCHER_TYPES[searcher])}, or a plain value "
+                "to pin the key",
+            )
         unknown = [name for name in spec if name not in (*FIELDS[kind], "type", "when")]
         missing = [name for name in FIELDS[kind] if name not in (*spec, "log", "step")]
         if unknown or missing:
-            raise fail(key, f"unknown field {unknown[0]!r} for type {kind}; fields: {', '.join(FIELDS[kind])}"
-                       if unknown else f"type {kind} needs {', '.join(missing)}")
+            raise fail(
+                key,
+                f"unknown field {unknown[0]!r} for type {kind}; fields: {', '.join(FIELDS[kind])}"
+                if unknown
+                else f"type {kind} needs {', '.join(missing)}",
+            )
         kwargs = {name: spec[name] for name in FIELDS[kind] if name in spec}
         number = int if kind == "int" else (int, float)
         for name in ("low", "high", "step"):
@@ -181,8 +198,10 @@ def load_space(name_or_path: str, valid_keys: Mapping[str, Any],
             raise fail(key, f"{error}") from error
         if not isinstance(spec.get("when") or {}, dict):
             raise fail(key, "when must be a mapping {earlier_key: value or [values]}")
-        when = {tested: tuple(allowed) if isinstance(allowed, list) else (allowed,)
-                for tested, allowed in (spec.get("when") or {}).items()}
+        when = {
+            tested: tuple(allowed) if isinstance(allowed, list) else (allowed,)
+            for tested, allowed in (spec.get("when") or {}).items()
+        }
         for tested, allowed in when.items():
             possible = (pinned[tested],) if tested in pinned else params[tested].values if tested in params else ()
             if not possible:

@@ -96,18 +96,23 @@ class Budget:
         budget is set."""
         unknown = sorted(set(config) - {*BUDGETS, "precision", "screen"})
         if unknown:
-            raise ValueError(f"budget.{unknown[0]} is not a budget; the budgets are "
-                             f"{', '.join(f'budget.{name} ({quantity})' for name, quantity in BUDGETS.items())}, "
-                             f"with budget.precision={'|'.join(values(Precision))} for budget.max_kb.")
+            raise ValueError(
+                f"budget.{unknown[0]} is not a budget; the budgets are "
+                f"{', '.join(f'budget.{name} ({quantity})' for name, quantity in BUDGETS.items())}, "
+                f"with budget.precision={'|'.join(values(Precision))} for budget.max_kb."
+            )
         precision = str(config["precision"])
         bytes_per_param(precision, "budget.precision")
         for name, quantity in BUDGETS.items():
             limit = config[name]
             if limit is not None and not (is_finite_number(limit) and limit > 0):
-                raise ValueError(f"budget.{name}={limit!r} must be a number > 0 (the most {quantity} a trial's final "
-                                 f"model may have), or null for no limit.")
-        budget = cls(**{name: None if config[name] is None else float(config[name]) for name in BUDGETS},
-                     precision=precision)
+                raise ValueError(
+                    f"budget.{name}={limit!r} must be a number > 0 (the most {quantity} a trial's final "
+                    f"model may have), or null for no limit."
+                )
+        budget = cls(
+            **{name: None if config[name] is None else float(config[name]) for name in BUDGETS}, precision=precision
+        )
         return budget if budget.limits else None
 
     @property
@@ -129,8 +134,10 @@ class Budget:
         A missing result key is a ValueError naming it."""
         missing = [key for key in self.required_keys() if not is_finite_number(result.get(key))]
         if missing:
-            raise ValueError(f"budgets ({self.describe()}) are judged on the result keys {self.required_keys()}, "
-                             f"but the result lacks {missing} (reported: {sorted(result)})")
+            raise ValueError(
+                f"budgets ({self.describe()}) are judged on the result keys {self.required_keys()}, "
+                f"but the result lacks {missing} (reported: {sorted(result)})"
+            )
         out = {}
         if self.max_macs is not None:
             out["max_macs"] = float(result[MEASURED_MACS] if at_end else result[TARGET_MACS])
@@ -150,8 +157,11 @@ class Budget:
         """{budget key: value} of the budgets this result is known to break: MACs at any time (the schedule's
         target until the pruning is done), params and kB only once they are final (pruning only lowers them)."""
         limits = self.limits
-        return {name: value for name, value in self.quantities(result, at_end).items()
-                if value > limits[name] and (at_end or name == "max_macs")}
+        return {
+            name: value
+            for name, value in self.quantities(result, at_end).items()
+            if value > limits[name] and (at_end or name == "max_macs")
+        }
 
     def fits(self, model: Mapping[str, Any]) -> bool:
         """Whether a finished model (a trial's or retraining run's last result, or a table row of one) ships within
@@ -182,8 +192,9 @@ def predicted_constraints(budget: Budget, config: Mapping[str, Any]) -> dict[str
     need_params = budget.max_params is not None or budget.max_kb is not None
     target_macs, params, pruned, _ = _student_costs([dict(config)], need_params)[0]
     margin = PREDICTED_PARAMS_MARGIN if pruned else 1.0
-    return budget.constraints({TARGET_MACS: target_macs, MEASURED_MACS: target_macs, PARAMS: params / margin},
-                              at_end=True)
+    return budget.constraints(
+        {TARGET_MACS: target_macs, MEASURED_MACS: target_macs, PARAMS: params / margin}, at_end=True
+    )
 
 
 class BudgetCallback(Callback):
@@ -215,8 +226,14 @@ class BudgetCallback(Callback):
 
 # Keys that size the student, and the end of their range that gives the smallest model (MACs and params grow
 # with width and input size, and shrink with the hop and the kept MACs fraction).
-_SMALLEST_END = {"student.width_mult": min, "features.n_mels": min, "features.hop_length": max,
-                 "data.clip_seconds": min, "data.sample_rate": min, "pruning.target_macs_ratio": min}
+_SMALLEST_END = {
+    "student.width_mult": min,
+    "features.n_mels": min,
+    "features.hop_length": max,
+    "data.clip_seconds": min,
+    "data.sample_rate": min,
+    "pruning.target_macs_ratio": min,
+}
 _CHOICE_KEYS = ("scenario", "student.arch", "pruning.mode")  # every value may matter
 _STRUCTURED = ("single", "progressive")  # pruning modes that reduce MACs and params
 
@@ -268,8 +285,15 @@ def _student_costs(configs: Iterable[dict[str, Any]], need_params: bool) -> list
             frames = int(round(data["clip_seconds"] * data["sample_rate"])) // features["hop_length"] + 1
             shape = (1, 1, features["n_mels"], frames)
             ratio = float(pruning["target_macs_ratio"]) if pruning["mode"] in _STRUCTURED else 1.0
-            key = (student["arch"], student["width_mult"], student["dropout"], classes, shape, ratio,
-                   pruning["round_to"])
+            key = (
+                student["arch"],
+                student["width_mult"],
+                student["dropout"],
+                classes,
+                shape,
+                ratio,
+                pruning["round_to"],
+            )
             if key in seen:
                 continue
             seen.add(key)
@@ -282,12 +306,14 @@ def _student_costs(configs: Iterable[dict[str, Any]], need_params: bool) -> list
                 try:
                     # the channels each layer keeps follow from the ratio and round_to, not the criterion, which
                     # only picks them (trainable/pruning.py): L1 scores, which need no data, count the same
-                    params = prune_to_macs(model, torch.zeros(shape), base_macs, ratio, "l1",
-                                           pruning["round_to"]).params
+                    params = prune_to_macs(
+                        model, torch.zeros(shape), base_macs, ratio, "l1", pruning["round_to"]
+                    ).params
                 finally:
                     quiet.setLevel(level)
-            how = (f"{student['arch']} width_mult={student['width_mult']:g}, {shape[2]} mels x {frames} frames"
-                   + (f", pruned to target_macs_ratio={ratio:g}" if ratio < 1.0 else ", unpruned"))
+            how = f"{student['arch']} width_mult={student['width_mult']:g}, {shape[2]} mels x {frames} frames" + (
+                f", pruned to target_macs_ratio={ratio:g}" if ratio < 1.0 else ", unpruned"
+            )
             out.append((target, params, ratio < 1.0, how))
     finally:
         torch.set_num_threads(threads)
@@ -333,7 +359,9 @@ def check_reachable(budget: Budget | None, space: SearchSpace, base_config: dict
             unit = BUDGETS[name] + (f" at {budget.precision}" if name == "max_kb" else "")
             about = "about " if margin else ""
             shown = f"{reach.value:,.1f}" if name == "max_kb" else f"{int(reach.value):,}"
-            raise ValueError(f"budget.{name}={fmt(limit)} cannot be met by any trial of space {space.name}: the "
-                             f"smallest it reaches is {about}{shown} {unit} ({reach.how}). Raise budget.{name} to at "
-                             f"least {shown}, or search smaller models (student.width_mult, features.n_mels, "
-                             "pruning.target_macs_ratio).")
+            raise ValueError(
+                f"budget.{name}={fmt(limit)} cannot be met by any trial of space {space.name}: the "
+                f"smallest it reaches is {about}{shown} {unit} ({reach.how}). Raise budget.{name} to at "
+                f"least {shown}, or search smaller models (student.width_mult, features.n_mels, "
+                "pruning.target_macs_ratio)."
+            )

@@ -37,15 +37,17 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-TOKEN_HELP = ("put the head's token (`ray get-auth-token` on the head prints it) in ~/.ray/auth_token here, "
-              "or set RAY_AUTH_TOKEN=<token> or RAY_AUTH_TOKEN_PATH=<file>")
+TOKEN_HELP = (
+    "put the head's token (`ray get-auth-token` on the head prints it) in ~/.ray/auth_token here, "
+    "or set RAY_AUTH_TOKEN=<token> or RAY_AUTH_TOKEN_PATH=<file>"
+)
 LOCAL_HELP = "or use ray.address=null for a local Ray"
 HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # + empty SETTINGS
 
 
 def one_line(err: BaseException | str, limit: int = 300) -> str:
     text = " ".join(str(err).split())
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def split_address(address: str, label: str | None = None) -> tuple[str, int]:
@@ -68,8 +70,10 @@ def check_reachable(address: str, timeout_s: float = 5.0, label: str | None = No
     try:
         conn = socket.create_connection((host, port), timeout=timeout_s)
     except OSError as err:
-        raise ValueError(f"{label} is unreachable ({one_line(err)}). Start the cluster (`ray start --head "
-                         f"--port {port}` on {host}) {LOCAL_HELP}.") from err
+        raise ValueError(
+            f"{label} is unreachable ({one_line(err)}). Start the cluster (`ray start --head "
+            f"--port {port}` on {host}) {LOCAL_HELP}."
+        ) from err
     with conn:
         if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
             return  # TLS in front of gRPC: no plain HTTP/2 preface to check
@@ -87,9 +91,11 @@ def check_reachable(address: str, timeout_s: float = 5.0, label: str | None = No
         else:
             why = "no HTTP/2 SETTINGS in its answer"
         if len(reply) < 9 or reply[3] != 0x04:
-            raise ValueError(f"{label} answers but is not a Ray GCS or Ray Client port ({why}); use the head's "
-                             "`ray start --port` (or ray://<head>:<ray-client-server-port>), not the dashboard "
-                             "port.")
+            raise ValueError(
+                f"{label} answers but is not a Ray GCS or Ray Client port ({why}); use the head's "
+                "`ray start --port` (or ray://<head>:<ray-client-server-port>), not the dashboard "
+                "port."
+            )
 
 
 def token_source() -> str | None:
@@ -103,8 +109,10 @@ def token_source() -> str | None:
         except OSError:
             readable = False
         if not readable:  # Ray aborts the whole process on this; say it in one line instead
-            raise ValueError(f"RAY_AUTH_TOKEN_PATH={path} is not a readable file holding the token; fix it, "
-                             "or unset it and use ~/.ray/auth_token or RAY_AUTH_TOKEN.")
+            raise ValueError(
+                f"RAY_AUTH_TOKEN_PATH={path} is not a readable file holding the token; fix it, "
+                "or unset it and use ~/.ray/auth_token or RAY_AUTH_TOKEN."
+            )
         return f"RAY_AUTH_TOKEN_PATH={path}"
     default = Path.home() / ".ray" / "auth_token"
     try:
@@ -132,15 +140,18 @@ def authenticate(label: str, accepted: Callable[[], bool]) -> None:
     if accepted():
         return
     if mode == "token":
-        raise ValueError(f"{label}: the cluster rejected the Ray auth token from {token_source()}; "
-                         f"{TOKEN_HELP}.")
+        raise ValueError(f"{label}: the cluster rejected the Ray auth token from {token_source()}; {TOKEN_HELP}.")
     if mode:
-        raise ValueError(f"{label}: the cluster requires Ray token authentication but RAY_AUTH_MODE={mode} here; "
-                         f"unset it and {TOKEN_HELP}.")
+        raise ValueError(
+            f"{label}: the cluster requires Ray token authentication but RAY_AUTH_MODE={mode} here; "
+            f"unset it and {TOKEN_HELP}."
+        )
     source = token_source()
     if source is None:
-        raise ValueError(f"{label}: the cluster requires Ray token authentication and no token was found on this "
-                         f"machine; {TOKEN_HELP}.")
+        raise ValueError(
+            f"{label}: the cluster requires Ray token authentication and no token was found on this "
+            f"machine; {TOKEN_HELP}."
+        )
     enable_token_mode()
     if not accepted():
         raise ValueError(f"{label}: the cluster rejected the Ray auth token from {source}; {TOKEN_HELP}.")
@@ -173,8 +184,10 @@ def gcs_accepts(gcs_address: str, label: str) -> Callable[[], bool]:
         except AuthenticationError:
             return False
         except Exception as err:  # ray.init would retry this for minutes
-            raise ValueError(f"{label}: the Ray GCS at {gcs_address} did not answer ({one_line(err)}); is the "
-                             f"head up and the same Ray version (`ray --version`)? {LOCAL_HELP}.") from err
+            raise ValueError(
+                f"{label}: the Ray GCS at {gcs_address} did not answer ({one_line(err)}); is the "
+                f"head up and the same Ray version (`ray --version`)? {LOCAL_HELP}."
+            ) from err
         return True
 
     return accepted
@@ -189,12 +202,15 @@ def client_accepts(address: str, label: str) -> Callable[[], bool]:
         channel = init_grpc_channel(address.removeprefix("ray://"))  # adds the token when token mode is on
         try:
             ray_client_pb2_grpc.RayletDriverStub(channel).ClusterInfo(
-                ray_client_pb2.ClusterInfoRequest(type=ray_client_pb2.ClusterInfoType.PING), timeout=10)
+                ray_client_pb2.ClusterInfoRequest(type=ray_client_pb2.ClusterInfoType.PING), timeout=10
+            )
         except grpc.RpcError as err:
             if err.code() == grpc.StatusCode.UNAUTHENTICATED:
                 return False
-            raise ValueError(f"{label}: the Ray Client server did not answer ({err.code().name}: "
-                             f"{one_line(err.details() or '')}); {LOCAL_HELP}.") from err
+            raise ValueError(
+                f"{label}: the Ray Client server did not answer ({err.code().name}: "
+                f"{one_line(err.details() or '')}); {LOCAL_HELP}."
+            ) from err
         finally:
             channel.close()
         return True
@@ -222,10 +238,14 @@ def resolve_auto(label: str) -> str:
     except OSError:
         resolved = ""
     if not resolved:
-        raise ValueError(f"{label} found no cluster started with `ray start` on this machine (no {recorded}); "
-                         f"start one, pass ray.address=<head>:<port>, {LOCAL_HELP}.")
-    check_reachable(resolved, label=f"{label} (the cluster {resolved} recorded in {recorded}; if that head is "
-                                        "gone, delete the file)")
+        raise ValueError(
+            f"{label} found no cluster started with `ray start` on this machine (no {recorded}); "
+            f"start one, pass ray.address=<head>:<port>, {LOCAL_HELP}."
+        )
+    check_reachable(
+        resolved,
+        label=f"{label} (the cluster {resolved} recorded in {recorded}; if that head is gone, delete the file)",
+    )
     return resolved
 
 
@@ -246,8 +266,13 @@ def start_ray(address: str | None, num_cpus: int | None, runtime_env: dict[str, 
     if is_local_address(address):
         try:
             # "local", not None: ray.init() would join the cluster an earlier `ray start` recorded on this machine.
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
-                     runtime_env=runtime_env)
+            ray.init(
+                address="local",
+                num_cpus=num_cpus,
+                include_dashboard=False,
+                logging_level=logging.WARNING,
+                runtime_env=runtime_env,
+            )
         except (ConnectionError, RuntimeError, ValueError, AuthenticationError) as err:
             raise ValueError(f"Could not start a local Ray (ray.address=null): {one_line(err)}") from err
         return
@@ -256,8 +281,10 @@ def start_ray(address: str | None, num_cpus: int | None, runtime_env: dict[str, 
         from ray._private.utils import get_ray_client_dependency_error
 
         if get_ray_client_dependency_error() is not None:
-            raise ValueError(f"{label} needs the Ray Client (`pip install \"ray[client]=={ray.__version__}\"`), "
-                             "or pass the head's GCS address ray.address=<head>:<port> instead.")
+            raise ValueError(
+                f'{label} needs the Ray Client (`pip install "ray[client]=={ray.__version__}"`), '
+                "or pass the head's GCS address ray.address=<head>:<port> instead."
+            )
         check_reachable(address, label=label)
         authenticate(label, client_accepts(address, label))
         target = address
@@ -276,8 +303,25 @@ def start_ray(address: str | None, num_cpus: int | None, runtime_env: dict[str, 
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # Never uploaded with the code (gitignore syntax, relative to the project root): environments, data, results.
-CODE_EXCLUDES = ("/.git/", "/.venv/", "/venv/", "/runs/", "/outputs/", "/multirun/", "/mlruns/", "/data/", "/.whl/",
-                 "__pycache__/", "*.pyc", "/.pytest_cache/", "*.egg-info/", "*.onnx", "*.npy", "*.pt", "*.db")
+CODE_EXCLUDES = (
+    "/.git/",
+    "/.venv/",
+    "/venv/",
+    "/runs/",
+    "/outputs/",
+    "/multirun/",
+    "/mlruns/",
+    "/data/",
+    "/.whl/",
+    "__pycache__/",
+    "*.pyc",
+    "/.pytest_cache/",
+    "*.egg-info/",
+    "*.onnx",
+    "*.npy",
+    "*.pt",
+    "*.db",
+)
 
 
 def code_runtime_env(local_paths: Iterable[str]) -> dict[str, Any]:
@@ -315,8 +359,11 @@ def cluster_nodes() -> list[Node]:
     """The alive nodes of the connected cluster (ray.nodes())."""
     import ray
 
-    return [Node(float(n["Resources"].get("CPU", 0)), float(n["Resources"].get("GPU", 0)))
-            for n in ray.nodes() if n["Alive"]]
+    return [
+        Node(float(n["Resources"].get("CPU", 0)), float(n["Resources"].get("GPU", 0)))
+        for n in ray.nodes()
+        if n["Alive"]
+    ]
 
 
 def requested_share(key: str, value: Any) -> float | None:
@@ -343,15 +390,19 @@ def check_gpu_share(gpus: float) -> None:
     """
     if gpus >= 1:
         if gpus != int(gpus):
-            raise ValueError(f"resources.gpus_per_trial={gpus:g} is not a whole number of GPUs; use 1, 2, ... GPUs "
-                             "per trial, or 1/k of a card (0.5, 0.25, ...) for k trials per card.")
+            raise ValueError(
+                f"resources.gpus_per_trial={gpus:g} is not a whole number of GPUs; use 1, 2, ... GPUs "
+                "per trial, or 1/k of a card (0.5, 0.25, ...) for k trials per card."
+            )
         return
     if gpus > 0:
         per_card = round(1 / gpus)
         if round(abs(gpus * per_card - 1), 9) > GPU_SHARE_TOLERANCE:
-            raise ValueError(f"resources.gpus_per_trial={gpus:g} does not divide a card (1/{gpus:g} = {1 / gpus:.2f} "
-                             f"trials per GPU); use 1/k for k trials per card: {1 / per_card:.4g} or "
-                             f"{1 / (per_card + 1):.4g}.")
+            raise ValueError(
+                f"resources.gpus_per_trial={gpus:g} does not divide a card (1/{gpus:g} = {1 / gpus:.2f} "
+                f"trials per GPU); use 1/k for k trials per card: {1 / per_card:.4g} or "
+                f"{1 / (per_card + 1):.4g}."
+            )
 
 
 def fits(node: Node, cpus: float, gpus: float) -> int:
@@ -370,10 +421,10 @@ class TrialResources:
 
     cpus_per_trial: float
     gpus_per_trial: float
-    concurrent: int                          # trials the cluster holds at once
+    concurrent: int  # trials the cluster holds at once
     teacher_cpus: float
     teacher_gpus: int
-    summary: str                             # e.g. "2 nodes, 16 CPUs, 4 GPUs: 0.25 GPU per trial, ..."
+    summary: str  # e.g. "2 nodes, 16 CPUs, 4 GPUs: 0.25 GPU per trial, ..."
 
 
 def plan_resources(cpus_per_trial: Any, gpus_per_trial: Any, nodes: list[Node], device: str) -> TrialResources:
@@ -387,8 +438,9 @@ def plan_resources(cpus_per_trial: Any, gpus_per_trial: Any, nodes: list[Node], 
     gpus = requested_share("resources.gpus_per_trial", gpus_per_trial)
     gpu_nodes = [n for n in nodes if n.gpus >= 1]
     total_cpus, total_gpus = sum(n.cpus for n in nodes), sum(n.gpus for n in nodes)
-    found = f"{count(len(nodes), 'node')}, {count(total_cpus, 'CPU')}, " + (count(total_gpus, "GPU") if total_gpus
-                                                                                 else "no GPU")
+    found = f"{count(len(nodes), 'node')}, {count(total_cpus, 'CPU')}, " + (
+        count(total_gpus, "GPU") if total_gpus else "no GPU"
+    )
     if gpus is None:
         if not gpu_nodes or device == "cpu":
             gpus = 0.0
@@ -400,22 +452,34 @@ def plan_resources(cpus_per_trial: Any, gpus_per_trial: Any, nodes: list[Node], 
         shares = [node_cpus / trials for node_cpus, trials in slots if trials >= 1]
         cpus = float(max(1, math.floor(min(shares)))) if shares else 1.0
     if gpus > 0 and total_gpus == 0:
-        raise ValueError(f"resources.gpus_per_trial={gpus:g} but the Ray cluster ({found}) has no CUDA GPU, so trials "
-                         "would wait forever; use resources.gpus_per_trial=0 (or auto), or join a GPU cluster with "
-                         "ray.address=<head>:<port>.")
+        raise ValueError(
+            f"resources.gpus_per_trial={gpus:g} but the Ray cluster ({found}) has no CUDA GPU, so trials "
+            "would wait forever; use resources.gpus_per_trial=0 (or auto), or join a GPU cluster with "
+            "ray.address=<head>:<port>."
+        )
     concurrent = sum(fits(n, cpus, gpus) for n in nodes)
     if concurrent == 0:
         have = ", ".join(sorted({f"{n.cpus:g} CPUs/{n.gpus:g} GPUs" for n in nodes}))
-        raise ValueError(f"No node of the Ray cluster holds one trial of resources.cpus_per_trial={cpus:g} and "
-                         f"resources.gpus_per_trial={gpus:g} (nodes: {have}), so trials would wait forever; lower "
-                         "them or add a larger node.")
+        raise ValueError(
+            f"No node of the Ray cluster holds one trial of resources.cpus_per_trial={cpus:g} and "
+            f"resources.gpus_per_trial={gpus:g} (nodes: {have}), so trials would wait forever; lower "
+            "them or add a larger node."
+        )
     teacher_gpus = 1 if gpu_nodes and device != "cpu" else 0
     # The teacher runs before any trial: a card's share of its node's CPUs (at least a trial's), or on a CPU-only
     # cluster a whole node.
-    teacher_cpus = float(max(max(math.floor(n.cpus / n.gpus), min(cpus, n.cpus)) for n in gpu_nodes) if teacher_gpus
-                         else max(n.cpus for n in nodes))
-    per_trial = (f"{gpus:g} GPU per trial ({round(1 / gpus)} per card)" if 0 < gpus < 1 else
-                 f"{count(gpus, 'GPU')} per trial" if gpus else "CPU trials")
+    teacher_cpus = float(
+        max(max(math.floor(n.cpus / n.gpus), min(cpus, n.cpus)) for n in gpu_nodes)
+        if teacher_gpus
+        else max(n.cpus for n in nodes)
+    )
+    per_trial = (
+        f"{gpus:g} GPU per trial ({round(1 / gpus)} per card)"
+        if 0 < gpus < 1
+        else f"{count(gpus, 'GPU')} per trial"
+        if gpus
+        else "CPU trials"
+    )
     summary = f"{found}: {per_trial}, {count(cpus, 'CPU')} per trial, up to {count(concurrent, 'trial')} at once"
     return TrialResources(cpus, gpus, concurrent, teacher_cpus, teacher_gpus, summary)
 
@@ -424,10 +488,33 @@ def plan_resources(cpus_per_trial: Any, gpus_per_trial: Any, nodes: list[Node], 
 
 # Filesystem types (as /proc/mounts names them) that other machines can mount too: accepted without
 # ray.shared_storage=true.
-NETWORK_FILESYSTEMS = frozenset({
-    "nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "ceph", "fuse.ceph", "fuse.cephfs",
-    "glusterfs", "fuse.glusterfs", "fuse.s3fs", "fuse.gcsfuse", "fuse.juicefs", "fuse.mountpoint-s3", "fuse.rclone",
-    "fuse.sshfs", "wekafs", "panfs", "fuse.weka", "afs"})
+NETWORK_FILESYSTEMS = frozenset(
+    {
+        "nfs",
+        "nfs4",
+        "cifs",
+        "smb3",
+        "smbfs",
+        "lustre",
+        "gpfs",
+        "beegfs",
+        "ceph",
+        "fuse.ceph",
+        "fuse.cephfs",
+        "glusterfs",
+        "fuse.glusterfs",
+        "fuse.s3fs",
+        "fuse.gcsfuse",
+        "fuse.juicefs",
+        "fuse.mountpoint-s3",
+        "fuse.rclone",
+        "fuse.sshfs",
+        "wekafs",
+        "panfs",
+        "fuse.weka",
+        "afs",
+    }
+)
 
 
 def mount_type(path: str | Path, mounts: str = "/proc/self/mounts") -> str | None:
@@ -461,14 +548,20 @@ def check_shared_folders(nodes: int, folders: Mapping[str, str], shared: bool) -
         kind = mount_type(value) if "://" not in value else None
         if "://" in value or kind in NETWORK_FILESYSTEMS:
             continue
-        fix = ("or use a URI every node reaches (storage_path=s3://<bucket>/sweeps)" if key == "storage_path" else
-               "or run on one node")
-        raise ValueError(f"{key}={value} is a folder on this machine ({kind or 'filesystem unknown'}, not a network "
-                         f"mount) but the Ray cluster has {nodes} nodes, whose trials {uses[key]} there. Put it on "
-                         f"a filesystem every node mounts at the same path and pass ray.shared_storage=true, {fix}.")
+        fix = (
+            "or use a URI every node reaches (storage_path=s3://<bucket>/sweeps)"
+            if key == "storage_path"
+            else "or run on one node"
+        )
+        raise ValueError(
+            f"{key}={value} is a folder on this machine ({kind or 'filesystem unknown'}, not a network "
+            f"mount) but the Ray cluster has {nodes} nodes, whose trials {uses[key]} there. Put it on "
+            f"a filesystem every node mounts at the same path and pass ray.shared_storage=true, {fix}."
+        )
 
 
 # --- the teacher, as a Ray task ---------------------------------------------------------------------------------
+
 
 def _teacher_task(config: dict[str, Any], data: Any) -> dict[str, Any]:
     """trainable.teacher.teacher_inputs in a Ray worker, with the run's log level (a worker logs WARNING only)."""
@@ -485,8 +578,9 @@ def run_teacher(config: dict[str, Any], data: Any, resources: TrialResources) ->
     import ray
     from ray.exceptions import RayTaskError
 
-    task = ray.remote(_teacher_task).options(num_cpus=resources.teacher_cpus, num_gpus=resources.teacher_gpus,
-                                             name="teacher", max_retries=3)
+    task = ray.remote(_teacher_task).options(
+        num_cpus=resources.teacher_cpus, num_gpus=resources.teacher_gpus, name="teacher", max_retries=3
+    )
     logger.info("Teacher task: %g CPUs, %d GPU", resources.teacher_cpus, resources.teacher_gpus)
     try:
         return ray.get(task.remote(config, data))

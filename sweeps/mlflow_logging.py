@@ -50,7 +50,7 @@ STAGES = {"search": "search", "retrain": "retrain", OLD_RETRAIN_STAGE: "retrain"
 
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for start in range(0, len(items), size):
-        yield items[start:start + size]
+        yield items[start : start + size]
 
 
 def _is_metric(value: Any) -> bool:
@@ -76,8 +76,10 @@ def _stage_tags(tags: dict[str, Any] | None) -> dict[str, str]:
     if "stage" in tags:
         stage = getattr(tags["stage"], "value", tags["stage"])  # common.config.Stage members too
         if stage not in STAGES:
-            raise ValueError(f"SweepMLflowCallback: tag stage={stage!r} is not a stage; use 'search' or 'retrain' "
-                             "('final' is read as 'retrain').")
+            raise ValueError(
+                f"SweepMLflowCallback: tag stage={stage!r} is not a stage; use 'search' or 'retrain' "
+                "('final' is read as 'retrain')."
+            )
         tags["stage"] = STAGES[stage]
     return {key: str(value) for key, value in tags.items()}
 
@@ -110,15 +112,29 @@ class SweepMLflowCallback(MLflowLoggerCallback):
     the pickled state; runs are remembered by trial_id string, not by Trial object.
     """
 
-    def __init__(self, tracking_uri: str | None, *, experiment_name: str, base_config: dict[str, Any],
-                 registry_uri: str | None = None, tags: dict[str, Any] | None = None,
-                 tracking_token: str | None = None, save_artifact: bool = False,
-                 log_params_on_trial_end: bool = False):
+    def __init__(
+        self,
+        tracking_uri: str | None,
+        *,
+        experiment_name: str,
+        base_config: dict[str, Any],
+        registry_uri: str | None = None,
+        tags: dict[str, Any] | None = None,
+        tracking_token: str | None = None,
+        save_artifact: bool = False,
+        log_params_on_trial_end: bool = False,
+    ):
         if not experiment_name:  # the analysis scripts find a sweep's runs by its experiment's name
             raise ValueError("SweepMLflowCallback needs experiment_name=<the sweep's name>.")
-        super().__init__(tracking_uri, registry_uri=registry_uri, experiment_name=experiment_name,
-                         tags=_stage_tags(tags), tracking_token=tracking_token, save_artifact=save_artifact,
-                         log_params_on_trial_end=log_params_on_trial_end)
+        super().__init__(
+            tracking_uri,
+            registry_uri=registry_uri,
+            experiment_name=experiment_name,
+            tags=_stage_tags(tags),
+            tracking_token=tracking_token,
+            save_artifact=save_artifact,
+            log_params_on_trial_end=log_params_on_trial_end,
+        )
         self.base_config = base_config
         self._runs: dict[str, str] = {}  # trial_id -> MLflow run_id, for trials open in this driver
         self._client: MlflowClient | None = None
@@ -169,8 +185,11 @@ class SweepMLflowCallback(MLflowLoggerCallback):
     def log_trial_result(self, iteration: int, trial: Trial, result: dict[str, Any]) -> None:
         run_id = self._run_id(trial)
         step, timestamp = _step(result), int(time.time() * 1000)
-        metrics = [Metric(key, float(value), timestamp, step)
-                   for key, value in flatten(result, sep="/").items() if _is_metric(value)]
+        metrics = [
+            Metric(key, float(value), timestamp, step)
+            for key, value in flatten(result, sep="/").items()
+            if _is_metric(value)
+        ]
         for batch in _chunks(metrics, MAX_METRICS_PER_BATCH):
             self.client.log_batch(run_id, metrics=list(batch))
 
@@ -211,12 +230,18 @@ class SweepMLflowCallback(MLflowLoggerCallback):
             self._reopen(run_id)
         else:
             config = self._config(trial)
-            stage = self.tags.get("stage") or ("retrain" if config["origin"]["front_trial"] is not None
-                                               else "search")
-            tags = {**self.tags, "stage": stage, "trial_name": str(trial), "trial_id": trial_id,
-                    "kd": "on" if config["kd"]["enabled"] else "off", "pruning_mode": str(config["pruning"]["mode"])}
-            run_id = self.client.create_run(self.experiment_id, tags=tags,
-                                            run_name=run_name(config, trial_id, stage)).info.run_id
+            stage = self.tags.get("stage") or ("retrain" if config["origin"]["front_trial"] is not None else "search")
+            tags = {
+                **self.tags,
+                "stage": stage,
+                "trial_name": str(trial),
+                "trial_id": trial_id,
+                "kd": "on" if config["kd"]["enabled"] else "off",
+                "pruning_mode": str(config["pruning"]["mode"]),
+            }
+            run_id = self.client.create_run(
+                self.experiment_id, tags=tags, run_name=run_name(config, trial_id, stage)
+            ).info.run_id
         self._runs[trial_id] = run_id
         return run_id
 
@@ -231,8 +256,11 @@ class SweepMLflowCallback(MLflowLoggerCallback):
     def _log_params(self, run_id: str, trial: Trial) -> None:
         """The effective config's keys the run does not have yet (all of them, unless the run is continued)."""
         logged = self.client.get_run(run_id).data.params
-        params = [Param(key, str(value)[:MAX_PARAM_VAL_LENGTH]) for key, value in flatten(self._config(trial)).items()
-                  if key not in logged]
+        params = [
+            Param(key, str(value)[:MAX_PARAM_VAL_LENGTH])
+            for key, value in flatten(self._config(trial)).items()
+            if key not in logged
+        ]
         for batch in _chunks(params, MAX_PARAMS_TAGS_PER_BATCH):
             self.client.log_batch(run_id, params=list(batch))
 

@@ -48,7 +48,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-
 @dataclass
 class _Rung:
     """Objective vectors recorded when trials reached ``milestone`` (insertion = arrival order)."""
@@ -204,8 +203,9 @@ class ParetoASHA(FIFOScheduler):
             objective_vector = tuple(float(result[name]) for name in self._objectives)
         except (TypeError, ValueError) as error:
             values = {name: result[name] for name in self._objectives}
-            raise ValueError(f"ParetoASHA objectives must be numbers, trial {trial.trial_id} reported "
-                             f"{values}") from error
+            raise ValueError(
+                f"ParetoASHA objectives must be numbers, trial {trial.trial_id} reported {values}"
+            ) from error
         return float(result[self._time_attr]), objective_vector
 
     def _breaks_budget(self, trial: Trial, progress: float, result: Mapping[str, Any], stopping: bool = True) -> bool:
@@ -224,10 +224,13 @@ class ParetoASHA(FIFOScheduler):
         if stopping and trial.trial_id not in self._over_budget:
             self._over_budget[trial.trial_id] = broken
             limits = self._budget.limits
-            logger.info("ParetoASHA: trial %s breaks %s at %s=%g: stopped", trial.trial_id,
-                        ", ".join(f"budget.{name}={fmt(limits[name])} ({fmt(value)})"
-                                  for name, value in broken.items()),
-                        self._time_attr, progress)
+            logger.info(
+                "ParetoASHA: trial %s breaks %s at %s=%g: stopped",
+                trial.trial_id,
+                ", ".join(f"budget.{name}={fmt(limits[name])} ({fmt(value)})" for name, value in broken.items()),
+                self._time_attr,
+                progress,
+            )
         return True
 
     @property

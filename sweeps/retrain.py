@@ -64,21 +64,35 @@ def check_retrain_settings(settings: Mapping[str, Any]) -> None:
     """The retrain settings the schema's types cannot check, refused before any data or teacher work."""
     for key in ("seeds", "epochs", "max_configs"):
         if settings[key] < 1:
-            raise ValueError(f"retrain.{key}={settings[key]} must be >= 1 (or retrain.enabled=false to skip "
-                             "retraining).")
+            raise ValueError(
+                f"retrain.{key}={settings[key]} must be >= 1 (or retrain.enabled=false to skip retraining)."
+            )
 
 
 def front_configs(results: Iterable[Any], base_config: Mapping[str, Any]) -> list[FrontConfig]:
     """The search's front (val_acc up, target MACs down; over-budget results excluded, as everywhere: see
     common.objectives.front_mask) among the trials of Tune's ResultGrid that reported a result and did not error
     (common.trial_table.trial_status, as the analysis reads them), ordered by MACs."""
-    usable = [r for r in results if r.metrics and ACCURACY in r.metrics and trial_status(
-        r.metrics["epoch"], trial_config(base_config, r.config)["train"]["epochs"], bool(r.error)) != "errored"]
+    usable = [
+        r
+        for r in results
+        if r.metrics
+        and ACCURACY in r.metrics
+        and trial_status(r.metrics["epoch"], trial_config(base_config, r.config)["train"]["epochs"], bool(r.error))
+        != "errored"
+    ]
     on_front = front_mask([r.metrics for r in usable]) if usable else []
-    front = [FrontConfig(trial_id=str(r.metrics["trial_id"]), params=sampled_keys(r.config),
-                         target_macs=float(r.metrics[TARGET_MACS]), val_acc=float(r.metrics[ACCURACY]),
-                         macs=float(r.metrics[MEASURED_MACS]) if pruning_done(r.metrics) else None)
-             for r, on in zip(usable, on_front) if on]
+    front = [
+        FrontConfig(
+            trial_id=str(r.metrics["trial_id"]),
+            params=sampled_keys(r.config),
+            target_macs=float(r.metrics[TARGET_MACS]),
+            val_acc=float(r.metrics[ACCURACY]),
+            macs=float(r.metrics[MEASURED_MACS]) if pruning_done(r.metrics) else None,
+        )
+        for r, on in zip(usable, on_front)
+        if on
+    ]
     return sorted(front, key=lambda c: (c.target_macs, -c.val_acc))
 
 
@@ -123,8 +137,8 @@ class DenseWidth:
     """The unpruned student closest in MACs to a pruned configuration's model."""
 
     width_mult: float
-    macs: int               # its MACs (thop, on the configuration's input shape)
-    target_macs: float      # the pruned model's MACs it was matched to
+    macs: int  # its MACs (thop, on the configuration's input shape)
+    target_macs: float  # the pruned model's MACs it was matched to
 
     @property
     def gap(self) -> float:
@@ -173,19 +187,23 @@ def dense_role(front: FrontConfig, config: Mapping[str, Any]) -> dict[str, Any]:
     from trainable.pruning import MACS_TOLERANCE
 
     choice = dense_width(config, front.macs or front.target_macs)
-    message = (f"front trial {front.trial_id}: {RetrainRole.dense_same_macs.value} at student.width_mult="
-               f"{choice.width_mult:g}: {choice.macs / 1e6:.3f}M MACs against the pruned model's "
-               f"{choice.target_macs / 1e6:.3f}M ({100 * choice.gap:+.1f} %)")
+    message = (
+        f"front trial {front.trial_id}: {RetrainRole.dense_same_macs.value} at student.width_mult="
+        f"{choice.width_mult:g}: {choice.macs / 1e6:.3f}M MACs against the pruned model's "
+        f"{choice.target_macs / 1e6:.3f}M ({100 * choice.gap:+.1f} %)"
+    )
     if abs(choice.gap) > MACS_TOLERANCE:
-        log.warning("%s: the closest width_mult allows, outside the pruner's +-%g %% tolerance", message,
-                    100 * MACS_TOLERANCE)
+        log.warning(
+            "%s: the closest width_mult allows, outside the pruner's +-%g %% tolerance", message, 100 * MACS_TOLERANCE
+        )
     else:
         log.info(message)
     return {"pruning.mode": PruningMode.none.value, "student.width_mult": choice.width_mult}
 
 
-def retrain_points(configs: Sequence[FrontConfig], base_config: Mapping[str, Any],
-                   settings: Mapping[str, Any]) -> list[dict[str, Any]]:
+def retrain_points(
+    configs: Sequence[FrontConfig], base_config: Mapping[str, Any], settings: Mapping[str, Any]
+) -> list[dict[str, Any]]:
     """The grid of the retrain stage: every configuration (and its ablations) x `retrain.seeds` seeds.
 
     A point is a front trial's sampled keys plus the retrain settings; ablation keys come last so they win.
@@ -202,9 +220,17 @@ def retrain_points(configs: Sequence[FrontConfig], base_config: Mapping[str, Any
                 roles[RetrainRole.dense_same_macs.value] = dense_role(front, config)
         for role, changes in roles.items():
             for seed in range(base_config["train"]["seed"], base_config["train"]["seed"] + settings["seeds"]):
-                points.append(front.params | changes | {
-                    "train.epochs": settings["epochs"], "train.seed": seed, "train.test_at_end": True,
-                    "origin.front_trial": front.trial_id, "origin.role": role})
+                points.append(
+                    front.params
+                    | changes
+                    | {
+                        "train.epochs": settings["epochs"],
+                        "train.seed": seed,
+                        "train.test_at_end": True,
+                        "origin.front_trial": front.trial_id,
+                        "origin.role": role,
+                    }
+                )
     return points
 
 
@@ -216,16 +242,21 @@ def check_points(points: Sequence[Mapping[str, Any]], base_config: Mapping[str, 
         try:
             validate_config(trial_config(base_config, {"grid_point": point}))
         except ValueError as err:
-            raise ValueError(f"retrain stage: the run {point['origin.role']} of front trial "
-                             f"{point['origin.front_trial']} is invalid: {err} (set retrain.epochs at least as high as "
-                             "the search's train.epochs)") from None
+            raise ValueError(
+                f"retrain stage: the run {point['origin.role']} of front trial "
+                f"{point['origin.front_trial']} is invalid: {err} (set retrain.epochs at least as high as "
+                "the search's train.epochs)"
+            ) from None
 
 
 def describe(configs: Sequence[FrontConfig], points: Sequence[Mapping[str, Any]], settings: Mapping[str, Any]) -> str:
     """One paragraph for the console: what will be retrained."""
     roles = sorted({p["origin.role"] for p in points})
-    lines = [f"{len(points)} runs: {len(configs)} front configuration(s) x {settings['seeds']} seed(s) x roles "
-             f"{roles}, {settings['epochs']} epochs each"]
-    lines += [f"  {c.trial_id}: target MACs {c.target_macs / 1e6:.2f}M, search val_acc {c.val_acc:.3f}"
-              for c in configs]
+    lines = [
+        f"{len(points)} runs: {len(configs)} front configuration(s) x {settings['seeds']} seed(s) x roles "
+        f"{roles}, {settings['epochs']} epochs each"
+    ]
+    lines += [
+        f"  {c.trial_id}: target MACs {c.target_macs / 1e6:.2f}M, search val_acc {c.val_acc:.3f}" for c in configs
+    ]
     return "\n".join(lines)

@@ -123,9 +123,11 @@ def check_tracking_uri(uri: str, timeout_s: float = 3.0) -> None:
         return  # something answers there (a proxy may not route /health): the server is up
     except (urllib.error.URLError, OSError) as err:
         reason = getattr(err, "reason", err)
-        raise ValueError(f"mlflow.tracking_uri={uri} is unreachable ({reason}). Start a server there (e.g. `mlflow "
-                         "server --host 127.0.0.1 --port 5000`) or leave mlflow.tracking_uri unset for the SQLite "
-                         "default sqlite:///<workdir>/mlflow.db.") from None
+        raise ValueError(
+            f"mlflow.tracking_uri={uri} is unreachable ({reason}). Start a server there (e.g. `mlflow "
+            "server --host 127.0.0.1 --port 5000`) or leave mlflow.tracking_uri unset for the SQLite "
+            "default sqlite:///<workdir>/mlflow.db."
+        ) from None
 
 
 def check_sweep_settings(sweep: dict[str, Any]) -> None:
@@ -134,14 +136,20 @@ def check_sweep_settings(sweep: dict[str, Any]) -> None:
     for key in ("cpus_per_trial", "gpus_per_trial"):  # auto is decided by the cluster, after connecting
         requested_share(f"resources.{key}", resources[key])
     if resources["max_failures"] < -1:
-        raise ValueError(f"resources.max_failures={resources['max_failures']} must be >= 0 (retries of a failed "
-                         "trial), or -1 for no limit.")
+        raise ValueError(
+            f"resources.max_failures={resources['max_failures']} must be >= 0 (retries of a failed "
+            "trial), or -1 for no limit."
+        )
     if resources["max_concurrent_trials"] is not None and resources["max_concurrent_trials"] < 1:
-        raise ValueError(f"resources.max_concurrent_trials={resources['max_concurrent_trials']} must be >= 1 "
-                         "(or null for as many as the resources allow).")
+        raise ValueError(
+            f"resources.max_concurrent_trials={resources['max_concurrent_trials']} must be >= 1 "
+            "(or null for as many as the resources allow)."
+        )
     if sweep["scheduler"]["grace_period"] < 1 or sweep["scheduler"]["reduction_factor"] <= 1:
-        raise ValueError(f"scheduler.grace_period={sweep['scheduler']['grace_period']} must be >= 1 and "
-                         f"scheduler.reduction_factor={sweep['scheduler']['reduction_factor']} > 1.")
+        raise ValueError(
+            f"scheduler.grace_period={sweep['scheduler']['grace_period']} must be >= 1 and "
+            f"scheduler.reduction_factor={sweep['scheduler']['reduction_factor']} > 1."
+        )
     check_tracking_uri(sweep["mlflow"]["tracking_uri"])
 
 
@@ -157,12 +165,14 @@ def main(cfg: DictConfig) -> None:
 
     if config["resume"] or config["stage"] == "retrain":
         if not config["name"]:
-            raise ValueError(f"{'resume=true' if config['resume'] else 'stage=retrain'} needs name=<sweep>; "
-                             "sweeps here: "
-                             + (", ".join(list_sweeps(storage)) or "none"))
+            raise ValueError(
+                f"{'resume=true' if config['resume'] else 'stage=retrain'} needs name=<sweep>; "
+                "sweeps here: " + (", ".join(list_sweeps(storage)) or "none")
+            )
         if name not in list_sweeps(storage):
-            raise FileNotFoundError(f"No sweep named {name!r} under {storage}; sweeps here: "
-                                    + (", ".join(list_sweeps(storage)) or "none"))
+            raise FileNotFoundError(
+                f"No sweep named {name!r} under {storage}; sweeps here: " + (", ".join(list_sweeps(storage)) or "none")
+            )
         saved = read_state(storage, name)
         base_config = upgrade_saved_config(saved["base_config"])
         sweep = runtime_settings(config, upgrade_saved_settings(saved["sweep"]))
@@ -170,8 +180,10 @@ def main(cfg: DictConfig) -> None:
             sweep = sweep | {"retrain": config["retrain"]}
     else:
         if sweep_exists(storage, name):
-            raise FileExistsError(f"A sweep named {name!r} already exists in {storage}. Resume it with "
-                                  f"`python sweeps/run.py resume=true name={name}` or choose another name=.")
+            raise FileExistsError(
+                f"A sweep named {name!r} already exists in {storage}. Resume it with "
+                f"`python sweeps/run.py resume=true name={name}` or choose another name=."
+            )
         base_config, sweep = sweep_settings(config)
     run_sweep(name, base_config, sweep, storage, resume=config["resume"], stage=config["stage"])
 
@@ -184,9 +196,14 @@ RUNTIME_SECTIONS = ("ray", "resources")
 def runtime_settings(config: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
     """A saved sweep's settings with ray.* and resources.* as given now (RUNTIME_SECTIONS)."""
     given = {value_as_typed(o)[0] for o in HydraConfig.get().overrides.task} if HydraConfig.initialized() else set()
-    return saved | {section: {**config[section], **saved.get(section, {}),
-                              **{k: v for k, v in config[section].items() if f"{section}.{k}" in given}}
-                    for section in RUNTIME_SECTIONS}
+    return saved | {
+        section: {
+            **config[section],
+            **saved.get(section, {}),
+            **{k: v for k, v in config[section].items() if f"{section}.{k}" in given},
+        }
+        for section in RUNTIME_SECTIONS
+    }
 
 
 def set_aside_truncated_state(exp_dir: str) -> None:
@@ -209,8 +226,11 @@ def set_aside_truncated_state(exp_dir: str) -> None:
         try:
             json.loads(data)
         except ValueError as err:
-            log.warning("Tune state file %s is unreadable (%s: a kill during Ray's copy); using the previous one",
-                        path.name, type(err).__name__)
+            log.warning(
+                "Tune state file %s is unreadable (%s: a kill during Ray's copy); using the previous one",
+                path.name,
+                type(err).__name__,
+            )
             path.rename(path.with_name(path.name + ".truncated"))
 
 
@@ -220,15 +240,24 @@ def max_epochs(base_config: dict[str, Any], space: SearchSpace) -> int:
 
 def progress_reporter(space: SearchSpace) -> CLIReporter:
     """Ray's table with the columns that matter: epoch, val_acc, MACs, and the KD/pruning/T/n_mels of each trial."""
-    wanted = {"kd.enabled": "KD", "pruning.mode": "pruning", "kd.T": "T", "features.n_mels": "n_mels",
-              "scenario": "scenario", "train.seed": "seed"}
+    wanted = {
+        "kd.enabled": "KD",
+        "pruning.mode": "pruning",
+        "kd.T": "T",
+        "features.n_mels": "n_mels",
+        "scenario": "scenario",
+        "train.seed": "seed",
+    }
     if space.searcher == "grid":  # grid trials carry their whole point under grid_point (sweeps/tuning.py)
         params = {f"grid_point/{key}": label for key, label in wanted.items() if key in space.keys()}
     else:
         params = {key: label for key, label in wanted.items() if key in space.keys()}
-    return CLIReporter(metric_columns={"epoch": "epoch", ACCURACY: ACCURACY, TARGET_MACS: "MACs"},
-                       parameter_columns=params,
-                       max_report_frequency=30, sort_by_metric=False)
+    return CLIReporter(
+        metric_columns={"epoch": "epoch", ACCURACY: ACCURACY, TARGET_MACS: "MACs"},
+        parameter_columns=params,
+        max_report_frequency=30,
+        sort_by_metric=False,
+    )
 
 
 def search_results(exp_dir: str, name: str, base_config: dict[str, Any]) -> Any:
@@ -238,8 +267,10 @@ def search_results(exp_dir: str, name: str, base_config: dict[str, Any]) -> Any:
     except (FileNotFoundError, ValueError):
         results = []
     if not front_configs(results, base_config):
-        raise ValueError(f"stage=retrain: sweep {name!r} has no finished trial to retrain (no trial reported a result "
-                         f"in {exp_dir}). Resume its search first: python sweeps/run.py resume=true name={name}")
+        raise ValueError(
+            f"stage=retrain: sweep {name!r} has no finished trial to retrain (no trial reported a result "
+            f"in {exp_dir}). Resume its search first: python sweeps/run.py resume=true name={name}"
+        )
     return results
 
 
@@ -249,20 +280,20 @@ class SweepPlan:
 
     name: str
     base_config: dict[str, Any]
-    settings: dict[str, Any]     # the sweep's own keys (SweepConfig minus RunConfig), as saved
+    settings: dict[str, Any]  # the sweep's own keys (SweepConfig minus RunConfig), as saved
     storage: str
-    stage: str                   # search (then retrain, when retrain.enabled) | retrain
+    stage: str  # search (then retrain, when retrain.enabled) | retrain
     resume: bool
     space: SearchSpace
-    trials: int                  # trials of the search
+    trials: int  # trials of the search
     budget: Budget | None
-    last_epoch: int              # the search's train.epochs
-    retrain: bool                # whether the retrain stage runs
-    kd_possible: bool            # whether some trial (or retraining run) distils: the teacher is needed
-    exp_dir: str                 # the sweep's folder: the search's Tune experiment
-    retrain_name: str            # the retrain stage's Tune experiment, inside exp_dir
-    searched: Any = None         # stage=retrain: the search's ResultGrid, read up front
-    experiment_id: str = ""      # the sweep's MLflow experiment, made when Ray is up (connect)
+    last_epoch: int  # the search's train.epochs
+    retrain: bool  # whether the retrain stage runs
+    kd_possible: bool  # whether some trial (or retraining run) distils: the teacher is needed
+    exp_dir: str  # the sweep's folder: the search's Tune experiment
+    retrain_name: str  # the retrain stage's Tune experiment, inside exp_dir
+    searched: Any = None  # stage=retrain: the search's ResultGrid, read up front
+    experiment_id: str = ""  # the sweep's MLflow experiment, made when Ray is up (connect)
 
     @property
     def workdir(self) -> Path:
@@ -274,8 +305,13 @@ class SweepPlan:
 
     @property
     def steps(self) -> list[str]:
-        return (["data"] + (["teacher"] if self.kd_possible else []) + (["search"] if self.stage == "search" else [])
-                + (["retrain"] if self.retrain else []) + ["report"])
+        return (
+            ["data"]
+            + (["teacher"] if self.kd_possible else [])
+            + (["search"] if self.stage == "search" else [])
+            + (["retrain"] if self.retrain else [])
+            + ["report"]
+        )
 
     def step(self, label: str, what: str) -> None:
         print(f"[{self.steps.index(label) + 1}/{len(self.steps)}] {label}: {what}", flush=True)
@@ -283,13 +319,15 @@ class SweepPlan:
     def callbacks(self, stage: str, last_epoch: int, tags: dict[str, str]) -> list[Any]:
         """A stage's Tune callbacks: the budget's annotations first (the others record them), then MLflow."""
         tags = {"space": self.settings["space"], "sampler": self.settings["search"]["sampler"], "stage": stage} | tags
-        mlflow = SweepMLflowCallback(self.tracking_uri, experiment_name=self.name, base_config=self.base_config,
-                                     tags=tags)
+        mlflow = SweepMLflowCallback(
+            self.tracking_uri, experiment_name=self.name, base_config=self.base_config, tags=tags
+        )
         return ([BudgetCallback(self.budget, last_epoch)] if self.budget is not None else []) + [mlflow]
 
 
-def plan_sweep(name: str, base_config: dict[str, Any], settings: dict[str, Any], storage: str, resume: bool,
-               stage: str) -> SweepPlan:
+def plan_sweep(
+    name: str, base_config: dict[str, Any], settings: dict[str, Any], storage: str, resume: bool, stage: str
+) -> SweepPlan:
     """Everything that can be refused is refused here, before data, teacher or Ray work."""
     budget = Budget.from_config(settings["budget"])
     space = load_space(settings["space"], flatten(base_config), accepted_values())
@@ -303,9 +341,11 @@ def plan_sweep(name: str, base_config: dict[str, Any], settings: dict[str, Any],
     if retrain:
         check_retrain_settings(retrain_settings)
         if retrain_settings["epochs"] < last_epoch:
-            raise ValueError(f"retrain.epochs={retrain_settings['epochs']} is below the search's train.epochs="
-                             f"{last_epoch}: the retrained models would train less than the searched ones; raise "
-                             "retrain.epochs.")
+            raise ValueError(
+                f"retrain.epochs={retrain_settings['epochs']} is below the search's train.epochs="
+                f"{last_epoch}: the retrained models would train less than the searched ones; raise "
+                "retrain.epochs."
+            )
     exp_dir = sweep_uri(storage, name)
     # the retrain stage's Tune experiment, inside the sweep's folder (`final` in sweeps made before the rename)
     retrain_name = retrain_experiment(lambda experiment: tune.Tuner.can_restore(sweep_uri(exp_dir, experiment)))
@@ -313,39 +353,65 @@ def plan_sweep(name: str, base_config: dict[str, Any], settings: dict[str, Any],
     if stage == "retrain":
         searched = search_results(exp_dir, name, base_config)
         if not resume and tune.Tuner.can_restore(sweep_uri(exp_dir, retrain_name)):
-            raise FileExistsError(f"Sweep {name!r} already has a retrain stage; continue it with "
-                                  f"`python sweeps/run.py resume=true stage=retrain name={name}`.")
+            raise FileExistsError(
+                f"Sweep {name!r} already has a retrain stage; continue it with "
+                f"`python sweeps/run.py resume=true stage=retrain name={name}`."
+            )
     # KD ablations switch KD on for configurations that searched without it: they need the teacher too.
     kd_possible = may_use_kd(space, base_config) or (retrain and retrain_settings["ablations"])
     if kd_possible:
         validate_teacher(base_config)  # the teacher trains on the base config, whatever the trials sample
-    return SweepPlan(name=name, base_config=base_config, settings=settings, storage=storage, stage=stage,
-                     resume=resume, space=space, trials=num_samples(space, settings["num_samples"]), budget=budget,
-                     last_epoch=last_epoch, retrain=retrain, kd_possible=kd_possible, exp_dir=exp_dir,
-                     retrain_name=retrain_name, searched=searched)
+    return SweepPlan(
+        name=name,
+        base_config=base_config,
+        settings=settings,
+        storage=storage,
+        stage=stage,
+        resume=resume,
+        space=space,
+        trials=num_samples(space, settings["num_samples"]),
+        budget=budget,
+        last_epoch=last_epoch,
+        retrain=retrain,
+        kd_possible=kd_possible,
+        exp_dir=exp_dir,
+        retrain_name=retrain_name,
+        searched=searched,
+    )
 
 
 def connect(plan: SweepPlan) -> TrialResources:
     """Join or start Ray, size the trials from the cluster's nodes (not this machine's hardware, which may have no
     GPU), check the folders every node must share, and record the sweep so that a kill at any moment resumes."""
     address = plan.settings["ray"]["address"]
-    code = None if is_local_address(address) else code_runtime_env(
-        [str(plan.workdir), plan.storage, plan.base_config["data"]["root"]])
+    code = (
+        None
+        if is_local_address(address)
+        else code_runtime_env([str(plan.workdir), plan.storage, plan.base_config["data"]["root"]])
+    )
     start_ray(address, plan.settings["ray"]["num_cpus"], code)  # a cluster that refuses us leaves no sweep
     nodes = cluster_nodes()
-    resources = plan_resources(plan.settings["resources"]["cpus_per_trial"],
-                               plan.settings["resources"]["gpus_per_trial"], nodes, plan.base_config["device"])
-    check_shared_folders(len(nodes), {"storage_path": plan.storage, "workdir": str(plan.workdir)},
-                         plan.settings["ray"]["shared_storage"])
+    resources = plan_resources(
+        plan.settings["resources"]["cpus_per_trial"],
+        plan.settings["resources"]["gpus_per_trial"],
+        nodes,
+        plan.base_config["device"],
+    )
+    check_shared_folders(
+        len(nodes), {"storage_path": plan.storage, "workdir": str(plan.workdir)}, plan.settings["ray"]["shared_storage"]
+    )
     if not plan.resume:
         write_state(plan.storage, plan.name, {"base_config": plan.base_config, "sweep": plan.settings})
     # made here, with its artifact folder under the workdir, before any trial's MLflow run
     plan.experiment_id = ensure_experiment(plan.tracking_uri, plan.name, plan.workdir / "mlflow-artifacts" / plan.name)
     retraining = plan.stage == "retrain"
-    print(f"Sweep {plan.name} ({'retraining the front of ' if retraining else f'{plan.trials} trials of space '}"
-          f"{plan.settings['space']}); if interrupted, continue it with:\n"
-          f"  python sweeps/run.py resume=true name={plan.name}{' stage=retrain' if retraining else ''}\n"
-          f"Ray: {resources.summary}", flush=True)
+    print(
+        f"Sweep {plan.name} ({'retraining the front of ' if retraining else f'{plan.trials} trials of space '}"
+        f"{plan.settings['space']}); if interrupted, continue it with:\n"
+        f"  python sweeps/run.py resume=true name={plan.name}{' stage=retrain' if retraining else ''}\n"
+        f"Ray: {resources.summary}",
+        flush=True,
+    )
     return resources
 
 
@@ -368,7 +434,8 @@ def make_trainable(plan: SweepPlan, data: WaveformData, kd_inputs: dict[str, Any
     base_config = {**plan.base_config, "train": {**plan.base_config["train"], "num_threads": threads}}
     return tune.with_resources(
         tune.with_parameters(run_trial, base_config=base_config, data_dir=str(data.cache_dir), kd_inputs=kd_inputs),
-        {"cpu": resources.cpus_per_trial, "gpu": resources.gpus_per_trial})
+        {"cpu": resources.cpus_per_trial, "gpu": resources.gpus_per_trial},
+    )
 
 
 def tune_run_config(name: str, storage: str, callbacks: list[Any], reporter: Any, max_failures: int) -> tune.RunConfig:
@@ -379,9 +446,15 @@ def tune_run_config(name: str, storage: str, callbacks: list[Any], reporter: Any
     puts the state in storage at once (unforced syncs wait for SyncConfig.sync_period). With 2, a SIGKILL lost the
     rung records of the last epochs (measured in the kill/resume test).
     """
-    return tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks, verbose=1, progress_reporter=reporter,
-                          checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                          failure_config=tune.FailureConfig(max_failures=max_failures))
+    return tune.RunConfig(
+        name=name,
+        storage_path=storage,
+        callbacks=callbacks,
+        verbose=1,
+        progress_reporter=reporter,
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        failure_config=tune.FailureConfig(max_failures=max_failures),
+    )
 
 
 def restore(experiment_dir: str, trainable: Any, what: str) -> tune.Tuner:
@@ -400,23 +473,40 @@ def search_stage(plan: SweepPlan, trainable: Any) -> ResultGrid:
     else:  # a new sweep, or one killed before its first trial started: data and teacher come from their caches
         objective = settings["search"]["objective"]
         scheduler_name = settings["scheduler"]["name"] or default_scheduler(plan.space, objective)
-        scheduler = make_scheduler(scheduler_name, objective, plan.last_epoch, settings["scheduler"]["grace_period"],
-                                   settings["scheduler"]["reduction_factor"], budget=plan.budget,
-                                   metric=settings["scheduler"]["metric"])
+        scheduler = make_scheduler(
+            scheduler_name,
+            objective,
+            plan.last_epoch,
+            settings["scheduler"]["grace_period"],
+            settings["scheduler"]["reduction_factor"],
+            budget=plan.budget,
+            metric=settings["scheduler"]["metric"],
+        )
         callbacks = plan.callbacks(Stage.search.value, plan.last_epoch, {"scheduler": scheduler_name})
         if isinstance(scheduler, ParetoASHA):
             callbacks.append(ParetoASHAStateCallback(scheduler))
-        searcher = make_searcher(plan.space, settings["search"]["sampler"], objective, plan.base_config["seed"],
-                                 plan.last_epoch, budget=plan.budget,
-                                 base_config=plan.base_config if settings["budget"]["screen"] else None)
+        searcher = make_searcher(
+            plan.space,
+            settings["search"]["sampler"],
+            objective,
+            plan.base_config["seed"],
+            plan.last_epoch,
+            budget=plan.budget,
+            base_config=plan.base_config if settings["budget"]["screen"] else None,
+        )
         tuner = tune.Tuner(
             trainable,
             param_space=param_space(plan.space),
             tune_config=tune.TuneConfig(  # no metric/mode here: it would make OptunaSearch single-objective
-                search_alg=searcher, scheduler=scheduler, num_samples=plan.trials,
-                max_concurrent_trials=settings["resources"]["max_concurrent_trials"], reuse_actors=True),
-            run_config=tune_run_config(plan.name, plan.storage, callbacks, progress_reporter(plan.space),
-                                       settings["resources"]["max_failures"]),
+                search_alg=searcher,
+                scheduler=scheduler,
+                num_samples=plan.trials,
+                max_concurrent_trials=settings["resources"]["max_concurrent_trials"],
+                reuse_actors=True,
+            ),
+            run_config=tune_run_config(
+                plan.name, plan.storage, callbacks, progress_reporter(plan.space), settings["resources"]["max_failures"]
+            ),
         )
     searched = tuner.fit()
     print("\n" + search_line(plan), flush=True)
@@ -447,22 +537,32 @@ def retrain_stage(plan: SweepPlan, searched: Any, trainable: Any) -> None:
     else:
         configs = spread(front_configs(searched, plan.base_config), settings["max_configs"])
         if not configs:
-            raise ValueError(f"Sweep {plan.name!r} has no front trial to retrain: every trial errored or broke the "
-                             "budget.")
+            raise ValueError(
+                f"Sweep {plan.name!r} has no front trial to retrain: every trial errored or broke the budget."
+            )
         points = retrain_points(configs, plan.base_config, settings)
         check_points(points, plan.base_config)
         print(describe(configs, points, settings), flush=True)
-        reporter = CLIReporter(metric_columns={"epoch": "epoch", ACCURACY: ACCURACY, "test_acc": "test_acc"},
-                               parameter_columns={f"grid_point/origin.{k}": k for k in ("front_trial", "role")}
-                               | {"grid_point/train.seed": "seed"}, max_report_frequency=30, sort_by_metric=False)
+        reporter = CLIReporter(
+            metric_columns={"epoch": "epoch", ACCURACY: ACCURACY, "test_acc": "test_acc"},
+            parameter_columns={f"grid_point/origin.{k}": k for k in ("front_trial", "role")}
+            | {"grid_point/train.seed": "seed"},
+            max_report_frequency=30,
+            sort_by_metric=False,
+        )
         tuner = tune.Tuner(
             trainable,
             param_space={"grid_point": tune.grid_search(points)},
-            tune_config=tune.TuneConfig(max_concurrent_trials=plan.settings["resources"]["max_concurrent_trials"],
-                                        reuse_actors=True),
-            run_config=tune_run_config(plan.retrain_name, plan.exp_dir,
-                                       plan.callbacks(Stage.retrain.value, settings["epochs"], {}), reporter,
-                                       plan.settings["resources"]["max_failures"]),
+            tune_config=tune.TuneConfig(
+                max_concurrent_trials=plan.settings["resources"]["max_concurrent_trials"], reuse_actors=True
+            ),
+            run_config=tune_run_config(
+                plan.retrain_name,
+                plan.exp_dir,
+                plan.callbacks(Stage.retrain.value, settings["epochs"], {}),
+                reporter,
+                plan.settings["resources"]["max_failures"],
+            ),
         )
     retrained = tuner.fit()
     finished = sum(1 for r in retrained if not r.error)
@@ -473,9 +573,11 @@ def close(plan: SweepPlan) -> None:
     """Trials' scratch files removed, Ray left, and where the results are."""
     shutil.rmtree(plan.workdir / "trial-scratch", ignore_errors=True)  # trials' working files (tune_trainable.py)
     ray.shutdown()
-    print(f"\nRay results: {plan.exp_dir}\nMLflow:      {plan.tracking_uri} (experiment {plan.name!r})\n"
-          f"      mlflow ui --backend-store-uri {plan.tracking_uri}   # then open {runs_page(plan.experiment_id)}\n",
-          flush=True)
+    print(
+        f"\nRay results: {plan.exp_dir}\nMLflow:      {plan.tracking_uri} (experiment {plan.name!r})\n"
+        f"      mlflow ui --backend-store-uri {plan.tracking_uri}   # then open {runs_page(plan.experiment_id)}\n",
+        flush=True,
+    )
 
 
 def report_stage(plan: SweepPlan) -> None:
@@ -483,38 +585,55 @@ def report_stage(plan: SweepPlan) -> None:
     when asked (retrain.export, or a budget), ONNX, int8 and CPU latency of the retrained front models, so the report
     names the model to ship with them. A failing report loses nothing: the sweep is done, the lines say how to rerun
     it."""
-    export = plan.retrain and (plan.settings["retrain"]["export"] if plan.settings["retrain"]["export"] is not None
-                               else plan.budget is not None)
-    plan.step("report", ("ONNX, int8 and CPU latency of the retrained front models, then " if export else "")
-              + "front, plot, retrained numbers and conclusions")  # last: the report's file paths end the output
+    export = plan.retrain and (
+        plan.settings["retrain"]["export"]
+        if plan.settings["retrain"]["export"] is not None
+        else plan.budget is not None
+    )
+    plan.step(
+        "report",
+        ("ONNX, int8 and CPU latency of the retrained front models, then " if export else "")
+        + "front, plot, retrained numbers and conclusions",
+    )  # last: the report's file paths end the output
     if "://" in plan.storage:
-        print("Storage is remote; the analysis reads local folders. Copy the sweep folder here, then run:\n  "
-              f"python analysis/{'export.py trial=retrained' if export else 'pareto.py'} path=<local sweep folder>")
+        print(
+            "Storage is remote; the analysis reads local folders. Copy the sweep folder here, then run:\n  "
+            f"python analysis/{'export.py trial=retrained' if export else 'pareto.py'} path=<local sweep folder>"
+        )
         return
-    config = compose("analysis") | {"name": plan.name, "storage_path": plan.storage, "workdir": str(plan.workdir),
-                                    "trial": "retrained"}
+    config = compose("analysis") | {
+        "name": plan.name,
+        "storage_path": plan.storage,
+        "workdir": str(plan.workdir),
+        "trial": "retrained",
+    }
     config["mlflow"] = {**config["mlflow"], "tracking_uri": plan.tracking_uri}
     if export:
         retry = f"python analysis/export.py name={plan.name} trial=retrained"
         try:
             if not export_models(config):
-                print(f"Some retrained models were not exported (lines above); the report is written. Retry them "
-                      f"with: {retry}")
+                print(
+                    f"Some retrained models were not exported (lines above); the report is written. Retry them "
+                    f"with: {retry}"
+                )
             return
         except USER_ERRORS as err:
-            print(f"The retrained models were not exported ({err}); writing the report without them. Retry with: "
-                  f"{retry}")
+            print(
+                f"The retrained models were not exported ({err}); writing the report without them. Retry with: {retry}"
+            )
         except Exception:  # noqa: BLE001 - the sweep's results stay; the report is written without the export
-            log.exception("The export of the retrained models failed; writing the report without it. Retry with: %s",
-                          retry)
+            log.exception(
+                "The export of the retrained models failed; writing the report without it. Retry with: %s", retry
+            )
     try:
         write_report(config)
     except Exception:  # noqa: BLE001 - the sweep is done and saved; only its report is missing
         log.exception("The report failed; rerun it with: python analysis/pareto.py name=%s", plan.name)
 
 
-def run_sweep(name: str, base_config: dict[str, Any], settings: dict[str, Any], storage: str, resume: bool,
-              stage: str) -> None:
+def run_sweep(
+    name: str, base_config: dict[str, Any], settings: dict[str, Any], storage: str, resume: bool, stage: str
+) -> None:
     """The sweep's stages, in order: search (stage=search), then retrain its front (retrain.enabled), then the report;
     stage=retrain: only the retraining and the report, for a sweep that has searched. resume=true continues whichever
     stage was cut."""

@@ -58,8 +58,14 @@ class LastEpochOptunaSearch(OptunaSearch):
 
     MAX_SCREENED = 200
 
-    def __init__(self, *args: Any, last_epoch: int, budget: Budget | None = None,
-                 base_config: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        last_epoch: int,
+        budget: Budget | None = None,
+        base_config: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.last_epoch = last_epoch
         self.budget = budget
@@ -95,8 +101,11 @@ class LastEpochOptunaSearch(OptunaSearch):
             self.screened += 1
             log.debug("screened out over-budget config %s: %s", suggestion, constraints)
             suggestion = super().suggest(trial_id)
-        log.warning("%d suggestions in a row broke the budget before training; running the last one (ParetoASHA "
-                    "stops it at its first result)", self.MAX_SCREENED)
+        log.warning(
+            "%d suggestions in a row broke the budget before training; running the last one (ParetoASHA "
+            "stops it at its first result)",
+            self.MAX_SCREENED,
+        )
         return suggestion
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
@@ -130,8 +139,15 @@ def _record_constraints(ot_trial: optuna.Trial, constraints: dict[str, float]) -
     ot_trial.set_user_attr(FEASIBLE, all(value <= 0 for value in constraints.values()))
 
 
-def make_searcher(space: SearchSpace, sampler: str, objective: str, seed: int, last_epoch: int,
-                  budget: Budget | None = None, base_config: dict[str, Any] | None = None) -> OptunaSearch | None:
+def make_searcher(
+    space: SearchSpace,
+    sampler: str,
+    objective: str,
+    seed: int,
+    last_epoch: int,
+    budget: Budget | None = None,
+    base_config: dict[str, Any] | None = None,
+) -> OptunaSearch | None:
     """Multi-objective OptunaSearch by default (metric/mode live here, never in TuneConfig); budgets reach the
     study as constraints, and with `base_config` over-budget suggestions are screened out before they train
     (LastEpochOptunaSearch)."""
@@ -139,9 +155,15 @@ def make_searcher(space: SearchSpace, sampler: str, objective: str, seed: int, l
         return None
     chosen = objectives(objective)
     metric, mode = (list(chosen), list(chosen.values())) if len(chosen) > 1 else (ACCURACY, chosen[ACCURACY])
-    return LastEpochOptunaSearch(space=space.define_by_run, metric=metric, mode=mode,
-                                 sampler=make_sampler(sampler, seed), last_epoch=last_epoch, budget=budget,
-                                 base_config=base_config)
+    return LastEpochOptunaSearch(
+        space=space.define_by_run,
+        metric=metric,
+        mode=mode,
+        sampler=make_sampler(sampler, seed),
+        last_epoch=last_epoch,
+        budget=budget,
+        base_config=base_config,
+    )
 
 
 DEFAULT_NUM_SAMPLES = 50
@@ -168,27 +190,52 @@ def rung_objectives(objective: str, metric: str) -> dict[str, str]:
     (scheduler.metric), which may be steadier early in training; the searcher and the front keep val_acc."""
     if metric not in RUNG_METRIC_MODES:
         raise ValueError(f"scheduler.metric={metric!r}; choose one of {tuple(RUNG_METRIC_MODES)}.")
-    return {(metric if key == ACCURACY else key): (RUNG_METRIC_MODES[metric] if key == ACCURACY else mode)
-            for key, mode in objectives(objective).items()}
+    return {
+        (metric if key == ACCURACY else key): (RUNG_METRIC_MODES[metric] if key == ACCURACY else mode)
+        for key, mode in objectives(objective).items()
+    }
 
 
-def make_scheduler(name: str, objective: str, max_epochs: int, grace_period: int, reduction_factor: float,
-                   metric: str, budget: Budget | None = None) -> TrialScheduler:
+def make_scheduler(
+    name: str,
+    objective: str,
+    max_epochs: int,
+    grace_period: int,
+    reduction_factor: float,
+    metric: str,
+    budget: Budget | None = None,
+) -> TrialScheduler:
     """Rung schedulers rank on `rung_objectives(objective, metric)`. ParetoASHA also stops trials that break a
     budget; asha and fifo run them on (their results still say `feasible`, and the searcher still learns the
     constraints)."""
     if name in ("pareto_asha", "asha") and grace_period >= max_epochs:
-        log.warning("scheduler.grace_period=%d is not below train.epochs=%d: %s has no rung and stops no trial early "
-                    "(set scheduler.grace_period below train.epochs to stop trials early)", grace_period, max_epochs,
-                    name)
+        log.warning(
+            "scheduler.grace_period=%d is not below train.epochs=%d: %s has no rung and stops no trial early "
+            "(set scheduler.grace_period below train.epochs to stop trials early)",
+            grace_period,
+            max_epochs,
+            name,
+        )
     grace_period = min(grace_period, max_epochs)
     ranked = rung_objectives(objective, metric)
     if name == "pareto_asha":
-        return ParetoASHA(objectives=ranked, time_attr="epoch", max_t=max_epochs,
-                          grace_period=grace_period, reduction_factor=reduction_factor, budget=budget)
+        return ParetoASHA(
+            objectives=ranked,
+            time_attr="epoch",
+            max_t=max_epochs,
+            grace_period=grace_period,
+            reduction_factor=reduction_factor,
+            budget=budget,
+        )
     if name == "asha":
-        return ASHAScheduler(time_attr="epoch", metric=metric, mode=ranked[metric], max_t=max_epochs,
-                             grace_period=grace_period, reduction_factor=reduction_factor)
+        return ASHAScheduler(
+            time_attr="epoch",
+            metric=metric,
+            mode=ranked[metric],
+            max_t=max_epochs,
+            grace_period=grace_period,
+            reduction_factor=reduction_factor,
+        )
     if name == "fifo":
         return FIFOScheduler()
     raise ValueError(f"scheduler.name={name!r}; choose one of {SCHEDULERS}.")

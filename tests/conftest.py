@@ -24,12 +24,24 @@ def tiny_config(tmp_path_factory) -> dict:
     from common.cli import compose
 
     workdir = tmp_path_factory.mktemp("work")
-    return compose("config", [
-        f"workdir={workdir}", "data.families=[bass,keyboard,organ]", "data.per_family=15",
-        "data.clip_seconds=0.5", "data.render_workers=1", "features.n_mels=32", "train.epochs=3",
-        "train.batch_size=16", "train.warmup_epochs=0", "train.num_threads=1", "teacher.epochs=3",
-        "teacher.features.n_mels=32", "pruning.at_epoch=2",
-    ])
+    return compose(
+        "config",
+        [
+            f"workdir={workdir}",
+            "data.families=[bass,keyboard,organ]",
+            "data.per_family=15",
+            "data.clip_seconds=0.5",
+            "data.render_workers=1",
+            "features.n_mels=32",
+            "train.epochs=3",
+            "train.batch_size=16",
+            "train.warmup_epochs=0",
+            "train.num_threads=1",
+            "teacher.epochs=3",
+            "teacher.features.n_mels=32",
+            "pruning.at_epoch=2",
+        ],
+    )
 
 
 @pytest.fixture(scope="session")

@@ -26,8 +26,13 @@ SWEEP = "ana"
 def workdir(tmp_path_factory) -> Path:
     """A finished 3-trial quick sweep (KD + pruning, 3 families); fifo so every trial runs all epochs."""
     workdir = tmp_path_factory.mktemp("analysis")
-    out = subprocess.run(sweep_cmd(workdir, "space=quick", "num_samples=3", f"name={SWEEP}", "scheduler.name=fifo"),
-                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    out = subprocess.run(
+        sweep_cmd(workdir, "space=quick", "num_samples=3", f"name={SWEEP}", "scheduler.name=fifo"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return workdir
 
@@ -62,9 +67,27 @@ def test_pareto_writes_csv_plot_report_and_mlflow_run(workdir):
     sweep_dir = workdir / "ray_results" / SWEEP
     rows = read_csv(sweep_dir / "pareto.csv")
     assert len(rows) == 3 and {r["status"] for r in rows} == {"completed"}
-    assert {"trial_id", "sweep", "val_acc", "val_macro_f1", "target_macs", "macs", "params", "epochs", "kd", "T",
-            "alpha", "n_mels", "width", "pruning", "target_macs_ratio", "steps", "step_epochs", "lr",
-            "on_front"} <= set(rows[0])
+    assert {
+        "trial_id",
+        "sweep",
+        "val_acc",
+        "val_macro_f1",
+        "target_macs",
+        "macs",
+        "params",
+        "epochs",
+        "kd",
+        "T",
+        "alpha",
+        "n_mels",
+        "width",
+        "pruning",
+        "target_macs_ratio",
+        "steps",
+        "step_epochs",
+        "lr",
+        "on_front",
+    } <= set(rows[0])
     # the front, the hypervolume and the plot use the searched objective: MACs at the end of the pruning schedule
     points = np.array([[float(r["val_acc"]), float(r["target_macs"])] for r in rows])
     assert [r["on_front"] == "True" for r in rows] == pareto_mask(points, [True, False]).tolist()
@@ -83,9 +106,11 @@ def test_pareto_writes_csv_plot_report_and_mlflow_run(workdir):
     assert "KD vs no KD at matched MACs (search trials, exploratory)" in report and "n too small" in report
     assert "Retrained front: not retrained yet: run python sweeps/run.py stage=retrain name=ana" in out.stdout
     # what one reads last: where the plot, the report and the table are
-    assert out.stdout.rstrip().splitlines()[-3:] == [f"Plot:   {sweep_dir / 'pareto.png'}",
-                                                     f"Report: {sweep_dir / 'report.html'}",
-                                                     f"Table:  {sweep_dir / 'pareto.csv'}"]
+    assert out.stdout.rstrip().splitlines()[-3:] == [
+        f"Plot:   {sweep_dir / 'pareto.png'}",
+        f"Report: {sweep_dir / 'report.html'}",
+        f"Table:  {sweep_dir / 'pareto.csv'}",
+    ]
     client, runs = analysis_runs(workdir, SWEEP)
     assert len(runs) == 1
     assert {a.path for a in client.list_artifacts(runs[0].info.run_id)} == {"pareto.csv", "pareto.png", "report.html"}
@@ -199,9 +224,17 @@ def test_matched_macs_comparison_bins_by_factor_two_and_flags_small_groups():
     from analysis.sweep_stats import matched_difference, matched_macs_comparison
 
     # binned on target_macs (the objective); the measured macs of these trials (all 9M) must not matter
-    rows = [{"kd": kd, "target_macs": macs, "macs": 9e6, "val_acc": acc} for kd, macs, acc in [
-        ("on", 1.1e6, 0.60), ("on", 1.5e6, 0.70), ("off", 1.2e6, 0.50), ("off", 1.9e6, 0.60),  # bin 1-2M
-        ("on", 5e6, 0.90), ("off", 6e6, 0.20)]]                                                # bin 4-8M, n = 1 each
+    rows = [
+        {"kd": kd, "target_macs": macs, "macs": 9e6, "val_acc": acc}
+        for kd, macs, acc in [
+            ("on", 1.1e6, 0.60),
+            ("on", 1.5e6, 0.70),
+            ("off", 1.2e6, 0.50),
+            ("off", 1.9e6, 0.60),  # bin 1-2M
+            ("on", 5e6, 0.90),
+            ("off", 6e6, 0.20),
+        ]
+    ]  # bin 4-8M, n = 1 each
     comparisons = matched_macs_comparison(rows, "kd", ("on", "off"))
     assert [c.label for c in comparisons] == ["1-2M", "4-8M", "all MACs (not matched)"]
     assert comparisons[0].difference == pytest.approx(0.10)
@@ -212,8 +245,10 @@ def test_matched_macs_comparison_bins_by_factor_two_and_flags_small_groups():
 def test_overlaid_sweeps_share_one_hypervolume_reference():
     from analysis.sweep_stats import normalised_hypervolumes
 
-    rows = [{"sweep": "a", "val_acc": 0.5, "target_macs": 1e6, "macs": 5e6, "params": 10},
-            {"sweep": "b", "val_acc": 0.8, "target_macs": 2e6, "macs": 2e6, "params": 20}]
+    rows = [
+        {"sweep": "a", "val_acc": 0.5, "target_macs": 1e6, "macs": 5e6, "params": 10},
+        {"sweep": "b", "val_acc": 0.8, "target_macs": 2e6, "macs": 2e6, "params": 20},
+    ]
     hv = normalised_hypervolumes(rows, None)
     assert hv.reference == {"val_acc": 0.0, "target_macs": pytest.approx(2.2e6)}
     assert hv.by_sweep["a"] == pytest.approx(0.5 * (1 - 1 / 2.2))
@@ -227,14 +262,30 @@ def synthetic_trial(trial_id: str, val_acc: float, target_macs: float, macs: flo
     """A trial as analysis/results.py loads it; `macs` is what it measured at its last epoch."""
     from common.trial_table import TrialRecord
 
-    config = {"kd": {"enabled": True, "T": 3.0, "alpha": 0.5}, "features": {"n_mels": 64},
-              "student": {"width_mult": 1.0}, "train": {"lr": 1e-3, "epochs": 8},
-              "pruning": {"mode": mode, "target_macs_ratio": 0.5, "weight_keep_ratio": 0.3, "steps": 3,
-                          "step_epochs": 1}}
-    metrics = {"val_acc": val_acc, "val_macro_f1": val_acc, "target_macs": target_macs, "macs": macs,
-               "params": 1000, "epoch": 2}
-    return TrialRecord(sweep="s", trial_id=trial_id, trial_dir=Path(trial_id), config=config, metrics=metrics,
-                 checkpoint=None, status="stopped")
+    config = {
+        "kd": {"enabled": True, "T": 3.0, "alpha": 0.5},
+        "features": {"n_mels": 64},
+        "student": {"width_mult": 1.0},
+        "train": {"lr": 1e-3, "epochs": 8},
+        "pruning": {"mode": mode, "target_macs_ratio": 0.5, "weight_keep_ratio": 0.3, "steps": 3, "step_epochs": 1},
+    }
+    metrics = {
+        "val_acc": val_acc,
+        "val_macro_f1": val_acc,
+        "target_macs": target_macs,
+        "macs": macs,
+        "params": 1000,
+        "epoch": 2,
+    }
+    return TrialRecord(
+        sweep="s",
+        trial_id=trial_id,
+        trial_dir=Path(trial_id),
+        config=config,
+        metrics=metrics,
+        checkpoint=None,
+        status="stopped",
+    )
 
 
 # Stopped before their pruning step, a and d still measure their unpruned MACs: ranked on measured MACs the
@@ -264,8 +315,10 @@ def test_front_is_chosen_on_target_macs_not_on_measured_macs(tmp_path):
 def test_target_macs_ratio_column_only_where_the_mode_uses_it():
     from common.trial_table import trial_row
 
-    ratios = {mode: trial_row(synthetic_trial("t", 0.5, 1e6, 1e6, mode))["target_macs_ratio"]
-              for mode in ("none", "single", "progressive", "unstructured")}
+    ratios = {
+        mode: trial_row(synthetic_trial("t", 0.5, 1e6, 1e6, mode))["target_macs_ratio"]
+        for mode in ("none", "single", "progressive", "unstructured")
+    }
     assert ratios == {"none": None, "single": 0.5, "progressive": 0.5, "unstructured": None}
 
 
@@ -276,8 +329,9 @@ def test_plot_x_axis_is_target_macs_and_its_label_says_so(tmp_path):
     from analysis.plot import front_figure
     from analysis.results import Sweep
 
-    sweep = Sweep(name="s", path=tmp_path, base_config={}, settings={},
-                  trials=[synthetic_trial(*t) for t in DISAGREEING])
+    sweep = Sweep(
+        name="s", path=tmp_path, base_config={}, settings={}, trials=[synthetic_trial(*t) for t in DISAGREEING]
+    )
     fig = front_figure(build_rows([sweep], None), "title")
     try:
         ax = fig.axes[0]
@@ -288,17 +342,20 @@ def test_plot_x_axis_is_target_macs_and_its_label_says_so(tmp_path):
         plt.close(fig)
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("trial=641040e5", "641040e5"),              # Hydra alone: the float 6.4104e10
-    ("trial=12e45678", "12e45678"),              # Hydra alone: inf
-    ("name=20261123", "20261123"),               # Hydra alone: an int
-    ("trial=[641040e5, abc,'1e5',00012345]", ["641040e5", "abc", "1e5", "00012345"]),
-    ("trial=['a,b',1e3]", ["a,b", "1e3"]),
-    ("+trial=1_000", "1_000"),
-    ("trial=front", "front"),
-    ("trial='0e1'", "0e1"),                      # quoting still works
-    ("name=null", None),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("trial=641040e5", "641040e5"),  # Hydra alone: the float 6.4104e10
+        ("trial=12e45678", "12e45678"),  # Hydra alone: inf
+        ("name=20261123", "20261123"),  # Hydra alone: an int
+        ("trial=[641040e5, abc,'1e5',00012345]", ["641040e5", "abc", "1e5", "00012345"]),
+        ("trial=['a,b',1e3]", ["a,b", "1e3"]),
+        ("+trial=1_000", "1_000"),
+        ("trial=front", "front"),
+        ("trial='0e1'", "0e1"),  # quoting still works
+        ("name=null", None),
+    ],
+)
 def test_names_and_trial_ids_are_read_as_typed(override, expected):
     from common.cli import value_as_typed
 
@@ -339,11 +396,26 @@ def stopped_and_completed_rows() -> list[dict]:
     """Rows as build_rows makes them: two completed trials, two stopped at epoch 2 (one of them on the front)."""
     from common.objectives import front_mask
 
-    rows = [{"sweep": "s", "trial_id": tid, "status": status, "epochs": epochs, "kd": kd, "pruning": mode,
-             "val_acc": acc, "target_macs": macs, "macs": macs, "params": 1}
-            for tid, status, epochs, kd, mode, acc, macs in [
-                ("c1", "completed", 8, "on", "single", 0.8, 4e6), ("c2", "completed", 8, "off", "single", 0.6, 8e6),
-                ("s1", "stopped", 2, "on", "single", 0.1, 6e6), ("s2", "stopped", 2, "off", "none", 0.3, 1e6)]]
+    rows = [
+        {
+            "sweep": "s",
+            "trial_id": tid,
+            "status": status,
+            "epochs": epochs,
+            "kd": kd,
+            "pruning": mode,
+            "val_acc": acc,
+            "target_macs": macs,
+            "macs": macs,
+            "params": 1,
+        }
+        for tid, status, epochs, kd, mode, acc, macs in [
+            ("c1", "completed", 8, "on", "single", 0.8, 4e6),
+            ("c2", "completed", 8, "off", "single", 0.6, 8e6),
+            ("s1", "stopped", 2, "on", "single", 0.1, 6e6),
+            ("s2", "stopped", 2, "off", "none", 0.3, 1e6),
+        ]
+    ]
     for row, on in zip(rows, front_mask(rows)):
         row["on_front"] = bool(on)
     return rows
@@ -374,8 +446,8 @@ def test_plot_draws_trials_stopped_early_hollow_with_their_epoch():
         stopped_off_front = by_point[(6.0, 0.1)]
         assert stopped_off_front.get_alpha() < by_point[(8.0, 0.6)].get_alpha()  # fainter than a completed one
         texts = [t.get_text() for t in ax.texts]
-        assert "2" in texts                                       # the epoch s1 reached, next to it
-        assert "s2 (epoch 2)" in texts and "c1" in texts          # front labels; a stopped one says its epoch
+        assert "2" in texts  # the epoch s1 reached, next to it
+        assert "s2 (epoch 2)" in texts and "c1" in texts  # front labels; a stopped one says its epoch
         legend = [t.get_text() for t in ax.get_legend().get_texts()]
         assert "stopped early (hollow; number = epoch reached)" in legend and "ran all epochs (filled)" in legend
         assert "KD on" in legend and "single-shot" in legend  # colour = KD, marker = pruning mode, as before
@@ -422,8 +494,11 @@ def plain_copy(workdir: Path, sweep_name: str) -> Path:
     import shutil
 
     copy = workdir / "ray_results" / sweep_name
-    shutil.copytree(workdir / "ray_results" / SWEEP, copy,
-                    ignore=shutil.ignore_patterns("evaluation.json", "export", "pareto.*", "report.html"))
+    shutil.copytree(
+        workdir / "ray_results" / SWEEP,
+        copy,
+        ignore=shutil.ignore_patterns("evaluation.json", "export", "pareto.*", "report.html"),
+    )
     return copy
 
 
@@ -443,11 +518,15 @@ def test_export_int8_and_latency_then_latency_as_third_objective(workdir):
         fp32, int8 = Path(entry["onnx"]), Path(entry["int8"]["onnx"])
         assert int8.name == f"{trial_id}.int8.onnx" and int8.parent == fp32.parent
         assert entry["int8"]["bytes"] == int8.stat().st_size < entry["bytes"] == fp32.stat().st_size
-        assert entry["kb"] == {"fp32": pytest.approx(entry["params"] * 4 / 1000),
-                               "int8": pytest.approx(entry["params"] / 1000)}
+        assert entry["kb"] == {
+            "fp32": pytest.approx(entry["params"] * 4 / 1000),
+            "int8": pytest.approx(entry["params"] / 1000),
+        }
         assert 0.0 <= entry["int8"]["agreement"] <= 1.0 and entry["int8"]["test_n"] == entry["test_n"] > 0
-        assert f"predicts the same class as fp32 on {entry['int8']['agreement']:.1%} of the {entry['test_n']} test " \
-               "clips" in out.stdout
+        assert (
+            f"predicts the same class as fp32 on {entry['int8']['agreement']:.1%} of the {entry['test_n']} test "
+            "clips" in out.stdout
+        )
         assert entry["fp32_test_acc"] - entry["int8"]["test_acc"] == pytest.approx(entry["int8"]["acc_drop"])
         for precision in ("fp32", "int8"):
             record = entry["latency"][precision]
@@ -458,11 +537,18 @@ def test_export_int8_and_latency_then_latency_as_third_objective(workdir):
     rows = read_csv(copy / "pareto.csv")
     measured = [r for r in rows if r["latency_ms_1thread"]]
     assert {r["trial_id"] for r in measured} == set(manifest)
-    assert all(r["precision"] == "fp32+int8" and float(r["kb_int8"]) * 4 == pytest.approx(float(r["kb_fp32"]))
-               and r["int8_acc_drop"] and r["int8_latency_ms_1thread"] and r["latency_cpu"] for r in measured)
+    assert all(
+        r["precision"] == "fp32+int8"
+        and float(r["kb_int8"]) * 4 == pytest.approx(float(r["kb_fp32"]))
+        and r["int8_acc_drop"]
+        and r["int8_latency_ms_1thread"]
+        and r["latency_cpu"]
+        for r in measured
+    )
     # the front over (val_acc, target_macs, latency) among the measured trials; the others are never on it
-    points = np.array([[float(r["val_acc"]), float(r["target_macs"]), float(r["latency_ms_1thread"])]
-                       for r in measured])
+    points = np.array(
+        [[float(r["val_acc"]), float(r["target_macs"]), float(r["latency_ms_1thread"])] for r in measured]
+    )
     assert [r["on_front"] == "True" for r in measured] == pareto_mask(points, [True, False, False]).tolist()
     assert all(r["on_front"] == "False" for r in rows if not r["latency_ms_1thread"])
     report = (copy / "report.html").read_text()
@@ -515,13 +601,16 @@ def test_budget_keeps_over_budget_trials_off_the_front_and_names_the_best_under_
     assert [t.trial_id for t in select_trials([sweep], "front", None)] == ["d", "b"]  # nor exported/evaluated as one
     budget = sweep_budget([sweep])
     assert budget.limits == {"max_macs": 3.5e6, "max_kb": 128.0}
-    assert sweep_budget([dataclasses.replace(sweep, settings={"budget": section | {"max_macs": None,
-                                                                                   "max_kb": None}})]) is None
+    assert (
+        sweep_budget([dataclasses.replace(sweep, settings={"budget": section | {"max_macs": None, "max_kb": None}})])
+        is None
+    )
     best = best_under_budget(rows, budget)
     assert best["trial_id"] == "b"  # c is less accurate; a is over the budget
     line = budget_line(budget, best)
-    assert line.startswith("Best under budget (budget.max_macs=3,500,000, budget.max_kb=128 at int8): trial b: "
-                           "val acc 0.7")
+    assert line.startswith(
+        "Best under budget (budget.max_macs=3,500,000, budget.max_kb=128 at int8): trial b: val acc 0.7"
+    )
     assert budget_line(budget, None).endswith("no trial fits.")
     fig = front_figure(rows, "t", budget)
     labels = fig.axes[0].get_legend().get_texts()
@@ -556,22 +645,33 @@ def test_search_fidelity_benchmark_measures_the_rungs_without_selection_bias(wor
     import shutil
 
     def benchmark(name: str, *args: str) -> subprocess.CompletedProcess:
-        command = [sys.executable, str(ROOT / "benchmarks" / "search_fidelity.py"), f"workdir={workdir}",
-                   f"name={name}", "fidelity.seed_spread=false", *args]
+        command = [
+            sys.executable,
+            str(ROOT / "benchmarks" / "search_fidelity.py"),
+            f"workdir={workdir}",
+            f"name={name}",
+            "fidelity.seed_spread=false",
+            *args,
+        ]
         return subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=ROOT)
 
     out = benchmark(SWEEP)  # the fixture's sweep stopped nothing (fifo)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "(a) Spearman(val_acc, test_acc)" in out.stdout and "(b)" not in out.stdout
-    assert "(c) rung fidelity: the sweep stopped no trial early, so it is measured without selection bias in (d)" \
+    assert (
+        "(c) rung fidelity: the sweep stopped no trial early, so it is measured without selection bias in (d)"
         in out.stdout
+    )
     assert f"(d) rung fidelity without early stopping ({SWEEP}; the rungs of scheduler.grace_period=1" in out.stdout
     assert "(d) sweep" not in out.stdout and "ParetoASHA replayed on these 3 full-length curves" in out.stdout
     replayed = [line.split() for line in out.stdout.splitlines() if re.match(r"\s+[12]\s+\S+\s+val_", line)]
-    assert {(cells[0], cells[2]) for cells in replayed} == {(g, m) for g in "12"
-                                                             for m in ("val_acc", "val_loss", "val_macro_f1")}
-    assert re.fullmatch(r"spearman=\S+ seed_std_points=nan first_rung_rho=nan unbiased_first_rung_rho=\S+",
-                        out.stdout.strip().splitlines()[-1])
+    assert {(cells[0], cells[2]) for cells in replayed} == {
+        (g, m) for g in "12" for m in ("val_acc", "val_loss", "val_macro_f1")
+    }
+    assert re.fullmatch(
+        r"spearman=\S+ seed_std_points=nan first_rung_rho=nan unbiased_first_rung_rho=\S+",
+        out.stdout.strip().splitlines()[-1],
+    )
     # the same trials as if ParetoASHA had ranked them at epoch 1: the rho is over survivors, so 4 fresh trials that
     # stop nothing are run next to it
     ranked = workdir / "ray_results" / "ranked"
@@ -587,12 +687,15 @@ def test_search_fidelity_benchmark_measures_the_rungs_without_selection_bias(wor
     last = out.stdout.strip().splitlines()[-1]
     assert re.fullmatch(r"spearman=\S+ seed_std_points=nan first_rung_rho=\S+ unbiased_first_rung_rho=\S+", last)
     fifo = workdir / "ray_results" / "ranked-fifo4"
-    epochs = [len((d / "result.json").read_text().splitlines()) for d in fifo.iterdir()
-              if (d / "result.json").is_file()]
+    epochs = [
+        len((d / "result.json").read_text().splitlines()) for d in fifo.iterdir() if (d / "result.json").is_file()
+    ]
     assert epochs == [3, 3, 3, 3]  # nothing stopped
     again = benchmark("ranked", "fidelity.fifo_samples=4")
     assert again.returncode == 0 and "(d) sweep" not in again.stdout  # reused, not run again
     assert again.stdout.strip().splitlines()[-1] == last
     refused = benchmark("ranked", "fidelity.fifo_samples=2")
-    assert refused.returncode == 2 and "fidelity.fifo_samples=2: a rank correlation with an interval needs at least 4" \
-        in refused.stderr
+    assert (
+        refused.returncode == 2
+        and "fidelity.fifo_samples=2: a rank correlation with an interval needs at least 4" in refused.stderr
+    )

@@ -18,11 +18,20 @@ from common.trial_table import param_kb
 from sweeps.budget import Budget, check_reachable, smallest_reachable
 
 ROOT = Path(__file__).resolve().parent.parent
-QUICK = {"kd.enabled": True, "kd.T": 3.0, "kd.alpha": 0.5, "features.n_mels": 64, "student.width_mult": 1.0,
-         "pruning.mode": "none", "pruning.target_macs_ratio": 0.5, "pruning.steps": 2, "pruning.step_epochs": 1,
-         "pruning.at_epoch": 2, "train.epochs": 3, "train.warmup_epochs": 0}
-
-
+QUICK = {
+    "kd.enabled": True,
+    "kd.T": 3.0,
+    "kd.alpha": 0.5,
+    "features.n_mels": 64,
+    "student.width_mult": 1.0,
+    "pruning.mode": "none",
+    "pruning.target_macs_ratio": 0.5,
+    "pruning.steps": 2,
+    "pruning.step_epochs": 1,
+    "pruning.at_epoch": 2,
+    "train.epochs": 3,
+    "train.warmup_epochs": 0,
+}
 
 
 def budget_of(**settings) -> Budget | None:
@@ -32,6 +41,7 @@ def budget_of(**settings) -> Budget | None:
 
 # ---- kB, validation, constraint values ---------------------------------------------------------------------
 
+
 def test_parameter_kb_is_bytes_per_parameter_over_1000():
     assert param_kb(128_000, "int8") == 128.0  # the DCASE limit: 128 kB = 128,000 int8 parameters
     assert param_kb(64_000, "fp16") == 128.0
@@ -39,16 +49,19 @@ def test_parameter_kb_is_bytes_per_parameter_over_1000():
     assert param_kb(61_148, "fp16") == pytest.approx(122.296)  # the DCASE 2024 baseline at 16 bits
 
 
-@pytest.mark.parametrize("config, message", [
-    ({"max_macs": 0}, "budget.max_macs=0 must be a number > 0"),
-    ({"max_params": -5.0}, "budget.max_params=-5.0 must be a number > 0"),
-    ({"max_kb": 0.0, "precision": "fp16"}, "budget.max_kb=0.0 must be a number > 0"),
-    ({"max_kb": math.inf}, "budget.max_kb=inf must be a number > 0"),
-    ({"max_macs": math.nan}, "budget.max_macs=nan must be a number > 0"),
-    ({"max_macs": True}, "budget.max_macs=True must be a number > 0"),
-    ({"max_latency": 5}, "budget.max_latency is not a budget; the budgets are budget.max_macs"),
-    ({"max_kb": 128, "precision": "int4"}, "budget.precision='int4'; choose one of int8, fp16, fp32"),
-])
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ({"max_macs": 0}, "budget.max_macs=0 must be a number > 0"),
+        ({"max_params": -5.0}, "budget.max_params=-5.0 must be a number > 0"),
+        ({"max_kb": 0.0, "precision": "fp16"}, "budget.max_kb=0.0 must be a number > 0"),
+        ({"max_kb": math.inf}, "budget.max_kb=inf must be a number > 0"),
+        ({"max_macs": math.nan}, "budget.max_macs=nan must be a number > 0"),
+        ({"max_macs": True}, "budget.max_macs=True must be a number > 0"),
+        ({"max_latency": 5}, "budget.max_latency is not a budget; the budgets are budget.max_macs"),
+        ({"max_kb": 128, "precision": "int4"}, "budget.precision='int4'; choose one of int8, fp16, fp32"),
+    ],
+)
 def test_invalid_budgets_are_one_clear_line(config, message):
     with pytest.raises(ValueError) as error:
         budget_of(**config)
@@ -66,7 +79,8 @@ def test_constraint_values_and_result_annotations():
     result = {"epoch": 1, "target_macs": 5e5, "macs": 2e6, "params": 256_000, "pruning_step": 0}
     # before its pruning is done a trial is judged on its target MACs (known) and its current params (measured)
     assert budget.constraints(result, at_end=False) == pytest.approx(
-        {"max_macs": -0.5, "max_params": 0.28, "max_kb": 1.0})
+        {"max_macs": -0.5, "max_params": 0.28, "max_kb": 1.0}
+    )
     assert budget.broken(result, at_end=False) == {}  # params may still fall with pruning
     assert budget.broken(result, at_end=True) == {"max_macs": 2e6, "max_params": 256_000, "max_kb": 256.0}
     notes = budget.annotations(result, at_end=False)
@@ -76,6 +90,7 @@ def test_constraint_values_and_result_annotations():
 
 
 # ---- constraints reach the Optuna study ---------------------------------------------------------------------
+
 
 def test_constraints_reach_the_study_for_complete_and_pruned_trials():
     from optuna.samplers._tpe.sampler import _get_infeasible_trial_score
@@ -90,14 +105,54 @@ def test_constraints_reach_the_study_for_complete_and_pruned_trials():
     for trial_id in ("over_macs", "feasible", "over_kb", "stopped_ok", "errored"):
         assert searcher.suggest(trial_id)
     # stopped at epoch 1 by ParetoASHA: its target MACs break the budget
-    searcher.on_trial_complete("over_macs", {"epoch": 1, "val_acc": 0.9, "target_macs": 3e6, "macs": 6e6,
-                                             "params": 90_000, "pruning_step": 0, "pruning_steps": 1})
-    searcher.on_trial_complete("feasible", {"epoch": 3, "val_acc": 0.6, "target_macs": 1.5e6, "macs": 1.5e6,
-                                            "params": 80_000, "pruning_step": 1, "pruning_steps": 1})
-    searcher.on_trial_complete("over_kb", {"epoch": 3, "val_acc": 0.7, "target_macs": 1e6, "macs": 1e6,
-                                           "params": 150_000, "pruning_step": 0, "pruning_steps": 0})
-    searcher.on_trial_complete("stopped_ok", {"epoch": 2, "val_acc": 0.5, "target_macs": 1e6, "macs": 4e6,
-                                              "params": 99_000, "pruning_step": 0, "pruning_steps": 1})
+    searcher.on_trial_complete(
+        "over_macs",
+        {
+            "epoch": 1,
+            "val_acc": 0.9,
+            "target_macs": 3e6,
+            "macs": 6e6,
+            "params": 90_000,
+            "pruning_step": 0,
+            "pruning_steps": 1,
+        },
+    )
+    searcher.on_trial_complete(
+        "feasible",
+        {
+            "epoch": 3,
+            "val_acc": 0.6,
+            "target_macs": 1.5e6,
+            "macs": 1.5e6,
+            "params": 80_000,
+            "pruning_step": 1,
+            "pruning_steps": 1,
+        },
+    )
+    searcher.on_trial_complete(
+        "over_kb",
+        {
+            "epoch": 3,
+            "val_acc": 0.7,
+            "target_macs": 1e6,
+            "macs": 1e6,
+            "params": 150_000,
+            "pruning_step": 0,
+            "pruning_steps": 0,
+        },
+    )
+    searcher.on_trial_complete(
+        "stopped_ok",
+        {
+            "epoch": 2,
+            "val_acc": 0.5,
+            "target_macs": 1e6,
+            "macs": 4e6,
+            "params": 99_000,
+            "pruning_step": 0,
+            "pruning_steps": 1,
+        },
+    )
     searcher.on_trial_complete("errored", {"epoch": 2, "val_acc": 0.7, "target_macs": 5e6}, error=True)
     study = next(value for value in vars(searcher).values() if isinstance(value, optuna.Study))
     trials = study.get_trials(deepcopy=False)
@@ -121,12 +176,22 @@ def test_constraints_reach_the_study_for_complete_and_pruned_trials():
     again.set_search_properties(None, None, {})
     for n in range(12):
         assert again.suggest(f"t{n}")
-        again.on_trial_complete(f"t{n}", {"epoch": 3 - n % 2, "val_acc": 0.1 * (n % 7), "target_macs": 1e6 * (n % 4),
-                                          "macs": 1e6 * (n % 4), "params": 1000, "pruning_step": 0})
+        again.on_trial_complete(
+            f"t{n}",
+            {
+                "epoch": 3 - n % 2,
+                "val_acc": 0.1 * (n % 7),
+                "target_macs": 1e6 * (n % 4),
+                "macs": 1e6 * (n % 4),
+                "params": 1000,
+                "pruning_step": 0,
+            },
+        )
     assert again.suggest("last")
 
 
 # ---- refusal of budgets the space cannot meet --------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def quick_base():
@@ -153,13 +218,19 @@ def test_unreachable_budget_is_refused_naming_the_smallest_reachable_value(quick
     # the smallest quick-space student: width 0.5, 32 mels x 51 frames (0.5 s clips), 30 % of its MACs kept
     assert reach["max_macs"].value == 305_529
     assert "width_mult=0.5" in reach["max_macs"].how and "target_macs_ratio=0.3" in reach["max_macs"].how
-    with pytest.raises(ValueError, match=r"budget.max_macs=300,000 cannot be met by any trial of space quick: the "
-                                         r"smallest it reaches is 305,529 MACs"):
+    with pytest.raises(
+        ValueError,
+        match=r"budget.max_macs=300,000 cannot be met by any trial of space quick: the "
+        r"smallest it reaches is 305,529 MACs",
+    ):
         check_reachable(budget_of(max_macs=300_000), space, quick_base)
     check_reachable(budget_of(max_macs=305_529), space, quick_base)  # exactly reachable: accepted
     params = reach["max_params"].value
-    with pytest.raises(ValueError, match=rf"budget.max_kb=10 cannot be met .* about {params / 1000:,.1f} kB of "
-                                         r"parameters at int8"):
+    with pytest.raises(
+        ValueError,
+        match=rf"budget.max_kb=10 cannot be met .* about {params / 1000:,.1f} kB of "
+        r"parameters at int8",
+    ):
         check_reachable(budget_of(max_kb=10), space, quick_base)
     check_reachable(budget_of(max_params=params, max_kb=params / 1000), space, quick_base)
     check_reachable(None, space, quick_base)
@@ -171,14 +242,19 @@ def test_the_params_probe_prunes_like_the_trial_with_its_round_to(quick_base):
     from sweeps.budget import _student_costs
     from trainable.run_config import trial_config
 
-    config = trial_config(quick_base, {"pruning.mode": "single", "pruning.target_macs_ratio": 0.3,
-                                       "student.width_mult": 0.5, "features.n_mels": 32})
-    params = {round_to: _student_costs([config | {"pruning": config["pruning"] | {"round_to": round_to}}], True)[0][1]
-              for round_to in (None, 16)}
+    config = trial_config(
+        quick_base,
+        {"pruning.mode": "single", "pruning.target_macs_ratio": 0.3, "student.width_mult": 0.5, "features.n_mels": 32},
+    )
+    params = {
+        round_to: _student_costs([config | {"pruning": config["pruning"] | {"round_to": round_to}}], True)[0][1]
+        for round_to in (None, 16)
+    }
     assert params[16] != params[None]  # the same MACs target, reached with channel counts in multiples of 16
 
 
 # ---- the real CLI ------------------------------------------------------------------------------------------
+
 
 def sweep_cmd(workdir: Path, *args: str) -> list[str]:
     from tests.test_sweep import sweep_cmd as tiny_sweep_cmd
@@ -187,16 +263,23 @@ def sweep_cmd(workdir: Path, *args: str) -> list[str]:
     return tiny_sweep_cmd(workdir, "data.families=[bass,keyboard,organ]", "data.clip_seconds=0.5", *args)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["budget.max_macs=1000"], "error: budget.max_macs=1,000 cannot be met by any trial of space quick: the smallest "
-                               "it reaches is 305,529 MACs"),
-    (["budget.max_kb=0"], "error: budget.max_kb=0.0 must be a number > 0"),
-    (["+budget.max_latency=5"], "error: budget.max_latency is not a budget"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["budget.max_macs=1000"],
+            "error: budget.max_macs=1,000 cannot be met by any trial of space quick: the smallest "
+            "it reaches is 305,529 MACs",
+        ),
+        (["budget.max_kb=0"], "error: budget.max_kb=0.0 must be a number > 0"),
+        (["+budget.max_latency=5"], "error: budget.max_latency is not a budget"),
+    ],
+)
 @pytest.mark.slow
 def test_cli_refuses_bad_budgets_before_any_work(tmp_path, args, message):
-    out = subprocess.run(sweep_cmd(tmp_path, "space=quick", "name=b", *args), capture_output=True, text=True,
-                         timeout=300, cwd=ROOT)
+    out = subprocess.run(
+        sweep_cmd(tmp_path, "space=quick", "name=b", *args), capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
     assert out.returncode == 2, out.stderr[-2000:]
     assert message in out.stderr and "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
@@ -218,8 +301,9 @@ def test_screening_spends_every_suggestion_inside_the_budget_and_tells_the_study
     from trainable.run_config import trial_config
 
     budget = budget_of(max_macs=2e6, max_kb=300)
-    searcher = make_searcher(quick_space(quick_base), "tpe", "multi", seed=0, last_epoch=3, budget=budget,
-                             base_config=quick_base)
+    searcher = make_searcher(
+        quick_space(quick_base), "tpe", "multi", seed=0, last_epoch=3, budget=budget, base_config=quick_base
+    )
     searcher.set_search_properties(None, None, {})
     suggestions = [searcher.suggest(f"t{n}") for n in range(6)]
     predicted = [predicted_constraints(budget, trial_config(quick_base, s)) for s in suggestions]
@@ -227,8 +311,12 @@ def test_screening_spends_every_suggestion_inside_the_budget_and_tells_the_study
     study = next(value for value in vars(searcher).values() if isinstance(value, optuna.Study))
     screened = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("screened")]
     assert screened and searcher.screened == len(screened)  # seed 0 draws over-budget configs first
-    assert all(t.state == optuna.trial.TrialState.PRUNED and max(t.constraints.values()) > 0
-               and t.user_attrs["feasible"] is False for t in screened)
+    assert all(
+        t.state == optuna.trial.TrialState.PRUNED
+        and max(t.constraints.values()) > 0
+        and t.user_attrs["feasible"] is False
+        for t in screened
+    )
 
 
 @pytest.mark.timeout(900)
@@ -238,9 +326,20 @@ def test_sweep_over_budget_trials_stopped_at_epoch_1_or_screened_before_training
     from tests.test_sweep import searcher_study
 
     budget = 3_000_000  # quick-space targets run from 0.3 M to 5.2 M MACs; seed 0 draws some on each side
-    out = subprocess.run(sweep_cmd(tmp_path, "space=quick", "num_samples=4", "name=bud", f"budget.max_macs={budget}",
-                                   f"budget.screen={str(screen).lower()}"),
-                         capture_output=True, text=True, timeout=800, cwd=ROOT)
+    out = subprocess.run(
+        sweep_cmd(
+            tmp_path,
+            "space=quick",
+            "num_samples=4",
+            "name=bud",
+            f"budget.max_macs={budget}",
+            f"budget.screen={str(screen).lower()}",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=800,
+        cwd=ROOT,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     exp_dir = tmp_path / "ray_results" / "bud"
     trials = {}
@@ -272,8 +371,11 @@ def test_sweep_over_budget_trials_stopped_at_epoch_1_or_screened_before_training
     assert len(study) == 4
     configs = {tid: lines[0]["config"] for tid, lines in trials.items()}
     for frozen in study:
-        (tid,) = [tid for tid, config in configs.items()
-                  if all(config.get(key) == value for key, value in frozen.params.items())]
+        (tid,) = [
+            tid
+            for tid, config in configs.items()
+            if all(config.get(key) == value for key, value in frozen.params.items())
+        ]
         if tid in over:
             assert frozen.state == optuna.trial.TrialState.PRUNED
             assert frozen.constraints["max_macs"] == pytest.approx(trials[tid][-1]["target_macs"] / budget - 1)
@@ -296,18 +398,38 @@ def test_sweep_summary_counts_over_budget_trials_and_those_stopped_before_their_
     config = trial_config(quick_base, {"pruning.mode": "single"})
 
     def trial(trial_id, epoch, feasible, pruning_step, status, macs_constraint=-0.5):
-        metrics = {"trial_id": trial_id, "epoch": epoch, "val_acc": 0.5, "val_macro_f1": 0.5, "feasible": feasible,
-                   "target_macs": 1e6, "macs": 1e6, "params": 50_000, "pruning_step": pruning_step,
-                   "pruning_steps": 1, "constraint_max_macs": macs_constraint}
-        return TrialRecord(sweep="s", trial_id=trial_id, trial_dir=Path("/nonexistent"), config=config,
-                           metrics=metrics, checkpoint=None, status=status)
+        metrics = {
+            "trial_id": trial_id,
+            "epoch": epoch,
+            "val_acc": 0.5,
+            "val_macro_f1": 0.5,
+            "feasible": feasible,
+            "target_macs": 1e6,
+            "macs": 1e6,
+            "params": 50_000,
+            "pruning_step": pruning_step,
+            "pruning_steps": 1,
+            "constraint_max_macs": macs_constraint,
+        }
+        return TrialRecord(
+            sweep="s",
+            trial_id=trial_id,
+            trial_dir=Path("/nonexistent"),
+            config=config,
+            metrics=metrics,
+            checkpoint=None,
+            status=status,
+        )
 
-    trials = [trial("done", epochs, 1, 1, "completed"),              # finished inside the budget
-              trial("big", epochs, 0, 1, "completed"),               # finished, measured over the budget
-              trial("early", 1, 0, 0, "stopped"),                    # stopped before its pruning step: unpruned
-              trial("wide", 1, 0, 0, "stopped", 0.5),                # stopped early, but over the MACs budget anyway
-              trial("crash", 1, 1, 0, "errored")]
+    trials = [
+        trial("done", epochs, 1, 1, "completed"),  # finished inside the budget
+        trial("big", epochs, 0, 1, "completed"),  # finished, measured over the budget
+        trial("early", 1, 0, 0, "stopped"),  # stopped before its pruning step: unpruned
+        trial("wide", 1, 0, 0, "stopped", 0.5),  # stopped early, but over the MACs budget anyway
+        trial("crash", 1, 1, 0, "errored"),
+    ]
     assert trials_line(trials) == (
         "Trials with results: 5 (2 completed, 2 stopped, 1 errored), 3 over the budget (1 of them stopped by the "
-        "scheduler before their last pruning step: the model they left is unpruned)")
+        "scheduler before their last pruning step: the model they left is unpruned)"
+    )
     assert trials_line(trials[:1]) == "Trials with results: 1 (1 completed)"

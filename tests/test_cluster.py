@@ -67,15 +67,20 @@ def free_port() -> int:
 
 def ray_env(tmp: Path, home: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # no RAY_ADDRESS / RAY_AUTH_* leaks
-    env.update(HOME=str(home), RAY_TMPDIR=str(tmp), RAY_USAGE_STATS_ENABLED="0",
-               PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p))
+    env.update(
+        HOME=str(home),
+        RAY_TMPDIR=str(tmp),
+        RAY_USAGE_STATS_ENABLED="0",
+        PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
+    )
     env.update(extra)
     return env
 
 
 def run_py(code: str, args: list[str], env: dict[str, str], timeout: float = 90) -> dict:
-    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, f"rc={proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return json.loads(lines[-1].removeprefix("RESULT "))
@@ -97,16 +102,28 @@ def head(sandbox):
     (home / ".ray" / "auth_token").write_text(TOKEN)
     tmp.mkdir()
     port, marker = free_port(), f"akds_head_{os.getpid()}"
-    cmd = [RAY_CLI, "start", "--head", "--block", "--port", str(port), "--num-cpus", "1",
-           "--include-dashboard=false", "--disable-usage-stats", "--resources", json.dumps({marker: 1}),
-           "--dashboard-agent-listen-port", str(free_port())]
+    cmd = [
+        RAY_CLI,
+        "start",
+        "--head",
+        "--block",
+        "--port",
+        str(port),
+        "--num-cpus",
+        "1",
+        "--include-dashboard=false",
+        "--disable-usage-stats",
+        "--resources",
+        json.dumps({marker: 1}),
+        "--dashboard-agent-listen-port",
+        str(free_port()),
+    ]
     client_port = None
     if HAS_RAY_CLIENT:
         client_port = free_port()
         cmd += ["--ray-client-server-port", str(client_port)]
     log = open(sandbox / "head.log", "w")
-    proc = subprocess.Popen(cmd, env=ray_env(tmp, home), stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(cmd, env=ray_env(tmp, home), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     recorded = tmp / "ray" / "ray_current_cluster"
     try:
         deadline = time.time() + 90
@@ -114,8 +131,14 @@ def head(sandbox):
             assert proc.poll() is None, f"ray start exited {proc.returncode}:\n{(sandbox / 'head.log').read_text()}"
             assert time.time() < deadline, f"ray start not up in 90 s:\n{(sandbox / 'head.log').read_text()}"
             time.sleep(0.5)
-        yield {"port": port, "client_port": client_port, "marker": marker, "home": home, "tmp": tmp,
-               "recorded": recorded.read_text().strip()}
+        yield {
+            "port": port,
+            "client_port": client_port,
+            "marker": marker,
+            "home": home,
+            "tmp": tmp,
+            "recorded": recorded.read_text().strip(),
+        }
     finally:
         stop_group(proc)
         log.close()
@@ -155,9 +178,12 @@ def test_auto_and_host_port_join_a_token_auth_head(head, form):
     assert_joined(result, head)
 
 
-@pytest.mark.skipif(not HAS_RAY_CLIENT, reason="ray:// needs the Ray Client (`pip install ray[client]`: grpcio), "
-                                               "which this venv does not have; `ray start` then starts no client "
-                                               "server (see test_ray_client_without_extras_says_so)")
+@pytest.mark.skipif(
+    not HAS_RAY_CLIENT,
+    reason="ray:// needs the Ray Client (`pip install ray[client]`: grpcio), "
+    "which this venv does not have; `ray start` then starts no client "
+    "server (see test_ray_client_without_extras_says_so)",
+)
 @pytest.mark.slow
 def test_ray_client_address_joins_a_token_auth_head(head, sandbox):
     address = f"ray://127.0.0.1:{head['client_port']}"
@@ -319,6 +345,7 @@ def test_two_node_cluster_runs_trials_on_both_nodes(sandbox):
 
 # --- resources from the cluster, shared folders, the teacher task, node loss ------------------------------------
 
+
 def test_cpu_only_head_with_gpu_workers_gets_gpu_trials():
     from sweeps.cluster import Node, plan_resources
 
@@ -335,19 +362,23 @@ def test_cpu_only_head_with_gpu_workers_gets_gpu_trials():
     # the CPU default follows the GPU share: half-card trials put 8 trials on a 16-CPU, 4-GPU node
     assert plan_resources("auto", 0.5, [head, *workers], DEVICE).cpus_per_trial == 2
     assert plan_resources("auto", "auto", [Node(cpus=2, gpus=0)], DEVICE).summary == (
-        "1 node, 2 CPUs, no GPU: CPU trials, 1 CPU per trial, up to 2 trials at once")
+        "1 node, 2 CPUs, no GPU: CPU trials, 1 CPU per trial, up to 2 trials at once"
+    )
 
 
-@pytest.mark.parametrize("cpus, gpus, nodes, message", [
-    (1, 1, [(8, 0)], "has no CUDA GPU"),                              # asked for GPUs the cluster lacks
-    (1, 0.3, [(8, 4)], "does not divide a card"),                     # 0.3: a tenth of every card idle
-    (1, 1.5, [(8, 4)], "is not a whole number of GPUs"),
-    (1, 2, [(0, 0), (8, 1), (8, 1)], "No node of the Ray cluster holds one trial"),  # 2 GPUs, but 1 per node
-    (32, 0, [(16, 0), (16, 0)], "No node of the Ray cluster holds one trial"),
-    ("many", "auto", [(8, 0)], "resources.cpus_per_trial='many' must be auto or a number > 0"),
-    (0, "auto", [(8, 0)], "must be auto or a number > 0"),
-    (1, -1, [(8, 0)], "resources.gpus_per_trial=-1 must be auto or a number >= 0"),
-])
+@pytest.mark.parametrize(
+    "cpus, gpus, nodes, message",
+    [
+        (1, 1, [(8, 0)], "has no CUDA GPU"),  # asked for GPUs the cluster lacks
+        (1, 0.3, [(8, 4)], "does not divide a card"),  # 0.3: a tenth of every card idle
+        (1, 1.5, [(8, 4)], "is not a whole number of GPUs"),
+        (1, 2, [(0, 0), (8, 1), (8, 1)], "No node of the Ray cluster holds one trial"),  # 2 GPUs, but 1 per node
+        (32, 0, [(16, 0), (16, 0)], "No node of the Ray cluster holds one trial"),
+        ("many", "auto", [(8, 0)], "resources.cpus_per_trial='many' must be auto or a number > 0"),
+        (0, "auto", [(8, 0)], "must be auto or a number > 0"),
+        (1, -1, [(8, 0)], "resources.gpus_per_trial=-1 must be auto or a number >= 0"),
+    ],
+)
 def test_resources_the_cluster_cannot_hold_are_one_line_errors(cpus, gpus, nodes, message):
     from sweeps.cluster import Node, plan_resources
 
@@ -371,8 +402,11 @@ def test_multi_node_cluster_refuses_folders_only_this_machine_sees(tmp_path):
     mounts.write_text("/dev/sda1 / ext4 rw 0 0\nnas:/export /mnt/shared\\040data nfs4 rw 0 0\n")
     assert mount_type("/mnt/shared data/sweeps", mounts) == "nfs4" and mount_type("/home/x", mounts) == "ext4"
     local = str(tmp_path / "ray_results")
-    with pytest.raises(ValueError, match=r"storage_path=.* is a folder on this machine .* the Ray cluster has 2 "
-                                         r"nodes.*ray\.shared_storage=true.*s3://") as err:
+    with pytest.raises(
+        ValueError,
+        match=r"storage_path=.* is a folder on this machine .* the Ray cluster has 2 "
+        r"nodes.*ray\.shared_storage=true.*s3://",
+    ) as err:
         check_shared_folders(2, {"storage_path": local}, shared=False)
     assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match="workdir=.*read the data caches"):
@@ -389,8 +423,10 @@ def test_storage_uri_without_its_pyarrow_filesystem_is_one_line(monkeypatch, tmp
     assert check_storage(str(tmp_path / "x" / "..")) == str(tmp_path)
     assert check_storage(f"file://{tmp_path}/") == f"file://{tmp_path}"
     monkeypatch.delattr(pafs, "S3FileSystem")  # what a pyarrow built without S3 looks like
-    for uri, says in (("s3://bucket/sweeps", "needs pyarrow.fs.S3FileSystem"),
-                      ("foo://bucket/sweeps", "has no foo:// filesystem")):
+    for uri, says in (
+        ("s3://bucket/sweeps", "needs pyarrow.fs.S3FileSystem"),
+        ("foo://bucket/sweeps", "has no foo:// filesystem"),
+    ):
         with pytest.raises(ValueError, match=says) as err:
             check_storage(uri)
         assert "\n" not in str(err.value) and f"storage_path={uri}" in str(err.value)
@@ -425,8 +461,10 @@ exec "$@"
 
 def can_hide_folders() -> bool:
     """Whether `unshare -m` (a private mount namespace, root only) works here."""
-    return shutil.which("unshare") is not None and subprocess.run(
-        ["unshare", "-m", "true"], capture_output=True).returncode == 0
+    return (
+        shutil.which("unshare") is not None
+        and subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode == 0
+    )
 
 
 class RayNode:
@@ -435,14 +473,24 @@ class RayNode:
 
     def __init__(self, sandbox: Path, name: str, args: list[str], env: dict[str, str], hide_project: bool = False):
         self.log = open(sandbox / f"{name}.log", "w")
-        cmd = [RAY_CLI, "start", "--block", "--disable-usage-stats", "--dashboard-agent-listen-port",
-               str(free_port()), "--metrics-export-port", str(free_port()), *args]
+        cmd = [
+            RAY_CLI,
+            "start",
+            "--block",
+            "--disable-usage-stats",
+            "--dashboard-agent-listen-port",
+            str(free_port()),
+            "--metrics-export-port",
+            str(free_port()),
+            *args,
+        ]
         self.marker = sandbox / f"{name}.sees"
         if hide_project:
             script = HIDE_PROJECT.format(root=REPO, keep=sandbox / f"{name}-venv", marker=self.marker)
             cmd = ["unshare", "-m", "sh", "-c", script, "sh", *cmd]
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=sandbox,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=sandbox, start_new_session=True
+        )
 
     def descendants(self) -> list[int]:
         children: dict[int, list[int]] = {}
@@ -471,10 +519,12 @@ class RayNode:
 
 
 def wait_for_nodes(address: str, env: dict[str, str], count: int, timeout_s: float = 90) -> None:
-    code = ("import ray, sys, time\nray.init(address=sys.argv[1], logging_level='ERROR')\n"
-            "deadline = time.time() + float(sys.argv[3])\n"
-            "while sum(n['Alive'] and n['Resources'].get('CPU', 0) > 0 for n in ray.nodes()) < int(sys.argv[2]):\n"
-            "    assert time.time() < deadline, ray.nodes()\n    time.sleep(0.5)\nprint('RESULT {}')\n")
+    code = (
+        "import ray, sys, time\nray.init(address=sys.argv[1], logging_level='ERROR')\n"
+        "deadline = time.time() + float(sys.argv[3])\n"
+        "while sum(n['Alive'] and n['Resources'].get('CPU', 0) > 0 for n in ray.nodes()) < int(sys.argv[2]):\n"
+        "    assert time.time() < deadline, ray.nodes()\n    time.sleep(0.5)\nprint('RESULT {}')\n"
+    )
     run_py(code, [address, str(count), str(timeout_s)], env, timeout=timeout_s + 30)
 
 
@@ -484,8 +534,10 @@ def trial_states(exp_dir: Path) -> dict[str, dict]:
     out = {}
     for trial_json, runtime_json in json.loads(newest.read_text())["trial_data"]:
         runtime = json.loads(runtime_json)
-        out[json.loads(trial_json)["trial_id"]] = {"status": json.loads(trial_json)["status"],
-                                                   "num_failures": runtime["num_failures"]}
+        out[json.loads(trial_json)["trial_id"]] = {
+            "status": json.loads(trial_json)["status"],
+            "num_failures": runtime["num_failures"],
+        }
     return out
 
 
@@ -508,25 +560,41 @@ def test_sweep_on_a_cluster_survives_losing_a_worker_node(sandbox):
     env = ray_env(tmp, home, RAY_health_check_period_ms="1000", RAY_health_check_failure_threshold="3")
     port = free_port()
     hide = can_hide_folders()
-    head = RayNode(sandbox, "mn_head", ["--head", "--port", str(port), "--num-cpus", "0", "--num-gpus", "0",
-                                        "--include-dashboard=false"], env)
+    head = RayNode(
+        sandbox,
+        "mn_head",
+        ["--head", "--port", str(port), "--num-cpus", "0", "--num-gpus", "0", "--include-dashboard=false"],
+        env,
+    )
     worker_args = ["--address", f"127.0.0.1:{port}", "--num-cpus", "2", "--num-gpus", "1"]
     nodes, driver = [head], None
     address = f"127.0.0.1:{port}"
     try:
         nodes.append(RayNode(sandbox, "mn_worker_a", worker_args, env, hide_project=hide))
         wait_for_nodes(address, env, 1)
-        args = ["space=quick", "num_samples=3", "name=mn", f"ray.address={address}",
-                "resources.max_concurrent_trials=2", "train.batch_size=4"]
+        args = [
+            "space=quick",
+            "num_samples=3",
+            "name=mn",
+            f"ray.address={address}",
+            "resources.max_concurrent_trials=2",
+            "train.batch_size=4",
+        ]
         started = time.monotonic()
-        refused = subprocess.run(sweep_cmd(work, *args), capture_output=True, text=True, timeout=120, cwd=ROOT,
-                                 env=env)
+        refused = subprocess.run(sweep_cmd(work, *args), capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
         assert refused.returncode == 2 and "ray.shared_storage=true" in refused.stderr, refused.stderr[-2000:]
         assert "storage_path=" in refused.stderr and "Traceback" not in refused.stderr
         assert time.monotonic() - started < 60 and not (work / "data").exists()  # refused before any data work
 
-        driver = subprocess.Popen(sweep_cmd(work, *args, "ray.shared_storage=true"), stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env, start_new_session=True)
+        driver = subprocess.Popen(
+            sweep_cmd(work, *args, "ray.shared_storage=true"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=ROOT,
+            env=env,
+            start_new_session=True,
+        )
         lines: list[str] = []
         threading.Thread(target=lambda: lines.extend(driver.stdout), daemon=True).start()
         exp_dir = work / "ray_results" / "mn"
@@ -564,12 +632,15 @@ def test_sweep_on_a_cluster_survives_losing_a_worker_node(sandbox):
     finished = [r for r in last_results(exp_dir).values() if r["epoch"] == 3]
     assert len(study) == 3 and not [t for t in study if t.state == optuna.trial.TrialState.RUNNING], study
     assert sorted(t.values for t in study if t.state == optuna.trial.TrialState.COMPLETE) == sorted(
-        [r["val_acc"], r["target_macs"]] for r in finished)  # the study learned each final result once
+        [r["val_acc"], r["target_macs"]] for r in finished
+    )  # the study learned each final result once
     assert list((work / "teachers").rglob("checkpoint.pt"))  # trained by a task on the worker (the head has no CPU)
     if hide:
         assert {(sandbox / f"{n}.sees").read_text().strip() for n in ("mn_worker_a", "mn_worker_b")} == {"hidden"}
-    print(f"trials {len(epochs)}, restarted from a checkpoint {len(restarted)}, epochs {sorted(epochs.values())}, "
-          f"MLflow runs {len(runs)} FINISHED")
+    print(
+        f"trials {len(epochs)}, restarted from a checkpoint {len(restarted)}, epochs {sorted(epochs.values())}, "
+        f"MLflow runs {len(runs)} FINISHED"
+    )
 
 
 SPIED_DRIVER = r"""
@@ -610,8 +681,9 @@ def test_the_teacher_trains_in_a_ray_task_and_the_driver_never_touches_cuda(tmp_
     from tests.test_sweep import ROOT, Driver, stage_started, sweep_cmd, trial_epochs
 
     args = sweep_cmd(tmp_path, "space=quick", "num_samples=1", "name=tt", "scheduler.name=fifo")[2:]
-    out = subprocess.run([sys.executable, "-c", SPIED_DRIVER, *args], capture_output=True, text=True, timeout=360,
-                         cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-c", SPIED_DRIVER, *args], capture_output=True, text=True, timeout=360, cwd=ROOT
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     record = json.loads(out.stdout.rsplit("DRIVER ", 1)[1].splitlines()[0])
     assert record == {"train": 0, "cuda": [], "cuda_initialized": False}, record
@@ -622,7 +694,8 @@ def test_the_teacher_trains_in_a_ray_task_and_the_driver_never_touches_cuda(tmp_
     stamps = {path: path.stat().st_mtime_ns for path in teacher.rglob("*") if path.is_file()}
     # A second sweep on the same workdir: the teacher task finds everything cached (stopped once its search starts).
     Driver(*sweep_cmd(tmp_path, "space=quick", "num_samples=1", "name=tt2")).kill_when(
-        lambda d: stage_started(d, "search"), timeout_s=240)
+        lambda d: stage_started(d, "search"), timeout_s=240
+    )
     assert {path: path.stat().st_mtime_ns for path in teacher.rglob("*") if path.is_file()} == stamps
 
 
@@ -640,8 +713,11 @@ def test_resume_takes_where_to_run_from_its_command_line():
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         config = cli.compose("sweep", overrides)
         with_hydra = compose("sweep", overrides=overrides, return_hydra_config=True)  # what @hydra.main records
-    saved = {"space": "quick", "ray": {"address": "oldhead:6379", "num_cpus": None},
-             "resources": {"cpus_per_trial": 2, "gpus_per_trial": 0.5, "max_concurrent_trials": None}}
+    saved = {
+        "space": "quick",
+        "ray": {"address": "oldhead:6379", "num_cpus": None},
+        "resources": {"cpus_per_trial": 2, "gpus_per_trial": 0.5, "max_concurrent_trials": None},
+    }
     HydraConfig.instance().set_config(with_hydra)
     try:
         sweep = runtime_settings(config, saved)
@@ -649,5 +725,9 @@ def test_resume_takes_where_to_run_from_its_command_line():
         HydraConfig.instance().cfg = None
     assert sweep["space"] == "quick"
     assert sweep["ray"] == {"address": "newhead:6379", "num_cpus": None, "shared_storage": False}
-    assert sweep["resources"] == {"cpus_per_trial": 2, "gpus_per_trial": 0.5, "max_concurrent_trials": None,
-                                  "max_failures": 3}
+    assert sweep["resources"] == {
+        "cpus_per_trial": 2,
+        "gpus_per_trial": 0.5,
+        "max_concurrent_trials": None,
+        "max_failures": 3,
+    }

@@ -25,11 +25,15 @@ def test_pruning_group_on_the_command_line(mode):
 def test_scenario_group_sets_its_preset_and_its_name():
     config = composed("sweep", "scenario=kd_progressive")
     assert (config["scenario"], config["kd"]["enabled"], config["pruning"]["mode"]) == (
-        "kd_progressive", True, "progressive")
+        "kd_progressive",
+        True,
+        "progressive",
+    )
     # the grid space's scenario trials get the very same preset from the same file
     grid_trial = trial_config(run_section(composed("sweep")), {"grid_point": {"scenario": "kd_progressive"}})
-    assert {k: grid_trial[k] for k in ("scenario", "kd", "pruning")} == {k: config[k] for k in
-                                                                          ("scenario", "kd", "pruning")}
+    assert {k: grid_trial[k] for k in ("scenario", "kd", "pruning")} == {
+        k: config[k] for k in ("scenario", "kd", "pruning")
+    }
 
 
 @pytest.mark.parametrize("override", ["num_samples=abc", "pruning.mode=sometimes", "kd.nosuch=1", "train.epochs=1.5"])
@@ -43,7 +47,8 @@ def test_defaults_live_in_the_schema_only():
     # the pipeline's feature object is the schema class itself, with the composed values
     assert FeatureConfig(**config["features"]) == FeatureConfig()
     assert config["train"] == {f.name: f.default for f in dataclasses.fields(RunConfig().train.__class__)} | {
-        "seed": config["seed"]}
+        "seed": config["seed"]
+    }
 
 
 def test_only_the_run_config_reaches_trials():
@@ -51,8 +56,21 @@ def test_only_the_run_config_reaches_trials():
     run = run_section(config)
     assert set(run) == {f.name for f in dataclasses.fields(RunConfig)}
     sweep_only = {f.name for f in dataclasses.fields(SweepConfig)} - set(run)
-    assert sweep_only == {"space", "num_samples", "name", "resume", "storage_path", "search", "scheduler",
-                          "resources", "ray", "mlflow", "budget", "stage", "retrain"}
+    assert sweep_only == {
+        "space",
+        "num_samples",
+        "name",
+        "resume",
+        "storage_path",
+        "search",
+        "scheduler",
+        "resources",
+        "ray",
+        "mlflow",
+        "budget",
+        "stage",
+        "retrain",
+    }
     assert not sweep_only & set(trial_config(run, {"kd.T": 4.0}))
 
 
@@ -85,18 +103,32 @@ def test_every_local_path_is_made_absolute_for_trials_in_other_working_directori
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "saved_ast").mkdir()
-    config = absolute_paths({
-        "workdir": "runs", "data": {"root": "runs/data"}, "storage_path": "s3://bucket/sweeps",
-        "resume_from": None, "teacher": {"name": "hf:saved_ast", "pretrained": "none", "checkpoint": ["t.pt"],
-                                         "members": [{"name": "hf:MIT/ast-finetuned", "pretrained": "imagenet"},
-                                                     {"name": "resnet18", "pretrained": "w.pth"}]},
-        "mlflow": {"tracking_uri": "sqlite:///runs/mlflow.db"}})
+    config = absolute_paths(
+        {
+            "workdir": "runs",
+            "data": {"root": "runs/data"},
+            "storage_path": "s3://bucket/sweeps",
+            "resume_from": None,
+            "teacher": {
+                "name": "hf:saved_ast",
+                "pretrained": "none",
+                "checkpoint": ["t.pt"],
+                "members": [
+                    {"name": "hf:MIT/ast-finetuned", "pretrained": "imagenet"},
+                    {"name": "resnet18", "pretrained": "w.pth"},
+                ],
+            },
+            "mlflow": {"tracking_uri": "sqlite:///runs/mlflow.db"},
+        }
+    )
     assert config["workdir"] == str(tmp_path / "runs") and config["data"]["root"] == str(tmp_path / "runs/data")
     assert config["storage_path"] == "s3://bucket/sweeps" and config["resume_from"] is None
     assert config["teacher"]["name"] == f"hf:{tmp_path / 'saved_ast'}"
     assert config["teacher"]["pretrained"] == "none" and config["teacher"]["checkpoint"] == [str(tmp_path / "t.pt")]
-    assert config["teacher"]["members"] == [{"name": "hf:MIT/ast-finetuned", "pretrained": "imagenet"},
-                                            {"name": "resnet18", "pretrained": str(tmp_path / "w.pth")}]
+    assert config["teacher"]["members"] == [
+        {"name": "hf:MIT/ast-finetuned", "pretrained": "imagenet"},
+        {"name": "resnet18", "pretrained": str(tmp_path / "w.pth")},
+    ]
     assert config["mlflow"]["tracking_uri"] == f"sqlite:///{tmp_path / 'runs/mlflow.db'}"
 
 
@@ -107,10 +139,23 @@ def test_a_sweep_saved_before_new_keys_resumes_with_their_defaults():
     from common.config import run_defaults, upgrade_saved_config
     from trainable.run_config import validate_teacher
 
-    saved = {"workdir": "/tmp/old-sweep", "data": {"root": "/tmp/old-sweep/data", "soundfont": None},
-             "teacher": {"name": "resnet10t", "checkpoint": None, "freeze": True, "epochs": 15, "lr": 3e-3,
-                         "batch_size": 64, "members": 1, "mixup_alpha": 0.0, "features": {"n_mels": 128}},
-             "train": {"epochs": 10}, "retrain": {"front_trial": "ab12", "role": "front"}}
+    saved = {
+        "workdir": "/tmp/old-sweep",
+        "data": {"root": "/tmp/old-sweep/data", "soundfont": None},
+        "teacher": {
+            "name": "resnet10t",
+            "checkpoint": None,
+            "freeze": True,
+            "epochs": 15,
+            "lr": 3e-3,
+            "batch_size": 64,
+            "members": 1,
+            "mixup_alpha": 0.0,
+            "features": {"n_mels": 128},
+        },
+        "train": {"epochs": 10},
+        "retrain": {"front_trial": "ab12", "role": "front"},
+    }
     config = upgrade_saved_config(saved)
     assert config["data"]["soundfonts"] == ["default"] and config["data"]["variants"] == 0
     assert config["teacher"]["pretrained"] == "none" and config["teacher"]["freeze"] is False

@@ -93,8 +93,13 @@ def config_gets(path: Path, fields: set[str]) -> list[str]:
     enclosing = functions_by_line(tree)
     hits = []
     for node in ast.walk(tree):
-        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get"
-                and 1 <= len(node.args) <= 2 and not node.keywords):
+        if not (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "get"
+            and 1 <= len(node.args) <= 2
+            and not node.keywords
+        ):
             continue
         key = node.args[0]
         if not (isinstance(key, ast.Constant) and isinstance(key.value, str) and key.value in fields):
@@ -112,16 +117,17 @@ def test_config_gets_finds_what_it_should_and_nothing_else(tmp_path):
     sample = tmp_path / "sample.py"
     sample.write_text(
         "def f(config, sweep, data_cfg, result, metrics, row, spec):\n"
-        "    config.get('device', 'auto')\n"                   # 2: hit
-        "    sweep['scheduler'].get('metric')\n"               # 3: hit (subscript of a config)
-        "    data_cfg.get('variants', 0)\n"                    # 4: hit
-        "    sweep.settings.get('scheduler')\n"                # 5: hit
-        "    spec.get('dropout', 0.2)\n"                       # 6: hit
-        "    result.get('epoch')\n"                            # 7: metric dict
-        "    metrics.get('val_acc', 0)\n"                      # 8: metric dict
-        "    row.get('seed')\n"                                # 9: a table row
-        "    config.get('not_a_config_key', 1)\n"              # 10: no config field
-        "    config['train']['epochs']\n")                     # 11: how it is read
+        "    config.get('device', 'auto')\n"  # 2: hit
+        "    sweep['scheduler'].get('metric')\n"  # 3: hit (subscript of a config)
+        "    data_cfg.get('variants', 0)\n"  # 4: hit
+        "    sweep.settings.get('scheduler')\n"  # 5: hit
+        "    spec.get('dropout', 0.2)\n"  # 6: hit
+        "    result.get('epoch')\n"  # 7: metric dict
+        "    metrics.get('val_acc', 0)\n"  # 8: metric dict
+        "    row.get('seed')\n"  # 9: a table row
+        "    config.get('not_a_config_key', 1)\n"  # 10: no config field
+        "    config['train']['epochs']\n"
+    )  # 11: how it is read
     hits = config_gets(sample, config_fields())
     assert [int(hit.split(":")[1]) for hit in hits] == [2, 3, 4, 5, 6], hits
 
@@ -129,8 +135,10 @@ def test_config_gets_finds_what_it_should_and_nothing_else(tmp_path):
 def test_config_is_read_without_restated_defaults():
     fields = config_fields()
     hits = [hit for path in python_files() for hit in config_gets(path, fields)]
-    assert not hits, ("config keys read with .get() (every key is present with its schema default after the CLI, "
-                      "upgrade_saved_config and trial_config: read cfg['key']):\n" + "\n".join(hits))
+    assert not hits, (
+        "config keys read with .get() (every key is present with its schema default after the CLI, "
+        "upgrade_saved_config and trial_config: read cfg['key']):\n" + "\n".join(hits)
+    )
 
 
 def scopes(tree: ast.Module) -> Iterator[list[ast.AST]]:
@@ -143,16 +151,22 @@ def scopes(tree: ast.Module) -> Iterator[list[ast.AST]]:
 
 
 def is_yaml_load(node: ast.AST) -> bool:
-    return (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-            and node.func.attr in ("load", "safe_load") and isinstance(node.func.value, ast.Name)
-            and node.func.value.id in ("OmegaConf", "yaml"))
+    return (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr in ("load", "safe_load")
+        and isinstance(node.func.value, ast.Name)
+        and node.func.value.id in ("OmegaConf", "yaml")
+    )
 
 
 def names_conf(node: ast.AST) -> bool:
     """CONF_DIR, or a string that is (or has) a conf/ path segment."""
     return (isinstance(node, ast.Name) and node.id == "CONF_DIR") or (
-        isinstance(node, ast.Constant) and isinstance(node.value, str)
-        and re.search(r"(^|/)conf(/|$)", node.value) is not None)
+        isinstance(node, ast.Constant)
+        and isinstance(node.value, str)
+        and re.search(r"(^|/)conf(/|$)", node.value) is not None
+    )
 
 
 def test_no_conf_file_is_loaded_by_hand():
@@ -198,8 +212,13 @@ def module_constants(path: Path, follow_imports: bool = True) -> dict[str, Any]:
     tree = ast.parse(path.read_text(), str(path))
     out: dict[str, Any] = {}
     for stmt in tree.body:
-        target = (stmt.targets[0] if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1
-                  else stmt.target if isinstance(stmt, ast.AnnAssign) and stmt.value is not None else None)
+        target = (
+            stmt.targets[0]
+            if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1
+            else stmt.target
+            if isinstance(stmt, ast.AnnAssign) and stmt.value is not None
+            else None
+        )
         if isinstance(target, ast.Name):
             try:
                 out[target.id] = ast.literal_eval(stmt.value)
@@ -236,7 +255,8 @@ def is_dataclass_def(node: ast.AST) -> bool:
     return isinstance(node, ast.ClassDef) and any(
         (d.func if isinstance(d, ast.Call) else d) is not None
         and ast.unparse(d.func if isinstance(d, ast.Call) else d).rpartition(".")[2] == "dataclass"
-        for d in node.decorator_list)
+        for d in node.decorator_list
+    )
 
 
 def parameter_defaults(tree: ast.AST, with_dataclasses: bool, prefix: str = "") -> Iterator[tuple[str, str, ast.expr]]:
@@ -249,14 +269,19 @@ def parameter_defaults(tree: ast.AST, with_dataclasses: bool, prefix: str = "") 
             inner = f"{prefix}{node.name}."
             args = node.args
             positional = args.posonlyargs + args.args
-            pairs = [*zip(positional[len(positional) - len(args.defaults):], args.defaults),
-                     *((a, d) for a, d in zip(args.kwonlyargs, args.kw_defaults) if d is not None)]
+            pairs = [
+                *zip(positional[len(positional) - len(args.defaults) :], args.defaults),
+                *((a, d) for a, d in zip(args.kwonlyargs, args.kw_defaults) if d is not None),
+            ]
             yield from ((prefix + node.name, arg.arg, default) for arg, default in pairs)
         elif isinstance(node, ast.ClassDef):
             inner = f"{prefix}{node.name}."
             if with_dataclasses and is_dataclass_def(node):
-                yield from ((prefix + node.name, stmt.target.id, stmt.value) for stmt in node.body
-                            if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and stmt.value)
+                yield from (
+                    (prefix + node.name, stmt.target.id, stmt.value)
+                    for stmt in node.body
+                    if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and stmt.value
+                )
         yield from parameter_defaults(node, with_dataclasses, inner)
 
 
@@ -269,23 +294,27 @@ def restated_defaults(path: Path, defaults: dict[str, dict[str, Any]]) -> list[s
     schema = path == ROOT / "common" / "config.py"  # its dataclasses are the schema: their defaults are the ones
     for function, name, node in parameter_defaults(tree, with_dataclasses=not schema):
         value = default_value(node, constants)
-        keys = [key for key, default in defaults.get(name, {}).items()
-                if value is not _NOT_A_VALUE and same_value(value, default)]
+        keys = [
+            key
+            for key, default in defaults.get(name, {}).items()
+            if value is not _NOT_A_VALUE and same_value(value, default)
+        ]
         if keys:
-            hits.append((node.lineno, f"{shown(path)}:{function}:{name}={ast.unparse(node)} restates "
-                                      f"{', '.join(keys)}"))
+            hits.append(
+                (node.lineno, f"{shown(path)}:{function}:{name}={ast.unparse(node)} restates {', '.join(keys)}")
+            )
     return [text for _, text in sorted(hits)]
 
 
 # Parameters named like a config field, with its default, that are not that field. Each says what it is instead.
 NOT_CONFIG_FIELDS = {
     "common/trial_table.py:trial_row:export": "a trial's entry of analysis/export.py's manifest (None: not exported), "
-                                              "not retrain.export",
+    "not retrain.export",
     "trainable/loop.py:train:resume_from": "the checkpoint this call continues (Ray's restored one, a teacher's own, "
-                                           "or trainable/train.py's config['resume_from']); None: a fresh run",
+    "or trainable/train.py's config['resume_from']); None: a fresh run",
     "data_prep/gm_render.py:render_note:sample_rate": "the NSynth layout's file rate (layout.NSYNTH_SAMPLE_RATE) the "
-                                                      "wavs are rendered at, not data.sample_rate (the waveform "
-                                                      "cache's, resampled from those files)",
+    "wavs are rendered at, not data.sample_rate (the waveform "
+    "cache's, resampled from those files)",
     "data_prep/gm_render.py:render_notes:sample_rate": "the same: the NSynth layout's file rate",
     "data_prep/sources.py:write_wav:sample_rate": "the same: the NSynth layout's file rate",
 }
@@ -299,15 +328,16 @@ def test_restated_defaults_finds_what_it_should_and_nothing_else(tmp_path):
         "from dataclasses import dataclass\n"
         "TEMPERATURE = 3.0\n"
         "def f(x, T=3.0, alpha=0.5, *, schedule=PruningSchedule.cubic, search_objective='multi',\n"  # 3: 3 hits
-        "      metric=TEMPERATURE, seed=0, enabled=1, scale=0.7, round_to=None, device=DEVICE):\n"   # 4: 2 hits
-        "    def inner(importance='l1'):\n"                                                          # 5: f.inner
+        "      metric=TEMPERATURE, seed=0, enabled=1, scale=0.7, round_to=None, device=DEVICE):\n"  # 4: 2 hits
+        "    def inner(importance='l1'):\n"  # 5: f.inner
         "        pass\n"
         "@dataclass\n"
         "class Limits:\n"
-        "    precision: str = 'int8'\n"                                                              # 9: hit
+        "    precision: str = 'int8'\n"  # 9: hit
         "    max_kb: float = 5.0\n"
         "class Plain:\n"
-        "    precision: str = 'int8'\n")                                                             # 12: no dataclass
+        "    precision: str = 'int8'\n"
+    )  # 12: no dataclass
     hits = restated_defaults(sample, schema_defaults())
     found = {hit.split(":")[2].split("=")[0] for hit in hits}
     assert found == {"T", "schedule", "search_objective", "seed", "round_to", "importance", "precision"}, hits
@@ -323,8 +353,9 @@ def test_no_parameter_restates_a_config_default():
     defaults = schema_defaults()
     hits = [hit for path in python_files() for hit in restated_defaults(path, defaults)]
     unexplained = [hit for hit in hits if hit.split("=")[0] not in NOT_CONFIG_FIELDS]
-    assert not unexplained, ("parameters restate a config default (make them required and pass the config value; "
-                             "or, if one is not that config field, say what it is in NOT_CONFIG_FIELDS):\n"
-                             + "\n".join(unexplained))
+    assert not unexplained, (
+        "parameters restate a config default (make them required and pass the config value; "
+        "or, if one is not that config field, say what it is in NOT_CONFIG_FIELDS):\n" + "\n".join(unexplained)
+    )
     stale = set(NOT_CONFIG_FIELDS) - {hit.split("=")[0] for hit in hits}
     assert not stale, f"NOT_CONFIG_FIELDS entries that match no parameter any more: {sorted(stale)}"

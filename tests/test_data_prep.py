@@ -23,8 +23,14 @@ QUOTA_AND_CAPS = {"min_eval_instruments": DATA["min_eval_instruments"], "split_c
 
 def nsynth_cfg(root: Path, **over) -> dict:
     """A complete data config (every key at its schema default) for local NSynth-layout data at `root`."""
-    cfg = run_defaults()["data"] | {"source": "nsynth", "root": str(root), "families": FIVE, "per_family": None,
-                                    "max_total_size_mb": None, "clip_seconds": 0.5}
+    cfg = run_defaults()["data"] | {
+        "source": "nsynth",
+        "root": str(root),
+        "families": FIVE,
+        "per_family": None,
+        "max_total_size_mb": None,
+        "clip_seconds": 0.5,
+    }
     return cfg | over
 
 
@@ -137,12 +143,12 @@ def test_waveform_data_pickles_as_its_path(official_root, tmp_path):
 def test_bad_files_are_skipped_counted_and_repaired(official_root, tmp_path):
     train = split_dir(official_root, "train") / "audio"
     wavs = sorted(train.glob("*.wav"))
-    wavs[0].write_bytes(b"RIFF\x00\x00garbage")                            # corrupt
-    wavs[1].unlink()                                                       # missing
+    wavs[0].write_bytes(b"RIFF\x00\x00garbage")  # corrupt
+    wavs[1].unlink()  # missing
     audio, _ = sf.read(wavs[2], dtype="float32")
-    sf.write(wavs[2], audio[::2], 8000, subtype="PCM_16")                  # wrong sample rate -> resampled
+    sf.write(wavs[2], audio[::2], 8000, subtype="PCM_16")  # wrong sample rate -> resampled
     sf.write(wavs[3], np.stack([audio, audio], axis=1), 16000, subtype="PCM_16")  # stereo -> downmixed
-    sf.write(wavs[4], np.zeros(64000, np.float32), 16000, subtype="PCM_16")      # silent
+    sf.write(wavs[4], np.zeros(64000, np.float32), 16000, subtype="PCM_16")  # silent
     data = prepare_data(nsynth_cfg(official_root), tmp_path / "work")
     report = data.report
     assert report["skipped"] == 3 and len(data.splits["train"]) == 12
@@ -171,12 +177,15 @@ def test_resplit_by_instrument_and_by_note_is_disjoint_and_seeded(tmp_path):
     # one pooled folder (3 instruments per family): must be re-split
     pooled = [dataclasses.replace(r, split="train") for r in read_layout(root)]
     for split_by in ("instrument", "note"):
-        out = select(pooled, FIVE, None, None, split_by, {"train": .6, "valid": .2, "test": .2}, 4.0, seed=3,
-                     **QUOTA_AND_CAPS)
-        again = select(pooled, FIVE, None, None, split_by, {"train": .6, "valid": .2, "test": .2}, 4.0, seed=3,
-                       **QUOTA_AND_CAPS)
-        assert ({s: [r.note_str for r in v] for s, v in out.items()}
-                == {s: [r.note_str for r in v] for s, v in again.items()})
+        out = select(
+            pooled, FIVE, None, None, split_by, {"train": 0.6, "valid": 0.2, "test": 0.2}, 4.0, seed=3, **QUOTA_AND_CAPS
+        )
+        again = select(
+            pooled, FIVE, None, None, split_by, {"train": 0.6, "valid": 0.2, "test": 0.2}, 4.0, seed=3, **QUOTA_AND_CAPS
+        )
+        assert {s: [r.note_str for r in v] for s, v in out.items()} == {
+            s: [r.note_str for r in v] for s, v in again.items()
+        }
         assert sum(len(v) for v in out.values()) == len(pooled)
         key = (lambda r: r.instrument) if split_by == "instrument" else (lambda r: r.note_str)
         seen = [{key(r) for r in out[s]} for s in out]
@@ -185,19 +194,37 @@ def test_resplit_by_instrument_and_by_note_is_disjoint_and_seeded(tmp_path):
 
 def test_per_family_cap_and_size_cap(official_root):
     records = read_layout(official_root)
-    out = select(records, FIVE, 6, None, "instrument", {"train": .7, "valid": .15, "test": .15}, 4.0, 0,
-                 **QUOTA_AND_CAPS)
+    out = select(
+        records, FIVE, 6, None, "instrument", {"train": 0.7, "valid": 0.15, "test": 0.15}, 4.0, 0, **QUOTA_AND_CAPS
+    )
     per_family = {f: sum(r.family == f for v in out.values() for r in v) for f in FIVE}
     assert set(per_family.values()) == {6}
-    tiny = select(records, FIVE, None, 5 * 3 * 128_000 / 2**20, "instrument",
-                  {"train": .7, "valid": .15, "test": .15}, 4.0, 0, **QUOTA_AND_CAPS)
+    tiny = select(
+        records,
+        FIVE,
+        None,
+        5 * 3 * 128_000 / 2**20,
+        "instrument",
+        {"train": 0.7, "valid": 0.15, "test": 0.15},
+        4.0,
+        0,
+        **QUOTA_AND_CAPS,
+    )
     assert sum(len(v) for v in tiny.values()) == 15
 
 
 def record(split: str, family: str, instrument_str: str, pitch: int, base: str = "") -> NoteRecord:
-    return NoteRecord(split=split, note_str=f"{instrument_str}-{pitch:03d}-100", family=family, instrument=0,
-                      instrument_str=instrument_str, pitch=pitch, velocity=100, path=Path("x.wav"),
-                      base_instrument_str=base)
+    return NoteRecord(
+        split=split,
+        note_str=f"{instrument_str}-{pitch:03d}-100",
+        family=family,
+        instrument=0,
+        instrument_str=instrument_str,
+        pitch=pitch,
+        velocity=100,
+        path=Path("x.wav"),
+        base_instrument_str=base,
+    )
 
 
 def test_records_default_their_base_instrument_to_themselves(official_root):
@@ -237,10 +264,24 @@ def test_instrument_table_counts_base_and_derived_instruments_per_split():
 
 
 def test_resplit_keeps_derived_instruments_with_their_base_and_applies_the_quota():
-    records = [record("train", "organ", f"organ_electronic_{v * 1000 + p:03d}", pitch, f"organ_electronic_{p:03d}")
-               for p in range(16, 21) for v in range(4) for pitch in (60, 61)]
-    out = select(records, ["organ"], None, None, "instrument", {"train": .7, "valid": .15, "test": .15}, 4.0,
-                 seed=1, min_eval_instruments=2, split_caps=DATA["split_caps"])
+    records = [
+        record("train", "organ", f"organ_electronic_{v * 1000 + p:03d}", pitch, f"organ_electronic_{p:03d}")
+        for p in range(16, 21)
+        for v in range(4)
+        for pitch in (60, 61)
+    ]
+    out = select(
+        records,
+        ["organ"],
+        None,
+        None,
+        "instrument",
+        {"train": 0.7, "valid": 0.15, "test": 0.15},
+        4.0,
+        seed=1,
+        min_eval_instruments=2,
+        split_caps=DATA["split_caps"],
+    )
     split_of = {}
     for split, recs in out.items():
         for r in recs:
@@ -258,8 +299,8 @@ def test_cached_records_follow_the_cache(official_root, tmp_path):
 
 
 def test_split_counts():
-    assert split_counts(10, {"train": .7, "valid": .15, "test": .15}) == {"train": 7, "valid": 2, "test": 1}
-    assert split_counts(3, {"train": .9, "valid": .05, "test": .05}) == {"train": 1, "valid": 1, "test": 1}
+    assert split_counts(10, {"train": 0.7, "valid": 0.15, "test": 0.15}) == {"train": 7, "valid": 2, "test": 1}
+    assert split_counts(3, {"train": 0.9, "valid": 0.05, "test": 0.05}) == {"train": 1, "valid": 1, "test": 1}
 
 
 @pytest.mark.slow
@@ -277,14 +318,24 @@ def test_hub_streaming_materialises_layout_from_local_dataset(tmp_path):
             for ex in sample:
                 buf = io.BytesIO()
                 sf.write(buf, synth_note(ex["pitch"], ex["velocity"], seconds=1.0), 16000, format="WAV")
-                rows.append({**{f: ex[f] for f in REQUIRED_FIELDS if f != "note_str"},
-                             "instrument": ex["instrument"] + k + {"train": 0, "validation": 10, "test": 20}[split],
-                             "note_str": ex["note_str"], "audio": {"bytes": buf.getvalue(), "path": None}})
+                rows.append(
+                    {
+                        **{f: ex[f] for f in REQUIRED_FIELDS if f != "note_str"},
+                        "instrument": ex["instrument"] + k + {"train": 0, "validation": 10, "test": 20}[split],
+                        "note_str": ex["note_str"],
+                        "audio": {"bytes": buf.getvalue(), "path": None},
+                    }
+                )
         ds = datasets.Dataset.from_list(rows).cast_column("audio", datasets.Audio())
         ds.to_parquet(str(hub / f"{split}-00000.parquet"))
     root = tmp_path / "materialised"
-    cfg = nsynth_cfg(root, hf_id=str(hub), hf_splits={"train": "train", "valid": "validation", "test": "test"},
-                     per_family=4, families=["bass", "reed", "vocal"])
+    cfg = nsynth_cfg(
+        root,
+        hf_id=str(hub),
+        hf_splits={"train": "train", "valid": "validation", "test": "test"},
+        per_family=4,
+        families=["bass", "reed", "vocal"],
+    )
     data = prepare_data(cfg, tmp_path / "work")
     assert (split_dir(root, "train") / "examples.json").is_file()
     examples = json.loads((split_dir(root, "train") / "examples.json").read_text())

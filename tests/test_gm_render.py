@@ -145,12 +145,14 @@ def test_split_quotas_for_families_with_five_or_more_base_instruments():
     assert quota_counts(5, FRACTIONS, 0) == {"train": 3, "valid": 1, "test": 1}
     # the defaults (180 notes per family, 19 variants, 2 eval instruments) on every family
     data = run_defaults()["data"]
-    plan = plan_dataset(NSYNTH_FAMILIES, 180, 0, FRACTIONS, len(data["soundfonts"]), data["variants"],
-                        data["min_eval_instruments"])
+    plan = plan_dataset(
+        NSYNTH_FAMILIES, 180, 0, FRACTIONS, len(data["soundfonts"]), data["variants"], data["min_eval_instruments"]
+    )
     assert (data["per_family"], data["variants"], data["min_eval_instruments"]) == (180, 19, 2)
     for family in NSYNTH_FAMILIES:
-        bases = {split: {s.base for s in plan.specs if s.family == family and plan.split(s) == split}
-                 for split in SPLITS}
+        bases = {
+            split: {s.base for s in plan.specs if s.family == family and plan.split(s) == split} for split in SPLITS
+        }
         n_bases = len(family_programs(family))
         assert sum(map(len, bases.values())) == n_bases and len(bases["train"]) >= 1
         if n_bases >= 5:
@@ -164,8 +166,10 @@ def test_split_quotas_for_families_with_five_or_more_base_instruments():
 
 
 def test_variants_never_cross_splits_and_base_splits_do_not_depend_on_k():
-    plans = {k: plan_dataset(NSYNTH_FAMILIES, 120, 5, FRACTIONS, soundfonts=2, variants=k, min_eval_instruments=2)
-             for k in (0, 7)}
+    plans = {
+        k: plan_dataset(NSYNTH_FAMILIES, 120, 5, FRACTIONS, soundfonts=2, variants=k, min_eval_instruments=2)
+        for k in (0, 7)
+    }
     assert plans[0].split_of == plans[7].split_of
     split_of_base = {}
     for spec in plans[7].specs:
@@ -244,11 +248,11 @@ def test_variant_renders_are_deterministic_distinct_and_keep_pitch_and_level(sou
         return render_note(soundfont_bytes, spec, **SHORT)
 
     first = render(1)
-    np.testing.assert_array_equal(first, render(1))                      # same seed, same variant: same audio
+    np.testing.assert_array_equal(first, render(1))  # same seed, same variant: same audio
     base = render_note(soundfont_bytes, NoteSpec(80, 69, 100), **SHORT)
     others = [render(v) for v in (2, 3)] + [render(1, seed=1), base]
     for other in others:
-        assert np.abs(first - other).max() > 1e-3                        # another variant/seed/the base: differs
+        assert np.abs(first - other).max() > 1e-3  # another variant/seed/the base: differs
     for audio in [first, *others]:
         assert audio.dtype == np.float32 and audio.shape == (16000,) and np.abs(audio).max() <= 1.0
         assert not is_silent(audio)
@@ -272,6 +276,7 @@ def test_body_size_shift_keeps_pitch_length_and_note_off_time(soundfont_bytes, s
 
 def fake_sf2(path: Path, programs, version=(2, 1), compressed: bool = False) -> Path:
     """A minimal RIFF sfbk file: INFO/ifil, an empty sdta, pdta with phdr (bank 0 presets) and shdr."""
+
     def chunk(cid: bytes, data: bytes) -> bytes:
         return cid + struct.pack("<I", len(data)) + data + (b"\0" if len(data) % 2 else b"")
 
@@ -279,9 +284,12 @@ def fake_sf2(path: Path, programs, version=(2, 1), compressed: bool = False) -> 
     phdr += struct.pack("<20sHHHIII", b"EOP", 0, 0, len(programs), 0, 0, 0)
     shdr = struct.pack("<20sIIIIIBbHH", b"s", 0, 1, 0, 1, 16000, 60, 0, 0, 0x11 if compressed else 1)
     shdr += struct.pack("<20sIIIIIBbHH", b"EOS", 0, 0, 0, 0, 0, 0, 0, 0, 0)
-    body = (b"sfbk" + chunk(b"LIST", b"INFO" + chunk(b"ifil", struct.pack("<HH", *version)))
-            + chunk(b"LIST", b"sdta" + chunk(b"smpl", b"\0" * 4))
-            + chunk(b"LIST", b"pdta" + chunk(b"phdr", phdr) + chunk(b"shdr", shdr)))
+    body = (
+        b"sfbk"
+        + chunk(b"LIST", b"INFO" + chunk(b"ifil", struct.pack("<HH", *version)))
+        + chunk(b"LIST", b"sdta" + chunk(b"smpl", b"\0" * 4))
+        + chunk(b"LIST", b"pdta" + chunk(b"phdr", phdr) + chunk(b"shdr", shdr))
+    )
     path.write_bytes(b"RIFF" + struct.pack("<I", len(body)) + body)
     return path
 
@@ -331,15 +339,27 @@ def test_missing_or_unreadable_soundfont_is_a_one_line_error_naming_file_and_fix
 def no_rendering(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("rendering started before the SoundFonts were checked")
+
     monkeypatch.setattr(gm_render, "render_notes", fail)
 
 
 def test_bad_soundfonts_stop_the_build_before_any_rendering(tmp_path: Path, no_rendering):
     lacking = fake_sf2(tmp_path / "no_organs.sf2", [p for p in range(128) if p not in (16, 19)])
-    build = dict(families=["organ"], per_family=10, max_total_size_mb=None, fractions=FRACTIONS, seed=0, workers=1,
-                 variants=2, min_eval_instruments=2)
-    with pytest.raises(ValueError, match=r"no_organs\.sf2 lacks bank-0 presets for GM programs 16 Drawbar Organ, "
-                                         r"19 Church Organ.*data\.soundfonts") as excinfo:
+    build = dict(
+        families=["organ"],
+        per_family=10,
+        max_total_size_mb=None,
+        fractions=FRACTIONS,
+        seed=0,
+        workers=1,
+        variants=2,
+        min_eval_instruments=2,
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"no_organs\.sf2 lacks bank-0 presets for GM programs 16 Drawbar Organ, "
+        r"19 Church Organ.*data\.soundfonts",
+    ) as excinfo:
         render_gm(tmp_path / "root", ["default", str(lacking)], **build)
     one_line_error(excinfo)
     with pytest.raises(FileNotFoundError, match="missing.sf2"):
@@ -353,8 +373,18 @@ def test_bad_soundfonts_stop_the_build_before_any_rendering(tmp_path: Path, no_r
 def test_rendered_examples_keep_variants_with_their_base_and_name_it(tmp_path: Path):
     root = tmp_path / "root"
     copy = shutil.copy(default_soundfont(), tmp_path / "copy.sf2")  # a second SoundFont: distinct instrument ids
-    stats = render_gm(root, ["default", str(copy)], ["organ"], per_family=24, max_total_size_mb=None,
-                      fractions=FRACTIONS, seed=0, workers=1, variants=2, min_eval_instruments=2)
+    stats = render_gm(
+        root,
+        ["default", str(copy)],
+        ["organ"],
+        per_family=24,
+        max_total_size_mb=None,
+        fractions=FRACTIONS,
+        seed=0,
+        workers=1,
+        variants=2,
+        min_eval_instruments=2,
+    )
     assert stats == {"rendered": 24}
     examples = {s: json.loads((split_dir(root, s) / "examples.json").read_text()) for s in SPLITS}
     split_of_base: dict[str, str] = {}
@@ -366,16 +396,31 @@ def test_rendered_examples_keep_variants_with_their_base_and_name_it(tmp_path: P
             assert NOTE_STR_RE.match(note_str)
             bases.add(ex["base_instrument_str"])
         assert len(bases) >= 2, f"{split} holds fewer than 2 of the 10 organ base instruments"
-    derived = [ex for entries in examples.values() for ex in entries.values()
-               if ex["instrument_str"] != ex["base_instrument_str"]]
+    derived = [
+        ex
+        for entries in examples.values()
+        for ex in entries.values()
+        if ex["instrument_str"] != ex["base_instrument_str"]
+    ]
     assert derived and all(ex["base_instrument_str"] != ex["instrument_str"] for ex in derived)
     assert {ex["instrument"] // 1_000_000 for e in examples.values() for ex in e.values()} == {0, 1}
     instruments = json.loads((root / "instruments.json").read_text())
-    assert all(instruments[ex["instrument_str"]]["split"] == split
-               for split, entries in examples.items() for ex in entries.values())
+    assert all(
+        instruments[ex["instrument_str"]]["split"] == split
+        for split, entries in examples.items()
+        for ex in entries.values()
+    )
     # a rerun reuses every render; another file listed second re-renders that SoundFont's notes only
-    again = dict(families=["organ"], per_family=24, max_total_size_mb=None, fractions=FRACTIONS, seed=0, workers=1,
-                 variants=2, min_eval_instruments=2)
+    again = dict(
+        families=["organ"],
+        per_family=24,
+        max_total_size_mb=None,
+        fractions=FRACTIONS,
+        seed=0,
+        workers=1,
+        variants=2,
+        min_eval_instruments=2,
+    )
     assert render_gm(root, ["default", str(copy)], **again) == {"reused": 24}
     other = shutil.copy(default_soundfont(), tmp_path / "other.sf2")
     second = sum(ex["instrument"] >= 1_000_000 for e in examples.values() for ex in e.values())

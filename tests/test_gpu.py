@@ -23,8 +23,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVICE = torch.device(os.environ.get("AKDS_GPU_TEST_DEVICE", "cuda"))
-requires_device = pytest.mark.skipif(DEVICE.type == "cuda" and not torch.cuda.is_available(),
-                                     reason="no CUDA device (AKDS_GPU_TEST_DEVICE=cpu tries these on the CPU)")
+requires_device = pytest.mark.skipif(
+    DEVICE.type == "cuda" and not torch.cuda.is_available(),
+    reason="no CUDA device (AKDS_GPU_TEST_DEVICE=cpu tries these on the CPU)",
+)
 on_gpu = [pytest.mark.gpu, requires_device]
 FAMILIES = ["bass", "keyboard", "reed", "string", "vocal"]  # the released NSynth sample's families
 
@@ -39,11 +41,24 @@ def gpu_run(tmp_path_factory) -> tuple[dict[str, Any], Any]:
 
     work = tmp_path_factory.mktemp("gpu")
     write_official_layout(work / "nsynth", copies_per_split=8)
-    config = compose("config", [
-        f"workdir={work}", "data=nsynth", f"data.root={work / 'nsynth'}", f"data.families=[{','.join(FAMILIES)}]",
-        "features.n_mels=32", "train.epochs=2", "train.batch_size=16", "train.warmup_epochs=0",
-        "train.num_threads=2", "teacher.epochs=2", "teacher.batch_size=16", "teacher.features.n_mels=32",
-        f"device={DEVICE}"])
+    config = compose(
+        "config",
+        [
+            f"workdir={work}",
+            "data=nsynth",
+            f"data.root={work / 'nsynth'}",
+            f"data.families=[{','.join(FAMILIES)}]",
+            "features.n_mels=32",
+            "train.epochs=2",
+            "train.batch_size=16",
+            "train.warmup_epochs=0",
+            "train.num_threads=2",
+            "teacher.epochs=2",
+            "teacher.batch_size=16",
+            "teacher.features.n_mels=32",
+            f"device={DEVICE}",
+        ],
+    )
     return config, prepare_data(config["data"], config["workdir"])
 
 
@@ -116,8 +131,14 @@ def test_data_teacher_and_logits_live_on_the_trials_device(gpu_run, seen):
     from trainable.teacher import kd_arguments, teacher_inputs
 
     config, data = gpu_run
-    pipeline = make_pipeline(data, "train", FeatureConfig.from_mapping(config["features"]), DEVICE, config["workdir"],
-                             config["train"]["device_data_share"])
+    pipeline = make_pipeline(
+        data,
+        "train",
+        FeatureConfig.from_mapping(config["features"]),
+        DEVICE,
+        config["workdir"],
+        config["train"]["device_data_share"],
+    )
     pipeline.prepare(train=True)
     batch = next(pipeline.batches(8, train=True, generator=torch.Generator().manual_seed(0)))
     assert {batch.features.device.type, batch.labels.device.type, batch.indices.device.type} == {DEVICE.type}
@@ -172,8 +193,14 @@ def test_pruning_and_macs_on_a_cuda_model(gpu_run, seen):
     cpu_model = create_student("mobilenet_v3_small", 0.75, data.num_classes, dropout)
     cpu_model.load_state_dict({k: v.cpu() for k, v in model.state_dict().items()})
     assert on_device == count_macs_params(cpu_model, shape)
-    step = prune_to_macs(model, torch.zeros(shape, device=DEVICE), on_device[0], 0.5, config["pruning"]["importance"],
-                         config["pruning"]["round_to"])
+    step = prune_to_macs(
+        model,
+        torch.zeros(shape, device=DEVICE),
+        on_device[0],
+        0.5,
+        config["pruning"]["importance"],
+        config["pruning"]["round_to"],
+    )
     assert abs(step.macs_ratio_reached - 0.5) <= MACS_TOLERANCE * 0.5
     assert {p.device.type for p in model.parameters()} == {DEVICE.type}
     with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
@@ -256,13 +283,22 @@ def test_gpu_checks_import_only_what_a_gpu_machine_has(tmp_path):
     from packaging.utils import canonicalize_name
 
     machine = requirements_closure(GPU_MACHINE)
-    wheels = {canonicalize_name(Requirement(line.split("#")[0]).name) for line in WHEELS.read_text().splitlines()
-              if line.split("#")[0].strip()}
+    wheels = {
+        canonicalize_name(Requirement(line.split("#")[0]).name)
+        for line in WHEELS.read_text().splitlines()
+        if line.split("#")[0].strip()
+    }
     unmet = {w: sorted(requirements_closure((w,)) - machine - wheels) for w in wheels}
     assert not {w: r for w, r in unmet.items() if r}, f"requirements of {WHEELS.name} entries missing from it: {unmet}"
     assert not {canonicalize_name(n) for n in NEVER} & (machine | wheels)
     bare_site_packages(tmp_path / "site-packages", machine | wheels)
-    out = subprocess.run([sys.executable, "-S", "-c", IMPORTED, str(tmp_path / "site-packages"),
-                          *map(str, GPU_FILES)], capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert out.returncode == 0, (f"an import needs a package that neither the GPU machine nor {WHEELS.name} has:\n"
-                                 + out.stderr[-3000:])
+    out = subprocess.run(
+        [sys.executable, "-S", "-c", IMPORTED, str(tmp_path / "site-packages"), *map(str, GPU_FILES)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert out.returncode == 0, (
+        f"an import needs a package that neither the GPU machine nor {WHEELS.name} has:\n" + out.stderr[-3000:]
+    )

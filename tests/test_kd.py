@@ -67,7 +67,8 @@ def test_mixup_mixes_teacher_targets_and_labels_with_the_same_lambda_and_order(l
 def test_alpha_zero_is_plain_cross_entropy_and_alpha_one_is_pure_kd():
     student, teacher, targets = _batch(1)
     assert kd_loss(student, teacher, targets, KD["T"], alpha=0.0).total.item() == pytest.approx(
-        F.cross_entropy(student, targets).item(), rel=1e-12)
+        F.cross_entropy(student, targets).item(), rel=1e-12
+    )
     pure = kd_loss(student, teacher, targets, KD["T"], alpha=1.0)
     assert pure.total.item() == pytest.approx(pure.kd.item(), rel=1e-12)
 
@@ -86,12 +87,15 @@ def test_gradients_reach_student_logits_only():
     assert student.grad is not None and student.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"T": 0.0}, "temperature"),
-    ({"T": -1.0}, "temperature"),
-    ({"alpha": 1.5}, "alpha"),
-    ({"alpha": -0.1}, "alpha"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"T": 0.0}, "temperature"),
+        ({"T": -1.0}, "temperature"),
+        ({"alpha": 1.5}, "alpha"),
+        ({"alpha": -0.1}, "alpha"),
+    ],
+)
 def test_rejects_bad_hyperparameters(kwargs, message):
     student, teacher, targets = _batch()
     with pytest.raises(ValueError, match=message):

@@ -24,8 +24,14 @@ TAGS = {"space": "quick", "sampler": "tpe", "scheduler": "pareto_asha"}
 class FakeTrial:
     """The attributes of ray.tune.experiment.Trial the callback reads."""
 
-    def __init__(self, trial_id: str, config: dict[str, Any], checkpoint: Any = None, error_file: str | None = None,
-                 local_path: str | None = None):
+    def __init__(
+        self,
+        trial_id: str,
+        config: dict[str, Any],
+        checkpoint: Any = None,
+        error_file: str | None = None,
+        local_path: str | None = None,
+    ):
         self.trial_id, self.config, self.checkpoint, self.error_file = trial_id, config, checkpoint, error_file
         self.local_path = local_path
 
@@ -103,8 +109,15 @@ def checkpoint_dir(tmp_path: Path, epoch: int = 3) -> Path:
 
 
 def result(epoch: int | None, iteration: int, config: dict[str, Any], **metrics: Any) -> dict[str, Any]:
-    out = {"training_iteration": iteration, "done": False, "trial_id": "x", "date": "2025-01-01_00-00-00",
-           "time_this_iter_s": 0.5, "config": config, **metrics}
+    out = {
+        "training_iteration": iteration,
+        "done": False,
+        "trial_id": "x",
+        "date": "2025-01-01_00-00-00",
+        "time_this_iter_s": 0.5,
+        "config": config,
+        **metrics,
+    }
     if epoch is not None:
         out["epoch"] = epoch
     return out
@@ -144,8 +157,20 @@ def test_one_run_per_trial_with_params_tags_metrics_and_artifacts(tmp_path, trac
     start(callback, a)
     start(callback, b)
     for epoch in (1, 2, 3):
-        report(callback, a, result(epoch, epoch + 10, params_a, val_acc=0.1 * epoch, macs=1000 * epoch,
-                                   kd_loss=float("nan"), flag=True, note="text"))
+        report(
+            callback,
+            a,
+            result(
+                epoch,
+                epoch + 10,
+                params_a,
+                val_acc=0.1 * epoch,
+                macs=1000 * epoch,
+                kd_loss=float("nan"),
+                flag=True,
+                note="text",
+            ),
+        )
     report(callback, b, result(None, 7, params_b, val_acc=0.5))
     with mock.patch.object(Checkpoint, "to_directory", side_effect=AssertionError("local: no copy")):
         a.checkpoint = Checkpoint.from_directory(str(checkpoint_dir(tmp_path)))
@@ -156,10 +181,19 @@ def test_one_run_per_trial_with_params_tags_metrics_and_artifacts(tmp_path, trac
     assert len(runs) == 2
     run = next(r for r in runs if r.data.tags["trial_id"] == "a0001")
     assert run.info.status == "FINISHED" and run.info.run_name == "search-a0001"
-    assert {k: run.data.tags[k] for k in ("space", "sampler", "scheduler", "stage", "trial_name", "trial_id", "kd",
-                                          "pruning_mode")} == {
-        "space": "quick", "sampler": "tpe", "scheduler": "pareto_asha", "stage": "search",
-        "trial_name": "run_trial_a0001", "trial_id": "a0001", "kd": "on", "pruning_mode": "single"}
+    assert {
+        k: run.data.tags[k]
+        for k in ("space", "sampler", "scheduler", "stage", "trial_name", "trial_id", "kd", "pruning_mode")
+    } == {
+        "space": "quick",
+        "sampler": "tpe",
+        "scheduler": "pareto_asha",
+        "stage": "search",
+        "trial_name": "run_trial_a0001",
+        "trial_id": "a0001",
+        "kd": "on",
+        "pruning_mode": "single",
+    }
     expected = {k: str(v) for k, v in flatten(trial_config(base_config, params_a)).items()}
     assert run.data.params == expected and run.data.params["kd.T"] == "4.0"
     # every numeric value of the result, at step = epoch (not training_iteration); no bools, no strings
@@ -169,10 +203,14 @@ def test_one_run_per_trial_with_params_tags_metrics_and_artifacts(tmp_path, trac
     assert all(math.isnan(m.value) for m in client.get_metric_history(run.info.run_id, "kd_loss"))
     assert "config/kd.T" in run.data.metrics and "time_this_iter_s" in run.data.metrics
     assert not {"done", "flag", "note", "date", "trial_id", "config/kd.enabled"} & set(run.data.metrics)
-    assert artifact_paths(client, run.info.run_id) == {"config.json", "last_checkpoint/history.json",
-                                                       "last_checkpoint/checkpoint.pt"}
-    logged = json.loads(Path(client.download_artifacts(run.info.run_id, "config.json", str(tmp_path / "dl")))
-                        .read_text())
+    assert artifact_paths(client, run.info.run_id) == {
+        "config.json",
+        "last_checkpoint/history.json",
+        "last_checkpoint/checkpoint.pt",
+    }
+    logged = json.loads(
+        Path(client.download_artifacts(run.info.run_id, "config.json", str(tmp_path / "dl"))).read_text()
+    )
     assert logged == json.loads(json.dumps(trial_config(base_config, params_a)))
 
     other = next(r for r in runs if r.data.tags["trial_id"] == "b0002")
@@ -199,8 +237,11 @@ def test_restored_trial_continues_its_run_after_a_driver_restart(tmp_path, track
     assert [r.info.status for r in runs] == ["RUNNING"]
     n_params = len(runs[0].data.params)
 
-    second = (make_callback(tracking, base_config, setup=False) if restart == "fresh_object"
-              else pickle.loads(pickled_at_tuner_creation))
+    second = (
+        make_callback(tracking, base_config, setup=False)
+        if restart == "fresh_object"
+        else pickle.loads(pickled_at_tuner_creation)
+    )
     second.setup()
     restored = FakeTrial("c0003", dict(params))
     start(second, restored)
@@ -214,8 +255,9 @@ def test_restored_trial_continues_its_run_after_a_driver_restart(tmp_path, track
     assert len(runs[0].data.params) == n_params
     history = client.get_metric_history(runs[0].info.run_id, "val_acc")
     assert [m.step for m in history] == [1, 2, 3]
-    assert {"last_checkpoint/history.json", "last_checkpoint/checkpoint.pt"} <= artifact_paths(client,
-                                                                                               runs[0].info.run_id)
+    assert {"last_checkpoint/history.json", "last_checkpoint/checkpoint.pt"} <= artifact_paths(
+        client, runs[0].info.run_id
+    )
 
 
 def test_errored_trial_tags_error_and_fails_then_resume_errored_reopens_it(tmp_path, tracking, base_config):
@@ -255,8 +297,11 @@ def test_remote_checkpoint_is_materialised_before_logging(tmp_path, tracking, ba
     client, runs = client_and_runs(tracking)
     run_id = runs[0].info.run_id
     assert len(fake.downloaded_to) == 1 and not fake.downloaded_to[0].exists()  # temp dir cleaned up
-    assert artifact_paths(client, run_id) == {"config.json", "last_checkpoint/history.json",
-                                              "last_checkpoint/checkpoint.pt"}
+    assert artifact_paths(client, run_id) == {
+        "config.json",
+        "last_checkpoint/history.json",
+        "last_checkpoint/checkpoint.pt",
+    }
     local = Path(client.download_artifacts(run_id, "last_checkpoint/checkpoint.pt", str(tmp_path / "dl")))
     assert local.read_bytes() == b"remote weights"
 
@@ -276,8 +321,11 @@ def test_real_checkpoint_on_a_non_local_pyarrow_filesystem(tmp_path, tracking, b
         complete(callback, trial)
     assert spy.call_count == 1
     client, runs = client_and_runs(tracking)
-    assert artifact_paths(client, runs[0].info.run_id) == {"config.json", "last_checkpoint/history.json",
-                                                           "last_checkpoint/checkpoint.pt"}
+    assert artifact_paths(client, runs[0].info.run_id) == {
+        "config.json",
+        "last_checkpoint/history.json",
+        "last_checkpoint/checkpoint.pt",
+    }
 
 
 def test_params_are_batched_at_most_100_and_long_values_truncated(tracking, base_config, monkeypatch):
@@ -286,8 +334,11 @@ def test_params_are_batched_at_most_100_and_long_values_truncated(tracking, base
     import sweeps.mlflow_logging as module
 
     real = module.trial_config  # the real config has < 100 keys: add more, and one over MLflow's value limit
-    monkeypatch.setattr(module, "trial_config", lambda base, params: {
-        **real(base, params), "extra": {f"k{i:03d}": i for i in range(150)}, "long": "v" * 7000})
+    monkeypatch.setattr(
+        module,
+        "trial_config",
+        lambda base, params: {**real(base, params), "extra": {f"k{i:03d}": i for i in range(150)}, "long": "v" * 7000},
+    )
     callback = make_callback(tracking, base_config)
     calls = []
     original = callback.client.log_batch
@@ -308,9 +359,17 @@ def test_params_are_batched_at_most_100_and_long_values_truncated(tracking, base
 
 def retrain_point(front_trial: str, role: str, seed: int) -> dict[str, Any]:
     """A grid point of the retrain stage, as sweeps/retrain.py makes it."""
-    return {"grid_point": {"kd.enabled": role == "kd_toggled", "pruning.mode": "none", "train.epochs": 4,
-                           "train.seed": seed, "train.test_at_end": True, "origin.front_trial": front_trial,
-                           "origin.role": role}}
+    return {
+        "grid_point": {
+            "kd.enabled": role == "kd_toggled",
+            "pruning.mode": "none",
+            "train.epochs": 4,
+            "train.seed": seed,
+            "train.test_at_end": True,
+            "origin.front_trial": front_trial,
+            "origin.role": role,
+        }
+    }
 
 
 @pytest.mark.parametrize("stage_tag", ["final", "retrain", None])
@@ -319,15 +378,19 @@ def test_retrain_runs_are_named_by_configuration_role_and_seed(tracking, base_co
     it `final`), and without any stage tag a run whose config names a front trial is a retrain run too."""
     tags = TAGS if stage_tag is None else TAGS | {"stage": stage_tag}
     callback = make_callback(tracking, base_config, tags=tags)
-    trials = [FakeTrial(f"r000{i}", retrain_point("abc12_00007", role, seed))
-              for i, (role, seed) in enumerate([("front", 42), ("front", 43), ("kd_toggled", 42)])]
+    trials = [
+        FakeTrial(f"r000{i}", retrain_point("abc12_00007", role, seed))
+        for i, (role, seed) in enumerate([("front", 42), ("front", 43), ("kd_toggled", 42)])
+    ]
     for trial in trials:
         start(callback, trial)
         complete(callback, trial)
     _, runs = client_and_runs(tracking)
-    assert sorted(r.info.run_name for r in runs) == ["retrain-abc12_00007-front-seed42",
-                                                     "retrain-abc12_00007-front-seed43",
-                                                     "retrain-abc12_00007-kd_toggled-seed42"]
+    assert sorted(r.info.run_name for r in runs) == [
+        "retrain-abc12_00007-front-seed42",
+        "retrain-abc12_00007-front-seed43",
+        "retrain-abc12_00007-kd_toggled-seed42",
+    ]
     assert {r.data.tags["stage"] for r in runs} == {"retrain"}
     assert {r.data.params["origin.role"] for r in runs} == {"front", "kd_toggled"}
 
@@ -402,8 +465,15 @@ def test_tuner_pkl_of_a_sweep_started_before_the_subclass_still_restores(tmp_pat
     from sweeps.mlflow_logging import SweepMLflowCallback
 
     uri, name = tracking
-    old_state = {"tracking_uri": uri, "experiment_name": name, "base_config": base_config,
-                 "tags": TAGS | {"stage": "final"}, "_runs": {}, "_client": None, "_experiment_id": None}
+    old_state = {
+        "tracking_uri": uri,
+        "experiment_name": name,
+        "base_config": base_config,
+        "tags": TAGS | {"stage": "final"},
+        "_runs": {},
+        "_client": None,
+        "_experiment_id": None,
+    }
     callback = SweepMLflowCallback.__new__(SweepMLflowCallback)
     callback.__setstate__(old_state)
     callback.setup()
@@ -417,11 +487,21 @@ def test_tuner_pkl_of_a_sweep_started_before_the_subclass_still_restores(tmp_pat
 
 # What the subclass relies on in Ray's MLflowLoggerCallback (ray.air.integrations.mlflow) and its LoggerCallback
 # base: the hooks it overrides, with these parameters, reached from Tune's events through LoggerCallback.
-OVERRIDDEN_HOOKS = {"setup": ["self", "args", "kwargs"], "log_trial_start": ["self", "trial"],
-                    "log_trial_result": ["self", "iteration", "trial", "result"],
-                    "log_trial_end": ["self", "trial", "failed"]}
-RAY_ARGUMENTS = {"tracking_uri", "registry_uri", "experiment_name", "tags", "tracking_token", "save_artifact",
-                 "log_params_on_trial_end"}
+OVERRIDDEN_HOOKS = {
+    "setup": ["self", "args", "kwargs"],
+    "log_trial_start": ["self", "trial"],
+    "log_trial_result": ["self", "iteration", "trial", "result"],
+    "log_trial_end": ["self", "trial", "failed"],
+}
+RAY_ARGUMENTS = {
+    "tracking_uri",
+    "registry_uri",
+    "experiment_name",
+    "tags",
+    "tracking_token",
+    "save_artifact",
+    "log_params_on_trial_end",
+}
 
 
 def test_is_rays_mlflow_callback_and_overrides_only_its_trial_hooks(tracking, base_config):
@@ -450,9 +530,11 @@ def test_tunes_events_reach_the_overridden_hooks(tracking, base_config):
     """LoggerCallback turns on_trial_start/result/complete/error into log_trial_start/result/end(failed=...)."""
     callback = make_callback(tracking, base_config)
     trial, res = FakeTrial("h0001", {}), {"training_iteration": 1}
-    with mock.patch.object(callback, "log_trial_start") as started, \
-            mock.patch.object(callback, "log_trial_result") as reported, \
-            mock.patch.object(callback, "log_trial_end") as ended:
+    with (
+        mock.patch.object(callback, "log_trial_start") as started,
+        mock.patch.object(callback, "log_trial_result") as reported,
+        mock.patch.object(callback, "log_trial_end") as ended,
+    ):
         start(callback, trial)
         report(callback, trial, res)
         complete(callback, trial)
@@ -470,11 +552,23 @@ def test_rays_constructor_and_setup_do_what_the_subclass_relies_on(tracking_uri,
     monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "before")
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
     uri = tracking_uri
-    callback = make_callback((uri, "made-by-setup"), base_config, setup=False, registry_uri=uri, tracking_token="tok",
-                             save_artifact=True, log_params_on_trial_end=True)
-    assert (callback.tracking_uri, callback.registry_uri, callback.experiment_name, callback.tracking_token,
-            callback.should_save_artifact, callback.log_params_on_trial_end) == (
-        uri, uri, "made-by-setup", "tok", True, True)
+    callback = make_callback(
+        (uri, "made-by-setup"),
+        base_config,
+        setup=False,
+        registry_uri=uri,
+        tracking_token="tok",
+        save_artifact=True,
+        log_params_on_trial_end=True,
+    )
+    assert (
+        callback.tracking_uri,
+        callback.registry_uri,
+        callback.experiment_name,
+        callback.tracking_token,
+        callback.should_save_artifact,
+        callback.log_params_on_trial_end,
+    ) == (uri, uri, "made-by-setup", "tok", True, True)
     assert MlflowClient(uri).get_experiment_by_name("made-by-setup") is None
     callback.setup()
     assert os.environ["MLFLOW_TRACKING_TOKEN"] == "tok"

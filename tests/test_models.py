@@ -18,8 +18,13 @@ def student_model(**given) -> nn.Module:
 def teacher_model(name: str, **given) -> nn.Module:
     """create_teacher of the schema's teacher.pretrained and teacher.freeze for every family, `given` over them."""
     teacher = run_defaults()["teacher"]
-    return create_teacher(name, **({"num_classes": len(FAMILIES), "pretrained": teacher["pretrained"],
-                                    "freeze_backbone": teacher["freeze"]} | given))
+    return create_teacher(
+        name,
+        **(
+            {"num_classes": len(FAMILIES), "pretrained": teacher["pretrained"], "freeze_backbone": teacher["freeze"]}
+            | given
+        ),
+    )
 
 
 def _first_conv(model: nn.Module) -> nn.Conv2d:
@@ -55,15 +60,19 @@ def test_student_head_and_dropout_follow_arguments():
 def test_width_mult_shrinks_the_student():
     def n_params(width: float) -> int:
         return sum(p.numel() for p in student_model(width_mult=width).parameters())
+
     assert n_params(0.5) < n_params(0.75) < n_params(1.0)
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"arch": "resnet18"}, "mobilenet_v3_small"),  # the message lists the registry
-    ({"width_mult": 0.0}, "width_mult"),
-    ({"num_classes": 0}, "num_classes"),
-    ({"dropout": 1.0}, "dropout"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"arch": "resnet18"}, "mobilenet_v3_small"),  # the message lists the registry
+        ({"width_mult": 0.0}, "width_mult"),
+        ({"num_classes": 0}, "num_classes"),
+        ({"dropout": 1.0}, "dropout"),
+    ],
+)
 def test_student_rejects_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         student_model(**kwargs)

@@ -28,19 +28,36 @@ def add_synth_lead_to_train(root: Path, notes: int = 4) -> None:
     template = next(iter(json.loads(SAMPLE_EXAMPLES.read_text()).values()))
     for k in range(notes):
         ex = copy.deepcopy(template)
-        ex |= {"instrument_family": 9, "instrument_family_str": "synth_lead", "instrument_str":
-               f"synth_lead_synthetic_{900 + k:03d}", "instrument": 900 + k, "pitch": 60 + k}
+        ex |= {
+            "instrument_family": 9,
+            "instrument_family_str": "synth_lead",
+            "instrument_str": f"synth_lead_synthetic_{900 + k:03d}",
+            "instrument": 900 + k,
+            "pitch": 60 + k,
+        }
         ex["note_str"] = make_note_str(ex["instrument_str"], ex["pitch"], ex["velocity"])
         examples[ex["note_str"]] = ex
-        sf.write(wav_path(root, "train", ex["note_str"]), synth_note(ex["pitch"], 100, timbre=2), 16000,
-                 subtype="PCM_16")
+        sf.write(
+            wav_path(root, "train", ex["note_str"]), synth_note(ex["pitch"], 100, timbre=2), 16000, subtype="PCM_16"
+        )
     examples_path.write_text(json.dumps(examples))
 
 
 def build(workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "data_prep" / "build.py"), f"workdir={workdir}",
-                           "data.clip_seconds=0.5", "data.prep_workers=2", *args],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    return subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "data_prep" / "build.py"),
+            f"workdir={workdir}",
+            "data.clip_seconds=0.5",
+            "data.prep_workers=2",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
 
 
 def test_official_release_builds_with_its_own_splits_and_reports_the_missing_family(official_root, tmp_path):
@@ -58,8 +75,13 @@ def test_official_release_builds_with_its_own_splits_and_reports_the_missing_fam
 
 
 def test_subset_preset_caps_each_split_and_family_and_says_what_it_dropped(official_root, tmp_path):
-    out = build(tmp_path / "work", "data=nsynth_subset", f"data.root={official_root}",
-                "data.families=[bass,keyboard,reed,string,vocal]", "data.split_caps.train=2")
+    out = build(
+        tmp_path / "work",
+        "data=nsynth_subset",
+        f"data.root={official_root}",
+        "data.families=[bass,keyboard,reed,string,vocal]",
+        "data.split_caps.train=2",
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     ids = json.loads(next((tmp_path / "work" / "cache" / "waveforms").glob("*/train_ids.json")).read_text())
     assert len(ids) == 2 * 5  # 3 notes per family in the fixture's train split, capped at 2
@@ -67,19 +89,27 @@ def test_subset_preset_caps_each_split_and_family_and_says_what_it_dropped(offic
     assert "kept 10 of 15 train notes, dropped 5" in out.stdout + out.stderr
 
 
-@pytest.mark.parametrize("setup,args,message", [
-    ("no_valid", [], "lacks nsynth-valid/examples.json"),
-    ("bad_json", [], "is not valid JSON"),
-    ("ok", ["data.split_caps.valid=0"], "data.split_caps has {'valid': 0}"),
-    ("ok", ["data.prep_workers=0"], "data.prep_workers=0 must be > 0"),
-])
+@pytest.mark.parametrize(
+    "setup,args,message",
+    [
+        ("no_valid", [], "lacks nsynth-valid/examples.json"),
+        ("bad_json", [], "is not valid JSON"),
+        ("ok", ["data.split_caps.valid=0"], "data.split_caps has {'valid': 0}"),
+        ("ok", ["data.prep_workers=0"], "data.prep_workers=0 must be > 0"),
+    ],
+)
 def test_bad_data_input_is_one_line_before_any_decoding(official_root, tmp_path, setup, args, message):
     if setup == "no_valid":
         (split_dir(official_root, "valid") / "examples.json").unlink()
     elif setup == "bad_json":
         (split_dir(official_root, "test") / "examples.json").write_text("{not json")
-    out = build(tmp_path / "work", "data=nsynth", f"data.root={official_root}",
-                "data.families=[bass,keyboard,reed,string,vocal]", *args)
+    out = build(
+        tmp_path / "work",
+        "data=nsynth",
+        f"data.root={official_root}",
+        "data.families=[bass,keyboard,reed,string,vocal]",
+        *args,
+    )
     assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], out.stderr[-2000:]
@@ -98,12 +128,18 @@ def hub_dataset(folder: Path, per_split: int) -> None:
             buf = io.BytesIO()
             sf.write(buf, synth_note(ex["pitch"], ex["velocity"], seconds=0.5), 16000, format="WAV")
             instrument = ex["instrument"] + 1000 * offset + k
-            rows.append({**{f: ex[f] for f in REQUIRED_FIELDS if f not in ("note_str", "instrument_str")},
-                         "instrument": instrument, "instrument_str": f"{ex['instrument_family_str']}_"
-                         f"{ex['instrument_source_str']}_{instrument % 1000:03d}",
-                         "audio": {"bytes": buf.getvalue(), "path": None}})
+            rows.append(
+                {
+                    **{f: ex[f] for f in REQUIRED_FIELDS if f not in ("note_str", "instrument_str")},
+                    "instrument": instrument,
+                    "instrument_str": f"{ex['instrument_family_str']}_"
+                    f"{ex['instrument_source_str']}_{instrument % 1000:03d}",
+                    "audio": {"bytes": buf.getvalue(), "path": None},
+                }
+            )
         datasets.Dataset.from_list(rows).cast_column("audio", datasets.Audio()).to_parquet(
-            str(folder / f"{split}-00000.parquet"))
+            str(folder / f"{split}-00000.parquet")
+        )
 
 
 def test_interrupted_hub_stream_resumes_without_fetching_finished_notes(tmp_path, monkeypatch):
@@ -114,9 +150,17 @@ def test_interrupted_hub_stream_resumes_without_fetching_finished_notes(tmp_path
     hub_dataset(hub, per_split=40)
     root = tmp_path / "materialised"
     monkeypatch.setattr(sources, "SAVE_EVERY", 8)
-    args = (root, str(hub), {"train": "train", "valid": "validation", "test": "test"},
-            ["bass", "keyboard", "reed", "string", "vocal"], None, None, 0, {"train": .8, "valid": .1, "test": .1},
-            run_defaults()["data"]["split_caps"])
+    args = (
+        root,
+        str(hub),
+        {"train": "train", "valid": "validation", "test": "test"},
+        ["bass", "keyboard", "reed", "string", "vocal"],
+        None,
+        None,
+        0,
+        {"train": 0.8, "valid": 0.1, "test": 0.1},
+        run_defaults()["data"]["split_caps"],
+    )
     decoded: list[str] = []
     real_decode = sources._decode_hub_audio
 

@@ -176,6 +176,7 @@ def test_state_callback_restores_rungs_the_way_tuner_restore_does(tmp_path):
 
 # Budgets (sweeps/budget.py): a trial known to break one is stopped at once and never ranked.
 
+
 def _budgeted(**limits) -> ParetoASHA:
     from tests.test_budget import budget_of
 
@@ -185,8 +186,15 @@ def _budgeted(**limits) -> ParetoASHA:
 
 
 def _epoch(epoch, acc, target_macs, macs=None, params=1000, pruning_step=0, **extra) -> dict:
-    return {"epoch": epoch, "val_acc": acc, "target_macs": target_macs,
-            "macs": target_macs if macs is None else macs, "params": params, "pruning_step": pruning_step, **extra}
+    return {
+        "epoch": epoch,
+        "val_acc": acc,
+        "target_macs": target_macs,
+        "macs": target_macs if macs is None else macs,
+        "params": params,
+        "pruning_step": pruning_step,
+        **extra,
+    }
 
 
 def test_budget_breaking_trial_is_stopped_at_its_first_report_and_never_ranked():
@@ -219,8 +227,10 @@ def test_params_and_kb_budgets_stop_a_trial_only_once_its_pruning_is_done():
     trial = _trial("A")
     # 900 params before the pruning step: pruning may still bring them under the budget
     assert scheduler.on_trial_result(None, trial, _epoch(1, 0.5, 50, params=900, pruning_steps=2)) == CONTINUE
-    second, last = (_epoch(epoch, 0.5, 50, params=params, pruning_step=epoch - 1, pruning_steps=2)
-                    for epoch, params in ((2, 700), (3, 600)))
+    second, last = (
+        _epoch(epoch, 0.5, 50, params=params, pruning_step=epoch - 1, pruning_steps=2)
+        for epoch, params in ((2, 700), (3, 600))
+    )
     assert scheduler.on_trial_result(None, trial, second) == CONTINUE
     assert scheduler.on_trial_result(None, trial, last) == STOP
     assert scheduler.over_budget == {"A": {"max_params": 600.0, "max_kb": 2.4}}
@@ -265,8 +275,9 @@ def test_rung_metric_val_loss_ranks_lower_loss_first_and_leaves_the_searcher_on_
         rung_objectives("multi", "top5")
     scheduler = make_scheduler("pareto_asha", "multi", 10, 2, 3, metric="val_loss")
     for name, acc, loss in (("A", 0.5, 1.0), ("B", 0.6, 2.0), ("C", 0.4, 0.9)):
-        decision = scheduler.on_trial_result(None, _trial(name), {"epoch": 2, "val_acc": acc, "val_loss": loss,
-                                                                   "target_macs": 1e6})
+        decision = scheduler.on_trial_result(
+            None, _trial(name), {"epoch": 2, "val_acc": acc, "val_loss": loss, "target_macs": 1e6}
+        )
         assert decision == {"A": CONTINUE, "B": STOP, "C": CONTINUE}[name]  # keep ceil(n/3) by loss, ties continue
     asha = make_scheduler("asha", "single", 10, 2, 3, metric="val_loss")
     assert isinstance(asha, AsyncHyperBandScheduler) and (asha._metric, asha._mode) == ("val_loss", "min")

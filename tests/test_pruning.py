@@ -32,8 +32,13 @@ def _student(arch: str = "mobilenet_v3_small") -> nn.Module:
 
 def prune(model: nn.Module, example: torch.Tensor, base_macs: int, ratio: float, **given) -> PruneStep:
     """prune_to_macs with the schema's pruning.importance and pruning.round_to, `given` over them."""
-    return prune_to_macs(model, example, base_macs, ratio,
-                         **({"importance": PRUNING["importance"], "round_to": PRUNING["round_to"]} | given))
+    return prune_to_macs(
+        model,
+        example,
+        base_macs,
+        ratio,
+        **({"importance": PRUNING["importance"], "round_to": PRUNING["round_to"]} | given),
+    )
 
 
 def _n_params(model: nn.Module) -> int:
@@ -51,9 +56,11 @@ def _assert_on_target(model: nn.Module, step: PruneStep, base_macs: int, input_s
 
 # --- schedules -------------------------------------------------------------------------------------------------
 
+
 def test_schedule_cubic_and_linear_by_hand():
     assert pruning_schedule("progressive", 0.3, 3, "cubic") == pytest.approx(
-        [0.3 + 0.7 * (2 / 3) ** 3, 0.3 + 0.7 * (1 / 3) ** 3, 0.3])
+        [0.3 + 0.7 * (2 / 3) ** 3, 0.3 + 0.7 * (1 / 3) ** 3, 0.3]
+    )
     assert pruning_schedule("progressive", 0.2, 4, "linear") == pytest.approx([0.8, 0.6, 0.4, 0.2])
     assert pruning_schedule("progressive", 0.3, 3, "cubic")[-1] == 0.3  # exactly the target, no float drift
 
@@ -65,19 +72,23 @@ def test_schedule_other_modes():
     assert pruning_schedule("progressive", 0.5, 1, PRUNING["schedule"]) == [0.5]
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (("cut", 0.5, 3, "cubic"), "mode"),
-    (("single", 0.0, 3, "cubic"), "target_macs_ratio"),
-    (("single", 1.2, 3, "cubic"), "target_macs_ratio"),
-    (("progressive", 0.5, 0, "cubic"), "steps"),
-    (("progressive", 0.5, 3, "exp"), "schedule"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("cut", 0.5, 3, "cubic"), "mode"),
+        (("single", 0.0, 3, "cubic"), "target_macs_ratio"),
+        (("single", 1.2, 3, "cubic"), "target_macs_ratio"),
+        (("progressive", 0.5, 0, "cubic"), "steps"),
+        (("progressive", 0.5, 3, "exp"), "schedule"),
+    ],
+)
 def test_schedule_rejects_bad_arguments(args, message):
     with pytest.raises(ValueError, match=message):
         pruning_schedule(*args)
 
 
 # --- MACs ------------------------------------------------------------------------------------------------------
+
 
 def test_count_macs_params_leaves_the_model_untouched():
     model = _student().train()
@@ -92,9 +103,16 @@ def test_count_macs_params_leaves_the_model_untouched():
 
 # --- structural pruning ----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("arch", "n_mels"), [
-    ("mobilenet_v3_small", 32), ("mobilenet_v3_small", 64), ("mobilenet_v2", 48), ("mobilenet_v3_large", 32),
-])
+
+@pytest.mark.parametrize(
+    ("arch", "n_mels"),
+    [
+        ("mobilenet_v3_small", 32),
+        ("mobilenet_v3_small", 64),
+        ("mobilenet_v2", 48),
+        ("mobilenet_v3_large", 32),
+    ],
+)
 def test_single_shot_reaches_half_the_macs(arch, n_mels):
     model = _student(arch)
     input_shape = (1, 1, n_mels, 40)
@@ -124,8 +142,14 @@ def test_every_importance_prunes_and_ranks_channels_differently(caplog):
     for importance in ("l1", "l2", "taylor", "random"):
         model = _student().train()  # as in a fine-tuning loop
         base_macs, _ = count_macs_params(model, SMALL_INPUT)
-        step = prune(model, example, base_macs, 0.5, importance=importance,
-                     calibration=lambda m: F.cross_entropy(m(calibration_x), calibration_y))
+        step = prune(
+            model,
+            example,
+            base_macs,
+            0.5,
+            importance=importance,
+            calibration=lambda m: F.cross_entropy(m(calibration_x), calibration_y),
+        )
         assert model.training
         _assert_on_target(model.eval(), step, base_macs, SMALL_INPUT)
         assert all(p.grad is None for p in model.parameters())  # taylor's calibration gradients are cleared
@@ -142,6 +166,7 @@ def test_round_to_keeps_channel_counts_multiples_of_it():
         base_macs, _ = count_macs_params(model, SMALL_INPUT)
         prune(model, torch.randn(SMALL_INPUT), base_macs, 0.5, round_to=round_to)
         return [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d) and m.out_channels % 8]
+
     assert odd_widths(None)  # otherwise this test could not tell round_to apart from luck
     assert odd_widths(8) == []
 
@@ -170,6 +195,7 @@ def test_target_already_met_changes_nothing():
 
 # --- unstructured baseline -------------------------------------------------------------------------------------
 
+
 def test_unstructured_zeroes_weights_but_not_macs():
     model = _student()
     base_macs, base_params = count_macs_params(model, SMALL_INPUT)
@@ -193,6 +219,7 @@ def test_unstructured_zeroes_weights_but_not_macs():
 
 
 # --- checkpoints -----------------------------------------------------------------------------------------------
+
 
 def test_pruned_model_round_trips_through_weights_only_checkpoint(tmp_path):
     model = _student()

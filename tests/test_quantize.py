@@ -78,8 +78,10 @@ def test_percentile_calibration_that_fails_falls_back_to_minmax(fp32_model, monk
     fp32_path, features, _ = fp32_model
     done = quantize_onnx(fp32_path, fp32_path.with_name("fallback.int8.onnx"), features[:8])
     assert methods == ["Percentile", "MinMax"] and done["calibrate_method"] == "MinMax"
-    assert done["calibration_fallback"] == "Percentile failed: Too many bins for data range. Cannot create 2048 " \
-                                           "finite-sized bins."
+    assert (
+        done["calibration_fallback"] == "Percentile failed: Too many bins for data range. Cannot create 2048 "
+        "finite-sized bins."
+    )
     assert "MinMax calibration on 8 train clips; Percentile failed: Too many bins" in done["method"]
     assert Path(done["onnx"]).is_file()
 
@@ -91,8 +93,10 @@ def test_quantizer_failure_keeps_fp32_and_reports_one_line(fp32_model, monkeypat
     from common.trial_table import export_columns
 
     def refuse(*args, **kwargs):
-        raise RuntimeError("[ONNXRuntimeError] : 9 : NOT_IMPLEMENTED :\n Could not find an implementation for "
-                           "HardSigmoid(6) node with name ''")
+        raise RuntimeError(
+            "[ONNXRuntimeError] : 9 : NOT_IMPLEMENTED :\n Could not find an implementation for "
+            "HardSigmoid(6) node with name ''"
+        )
 
     monkeypatch.setattr(onnxruntime.quantization, "quantize_static", refuse)
     fp32_path, features, labels = fp32_model
@@ -102,8 +106,15 @@ def test_quantizer_failure_keeps_fp32_and_reports_one_line(fp32_model, monkeypat
     assert entry["onnx"] is None and entry["error"].startswith("RuntimeError: [ONNXRuntimeError]")
     assert "\n" not in entry["error"] and "HardSigmoid" in entry["ops_in_fp32"]
     assert not int8_path.exists() and fp32_path.is_file()  # the fp32 model is untouched
-    manifest = {"trial_id": "t1", "onnx": str(fp32_path), "bytes": fp32_path.stat().st_size, "error": None,
-                "kb": {"fp32": 4.0, "int8": 1.0}, "int8": entry, "latency": None}
+    manifest = {
+        "trial_id": "t1",
+        "onnx": str(fp32_path),
+        "bytes": fp32_path.stat().st_size,
+        "error": None,
+        "kb": {"fp32": 4.0, "int8": 1.0},
+        "int8": entry,
+        "latency": None,
+    }
     lines = problem_lines([manifest])
     assert len(lines) == 1 and "\n" not in lines[0]
     assert lines[0].startswith("trial t1: int8 not exported, fp32 kept: RuntimeError:")
@@ -117,8 +128,9 @@ def test_parameter_kb_counted_by_hand():
     from analysis.export import count_params
     from common.trial_table import param_kb
 
-    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
-                                torch.nn.Linear(16, 3))
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.Linear(16, 3)
+    )
     # conv 4*1*3*3 + 4 bias = 40; BN weight + bias 8 (running stats are buffers, not parameters); linear 16*3 + 3 = 51
     assert count_params(model) == 40 + 8 + 51 == 99
     assert param_kb(99, "fp32") == pytest.approx(0.396)
@@ -149,8 +161,11 @@ def test_latency_record_fields(fp32_model):
 def test_export_settings_fail_before_any_work():
     from analysis.export import check_settings
 
-    good = {"export": {"opset": 17}, "latency": {"warmup": 10, "runs": 100},
-            "quant": {"enabled": True, "calibration_clips": 256, "qat_epochs": 0, "qat_lr": 1e-4}}
+    good = {
+        "export": {"opset": 17},
+        "latency": {"warmup": 10, "runs": 100},
+        "quant": {"enabled": True, "calibration_clips": 256, "qat_epochs": 0, "qat_lr": 1e-4},
+    }
     check_settings(good)
     check_settings(good | {"quant": good["quant"] | {"qat_epochs": 2}})
     with pytest.raises(ValueError, match=r"^quant.qat_epochs=-1 must be 0"):
@@ -180,24 +195,29 @@ def test_activation_type_follows_the_architecture():
 
 
 def budget_rows() -> list[dict]:
-    rows = [{"trial_id": "big", "val_acc": 0.9, "target_macs": 8e6, "params": 200_000},
-            {"trial_id": "mid", "val_acc": 0.8, "target_macs": 4e6, "params": 100_000},
-            {"trial_id": "mid2", "val_acc": 0.8, "target_macs": 3e6, "params": 120_000},
-            {"trial_id": "small", "val_acc": 0.6, "target_macs": 1e6, "params": 20_000},
-            {"trial_id": "broken", "val_acc": 0.95, "target_macs": 1e6, "params": 40_000, "int8_error": "x"}]
+    rows = [
+        {"trial_id": "big", "val_acc": 0.9, "target_macs": 8e6, "params": 200_000},
+        {"trial_id": "mid", "val_acc": 0.8, "target_macs": 4e6, "params": 100_000},
+        {"trial_id": "mid2", "val_acc": 0.8, "target_macs": 3e6, "params": 120_000},
+        {"trial_id": "small", "val_acc": 0.6, "target_macs": 1e6, "params": 20_000},
+        {"trial_id": "broken", "val_acc": 0.95, "target_macs": 1e6, "params": 40_000, "int8_error": "x"},
+    ]
     return [row | {"macs": row["target_macs"]} for row in rows]  # finished models: measured MACs = their target
 
 
-@pytest.mark.parametrize("budget, best", [
-    ({}, "broken"),                                            # no limit, fp32 would not need int8
-    ({"precision": "int8"}, "big"),                            # its int8 export failed: not deployable at int8
-    ({"max_macs": 5e6, "precision": "int8"}, "mid2"),         # equal accuracy: fewer MACs wins
-    ({"max_macs": 5e6, "max_params": 110_000, "precision": "int8"}, "mid"),
-    ({"max_kb": 100.0, "precision": "int8"}, "mid"),          # 100,000 B = 100 kB fits; 120,000 B = 120 kB not
-    ({"max_kb": 100.0, "precision": "fp32"}, "small"),        # 4 x 20,000 B = 80 kB; broken's 160,000 B do not fit
-    ({"max_kb": 200.0, "max_macs": 1e6, "precision": "fp32"}, "broken"),
-    ({"max_kb": 10.0, "precision": "int8"}, None),            # nothing fits
-])
+@pytest.mark.parametrize(
+    "budget, best",
+    [
+        ({}, "broken"),  # no limit, fp32 would not need int8
+        ({"precision": "int8"}, "big"),  # its int8 export failed: not deployable at int8
+        ({"max_macs": 5e6, "precision": "int8"}, "mid2"),  # equal accuracy: fewer MACs wins
+        ({"max_macs": 5e6, "max_params": 110_000, "precision": "int8"}, "mid"),
+        ({"max_kb": 100.0, "precision": "int8"}, "mid"),  # 100,000 B = 100 kB fits; 120,000 B = 120 kB not
+        ({"max_kb": 100.0, "precision": "fp32"}, "small"),  # 4 x 20,000 B = 80 kB; broken's 160,000 B do not fit
+        ({"max_kb": 200.0, "max_macs": 1e6, "precision": "fp32"}, "broken"),
+        ({"max_kb": 10.0, "precision": "int8"}, None),  # nothing fits
+    ],
+)
 def test_best_under_budget(budget, best):
     from analysis.pareto import best_under_budget
     from sweeps.budget import BUDGETS, Budget
@@ -222,8 +242,17 @@ def test_best_under_budget_judges_measured_macs_and_the_sweeps_verdict():
 
 def latency_record(ms: float) -> dict:
     timing = {"median_ms": ms, "p90_ms": ms * 1.2, "mean_ms": ms, "min_ms": ms, "max_ms": ms * 2}
-    return {"cpu": "Test CPU", "machine": "x86_64", "onnxruntime": "1", "cores": 2, "all_threads": 2, "batch": 1,
-            "warmup": 1, "runs": 5, "threads": {"1": timing, "2": timing}}
+    return {
+        "cpu": "Test CPU",
+        "machine": "x86_64",
+        "onnxruntime": "1",
+        "cores": 2,
+        "all_threads": 2,
+        "batch": 1,
+        "warmup": 1,
+        "runs": 5,
+        "threads": {"1": timing, "2": timing},
+    }
 
 
 def test_third_objective_latency_needs_measurements_then_ranks_on_them(tmp_path):
@@ -234,16 +263,27 @@ def test_third_objective_latency_needs_measurements_then_ranks_on_them(tmp_path)
 
     assert list(front_objectives("latency")) == ["val_acc", "target_macs", "latency_ms_1thread"]
     # a dominates b on (accuracy, MACs); b is faster, so on (accuracy, MACs, latency) both are on the front
-    trials = [synthetic_trial("a", 0.8, 1e6, 1e6), synthetic_trial("b", 0.7, 2e6, 2e6),
-              synthetic_trial("c", 0.9, 3e6, 3e6)]
+    trials = [
+        synthetic_trial("a", 0.8, 1e6, 1e6),
+        synthetic_trial("b", 0.7, 2e6, 2e6),
+        synthetic_trial("c", 0.9, 3e6, 3e6),
+    ]
     sweep = Sweep(name="s", path=tmp_path, base_config={}, settings={}, trials=trials)
     for call in (lambda: build_rows([sweep], "latency"), lambda: select_trials([sweep], "front", "latency")):
         with pytest.raises(ValueError, match=r"no latency has been measured yet .* run analysis/export\.py first"):
             call()
     (tmp_path / "export").mkdir()
-    exports = {tid: {"onnx": f"{tid}.onnx", "bytes": 10, "error": None, "kb": {"fp32": 1.0, "int8": 0.25},
-                     "int8": None, "latency": {"fp32": latency_record(ms), "int8": None}}
-               for tid, ms in (("a", 2.0), ("b", 1.0))}  # c not measured
+    exports = {
+        tid: {
+            "onnx": f"{tid}.onnx",
+            "bytes": 10,
+            "error": None,
+            "kb": {"fp32": 1.0, "int8": 0.25},
+            "int8": None,
+            "latency": {"fp32": latency_record(ms), "int8": None},
+        }
+        for tid, ms in (("a", 2.0), ("b", 1.0))
+    }  # c not measured
     (tmp_path / "export" / "export.json").write_text(json.dumps(exports))
     rows = build_rows([sweep], "latency")
     assert {r["trial_id"] for r in rows if r["on_front"]} == {"a", "b"}  # c has no latency: never on this front
@@ -308,7 +348,7 @@ def test_qat_finetune_changes_weights_and_records_epochs():
 
         def batches(self, batch_size, train, generator=None, drop_last=False):
             for i in range(0, len(self) - batch_size + 1, batch_size):
-                yield Batch(self.features[i:i + batch_size], self.labels[i:i + batch_size])
+                yield Batch(self.features[i : i + batch_size], self.labels[i : i + batch_size])
 
     from common.config import run_defaults
     from tests.test_models import student_model
@@ -347,12 +387,14 @@ def test_with_qat_the_int8_model_is_quantized_from_the_fine_tuned_model(fp32_mod
         return {"epochs": 1}
 
     def stem_int8(path):
-        return next(numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer
-                    if i.name == f"{stem}_quantized")
+        return next(
+            numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer if i.name == f"{stem}_quantized"
+        )
 
     plain = int8_entry(fp32_path, fp32_path.with_name("ptq.int8.onnx"), lambda: features[:8], features[8:], labels[8:])
-    tuned = int8_entry(fp32_path, fp32_path.with_name("qat.int8.onnx"), lambda: features[:8], features[8:],
-                       labels[8:], negated_stem)
+    tuned = int8_entry(
+        fp32_path, fp32_path.with_name("qat.int8.onnx"), lambda: features[:8], features[8:], labels[8:], negated_stem
+    )
     assert plain["error"] is None and tuned["error"] is None and tuned["qat"] == {"epochs": 1}
     np.testing.assert_array_equal(stem_int8(tuned["onnx"]), -stem_int8(plain["onnx"]))
     assert not list(fp32_path.parent.glob(".*"))  # the fine-tuned intermediate model is removed
@@ -360,8 +402,11 @@ def test_with_qat_the_int8_model_is_quantized_from_the_fine_tuned_model(fp32_mod
     def failing(tuned_path):
         raise RuntimeError("CUDA error: no kernel image is available")
 
-    failed = int8_entry(fp32_path, fp32_path.with_name("fail.int8.onnx"), lambda: features[:8], features[8:],
-                        labels[8:], failing)
-    assert failed == {"onnx": None, "ops_in_fp32": [],
-                      "error": "quantization-aware fine-tune failed: RuntimeError: CUDA error: no kernel image is "
-                               "available"}
+    failed = int8_entry(
+        fp32_path, fp32_path.with_name("fail.int8.onnx"), lambda: features[:8], features[8:], labels[8:], failing
+    )
+    assert failed == {
+        "onnx": None,
+        "ops_in_fp32": [],
+        "error": "quantization-aware fine-tune failed: RuntimeError: CUDA error: no kernel image is available",
+    }

@@ -27,8 +27,13 @@ ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 MAX_LINES = 280
 # What the README's placeholders stand for when its commands are checked (a new placeholder must be added here).
-PLACEHOLDERS = {"<sweep>": "kd_prune-20261207-101500", "<n>": "8", "<trial_id>": "641040e5", "<head>": "10.0.0.1",
-                "<bucket>": "my-bucket"}
+PLACEHOLDERS = {
+    "<sweep>": "kd_prune-20261207-101500",
+    "<n>": "8",
+    "<trial_id>": "641040e5",
+    "<head>": "10.0.0.1",
+    "<bucket>": "my-bucket",
+}
 PLACEHOLDER = re.compile(r"<[\w-]+>")
 FENCE = re.compile(r"^\s*```")
 INLINE_CODE = re.compile(r"`([^`\n]+)`")
@@ -109,8 +114,13 @@ def missing_options(script: Path, args: list[str], help_text: str) -> list[str]:
 def run_python(commands: list[tuple[str, list[str]]]) -> list[tuple[int, str]]:
     """(exit code, output) of each (script, args), in order, from one interpreter: the imports are paid once."""
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        done = subprocess.run([sys.executable, "-c", RUNNER, json.dumps(commands), out.name], cwd=ROOT,
-                              capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            [sys.executable, "-c", RUNNER, json.dumps(commands), out.name],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert done.returncode == 0, f"the command runner itself failed:\n{done.stdout}\n{done.stderr}"
         return [tuple(result) for result in json.loads(Path(out.name).read_text())]
 
@@ -142,9 +152,18 @@ def test_readme_is_short_enough_to_read():
 
 
 def test_readme_shows_the_everyday_commands():
-    for needed in ("make run", "make test", "python sweeps/run.py", "python analysis/pareto.py",
-                   "python analysis/evaluate.py", "python analysis/export.py", "python trainable/train.py",
-                   "python trainable/teacher.py", "python data_prep/build.py", "python benchmarks/"):
+    for needed in (
+        "make run",
+        "make test",
+        "python sweeps/run.py",
+        "python analysis/pareto.py",
+        "python analysis/evaluate.py",
+        "python analysis/export.py",
+        "python trainable/train.py",
+        "python trainable/teacher.py",
+        "python data_prep/build.py",
+        "python benchmarks/",
+    ):
         assert any(c.startswith(needed) for c in COMMANDS), f"README shows no `{needed}` command"
 
 
@@ -175,10 +194,16 @@ def test_the_checks_can_fail():
     """A stale override, a missing argparse option and a missing make target are caught."""
     sweep, train, benchmark = ROOT / "sweeps/run.py", ROOT / "trainable/train.py", ROOT / "benchmarks/kd_epoch.py"
     (bad_code, bad_output), (good_code, _), (help_code, help_text) = run_python(
-        [(str(sweep), check_args(sweep, ["kd.nosuch=1"])), (str(train), check_args(train, ["scenario=kd_single"])),
-         (str(benchmark), check_args(benchmark, ["--epochs", "2"]))])
+        [
+            (str(sweep), check_args(sweep, ["kd.nosuch=1"])),
+            (str(train), check_args(train, ["scenario=kd_single"])),
+            (str(benchmark), check_args(benchmark, ["--epochs", "2"])),
+        ]
+    )
     assert bad_code != 0 and "nosuch" in bad_output and good_code == 0 and help_code == 0
     assert missing_options(benchmark, ["--epochs", "2", "--no-such-option"], help_text) == ["--no-such-option"]
     assert readme_commands("```\npython a.py x=1 \\\n  y=2   # note\n```\nrun `make run` here\n") == [
-        "python a.py x=1 y=2   # note", "make run"]
+        "python a.py x=1 y=2   # note",
+        "make run",
+    ]
     assert subprocess.run(["make", "-n", "no-such-target"], cwd=ROOT, capture_output=True).returncode != 0

@@ -25,17 +25,23 @@ RETRAIN = ["retrain.max_configs=2", "retrain.seeds=2", "retrain.epochs=3"]
 
 def result(trial_id: str, val_acc: float, target_macs: float, error: bool = False, **metrics) -> SimpleNamespace:
     """A Tune Result as front_configs reads it: last metrics, sampled config, error."""
-    return SimpleNamespace(metrics={"trial_id": trial_id, "val_acc": val_acc, "target_macs": target_macs, "epoch": 1,
-                                    **metrics},
-                           config={"kd.T": 2.0, "pruning.mode": "single", "train.epochs": 10}, error=error)
+    return SimpleNamespace(
+        metrics={"trial_id": trial_id, "val_acc": val_acc, "target_macs": target_macs, "epoch": 1, **metrics},
+        config={"kd.T": 2.0, "pruning.mode": "single", "train.epochs": 10},
+        error=error,
+    )
 
 
 def test_front_configs_keep_the_non_dominated_feasible_finished_trials_by_macs():
     base = run_defaults()
-    results = [result("a", 0.5, 3e6), result("b", 0.4, 1e6), result("c", 0.3, 2e6),  # c is dominated by b
-               result("d", 0.9, 0.5e6, error=True),                                     # errored: never retrained
-               result("e", 0.8, 0.4e6, feasible=0),                                     # over the budget
-               result("f", 0.2, 0.1e6, error=True, epoch=10)]  # errored once, then resumed to its end: completed
+    results = [
+        result("a", 0.5, 3e6),
+        result("b", 0.4, 1e6),
+        result("c", 0.3, 2e6),  # c is dominated by b
+        result("d", 0.9, 0.5e6, error=True),  # errored: never retrained
+        result("e", 0.8, 0.4e6, feasible=0),  # over the budget
+        result("f", 0.2, 0.1e6, error=True, epoch=10),
+    ]  # errored once, then resumed to its end: completed
     assert [c.trial_id for c in front_configs(results, base)] == ["f", "b", "a"]
     # the measured MACs of a front trial whose pruning was done (else None: the target is what is known)
     done = result("p", 0.95, 0.3e6, macs=0.31e6, pruning_step=2, pruning_steps=2, epoch=10)
@@ -52,36 +58,58 @@ def test_spread_keeps_both_ends_of_the_front():
 
 def test_retrain_points_are_configs_x_roles_x_seeds_with_matched_ablations(tiny_config):
     base = tiny_config | {"train": tiny_config["train"] | {"seed": 5}}
-    single = FrontConfig("t1", {"pruning.mode": "single", "pruning.target_macs_ratio": 0.4, "kd.enabled": True},
-                         1e6, .5)
-    unpruned = FrontConfig("t2", {"pruning.mode": "none", "kd.enabled": False}, 2e6, .6)
+    single = FrontConfig(
+        "t1", {"pruning.mode": "single", "pruning.target_macs_ratio": 0.4, "kd.enabled": True}, 1e6, 0.5
+    )
+    unpruned = FrontConfig("t2", {"pruning.mode": "none", "kd.enabled": False}, 2e6, 0.6)
     settings = {"seeds": 2, "epochs": 4, "ablations": True}
     points = retrain_points([single, unpruned], base, settings)
     roles = [(p["origin.front_trial"], p["origin.role"], p["train.seed"]) for p in points]
-    assert roles == [("t1", "front", 5), ("t1", "front", 6), ("t1", "kd_toggled", 5), ("t1", "kd_toggled", 6),
-                     ("t1", "pruning_toggled", 5), ("t1", "pruning_toggled", 6),
-                     ("t1", "dense_same_macs", 5), ("t1", "dense_same_macs", 6),  # pruned: its dense twin too
-                     ("t2", "front", 5), ("t2", "front", 6), ("t2", "kd_toggled", 5), ("t2", "kd_toggled", 6)]
+    assert roles == [
+        ("t1", "front", 5),
+        ("t1", "front", 6),
+        ("t1", "kd_toggled", 5),
+        ("t1", "kd_toggled", 6),
+        ("t1", "pruning_toggled", 5),
+        ("t1", "pruning_toggled", 6),
+        ("t1", "dense_same_macs", 5),
+        ("t1", "dense_same_macs", 6),  # pruned: its dense twin too
+        ("t2", "front", 5),
+        ("t2", "front", 6),
+        ("t2", "kd_toggled", 5),
+        ("t2", "kd_toggled", 6),
+    ]
     assert all(p["train.epochs"] == 4 and p["train.test_at_end"] for p in points)
     toggled = next(p for p in points if p["origin.role"] == "pruning_toggled")
     # the other mode at the same MACs target, with the base config's progressive schedule
     assert toggled["pruning.mode"] == "progressive" and toggled["pruning.target_macs_ratio"] == 0.4
     assert toggled["pruning.steps"] == base["pruning"]["steps"] and toggled["kd.enabled"] is True
-    assert next(p for p in points if p["origin.front_trial"] == "t2" and p["origin.role"] == "kd_toggled")[
-        "kd.enabled"] is True  # KD switched on for a configuration that searched without it
+    assert (
+        next(p for p in points if p["origin.front_trial"] == "t2" and p["origin.role"] == "kd_toggled")["kd.enabled"]
+        is True
+    )  # KD switched on for a configuration that searched without it
     dense = next(p for p in points if p["origin.role"] == "dense_same_macs")
     # unpruned, narrower, same KD setting, epochs and seeds as the front run
     assert dense["pruning.mode"] == "none" and dense["student.width_mult"] < base["student"]["width_mult"]
     assert dense["kd.enabled"] is True and dense["train.epochs"] == 4
     assert ablations({"kd": {"enabled": True}, "pruning": {"mode": "progressive"}}, base["pruning"])[
-        "pruning_toggled"] == {"pruning.mode": "single"}
+        "pruning_toggled"
+    ] == {"pruning.mode": "single"}
     assert len(retrain_points([single], base, settings | {"ablations": False})) == 2
 
 
-@pytest.mark.parametrize("width, n_mels, ratio, mode", [(0.75, 64, 0.5, "single"), (1.0, 128, 0.2, "progressive"),
-                                                        (0.5, 32, 0.3, "single"), (1.0, 96, 0.6, "progressive")])
-def test_dense_width_lands_within_the_pruners_tolerance_of_the_pruned_models_macs(tiny_config, width, n_mels, ratio,
-                                                                                  mode):
+@pytest.mark.parametrize(
+    "width, n_mels, ratio, mode",
+    [
+        (0.75, 64, 0.5, "single"),
+        (1.0, 128, 0.2, "progressive"),
+        (0.5, 32, 0.3, "single"),
+        (1.0, 96, 0.6, "progressive"),
+    ],
+)
+def test_dense_width_lands_within_the_pruners_tolerance_of_the_pruned_models_macs(
+    tiny_config, width, n_mels, ratio, mode
+):
     """The dense twin's width: the unpruned student whose MACs are closest to the pruned model's, as measured after
     the real pruner ran (within trainable.pruning.MACS_TOLERANCE here), and no other allowed width is closer."""
     import torch
@@ -91,14 +119,22 @@ def test_dense_width_lands_within_the_pruners_tolerance_of_the_pruned_models_mac
     from trainable.pruning import MACS_TOLERANCE, count_macs_params, prune_to_macs
     from trainable.run_config import trial_config
 
-    config = trial_config(tiny_config, {"student.width_mult": width, "features.n_mels": n_mels, "pruning.mode": mode,
-                                        "pruning.target_macs_ratio": ratio})
+    config = trial_config(
+        tiny_config,
+        {
+            "student.width_mult": width,
+            "features.n_mels": n_mels,
+            "pruning.mode": mode,
+            "pruning.target_macs_ratio": ratio,
+        },
+    )
     data, student = config["data"], config["student"]
     shape = (1, 1, n_mels, int(round(data["clip_seconds"] * data["sample_rate"])) // 160 + 1)
     model = create_student(student["arch"], width, len(data["families"]), student["dropout"])
     base_macs, _ = count_macs_params(model, shape)
-    pruned = prune_to_macs(model, torch.zeros(shape), base_macs, ratio, config["pruning"]["importance"],
-                           config["pruning"]["round_to"]).macs
+    pruned = prune_to_macs(
+        model, torch.zeros(shape), base_macs, ratio, config["pruning"]["importance"], config["pruning"]["round_to"]
+    ).macs
     choice = dense_width(config, pruned)
     assert choice.target_macs == pruned and abs(choice.gap) <= MACS_TOLERANCE, choice
     dense = create_student(student["arch"], choice.width_mult, len(data["families"]), student["dropout"])
@@ -130,6 +166,7 @@ def test_retrain_settings_below_one_are_refused(key):
 
 # ---- the real CLI ------------------------------------------------------------------------------------------
 
+
 def retrain_runs(exp_dir: Path) -> dict[str, dict]:
     """Last result of every retrain run that reached its test evaluation, by trial folder."""
     out = {}
@@ -150,23 +187,32 @@ def searched(tmp_path_factory) -> Path:
     """A finished quick search with no retrain stage. Its saved state names this workdir (data, MLflow), so the
     tests below share it: the refusals first (they must leave it untouched), then the retrain stage itself."""
     workdir = tmp_path_factory.mktemp("retrain")
-    out = subprocess.run(sweep_cmd(workdir, "space=quick", "num_samples=3", "name=s", "scheduler.name=fifo"),
-                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    out = subprocess.run(
+        sweep_cmd(workdir, "space=quick", "num_samples=3", "name=s", "scheduler.name=fifo"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert not (workdir / "ray_results" / "s" / "retrain").exists()  # retrain.enabled=false in the tiny config
     return workdir
 
 
-@pytest.mark.parametrize("args, message", [
-    (["retrain.seeds=0"], "retrain.seeds=0 must be >= 1"),
-    (["name=nosuch"], "No sweep named 'nosuch'"),
-    (["retrain.epochs=2"], "retrain.epochs=2 is below the search's train.epochs=3"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["retrain.seeds=0"], "retrain.seeds=0 must be >= 1"),
+        (["name=nosuch"], "No sweep named 'nosuch'"),
+        (["retrain.epochs=2"], "retrain.epochs=2 is below the search's train.epochs=3"),
+    ],
+)
 @pytest.mark.slow
 def test_stage_retrain_errors_are_one_line_before_work(searched, args, message):
     workdir = searched
-    out = subprocess.run(sweep_cmd(workdir, "stage=retrain", "name=s", *args), capture_output=True, text=True,
-                         timeout=300, cwd=ROOT)
+    out = subprocess.run(
+        sweep_cmd(workdir, "stage=retrain", "name=s", *args), capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
     assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
     assert not (workdir / "ray_results" / "s" / "retrain").exists()
 
@@ -177,8 +223,9 @@ def test_stage_retrain_on_a_sweep_without_finished_trials_is_refused(searched):
     empty = workdir / "ray_results" / "empty"
     empty.mkdir()
     shutil.copy(workdir / "ray_results" / "s" / "sweep_config.json", empty)
-    out = subprocess.run(sweep_cmd(workdir, "stage=retrain", "name=empty"), capture_output=True, text=True,
-                         timeout=300, cwd=ROOT)
+    out = subprocess.run(
+        sweep_cmd(workdir, "stage=retrain", "name=empty"), capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
     assert out.returncode == 2 and "has no finished trial to retrain" in out.stderr, out.stderr[-2000:]
     assert sorted(p.name for p in empty.iterdir()) == ["sweep_config.json"]  # nothing written, nothing lost
 
@@ -188,10 +235,15 @@ def test_stage_retrain_retrains_seeds_x_roles_in_mlflow_and_resumes_after_a_kill
     workdir = searched
     exp_dir = workdir / "ray_results" / "s"
     search_runs = stage_runs(workdir, "search")
-    driver = subprocess.Popen(sweep_cmd(workdir, "stage=retrain", "name=s", *RETRAIN,
-                                        "resources.max_concurrent_trials=1",
-                                        "retrain.export=true"),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT, start_new_session=True)
+    driver = subprocess.Popen(
+        sweep_cmd(
+            workdir, "stage=retrain", "name=s", *RETRAIN, "resources.max_concurrent_trials=1", "retrain.export=true"
+        ),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+        start_new_session=True,
+    )
     deadline = time.time() + 400
     try:
         while len(retrain_runs(exp_dir)) < 2:  # kill after some runs finished and before all did
@@ -202,16 +254,28 @@ def test_stage_retrain_retrains_seeds_x_roles_in_mlflow_and_resumes_after_a_kill
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
     done_before = set(retrain_runs(exp_dir))
-    again = subprocess.run(sweep_cmd(workdir, "stage=retrain", "name=s", *RETRAIN), capture_output=True, text=True,
-                           timeout=300, cwd=ROOT)
+    again = subprocess.run(
+        sweep_cmd(workdir, "stage=retrain", "name=s", *RETRAIN), capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
     assert again.returncode == 2 and "resume=true stage=retrain" in again.stderr  # never overwritten
-    out = subprocess.run(sweep_cmd(workdir, "resume=true", "stage=retrain", "name=s"), capture_output=True, text=True,
-                         timeout=600, cwd=ROOT)
+    out = subprocess.run(
+        sweep_cmd(workdir, "resume=true", "stage=retrain", "name=s"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     runs = retrain_runs(exp_dir)
     assert done_before <= set(runs)  # finished runs were kept, not rerun
-    labels = sorted((r["config"]["grid_point"]["origin.front_trial"], r["config"]["grid_point"]["origin.role"],
-                     r["config"]["grid_point"]["train.seed"]) for r in runs.values())
+    labels = sorted(
+        (
+            r["config"]["grid_point"]["origin.front_trial"],
+            r["config"]["grid_point"]["origin.role"],
+            r["config"]["grid_point"]["train.seed"],
+        )
+        for r in runs.values()
+    )
     configs = {label[0] for label in labels}
     assert 1 <= len(configs) <= 2 and len(labels) == len(set(labels))
     # seeds x (front + KD toggled + the other pruning mode where the config prunes)
@@ -220,12 +284,16 @@ def test_stage_retrain_retrains_seeds_x_roles_in_mlflow_and_resumes_after_a_kill
         assert {("front", 0), ("front", 1), ("kd_toggled", 0), ("kd_toggled", 1)} <= roles
     assert all(0 <= r["test_acc"] <= 1 and r["epoch"] == 3 for r in runs.values())
     with sqlite3.connect(workdir / "mlflow.db") as db:
-        staged = db.execute("SELECT r.status, t.value FROM runs r JOIN tags t ON r.run_uuid = t.run_uuid "
-                            "JOIN tags s ON r.run_uuid = s.run_uuid WHERE t.key = 'trial_id' AND s.key = 'stage' "
-                            "AND s.value = 'retrain'").fetchall()
-        test_metrics = db.execute("SELECT COUNT(DISTINCT m.run_uuid) FROM metrics m JOIN tags s ON "
-                                  "m.run_uuid = s.run_uuid WHERE m.key = 'test_acc' AND s.key = 'stage' AND "
-                                  "s.value = 'retrain'").fetchone()[0]
+        staged = db.execute(
+            "SELECT r.status, t.value FROM runs r JOIN tags t ON r.run_uuid = t.run_uuid "
+            "JOIN tags s ON r.run_uuid = s.run_uuid WHERE t.key = 'trial_id' AND s.key = 'stage' "
+            "AND s.value = 'retrain'"
+        ).fetchall()
+        test_metrics = db.execute(
+            "SELECT COUNT(DISTINCT m.run_uuid) FROM metrics m JOIN tags s ON "
+            "m.run_uuid = s.run_uuid WHERE m.key = 'test_acc' AND s.key = 'stage' AND "
+            "s.value = 'retrain'"
+        ).fetchone()[0]
     assert len(staged) == len(runs) and len({trial for _, trial in staged}) == len(runs)  # one MLflow run each
     assert all(status == "FINISHED" for status, _ in staged) and test_metrics == len(runs)
     assert stage_runs(workdir, "search") == search_runs == 3  # the search's runs are left as they were
@@ -240,9 +308,11 @@ def test_stage_retrain_retrains_seeds_x_roles_in_mlflow_and_resumes_after_a_kill
     assert "ONNX, int8 and CPU latency of the retrained front models" in out.stdout
     table = out.stdout.split("ONNX export (opset")[1].splitlines()
     assert table[1].split()[:3] == ["trial", "retrains", "seed"]  # which configuration and seed each model is
-    assert {(line.split()[1], int(line.split()[2])) for line in table[2:2 + len(front_runs)]} == {
+    assert {(line.split()[1], int(line.split()[2])) for line in table[2 : 2 + len(front_runs)]} == {
         (r["config"]["grid_point"]["origin.front_trial"], r["config"]["grid_point"]["train.seed"])
-        for r in runs.values() if r["trial_id"] in front_runs}
+        for r in runs.values()
+        if r["trial_id"] in front_runs
+    }
     report = (exp_dir / "report.html").read_text()
     assert "exported seeds" in report and "No deployment numbers yet" not in report
     assert f"From <code>analysis/export.py</code> ({len(front_runs)} model(s))" in report
@@ -261,21 +331,37 @@ def test_evaluate_trial_retrained_lists_the_retrained_models_and_their_extra_fol
     workdir = searched
     exp_dir = workdir / "ray_results" / "s"
     if not retrain_runs(exp_dir):  # run on its own: retrain first (the test above leaves a finished stage)
-        out = subprocess.run(sweep_cmd(workdir, "stage=retrain", "name=s", *RETRAIN), capture_output=True, text=True,
-                             timeout=600, cwd=ROOT)
+        out = subprocess.run(
+            sweep_cmd(workdir, "stage=retrain", "name=s", *RETRAIN),
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=ROOT,
+        )
         assert out.returncode == 0, out.stderr[-3000:]
     extra = tmp_path / "nsynth-extra"
     write_extra_folder(extra)
-    out = subprocess.run([sys.executable, str(ROOT / "analysis" / "evaluate.py"), f"workdir={workdir}", "name=s",
-                          "trial=retrained", f"eval.extra=[{extra}]"], capture_output=True, text=True, timeout=600,
-                         cwd=ROOT)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "analysis" / "evaluate.py"),
+            f"workdir={workdir}",
+            "name=s",
+            "trial=retrained",
+            f"eval.extra=[{extra}]",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     front = {k: r for k, r in retrain_runs(exp_dir).items() if r["config"]["grid_point"]["origin.role"] == "front"}
     assert f"Evaluated {len(front)} model(s) on the test split and 1 extra folder(s):" in out.stdout
     table = out.stdout.split("extra folder(s):\n")[1].splitlines()
     assert table[0].split()[:6] == ["trial", "retrains", "role", "seed", "val", "acc"]
     assert "nsynth_extra acc" in table[0]
-    listed = {line.split()[0]: line.split() for line in table[1:1 + len(front)]}
+    listed = {line.split()[0]: line.split() for line in table[1 : 1 + len(front)]}
     assert set(listed) == {r["trial_id"] for r in front.values()}
     assert all(cells[2] == "front" for cells in listed.values())
     with (exp_dir / "retrained.csv").open() as f:
@@ -287,15 +373,22 @@ def test_evaluate_trial_retrained_lists_the_retrained_models_and_their_extra_fol
     assert "<th>nsynth_<wbr>extra acc (mean &plusmn; std)</th>" in report
 
 
-@pytest.mark.parametrize("exported, calls, message", [
-    (True, ["export"], None),
-    (False, ["export"], "Some retrained models were not exported (lines above); the report is written."),
-    (ValueError("no finished retraining run"), ["export", "report"],
-     "The retrained models were not exported (no finished retraining run); writing the report without them."),
-    (RuntimeError("onnx broke"), ["export", "report"], None),  # logged with its traceback, then the report
-])
-def test_a_sweep_that_exports_still_ends_with_its_report(monkeypatch, capsys, caplog, tmp_path, exported, calls,
-                                                           message):
+@pytest.mark.parametrize(
+    "exported, calls, message",
+    [
+        (True, ["export"], None),
+        (False, ["export"], "Some retrained models were not exported (lines above); the report is written."),
+        (
+            ValueError("no finished retraining run"),
+            ["export", "report"],
+            "The retrained models were not exported (no finished retraining run); writing the report without them.",
+        ),
+        (RuntimeError("onnx broke"), ["export", "report"], None),  # logged with its traceback, then the report
+    ],
+)
+def test_a_sweep_that_exports_still_ends_with_its_report(
+    monkeypatch, capsys, caplog, tmp_path, exported, calls, message
+):
     """The report stage runs the analysis in the sweep's process: export first when asked, then the report; a failing
     export or report is a message (the sweep's results are saved), never a lost sweep."""
     import sweeps.run as run
@@ -315,12 +408,25 @@ def test_a_sweep_that_exports_still_ends_with_its_report(monkeypatch, capsys, ca
 
     monkeypatch.setattr(run, "export_models", fake_export)
     monkeypatch.setattr(run, "write_report", fake_report)
-    plan = SimpleNamespace(name="s", storage=str(tmp_path), workdir=tmp_path, tracking_uri="sqlite:///x.db",
-                           retrain=True, budget=None, settings={"retrain": {"export": True}}, step=lambda *a: None)
+    plan = SimpleNamespace(
+        name="s",
+        storage=str(tmp_path),
+        workdir=tmp_path,
+        tracking_uri="sqlite:///x.db",
+        retrain=True,
+        budget=None,
+        settings={"retrain": {"export": True}},
+        step=lambda *a: None,
+    )
     run.report_stage(plan)
     assert called == calls
-    assert all(c["name"] == "s" and c["trial"] == "retrained" and c["storage_path"] == str(tmp_path)
-               and c["mlflow"]["tracking_uri"] == "sqlite:///x.db" for c in configs)
+    assert all(
+        c["name"] == "s"
+        and c["trial"] == "retrained"
+        and c["storage_path"] == str(tmp_path)
+        and c["mlflow"]["tracking_uri"] == "sqlite:///x.db"
+        for c in configs
+    )
     out = capsys.readouterr().out
     assert (message in out) if message else "not exported" not in out
     if isinstance(exported, RuntimeError):

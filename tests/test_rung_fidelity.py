@@ -19,11 +19,14 @@ AT_2 = [0.30, 0.50, 0.40, 0.20, 0.60, 0.35]
 AT_4 = [0.50, 0.55, 0.70, 0.40, 0.65, 0.45]
 
 
-def curve(trial_id: str, accs: dict[int, float], last_epoch: int = 4, clips: int | None = 100,
-          classes: int = 4) -> Curve:
+def curve(
+    trial_id: str, accs: dict[int, float], last_epoch: int = 4, clips: int | None = 100, classes: int = 4
+) -> Curve:
     """A trial's results: val_acc per epoch, val_loss = 1 - val_acc, val_macro_f1 = val_acc / 2."""
-    results = {e: {"val_acc": a, "val_loss": 1 - a, "val_macro_f1": a / 2} | ({"val_clips": clips} if clips else {})
-               for e, a in accs.items()}
+    results = {
+        e: {"val_acc": a, "val_loss": 1 - a, "val_macro_f1": a / 2} | ({"val_clips": clips} if clips else {})
+        for e, a in accs.items()
+    }
     return Curve(trial_id, last_epoch, classes, results)
 
 
@@ -35,8 +38,8 @@ def synthetic() -> list[Curve]:
 
 def test_rank_agreement_matches_a_hand_computation():
     # ranks at epoch 2: [2, 5, 4, 1, 6, 3]; at epoch 4: [3, 4, 6, 1, 5, 2]; d^2 sums to 8
-    rho = 1 - 6 * 8 / (6 * (6 ** 2 - 1))
-    half = Z975 * math.sqrt((1 + rho ** 2 / 2) / (6 - 3))
+    rho = 1 - 6 * 8 / (6 * (6**2 - 1))
+    half = Z975 * math.sqrt((1 + rho**2 / 2) / (6 - 3))
     fidelity = rung_fidelity(synthetic(), "val_acc", rungs=[2])
     epoch2 = fidelity.epochs[1]
     a = epoch2.agreements["val_acc"]
@@ -57,7 +60,7 @@ def test_trials_at_chance_are_those_a_uniform_guesser_matches():
     # Binomial(100, 1/4): the smallest c with P(X <= c) >= 0.95
     cdf, threshold = 0.0, None
     for c in range(101):
-        cdf += math.comb(100, c) * 0.25 ** c * 0.75 ** (100 - c)
+        cdf += math.comb(100, c) * 0.25**c * 0.75 ** (100 - c)
         if cdf >= 0.95:
             threshold = c
             break
@@ -75,23 +78,29 @@ def test_sentences_say_how_far_a_rung_can_be_trusted_and_name_the_selection_bias
     fidelity = rung_fidelity(synthetic(), "val_acc", rungs=[2])
     assert fidelity.sentence() == (
         "The epoch-2 rung ranks trials like their last epoch with ρ = 0.77 (95 % CI -0.26 to 0.98, n = 6, val_acc): "
-        "stopping there mostly keeps the better trials, with some mistakes. 3 of 7 trials were still at chance there.")
+        "stopping there mostly keeps the better trials, with some mistakes. 3 of 7 trials were still at chance there."
+    )
     assert "survivors" in fidelity.bias_note and "fidelity.fifo_samples" in fidelity.bias_note
     # reversed ranks: close to random or worse
     flipped = [curve(f"t{i}", {2: a2, 4: 1 - a2}) for i, a2 in enumerate(AT_2)]
     unbiased = rung_fidelity(flipped, "val_acc", early_stopping=False)
     assert unbiased.first_rung is None and unbiased.sentence(unbiased.epochs[1]).endswith(
         "with ρ = -1.00 (95 % CI -1.00 to -1.00, n = 6, val_acc): stopping there is close to random. 2 of 6 trials "
-        "were still at chance there.")
+        "were still at chance there."
+    )
     assert "no selection bias" in unbiased.bias_note
-    assert unbiased.sentence() == ("No rung: the scheduler stopped no trial early (6 trials ran all 4 epochs). No "
-                                   "earlier epoch ranks trials like the last with ρ >= 0.5 (val_acc).")
+    assert unbiased.sentence() == (
+        "No rung: the scheduler stopped no trial early (6 trials ran all 4 epochs). No "
+        "earlier epoch ranks trials like the last with ρ >= 0.5 (val_acc)."
+    )
     fifo = rung_fidelity(synthetic(), "val_acc", early_stopping=False)  # epoch 2 is the first with rho >= 0.5
     assert fifo.earliest() is fifo.epochs[1] and fifo.earliest(0.9) is fifo.epochs[2]
-    assert fifo.sentence().endswith("is 2: the epoch-2 result ranks trials like their last epoch with ρ = 0.77 (95 % "
-                                    "CI -0.26 to 0.98, n = 6, val_acc): stopping there mostly keeps the better trials, "
-                                    "with some mistakes. 3 of 7 trials were still at chance there. A first rung "
-                                    "decides on signal from there (scheduler.grace_period=2).")
+    assert fifo.sentence().endswith(
+        "is 2: the epoch-2 result ranks trials like their last epoch with ρ = 0.77 (95 % "
+        "CI -0.26 to 0.98, n = 6, val_acc): stopping there mostly keeps the better trials, "
+        "with some mistakes. 3 of 7 trials were still at chance there. A first rung "
+        "decides on signal from there (scheduler.grace_period=2)."
+    )
     few = spearman_interval([0.1, 0.2, 0.3], [0.3, 0.1, 0.2])
     assert few.n == 3 and few.rho == pytest.approx(-0.5) and few.low is None  # n = 3: rho, no interval
     assert spearman_interval([0.1, 0.2], [0.2, 0.1]).rho is None
@@ -102,28 +111,49 @@ def test_an_unknown_rung_metric_is_refused():
         rung_fidelity(synthetic(), "val_top5")
 
 
-@pytest.mark.parametrize("scheduler, last_epoch, grid, expected", [
-    ({"name": "pareto_asha", "grace_period": 2, "reduction_factor": 3}, 10, False, (2, 6)),
-    ({"name": None, "grace_period": 2, "reduction_factor": 3}, 10, False, (2, 6)),  # null: the default rung scheduler
-    ({"name": None, "grace_period": 2, "reduction_factor": 3}, 10, True, ()),      # null on a grid: fifo
-    ({"name": "asha", "grace_period": 3, "reduction_factor": 2}, 10, False, (3, 6)),
-    ({"name": "pareto_asha", "grace_period": 2, "reduction_factor": 2.5}, 10, False, (2, 5)),
-    ({"name": "pareto_asha", "grace_period": 12, "reduction_factor": 3}, 10, False, ()),  # grace clipped to the end
-    ({"name": "fifo", "grace_period": 2, "reduction_factor": 3}, 10, False, ()),
-])
+@pytest.mark.parametrize(
+    "scheduler, last_epoch, grid, expected",
+    [
+        ({"name": "pareto_asha", "grace_period": 2, "reduction_factor": 3}, 10, False, (2, 6)),
+        (
+            {"name": None, "grace_period": 2, "reduction_factor": 3},
+            10,
+            False,
+            (2, 6),
+        ),  # null: the default rung scheduler
+        ({"name": None, "grace_period": 2, "reduction_factor": 3}, 10, True, ()),  # null on a grid: fifo
+        ({"name": "asha", "grace_period": 3, "reduction_factor": 2}, 10, False, (3, 6)),
+        ({"name": "pareto_asha", "grace_period": 2, "reduction_factor": 2.5}, 10, False, (2, 5)),
+        ({"name": "pareto_asha", "grace_period": 12, "reduction_factor": 3}, 10, False, ()),  # grace clipped to the end
+        ({"name": "fifo", "grace_period": 2, "reduction_factor": 3}, 10, False, ()),
+    ],
+)
 def test_rung_epochs_are_the_schedulers(scheduler, last_epoch, grid, expected):
     assert rung_epochs(scheduler, last_epoch, grid) == expected
 
 
 # --- on disk: a sweep's result.json files, the report and the printed summary --------------------------------------
 
+
 def write_trial(folder: Path, trial_id: str, accs: list[float], train_epochs: int, resumed_at: int | None = None):
     """result.json with one line per epoch; `resumed_at`: the trial was restored from its checkpoint of that epoch
     and reported the later epochs again (the first time with a different val_acc)."""
     folder.mkdir(parents=True)
-    lines = [{"epoch": e, "val_acc": a, "val_loss": 2 - a, "val_macro_f1": a, "val_clips": 100, "target_macs": 1e6,
-              "macs": 1e6, "params": 1000, "trial_id": trial_id, "config": {"train.epochs": train_epochs}}
-             for e, a in enumerate(accs, 1)]
+    lines = [
+        {
+            "epoch": e,
+            "val_acc": a,
+            "val_loss": 2 - a,
+            "val_macro_f1": a,
+            "val_clips": 100,
+            "target_macs": 1e6,
+            "macs": 1e6,
+            "params": 1000,
+            "trial_id": trial_id,
+            "config": {"train.epochs": train_epochs},
+        }
+        for e, a in enumerate(accs, 1)
+    ]
     if resumed_at is not None:
         lines = [line | {"val_acc": 0.99} for line in lines[resumed_at:]] + lines
         lines.sort(key=lambda line: line["epoch"] > resumed_at)  # killed lines first, then the resumed epochs
@@ -136,8 +166,10 @@ def rung_sweep(tmp_path, tiny_config) -> Path:
     folder = tmp_path / "ray_results" / "rs"
     folder.mkdir(parents=True)
     base = tiny_config | {"workdir": str(tmp_path), "train": tiny_config["train"] | {"epochs": 4}}
-    settings = {"space": "quick", "scheduler": {"name": None, "grace_period": 2, "reduction_factor": 2,
-                                                "metric": "val_loss"}}
+    settings = {
+        "space": "quick",
+        "scheduler": {"name": None, "grace_period": 2, "reduction_factor": 2, "metric": "val_loss"},
+    }
     (folder / "sweep_config.json").write_text(json.dumps({"base_config": base, "sweep": settings}))
     for i, (a2, a4) in enumerate(zip(AT_2, AT_4)):
         write_trial(folder / f"trial_{i}", f"t{i}", [0.30, a2, a4, a4], 4, resumed_at=2 if i == 0 else None)
@@ -186,9 +218,25 @@ def test_replay_runs_the_real_scheduler_over_recorded_curves():
     curves = []
     for i, (a2, a4) in enumerate(zip(AT_2, AT_4)):
         accs = {1: 0.25, 2: a2, 3: (a2 + a4) / 2, 4: a4}
-        curves.append(Curve(f"t{i}", 4, 4, {e: {"epoch": e, "val_acc": a, "val_loss": 1 - a, "val_macro_f1": a,
-                                                 "target_macs": 1e6, "epoch_seconds": 1.0, "val_clips": 100}
-                                             for e, a in accs.items()}))
+        curves.append(
+            Curve(
+                f"t{i}",
+                4,
+                4,
+                {
+                    e: {
+                        "epoch": e,
+                        "val_acc": a,
+                        "val_loss": 1 - a,
+                        "val_macro_f1": a,
+                        "target_macs": 1e6,
+                        "epoch_seconds": 1.0,
+                        "val_clips": 100,
+                    }
+                    for e, a in accs.items()
+                },
+            )
+        )
     reached, seconds = replay(curves, "multi", 4, 3, "val_acc", workers=1)  # first rung at the end: no stop
     assert set(reached.values()) == {4} and seconds == 24
     # rung at epoch 2 keeps ceil(n/3) of those recorded so far: t0 (alone), t1 (best of 2), t4 (best of 5)

@@ -53,8 +53,19 @@ def _sample(space, n: int, seed: int = 0) -> list[tuple[optuna.trial.Trial, dict
 
 
 def test_real_config_has_the_keys_the_spaces_use(valid_keys, accepted):
-    for key in ("train.epochs", "train.lr", "train.seed", "kd.enabled", "kd.T", "pruning.mode", "pruning.at_epoch",
-                "pruning.steps", "features.n_mels", "student.width_mult", "scenario"):
+    for key in (
+        "train.epochs",
+        "train.lr",
+        "train.seed",
+        "kd.enabled",
+        "kd.T",
+        "pruning.mode",
+        "pruning.at_epoch",
+        "pruning.steps",
+        "features.n_mels",
+        "student.width_mult",
+        "scenario",
+    ):
         assert key in valid_keys, key
     assert set(SCENARIOS) <= set(accepted["scenario"])
     assert {"none", "single", "progressive"} <= set(accepted["pruning.mode"])
@@ -103,8 +114,13 @@ def test_pinned_values_appear_in_every_trial(load, tmp_path):
         # pins are unconditional: pruning.steps is set even when the sampled mode ignores it
         assert {key: config[key] for key in space.pinned} == space.pinned
         assert config["pruning.steps"] == 2 and config["kd.enabled"] is True
-    grid = load(_write(tmp_path, "searcher: grid\nparams:\n  train.epochs: 3\n  kd.enabled: false\n"
-                                 "  train.seed: {type: grid, values: [0, 1, 2]}\n")).grid()
+    grid = load(
+        _write(
+            tmp_path,
+            "searcher: grid\nparams:\n  train.epochs: 3\n  kd.enabled: false\n"
+            "  train.seed: {type: grid, values: [0, 1, 2]}\n",
+        )
+    ).grid()
     assert grid == [{"train.epochs": 3, "kd.enabled": False, "train.seed": seed} for seed in (0, 1, 2)]
 
 
@@ -142,17 +158,23 @@ def test_scenarios_grid_expands_to_every_combination(load):
     grid = space.grid()
     assert len(grid) == 12
     assert {(config["scenario"], config["train.seed"]) for config in grid} == {
-        (s, seed) for s in SCENARIOS for seed in (0, 1)}
+        (s, seed) for s in SCENARIOS for seed in (0, 1)
+    }
 
 
 def test_grid_honours_when(load, tmp_path):
-    space = load(_write(tmp_path, """
+    space = load(
+        _write(
+            tmp_path,
+            """
 searcher: grid
 params:
   train.epochs: 3
   pruning.mode: {type: grid, values: [none, single, progressive]}
   pruning.steps: {type: grid, values: [2, 3], when: {pruning.mode: progressive}}
-"""))
+""",
+        )
+    )
     grid = space.grid()
     assert len(grid) == 4
     assert grid[0] == {"train.epochs": 3, "pruning.mode": "none"}
@@ -160,8 +182,12 @@ params:
 
 
 def test_when_may_test_an_earlier_pin(load, tmp_path):
-    space = load(_write(tmp_path, "params:\n  kd.enabled: true\n"
-                                  "  kd.T: {type: float, low: 1.0, high: 2.0, when: {kd.enabled: true}}\n"))
+    space = load(
+        _write(
+            tmp_path,
+            "params:\n  kd.enabled: true\n  kd.T: {type: float, low: 1.0, high: 2.0, when: {kd.enabled: true}}\n",
+        )
+    )
     assert all("kd.T" in config for _, config in _sample(space, 3))
 
 
@@ -172,8 +198,13 @@ def test_yaml_reads_exponent_floats_without_a_dot(load, tmp_path):
 
 
 def test_float_and_int_steps(load, tmp_path):
-    space = load(_write(tmp_path, "params:\n  kd.T: {type: float, low: 1.0, high: 3.0, step: 0.5}\n"
-                                  "  pruning.steps: {type: int, low: 2, high: 8, step: 2}\n"))
+    space = load(
+        _write(
+            tmp_path,
+            "params:\n  kd.T: {type: float, low: 1.0, high: 3.0, step: 0.5}\n"
+            "  pruning.steps: {type: int, low: 2, high: 8, step: 2}\n",
+        )
+    )
     for _, config in _sample(space, 10):
         assert config["kd.T"] in (1.0, 1.5, 2.0, 2.5, 3.0) and config["pruning.steps"] in (2, 4, 6, 8)
 
@@ -212,8 +243,11 @@ def test_invalid_yaml_is_one_line(load, tmp_path):
         # bounds: Optuna's own checks, as one-line SpaceErrors
         ("kd.T: {type: float, low: 8.0, high: 1.0}", "kd.T", "`low <= high` must hold"),
         ("pruning.steps: {type: int, low: 4, high: 2}", "pruning.steps", "`low <= high` must hold"),
-        ("train.lr: {type: float, low: 0.0, high: 1.0e-2, log: true}", "train.lr",
-         "`low > 0` must hold for `log=True`"),
+        (
+            "train.lr: {type: float, low: 0.0, high: 1.0e-2, log: true}",
+            "train.lr",
+            "`low > 0` must hold for `log=True`",
+        ),
         ("pruning.steps: {type: int, low: 0, high: 4, log: true}", "pruning.steps", "`low >= 1` must hold"),
         ("kd.T: {type: float, low: 1.0, high: 2.0, log: true, step: 0.5}", "kd.T", "`step` is not supported"),
         ("kd.T: {type: float, low: 1.0, high: 2.0, step: -0.5}", "kd.T", "`step > 0` must hold"),
@@ -266,8 +300,11 @@ def test_invalid_yaml_is_one_line(load, tmp_path):
             "'kd.T', not a pin or categorical/grid param",
         ),
         ("train.seed: {type: grid, values: [0, 1]}", "train.seed", "type 'grid' cannot be used with searcher 'optuna'"),
-        ("kd.T: {type: float, low: 1.0, high: 2.0}\n  kd.T: {type: float, low: 1.0, high: 3.0}", "kd.T",
-         "duplicate key"),
+        (
+            "kd.T: {type: float, low: 1.0, high: 2.0}\n  kd.T: {type: float, low: 1.0, high: 3.0}",
+            "kd.T",
+            "duplicate key",
+        ),
         ("kd.T: 2.0\n  kd.T: {type: float, low: 1.0, high: 3.0}", "kd.T", "duplicate key"),
     ],
 )
@@ -290,8 +327,11 @@ def test_invalid_params_name_the_file_and_key(load, tmp_path, params, key, messa
         ("params:\n  scenario: kd_only", "scenario", "'kd_only' is not accepted"),
         ("searcher: grid\nparams:\n  scenario: {type: grid, values: [kd_single, kd_only]}", "scenario", "not accepted"),
         ("searcher: grid\nparams:\n  train.seed: {type: grid, values: []}", "train.seed", "non-empty list"),
-        ("searcher: grid\nparams:\n  kd.T: {type: float, low: 1.0, high: 2.0}", "kd.T",
-         "type 'float' cannot be used with searcher 'grid'"),
+        (
+            "searcher: grid\nparams:\n  kd.T: {type: float, low: 1.0, high: 2.0}",
+            "kd.T",
+            "type 'float' cannot be used with searcher 'grid'",
+        ),
         ("description: x", "params", "missing"),
         ("params: [kd.T]", "params", "not a mapping"),
     ],

@@ -9,10 +9,23 @@ from sweeps.tuning import make_searcher
 
 
 def quick_searcher():
-    space = load_space("quick", {"kd.enabled": True, "kd.T": 3.0, "kd.alpha": 0.5, "features.n_mels": 64,
-                                 "student.width_mult": 1.0, "pruning.mode": "none", "pruning.target_macs_ratio": 0.5,
-                                 "pruning.steps": 2, "pruning.step_epochs": 1, "pruning.at_epoch": 2,
-                                 "train.epochs": 3, "train.warmup_epochs": 0})
+    space = load_space(
+        "quick",
+        {
+            "kd.enabled": True,
+            "kd.T": 3.0,
+            "kd.alpha": 0.5,
+            "features.n_mels": 64,
+            "student.width_mult": 1.0,
+            "pruning.mode": "none",
+            "pruning.target_macs_ratio": 0.5,
+            "pruning.steps": 2,
+            "pruning.step_epochs": 1,
+            "pruning.at_epoch": 2,
+            "train.epochs": 3,
+            "train.warmup_epochs": 0,
+        },
+    )
     searcher = make_searcher(space, "tpe", "multi", seed=0, last_epoch=3)
     searcher.set_search_properties(None, None, {})
     return searcher
@@ -27,5 +40,8 @@ def test_stopped_and_errored_trials_do_not_reach_the_study_as_complete():
     searcher.on_trial_complete("errored", {"epoch": 2, "val_acc": 0.7, "target_macs": 1e6}, error=True)
     study = next(value for value in vars(searcher).values() if isinstance(value, optuna.Study))
     states = [(t.state, t.values) for t in study.get_trials(deepcopy=False)]
-    assert states == [(optuna.trial.TrialState.PRUNED, None), (optuna.trial.TrialState.COMPLETE, [0.6, 2e6]),
-                      (optuna.trial.TrialState.FAIL, None)]
+    assert states == [
+        (optuna.trial.TrialState.PRUNED, None),
+        (optuna.trial.TrialState.COMPLETE, [0.6, 2e6]),
+        (optuna.trial.TrialState.FAIL, None),
+    ]

@@ -40,8 +40,12 @@ def project_imports() -> dict[str, set[str]]:
 
 
 def test_packages_import_one_way():
-    wrong = sorted(f"{module} -> {target}" for module, targets in project_imports().items() for target in targets
-                   if module != DRIVER and LAYERS.index(target.split(".")[0]) > LAYERS.index(module.split(".")[0]))
+    wrong = sorted(
+        f"{module} -> {target}"
+        for module, targets in project_imports().items()
+        for target in targets
+        if module != DRIVER and LAYERS.index(target.split(".")[0]) > LAYERS.index(module.split(".")[0])
+    )
     assert not wrong, f"imports against the data flow {' -> '.join(LAYERS)}: {wrong}"
 
 
@@ -64,7 +68,7 @@ def test_no_import_cycle_between_modules():
             if target == module or target.startswith(module + "."):
                 continue  # a package importing its own submodules is no cycle
             if state.get(target) == "open":
-                cycles.append(path[path.index(target):] + [target])
+                cycles.append(path[path.index(target) :] + [target])
             elif target not in state:
                 visit(target, path + [target])
         state[module] = "done"

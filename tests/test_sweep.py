@@ -15,9 +15,17 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["data.per_family=12", "data.families=[bass,keyboard,organ]", "data.clip_seconds=0.5",
-        "teacher.epochs=2", "teacher.features.n_mels=32", "ray.num_cpus=2", "scheduler.grace_period=1",
-        "train.batch_size=16", "retrain.enabled=false"]
+TINY = [
+    "data.per_family=12",
+    "data.families=[bass,keyboard,organ]",
+    "data.clip_seconds=0.5",
+    "teacher.epochs=2",
+    "teacher.features.n_mels=32",
+    "ray.num_cpus=2",
+    "scheduler.grace_period=1",
+    "train.batch_size=16",
+    "retrain.enabled=false",
+]
 
 
 def sweep_cmd(workdir: Path, *args: str) -> list[str]:
@@ -30,9 +38,12 @@ def sweep_cmd(workdir: Path, *args: str) -> list[str]:
 def mlflow_runs(workdir: Path, experiment: str) -> list[tuple[str, str]]:
     """(run id, status) of the experiment's trial runs (tag trial_id), not the report's 'analysis' run."""
     with sqlite3.connect(workdir / "mlflow.db") as db:
-        return db.execute("SELECT r.run_uuid, r.status FROM runs r JOIN experiments e ON r.experiment_id = "
-                          "e.experiment_id JOIN tags t ON t.run_uuid = r.run_uuid WHERE e.name = ? AND "
-                          "t.key = 'trial_id'", (experiment,)).fetchall()
+        return db.execute(
+            "SELECT r.run_uuid, r.status FROM runs r JOIN experiments e ON r.experiment_id = "
+            "e.experiment_id JOIN tags t ON t.run_uuid = r.run_uuid WHERE e.name = ? AND "
+            "t.key = 'trial_id'",
+            (experiment,),
+        ).fetchall()
 
 
 def stage_started(driver: Driver, stage: str) -> bool:
@@ -51,8 +62,13 @@ def trial_epochs(exp_dir: Path) -> dict[str, list[int]]:
 
 @pytest.mark.slow
 def test_quick_sweep_end_to_end_logs_every_trial_to_mlflow(tmp_path):
-    out = subprocess.run(sweep_cmd(tmp_path, "space=quick", "num_samples=3", "name=e2e"),
-                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    out = subprocess.run(
+        sweep_cmd(tmp_path, "space=quick", "num_samples=3", "name=e2e"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     # how the trials ended, once when the search ends and atop the report (one builder: analysis.results), then the
     # report's front table, in the same process
@@ -71,30 +87,61 @@ def test_quick_sweep_end_to_end_logs_every_trial_to_mlflow(tmp_path):
         metric_keys = {k for (k,) in db.execute("SELECT DISTINCT key FROM metrics WHERE run_uuid = ?", (run_id,))}
         tags = dict(db.execute("SELECT key, value FROM tags WHERE run_uuid = ?", (run_id,)).fetchall())
     assert params["kd.enabled"] == "True" and "features.n_mels" in params and "pruning.mode" in params
-    assert {"val_acc", "val_macro_f1", "val_loss", "train_loss", "kd_loss", "ce_loss", "macs", "params",
-            "epoch", "pruning_step", "target_macs"} <= metric_keys
+    assert {
+        "val_acc",
+        "val_macro_f1",
+        "val_loss",
+        "train_loss",
+        "kd_loss",
+        "ce_loss",
+        "macs",
+        "params",
+        "epoch",
+        "pruning_step",
+        "target_macs",
+    } <= metric_keys
     assert tags["space"] == "quick" and tags["kd"] == "on" and tags["scheduler"] == "pareto_asha"
     with sqlite3.connect(tmp_path / "mlflow.db") as db:  # the MLflow UI opens the experiment on its runs table
-        experiment_tags = dict(db.execute("SELECT t.key, t.value FROM experiment_tags t JOIN experiments e ON "
-                                          "t.experiment_id = e.experiment_id WHERE e.name = 'e2e'").fetchall())
+        experiment_tags = dict(
+            db.execute(
+                "SELECT t.key, t.value FROM experiment_tags t JOIN experiments e ON "
+                "t.experiment_id = e.experiment_id WHERE e.name = 'e2e'"
+            ).fetchall()
+        )
     assert experiment_tags["mlflow.experimentKind"] == "custom_model_development"
     assert "/runs?workflowType=machine_learning" in out.stdout  # the link that opens the runs table
     artifacts = list((tmp_path / "mlflow-artifacts" / "e2e").rglob("*"))
     names = {p.name for p in artifacts}
     assert {"config.json", "history.json", "checkpoint.pt"} <= names
     # reusing the name without resume=true is refused
-    again = subprocess.run(sweep_cmd(tmp_path, "space=quick", "num_samples=3", "name=e2e"),
-                           capture_output=True, text=True, timeout=300, cwd=ROOT)
+    again = subprocess.run(
+        sweep_cmd(tmp_path, "space=quick", "num_samples=3", "name=e2e"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert again.returncode == 2 and "already exists" in again.stderr
 
 
 @pytest.mark.slow
 def test_killed_sweep_resumes_from_checkpoints_without_duplicate_runs(tmp_path):
     exp_dir = tmp_path / "ray_results" / "kr"
-    driver = subprocess.Popen(sweep_cmd(tmp_path, "space=quick", "num_samples=4", "name=kr",
-                                        "resources.max_concurrent_trials=2", "scheduler.name=fifo",
-                                        "train.batch_size=4"),  # slower epochs: room to kill mid-trial
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT, start_new_session=True)
+    driver = subprocess.Popen(
+        sweep_cmd(
+            tmp_path,
+            "space=quick",
+            "num_samples=4",
+            "name=kr",
+            "resources.max_concurrent_trials=2",
+            "scheduler.name=fifo",
+            "train.batch_size=4",
+        ),  # slower epochs: room to kill mid-trial
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+        start_new_session=True,
+    )
     deadline = time.time() + 400
     try:
         while time.time() < deadline:  # kill once some trial has a checkpoint but is not finished
@@ -110,8 +157,9 @@ def test_killed_sweep_resumes_from_checkpoints_without_duplicate_runs(tmp_path):
         driver.wait()
     interrupted = {k for k, e in trial_epochs(exp_dir).items() if 0 < len(e) < 3}
     assert interrupted
-    out = subprocess.run(sweep_cmd(tmp_path, "resume=true", "name=kr"), capture_output=True, text=True,
-                         timeout=600, cwd=ROOT)
+    out = subprocess.run(
+        sweep_cmd(tmp_path, "resume=true", "name=kr"), capture_output=True, text=True, timeout=600, cwd=ROOT
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     epochs = trial_epochs(exp_dir)
     assert len(epochs) == 4 and all(e[-1] == 3 and sorted(set(e)) == [1, 2, 3] for e in epochs.values()), epochs
@@ -127,8 +175,9 @@ class Driver:
 
     def __init__(self, *args: str):
         self.lines: list[str] = []
-        self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT,
-                                        start_new_session=True)
+        self.process = subprocess.Popen(
+            args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT, start_new_session=True
+        )
         threading.Thread(target=lambda: self.lines.extend(self.process.stdout), daemon=True).start()
 
     def kill_when(self, ready, timeout_s: float = 400) -> None:
@@ -154,6 +203,7 @@ def rung_records(exp_dir: Path) -> dict[float, dict]:
 
 def synced_rung_records(exp_dir: Path) -> bool:
     """Ray has copied whole state files with rung records into storage_path, and no copy is under way."""
+
     def snapshot() -> dict[str, int]:
         return {p.name: p.stat().st_mtime_ns for p in exp_dir.glob("*state*-*")}
 
@@ -183,9 +233,15 @@ def test_resume_sets_aside_state_files_a_kill_left_truncated(tmp_path):
     pickled = tmp_path / "search_gen_state-2026-01-02_00-00-00.json"  # Ray pickles this ".json" file
     pickled.write_bytes(cloudpickle.dumps({"counter": 3}))
     set_aside_truncated_state(str(tmp_path))
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([
-        good.name, cut.name + ".truncated", "experiment_state-2026-01-01_00-00-00.json",
-        "experiment_state-2026-01-02_00-00-00.json.truncated", pickled.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [
+            good.name,
+            cut.name + ".truncated",
+            "experiment_state-2026-01-01_00-00-00.json",
+            "experiment_state-2026-01-02_00-00-00.json.truncated",
+            pickled.name,
+        ]
+    )
 
 
 def searcher_study(exp_dir: Path):
@@ -204,8 +260,9 @@ def searcher_study(exp_dir: Path):
 
 
 def last_results(exp_dir: Path) -> dict[str, dict]:
-    return {result.parent.name: json.loads(result.read_text().splitlines()[-1])
-            for result in exp_dir.glob("*/result.json")}
+    return {
+        result.parent.name: json.loads(result.read_text().splitlines()[-1]) for result in exp_dir.glob("*/result.json")
+    }
 
 
 @pytest.mark.timeout(900)
@@ -214,15 +271,20 @@ def test_default_paretoasha_sweep_survives_kills_at_every_stage(tmp_path):
     """Killed while rendering data, while training the teacher and mid-search, then resumed: the default
     scheduler's rung records come back, no trial restarts from epoch 1, and every trial has one MLflow run."""
     exp_dir = tmp_path / "ray_results" / "kk"
-    first = sweep_cmd(tmp_path, "space=quick", "num_samples=4", "name=kk", "resources.max_concurrent_trials=2",
-                      "train.batch_size=4")
+    first = sweep_cmd(
+        tmp_path, "space=quick", "num_samples=4", "name=kk", "resources.max_concurrent_trials=2", "train.batch_size=4"
+    )
     resume = sweep_cmd(tmp_path, "resume=true", "name=kk")
     Driver(*first).kill_when(lambda d: stage_started(d, "data"))
     assert (exp_dir / "sweep_config.json").is_file()  # the state was recorded before any data work
     Driver(*resume).kill_when(lambda d: stage_started(d, "teacher"))
     Driver(*resume).kill_when(  # mid-search: a trial has its epoch-1 checkpoint, two epochs before it could finish,
-        lambda d: exp_dir.is_dir() and any(len(e) == 1 for e in trial_epochs(exp_dir).values())
-        and synced_rung_records(exp_dir))  # and Ray has copied the rung records into storage_path
+        lambda d: (
+            exp_dir.is_dir()
+            and any(len(e) == 1 for e in trial_epochs(exp_dir).values())
+            and synced_rung_records(exp_dir)
+        )
+    )  # and Ray has copied the rung records into storage_path
     # a kill during Ray's own copy of its state leaves a truncated file: resume sets it aside (unit test below)
     before = trial_epochs(exp_dir)
     out = subprocess.run(resume, capture_output=True, text=True, timeout=600, cwd=ROOT)
@@ -253,20 +315,28 @@ def test_default_paretoasha_sweep_survives_kills_at_every_stage(tmp_path):
         return
     assert sum(t.state == optuna.trial.TrialState.PRUNED for t in study) == 4 - len(finished)
     assert sorted(t.values for t in study if t.state == optuna.trial.TrialState.COMPLETE) == sorted(
-        [r["val_acc"], r["target_macs"]] for r in finished)
+        [r["val_acc"], r["target_macs"]] for r in finished
+    )
 
 
-@pytest.mark.parametrize("args, message", [
-    (["space=nosuchspace"], "kd_prune"),                       # unknown space lists the available ones
-    (["resume=true", "name=never-ran"], "No sweep named 'never-ran'"),
-    (["space=quick", "resources.gpus_per_trial=1"], "no CUDA GPU"),
-    (["space=quick", "ray.address=127.0.0.1:1"], "unreachable"),
-    (["space=quick", "num_samples=0"], "num_samples=0 must be >= 1"),
-    (["space=quick", "mlflow.tracking_uri=http://127.0.0.1:9"],
-     "mlflow.tracking_uri=http://127.0.0.1:9 is unreachable"),
-    (["space=quick", "teacher.epochs=1", "train.warmup_epochs=1"],
-     "teacher.epochs=1 must be above train.warmup_epochs=1"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["space=nosuchspace"], "kd_prune"),  # unknown space lists the available ones
+        (["resume=true", "name=never-ran"], "No sweep named 'never-ran'"),
+        (["space=quick", "resources.gpus_per_trial=1"], "no CUDA GPU"),
+        (["space=quick", "ray.address=127.0.0.1:1"], "unreachable"),
+        (["space=quick", "num_samples=0"], "num_samples=0 must be >= 1"),
+        (
+            ["space=quick", "mlflow.tracking_uri=http://127.0.0.1:9"],
+            "mlflow.tracking_uri=http://127.0.0.1:9 is unreachable",
+        ),
+        (
+            ["space=quick", "teacher.epochs=1", "train.warmup_epochs=1"],
+            "teacher.epochs=1 must be above train.warmup_epochs=1",
+        ),
+    ],
+)
 @pytest.mark.slow
 def test_cli_errors_are_one_clear_line_before_work_starts(tmp_path, args, message):
     started = time.monotonic()
@@ -286,8 +356,7 @@ def test_invalid_space_and_unwritable_workdir(tmp_path):
 
     base = compose("config")
     bad = tmp_path / "bad.yaml"
-    bad.write_text("params:\n  pruning.mode: progressive\n"
-                   "  pruning.steps: {type: int, low: 6, high: 8}\n")
+    bad.write_text("params:\n  pruning.mode: progressive\n  pruning.steps: {type: int, low: 6, high: 8}\n")
     space = load_space(str(bad), flatten(base), accepted_values())
     with pytest.raises(ValueError, match="can produce an invalid trial"):
         check_space_configs(space, base)

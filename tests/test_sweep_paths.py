@@ -24,9 +24,23 @@ def test_relative_workdir_builds_every_cache_once_outside_ray_trial_folders(tmp_
     try:
         env = {**os.environ, "RAY_TMPDIR": str(ray_tmp)}
         tiny = [t for t in TINY if not t.startswith("ray.num_cpus")]
-        out = subprocess.run([sys.executable, str(ROOT / "sweeps" / "run.py"), "workdir=runs", *tiny,
-                              "ray.num_cpus=2", "space=quick", "num_samples=3", "name=rel"],
-                             capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+        out = subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "sweeps" / "run.py"),
+                "workdir=runs",
+                *tiny,
+                "ray.num_cpus=2",
+                "space=quick",
+                "num_samples=3",
+                "name=rel",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=tmp_path,
+            env=env,
+        )
         assert out.returncode == 0, out.stderr[-3000:]
         in_ray = [p for pattern in CACHE_PATTERNS for p in ray_tmp.rglob(pattern)]
         assert not in_ray, f"caches built inside Ray's folders: {in_ray[:5]}"
@@ -35,9 +49,11 @@ def test_relative_workdir_builds_every_cache_once_outside_ray_trial_folders(tmp_
     work = tmp_path / "runs"
     assert len(list((work / "cache" / "waveforms").glob("*/meta.json"))) == 1
     # one log-mel file per (split, feature config) that some trial used: train + valid for each n_mels sampled
-    n_mels = {json.loads(line)["config"]["features.n_mels"]
-              for result in (work / "ray_results" / "rel").glob("*/result.json")
-              for line in result.read_text().splitlines()[:1]}
+    n_mels = {
+        json.loads(line)["config"]["features.n_mels"]
+        for result in (work / "ray_results" / "rel").glob("*/result.json")
+        for line in result.read_text().splitlines()[:1]
+    }
     expected = {(split, n) for n in n_mels for split in ("train", "valid")}
     expected |= {(split, 32) for split in ("train", "valid", "test")}  # the teacher's 32 mels: trained, scored
     features = list((work / "cache" / "features").glob("logmel-*.npy"))

@@ -34,8 +34,15 @@ def save_tiny_ast(folder: Path, sampling_rate: int = 16000, num_labels: int = 52
     from transformers import ASTConfig, ASTFeatureExtractor, ASTForAudioClassification
 
     torch.manual_seed(0)
-    config = ASTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                       max_length=64, num_mel_bins=32, num_labels=num_labels)
+    config = ASTConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_length=64,
+        num_mel_bins=32,
+        num_labels=num_labels,
+    )
     ASTForAudioClassification(config).save_pretrained(folder)
     ASTFeatureExtractor(num_mel_bins=32, max_length=64, sampling_rate=sampling_rate).save_pretrained(folder)
     return folder
@@ -101,13 +108,21 @@ def test_kd_arguments_look_logits_up_by_note_id(kd_config, tiny_data):
     train_split = tiny_data.splits["train"]
     rows = np.arange(len(train_split))[::-2].copy()  # a reordered subset of the train split: rows shift
     subset = copy.copy(tiny_data)
-    subset.splits = {**tiny_data.splits, "train": dataclasses.replace(
-        train_split, waveforms=train_split.waveforms[rows], labels=train_split.labels[rows],
-        ids=[train_split.ids[i] for i in rows])}
+    subset.splits = {
+        **tiny_data.splits,
+        "train": dataclasses.replace(
+            train_split,
+            waveforms=train_split.waveforms[rows],
+            labels=train_split.labels[rows],
+            ids=[train_split.ids[i] for i in rows],
+        ),
+    }
     assert torch.equal(teacher_mod.kd_arguments(inputs, subset, "cpu")["teacher_logits"], full[rows])
     stranger = copy.copy(subset)
-    stranger.splits = {**subset.splits, "train": dataclasses.replace(subset.splits["train"], ids=[
-        "not-a-note"] + subset.splits["train"].ids[1:])}
+    stranger.splits = {
+        **subset.splits,
+        "train": dataclasses.replace(subset.splits["train"], ids=["not-a-note"] + subset.splits["train"].ids[1:]),
+    }
     with pytest.raises(ValueError, match="lacks 1 of these notes .*not-a-note"):
         teacher_mod.kd_arguments(inputs, stranger, "cpu")
 
@@ -129,9 +144,11 @@ def _head_at_creation(monkeypatch) -> list[dict[str, torch.Tensor]]:
 
 @pytest.mark.parametrize("freeze", [False, True], ids=["fine-tune", "linear-probe"])
 def test_imagenet_format_file_gets_a_trained_head(kd_config, tiny_data, imagenet_file, monkeypatch, freeze):
-    config = with_(kd_config, teacher={"pretrained": str(imagenet_file), "freeze": freeze, "epochs": 8,
-                                       "batch_size": 8},
-                   features={"freq_masks": 0, "time_masks": 0})
+    config = with_(
+        kd_config,
+        teacher={"pretrained": str(imagenet_file), "freeze": freeze, "epochs": 8, "batch_size": 8},
+        features={"freq_masks": 0, "time_masks": 0},
+    )
     validate_teacher(config)
     heads = _head_at_creation(monkeypatch)
     teacher_mod.teacher_inputs(config, tiny_data)
@@ -159,7 +176,9 @@ def test_hf_audio_teacher_from_a_local_folder(kd_config, tiny_data, tiny_ast, tm
     assert ckpt["model_spec"]["name"] == f"hf:{tiny_ast}" and len(ckpt["history"]) == 2  # fine-tuned here
     assert info["sample_rate"] == 16000 and info["params"] > 0
     assert teacher_mod.kd_arguments(inputs, tiny_data, "cpu")["teacher_logits"].shape == (
-        len(tiny_data.splits["train"]), 3)
+        len(tiny_data.splits["train"]),
+        3,
+    )
     # online KD: the model on the trial's device, its inputs computed per batch from the batch's clips
     online = with_(config, kd={"teacher_logits": "online"}, train={"epochs": 1})
     kd = teacher_mod.kd_arguments(teacher_mod.teacher_inputs(online, tiny_data), tiny_data, "cpu")
@@ -180,8 +199,9 @@ def test_mixed_ensemble_caches_each_member_once(kd_config, tiny_data, tiny_ast, 
     pair = with_(kd_config, teacher={"members": [cnn, ast]})
     trained = []
     real_train = teacher_mod.train
-    monkeypatch.setattr(teacher_mod, "train", lambda *a, **k: trained.append(k["model_spec"]["name"]) or
-                        real_train(*a, **k))
+    monkeypatch.setattr(
+        teacher_mod, "train", lambda *a, **k: trained.append(k["model_spec"]["name"]) or real_train(*a, **k)
+    )
     inputs = teacher_mod.teacher_inputs(pair, tiny_data)
     assert trained == ["resnet10t", f"hf:{tiny_ast}"]
     folders = member_folders(pair, tiny_data)
@@ -194,10 +214,12 @@ def test_mixed_ensemble_caches_each_member_once(kd_config, tiny_data, tiny_ast, 
     teacher_mod.teacher_inputs(trio, tiny_data)
     assert trained == ["resnet10t"] and member_folders(trio, tiny_data)[:2] == folders
     assert load_checkpoint(member_folders(trio, tiny_data)[2] / "checkpoint")["config"]["train"]["seed"] == (
-        kd_config["seed"] + 1)
+        kd_config["seed"] + 1
+    )
     # online: one TeacherEnsemble, each member fed its own front-end's inputs
-    kd = teacher_mod.kd_arguments(teacher_mod.teacher_inputs(with_(trio, kd={"teacher_logits": "online"}),
-                                                             tiny_data), tiny_data, "cpu")
+    kd = teacher_mod.kd_arguments(
+        teacher_mod.teacher_inputs(with_(trio, kd={"teacher_logits": "online"}), tiny_data), tiny_data, "cpu"
+    )
     model, frontend = kd["teacher"]
     assert isinstance(model, TeacherEnsemble) and len(model.teachers) == 3
     shapes = [tuple(x.shape) for x in frontend(torch.tensor([1]))]
@@ -214,18 +236,24 @@ def test_old_teacher_settings_keep_working(tiny_config, tmp_path):
     assert spec["pretrained"] == str(weights) and spec["checkpoint"] is None  # a weights file is fine-tuned
 
 
-@pytest.mark.parametrize("teacher, message", [
-    ({"name": "resnet_nope"}, "teacher.name=resnet_nope is not a timm model"),
-    ({"name": "vit_tiny_patch16_224"}, "cannot take .* inputs"),
-    ({"members": 0}, "teacher.members=0 must be a count >= 1"),
-    ({"members": [{"name": "resnet10t", "lr_typo": 1}]}, r"teacher.members\[0\] has unknown key\(s\) \['lr_typo'\]"),
-    ({"members": [{"name": "resnet10t"}, {"name": "resnet10t"}]}, r"members\[1\] repeats teacher.members\[0\]"),
-    ({"freeze": True}, "teacher.freeze=true trains only the head, and teacher.pretrained=none"),
-    ({"pretrained": "/no/such/file.pth"}, "teacher.pretrained=/no/such/file.pth is neither"),
-    ({"checkpoint": "/no/such/ckpt.pt"}, "teacher.checkpoint=/no/such/ckpt.pt does not exist"),
-    ({"features": {"n_mels": 32, "sample_rate": 32000, "f_max": 16000}}, "needs audio at 32000 Hz but the source"),
-    ({"members": [{"name": "resnet10t", "epochs": 0}]}, r"teacher.members\[0\].epochs=0"),
-])
+@pytest.mark.parametrize(
+    "teacher, message",
+    [
+        ({"name": "resnet_nope"}, "teacher.name=resnet_nope is not a timm model"),
+        ({"name": "vit_tiny_patch16_224"}, "cannot take .* inputs"),
+        ({"members": 0}, "teacher.members=0 must be a count >= 1"),
+        (
+            {"members": [{"name": "resnet10t", "lr_typo": 1}]},
+            r"teacher.members\[0\] has unknown key\(s\) \['lr_typo'\]",
+        ),
+        ({"members": [{"name": "resnet10t"}, {"name": "resnet10t"}]}, r"members\[1\] repeats teacher.members\[0\]"),
+        ({"freeze": True}, "teacher.freeze=true trains only the head, and teacher.pretrained=none"),
+        ({"pretrained": "/no/such/file.pth"}, "teacher.pretrained=/no/such/file.pth is neither"),
+        ({"checkpoint": "/no/such/ckpt.pt"}, "teacher.checkpoint=/no/such/ckpt.pt does not exist"),
+        ({"features": {"n_mels": 32, "sample_rate": 32000, "f_max": 16000}}, "needs audio at 32000 Hz but the source"),
+        ({"members": [{"name": "resnet10t", "epochs": 0}]}, r"teacher.members\[0\].epochs=0"),
+    ],
+)
 def test_bad_teachers_are_refused_in_one_line(tiny_config, teacher, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message) as err:
         validate_teacher(with_(tiny_config, teacher=teacher))
@@ -239,11 +267,15 @@ def test_hf_and_imagenet_sources_are_checked_offline(tiny_config, tmp_path, monk
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub, "model_info", lambda *a, **k: pytest.fail("went to the network"))
     monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)  # an empty hub cache
-    with pytest.raises(ValueError, match=r"teacher.name=hf:MIT/ast-finetuned-audioset-10-10-0.4593: the Hugging Face "
-                                         r"hub is not reachable .*--local-dir DIR\) and pass teacher.name=hf:DIR"):
+    with pytest.raises(
+        ValueError,
+        match=r"teacher.name=hf:MIT/ast-finetuned-audioset-10-10-0.4593: the Hugging Face "
+        r"hub is not reachable .*--local-dir DIR\) and pass teacher.name=hf:DIR",
+    ):
         validate_teacher(with_(tiny_config, teacher={"name": "hf:MIT/ast-finetuned-audioset-10-10-0.4593"}))
-    with pytest.raises(ValueError, match="teacher.pretrained=imagenet needs timm's resnet10t weights .*"
-                                         "teacher.checkpoint=FILE"):
+    with pytest.raises(
+        ValueError, match="teacher.pretrained=imagenet needs timm's resnet10t weights .*teacher.checkpoint=FILE"
+    ):
         validate_teacher(with_(tiny_config, teacher={"pretrained": "imagenet"}))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="is not a saved Hugging Face model"):
@@ -262,10 +294,24 @@ def test_teacher_cli_fine_tunes_an_imagenet_format_file(tmp_path, imagenet_file)
     from tests.test_sweep import ROOT, TINY
 
     data_keys = [k for k in TINY if k.startswith(("data.", "teacher.features"))]
-    out = subprocess.run([sys.executable, str(ROOT / "trainable" / "teacher.py"), f"workdir={tmp_path}", *data_keys,
-                          f"teacher.pretrained={imagenet_file}", "teacher.epochs=2", "teacher.batch_size=16",
-                          "train.epochs=2", "train.batch_size=16", "features.n_mels=32"],
-                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "trainable" / "teacher.py"),
+            f"workdir={tmp_path}",
+            *data_keys,
+            f"teacher.pretrained={imagenet_file}",
+            "teacher.epochs=2",
+            "teacher.batch_size=16",
+            "train.epochs=2",
+            "train.batch_size=16",
+            "features.n_mels=32",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "0: resnet10t (resnet10t-imagenet.pth)" in out.stdout and "per-family test accuracy" in out.stdout
     assert "Teacher - student test accuracy:" in out.stdout
@@ -281,10 +327,23 @@ def test_sweep_distils_from_an_hf_teacher_online_with_mixup(tmp_path, tiny_ast):
 
     from tests.test_sweep import ROOT, mlflow_runs, sweep_cmd
 
-    out = subprocess.run(sweep_cmd(tmp_path, "space=quick", "num_samples=2", "name=hfkd", f"teacher.name=hf:{tiny_ast}",
-                                   "teacher.lr=1e-3", "teacher.batch_size=8", "kd.teacher_logits=online",
-                                   "train.mixup_alpha=0.3"),
-                         capture_output=True, text=True, timeout=900, cwd=ROOT)
+    out = subprocess.run(
+        sweep_cmd(
+            tmp_path,
+            "space=quick",
+            "num_samples=2",
+            "name=hfkd",
+            f"teacher.name=hf:{tiny_ast}",
+            "teacher.lr=1e-3",
+            "teacher.batch_size=8",
+            "kd.teacher_logits=online",
+            "train.mixup_alpha=0.3",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     (member,) = (tmp_path / "teachers" / "members").iterdir()
     assert json.loads((member / teacher_mod.MEMBER_FILE).read_text())["spec"]["name"] == f"hf:{tiny_ast}"

@@ -24,8 +24,12 @@ def with_(config: dict, **sections) -> dict:
 
 
 def test_overfits_tiny_three_family_set(tiny_config, tiny_data, tmp_path):
-    config = with_(tiny_config, train={"epochs": 8, "lr": 3e-3},
-                   features={"freq_masks": 0, "time_masks": 0}, student={"dropout": 0.0})
+    config = with_(
+        tiny_config,
+        train={"epochs": 8, "lr": 3e-3},
+        features={"freq_masks": 0, "time_masks": 0},
+        student={"dropout": 0.0},
+    )
     history = []
     train(config, tiny_data, tmp_path / "run", report=lambda m, _: history.append(m))
     assert [h["epoch"] for h in history] == list(range(1, 9))
@@ -56,9 +60,13 @@ def test_unstructured_reports_sparsity_and_unchanged_macs(tiny_config, tiny_data
 
 @pytest.mark.slow
 def test_resume_across_a_pruning_step_matches_uninterrupted_run(tiny_config, tiny_data, tmp_path):
-    config = with_(tiny_config, train={"epochs": 4}, pruning={"mode": "progressive", "at_epoch": 2, "steps": 2,
-                                                               "step_epochs": 1, "target_macs_ratio": 0.5})
+    config = with_(
+        tiny_config,
+        train={"epochs": 4},
+        pruning={"mode": "progressive", "at_epoch": 2, "steps": 2, "step_epochs": 1, "target_macs_ratio": 0.5},
+    )
     full = train(config, tiny_data, tmp_path / "full")
+
     # interrupted after epoch 2 (after the first pruning step): a run whose report raises there
     class Killed(Exception):
         pass
@@ -71,8 +79,13 @@ def test_resume_across_a_pruning_step_matches_uninterrupted_run(tiny_config, tin
         train(config, tiny_data, tmp_path / "part", report=kill_after_two)
     assert load_checkpoint(tmp_path / "part" / "checkpoint")["pruning_step"] == 1
     resumed_history = []
-    resumed = train(config, tiny_data, tmp_path / "part", resume_from=tmp_path / "part" / "checkpoint",
-                    report=lambda m, _: resumed_history.append(m))
+    resumed = train(
+        config,
+        tiny_data,
+        tmp_path / "part",
+        resume_from=tmp_path / "part" / "checkpoint",
+        report=lambda m, _: resumed_history.append(m),
+    )
     assert [h["epoch"] for h in resumed_history] == [3, 4]  # continued, not restarted
     for key in ("val_acc", "val_macro_f1", "val_loss", "train_loss", "macs", "params", "pruning_step"):
         assert resumed[key] == pytest.approx(full[key], rel=1e-5, abs=1e-6), key
@@ -82,16 +95,33 @@ def test_resume_across_a_pruning_step_matches_uninterrupted_run(tiny_config, tin
 
 def test_config_errors_are_clear(tiny_config):
     with pytest.raises(ValueError, match="train.epochs"):
-        pruning_plan({"mode": "progressive", "target_macs_ratio": 0.5, "at_epoch": 3, "steps": 3, "step_epochs": 1,
-                      "schedule": "cubic"}, epochs=4)
+        pruning_plan(
+            {
+                "mode": "progressive",
+                "target_macs_ratio": 0.5,
+                "at_epoch": 3,
+                "steps": 3,
+                "step_epochs": 1,
+                "schedule": "cubic",
+            },
+            epochs=4,
+        )
     with pytest.raises(ValueError, match=r"Unknown scenario 'kd_everything'; choose one of \[.*'kd_single'") as err:
         apply_scenario(with_(tiny_config, scenario="kd_everything"))
     assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match="n_mels"):
         validate_config(with_(tiny_config, features={"n_mels": 1000}))
-    assert pruning_plan({"mode": "progressive", "target_macs_ratio": 0.3, "at_epoch": 2, "steps": 3,
-                         "step_epochs": 2, "schedule": "linear"}, epochs=8) == pytest.approx(
-        {2: 1 - 0.7 / 3, 4: 1 - 1.4 / 3, 6: 0.3})
+    assert pruning_plan(
+        {
+            "mode": "progressive",
+            "target_macs_ratio": 0.3,
+            "at_epoch": 2,
+            "steps": 3,
+            "step_epochs": 2,
+            "schedule": "linear",
+        },
+        epochs=8,
+    ) == pytest.approx({2: 1 - 0.7 / 3, 4: 1 - 1.4 / 3, 6: 0.3})
 
 
 def test_checkpoints_of_earlier_versions_rebuild_with_the_schema_defaults(tiny_config, tmp_path):
@@ -106,12 +136,22 @@ def test_checkpoints_of_earlier_versions_rebuild_with_the_schema_defaults(tiny_c
     for old in (student, teacher):
         path = tmp_path / old["role"] / CHECKPOINT_NAME
         path.parent.mkdir()
-        save_checkpoint(path, {"model_spec": old, "num_classes": 3,
-                               "model_state": model_state(build_model({**old, "dropout": 0.2, "pretrained": "none",
-                                                                       "freeze": False}, 3))})
+        save_checkpoint(
+            path,
+            {
+                "model_spec": old,
+                "num_classes": 3,
+                "model_state": model_state(
+                    build_model({**old, "dropout": 0.2, "pretrained": "none", "freeze": False}, 3)
+                ),
+            },
+        )
         spec = load_checkpoint(path)["model_spec"]
-        assert spec == old | ({"dropout": StudentConfig.dropout} if old is student else
-                              {"pretrained": TeacherConfig.pretrained, "freeze": TeacherConfig.freeze})
+        assert spec == old | (
+            {"dropout": StudentConfig.dropout}
+            if old is student
+            else {"pretrained": TeacherConfig.pretrained, "freeze": TeacherConfig.freeze}
+        )
     assert restore_model(load_checkpoint(tmp_path / "student"))(torch.zeros(1, 1, 32, 51)).shape == (1, 3)
 
 

@@ -14,14 +14,27 @@ from trainable.features.pipeline import FeaturePipeline
 from trainable.metrics import accuracy, macro_f1
 
 
-def make_pipeline(data: WaveformData, split: str, feats: FeatureConfig, device: torch.device,
-                  workdir: str | Path, device_data_share: float) -> FeaturePipeline:
+def make_pipeline(
+    data: WaveformData,
+    split: str,
+    feats: FeatureConfig,
+    device: torch.device,
+    workdir: str | Path,
+    device_data_share: float,
+) -> FeaturePipeline:
     """Batches of one split; its log-mel cache (<workdir>/cache/features, `workdir` absolute) is shared by every
     run with the same data + feature config. `device_data_share` (train.device_data_share): of the GPU, for this
     split's data."""
     part = data.splits[split]
-    return FeaturePipeline(part.waveforms, part.labels, f"{data.fingerprint}-{split}", feats, device,
-                           Path(workdir) / "cache" / "features", device_data_share=device_data_share)
+    return FeaturePipeline(
+        part.waveforms,
+        part.labels,
+        f"{data.fingerprint}-{split}",
+        feats,
+        device,
+        Path(workdir) / "cache" / "features",
+        device_data_share=device_data_share,
+    )
 
 
 def amp_settings(device: torch.device) -> tuple[bool, torch.dtype]:
@@ -32,8 +45,9 @@ def amp_settings(device: torch.device) -> tuple[bool, torch.dtype]:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, pipeline: FeaturePipeline, batch_size: int, num_classes: int,
-             amp: tuple[bool, torch.dtype]) -> dict[str, float]:
+def evaluate(
+    model: torch.nn.Module, pipeline: FeaturePipeline, batch_size: int, num_classes: int, amp: tuple[bool, torch.dtype]
+) -> dict[str, float]:
     """Loss, accuracy and macro-F1 on a whole split (metrics on all predictions, not per-batch means).
 
     Predictions stay on the device until the end: one host synchronisation per split, not per batch. Macro-F1
@@ -49,5 +63,9 @@ def evaluate(model: torch.nn.Module, pipeline: FeaturePipeline, batch_size: int,
         labels.append(batch.labels)
     y_pred, y_true = torch.cat(preds).cpu().numpy(), torch.cat(labels).cpu().numpy()
     present = np.unique(y_true)
-    return {"loss": loss.item() / len(y_true), "acc": accuracy(y_true, y_pred),
-            "macro_f1": macro_f1(y_true, y_pred, num_classes, labels=present), "classes": len(present)}
+    return {
+        "loss": loss.item() / len(y_true),
+        "acc": accuracy(y_true, y_pred),
+        "macro_f1": macro_f1(y_true, y_pred, num_classes, labels=present),
+        "classes": len(present),
+    }

@@ -73,9 +73,13 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float) -> flo
 
 
 def rng_state(generator: torch.Generator) -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "loader": generator.get_state()}
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "loader": generator.get_state(),
+    }
 
 
 def set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
@@ -87,11 +91,18 @@ def set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
     generator.set_state(state["loader"])
 
 
-def train(config: dict[str, Any], data: WaveformData, run_dir: Path | str, *,
-          teacher_logits: torch.Tensor | None = None,
-          teacher: tuple[torch.nn.Module, Callable[[torch.Tensor], Any]] | None = None,
-          resume_from: Path | str | None = None, report: Report | None = None,
-          model_spec: dict[str, Any] | None = None, inputs: Inputs | None = None) -> dict[str, Any]:
+def train(
+    config: dict[str, Any],
+    data: WaveformData,
+    run_dir: Path | str,
+    *,
+    teacher_logits: torch.Tensor | None = None,
+    teacher: tuple[torch.nn.Module, Callable[[torch.Tensor], Any]] | None = None,
+    resume_from: Path | str | None = None,
+    report: Report | None = None,
+    model_spec: dict[str, Any] | None = None,
+    inputs: Inputs | None = None,
+) -> dict[str, Any]:
     """Train one model for config["train"]["epochs"] epochs, checkpointing and reporting after each.
 
     KD targets come from `teacher_logits` (cached, one row per train clip) or `teacher` (a frozen model on the
@@ -115,9 +126,18 @@ def train(config: dict[str, Any], data: WaveformData, run_dir: Path | str, *,
     feat_cfg = FeatureConfig.from_mapping(config["features"])
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels once
-    make_inputs = inputs.pipeline if inputs else partial(make_pipeline, data, feats=feat_cfg, device=device,
-                                                         workdir=config["workdir"],
-                                                         device_data_share=tcfg["device_data_share"])
+    make_inputs = (
+        inputs.pipeline
+        if inputs
+        else partial(
+            make_pipeline,
+            data,
+            feats=feat_cfg,
+            device=device,
+            workdir=config["workdir"],
+            device_data_share=tcfg["device_data_share"],
+        )
+    )
     pipelines = {split: make_inputs(split) for split in ("train", "valid")}
     for split, pipeline in pipelines.items():  # caches built or opened now: epoch times measure training
         pipeline.prepare(train=split == "train")
@@ -170,19 +190,33 @@ def train(config: dict[str, Any], data: WaveformData, run_dir: Path | str, *,
                 masks = unstructured_prune(model, 1.0 - plan[epoch])
             else:
                 calib = next(pipelines["train"].batches(batch_size, train=False))
-                prune_to_macs(model, calib.features[:1], base_macs, plan[epoch], pcfg["importance"],
-                              pcfg["round_to"],
-                              lambda m: F.cross_entropy(m(calib.features), calib.labels))  # noqa: B023 - used at once
+                prune_to_macs(
+                    model,
+                    calib.features[:1],
+                    base_macs,
+                    plan[epoch],
+                    pcfg["importance"],
+                    pcfg["round_to"],
+                    lambda m: F.cross_entropy(m(calib.features), calib.labels),  # noqa: B023 - used at once
+                )
             optimizer = make_optimizer()
             macs, params = count_macs_params(model, input_shape)
-            log.info("pruning step %d at epoch %d: MACs %.2fM (%.1f%% of %.2fM), params %d", pruning_step,
-                     epoch, macs / 1e6, 100 * macs / base_macs, base_macs / 1e6, params)
+            log.info(
+                "pruning step %d at epoch %d: MACs %.2fM (%.1f%% of %.2fM), params %d",
+                pruning_step,
+                epoch,
+                macs / 1e6,
+                100 * macs / base_macs,
+                base_macs / 1e6,
+                params,
+            )
 
         model.train()
         # Running sums stay on the device (loss, kd, ce, correct): one host sync per epoch, not per step.
         sums, seen = torch.zeros(4, device=device), 0
-        for batch in pipelines["train"].batches(batch_size, train=True, generator=generator, drop_last=True,
-                                                max_batches=steps_per_epoch):
+        for batch in pipelines["train"].batches(
+            batch_size, train=True, generator=generator, drop_last=True, max_batches=steps_per_epoch
+        ):
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total_steps, warmup_steps, tcfg["lr"])
             features, mix = batch.features, None
@@ -198,8 +232,9 @@ def train(config: dict[str, Any], data: WaveformData, run_dir: Path | str, *,
                     else:
                         with torch.no_grad():
                             targets = teacher_model(teacher_frontend(batch.indices))
-                    loss, kd_part, ce_part = kd_loss(logits.float(), targets.float(), batch.labels, kcfg["T"],
-                                                     kcfg["alpha"], mix)
+                    loss, kd_part, ce_part = kd_loss(
+                        logits.float(), targets.float(), batch.labels, kcfg["T"], kcfg["alpha"], mix
+                    )
                 else:
                     loss = ce_part = mixed_cross_entropy(logits.float(), batch.labels, mix)
                     kd_part = torch.zeros_like(loss)
@@ -223,33 +258,63 @@ def train(config: dict[str, Any], data: WaveformData, run_dir: Path | str, *,
 
         val = evaluate(model, pipelines["valid"], batch_size, data.num_classes, amp)
         metrics = {
-            "epoch": epoch, "train_loss": loss_sum / seen, "kd_loss": kd_sum / seen,
-            "ce_loss": ce_sum / seen, "train_acc": correct_sum / seen,
-            "val_loss": val["loss"], "val_acc": val["acc"], "val_macro_f1": val["macro_f1"],
+            "epoch": epoch,
+            "train_loss": loss_sum / seen,
+            "kd_loss": kd_sum / seen,
+            "ce_loss": ce_sum / seen,
+            "train_acc": correct_sum / seen,
+            "val_loss": val["loss"],
+            "val_acc": val["acc"],
+            "val_macro_f1": val["macro_f1"],
             "val_clips": len(pipelines["valid"]),  # for the report's "at chance" test (analysis/rung_fidelity.py)
-            "macs": macs, "params": params, "base_macs": base_macs, "base_params": base_params,
-            "target_macs": target_macs, "pruning_step": pruning_step, "pruning_steps": len(plan),
+            "macs": macs,
+            "params": params,
+            "base_macs": base_macs,
+            "base_params": base_params,
+            "target_macs": target_macs,
+            "pruning_step": pruning_step,
+            "pruning_steps": len(plan),
             "sparsity": weight_sparsity(model),
-            "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": time.perf_counter() - t0,
+            "lr": optimizer.param_groups[0]["lr"],
+            "epoch_seconds": time.perf_counter() - t0,
             "clips_per_second": seen / train_seconds,  # training throughput (pruning step included)
         }
         if epoch == tcfg["epochs"] and tcfg["test_at_end"]:  # the retrain stage's number to quote (sweeps/retrain.py)
-            test = evaluate(model, make_inputs("test"), batch_size,
-                            data.num_classes, amp)
+            test = evaluate(model, make_inputs("test"), batch_size, data.num_classes, amp)
             metrics |= {"test_acc": test["acc"], "test_macro_f1": test["macro_f1"], "test_loss": test["loss"]}
         history.append(metrics)
-        save_checkpoint(run_dir / "checkpoint" / CHECKPOINT_NAME, {
-            "model_spec": model_spec, "num_classes": data.num_classes, "classes": data.classes,
-            "model_state": model_state(model), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "epoch": epoch, "step": step, "pruning_step": pruning_step,
-            "rng": rng_state(generator), "history": history, "config": config, "metrics": metrics,
-            "input_shape": input_shape, "data_fingerprint": data.fingerprint,
-        })
+        save_checkpoint(
+            run_dir / "checkpoint" / CHECKPOINT_NAME,
+            {
+                "model_spec": model_spec,
+                "num_classes": data.num_classes,
+                "classes": data.classes,
+                "model_state": model_state(model),
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(),
+                "epoch": epoch,
+                "step": step,
+                "pruning_step": pruning_step,
+                "rng": rng_state(generator),
+                "history": history,
+                "config": config,
+                "metrics": metrics,
+                "input_shape": input_shape,
+                "data_fingerprint": data.fingerprint,
+            },
+        )
         for folder in (run_dir, run_dir / "checkpoint"):  # the checkpoint's copy travels with Tune checkpoints
             atomic_write_text(folder / "history.json", json.dumps(history, indent=1))
-        log.info("epoch %d/%d  train_loss %.3f  val_acc %.3f  val_f1 %.3f  MACs %.2fM  (%.1fs)", epoch,
-                 tcfg["epochs"], metrics["train_loss"], val["acc"], val["macro_f1"], macs / 1e6,
-                 metrics["epoch_seconds"])
+        log.info(
+            "epoch %d/%d  train_loss %.3f  val_acc %.3f  val_f1 %.3f  MACs %.2fM  (%.1fs)",
+            epoch,
+            tcfg["epochs"],
+            metrics["train_loss"],
+            val["acc"],
+            val["macro_f1"],
+            macs / 1e6,
+            metrics["epoch_seconds"],
+        )
         if report is not None:
             report(metrics, run_dir / "checkpoint")
     return history[-1] if history else {}

@@ -53,8 +53,9 @@ def accuracy(y_true: Labels, y_pred: Labels) -> float:
     return float(np.mean(truth == predicted))
 
 
-def macro_f1(y_true: Labels, y_pred: Labels, num_classes: int | None = None,
-             labels: np.ndarray | list[int] | None = None) -> float:
+def macro_f1(
+    y_true: Labels, y_pred: Labels, num_classes: int | None = None, labels: np.ndarray | list[int] | None = None
+) -> float:
     """Unweighted mean of per-class F1 over the classes present in the truth or the predictions.
 
     With `labels`, over those classes only (scikit-learn's `labels=`): evaluation passes the classes the split

@@ -49,8 +49,14 @@ def create_student(
     model = _STUDENT_FACTORIES[arch](weights=None, width_mult=width_mult, num_classes=num_classes, dropout=dropout)
     stem: nn.Conv2d = model.features[0][0]
     mono_stem = nn.Conv2d(
-        1, stem.out_channels, kernel_size=stem.kernel_size, stride=stem.stride, padding=stem.padding,
-        dilation=stem.dilation, groups=stem.groups, bias=stem.bias is not None,
+        1,
+        stem.out_channels,
+        kernel_size=stem.kernel_size,
+        stride=stem.stride,
+        padding=stem.padding,
+        dilation=stem.dilation,
+        groups=stem.groups,
+        bias=stem.bias is not None,
     )
     nn.init.kaiming_normal_(mono_stem.weight, mode="fan_out")  # same init torchvision gives its convs
     model.features[0][0] = mono_stem
@@ -102,8 +108,9 @@ def _timm_teacher(name: str, num_classes: int, pretrained: str, drop_rate: float
         return timm.create_model(name, pretrained=True, **kwargs)
     path = Path(pretrained)
     if not path.is_file():
-        raise ValueError(f"pretrained weights file {str(path)!r} does not exist; pass a local timm weights file, "
-                         "imagenet or none")
+        raise ValueError(
+            f"pretrained weights file {str(path)!r} does not exist; pass a local timm weights file, imagenet or none"
+        )
     overlay = {"file": str(path), "num_classes": _head_size_in_file(name, path)}
     logger.info("loading teacher %s weights from %s", name, path)
     return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
@@ -132,7 +139,7 @@ def is_hf_teacher(name: str) -> bool:
 
 def hf_source(name: str) -> str:
     """The hub id or local folder of an `hf:` teacher name."""
-    return name[len(HF_PREFIX):]
+    return name[len(HF_PREFIX) :]
 
 
 class HFAudioClassifier(nn.Module):
@@ -148,7 +155,8 @@ class HFAudioClassifier(nn.Module):
 
         transformers.logging.set_verbosity_error()  # its load report lists the replaced head, which is intended
         self.model = transformers.AutoModelForAudioClassification.from_pretrained(
-            source, num_labels=num_classes, ignore_mismatched_sizes=True)
+            source, num_labels=num_classes, ignore_mismatched_sizes=True
+        )
         self.input_name = transformers.AutoFeatureExtractor.from_pretrained(source).model_input_names[0]
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -158,11 +166,14 @@ class HFAudioClassifier(nn.Module):
 def teacher_head(model: nn.Module) -> nn.Module:
     """The classifier a linear probe trains (timm's get_classifier(); an hf model's projector + classifier)."""
     if isinstance(model, HFAudioClassifier):
-        parts = [getattr(model.model, n) for n in _HF_HEAD_MODULES if isinstance(getattr(model.model, n, None),
-                                                                                  nn.Module)]
+        parts = [
+            getattr(model.model, n) for n in _HF_HEAD_MODULES if isinstance(getattr(model.model, n, None), nn.Module)
+        ]
         if not parts:
-            raise ValueError(f"{type(model.model).__name__} has no {' or '.join(_HF_HEAD_MODULES)} head to train "
-                             "alone; use teacher.freeze=false (fine-tune the whole network)")
+            raise ValueError(
+                f"{type(model.model).__name__} has no {' or '.join(_HF_HEAD_MODULES)} head to train "
+                "alone; use teacher.freeze=false (fine-tune the whole network)"
+            )
         return nn.ModuleList(parts)
     return model.get_classifier()
 

@@ -74,8 +74,9 @@ def pruning_schedule(mode: str, ratio: float, steps: int, schedule: str) -> list
     if mode not in PRUNING_MODES:
         raise ValueError(f"unknown pruning mode {mode!r}; choose one of {list(PRUNING_MODES)}")
     if not 0.0 < ratio <= 1.0:
-        raise ValueError(f"pruning ratio (pruning.target_macs_ratio or pruning.weight_keep_ratio) must be in (0, 1], "
-                         f"got {ratio}")
+        raise ValueError(
+            f"pruning ratio (pruning.target_macs_ratio or pruning.weight_keep_ratio) must be in (0, 1], got {ratio}"
+        )
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if schedule not in SCHEDULES:
@@ -143,8 +144,14 @@ def prune_to_macs(
     if macs != expected_macs:
         logger.warning("%s pruning gave %d MACs where the search predicted %d", importance, macs, expected_macs)
     reached = macs / base_macs
-    logger.info("pruned %.4f of channels per layer: %d -> %d MACs (keep %.4f of base, target %.4f)",
-                ratio, current_macs, macs, reached, target_macs_ratio)
+    logger.info(
+        "pruned %.4f of channels per layer: %d -> %d MACs (keep %.4f of base, target %.4f)",
+        ratio,
+        current_macs,
+        macs,
+        reached,
+        target_macs_ratio,
+    )
     return PruneStep(macs=macs, params=params, macs_ratio_reached=reached, target_macs_ratio=target_macs_ratio)
 
 
@@ -169,9 +176,7 @@ def _prune_channels(
     model.train(was_training)
 
 
-def _search_channel_ratio(
-    macs_at: Callable[[float], int], current_macs: int, target_macs: float
-) -> tuple[float, int]:
+def _search_channel_ratio(macs_at: Callable[[float], int], current_macs: int, target_macs: float) -> tuple[float, int]:
     """(ratio, MACs) for the channel pruning ratio closest to `target_macs`. Raises when the model cannot shrink to
     within tolerance of the target; landing further below it (a late progressive step on a narrow model, where
     one channel per layer is already more than the step asks) is kept, with a warning: it only undershoots a budget."""
@@ -204,8 +209,12 @@ def _search_channel_ratio(
     if best_macs / target_macs - 1.0 > MACS_TOLERANCE and below is not None:
         best_ratio, best_macs = below  # still too big unpruned, and the smallest cut passes the target: take the cut
     if best_macs / target_macs - 1.0 < -MACS_TOLERANCE:  # the smallest step prunes past the target: keep it
-        logger.warning("pruning to %.0f MACs lands at %d (%.1f%% below): the smallest channel step available "
-                       "overshoots it", target_macs, best_macs, 100 * (1 - best_macs / target_macs))
+        logger.warning(
+            "pruning to %.0f MACs lands at %d (%.1f%% below): the smallest channel step available overshoots it",
+            target_macs,
+            best_macs,
+            100 * (1 - best_macs / target_macs),
+        )
     elif abs(best_macs / target_macs - 1.0) > MACS_TOLERANCE:
         raise ValueError(
             f"cannot prune to {target_macs:.0f} MACs: the closest reachable is {best_macs} "
@@ -245,8 +254,11 @@ def unstructured_prune(model: nn.Module, amount: float) -> dict[str, torch.Tenso
 
 def zero_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     """Masks of the non-zero conv/linear weights (how a resumed run recovers its unstructured masks)."""
-    return {name: (module.weight != 0) for name, module in model.named_modules()
-            if isinstance(module, (nn.Conv2d, nn.Linear))}
+    return {
+        name: (module.weight != 0)
+        for name, module in model.named_modules()
+        if isinstance(module, (nn.Conv2d, nn.Linear))
+    }
 
 
 @torch.no_grad()

@@ -62,11 +62,17 @@ def simulated_int8(model: nn.Module) -> Iterator[nn.Module]:
     try:
         for layer in layers:
             parametrize.register_parametrization(layer, "weight", PerChannelWeightFakeQuant())
-            fake_quant = FakeQuantize(observer=MovingAverageMinMaxObserver, quant_min=0, quant_max=255,
-                                      dtype=torch.quint8, qscheme=torch.per_tensor_affine).to(layer.weight.device)
+            fake_quant = FakeQuantize(
+                observer=MovingAverageMinMaxObserver,
+                quant_min=0,
+                quant_max=255,
+                dtype=torch.quint8,
+                qscheme=torch.per_tensor_affine,
+            ).to(layer.weight.device)
             layer.add_module("input_fake_quant", fake_quant)
-            handles.append(layer.register_forward_pre_hook(lambda mod, args: (mod.input_fake_quant(args[0]),
-                                                                              *args[1:])))
+            handles.append(
+                layer.register_forward_pre_hook(lambda mod, args: (mod.input_fake_quant(args[0]), *args[1:]))
+            )
         yield model
     finally:
         for handle in handles:
@@ -78,8 +84,9 @@ def simulated_int8(model: nn.Module) -> Iterator[nn.Module]:
                 del layer.input_fake_quant
 
 
-def qat_finetune(model: nn.Module, pipeline: FeaturePipeline, epochs: int, lr: float, batch_size: int,
-                 seed: int) -> list[dict[str, Any]]:
+def qat_finetune(
+    model: nn.Module, pipeline: FeaturePipeline, epochs: int, lr: float, batch_size: int, seed: int
+) -> list[dict[str, Any]]:
     """Fine-tune `model` in place for `epochs` epochs under simulated int8; returns per-epoch train loss/accuracy."""
     if epochs < 1:
         raise ValueError(f"quant.qat_epochs={epochs}: QAT needs at least 1 epoch")
@@ -113,7 +120,12 @@ def qat_finetune(model: nn.Module, pipeline: FeaturePipeline, epochs: int, lr: f
             if not math.isfinite(loss_sum):
                 raise FloatingPointError(f"non-finite loss in QAT epoch {epoch}: lower quant.qat_lr")
             history.append({"epoch": epoch, "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1)})
-            log.info("QAT epoch %d/%d  train_loss %.3f  train_acc %.3f", epoch, epochs, history[-1]["train_loss"],
-                     history[-1]["train_acc"])
+            log.info(
+                "QAT epoch %d/%d  train_loss %.3f  train_acc %.3f",
+                epoch,
+                epochs,
+                history[-1]["train_loss"],
+                history[-1]["train_acc"],
+            )
     model.eval()
     return history

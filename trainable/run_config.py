@@ -84,7 +84,8 @@ def pruning_plan(pcfg: Mapping[str, Any], epochs: int) -> dict[int, float]:
     if pcfg["at_epoch"] < 1 or epochs_at[-1] > epochs:
         raise ValueError(
             f"pruning.{mode} needs its steps at the start of epochs {epochs_at}, but train.epochs={epochs} "
-            f"(epochs 1..{epochs}): lower pruning.at_epoch/steps/step_epochs or raise train.epochs.")
+            f"(epochs 1..{epochs}): lower pruning.at_epoch/steps/step_epochs or raise train.epochs."
+        )
     return dict(zip(epochs_at, ratios))
 
 
@@ -132,8 +133,10 @@ def validate_config(config: Mapping[str, Any]) -> None:
     if not 0 <= tcfg["warmup_epochs"] < tcfg["epochs"]:
         raise ValueError(f"train.warmup_epochs={tcfg['warmup_epochs']} must be in [0, train.epochs).")
     if kcfg["enabled"] and (kcfg["T"] <= 0 or not 0 <= kcfg["alpha"] <= MAX_KD_ALPHA):
-        raise ValueError(f"kd.T={kcfg['T']} must be > 0 and kd.alpha={kcfg['alpha']} in [0, {MAX_KD_ALPHA}] (some "
-                         "weight stays on the labels).")
+        raise ValueError(
+            f"kd.T={kcfg['T']} must be > 0 and kd.alpha={kcfg['alpha']} in [0, {MAX_KD_ALPHA}] (some "
+            "weight stays on the labels)."
+        )
     if tcfg["mixup_alpha"] < 0:  # with KD the teacher's targets are mixed like the labels (trainable/kd.py)
         raise ValueError(f"train.mixup_alpha={tcfg['mixup_alpha']} must be >= 0 (0 disables mixup).")
     pruning_plan(config["pruning"], tcfg["epochs"])
@@ -151,8 +154,9 @@ def trial_config(base_config: Mapping[str, Any], trial_params: Mapping[str, Any]
     Grid spaces hand each trial its whole grid point under "grid_point" (see sweeps/tuning.py). Keys are set
     with OmegaConf over the typed RunConfig, so an unknown key or a value of the wrong type is an error.
     """
-    params = upgrade_saved_point({k: v for k, v in trial_params.items() if k != "grid_point"}
-                                 | dict(trial_params.get("grid_point", {})))
+    params = upgrade_saved_point(
+        {k: v for k, v in trial_params.items() if k != "grid_point"} | dict(trial_params.get("grid_point", {}))
+    )
     base = dict(base_config)
     if "scenario" in params:  # the preset goes first so that sampled keys override it, never the other way round
         base["scenario"] = params.pop("scenario")

@@ -45,8 +45,8 @@ from trainable.teacher_spec import check_members, member_specs
 
 log = logging.getLogger(__name__)
 
-MEMBER_FILE = "member.json"      # written last in a member's folder: the member is complete
-TEACHER_FILE = "teacher.json"    # the ensemble's folder: its members, for online KD and the report
+MEMBER_FILE = "member.json"  # written last in a member's folder: the member is complete
+TEACHER_FILE = "teacher.json"  # the ensemble's folder: its members, for online KD and the report
 SCORING_BATCH = 64
 
 
@@ -71,8 +71,9 @@ def member_key(spec: Mapping[str, Any], data: WaveformData) -> str:
     if is_hf_teacher(spec["name"]) and Path(hf_source(spec["name"])).exists():
         sources.append(hf_source(spec["name"]))
     features = None if is_hf_teacher(spec["name"]) else spec["features"]  # hf: its extractor is the front-end
-    return _digest({"data": data.fingerprint, **spec, "features": features,
-                    "files": [_file_identity(s) for s in sources if s]})
+    return _digest(
+        {"data": data.fingerprint, **spec, "features": features, "files": [_file_identity(s) for s in sources if s]}
+    )
 
 
 def member_dir(spec: Mapping[str, Any], config: Mapping[str, Any], data: WaveformData) -> Path:
@@ -95,8 +96,15 @@ def member_run_config(spec: Mapping[str, Any], config: Mapping[str, Any]) -> dic
     no pruning."""
     out = copy.deepcopy(dict(config))
     out["features"] = dict(spec["features"])
-    out["train"] = {**config["train"], "epochs": spec["epochs"], "lr": spec["lr"], "batch_size": spec["batch_size"],
-                    "seed": spec["seed"], "mixup_alpha": spec["mixup_alpha"], "test_at_end": False}
+    out["train"] = {
+        **config["train"],
+        "epochs": spec["epochs"],
+        "lr": spec["lr"],
+        "batch_size": spec["batch_size"],
+        "seed": spec["seed"],
+        "mixup_alpha": spec["mixup_alpha"],
+        "test_at_end": False,
+    }
     out["kd"] = {**config["kd"], "enabled": False}
     out["pruning"] = {**config["pruning"], "mode": "none"}
     return out
@@ -142,8 +150,9 @@ def _member_inputs(spec: Mapping[str, Any], data: WaveformData, device: torch.de
     return ExtractorInputs(hf_source(spec["name"]), data, device) if is_hf_teacher(spec["name"]) else None
 
 
-def _fit_member(spec: Mapping[str, Any], config: Mapping[str, Any], data: WaveformData, out: Path,
-                inputs: ExtractorInputs | None) -> Path:
+def _fit_member(
+    spec: Mapping[str, Any], config: Mapping[str, Any], data: WaveformData, out: Path, inputs: ExtractorInputs | None
+) -> Path:
     """The member's checkpoint: a finished one as given, else trained here (resumed from its last epoch)."""
     if spec["checkpoint"]:
         return Path(spec["checkpoint"]).resolve()
@@ -152,8 +161,14 @@ def _fit_member(spec: Mapping[str, Any], config: Mapping[str, Any], data: Wavefo
     if ckpt is None or ckpt["epoch"] < spec["epochs"]:
         how = ("linear probe of" if spec["freeze"] else "fine-tuning") if _has_weights(spec) else "training"
         log.info("Teacher member %s: %s it for %d epochs into %s", spec["name"], how, spec["epochs"], out)
-        train(member_run_config(spec, config), data, out, resume_from=ckpt_path if ckpt is not None else None,
-              model_spec=make_model_spec("teacher", spec), inputs=inputs)
+        train(
+            member_run_config(spec, config),
+            data,
+            out,
+            resume_from=ckpt_path if ckpt is not None else None,
+            model_spec=make_model_spec("teacher", spec),
+            inputs=inputs,
+        )
     return ckpt_path
 
 
@@ -161,12 +176,24 @@ def _has_weights(spec: Mapping[str, Any]) -> bool:
     return is_hf_teacher(spec["name"]) or spec["pretrained"] != "none"
 
 
-def _scoring_pipeline(spec: Mapping[str, Any], config: Mapping[str, Any], data: WaveformData, split: str,
-                      device: torch.device, inputs: ExtractorInputs | None) -> Any:
+def _scoring_pipeline(
+    spec: Mapping[str, Any],
+    config: Mapping[str, Any],
+    data: WaveformData,
+    split: str,
+    device: torch.device,
+    inputs: ExtractorInputs | None,
+) -> Any:
     if inputs is not None:
         return inputs.pipeline(split)
-    return make_pipeline(data, split, FeatureConfig.from_mapping(spec["features"]), device, config["workdir"],
-                         config["train"]["device_data_share"])
+    return make_pipeline(
+        data,
+        split,
+        FeatureConfig.from_mapping(spec["features"]),
+        device,
+        config["workdir"],
+        config["train"]["device_data_share"],
+    )
 
 
 @torch.no_grad()
@@ -180,8 +207,11 @@ def scores(logits: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict[s
     predicted = logits.argmax(1)
     present = np.unique(labels)
     matrix = confusion_matrix(labels, predicted, len(classes))
-    return {"acc": accuracy(labels, predicted), "macro_f1": macro_f1(labels, predicted, len(classes), labels=present),
-            "per_family": {classes[c]: float(matrix[c, c] / matrix[c].sum()) for c in present}}
+    return {
+        "acc": accuracy(labels, predicted),
+        "macro_f1": macro_f1(labels, predicted, len(classes), labels=present),
+        "per_family": {classes[c]: float(matrix[c, c] / matrix[c].sum()) for c in present},
+    }
 
 
 def ensure_member(spec: Mapping[str, Any], config: Mapping[str, Any], data: WaveformData) -> Path:
@@ -205,15 +235,40 @@ def ensure_member(spec: Mapping[str, Any], config: Mapping[str, Any], data: Wave
                 np.savez(f, logits=logits, ids=np.asarray(mdata.splits[split].ids))
             if split != "train":
                 report[split] = scores(logits, mdata.splits[split].labels, mdata.classes)
-        input_shape = inputs.input_shape if inputs else (
-            1, 1, spec["features"]["n_mels"], FeatureConfig.from_mapping(spec["features"]).frames(mdata.clip_samples))
+        input_shape = (
+            inputs.input_shape
+            if inputs
+            else (
+                1,
+                1,
+                spec["features"]["n_mels"],
+                FeatureConfig.from_mapping(spec["features"]).frames(mdata.clip_samples),
+            )
+        )
         macs, params = count_macs_params(model, input_shape)
-        atomic_write_text(target, json.dumps({
-            "spec": spec, "checkpoint": str(ckpt_path), "data_dir": str(mdata.cache_dir),
-            "sample_rate": mdata.sample_rate, "macs": macs, "params": params, "fit_seconds": fit_seconds,
-            **report}, indent=2))
-        log.info("Teacher member %s: valid acc %.3f, test acc %.3f (%s)", spec["name"], report["valid"]["acc"],
-                 report["test"]["acc"], out)
+        atomic_write_text(
+            target,
+            json.dumps(
+                {
+                    "spec": spec,
+                    "checkpoint": str(ckpt_path),
+                    "data_dir": str(mdata.cache_dir),
+                    "sample_rate": mdata.sample_rate,
+                    "macs": macs,
+                    "params": params,
+                    "fit_seconds": fit_seconds,
+                    **report,
+                },
+                indent=2,
+            ),
+        )
+        log.info(
+            "Teacher member %s: valid acc %.3f, test acc %.3f (%s)",
+            spec["name"],
+            report["valid"]["acc"],
+            report["test"]["acc"],
+            out,
+        )
 
     build_once(out / MEMBER_FILE, build, what=f"the teacher member {out.name}")
     return out
@@ -225,8 +280,10 @@ def _rows(have: list[str], want: list[str], where: Path) -> list[int]:
     row = {note: i for i, note in enumerate(have)}
     missing = [note for note in want if note not in row]
     if missing:
-        raise ValueError(f"the teacher data in {where} lacks {len(missing)} of these notes (e.g. {missing[0]}): it "
-                         f"was prepared for other data; run teacher_inputs for this data (or delete {where}).")
+        raise ValueError(
+            f"the teacher data in {where} lacks {len(missing)} of these notes (e.g. {missing[0]}): it "
+            f"was prepared for other data; run teacher_inputs for this data (or delete {where})."
+        )
     return [row[note] for note in want]
 
 
@@ -279,11 +336,15 @@ def kd_arguments(inputs: Mapping[str, Any], data: WaveformData, device: torch.de
     if "teacher_logits" in inputs:
         return {"teacher_logits": torch.from_numpy(_aligned(Path(inputs["teacher_logits"]), ids)).float()}
     if "teacher" not in inputs:
-        raise ValueError("kd.enabled=true but no teacher was prepared: pass trainable.teacher.teacher_inputs(config, "
-                         "data) to the trial.")
+        raise ValueError(
+            "kd.enabled=true but no teacher was prepared: pass trainable.teacher.teacher_inputs(config, "
+            "data) to the trial."
+        )
     device = torch.device(device)
-    members = [json.loads((Path(m) / MEMBER_FILE).read_text())
-               for m in json.loads((Path(inputs["teacher"]) / TEACHER_FILE).read_text())["members"]]
+    members = [
+        json.loads((Path(m) / MEMBER_FILE).read_text())
+        for m in json.loads((Path(inputs["teacher"]) / TEACHER_FILE).read_text())["members"]
+    ]
     models, splits, row_maps, frontends = [], [], [], []
     for info in members:
         mdata = data if Path(info["data_dir"]) == Path(data.cache_dir) else load_waveform_cache(info["data_dir"])
@@ -324,15 +385,20 @@ def format_report(teacher: Path, classes: list[str]) -> str:
     if len(rows) > 1:
         rows.append(("ensemble (mean logits)", ensemble))
     width = max(len(label) for label, _ in rows) + 2
-    lines = [f"{'teacher':<{width}}{'valid acc':>10}{'valid F1':>10}{'test acc':>10}{'test F1':>10}{'GMACs':>8}"
-             f"{'M params':>10}{'fit s':>8}"]
+    lines = [
+        f"{'teacher':<{width}}{'valid acc':>10}{'valid F1':>10}{'test acc':>10}{'test F1':>10}{'GMACs':>8}"
+        f"{'M params':>10}{'fit s':>8}"
+    ]
     for label, r in rows:
         fit = f"{r['fit_seconds']:>8.0f}" if "fit_seconds" in r else f"{'':>8}"
-        lines.append(f"{label:<{width}}{r['valid']['acc']:>10.4f}{r['valid']['macro_f1']:>10.4f}{r['test']['acc']:>10.4f}"
-                     f"{r['test']['macro_f1']:>10.4f}{r['macs'] / 1e9:>8.3f}{r['params'] / 1e6:>10.2f}{fit}")
+        lines.append(
+            f"{label:<{width}}{r['valid']['acc']:>10.4f}{r['valid']['macro_f1']:>10.4f}{r['test']['acc']:>10.4f}"
+            f"{r['test']['macro_f1']:>10.4f}{r['macs'] / 1e9:>8.3f}{r['params'] / 1e6:>10.2f}{fit}"
+        )
     lines.append("\nper-family test accuracy")
-    lines.append(f"{'family':<14}" + "".join(f"{label.split(':')[0] if ':' in label else 'ens':>8}"
-                                             for label, _ in rows))
+    lines.append(
+        f"{'family':<14}" + "".join(f"{label.split(':')[0] if ':' in label else 'ens':>8}" for label, _ in rows)
+    )
     for family in classes:
         cells = [r["test"]["per_family"].get(family) for _, r in rows]
         lines.append(f"{family:<14}" + "".join(f"{c:>8.3f}" if c is not None else f"{'-':>8}" for c in cells))
@@ -350,13 +416,18 @@ def main(cfg: DictConfig) -> None:
     teacher = ensure_teacher(config, data)
     print(f"\nTeacher in {teacher}\n{format_report(teacher, data.classes)}")
     s = config["student"]
-    print(f"\nReference student: {s['arch']} width {s['width_mult']}, n_mels {config['features']['n_mels']}, "
-          f"{config['train']['epochs']} epochs, no KD, no pruning (training it now)", flush=True)
+    print(
+        f"\nReference student: {s['arch']} width {s['width_mult']}, n_mels {config['features']['n_mels']}, "
+        f"{config['train']['epochs']} epochs, no KD, no pruning (training it now)",
+        flush=True,
+    )
     student = reference_student(config, data)
     test_acc = json.loads((teacher / TEACHER_FILE).read_text())["test"]["acc"]
-    print(f"  test_acc         {student['test_acc']:.4f}\n"
-          f"Teacher - student test accuracy: {100 * (test_acc - student['test_acc']):+.1f} points "
-          "(KD needs a clearly stronger teacher: >= +10)")
+    print(
+        f"  test_acc         {student['test_acc']:.4f}\n"
+        f"Teacher - student test accuracy: {100 * (test_acc - student['test_acc']):+.1f} points "
+        "(KD needs a clearly stronger teacher: >= +10)"
+    )
 
 
 if __name__ == "__main__":

@@ -80,12 +80,18 @@ class WaveformPipeline:
             raise ValueError(f"batch_size={batch_size} must be a positive integer")
         return len(self) // batch_size if drop_last else math.ceil(len(self) / batch_size)
 
-    def batches(self, batch_size: int, train: bool, generator: torch.Generator | None = None,
-                drop_last: bool = False, max_batches: int | None = None) -> Iterator[FeatureBatch]:
+    def batches(
+        self,
+        batch_size: int,
+        train: bool,
+        generator: torch.Generator | None = None,
+        drop_last: bool = False,
+        max_batches: int | None = None,
+    ) -> Iterator[FeatureBatch]:
         order = torch.randperm(len(self), generator=generator) if train else torch.arange(len(self))
         count = min(self.num_batches(batch_size, drop_last), max_batches or math.inf)
         for start in range(0, count * batch_size, batch_size):
-            indices = order[start:start + batch_size]
+            indices = order[start : start + batch_size]
             waves = as_float(self.split.waveforms[indices.numpy()])
             with torch.no_grad():
                 features = self.frontend(waves)
@@ -100,8 +106,13 @@ class OnlineTeacherInputs:
     at another sample rate has its own cache); only the batch's rows are read from the memmap and moved.
     """
 
-    def __init__(self, splits: Sequence[WaveformSplit], row_maps: Sequence[np.ndarray],
-                 frontends: Sequence[Frontend], device: torch.device | str) -> None:
+    def __init__(
+        self,
+        splits: Sequence[WaveformSplit],
+        row_maps: Sequence[np.ndarray],
+        frontends: Sequence[Frontend],
+        device: torch.device | str,
+    ) -> None:
         self.splits, self.row_maps, self.frontends = list(splits), list(row_maps), list(frontends)
         self.device = torch.device(device)
 

@@ -17,8 +17,18 @@ from data_prep.layout import NSYNTH_SAMPLE_RATE
 from trainable.models import hf_source, is_hf_teacher
 
 # The keys a member of teacher.members may set (each defaults to the same teacher.* key); `seed` offsets the seed.
-MEMBER_KEYS = ("name", "pretrained", "checkpoint", "freeze", "epochs", "lr", "batch_size", "mixup_alpha",
-               "features", "seed")
+MEMBER_KEYS = (
+    "name",
+    "pretrained",
+    "checkpoint",
+    "freeze",
+    "epochs",
+    "lr",
+    "batch_size",
+    "mixup_alpha",
+    "features",
+    "seed",
+)
 # Sample rate of every wav in the NSynth layout that data_prep writes or reads (NSynth itself, the GM renders).
 SOURCE_SAMPLE_RATE = NSYNTH_SAMPLE_RATE
 
@@ -38,13 +48,17 @@ def member_specs(config: Mapping[str, Any]) -> list[dict[str, Any]]:
     members, checkpoint = teacher["members"], teacher["checkpoint"]
     base = {key: copy.deepcopy(teacher[key]) for key in MEMBER_KEYS if key not in ("features", "seed")}
     if isinstance(members, bool) or not isinstance(members, (int, list)) or (isinstance(members, int) and members < 1):
-        raise ValueError(f"teacher.members={members!r} must be a count >= 1 (seeds of one teacher) or a list of "
-                         "member dicts, e.g. teacher.members='[{name: resnet18}, {name: efficientnet_b0}]'.")
+        raise ValueError(
+            f"teacher.members={members!r} must be a count >= 1 (seeds of one teacher) or a list of "
+            "member dicts, e.g. teacher.members='[{name: resnet18}, {name: efficientnet_b0}]'."
+        )
     if isinstance(checkpoint, list):
         if members not in (1, []) and members != [{}] * len(members):
-            raise ValueError("teacher.checkpoint lists finished teachers (an ensemble of them) and teacher.members "
-                             "lists others: give the checkpoints as members instead, e.g. "
-                             "teacher.members='[{checkpoint: a.pt}, {name: resnet18}]' with teacher.checkpoint=null.")
+            raise ValueError(
+                "teacher.checkpoint lists finished teachers (an ensemble of them) and teacher.members "
+                "lists others: give the checkpoints as members instead, e.g. "
+                "teacher.members='[{checkpoint: a.pt}, {name: resnet18}]' with teacher.checkpoint=null."
+            )
         overrides = [{"checkpoint": path} for path in checkpoint]
     elif isinstance(members, int):
         overrides = [{"seed": offset} for offset in range(members)]
@@ -55,12 +69,15 @@ def member_specs(config: Mapping[str, Any]) -> list[dict[str, Any]]:
     specs = []
     for index, override in enumerate(overrides):
         if not isinstance(override, Mapping):
-            raise ValueError(f"teacher.members[{index}]={override!r} must be a dict of teacher keys, e.g. "
-                             "{name: resnet18, pretrained: imagenet}.")
+            raise ValueError(
+                f"teacher.members[{index}]={override!r} must be a dict of teacher keys, e.g. "
+                "{name: resnet18, pretrained: imagenet}."
+            )
         unknown = sorted(set(override) - set(MEMBER_KEYS))
         if unknown:
-            raise ValueError(f"teacher.members[{index}] has unknown key(s) {unknown}; a member may set "
-                             f"{list(MEMBER_KEYS)}.")
+            raise ValueError(
+                f"teacher.members[{index}] has unknown key(s) {unknown}; a member may set {list(MEMBER_KEYS)}."
+            )
         spec = {**base, **copy.deepcopy(dict(override))}
         spec["seed"] = config["seed"] + int(override.get("seed", 0))
         spec["features"] = {**config["features"], **teacher["features"], **(override.get("features") or {})}
@@ -98,8 +115,10 @@ def check_members(config: Mapping[str, Any]) -> list[dict[str, Any]]:
         _check_member(config, index, spec)
         identity = repr(sorted((k, repr(v)) for k, v in spec.items()))
         if identity in seen:
-            raise ValueError(f"teacher.members[{index}] repeats teacher.members[{seen[identity]}]: the same teacher "
-                             f"twice adds nothing; give it another seed, e.g. {{seed: {index}}}.")
+            raise ValueError(
+                f"teacher.members[{index}] repeats teacher.members[{seen[identity]}]: the same teacher "
+                f"twice adds nothing; give it another seed, e.g. {{seed: {index}}}."
+            )
         seen[identity] = index
     return specs
 
@@ -109,28 +128,36 @@ def _check_member(config: Mapping[str, Any], index: int, spec: dict[str, Any]) -
         return member_label(config, index, name)
 
     if spec["epochs"] < 1 or spec["lr"] <= 0 or spec["batch_size"] < 1:
-        raise ValueError(f"{key('epochs')}={spec['epochs']} and {key('batch_size')}={spec['batch_size']} must be "
-                         f">= 1 and {key('lr')}={spec['lr']} > 0.")
+        raise ValueError(
+            f"{key('epochs')}={spec['epochs']} and {key('batch_size')}={spec['batch_size']} must be "
+            f">= 1 and {key('lr')}={spec['lr']} > 0."
+        )
     if spec["mixup_alpha"] < 0:
         raise ValueError(f"{key('mixup_alpha')}={spec['mixup_alpha']} must be >= 0 (0 disables mixup).")
     if spec["checkpoint"]:
         if not Path(spec["checkpoint"]).is_file():
-            raise FileNotFoundError(f"{key('checkpoint')}={spec['checkpoint']} does not exist; give a local file "
-                                    "(a trained teacher's checkpoint.pt or a weights file), or null to train one.")
+            raise FileNotFoundError(
+                f"{key('checkpoint')}={spec['checkpoint']} does not exist; give a local file "
+                "(a trained teacher's checkpoint.pt or a weights file), or null to train one."
+            )
         return  # a finished teacher is used as it is; a weights file is checked below as `pretrained`
     warmup = config["train"]["warmup_epochs"]
     if spec["epochs"] <= warmup:
-        raise ValueError(f"{key('epochs')}={spec['epochs']} must be above train.warmup_epochs={warmup} (the teacher "
-                         "warms up like the students): raise teacher.epochs or lower train.warmup_epochs.")
+        raise ValueError(
+            f"{key('epochs')}={spec['epochs']} must be above train.warmup_epochs={warmup} (the teacher "
+            "warms up like the students): raise teacher.epochs or lower train.warmup_epochs."
+        )
     if is_hf_teacher(spec["name"]):
         rate = _check_hf(spec["name"], key("name"))
     else:
         rate = _check_timm(config, spec, key)
     if rate > SOURCE_SAMPLE_RATE:
-        raise ValueError(f"{key('name')}={spec['name']} needs audio at {rate} Hz but the source wavs are "
-                         f"{SOURCE_SAMPLE_RATE} Hz: upsampling adds no information; pick a teacher that takes "
-                         f"{SOURCE_SAMPLE_RATE} Hz (e.g. hf:MIT/ast-finetuned-audioset-10-10-0.4593) or lower its "
-                         "rate.")
+        raise ValueError(
+            f"{key('name')}={spec['name']} needs audio at {rate} Hz but the source wavs are "
+            f"{SOURCE_SAMPLE_RATE} Hz: upsampling adds no information; pick a teacher that takes "
+            f"{SOURCE_SAMPLE_RATE} Hz (e.g. hf:MIT/ast-finetuned-audioset-10-10-0.4593) or lower its "
+            "rate."
+        )
 
 
 def _check_timm(config: Mapping[str, Any], spec: dict[str, Any], key: Any) -> int:
@@ -141,20 +168,30 @@ def _check_timm(config: Mapping[str, Any], spec: dict[str, Any], key: Any) -> in
     if not timm.is_model(name):
         stem = name.split(".")[0].split("_")[0][:8]
         close = timm.list_models(f"*{stem}*")[:5]
-        raise ValueError(f"{key('name')}={name} is not a timm model{f' (close: {close})' if close else ''}; any name "
-                         "from timm.list_models() works, or hf:<hub id or folder> for a Hugging Face audio model.")
+        raise ValueError(
+            f"{key('name')}={name} is not a timm model{f' (close: {close})' if close else ''}; any name "
+            "from timm.list_models() works, or hf:<hub id or folder> for a Hugging Face audio model."
+        )
     if spec["freeze"] and pretrained == "none":
-        raise ValueError(f"{key('freeze')}=true trains only the head, and {key('pretrained')}=none leaves the "
-                         f"backbone random: set {key('pretrained')}=imagenet (or a weights file) or "
-                         f"{key('freeze')}=false.")
+        raise ValueError(
+            f"{key('freeze')}=true trains only the head, and {key('pretrained')}=none leaves the "
+            f"backbone random: set {key('pretrained')}=imagenet (or a weights file) or "
+            f"{key('freeze')}=false."
+        )
     if pretrained == "imagenet":
         _check_timm_download(name, key("pretrained"))
     elif pretrained != "none" and not Path(pretrained).is_file():
-        raise FileNotFoundError(f"{key('pretrained')}={pretrained} is neither none, imagenet nor an existing file; "
-                                "give a local timm weights file (e.g. a torch.save'd state_dict).")
+        raise FileNotFoundError(
+            f"{key('pretrained')}={pretrained} is neither none, imagenet nor an existing file; "
+            "give a local timm weights file (e.g. a torch.save'd state_dict)."
+        )
     features = spec["features"]
-    _check_input_shape(name, features["n_mels"], int(round(config["data"]["clip_seconds"] * features["sample_rate"]))
-                       // features["hop_length"] + 1, key("name"))
+    _check_input_shape(
+        name,
+        features["n_mels"],
+        int(round(config["data"]["clip_seconds"] * features["sample_rate"])) // features["hop_length"] + 1,
+        key("name"),
+    )
     return int(features["sample_rate"])
 
 
@@ -164,22 +201,30 @@ def _check_timm_download(name: str, key: str) -> None:
 
     cfg = timm.models.get_pretrained_cfg(name)
     if cfg is None or not (cfg.hf_hub_id or cfg.url):
-        raise ValueError(f"{key}=imagenet: timm has no pretrained weights for {name}; pick a tagged name with weights "
-                         "(timm.list_pretrained()) or pass a local weights file.")
-    hint = (f"download them where there is network (timm.create_model('{name}', pretrained=True) and "
-            f"torch.save(model.state_dict(), FILE)) and pass teacher.checkpoint=FILE (or {key}=FILE)")
+        raise ValueError(
+            f"{key}=imagenet: timm has no pretrained weights for {name}; pick a tagged name with weights "
+            "(timm.list_pretrained()) or pass a local weights file."
+        )
+    hint = (
+        f"download them where there is network (timm.create_model('{name}', pretrained=True) and "
+        f"torch.save(model.state_dict(), FILE)) and pass teacher.checkpoint=FILE (or {key}=FILE)"
+    )
     if cfg.hf_hub_id:
         repo = cfg.hf_hub_id.split("@")[0]
         files = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
         if not _hub_reachable(repo, files):
-            raise ValueError(f"{key}=imagenet needs timm's {name} weights from the Hugging Face hub ({repo}), which "
-                             f"is not reachable and not in the local cache: {hint}.")
+            raise ValueError(
+                f"{key}=imagenet needs timm's {name} weights from the Hugging Face hub ({repo}), which "
+                f"is not reachable and not in the local cache: {hint}."
+            )
         return
     import torch
 
     if not (Path(torch.hub.get_dir()) / "checkpoints" / Path(cfg.url).name).is_file():
-        raise ValueError(f"{key}=imagenet needs timm's {name} weights from {cfg.url}, which are not in the local "
-                         f"torch hub cache: {hint}.")
+        raise ValueError(
+            f"{key}=imagenet needs timm's {name} weights from {cfg.url}, which are not in the local "
+            f"torch hub cache: {hint}."
+        )
 
 
 def _hub_reachable(repo: str, cached_files: list[str]) -> bool:
@@ -208,8 +253,10 @@ def _check_input_shape(name: str, n_mels: int, frames: int, key: str) -> None:
             model.eval()(torch.empty(1, 1, n_mels, frames))
         except Exception as err:
             message = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise ValueError(f"{key}={name} cannot take (1, {n_mels} mels, {frames} frames) inputs ({message}); use "
-                             "a CNN (global pooling takes any size) or an hf: audio transformer.") from None
+            raise ValueError(
+                f"{key}={name} cannot take (1, {n_mels} mels, {frames} frames) inputs ({message}); use "
+                "a CNN (global pooling takes any size) or an hf: audio transformer."
+            ) from None
 
 
 def _check_hf(name: str, key: str) -> int:
@@ -218,13 +265,17 @@ def _check_hf(name: str, key: str) -> int:
     local = Path(source)
     if local.exists() or source.startswith((".", "/", "~")):
         if not (local / "config.json").is_file() or not (local / "preprocessor_config.json").is_file():
-            raise ValueError(f"{key}={name}: {source} is not a saved Hugging Face model (it needs config.json and "
-                             "preprocessor_config.json, as save_pretrained writes for the model and its feature "
-                             "extractor).")
+            raise ValueError(
+                f"{key}={name}: {source} is not a saved Hugging Face model (it needs config.json and "
+                "preprocessor_config.json, as save_pretrained writes for the model and its feature "
+                "extractor)."
+            )
     elif not _hub_reachable(source, ["config.json"]):
-        raise ValueError(f"{key}={name}: the Hugging Face hub is not reachable (offline) and {source} is not in the "
-                         f"local cache; download it where there is network (huggingface-cli download {source} "
-                         f"--local-dir DIR) and pass {key}=hf:DIR.")
+        raise ValueError(
+            f"{key}={name}: the Hugging Face hub is not reachable (offline) and {source} is not in the "
+            f"local cache; download it where there is network (huggingface-cli download {source} "
+            f"--local-dir DIR) and pass {key}=hf:DIR."
+        )
     import transformers
     from transformers.models.auto.modeling_auto import MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING
 
@@ -232,9 +283,12 @@ def _check_hf(name: str, key: str) -> int:
         model_config = transformers.AutoConfig.from_pretrained(source)
         extractor = transformers.AutoFeatureExtractor.from_pretrained(source)
     except Exception as err:
-        raise ValueError(f"{key}={name}: cannot load its config or feature extractor "
-                         f"({str(err).splitlines()[0]}).") from None
+        raise ValueError(
+            f"{key}={name}: cannot load its config or feature extractor ({str(err).splitlines()[0]})."
+        ) from None
     if type(model_config) not in MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING:
-        raise ValueError(f"{key}={name} is a {model_config.model_type} model, which AutoModelForAudioClassification "
-                         "does not load; use an audio classification checkpoint (e.g. an AST).")
+        raise ValueError(
+            f"{key}={name} is a {model_config.model_type} model, which AutoModelForAudioClassification "
+            "does not load; use an audio classification checkpoint (e.g. an AST)."
+        )
     return int(extractor.sampling_rate)

@@ -20,8 +20,9 @@ from trainable.loop import train
 from trainable.run_config import pick_device, trial_config
 
 
-def run_trial(trial_params: dict[str, Any], base_config: dict[str, Any], data_dir: str,
-              kd_inputs: dict[str, Any] | None = None) -> None:
+def run_trial(
+    trial_params: dict[str, Any], base_config: dict[str, Any], data_dir: str, kd_inputs: dict[str, Any] | None = None
+) -> None:
     # Ray logs one "Checkpoint successfully created at ..." line per epoch per trial into the driver's console;
     # Tune's experiment state records every checkpoint anyway.
     for name in ("ray.train._internal.storage", "ray.train.v2._internal.execution.storage"):

@@ -64,8 +64,11 @@ def cached_logmel(
     if path.exists():
         log.info("log-mel cache hit: %s", path)
     # Trials sharing a feature config start together: one builds, the others (on any node) wait for it and read.
-    build_once(path, lambda target: _build_logmel_cache(waveforms, cfg, target, expected_shape, device, batch_size),
-               what=f"the log-mel cache {path.name}")
+    build_once(
+        path,
+        lambda target: _build_logmel_cache(waveforms, cfg, target, expected_shape, device, batch_size),
+        what=f"the log-mel cache {path.name}",
+    )
     # Copy-on-write mapping: shared page cache across trials, and a writable array torch accepts without warnings.
     features = np.load(path, mmap_mode="c")
     if features.shape != expected_shape:

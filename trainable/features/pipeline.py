@@ -136,10 +136,12 @@ class FeaturePipeline:
         return self._device_waveforms
 
 
-def _host_batches(source: torch.Tensor, order: torch.Tensor, starts: range, batch_size: int,
-                  device: torch.device) -> Iterator[torch.Tensor]:
+def _host_batches(
+    source: torch.Tensor, order: torch.Tensor, starts: range, batch_size: int, device: torch.device
+) -> Iterator[torch.Tensor]:
     """Rows of each batch gathered from host memory (a memmap); on a GPU one batch ahead, on a background thread,
     into pinned memory, and copied without blocking."""
+
     def gather(start: int) -> torch.Tensor:
         rows = source.index_select(0, order[start : start + batch_size])
         return rows.pin_memory() if device.type == "cuda" else rows
@@ -164,8 +166,12 @@ def _to_device_if_it_fits(tensor: torch.Tensor, device: torch.device, device_dat
     free_bytes, total_bytes = torch.cuda.mem_get_info(device)
     budget = min(total_bytes * device_data_share, free_bytes * _FREE_MEMORY_SHARE)
     if tensor.nbytes > budget:
-        log.info("split data (%.2f GiB) kept on the host: over this run's %.2f GiB of the GPU (%.0f%% of the "
-                 "card); batches are prefetched through pinned memory", tensor.nbytes / 2**30, budget / 2**30,
-                 100 * device_data_share)
+        log.info(
+            "split data (%.2f GiB) kept on the host: over this run's %.2f GiB of the GPU (%.0f%% of the "
+            "card); batches are prefetched through pinned memory",
+            tensor.nbytes / 2**30,
+            budget / 2**30,
+            100 * device_data_share,
+        )
         return tensor
     return tensor.to(device)
