@@ -19,6 +19,7 @@ run: $(STAMP)
 data: $(STAMP)
 	$(PY) data_prep/build.py
 
-test: $(STAMP)  # lint first (seconds), then every test; the inner loop is `$(PY) -m pytest -m "not slow"`
+test: $(STAMP)  # lint and format check first (seconds), then every test; inner loop: `$(PY) -m pytest -m "not slow"`
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest
