@@ -37,6 +37,16 @@ from data_prep.variants import Timbre, draw_timbre
 
 NOTE_STR_PATTERN = re.compile(r"^[a-z_]+_(acoustic|electronic|synthetic)_\d{3,}-\d{3}-\d{3}$")
 FRACTIONS = {"train": 0.7, "valid": 0.15, "test": 0.15}
+# render_gm's arguments for an organ-only build (tests add per_family)
+ORGAN_BUILD = dict(
+    families=["organ"],
+    max_total_size_mb=None,
+    fractions=FRACTIONS,
+    seed=0,
+    workers=1,
+    variants=2,
+    min_eval_instruments=2,
+)
 SHORT = {"seconds": 1.0, "hold_seconds": 0.5}
 # TimGM6mb's alto sax has no sample zone at pitch 64: a real silent render.
 SILENT_IN_TIMGM6MB = NoteSpec(program=65, pitch=64, velocity=100)
@@ -345,16 +355,7 @@ def no_rendering(monkeypatch):
 
 def test_bad_soundfonts_stop_the_build_before_any_rendering(tmp_path: Path, no_rendering):
     lacking = fake_sf2(tmp_path / "no_organs.sf2", [p for p in range(128) if p not in (16, 19)])
-    build = dict(
-        families=["organ"],
-        per_family=10,
-        max_total_size_mb=None,
-        fractions=FRACTIONS,
-        seed=0,
-        workers=1,
-        variants=2,
-        min_eval_instruments=2,
-    )
+    build = ORGAN_BUILD | {"per_family": 10}
     with pytest.raises(
         ValueError,
         match=r"no_organs\.sf2 lacks bank-0 presets for GM programs 16 Drawbar Organ, "
@@ -373,18 +374,7 @@ def test_bad_soundfonts_stop_the_build_before_any_rendering(tmp_path: Path, no_r
 def test_rendered_examples_keep_variants_with_their_base_and_name_it(tmp_path: Path):
     root = tmp_path / "root"
     copy = shutil.copy(default_soundfont(), tmp_path / "copy.sf2")  # a second SoundFont: distinct instrument ids
-    stats = render_gm(
-        root,
-        ["default", str(copy)],
-        ["organ"],
-        per_family=24,
-        max_total_size_mb=None,
-        fractions=FRACTIONS,
-        seed=0,
-        workers=1,
-        variants=2,
-        min_eval_instruments=2,
-    )
+    stats = render_gm(root, ["default", str(copy)], **ORGAN_BUILD | {"per_family": 24})
     assert stats == {"rendered": 24}
     examples = {s: json.loads((split_dir(root, s) / "examples.json").read_text()) for s in SPLITS}
     split_of_base: dict[str, str] = {}
@@ -411,16 +401,7 @@ def test_rendered_examples_keep_variants_with_their_base_and_name_it(tmp_path: P
         for ex in entries.values()
     )
     # a rerun reuses every render; another file listed second re-renders that SoundFont's notes only
-    again = dict(
-        families=["organ"],
-        per_family=24,
-        max_total_size_mb=None,
-        fractions=FRACTIONS,
-        seed=0,
-        workers=1,
-        variants=2,
-        min_eval_instruments=2,
-    )
+    again = ORGAN_BUILD | {"per_family": 24}
     assert render_gm(root, ["default", str(copy)], **again) == {"reused": 24}
     other = shutil.copy(default_soundfont(), tmp_path / "other.sf2")
     second = sum(ex["instrument"] >= 1_000_000 for e in examples.values() for ex in e.values())

@@ -6,26 +6,11 @@ import optuna
 
 from search_spaces.schema import load_space
 from sweeps.tuning import make_searcher
+from tests.test_budget import QUICK
 
 
 def quick_searcher():
-    space = load_space(
-        "quick",
-        {
-            "kd.enabled": True,
-            "kd.T": 3.0,
-            "kd.alpha": 0.5,
-            "features.n_mels": 64,
-            "student.width_mult": 1.0,
-            "pruning.mode": "none",
-            "pruning.target_macs_ratio": 0.5,
-            "pruning.steps": 2,
-            "pruning.step_epochs": 1,
-            "pruning.at_epoch": 2,
-            "train.epochs": 3,
-            "train.warmup_epochs": 0,
-        },
-    )
+    space = load_space("quick", QUICK)
     searcher = make_searcher(space, "tpe", "multi", seed=0, last_epoch=3)
     searcher.set_search_properties(None, None, {})
     return searcher

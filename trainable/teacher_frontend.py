@@ -17,7 +17,7 @@ import torch
 
 from common.config import FeatureConfig
 from data_prep.waveform_cache import WaveformSplit, as_float
-from trainable.features.pipeline import FeatureBatch
+from trainable.features.pipeline import FeatureBatch, batch_count
 from trainable.features.transforms import LogMel
 from trainable.models import hf_source, is_hf_teacher
 
@@ -76,9 +76,7 @@ class WaveformPipeline:
         """Nothing to build ahead: rows are read and featurised per batch."""
 
     def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
-        if batch_size <= 0:
-            raise ValueError(f"batch_size={batch_size} must be a positive integer")
-        return len(self) // batch_size if drop_last else math.ceil(len(self) / batch_size)
+        return batch_count(len(self), batch_size, drop_last)
 
     def batches(
         self,

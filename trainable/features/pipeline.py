@@ -30,6 +30,13 @@ class FeatureBatch(NamedTuple):
     indices: torch.Tensor  # (B,) int64 clip indices into the split (e.g. to look up cached teacher logits)
 
 
+def batch_count(clips: int, batch_size: int, drop_last: bool) -> int:
+    """Batches in one epoch over `clips` clips, for every pipeline (log-mel, teachers' own front-ends)."""
+    if batch_size <= 0:
+        raise ValueError(f"batch_size={batch_size} must be a positive integer")
+    return clips // batch_size if drop_last else math.ceil(clips / batch_size)
+
+
 class FeaturePipeline:
     """Batches of one split's features, produced on the training device.
 
@@ -76,9 +83,7 @@ class FeaturePipeline:
         return len(self.waveforms)
 
     def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
-        if batch_size <= 0:
-            raise ValueError(f"batch_size={batch_size} must be a positive integer")
-        return len(self) // batch_size if drop_last else math.ceil(len(self) / batch_size)
+        return batch_count(len(self), batch_size, drop_last)
 
     def batches(
         self,
