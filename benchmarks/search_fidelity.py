@@ -144,7 +144,8 @@ def print_fidelity(title: str, fidelity: RungFidelity) -> None:
 def fifo_sweep(sweep: Sweep, samples: int, storage: Path) -> Sweep:
     """`<sweep>-fifo<samples>`: the same space, base config and sweep settings without early stopping or retraining;
     run now (resumed when a run of it was cut, returned at once when finished)."""
-    from sweeps.run import configure_environment, run_sweep
+    from sweeps.pipeline import run_sweep
+    from sweeps.run import configure_environment
 
     name = f"{sweep.name}-fifo{samples}"
     resume = sweep_exists(str(storage), name)

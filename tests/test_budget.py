@@ -202,9 +202,9 @@ def quick_base():
 
 
 def quick_space(base):
+    from common.config import accepted_values
     from common.tracking import flatten
     from search_spaces.schema import load_space
-    from sweeps.run import accepted_values
 
     return load_space("quick", flatten(base), accepted_values())
 

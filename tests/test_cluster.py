@@ -617,9 +617,9 @@ def test_sweep_on_a_cluster_survives_losing_a_worker_node(sandbox):
     # resources came from the cluster (a CPU-only head with a GPU worker: GPU trials), not from this machine
     assert "Ray: 2 nodes, 2 CPUs, 1 GPU: 0.5 GPU per trial (2 per card), 1 CPU per trial" in output, output[:3000]
     epochs = trial_epochs(exp_dir)
-    assert len(epochs) == 3, epochs
+    assert len(epochs) == 3, (epochs, output[-6000:])
     # none restarted from epoch 1; each went on from its last epoch (to the end, or until the rungs stopped it)
-    assert all(e == list(range(1, e[-1] + 1)) for e in epochs.values()), (before, epochs)
+    assert all(e == list(range(1, e[-1] + 1)) for e in epochs.values()), (before, epochs, output[-6000:])
     states = trial_states(exp_dir)
     assert all(s["status"] == "TERMINATED" for s in states.values()), states
     restarted = [t for t, s in states.items() if s["num_failures"] > 0]

@@ -391,7 +391,7 @@ def test_a_sweep_that_exports_still_ends_with_its_report(
 ):
     """The report stage runs the analysis in the sweep's process: export first when asked, then the report; a failing
     export or report is a message (the sweep's results are saved), never a lost sweep."""
-    import sweeps.run as run
+    import sweeps.pipeline as run
 
     called, configs = [], []
 

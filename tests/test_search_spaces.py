@@ -26,7 +26,7 @@ def valid_keys() -> dict:
 
 @pytest.fixture(scope="module")
 def accepted() -> dict:
-    from sweeps.run import accepted_values
+    from common.config import accepted_values
 
     return accepted_values()
 

@@ -220,7 +220,7 @@ def synced_rung_records(exp_dir: Path) -> bool:
 
 
 def test_resume_sets_aside_state_files_a_kill_left_truncated(tmp_path):
-    from sweeps.run import set_aside_truncated_state
+    from sweeps.pipeline import set_aside_truncated_state
 
     good = tmp_path / "callback-states-2026-01-01_00-00-00.pkl"
     cut = tmp_path / "callback-states-2026-01-02_00-00-00.pkl"
@@ -349,10 +349,11 @@ def test_cli_errors_are_one_clear_line_before_work_starts(tmp_path, args, messag
 
 def test_invalid_space_and_unwritable_workdir(tmp_path):
     from common.cli import compose
+    from common.config import accepted_values
     from common.io import check_workdir
     from common.tracking import flatten
     from search_spaces.schema import load_space
-    from sweeps.run import accepted_values, check_space_configs
+    from sweeps.pipeline import check_space_configs
 
     base = compose("config")
     bad = tmp_path / "bad.yaml"
