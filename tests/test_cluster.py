@@ -528,6 +528,39 @@ def wait_for_nodes(address: str, env: dict[str, str], count: int, timeout_s: flo
     run_py(code, [address, str(count), str(timeout_s)], env, timeout=timeout_s + 30)
 
 
+def checkpointed_epochs(exp_dir: Path) -> dict[str, int]:
+    """trial id -> the epoch of its latest checkpoint as Tune recorded it (newest experiment state file); {} while
+    there is none or it is being written."""
+    import ray.cloudpickle as cloudpickle
+
+    try:
+        newest = max(exp_dir.glob("experiment_state-*.json"))
+        state = json.loads(newest.read_text())
+    except (ValueError, OSError):
+        return {}
+    out = {}
+    for trial_json, runtime_json in state["trial_data"]:
+        manager = cloudpickle.loads(bytes.fromhex(json.loads(runtime_json)["checkpoint_manager"]["value"]))
+        if manager.latest_checkpoint_result is not None:
+            out[json.loads(trial_json)["trial_id"]] = manager.latest_checkpoint_result.metrics["epoch"]
+    return out
+
+
+def settled_mid_sweep(exp_dir: Path, last_epoch: int) -> bool:
+    """Every trial's last reported epoch (result.json) has its checkpoint recorded, and some trial is mid-way."""
+    reported = {}
+    for result in exp_dir.glob("*/result.json"):
+        lines = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
+        if lines:
+            reported[lines[-1]["trial_id"]] = lines[-1]["epoch"]
+    saved = checkpointed_epochs(exp_dir)
+    return (
+        bool(reported)
+        and all(saved.get(t) == e for t, e in reported.items())
+        and any(1 <= e < last_epoch for e in reported.values())
+    )
+
+
 def trial_states(exp_dir: Path) -> dict[str, dict]:
     """Tune's record of each trial (status, num_failures) from its newest experiment state file."""
     newest = max(exp_dir.glob("experiment_state-*.json"))
@@ -599,11 +632,14 @@ def test_sweep_on_a_cluster_survives_losing_a_worker_node(sandbox):
         threading.Thread(target=lambda: lines.extend(driver.stdout), daemon=True).start()
         exp_dir = work / "ray_results" / "mn"
         deadline = time.time() + 240
-        while not (exp_dir.is_dir() and any(len(e) >= 1 for e in trial_epochs(exp_dir).values())):
+        # Kill when every trial's last reported epoch has its checkpoint recorded by Tune and one trial is mid-way.
+        # Ray Tune registers a reported checkpoint in a second round trip to the trial (a save task); a node lost in
+        # between restarts that trial from its previous checkpoint, by Ray's design: not what this test is about.
+        while not (exp_dir.is_dir() and settled_mid_sweep(exp_dir, last_epoch=3)):
             assert driver.poll() is None and time.time() < deadline, "".join(lines[-40:])
-            time.sleep(0.2)
-        before = trial_epochs(exp_dir)
+            time.sleep(0.05)
         nodes[1].kill()  # the worker node is lost mid-trial
+        before = checkpointed_epochs(exp_dir)
         nodes.append(RayNode(sandbox, "mn_worker_b", worker_args, env, hide_project=hide))
         driver.wait(timeout=300)
         output = "".join(lines)
@@ -618,8 +654,16 @@ def test_sweep_on_a_cluster_survives_losing_a_worker_node(sandbox):
     assert "Ray: 2 nodes, 2 CPUs, 1 GPU: 0.5 GPU per trial (2 per card), 1 CPU per trial" in output, output[:3000]
     epochs = trial_epochs(exp_dir)
     assert len(epochs) == 3, (epochs, output[-6000:])
-    # none restarted from epoch 1; each went on from its last epoch (to the end, or until the rungs stopped it)
-    assert all(e == list(range(1, e[-1] + 1)) for e in epochs.values()), (before, epochs, output[-6000:])
+    # none restarted from epoch 1: a trial on the lost node went on after the checkpoint Tune had recorded for it (to
+    # the end, or until the rungs stopped it); an epoch it reported in the instant between the check above and the
+    # kill, before Tune had saved it, is trained and reported again
+    by_id = {
+        json.loads((exp_dir / k / "result.json").read_text().splitlines()[0])["trial_id"]: e for k, e in epochs.items()
+    }
+    for trial_id, e in by_id.items():
+        restarts = [e[i] for i in range(1, len(e)) if e[i] <= e[i - 1]]
+        assert all(r == before.get(trial_id, 0) + 1 > 1 for r in restarts), (before, by_id, output[-6000:])
+        assert sorted(set(e)) == list(range(1, e[-1] + 1)), (before, by_id)
     states = trial_states(exp_dir)
     assert all(s["status"] == "TERMINATED" for s in states.values()), states
     restarted = [t for t, s in states.items() if s["num_failures"] > 0]
