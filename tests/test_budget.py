@@ -236,6 +236,7 @@ def test_unreachable_budget_is_refused_naming_the_smallest_reachable_value(quick
     check_reachable(None, space, quick_base)
 
 
+@pytest.mark.slow
 def test_the_params_probe_prunes_like_the_trial_with_its_round_to(quick_base):
     """A trial with pruning.round_to prunes to channel counts in its multiples: the params probe prunes the same way
     (it once pruned every student without round_to, whatever the trial's was)."""

@@ -60,6 +60,7 @@ def build(workdir: Path, *args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_official_release_builds_with_its_own_splits_and_reports_the_missing_family(official_root, tmp_path):
     add_synth_lead_to_train(official_root)
     out = build(tmp_path / "work", "data=nsynth", f"data.root={official_root}", f"data.families={SIX}")
@@ -74,6 +75,7 @@ def test_official_release_builds_with_its_own_splits_and_reports_the_missing_fam
     assert "macro-F1 cover the other 5 families" in text
 
 
+@pytest.mark.slow
 def test_subset_preset_caps_each_split_and_family_and_says_what_it_dropped(official_root, tmp_path):
     out = build(
         tmp_path / "work",
@@ -98,6 +100,7 @@ def test_subset_preset_caps_each_split_and_family_and_says_what_it_dropped(offic
         ("ok", ["data.prep_workers=0"], "data.prep_workers=0 must be > 0"),
     ],
 )
+@pytest.mark.slow
 def test_bad_data_input_is_one_line_before_any_decoding(official_root, tmp_path, setup, args, message):
     if setup == "no_valid":
         (split_dir(official_root, "valid") / "examples.json").unlink()

@@ -245,6 +245,7 @@ def test_loading_into_another_arch_is_rejected():
         load_model_state(student_model(arch="mobilenet_v2"), state)
 
 
+@pytest.mark.slow
 def test_a_late_small_step_that_can_only_overshoot_prunes_past_the_target(caplog):
     # seen in a default sweep: width 0.5, 1 s clips at 64 mels, 4 cubic steps to 0.2398; the last step asks for
     # 5 % fewer MACs and one channel per layer already removes 10 %

@@ -168,6 +168,7 @@ def test_readme_shows_the_everyday_commands():
 
 
 @pytest.mark.parametrize("command", PYTHON)
+@pytest.mark.slow
 def test_python_command_parses(command, python_results):
     words = filled(command)
     script = ROOT / words[1]
@@ -190,6 +191,7 @@ def test_config_table_names_only_real_keys():
     assert not documented_keys() - real, f"README's 'Config keys' table names unknown keys: {documented_keys() - real}"
 
 
+@pytest.mark.slow
 def test_the_checks_can_fail():
     """A stale override, a missing argparse option and a missing make target are caught."""
     sweep, train, benchmark = ROOT / "sweeps/run.py", ROOT / "trainable/train.py", ROOT / "benchmarks/kd_epoch.py"

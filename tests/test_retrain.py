@@ -107,6 +107,7 @@ def test_retrain_points_are_configs_x_roles_x_seeds_with_matched_ablations(tiny_
         (1.0, 96, 0.6, "progressive"),
     ],
 )
+@pytest.mark.slow
 def test_dense_width_lands_within_the_pruners_tolerance_of_the_pruned_models_macs(
     tiny_config, width, n_mels, ratio, mode
 ):
@@ -321,6 +322,7 @@ def test_stage_retrain_retrains_seeds_x_roles_in_mlflow_and_resumes_after_a_kill
     assert {row["trial_id"] for row in exported} == front_runs
 
 
+@pytest.mark.slow
 def test_evaluate_trial_retrained_lists_the_retrained_models_and_their_extra_folder_scores(searched, tmp_path):
     """evaluate.py trial=retrained scores every finished seed of the retrained front, prints them (which configuration,
     role and seed), and their extra-folder accuracies reach retrained.csv and the report's retrained table."""

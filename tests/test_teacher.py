@@ -71,6 +71,7 @@ def member_folders(config: dict, data) -> list[Path]:
     return [teacher_mod.member_dir(spec, config, data) for spec in member_specs(config)]
 
 
+@pytest.mark.slow
 def test_default_teacher_is_trained_once_and_its_logits_are_reused(kd_config, tiny_data, monkeypatch):
     inputs = teacher_mod.teacher_inputs(kd_config, tiny_data)
     path = inputs["teacher_logits"]
@@ -143,6 +144,7 @@ def _head_at_creation(monkeypatch) -> list[dict[str, torch.Tensor]]:
 
 
 @pytest.mark.parametrize("freeze", [False, True], ids=["fine-tune", "linear-probe"])
+@pytest.mark.slow
 def test_imagenet_format_file_gets_a_trained_head(kd_config, tiny_data, imagenet_file, monkeypatch, freeze):
     config = with_(
         kd_config,
@@ -193,6 +195,7 @@ def test_hf_audio_teacher_from_a_local_folder(kd_config, tiny_data, tiny_ast, tm
     assert history[-1]["kd_loss"] > 0
 
 
+@pytest.mark.slow
 def test_mixed_ensemble_caches_each_member_once(kd_config, tiny_data, tiny_ast, monkeypatch):
     cnn = {"name": "resnet10t", "epochs": 2}
     ast = {"name": f"hf:{tiny_ast}", "epochs": 2, "lr": 1e-3, "batch_size": 8}

@@ -174,6 +174,7 @@ def test_non_finite_loss_stops_the_run_with_a_clear_error(tiny_config, tiny_data
         train(config, tiny_data, tmp_path / "run", teacher_logits=nan_logits)
 
 
+@pytest.mark.slow
 def test_mixup_changes_training_also_with_kd(tiny_config, tiny_data, tmp_path):
     plain_run = train(tiny_config, tiny_data, tmp_path / "plain")
     mixed = train(with_(tiny_config, train={"mixup_alpha": 0.4}), tiny_data, tmp_path / "mixed")
