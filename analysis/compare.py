@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from common.config import RetrainRole
+from common.config import STRUCTURED_MODES, RetrainRole
 from common.objectives import FEASIBLE, within_budget
 from common.trial_table import TrialRecord, evaluation_columns
 
@@ -52,7 +52,6 @@ DIFFERENCES = {
     PRUNING_QUESTION: "progressive minus single-shot",
     DENSE_QUESTION: "pruned minus dense",
 }
-STRUCTURED = ("single", "progressive")
 
 
 def _number(value: Any) -> bool:
@@ -161,7 +160,7 @@ def retrained_row(trial: TrialRecord, evaluation: Mapping[str, Any] | None = Non
         "seed": int(cfg["train"]["seed"]),
         "kd": "on" if cfg["kd"]["enabled"] else "off",
         "pruning": mode,
-        "target_macs_ratio": cfg["pruning"]["target_macs_ratio"] if mode in STRUCTURED else None,
+        "target_macs_ratio": cfg["pruning"]["target_macs_ratio"] if mode in STRUCTURED_MODES else None,
         "width_mult": cfg["student"]["width_mult"],
         "status": trial.status,
         "epochs": int(metrics["epoch"]),
@@ -314,7 +313,7 @@ def _pruning_orient(a: Mapping[str, Any], b: Mapping[str, Any]) -> tuple[float, 
 
 def _dense_orient(a: Mapping[str, Any], b: Mapping[str, Any]) -> tuple[float, float] | None:
     """(pruned, dense): a structurally pruned run and an unpruned one; None otherwise."""
-    if a["pruning"] not in STRUCTURED or b["pruning"] != "none":
+    if a["pruning"] not in STRUCTURED_MODES or b["pruning"] != "none":
         return None
     return a["test_acc"], b["test_acc"]
 

@@ -18,14 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from analysis.rung_fidelity import Curve, RungFidelity, last_epoch, rung_epochs, rung_fidelity
-from common.config import upgrade_saved_config, upgrade_saved_settings
+from common.config import STRUCTURED_MODES, upgrade_saved_config, upgrade_saved_settings
 from common.io import atomic_write_text
 from common.objectives import within_budget
 from common.sweep_layout import STATE_FILE, list_sweeps
 from common.trial_table import TrialRecord, trial_status
 from data_prep.dataset import prepare_data
 from data_prep.waveform_cache import WaveformData, load_waveform_cache
-from sweeps.budget import measured_at_end
+from sweeps.budget import CONSTRAINT_PREFIX, measured_at_end
 from sweeps.retrain import retrain_experiment
 from trainable.checkpoints import CHECKPOINT_NAME
 from trainable.run_config import trial_config
@@ -168,8 +168,8 @@ def trials_line(trials: Sequence[TrialRecord]) -> str:
         1
         for t in over
         if t.status == "stopped"
-        and t.config["pruning"]["mode"] in ("single", "progressive")
-        and t.metrics.get("constraint_max_macs", -1.0) <= 0  # over on params/kB only
+        and t.config["pruning"]["mode"] in STRUCTURED_MODES
+        and t.metrics.get(f"{CONSTRAINT_PREFIX}max_macs", -1.0) <= 0  # over on params/kB only
         and not measured_at_end(t.metrics, t.metrics["epoch"], t.config["train"]["epochs"])
     )
     line = f"Trials with results: {len(trials)} (" + ", ".join(f"{n} {status}" for status, n in counts.items() if n)

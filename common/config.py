@@ -61,6 +61,10 @@ class PruningMode(str, enum.Enum):
     unstructured = "unstructured"
 
 
+# The channel-pruning modes: they remove whole channels, so MACs and params drop (unstructured only zeroes weights).
+STRUCTURED_MODES = (PruningMode.single.value, PruningMode.progressive.value)
+
+
 class PruningSchedule(str, enum.Enum):
     cubic = "cubic"
     linear = "linear"

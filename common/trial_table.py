@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.config import bytes_per_param
+from common.config import STRUCTURED_MODES, bytes_per_param
 from common.objectives import FEASIBLE, LATENCY, TARGET_MACS, within_budget
 
 
@@ -202,7 +202,7 @@ def trial_row(
             "n_mels": cfg["features"]["n_mels"],
             "width": cfg["student"]["width_mult"],
             "pruning": mode,
-            "target_macs_ratio": cfg["pruning"]["target_macs_ratio"] if mode in ("single", "progressive") else None,
+            "target_macs_ratio": cfg["pruning"]["target_macs_ratio"] if mode in STRUCTURED_MODES else None,
             "steps": cfg["pruning"]["steps"] if progressive else None,
             "step_epochs": cfg["pruning"]["step_epochs"] if progressive else None,
             "lr": cfg["train"]["lr"],

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from ray.tune import Callback
 
-from common.config import Precision, bytes_per_param, is_finite_number, values
+from common.config import STRUCTURED_MODES, Precision, bytes_per_param, is_finite_number, values
 from common.objectives import FEASIBLE, MEASURED_MACS, PARAMS, TARGET_MACS, within_budget
 from common.trial_table import param_kb
 
@@ -235,7 +235,6 @@ _SMALLEST_END = {
     "pruning.target_macs_ratio": min,
 }
 _CHOICE_KEYS = ("scenario", "student.arch", "pruning.mode")  # every value may matter
-_STRUCTURED = ("single", "progressive")  # pruning modes that reduce MACs and params
 
 
 @dataclass(frozen=True)
@@ -284,7 +283,7 @@ def _student_costs(configs: Iterable[dict[str, Any]], need_params: bool) -> list
             classes = len(data["families"])
             frames = int(round(data["clip_seconds"] * data["sample_rate"])) // features["hop_length"] + 1
             shape = (1, 1, features["n_mels"], frames)
-            ratio = float(pruning["target_macs_ratio"]) if pruning["mode"] in _STRUCTURED else 1.0
+            ratio = float(pruning["target_macs_ratio"]) if pruning["mode"] in STRUCTURED_MODES else 1.0
             key = (
                 student["arch"],
                 student["width_mult"],
