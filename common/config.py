@@ -680,7 +680,8 @@ def _sweep_defaults() -> str:
     from omegaconf import OmegaConf
 
     every = OmegaConf.to_container(OmegaConf.structured(SweepConfig), enum_to_str=True)
-    return json.dumps({key: value for key, value in every.items() if key not in run_defaults()})
+    run_keys = run_defaults()
+    return json.dumps({key: value for key, value in every.items() if key not in run_keys})
 
 
 def sweep_defaults() -> dict[str, Any]:

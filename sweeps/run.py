@@ -83,19 +83,16 @@ def main(cfg: DictConfig) -> None:
 
 
 # Where a sweep runs, not what it searches: a resume takes the keys of these sections given on its command line (to
-# continue on another cluster) over the saved ones, and today's defaults for keys a saved sweep predates.
+# continue on another cluster) over the saved ones.
 RUNTIME_SECTIONS = ("ray", "resources")
 
 
 def runtime_settings(config: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
-    """A saved sweep's settings with ray.* and resources.* as given now (RUNTIME_SECTIONS)."""
+    """A saved sweep's settings (upgraded: every key present, see upgrade_saved_settings) with the ray.* and
+    resources.* keys given on this command line (RUNTIME_SECTIONS)."""
     given = {value_as_typed(o)[0] for o in HydraConfig.get().overrides.task} if HydraConfig.initialized() else set()
     return saved | {
-        section: {
-            **config[section],
-            **saved.get(section, {}),
-            **{k: v for k, v in config[section].items() if f"{section}.{k}" in given},
-        }
+        section: saved[section] | {k: v for k, v in config[section].items() if f"{section}.{k}" in given}
         for section in RUNTIME_SECTIONS
     }
 

@@ -750,6 +750,7 @@ def test_resume_takes_where_to_run_from_its_command_line():
     from hydra.core.hydra_config import HydraConfig
 
     from common import cli
+    from common.config import upgrade_saved_settings
     from sweeps.run import runtime_settings
     from tests.conftest import CONF_DIR
 
@@ -764,7 +765,7 @@ def test_resume_takes_where_to_run_from_its_command_line():
     }
     HydraConfig.instance().set_config(with_hydra)
     try:
-        sweep = runtime_settings(config, saved)
+        sweep = runtime_settings(config, upgrade_saved_settings(saved))  # as sweeps/run.py's main calls it
     finally:
         HydraConfig.instance().cfg = None
     assert sweep["space"] == "quick"
